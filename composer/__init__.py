@@ -1,0 +1,16 @@
+"""composer: declarative architecture composer for deep-learning backbones.
+
+    >>> import composer
+    >>> bp = composer.load("swin_t")            # parse, resolve and infer shapes: no torch
+    >>> bp.params
+    28288354
+    >>> model = composer.build("swin_t", num_classes=10)   # a plain nn.Module
+"""
+
+from __future__ import annotations
+
+from .api import build, check, load, resolve_target
+from .diagnostics import ComposerError
+
+__all__ = ["build", "check", "load", "resolve_target", "ComposerError"]
+__version__ = "0.1.0"

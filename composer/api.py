@@ -1,0 +1,87 @@
+"""The public entry points: find a blueprint by zoo name or path, check it, build it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import resolve as _resolve
+from .diagnostics import did_you_mean, error
+from .graph import Plan, plan
+from .locate import BLUEPRINTS_DIR
+
+BUILD_KEYS = ("num_classes", "img_size", "in_chans")
+
+
+def zoo_files() -> list[Path]:
+    return sorted(p for p in BLUEPRINTS_DIR.glob("*.arch")) + sorted(BLUEPRINTS_DIR.glob("*.yaml"))
+
+
+def zoo_index() -> dict[str, Path]:
+    """Zoo model name -> file, torch-free (parses every family file)."""
+    index = {}
+    for path in zoo_files():
+        for m in _resolve.load(path).file.models:
+            index[m.name] = path
+    return index
+
+
+def resolve_target(target: str) -> tuple[Path, str | None]:
+    """`file.arch[:model]`, or a zoo model name -> (file, model name or None)."""
+    path, _, model = target.partition(":") if not Path(target).exists() else (target, "", "")
+    if Path(path).suffix in (".arch", ".yaml", ".yml") or Path(path).exists():
+        if not Path(path).is_file():
+            raise error("io", f"no such file: {path}")
+        return Path(path), model or None
+    index = zoo_index()
+    if target not in index:
+        raise error("unknown-model", f"no zoo model '{target}'", None,
+                    did_you_mean(target, index) or "`composer list models` shows the zoo")
+    return index[target], target
+
+
+def _models_of(path: Path) -> list[str]:
+    return [m.name for m in _resolve.load(path).file.models]
+
+
+def load(target: str, **overrides) -> Plan:
+    """Resolve and shape-check one model (pure Python). `overrides`: model parameters, plus
+    `num_classes`, `img_size` and `in_chans` as build-time overrides."""
+    path, name = resolve_target(target)
+    unit = _resolve.load(path)
+    if name is None:
+        names = _models_of(path)
+        if len(names) != 1:
+            raise error("ambiguous", f"{path} defines {len(names)} models; name one as {path}:MODEL", None,
+                        f"models: {', '.join(names)}" if names else None)
+        name = names[0]
+    defs = {m.name: m for m in unit.file.models}
+    params = set()
+    cur = defs.get(name)
+    while cur is not None:
+        params |= {p.name for p in cur.params}
+        cur = defs.get(cur.base) if cur.base else None
+    in_chans = overrides.pop("in_chans", None)
+    img_size = overrides.get("img_size")
+    if img_size is not None and "img_size" not in params:
+        overrides.pop("img_size")
+    else:
+        img_size = None
+    model = _resolve.resolve_model(unit, name, overrides)
+    if in_chans is not None or img_size is not None:
+        inp = model.input
+        size = inp.size if img_size is None else tuple([img_size] * len(inp.size) if isinstance(img_size, int) else img_size)
+        model.input = type(inp)(inp.kind, in_chans or inp.channels, size, inp.span)
+    return plan(model)
+
+
+def check(target: str, **overrides) -> Plan:
+    return load(target, **overrides)
+
+
+def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,
+          **overrides):
+    """Build a model as a plain `nn.Module` (timm-style API)."""
+    from .builder import build_module
+
+    return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
+                        out_indices=out_indices)

@@ -1,0 +1,191 @@
+"""The blueprint AST: what `parse` produces from .arch text or YAML, with a span on every node."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from .source import Span
+
+# ---- expressions ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Literal:
+    value: object  # int, float, str, bool or None
+    span: Span
+
+
+@dataclass(frozen=True)
+class Name:
+    id: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class ListExpr:
+    items: tuple
+    span: Span
+
+
+@dataclass(frozen=True)
+class Index:
+    target: "Expr"
+    index: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Call:
+    func: "Expr"
+    args: tuple  # of Expr
+    kwargs: tuple  # of (name, Expr, Span)
+    span: Span
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str
+    left: "Expr"
+    right: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class UnaryOp:
+    op: str  # "-" or "not"
+    operand: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
+class Conditional:
+    test: "Expr"
+    then: "Expr"
+    orelse: "Expr"
+    span: Span
+
+
+Expr = Union[Literal, Name, ListExpr, Index, Call, BinOp, UnaryOp, Conditional]
+
+# ---- statements -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Let:
+    name: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Assign:
+    """`name = expr` at model level: a setting (drop_path, reference, paper) or a variant's override."""
+
+    name: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Apply:
+    """An expression applied to the running tensor, optionally named: `conv(64, 3) as stem_conv`."""
+
+    expr: Expr
+    alias: str | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class Residual:
+    args: tuple  # (positional Exprs, kwargs)
+    kwargs: tuple
+    body: tuple
+    span: Span
+
+
+@dataclass(frozen=True)
+class Parallel:
+    merge: str
+    args: tuple
+    kwargs: tuple
+    branches: tuple  # each a tuple of body statements
+    span: Span
+
+
+Body = Union[Let, Apply, Residual, Parallel]
+
+
+@dataclass(frozen=True)
+class Section:
+    """`stem`, `head` or `downsample`: a statement list."""
+
+    kind: str
+    body: tuple
+    span: Span
+
+
+@dataclass(frozen=True)
+class Repeat:
+    count: Expr | None  # None: a single `block`
+    var: str | None
+    block: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Stage:
+    items: tuple  # Let, Section(downsample), Repeat
+    span: Span
+    loop_var: str | None = None
+    start: Expr | None = None
+    stop: Expr | None = None
+
+
+@dataclass(frozen=True)
+class Input:
+    expr: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: Expr | None
+    span: Span
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    name: str
+    params: tuple
+    base: str | None
+    body: tuple  # Input, Let, Assign, Section, Stage
+    span: Span
+    file: str = ""
+
+
+@dataclass(frozen=True)
+class CompositeDef:
+    kind: str  # "block" or "mixer"
+    name: str
+    params: tuple
+    body: tuple
+    span: Span
+    file: str = ""
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Import:
+    path: str
+    span: Span
+
+
+@dataclass
+class File:
+    path: str
+    imports: list = field(default_factory=list)
+    models: list = field(default_factory=list)
+    composites: list = field(default_factory=list)
+    doc: str = ""

@@ -1,0 +1,216 @@
+"""Build plain PyTorch modules from a `graph.Plan`: the only pipeline stage that imports torch."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .diagnostics import error
+from .graph import Plan, Section, Step
+
+MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
+
+
+def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if p == 0.0 or not training:
+        return x
+    keep = 1.0 - p
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask.div_(keep)
+
+
+class Sequence(nn.Module):
+    """A section or composite instance: named submodules plus the program that wires them
+    (residuals, parallel branches, layout conversions)."""
+
+    def __init__(self, steps: list[Step], call: str = ""):
+        super().__init__()
+        self.call = call
+        self.program = self._compile(steps)
+
+    def _compile(self, steps) -> list:
+        prog = []
+        for s in steps:
+            if s.kind == "op":
+                self.add_module(s.name, s.op.build(s.x, s.y))
+                prog.append(("m", s.name))
+            elif s.kind == "seq":
+                self.add_module(s.name, Sequence(s.body, s.call))
+                prog.append(("m", s.name))
+            elif s.kind == "convert":
+                prog.append(("t",) if s.name == "to_tokens" else ("u", s.x.spatial))
+            elif s.kind == "residual":
+                prog.append(("r", self._compile(s.body), self._compile(s.shortcut), s.drop_path))
+            elif s.kind == "parallel":
+                prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split))
+        return prog
+
+    def _run(self, prog, x):
+        for ins in prog:
+            kind = ins[0]
+            if kind == "m":
+                x = self._modules[ins[1]](x)
+            elif kind == "t":
+                x = x.flatten(2).transpose(1, 2)
+            elif kind == "u":
+                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *ins[1])
+            elif kind == "r":
+                short = self._run(ins[2], x) if ins[2] else x
+                x = short + _drop_path(self._run(ins[1], x), ins[3], self.training)
+            else:
+                x = self._parallel(ins, x)
+        return x
+
+    def _parallel(self, ins, x):
+        _, merge, branches, split = ins
+        dim = 1 if x.ndim != 3 else -1  # tokens keep channels last
+        inputs = torch.split(x, split, dim=dim) if split else [x] * len(branches)
+        outs = [self._run(b, xi) for b, xi in zip(branches, inputs)]
+        if merge == "concat":
+            return torch.cat(outs, dim=dim)
+        y = outs[0]
+        for o in outs[1:]:
+            y = y + o if merge == "add" else y * o if merge == "mul" else y - o
+        return y
+
+    def forward(self, x):
+        return self._run(self.program, x)
+
+    def extra_repr(self) -> str:
+        return self.call
+
+
+class StageModule(nn.Module):
+    def __init__(self, stage):
+        super().__init__()
+        self.downsample_last = stage.downsample_last
+        self.downsample = Sequence(stage.downsample.steps) if stage.downsample is not None else None
+        self.blocks = nn.ModuleList(Sequence(b.steps, b.call) for b in stage.blocks)
+        self.norm = Sequence(stage.norm.steps) if stage.norm is not None else None
+        self.grad_checkpointing = False
+
+    def forward(self, x):
+        if self.downsample is not None and not self.downsample_last:
+            x = self.downsample(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        if self.downsample is not None and self.downsample_last:
+            x = self.downsample(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+class ComposedModel(nn.Module):
+    """A model built from a blueprint, with timm's backbone API."""
+
+    def __init__(self, plan: Plan, features_only: bool = False, out_indices=None):
+        super().__init__()
+        self.plan = plan
+        self.stem = Sequence(plan.stem.steps)
+        self.stages = nn.ModuleList(StageModule(s) for s in plan.stages)
+        self.features_only = features_only
+        n = len(plan.stages)
+        self.out_indices = tuple(i % n for i in (out_indices if out_indices is not None else range(n)))
+        self.feature_info = [
+            {"num_chs": s.y.channels, "reduction": _reduction(plan, s.y), "module": f"stages.{s.index}"}
+            for s in plan.stages if s.index in self.out_indices
+        ]
+        self._to_map = [s.y.layout == "tokens" and s.y.extra == 0 for s in plan.stages]
+        self._grids = [s.y.spatial for s in plan.stages]
+        head_steps = plan.head.steps
+        self.num_classes = _classifier_out(head_steps)
+        self.num_features = plan.head.x.channels
+        if not features_only:
+            self.head = Sequence(head_steps)
+
+    def forward_features(self, x):
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if not pre_logits:
+            return self.head(x)
+        prog = [ins for ins in self.head.program if not (ins[0] == "m" and ins[1] == self._classifier_name())]
+        return self.head._run(prog, x)
+
+    def forward_intermediates(self, x):
+        """The output of every stage in `out_indices`, as maps (B, C, *grid) where the grid allows."""
+        x = self.stem(x)
+        feats = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                f = x
+                if self._to_map[i]:
+                    f = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self._grids[i])
+                feats.append(f)
+        return feats
+
+    def forward(self, x):
+        if self.features_only:
+            return self.forward_intermediates(x)
+        return self.forward_head(self.forward_features(x))
+
+    def _classifier_name(self) -> str | None:
+        for s in self.plan.head.steps:
+            if s.kind == "op" and s.op.classifier:
+                return s.name
+        return None
+
+    def get_classifier(self) -> nn.Module:
+        return getattr(self.head, self._classifier_name())
+
+    def reset_classifier(self, num_classes: int) -> None:
+        name = self._classifier_name()
+        if name is None:
+            raise ValueError("this model's head has no classifier op")
+        step = next(s for s in self.plan.head.steps if s.name == name)
+        new = step.op.model_copy(update={"num_classes": num_classes})
+        device = next((p.device for p in self.parameters()), None)
+        module = new.build(step.x, new.infer(step.x))
+        setattr(self.head, name, module.to(device) if device is not None else module)
+        self.num_classes = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+
+def _reduction(plan: Plan, y) -> int:
+    if not y.spatial:
+        return 0
+    return plan.input.spatial[0] // y.spatial[0]
+
+
+def _classifier_out(steps) -> int:
+    for s in steps:
+        if s.kind == "op" and s.op.classifier:
+            return s.op.num_classes
+    return 0
+
+
+def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only=False, out_indices=None):
+    """Instantiate `plan` as a `ComposedModel`, deterministically when `seed` is given."""
+    if plan.params > MAX_PARAMS:
+        raise error("too-large", f"the model has {plan.params:,} parameters; refusing to allocate more than "
+                    f"{MAX_PARAMS:,}", plan.model.span, "use `composer info`, which allocates nothing")
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.device(device) if device is not None else _null():
+            model = ComposedModel(plan, features_only=features_only, out_indices=out_indices)
+    return model
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

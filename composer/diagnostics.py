@@ -1,0 +1,67 @@
+"""Diagnostics: located errors with the source line, a caret and a hint.
+
+Every stage raises ``ComposerError``; the CLI renders it and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from .source import SOURCES, Span
+
+
+@dataclass
+class Diagnostic:
+    code: str
+    message: str
+    span: Span | None = None
+    hint: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        where = f"{self.span}: " if self.span else ""
+        out = [f"{where}error: {self.message}"]
+        if self.span and self.span.file in SOURCES:
+            text = SOURCES[self.span.file].line(self.span.line)
+            if text:
+                width = (
+                    self.span.end_column - self.span.column
+                    if self.span.end_line == self.span.line
+                    else len(text) - self.span.column + 1
+                )
+                gutter = f"{self.span.line:>4} | "
+                out.append(gutter + text.rstrip())
+                out.append(" " * (len(gutter) + self.span.column - 1) + "^" * max(1, width))
+        for note in self.notes:
+            out.append(f"  note: {note}")
+        if self.hint:
+            out.append(f"  hint: {self.hint}")
+        return "\n".join(out)
+
+
+class ComposerError(Exception):
+    """A user mistake, with one or more located diagnostics."""
+
+    def __init__(self, diagnostics: Diagnostic | list[Diagnostic]):
+        self.diagnostics = diagnostics if isinstance(diagnostics, list) else [diagnostics]
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        return "\n".join(d.render() for d in self.diagnostics)
+
+    @property
+    def code(self) -> str:
+        return self.diagnostics[0].code
+
+
+def error(code: str, message: str, span: Span | None = None, hint: str | None = None) -> ComposerError:
+    return ComposerError(Diagnostic(code, message, span, hint))
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.6)
+    if not close:
+        return None
+    return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"

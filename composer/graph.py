@@ -1,0 +1,276 @@
+"""Lower a resolved model to a program of steps, infer every shape, and record it as a networkx graph.
+
+Layouts (map, tokens, vector) are tracked per step; where an op needs another layout a conversion
+step is inserted, before a residual when its body needs it so the shortcut follows along.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from .diagnostics import ComposerError, Diagnostic
+from .ops import OPS
+from .resolve import Model, OpNode, ParallelNode, ResidualNode, SubSeq
+from .shapes import Shape, ShapeError
+from .source import Span
+
+
+@dataclass
+class Step:
+    kind: str  # op, seq, convert, residual, parallel
+    path: str
+    x: Shape
+    y: Shape
+    span: Span | None = None
+    name: str = ""
+    op: object = None
+    body: list = field(default_factory=list)
+    shortcut: list = field(default_factory=list)
+    branches: list = field(default_factory=list)
+    merge: str = ""
+    split: list | None = None
+    drop_path: float = 0.0
+    call: str = ""
+
+    def walk(self):
+        yield self
+        for child in [*self.shortcut, *self.body, *(s for b in self.branches for s in b)]:
+            yield from child.walk()
+
+    @property
+    def params(self) -> int:
+        return sum(s.op.params(s.x, s.y) for s in self.walk() if s.kind == "op")
+
+    @property
+    def macs(self) -> int:
+        return sum(s.op.macs(s.x, s.y) for s in self.walk() if s.kind == "op")
+
+
+@dataclass
+class Section:
+    """stem, a stage's downsample or block, or head: the unit the builder makes one module of."""
+
+    path: str
+    steps: list
+    x: Shape
+    y: Shape
+    drop_path: float = 0.0
+    call: str = ""
+
+    @property
+    def params(self) -> int:
+        return sum(s.params for s in self.steps)
+
+    @property
+    def macs(self) -> int:
+        return sum(s.macs for s in self.steps)
+
+
+@dataclass
+class StagePlan:
+    index: int
+    downsample: Section | None
+    downsample_last: bool
+    blocks: list
+    x: Shape
+    y: Shape
+    norm: Section | None = None
+
+
+@dataclass
+class Plan:
+    model: Model
+    input: Shape
+    stem: Section
+    stages: list
+    head: Section
+    graph: nx.DiGraph
+
+    @property
+    def sections(self):
+        yield self.stem
+        for st in self.stages:
+            if st.downsample is not None and not st.downsample_last:
+                yield st.downsample
+            yield from st.blocks
+            if st.downsample is not None and st.downsample_last:
+                yield st.downsample
+            if st.norm is not None:
+                yield st.norm
+        yield self.head
+
+    @property
+    def params(self) -> int:
+        return sum(s.params for s in self.sections)
+
+    @property
+    def macs(self) -> int:
+        return sum(s.macs for s in self.sections)
+
+
+def plan(model: Model) -> Plan:
+    """Infer shapes for `model` and lower it to build steps; raise a located error on a mismatch."""
+    return _Lowering(model).run()
+
+
+class _Lowering:
+    def __init__(self, model: Model):
+        self.model = model
+        self.graph = nx.DiGraph()
+        self.last = "input"
+
+    def run(self) -> Plan:
+        inp = self.model.input
+        x = Shape(inp.channels, tuple(inp.size), "map")
+        self.graph.add_node("input", kind="input", shape=x)
+        stem = self._section("stem", self.model.stem, x)
+        x = stem.y
+        stages = []
+        for st in self.model.stages:
+            x0 = x
+            down = None
+            blocks = []
+            if st.downsample is not None and not st.downsample_last:
+                down = self._section(f"stages.{st.index}.downsample", st.downsample, x)
+                x = down.y
+            for k, b in enumerate(st.blocks):
+                sec = self._section(f"stages.{st.index}.blocks.{k}", b.items, x, b.drop_path, b.call)
+                blocks.append(sec)
+                x = sec.y
+            if st.downsample is not None and st.downsample_last:
+                down = self._section(f"stages.{st.index}.downsample", st.downsample, x)
+                x = down.y
+            norm = None
+            if st.norm is not None:
+                norm = self._section(f"stages.{st.index}.norm", st.norm, x)
+                x = norm.y
+            stages.append(StagePlan(st.index, down, st.downsample_last, blocks, x0, x, norm))
+        head = self._section("head", self.model.head, x)
+        return Plan(self.model, Shape(inp.channels, tuple(inp.size), "map"), stem, stages, head, self.graph)
+
+    def _section(self, path, items, x, drop_path=0.0, call="") -> Section:
+        steps, y = self._seq(path, items, x)
+        return Section(path, steps, x, y, drop_path, call)
+
+    def _seq(self, path: str, items: list, x: Shape) -> tuple[list, Shape]:
+        steps = []
+        for item in items:
+            new, x = self._item(path, item, x)
+            steps += new
+        return steps, x
+
+    def _convert(self, path: str, x: Shape, need: str, span) -> tuple[list, Shape]:
+        if need in ("any", x.layout):
+            return [], x
+        if need == "vector" or x.layout == "vector":
+            raise _shape_error(path, span, ShapeError(
+                f"this op needs a {need} but gets a {x.layout} {x}",
+                "pool to a vector with global_pool(...) before the classifier" if need == "vector"
+                else "a pooled vector cannot go back to a map or tokens"))
+        conv = "to_tokens" if need == "tokens" else "to_map"
+        op = OPS[conv]()
+        try:
+            y = op.infer(x)
+        except ShapeError as exc:
+            raise _shape_error(path, span, exc) from None
+        return [Step("convert", path, x, y, span, name=conv, op=op)], y
+
+    def _item(self, path: str, item, x: Shape) -> tuple[list, Shape]:
+        if isinstance(item, OpNode):
+            pre, x = self._convert(f"{path}.{item.name}", x, item.op.layout, item.span)
+            try:
+                y = item.op.infer(x)
+            except ShapeError as exc:
+                raise _shape_error(f"{path}.{item.name}", item.span, exc, x) from None
+            node = f"{path}.{item.name}"
+            self.graph.add_node(node, kind="op", op=item.op.name, x=x, y=y)
+            self.graph.add_edge(self.last, node)
+            self.last = node
+            return pre + [Step("op", node, x, y, item.span, item.name, item.op)], y
+        if isinstance(item, SubSeq):
+            steps, y = self._seq(f"{path}.{item.name}", item.items, x)
+            return [Step("seq", f"{path}.{item.name}", x, y, item.span, item.name, body=steps, call=item.call)], y
+        if isinstance(item, ResidualNode):
+            pre, x = self._convert(path, x, _first_need(item.body), item.span)
+            start = self.last
+            short, xs = self._seq(path, item.shortcut, x)
+            short_end = self.last
+            self.last = start
+            body, y = self._seq(path, item.body, x)
+            if y.layout != xs.layout:
+                back, y = self._convert(path, y, xs.layout, item.span)
+                body += back
+            if y != xs:
+                raise _shape_error(path, item.span, ShapeError(
+                    f"residual: the body gives {y} but the shortcut carries {xs}",
+                    "a residual's body must keep the shape; use residual(shortcut = ...) to project the shortcut"))
+            node = f"{path}.add@{item.span.line}:{item.span.column}"
+            self.graph.add_node(node, kind="merge", merge="add", y=y)
+            self.graph.add_edge(self.last, node)
+            self.graph.add_edge(short_end, node)
+            self.last = node
+            return pre + [Step("residual", path, x, y, item.span, body=body, shortcut=short,
+                               drop_path=item.drop_path)], y
+        if isinstance(item, ParallelNode):
+            return self._parallel(path, item, x)
+        raise AssertionError(f"unknown item {item!r}")
+
+    def _parallel(self, path, item: ParallelNode, x: Shape):
+        if item.split is not None and sum(item.split) != x.channels:
+            raise _shape_error(path, item.span, ShapeError(
+                f"split {item.split} adds up to {sum(item.split)}, but the input has {x.channels} channels"))
+        start, ends, branches, outs = self.last, [], [], []
+        for i, b in enumerate(item.branches):
+            self.last = start
+            xb = x.with_(channels=item.split[i]) if item.split else x
+            steps, y = self._seq(path, b, xb)
+            branches.append(steps)
+            outs.append(y)
+            ends.append(self.last)
+        first = outs[0]
+        for i, y in enumerate(outs[1:], 1):
+            if y.layout != first.layout:
+                back, outs[i] = self._convert(path, y, first.layout, item.span)
+                branches[i] += back
+        for i, y in enumerate(outs[1:], 1):
+            same = (y.spatial, y.extra) == (first.spatial, first.extra) if item.merge == "concat" else y == first
+            if not same:
+                raise _shape_error(path, item.span, ShapeError(
+                    f"parallel {item.merge}: branch 1 gives {first} but branch {i + 1} gives {y}",
+                    "concat needs the same grid in every branch" if item.merge == "concat"
+                    else f"{item.merge} needs the same shape in every branch"))
+        y = first.with_(channels=sum(o.channels for o in outs)) if item.merge == "concat" else first
+        node = f"{path}.{item.merge}@{item.span.line}:{item.span.column}"
+        self.graph.add_node(node, kind="merge", merge=item.merge, y=y)
+        for e in ends:
+            self.graph.add_edge(e, node)
+        self.last = node
+        return [Step("parallel", path, x, y, item.span, branches=branches, merge=item.merge, split=item.split)], y
+
+
+def _first_need(items) -> str:
+    """The layout the first layout-specific op of `items` needs ("any" if none does)."""
+    for item in items:
+        if isinstance(item, OpNode):
+            if item.op.layout != "any":
+                return item.op.layout
+        elif isinstance(item, SubSeq):
+            need = _first_need(item.items)
+            if need != "any":
+                return need
+        elif isinstance(item, ResidualNode):
+            need = _first_need(item.shortcut + item.body)
+            if need != "any":
+                return need
+        elif isinstance(item, ParallelNode):
+            need = _first_need(item.branches[0])
+            if need != "any":
+                return need
+    return "any"
+
+
+def _shape_error(path: str, span, exc: ShapeError, x: Shape | None = None) -> ComposerError:
+    notes = [f"at {path}" + (f", input {x}" if x is not None else "")]
+    return ComposerError(Diagnostic("shape", exc.message, span, exc.hint, notes))

@@ -1,0 +1,98 @@
+"""Per-token linear maps, scales, pooling to a vector and the classifier head."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from ..shapes import Shape, ShapeError
+from .registry import Op, op, prod
+
+
+@op("linear", category="linear")
+class Linear(Op):
+    """A linear map over the channels of every token or pixel (a 1x1 conv on maps, applied channels-last).
+
+    Init: trunc-normal(std 0.02) weight, zero bias (timm's ViT/Swin convention)."""
+
+    out: int
+    bias: bool = True
+    init_std: float = 0.02
+
+    def infer(self, x: Shape) -> Shape:
+        return x.with_(channels=self.out)
+
+    def params(self, x, y):
+        return x.channels * self.out + (self.out if self.bias else 0)
+
+    def macs(self, x, y):
+        return (x.tokens if x.layout != "vector" else 1) * x.channels * self.out
+
+    def build(self, x, y):
+        from ..modules import ChannelLinear
+
+        return ChannelLinear(x.channels, self.out, self.bias, channel_first=x.layout == "map", init_std=self.init_std)
+
+
+@op("layer_scale", category="linear")
+class LayerScale(Op):
+    """Multiply every channel by a learned scale initialised to `init` (CaiT, ConvNeXt, MetaFormer)."""
+
+    init: float = 1e-5
+
+    def params(self, x, y):
+        return x.channels
+
+    def build(self, x, y):
+        from ..modules import ChannelScale
+
+        return ChannelScale(x.channels, self.init, channel_first=x.layout == "map")
+
+
+@op("global_pool", category="pool")
+class GlobalPool(Op):
+    """Pool a map or token sequence to one vector: `avg` or `max` over all positions (grid tokens only),
+    or `token` to take the first (class) token."""
+
+    mode: Literal["avg", "max", "token"] = "avg"
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout == "vector":
+            raise ShapeError("global_pool needs a map or tokens, but the input is already a vector")
+        if self.mode == "token" and (x.layout != "tokens" or x.extra == 0):
+            raise ShapeError("global_pool(\"token\") needs a class token", "add class_token() after the stem")
+        return Shape(x.channels, (), "vector")
+
+    def build(self, x, y):
+        from ..modules import GlobalPool as Module
+
+        return Module(self.mode, x.layout, x.extra)
+
+
+@op("classifier", category="head", layout="vector", classifier=True)
+class Classifier(Op):
+    """The final linear layer to `num_classes` logits; `num_classes=0` makes it the identity
+    (a feature extractor). `reset_classifier(n)` replaces it."""
+
+    num_classes: int
+    bias: bool = True
+    init_std: float = 0.02
+
+    def infer(self, x: Shape) -> Shape:
+        if self.num_classes < 0:
+            raise ShapeError(f"num_classes must be 0 or more, got {self.num_classes}")
+        return x.with_(channels=self.num_classes or x.channels)
+
+    def params(self, x, y):
+        return 0 if not self.num_classes else x.channels * self.num_classes + (self.num_classes if self.bias else 0)
+
+    def macs(self, x, y):
+        return 0 if not self.num_classes else x.channels * self.num_classes
+
+    def build(self, x, y):
+        from torch import nn
+
+        from ..modules import ChannelLinear
+
+        if not self.num_classes:
+            return nn.Identity()
+        return ChannelLinear(x.channels, self.num_classes, self.bias, channel_first=False, init_std=self.init_std)

@@ -1,0 +1,90 @@
+"""The op registry: one pydantic class per op, holding its parameters, docs, shape, cost and builder.
+
+An op class's fields are its parameters, its docstring is its documentation, and its methods are
+its rules: `infer(x) -> Shape` (pure Python), `macs(x, y)`, `params(x, y)` and `build(x, y)` (the
+only method that imports torch). Ops are registered by name with `@op("name")`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ..shapes import Shape, ShapeError
+
+OPS: dict[str, type["Op"]] = {}
+
+
+class Op(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+
+    name: ClassVar[str] = ""
+    kind: ClassVar[str] = "op"  # "op" applies to a tensor; "part" only configures another op
+    category: ClassVar[str] = "misc"
+    layout: ClassVar[str] = "any"  # the input layout the op needs: map, tokens, vector or any
+    classifier: ClassVar[bool] = False
+
+    def infer(self, x: Shape) -> Shape:
+        return x
+
+    def params(self, x: Shape, y: Shape) -> int:
+        return 0
+
+    def macs(self, x: Shape, y: Shape) -> int:
+        return 0
+
+    def build(self, x: Shape, y: Shape):
+        from torch import nn
+
+        return nn.Identity()
+
+    def describe(self) -> str:
+        """`name(arg=value, ...)` with the non-default arguments, for summaries and diffs."""
+        parts = []
+        for key, field in type(self).model_fields.items():
+            value = getattr(self, key)
+            if field.is_required() or value != field.default:
+                parts.append(f"{key}={_show(value)}")
+        return f"{self.name}({', '.join(parts)})"
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, Op):
+        return value.describe()
+    if isinstance(value, str):
+        return f'"{value}"'
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def op(name: str, *, kind: str = "op", category: str = "misc", layout: str = "any", classifier: bool = False):
+    """Register an op class under `name`; a duplicate name is an error."""
+
+    def register(cls: type[Op]) -> type[Op]:
+        if name in OPS:
+            raise RuntimeError(f"op '{name}' registered twice")
+        cls.name, cls.kind, cls.category, cls.layout, cls.classifier = name, kind, category, layout, classifier
+        OPS[name] = cls
+        return cls
+
+    return register
+
+
+def spatial_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def check_divides(what: str, n: int, by: int, hint: str | None = None) -> None:
+    if by <= 0 or n % by:
+        raise ShapeError(f"{what}: {by} does not divide {n}", hint)
+
+
+def prod(xs) -> int:
+    return math.prod(xs)

@@ -1,0 +1,109 @@
+"""Token-sequence ops: layout changes, class tokens, position embeddings and patch merging."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..shapes import Shape, ShapeError
+from .registry import Op, op, prod
+
+
+@op("to_tokens", category="layout", layout="map")
+class ToTokens(Op):
+    """Flatten a map (B, C, *grid) into tokens (B, N, C). Inserted automatically where needed."""
+
+    def infer(self, x: Shape) -> Shape:
+        return x.with_(layout="tokens")
+
+    def build(self, x, y):
+        from ..modules import ToTokens as Module
+
+        return Module()
+
+
+@op("to_map", category="layout", layout="tokens")
+class ToMap(Op):
+    """Fold tokens (B, N, C) back into a map (B, C, *grid). Inserted automatically where needed."""
+
+    def infer(self, x: Shape) -> Shape:
+        if x.extra:
+            raise ShapeError(f"cannot fold {x.extra} class token(s) into a map", "pool or drop the class tokens first")
+        return x.with_(layout="map")
+
+    def build(self, x, y):
+        from ..modules import ToMap as Module
+
+        return Module(x.spatial)
+
+
+@op("class_token", category="embed", layout="tokens")
+class ClassToken(Op):
+    """Prepend `count` learned tokens (class; with 2, class and distillation). Init: zeros, or
+    normal(std) when `std > 0` (timm ViT: 1e-6)."""
+
+    count: int = 1
+    std: float = 1e-6
+
+    def infer(self, x: Shape) -> Shape:
+        return x.with_(extra=x.extra + self.count)
+
+    def params(self, x, y):
+        return self.count * x.channels
+
+    def build(self, x, y):
+        from ..modules import PrefixTokens
+
+        return PrefixTokens(self.count, x.channels, self.std)
+
+
+@op("pos_embed", category="embed", layout="tokens")
+class PosEmbed(Op):
+    """A learned absolute position embedding added to every token (class tokens included when
+    `cover_extra`). Init: trunc-normal(std 0.02). Tied to the input resolution."""
+
+    std: float = 0.02
+    cover_extra: bool = True
+
+    def params(self, x, y):
+        return (x.tokens if self.cover_extra else prod(x.spatial)) * x.channels
+
+    def build(self, x, y):
+        from ..modules import PosEmbed as Module
+
+        n = x.tokens if self.cover_extra else prod(x.spatial)
+        return Module(n, x.channels, self.std, 0 if self.cover_extra else x.extra)
+
+
+@op("patch_merging", category="embed", layout="tokens")
+class PatchMerging(Op):
+    """Swin's downsampling: concatenate each 2x2 neighbourhood (4C channels), norm, then a linear map
+    to `out` without bias. Submodules: `norm`, `reduction`."""
+
+    out: int
+    norm: Optional[Op] = None
+
+    def infer(self, x: Shape) -> Shape:
+        if x.extra:
+            raise ShapeError("patch_merging cannot merge class tokens")
+        if any(s % 2 for s in x.spatial):
+            raise ShapeError(
+                f"patch_merging needs an even grid, got {'x'.join(map(str, x.spatial))}",
+                "choose an input size whose feature size is even at this stage",
+            )
+        return Shape(self.out, tuple(s // 2 for s in x.spatial), "tokens")
+
+    def _merged(self, x: Shape) -> Shape:
+        return Shape(x.channels * 2 ** x.ndim, tuple(s // 2 for s in x.spatial), "tokens")
+
+    def params(self, x, y):
+        m = self._merged(x)
+        return (self.norm.params(m, m) if self.norm else 0) + m.channels * self.out
+
+    def macs(self, x, y):
+        return prod(y.spatial) * self._merged(x).channels * self.out
+
+    def build(self, x, y):
+        from ..modules import PatchMerging as Module
+
+        m = self._merged(x)
+        return Module(x.spatial, self.norm.build(m, m) if self.norm else None, m.channels, self.out)

@@ -1,0 +1,549 @@
+"""Resolve a parsed model into a concrete architecture: imports, inheritance, lets, stages, repeats,
+per-block cycles and schedules, composites expanded, every op validated (pydantic). Nothing
+symbolic is left in the result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from . import ast
+from .diagnostics import ComposerError, did_you_mean, error
+from .expr import Cycle, InputSpec, Namespace, Ref, Schedule, Scope, evaluate, type_name
+from .locate import BLUEPRINTS_DIR
+from .ops import OPS, Op
+from .parse import parse_file
+from .source import Span
+
+SETTINGS = ("drop_path", "reference", "paper")
+MERGES = ("concat", "add", "mul", "sub")
+
+# ---- the resolved architecture ------------------------------------------------
+
+
+@dataclass
+class OpNode:
+    name: str
+    op: Op
+    span: Span
+
+
+@dataclass
+class SubSeq:
+    """A composite (block or mixer) instance: its own naming scope, e.g. `token_mixer.qkv`."""
+
+    name: str
+    kind: str
+    items: list
+    span: Span
+    call: str = ""
+
+
+@dataclass
+class ResidualNode:
+    body: list
+    shortcut: list
+    drop_path: float
+    span: Span
+
+
+@dataclass
+class ParallelNode:
+    merge: str
+    branches: list
+    split: list | None
+    span: Span
+
+
+@dataclass
+class Block:
+    items: list
+    drop_path: float
+    index: int
+    span: Span
+    call: str
+
+
+@dataclass
+class Stage:
+    index: int
+    downsample: list | None
+    downsample_last: bool
+    blocks: list
+    span: Span
+    norm: list | None = None
+
+
+@dataclass
+class Model:
+    name: str
+    file: str
+    input: InputSpec
+    stem: list
+    stages: list
+    head: list
+    drop_path: list
+    params: dict
+    overrides: list
+    reference: str | None = None
+    paper: str | None = None
+    doc: str = ""
+    span: Span | None = None
+
+
+# ---- loading files and imports --------------------------------------------------
+
+
+@dataclass
+class Unit:
+    """A file with everything it can see: its own definitions and those of its imports."""
+
+    file: ast.File
+    names: Namespace
+
+
+_CACHE: dict[str, Unit] = {}
+
+
+def load(path: str | Path, _stack: tuple = ()) -> Unit:
+    """Parse a file and its imports (cached per path)."""
+    key = str(Path(path).resolve())
+    if key in _CACHE:
+        return _CACHE[key]
+    file = parse_file(path)
+    names = Namespace(ops=dict(OPS))
+    for imp in file.imports:
+        target = _find_import(imp, Path(path).parent)
+        tkey = str(target.resolve())
+        if tkey in _stack or tkey == key:
+            raise error("cyclic-import", f"import cycle: '{imp.path}' imports this file again", imp.span,
+                        "move the shared definitions into a third file")
+        unit = load(target, _stack + (key,))
+        names.composites.update(unit.names.composites)
+    for comp in file.composites:
+        if comp.name in names.ops:
+            raise error("redefinition", f"'{comp.name}' is already an op of the library", comp.span,
+                        "choose another name for the definition")
+        local = [c for c in file.composites if c.name == comp.name]
+        if local[0] is not comp:
+            raise error("redefinition", f"'{comp.name}' is defined twice in this file", comp.span)
+        names.composites[comp.name] = comp
+    models = [m.name for m in file.models]
+    for m in file.models:
+        if models.count(m.name) > 1 and models.index(m.name) != file.models.index(m):
+            raise error("redefinition", f"model '{m.name}' is defined twice in this file", m.span)
+    unit = Unit(file, names)
+    _CACHE[key] = unit
+    return unit
+
+
+def _find_import(imp: ast.Import, here: Path) -> Path:
+    rel = imp.path if imp.path.endswith((".arch", ".yaml", ".yml")) else imp.path + ".arch"
+    for base in (here, BLUEPRINTS_DIR):
+        if (base / rel).is_file():
+            return base / rel
+    lib = [f"lib/{p.stem}" for p in (BLUEPRINTS_DIR / "lib").glob("*.arch")]
+    raise error("bad-import", f"cannot find '{imp.path}' (looked in {here} and the standard library)", imp.span,
+                did_you_mean(imp.path, lib) or "standard library files: " + ", ".join(sorted(lib)))
+
+
+# ---- models ----------------------------------------------------------------------
+
+
+def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model:
+    """Resolve model `name` of `unit`; `overrides` maps parameter names to values or expression text."""
+    defs = {m.name: m for m in unit.file.models}
+    if name not in defs:
+        raise error("unknown-model", f"no model '{name}' in {unit.file.path}", None,
+                    did_you_mean(name, defs) or f"models in this file: {', '.join(defs) or '(none)'}")
+    chain, cur = [], defs[name]
+    while True:
+        if cur in chain:
+            raise error("cyclic-inheritance", f"model '{cur.name}' inherits from itself", cur.span)
+        chain.append(cur)
+        if cur.base is None:
+            break
+        if cur.base not in defs:
+            raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span, did_you_mean(cur.base, defs))
+        cur = defs[cur.base]
+    return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
+
+
+class _Resolver:
+    def __init__(self, unit: Unit, chain: list, overrides: dict):
+        self.unit, self.chain, self.user = unit, chain, overrides
+        self.model = chain[-1]
+
+    # -- flatten inheritance: base first, each variant overriding by name
+    def _flatten(self):
+        params: dict[str, ast.Param] = {}
+        lets: dict[str, ast.Expr] = {}
+        settings: dict[str, ast.Assign] = {}
+        sections: dict[str, object] = {}
+        stages: list = []
+        overrides: list = []
+        for depth, m in enumerate(self.chain):
+            for p in m.params:
+                params[p.name] = p
+            stage_items = [s for s in m.body if isinstance(s, ast.Stage)]
+            if stage_items:
+                stages = stage_items
+            for stmt in m.body:
+                if isinstance(stmt, ast.Let):
+                    if depth and stmt.name in lets:
+                        raise error("redefinition", f"'{stmt.name}' is already defined by the base model", stmt.span,
+                                    f"write `{stmt.name} = ...` to override it")
+                    lets[stmt.name] = stmt.value
+                elif isinstance(stmt, ast.Assign):
+                    if stmt.name in SETTINGS:
+                        settings[stmt.name] = stmt
+                    elif depth and stmt.name in params:
+                        params[stmt.name] = ast.Param(stmt.name, stmt.value, stmt.span)
+                    elif depth and stmt.name in lets:
+                        lets[stmt.name] = stmt.value
+                    else:
+                        known = list(SETTINGS) + (list(params) + list(lets) if depth else [])
+                        hint = did_you_mean(stmt.name, known) or (
+                            f"write `let {stmt.name} = ...` to define a value" if not depth
+                            else f"a variant can set: {', '.join(known)}")
+                        raise error("unknown-setting", f"'{stmt.name}' is not a setting, parameter or let of '{m.name}'",
+                                    stmt.span, hint)
+                    if depth:
+                        overrides.append((stmt.name, stmt.span))
+                elif isinstance(stmt, (ast.Section, ast.Input)):
+                    key = stmt.kind if isinstance(stmt, ast.Section) else "input"
+                    if key in sections and sections[key][0] == depth:
+                        raise error("redefinition", f"'{key}' is given twice", stmt.span)
+                    sections[key] = (depth, stmt)
+        return params, lets, settings, {k: v[1] for k, v in sections.items()}, stages, overrides
+
+    def run(self) -> Model:
+        params, lets, settings, sections, stages, overrides = self._flatten()
+        for key, value in self.user.items():
+            if key not in params:
+                raise error("unknown-parameter", f"model '{self.model.name}' has no parameter '{key}'", None,
+                            did_you_mean(key, params) or f"its parameters are: {', '.join(params) or '(none)'}")
+        names = self.unit.names
+        scope = Scope(names)
+        values = {}
+        for p in params.values():
+            if p.name in self.user:
+                values[p.name] = self.user[p.name]
+            elif p.default is None:
+                raise error("missing-argument", f"parameter '{p.name}' of model '{self.model.name}' has no value",
+                            p.span, "give it a default, or set it with --set")
+            else:
+                values[p.name] = evaluate(p.default, scope.child(values))
+        scope = scope.child(values)
+        for lname, expr in lets.items():
+            scope.values[lname] = evaluate(expr, scope)
+        self.scope = scope
+        if "input" not in sections:
+            raise error("missing-input", f"model '{self.model.name}' has no input", self.model.span,
+                        "add e.g. `input image(3, 224)`")
+        inp = evaluate(sections["input"].expr, scope)
+        if not isinstance(inp, InputSpec):
+            raise error("type", f"input must be image(...), signal(...) or volume(...), got {type_name(inp)}",
+                        sections["input"].expr.span)
+        self.drop_setting = evaluate(settings["drop_path"].value, scope) if "drop_path" in settings else 0.0
+        if not isinstance(self.drop_setting, (int, float, Schedule)) or isinstance(self.drop_setting, bool):
+            raise error("type", f"drop_path must be a number or linspace(a, b), got {type_name(self.drop_setting)}",
+                        settings["drop_path"].value.span)
+        meta = {k: evaluate(settings[k].value, scope) for k in ("reference", "paper") if k in settings}
+        for k, v in meta.items():
+            if not isinstance(v, str):
+                raise error("type", f"{k} must be a string, got {type_name(v)}", settings[k].value.span)
+
+        expanded = [it for s in stages for it in self._expand_stages(s)]
+        self.total = sum(len(blocks) for _, _, blocks in expanded)
+        self.next_block = 0
+        self.rates = []
+        stem = self._section(sections.get("stem"), Ctx())
+        out_stages = [self._stage(i, sscope, items, blocks) for i, (sscope, items, blocks) in enumerate(expanded)]
+        head = self._section(sections.get("head"), Ctx())
+        return Model(
+            self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
+            overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span,
+        )
+
+    def _expand_stages(self, stage: ast.Stage):
+        """Yield (scope, items, block expressions) per stage; repeat counts are evaluated here."""
+        if stage.loop_var is None:
+            iterations = [self.scope.child()]
+        else:
+            lo, hi = evaluate(stage.start, self.scope), evaluate(stage.stop, self.scope)
+            for v, e in ((lo, stage.start), (hi, stage.stop)):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise error("type", f"stage range bounds must be ints, got {type_name(v)}", e.span)
+            if not 0 <= hi - lo <= 64:
+                raise error("value", f"stage range {lo}..{hi} is empty or too long", stage.span)
+            iterations = [self.scope.child({stage.loop_var: i}) for i in range(lo, hi)]
+        for sscope in iterations:
+            blocks = []
+            for item in stage.items:
+                if isinstance(item, ast.Let):
+                    sscope.values[item.name] = evaluate(item.value, sscope)
+                elif isinstance(item, ast.Repeat):
+                    count = 1 if item.count is None else evaluate(item.count, sscope)
+                    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10_000:
+                        raise error("type", f"repeat count must be an int from 0 to 10000, got {count!r}",
+                                    item.count.span)
+                    blocks += [(item, k) for k in range(count)]
+            yield sscope, stage, blocks
+
+    def _stage(self, index: int, sscope: Scope, stage: ast.Stage, blocks) -> Stage:
+        down, down_last, seen_block, out_blocks, norm = None, False, False, [], None
+        for item in stage.items:
+            if isinstance(item, ast.Section) and item.kind == "norm":
+                if norm is not None:
+                    raise error("redefinition", "a stage has one norm", item.span)
+                norm = self._items(item.body, sscope, Ctx(), Names())
+            elif isinstance(item, ast.Section):  # downsample
+                if down is not None:
+                    raise error("redefinition", "a stage has one downsample", item.span)
+                down = self._items(item.body, sscope, Ctx(), Names())
+                down_last = seen_block
+            elif isinstance(item, ast.Repeat):
+                seen_block = True
+        in_stage = 0
+        for item, k in blocks:
+            bscope = sscope.child({item.var: k} if item.var else {})
+            rate = self.drop_setting.at(self.next_block, self.total) if isinstance(self.drop_setting, Schedule) \
+                else float(self.drop_setting)
+            ctx = Ctx(in_stage, self.next_block, self.total, rate)
+            value = concretize(evaluate(item.block, bscope), ctx, item.block.span)
+            names = Names()
+            if isinstance(value, Ref) and value.kind == "composite":
+                items = self._instantiate(value, ctx)
+            else:
+                items = self._apply(value, None, ctx, names, item.block.span, item.block)
+                names.finish()
+            call = value.name if isinstance(value, Ref) else type_name(value)
+            out_blocks.append(Block(items, rate, self.next_block, item.span, call))
+            self.rates.append(rate)
+            self.next_block += 1
+            in_stage += 1
+        return Stage(index, down if down else None, down_last, out_blocks, stage.span, norm or None)
+
+    def _section(self, section, ctx: "Ctx") -> list:
+        if section is None:
+            return []
+        return self._items(section.body, self.scope, ctx, Names())
+
+    # -- bodies
+    def _items(self, body, scope: Scope, ctx: "Ctx", names: "Names", finish: bool = True) -> list:
+        out = []
+        scope = scope.child()
+        for stmt in body:
+            if isinstance(stmt, ast.Let):
+                scope.values[stmt.name] = evaluate(stmt.value, scope)
+            elif isinstance(stmt, ast.Apply):
+                value = concretize(evaluate(stmt.expr, scope), ctx, stmt.expr.span)
+                out += self._apply(value, stmt.alias, ctx, names, stmt.span, stmt.expr)
+            elif isinstance(stmt, ast.Residual):
+                out.append(self._residual(stmt, scope, ctx, names))
+            elif isinstance(stmt, ast.Parallel):
+                out.append(self._parallel(stmt, scope, ctx, names))
+        if finish:
+            names.finish()
+        return out
+
+    def _residual(self, stmt: ast.Residual, scope, ctx, names) -> ResidualNode:
+        kwargs = {k: (evaluate(v, scope), v.span, s) for k, v, s in stmt.kwargs}
+        if stmt.args:
+            raise error("arguments", "residual takes keyword arguments only (shortcut=...)", stmt.args[0].span)
+        for k, (_, _, s) in kwargs.items():
+            if k != "shortcut":
+                raise error("unknown-parameter", f"residual has no parameter '{k}'", s, "its parameter is: shortcut")
+        shortcut = []
+        if "shortcut" in kwargs:
+            value, vspan, _ = kwargs["shortcut"]
+            shortcut = self._apply(concretize(value, ctx, vspan), None, ctx, names, vspan, None)
+        body = self._items(stmt.body, scope, ctx, names, finish=False)
+        return ResidualNode(body, shortcut, ctx.drop_path, stmt.span)
+
+    def _parallel(self, stmt: ast.Parallel, scope, ctx, names) -> ParallelNode:
+        if stmt.merge not in MERGES:
+            raise error("unknown-merge", f"unknown merge '{stmt.merge}'", stmt.span,
+                        did_you_mean(stmt.merge, MERGES) or f"merges: {', '.join(MERGES)}")
+        split = None
+        for k, v, s in stmt.kwargs:
+            if k != "split":
+                raise error("unknown-parameter", f"parallel has no parameter '{k}'", s, "its parameter is: split")
+            split = evaluate(v, scope)
+            if not isinstance(split, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in split):
+                raise error("type", f"split must be a list of positive ints, got {split!r}", v.span)
+            if len(split) != len(stmt.branches):
+                raise error("value", f"split has {len(split)} parts but there are {len(stmt.branches)} branches", v.span)
+        if len(stmt.branches) < 1:
+            raise error("value", "parallel needs at least one branch", stmt.span)
+        branches = [self._items(b, scope, ctx, names, finish=False) for b in stmt.branches]
+        return ParallelNode(stmt.merge, branches, split, stmt.span)
+
+    def _apply(self, value, alias, ctx, names: "Names", span: Span, expr) -> list:
+        """Turn a value used as a statement into items: an op, a composite instance, or nothing."""
+        if value is None:
+            return []
+        if isinstance(value, list):
+            out = []
+            for v in value:
+                out += self._apply(v, None, ctx, names, span, None)
+            return out
+        if not isinstance(value, Ref):
+            raise error("type", f"a statement must be an op or a block, got {type_name(value)}", span)
+        base = alias or _name_of(expr) or value.name
+        if value.kind == "part":
+            raise error("type", f"'{value.name}' configures another op (e.g. attention's partition) and cannot be "
+                        "applied to a tensor", span)
+        if value.kind == "composite":
+            node = SubSeq("", value.target.kind, self._instantiate(value, ctx), span, value.name)
+        else:
+            node = OpNode("", to_op(value), span)
+        names.add(node, base, alias is not None, span)
+        return [node]
+
+    def _instantiate(self, ref: Ref, ctx: "Ctx") -> list:
+        comp: ast.CompositeDef = ref.target
+        depth = ctx.depth + 1
+        if depth > 32:
+            raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span)
+        given = dict(ref.args)
+        scope = Scope(self.unit.names)
+        for p in comp.params:
+            if p.name in given:
+                scope.values[p.name] = given[p.name]
+            elif p.default is not None:
+                scope.values[p.name] = concretize(evaluate(p.default, scope), ctx, p.default.span)
+            else:
+                raise error("missing-argument", f"{comp.kind} '{comp.name}' needs argument '{p.name}'", ref.span,
+                            f"call it as {comp.name}({', '.join(q.name for q in comp.params if q.default is None)})")
+        try:
+            return self._items(comp.body, scope, Ctx(ctx.stage_block, ctx.block, ctx.total, ctx.drop_path, depth), Names())
+        except ComposerError as exc:
+            exc.diagnostics[0].notes.append(f"in {comp.kind} '{comp.name}' used at {ref.span}")
+            raise
+
+
+def _name_of(expr) -> str | None:
+    if isinstance(expr, ast.Name):
+        return expr.id
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name):
+        return expr.func.id
+    return None
+
+
+@dataclass
+class Ctx:
+    """Where a value is being used: the block's index in its stage and in the model."""
+
+    stage_block: int | None = None
+    block: int | None = None
+    total: int = 0
+    drop_path: float = 0.0
+    depth: int = 0
+
+
+class Names:
+    """Assigns module names in one scope: aliases as written, else the op's name, numbered from 1
+    when it occurs more than once (`norm1`, `norm2`)."""
+
+    def __init__(self):
+        self.entries = []
+
+    def add(self, node, base: str, explicit: bool, span: Span):
+        self.entries.append((node, base, explicit, span))
+
+    def finish(self):
+        explicit = {}
+        for node, base, is_explicit, span in self.entries:
+            if is_explicit:
+                if base in explicit:
+                    raise error("redefinition", f"the name '{base}' is used twice in this block", span)
+                explicit[base] = node
+        counts: dict[str, int] = {}
+        for _, base, is_explicit, _ in self.entries:
+            if not is_explicit:
+                counts[base] = counts.get(base, 0) + 1
+        seen: dict[str, int] = {}
+        taken = set(explicit)
+        for node, base, is_explicit, _ in self.entries:
+            if is_explicit:
+                node.name = base
+                continue
+            if counts[base] == 1 and base not in taken:
+                node.name = base
+            else:
+                seen[base] = seen.get(base, 0) + 1
+                while f"{base}{seen[base]}" in taken:
+                    seen[base] += 1
+                node.name = f"{base}{seen[base]}"
+            taken.add(node.name)
+
+
+def concretize(value, ctx: Ctx, span: Span):
+    """Replace per-block values (cycles, schedules) by this block's value, recursively."""
+    if isinstance(value, Cycle):
+        if ctx.stage_block is None:
+            raise error("per-block", "alternate(...) varies per block, but is used outside a stage's blocks",
+                        value.span, "use it inside a `repeat` of a stage")
+        return concretize(value.values[ctx.stage_block % len(value.values)], ctx, span)
+    if isinstance(value, Schedule):
+        if ctx.block is None:
+            raise error("per-block", "linspace(...) varies per block, but is used outside a stage's blocks",
+                        value.span)
+        return value.at(ctx.block, ctx.total)
+    if isinstance(value, list):
+        return [concretize(v, ctx, span) for v in value]
+    if isinstance(value, Ref) and value.args:
+        args = tuple((k, concretize(v, ctx, value.arg_span(k))) for k, v in value.args)
+        return Ref(value.name, value.kind, value.target, args, value.spans, value.span)
+    return value
+
+
+def to_op(ref: Ref) -> Op:
+    """Validate a reference to an op or part against its pydantic class."""
+    cls = ref.target
+    args = {}
+    for k, v in ref.args:
+        if isinstance(v, Ref):
+            if v.kind == "composite":
+                raise error("type", f"'{ref.name}' argument '{k}' needs an op, but '{v.name}' is a {v.target.kind}",
+                            ref.arg_span(k), "only library ops can be arguments of ops")
+            v = to_op(v)
+        args[k] = v
+    try:
+        return cls.model_validate(args)
+    except ValidationError as exc:
+        raise _validation_error(ref, exc) from None
+
+
+def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
+    first = exc.errors()[0]
+    loc = str(first["loc"][0]) if first["loc"] else ""
+    span = ref.arg_span(loc) if loc else ref.span
+    given = dict(ref.args).get(loc)
+    kind = first["type"]
+    if kind == "missing":
+        required = [n for n, f in ref.target.model_fields.items() if f.is_required()]
+        return error("missing-argument", f"'{ref.name}' needs argument '{loc}'", ref.span,
+                     f"required arguments: {', '.join(required)}")
+    field = ref.target.model_fields.get(loc)
+    want = _type_words(field.annotation) if field is not None else "another value"
+    return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}",
+                 span)
+
+
+def _short(value) -> str:
+    if isinstance(value, Ref):
+        return ""
+    text = repr(value)
+    return f"({text})" if len(text) < 30 else ""
+
+
+def _type_words(annotation) -> str:
+    text = str(annotation).replace("typing.", "").replace("composer.ops.registry.", "").replace("<class '", "").replace("'>", "")
+    text = text.replace("Optional[", "").replace("]", "").replace("Literal[", "one of ")
+    words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op"}
+    return words.get(text, text)
