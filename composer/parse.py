@@ -25,7 +25,8 @@ _TOKEN_WORDS = {
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     return Lark.open(
-        str(GRAMMAR_DIR / "arch.lark"), parser="lalr", propagate_positions=True, maybe_placeholders=True
+        str(GRAMMAR_DIR / "arch.lark"), parser="lalr", propagate_positions=True, maybe_placeholders=True,
+        start=["start", "expr"],
     )
 
 
@@ -40,9 +41,18 @@ def _describe(terminal: str) -> str:
 
 def parse_text(text: str, name: str = "<string>") -> ast.File:
     """Parse .arch text into an `ast.File`; raise `ComposerError` on a syntax error."""
+    return _parse(text, name, "start")
+
+
+def parse_expr(text: str, name: str = "<expr>") -> ast.Expr:
+    """Parse one expression (a `--set` value, a YAML string) with the same grammar."""
+    return _parse(text, name, "expr")
+
+
+def _parse(text: str, name: str, start: str):
     register(name, text)
     try:
-        tree = _parser().parse(text)
+        tree = _parser().parse(text, start=start)
     except UnexpectedEOF as exc:
         lines = text.splitlines() or [""]
         span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
@@ -61,13 +71,14 @@ def parse_text(text: str, name: str = "<string>") -> ast.File:
         hint = "expected " + ", ".join(expected[:6]) + (" ..." if len(expected) > 6 else "") if expected else None
         raise error("syntax", f"unexpected {_describe(tok.type) if tok.type != 'NAME' else repr(str(tok))}", span, hint) from None
     try:
-        file = _ToAst(name).transform(tree)
+        result = _ToAst(name).transform(tree)
     except VisitError as exc:
         if isinstance(exc.orig_exc, ComposerError):
             raise exc.orig_exc from None
         raise
-    _attach_docs(file, text)
-    return file
+    if isinstance(result, ast.File):
+        _attach_docs(result, text)
+    return result
 
 
 def parse_file(path: str | Path) -> ast.File:

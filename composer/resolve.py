@@ -230,7 +230,10 @@ class _Resolver:
         values = {}
         for p in params.values():
             if p.name in self.user:
-                values[p.name] = self.user[p.name]
+                given = self.user[p.name]
+                is_expr = isinstance(given, (ast.Literal, ast.Name, ast.ListExpr, ast.Index, ast.Call, ast.BinOp,
+                                             ast.UnaryOp, ast.Conditional))
+                values[p.name] = evaluate(given, scope.child(values)) if is_expr else given
             elif p.default is None:
                 raise error("missing-argument", f"parameter '{p.name}' of model '{self.model.name}' has no value",
                             p.span, "give it a default, or set it with --set")
@@ -398,9 +401,9 @@ class _Resolver:
             raise error("type", f"'{value.name}' configures another op (e.g. attention's partition) and cannot be "
                         "applied to a tensor", span)
         if value.kind == "composite":
-            node = SubSeq("", value.target.kind, self._instantiate(value, ctx), span, value.name)
+            node = SubSeq("", value.target.kind, self._instantiate(value, ctx), value.span, value.name)
         else:
-            node = OpNode("", to_op(value), span)
+            node = OpNode("", to_op(value), value.span)  # where the op was written, not where it was applied
         names.add(node, base, alias is not None, span)
         return [node]
 

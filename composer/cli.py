@@ -1,0 +1,210 @@
+"""The command line: check, build, info, list. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from .diagnostics import ComposerError, error
+
+EXIT_OK, EXIT_DIFFERS, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own usage errors: exit 2 like every user error
+        self.print_usage(sys.stderr)
+        print(f"composer: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER)
+
+
+def _sets(values: list[str]) -> dict:
+    """`--set key=value` pairs; values are expressions of the language (parsed, not eval'd)."""
+    from .parse import parse_expr
+
+    out = {}
+    for item in values or []:
+        key, eq, text = item.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise error("usage", f"--set expects key=value, got '{item}'")
+        out[key] = parse_expr(text, f"--set {key}")
+    return out
+
+
+def _overrides(args) -> dict:
+    over = _sets(getattr(args, "set", None))
+    for key in ("num_classes", "img_size", "in_chans"):
+        value = getattr(args, key, None)
+        if value is not None:
+            over[key] = value
+    return over
+
+
+def cmd_check(args) -> int:
+    from . import api
+    from .resolve import load
+
+    failures = 0
+    targets = []
+    for t in args.targets:
+        p = Path(t)
+        if p.is_dir():
+            targets += [(f, None) for f in sorted([*p.rglob("*.arch"), *p.rglob("*.yaml"), *p.rglob("*.yml")])]
+        else:
+            targets.append(api.resolve_target(t))
+    for path, name in targets:
+        try:
+            unit = load(path)
+            names = [name] if name else [m.name for m in unit.file.models]
+            for n in names:
+                plan = api.load(f"{path}:{n}", **_overrides(args))
+                if not args.quiet:
+                    print(f"ok  {path}:{n}  {plan.params:,} params  {plan.macs / 1e9:.2f} GMACs")
+            if not names and not args.quiet:
+                print(f"ok  {path}  ({len(unit.file.composites)} definitions)")
+        except ComposerError as exc:
+            print(exc.render(), file=sys.stderr)
+            failures += 1
+    return EXIT_USER if failures else EXIT_OK
+
+
+def _target_label(args) -> str:
+    return args.target
+
+
+def cmd_build(args) -> int:
+    from . import api
+
+    plan = api.load(args.target, **_overrides(args))
+    import torch
+
+    from .analyse import counted_params, render
+    from .builder import build_module
+
+    model = build_module(plan, seed=args.seed)
+    model.eval()
+    x = torch.randn(1, plan.input.channels, *plan.input.spatial)
+    with torch.no_grad():
+        y = model(x)
+    print(render(plan, counted_params(model)))
+    print(f"forward: input {tuple(x.shape)} -> output {tuple(y.shape)}")
+    if args.output:
+        _save(model, Path(args.output))
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
+def _save(model, path: Path) -> None:
+    """Write the state dict as safetensors atomically: a temporary file, then a rename."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True) if not path.parent.exists() else None
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def cmd_info(args) -> int:
+    from . import api
+
+    plan = api.load(args.target, **_overrides(args))
+    from .analyse import counted_params, render
+    from .builder import build_module
+
+    model = build_module(plan, seed=None, device="meta")
+    print(render(plan, counted_params(model)))
+    print("(built on the meta device: no weights allocated)")
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    from .catalog import listing, render_listing
+
+    items = listing(args.what)
+    if args.format == "json":
+        print(json.dumps(items, indent=2))
+    else:
+        print(render_listing(args.what, items))
+    return EXIT_OK
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="composer", description="Declarative architecture composer for deep-learning backbones.",
+                epilog="exit status: 0 ok, 1 differs, 2 user error, 3 internal error")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for internal errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    def target_opts(sp, with_build=True):
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a model parameter (the value is an expression: 10, [2, 2, 6, 2], \"avg\")")
+        sp.add_argument("--num-classes", dest="num_classes", type=int, help="classifier size (0: no classifier)")
+        sp.add_argument("--img-size", dest="img_size", type=int, help="input resolution")
+        sp.add_argument("--in-chans", dest="in_chans", type=int, help="input channels")
+
+    c = sub.add_parser("check", help="parse, validate and infer every shape (no torch)",
+                       description="Parse, validate and shape-check blueprints without importing torch. "
+                       "TARGET is a file, a directory (every .arch/.yaml in it), file:model, or a zoo model name.")
+    c.add_argument("targets", nargs="+", metavar="TARGET")
+    c.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    target_opts(c)
+    c.set_defaults(func=cmd_check)
+
+    b = sub.add_parser("build", help="build the model, run one forward pass, print the summary",
+                       description="Build a blueprint into a PyTorch module, run one forward pass on random input "
+                       "and print the per-stage summary. TARGET: FILE[:MODEL] or a zoo model name.")
+    b.add_argument("target", metavar="TARGET")
+    target_opts(b)
+    b.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the initial weights (atomically)")
+    b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    b.set_defaults(func=cmd_build)
+
+    i = sub.add_parser("info", help="the build summary on the meta device (no weights allocated)",
+                       description="Print the per-stage summary of a model built on the meta device: "
+                       "nothing is allocated, so any size works.")
+    i.add_argument("target", metavar="TARGET")
+    target_opts(i)
+    i.set_defaults(func=cmd_info)
+
+    ls = sub.add_parser("list", help="list ops, mixers, blocks or models (no torch)",
+                        description="List the op library, the composite mixers and blocks of the standard "
+                        "library, or the zoo's models, with their documented parameters.")
+    ls.add_argument("what", choices=["ops", "mixers", "blocks", "models"])
+    ls.add_argument("--format", choices=["text", "json"], default="text")
+    ls.set_defaults(func=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ComposerError as exc:
+        print(exc.render(), file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # an internal bug: one line, the traceback only on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"composer: internal error: {type(exc).__name__}: {exc} (please report; --debug shows the traceback)",
+              file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
