@@ -56,8 +56,9 @@ def load(target: str, **overrides) -> Plan:
         name = names[0]
     defs = {m.name: m for m in unit.file.models}
     params = set()
-    cur = defs.get(name)
-    while cur is not None:
+    cur, seen = defs.get(name), set()
+    while cur is not None and cur.name not in seen:  # a cyclic base chain is reported by resolve_model
+        seen.add(cur.name)
         params |= {p.name for p in cur.params}
         cur = defs.get(cur.base) if cur.base else None
     in_chans = overrides.pop("in_chans", None)

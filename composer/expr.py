@@ -154,7 +154,11 @@ def _eval_name(node: ast.Name, scope: Scope):
     if node.id in BUILTINS:
         raise error("type", f"'{node.id}' is a function: call it with arguments", node.span)
     hint = did_you_mean(node.id, scope.visible() | names.all_names())
-    raise error("unknown-name", f"unknown name '{node.id}'", node.span, hint)
+    op_hint = did_you_mean(node.id, set(names.ops) | set(names.composites))
+    if op_hint and not did_you_mean(node.id, scope.visible()):  # most likely a misspelt op or block: say so
+        raise error("unknown-op", f"unknown op '{node.id}'", node.span, op_hint)
+    raise error("unknown-name", f"unknown name '{node.id}'", node.span,
+                hint or "it is not a variable, op or block here; `composer list ops` shows the ops")
 
 
 def _eval_list(node: ast.ListExpr, scope):
@@ -220,7 +224,10 @@ def _eval_call(node: ast.Call, scope: Scope):
         return BUILTINS[node.func.id](node, args, kwargs)
     callee = evaluate(node.func, scope)
     if not isinstance(callee, Ref):
-        raise error("type", f"{type_name(callee)} is not callable", node.func.span)
+        what = f"'{node.func.id}'" if isinstance(node.func, ast.Name) else "this"
+        raise error("type", f"cannot call {what}: it is a value of type {type_name(callee)} {_short_value(callee)}"
+                    .rstrip(), node.func.span,
+                    "only ops, blocks, mixers and built-in functions take arguments")
     if callee.args:
         raise error("type", f"'{callee.name}' already has its arguments", node.func.span)
     names = signature(callee)
@@ -238,6 +245,11 @@ def _eval_call(node: ast.Call, scope: Scope):
             raise error("arguments", f"argument '{name}' of '{callee.name}' given twice", span)
         bound[name], spans[name] = value, span
     return Ref(callee.name, callee.kind, callee.target, tuple(bound.items()), tuple(spans.items()), node.span)
+
+
+def _short_value(value) -> str:
+    text = repr(value)
+    return f"({text})" if len(text) < 30 and not isinstance(value, Ref) else ""
 
 
 def _shadowed(name: str, scope: Scope):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, Tree, v_args
@@ -22,11 +23,46 @@ _TOKEN_WORDS = {
 }
 
 
+# Newlines end statements, except inside () or [], after a token that cannot end a statement, or
+# before one that cannot start one: `let x = a +` / `    b` is one statement.
+_OPEN, _CLOSE = {"LPAR", "LSQB"}, {"RPAR", "RSQB"}
+_CONTINUES = {
+    "ADD", "MUL", "POW", "COMPARE", "COMMA", "EQUAL", "QMARK", "COLON", "AND", "OR", "NOT", "LBRACE", "__ANON_0",
+    "AFTER", "AS", "BLOCK", "DOWNSAMPLE", "FOR", "HEAD", "IMPORT", "IN", "INPUT", "KIND", "LET", "MODEL",
+    "PARALLEL", "REPEAT", "RESIDUAL", "STAGE", "STAGES", "STEM",
+}
+_JOINS = {"LBRACE", "QMARK", "COLON"}
+
+
+class _Newlines:
+    """Post-lexer: drop the newline tokens that do not end a statement."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        depth, held, last = 0, None, None
+        for tok in stream:
+            kind = tok.type.split("__")[-1]
+            if kind == "_NL":
+                if depth == 0 and last not in _CONTINUES and last is not None:
+                    held = held or tok
+                continue
+            if held is not None and kind not in _JOINS:
+                yield held
+            held = None
+            depth += kind in _OPEN
+            depth -= kind in _CLOSE and depth > 0
+            last = kind
+            yield tok
+        if held is not None:
+            yield held
+
+
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
     return Lark.open(
         str(GRAMMAR_DIR / "arch.lark"), parser="lalr", propagate_positions=True, maybe_placeholders=True,
-        start=["start", "expr"],
+        start=["start", "expr"], postlex=_Newlines(),
     )
 
 
@@ -37,6 +73,21 @@ def _describe(terminal: str) -> str:
     if name.isupper() and name.isalpha():
         return f"'{name.lower()}'"
     return name.lower()
+
+
+def _eof_hint(text: str) -> str:
+    """Name the innermost bracket left open at the end of the file (comments and strings skipped)."""
+    stack = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for ch in re.sub(r'"[^"]*"|#.*', "", line):
+            if ch in "{([":
+                stack.append((ch, n, line.strip()))
+            elif ch in "})]" and stack:
+                stack.pop()
+    if not stack:
+        return "the file ends in the middle of a statement"
+    ch, n, line = stack[-1]
+    return f"the '{ch}' opened on line {n} (`{line}`) is never closed"
 
 
 def parse_text(text: str, name: str = "<string>") -> ast.File:
@@ -59,17 +110,30 @@ def _parse(text: str, name: str, start: str):
         raise error("syntax", "unexpected end of file", span, "a '}' or ')' may be missing") from None
     except UnexpectedCharacters as exc:
         span = Span(name, exc.line, exc.column, exc.line, exc.column + 1)
+        if text[exc.pos_in_stream] == '"':
+            raise error("syntax", "unterminated string", span, 'a string ends with " on the same line') from None
         raise error("syntax", f"unexpected character {text[exc.pos_in_stream]!r}", span) from None
     except UnexpectedToken as exc:
         tok = exc.token
         if tok.type == "$END":
             lines = text.splitlines() or [""]
             span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-            raise error("syntax", "unexpected end of file", span, "a '}' or ')' may be missing") from None
-        expected = sorted({_describe(t) for t in exc.expected if not t.startswith("_")})
+            raise error("syntax", "unexpected end of file", span, _eof_hint(text)) from None
+        want = {t.split("__")[-1] for t in exc.expected if not t.startswith("_")}
+        expected = sorted({_describe(t) for t in want})
         span = Span(name, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
-        hint = "expected " + ", ".join(expected[:6]) + (" ..." if len(expected) > 6 else "") if expected else None
-        raise error("syntax", f"unexpected {_describe(tok.type) if tok.type != 'NAME' else repr(str(tok))}", span, hint) from None
+        hint = "expected " + (", ".join(expected[:-1]) + " or " if len(expected) > 1 else "") + expected[-1] \
+            if expected else None
+        kind = tok.type.split("__")[-1]
+        is_value = kind in ("NAME", "INT", "FLOAT", "STRING")
+        if "RBRACE" in want and kind.isalpha() and kind.isupper() and not is_value:  # a keyword: a '}' left open
+            hint = f"is a '}}' missing before it? ({hint})"
+        elif "REPEAT" in want and kind == "NAME":
+            hint = f"write `block {tok}` or `repeat N {tok}`: a stage holds blocks, `downsample`, `after` and `let`"
+        elif "COMMA" in want and is_value:
+            hint = f"is a ',' missing before it? ({hint})"
+        what = repr(str(tok)) if is_value else _describe(tok.type)
+        raise error("syntax", f"unexpected {what}", span, hint) from None
     try:
         result = _ToAst(name).transform(tree)
     except VisitError as exc:
@@ -194,7 +258,9 @@ class _ToAst(Transformer):
         return ast.BinOp(str(c[1]), c[0], c[2], self._span(meta))
 
     def _neg(self, c, meta):
-        return ast.UnaryOp("-", c[0], self._span(meta))
+        if str(c[0]) == "+":
+            return c[1]
+        return ast.UnaryOp("-", c[1], self._span(meta))
 
     def _not_op(self, c, meta):
         return ast.UnaryOp("not", c[0], self._span(meta))

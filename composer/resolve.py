@@ -161,12 +161,14 @@ def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model
     chain, cur = [], defs[name]
     while True:
         if cur in chain:
-            raise error("cyclic-inheritance", f"model '{cur.name}' inherits from itself", cur.span)
+            cycle = " : ".join(m.name for m in chain[chain.index(cur):] + [cur])
+            raise error("cyclic-inheritance", f"model '{cur.name}' inherits from itself ({cycle})", cur.span)
         chain.append(cur)
         if cur.base is None:
             break
         if cur.base not in defs:
-            raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span, did_you_mean(cur.base, defs))
+            raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span,
+                        did_you_mean(cur.base, defs) or f"models in this file: {', '.join(defs)}")
         cur = defs[cur.base]
     return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
 
@@ -223,7 +225,9 @@ class _Resolver:
         params, lets, settings, sections, stages, overrides = self._flatten()
         for key, value in self.user.items():
             if key not in params:
-                raise error("unknown-parameter", f"model '{self.model.name}' has no parameter '{key}'", None,
+                src = str(getattr(getattr(value, "span", None), "file", ""))  # `--set key=...` names its source
+                raise error("unknown-parameter", (f"{src}: " if src.startswith("--set") else "") +
+                            f"model '{self.model.name}' has no parameter '{key}'", None,
                             did_you_mean(key, params) or f"its parameters are: {', '.join(params) or '(none)'}")
         names = self.unit.names
         scope = Scope(names)
@@ -316,14 +320,17 @@ class _Resolver:
             rate = self.drop_setting.at(self.next_block, self.total) if isinstance(self.drop_setting, Schedule) \
                 else float(self.drop_setting)
             ctx = Ctx(in_stage, self.next_block, self.total, rate)
-            value = concretize(evaluate(item.block, bscope), ctx, item.block.span)
             names = Names()
-            if isinstance(value, Ref) and value.kind == "composite":
+            if isinstance(item.block, tuple):  # an inline body: `repeat 2 { conv(16, 3); relu }`
+                value = None
+                items = self._items(item.block, bscope, ctx, names)
+            elif isinstance(value := concretize(evaluate(item.block, bscope), ctx, item.block.span), Ref) \
+                    and value.kind == "composite":
                 items = self._instantiate(value, ctx)
             else:
                 items = self._apply(value, None, ctx, names, item.block.span, item.block)
                 names.finish()
-            call = value.name if isinstance(value, Ref) else type_name(value)
+            call = value.name if isinstance(value, Ref) else "block" if value is None else type_name(value)
             out_blocks.append(Block(items, rate, self.next_block, item.span, call))
             self.rates.append(rate)
             self.next_block += 1

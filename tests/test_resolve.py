@@ -1,0 +1,82 @@
+"""Resolution semantics: inheritance, per-block values, naming, stages."""
+
+import pytest
+
+import composer
+from composer.diagnostics import ComposerError
+from helpers import write
+
+TINY = """
+model tiny(num_classes = 10, img_size = 32, depths = [1, 2], dims = [8, 16]) {
+    input image(3, img_size)
+    stem conv(dims[0], 3, stride = 2)
+    stages for i in 0..2 {
+        downsample i > 0 ? conv(dims[i], 2, stride = 2) : none
+        repeat depths[i] as j unit(dims[i], k = alternate(3, 5), tag = j)
+    }
+    head { global_pool("avg"); classifier(num_classes) }
+    drop_path = linspace(0, 0.3)
+}
+block unit(dim, k = 3, tag = 0) {
+    residual { conv(dim, k, groups = dim); batchnorm; relu; conv(dim, 1) }
+}
+model wide : tiny { dims = [16, 32]; num_classes = 5 }
+"""
+
+
+def test_stages_blocks_and_schedules(tmp_path):
+    path = write(tmp_path, TINY)
+    plan = composer.load(f"{path}:tiny")
+    m = plan.model
+    assert [len(s.blocks) for s in m.stages] == [1, 2]
+    assert m.drop_path == pytest.approx([0.0, 0.15, 0.3])  # linspace over all 3 blocks
+    kernels = [b.items[0].body[0].op.kernel for s in m.stages for b in s.blocks]
+    assert kernels == [3, 3, 5]  # alternate() cycles within each stage
+    # names: conv1/conv2 numbered because `conv` occurs twice in the scope, others as written
+    names = [it.name for it in m.stages[1].blocks[0].items[0].body]
+    assert names == ["conv1", "batchnorm", "relu", "conv2"]
+    assert plan.stages[1].y.channels == 16 and plan.stages[1].y.spatial == (8, 8)
+
+
+def test_variant_overrides(tmp_path):
+    path = write(tmp_path, TINY)
+    base, wide = composer.load(f"{path}:tiny"), composer.load(f"{path}:wide")
+    assert wide.model.params["dims"] == [16, 32] and wide.model.params["num_classes"] == 5
+    assert [name for name, _ in wide.model.overrides] == ["dims", "num_classes"]
+    # a hand count for the wide variant's stem: 3x3 conv from 3 to 16 channels with bias
+    assert wide.stem.params == 16 * 3 * 9 + 16
+    assert base.stem.params == 8 * 3 * 9 + 8
+
+
+def test_set_overrides_and_build_keys(tmp_path):
+    path = write(tmp_path, TINY)
+    plan = composer.load(f"{path}:tiny", img_size=64, in_chans=1, num_classes=3)
+    assert plan.input.channels == 1 and plan.input.spatial == (64, 64)
+    assert plan.head.y.channels == 3
+
+
+def test_parallel_split_and_concat(tmp_path):
+    path = write(tmp_path, """
+model m { input image(4, 8); stem parallel concat(split = [1, 3]) { conv(2); { conv(5, 3) } } }
+""")
+    plan = composer.load(path)
+    assert plan.stem.y.channels == 7
+    # hand count: conv 1->2 (1x1, bias) + conv 3->5 (3x3, bias)
+    assert plan.params == (1 * 2 + 2) + (3 * 5 * 9 + 5)
+
+
+def test_one_dimensional_input(tmp_path):
+    path = write(tmp_path, """
+model ecg { input signal(12, 500); stem conv(32, 7, stride = 2); stage { repeat 2 conv(32, 3) };
+            head { global_pool("avg"); classifier(5) } }
+""")
+    plan = composer.load(path)
+    assert plan.stem.y.spatial == (250,)
+    assert plan.params == (12 * 32 * 7 + 32) + 2 * (32 * 32 * 3 + 32) + (32 * 5 + 5)
+
+
+def test_cyclic_inheritance(tmp_path):
+    path = write(tmp_path, "model a : b { x = 1 }\nmodel b : a { x = 2 }\n")
+    with pytest.raises(ComposerError) as info:
+        composer.load(f"{path}:a")
+    assert info.value.code == "cyclic-inheritance"
