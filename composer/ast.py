@@ -113,7 +113,23 @@ class Parallel:
     span: Span
 
 
-Body = Union[Let, Apply, Residual, Parallel]
+@dataclass(frozen=True)
+class Save:
+    """`save name`: remember the running tensor under `name`."""
+
+    name: str
+    span: Span
+
+
+@dataclass(frozen=True)
+class Load:
+    """`from name`: continue from a tensor saved earlier (a cross connection)."""
+
+    name: str
+    span: Span
+
+
+Body = Union[Let, Apply, Residual, Parallel, Save, Load]
 
 
 @dataclass(frozen=True)

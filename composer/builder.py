@@ -37,6 +37,8 @@ class Sequence(nn.Module):
             elif s.kind == "seq":
                 self.add_module(s.name, Sequence(s.body, s.call))
                 prog.append(("m", s.name))
+            elif s.kind in ("save", "load"):
+                prog.append((s.kind[0] * 2, s.name))  # "ss" / "ll"
             elif s.kind == "convert":
                 prog.append(("t",) if s.name == "to_tokens" else ("u", s.x.spatial))
             elif s.kind == "residual":
@@ -45,27 +47,32 @@ class Sequence(nn.Module):
                 prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split))
         return prog
 
-    def _run(self, prog, x):
+    def _run(self, prog, x, env):
         for ins in prog:
             kind = ins[0]
             if kind == "m":
-                x = self._modules[ins[1]](x)
+                mod = self._modules[ins[1]]
+                x = mod(x, env) if isinstance(mod, Sequence) else mod(x)
+            elif kind == "ss":
+                env[ins[1]] = x
+            elif kind == "ll":
+                x = env[ins[1]]
             elif kind == "t":
                 x = x.flatten(2).transpose(1, 2)
             elif kind == "u":
                 x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *ins[1])
             elif kind == "r":
-                short = self._run(ins[2], x) if ins[2] else x
-                x = short + _drop_path(self._run(ins[1], x), ins[3], self.training)
+                short = self._run(ins[2], x, env) if ins[2] else x
+                x = short + _drop_path(self._run(ins[1], x, env), ins[3], self.training)
             else:
-                x = self._parallel(ins, x)
+                x = self._parallel(ins, x, env)
         return x
 
-    def _parallel(self, ins, x):
+    def _parallel(self, ins, x, env):
         _, merge, branches, split = ins
         dim = 1 if x.ndim != 3 else -1  # tokens keep channels last
         inputs = torch.split(x, split, dim=dim) if split else [x] * len(branches)
-        outs = [self._run(b, xi) for b, xi in zip(branches, inputs)]
+        outs = [self._run(b, xi, env) for b, xi in zip(branches, inputs)]
         if merge == "concat":
             return torch.cat(outs, dim=dim)
         y = outs[0]
@@ -73,8 +80,9 @@ class Sequence(nn.Module):
             y = y + o if merge == "add" else y * o if merge == "mul" else y - o
         return y
 
-    def forward(self, x):
-        return self._run(self.program, x)
+    def forward(self, x, env: dict | None = None):
+        """`env` holds the named tensors (`save`/`from`) shared by the sections of one forward pass."""
+        return self._run(self.program, x, {} if env is None else env)
 
     def extra_repr(self) -> str:
         return self.call
@@ -89,18 +97,19 @@ class StageModule(nn.Module):
         self.norm = Sequence(stage.norm.steps) if stage.norm is not None else None
         self.grad_checkpointing = False
 
-    def forward(self, x):
+    def forward(self, x, env: dict | None = None):
+        env = {} if env is None else env
         if self.downsample is not None and not self.downsample_last:
-            x = self.downsample(x)
+            x = self.downsample(x, env)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, env, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, env)
         if self.downsample is not None and self.downsample_last:
-            x = self.downsample(x)
+            x = self.downsample(x, env)
         if self.norm is not None:
-            x = self.norm(x)
+            x = self.norm(x, env)
         return x
 
 
@@ -115,9 +124,13 @@ class ComposedModel(nn.Module):
         self.features_only = features_only
         n = len(plan.stages)
         self.out_indices = tuple(i % n for i in (out_indices if out_indices is not None else range(n)))
+        self.named_outputs = list(plan.model.outputs or [])
         self.feature_info = [
             {"num_chs": s.y.channels, "reduction": _reduction(plan, s.y), "module": f"stages.{s.index}"}
             for s in plan.stages if s.index in self.out_indices
+        ] if not self.named_outputs else [
+            {"num_chs": plan.saved[n][0].channels, "reduction": _reduction(plan, plan.saved[n][0]), "module": n}
+            for n in self.named_outputs
         ]
         self._to_map = [s.y.layout == "tokens" and s.y.extra == 0 for s in plan.stages]
         self._grids = [s.y.spatial for s in plan.stages]
@@ -127,24 +140,32 @@ class ComposedModel(nn.Module):
         if not features_only:
             self.head = Sequence(head_steps)
 
-    def forward_features(self, x):
-        x = self.stem(x)
+    def forward_features(self, x, env: dict | None = None):
+        env = {"input": x} if env is None else env
+        x = self.stem(x, env)
         for stage in self.stages:
-            x = stage(x)
+            x = stage(x, env)
         return x
 
-    def forward_head(self, x, pre_logits: bool = False):
+    def forward_head(self, x, pre_logits: bool = False, env: dict | None = None):
+        env = {} if env is None else env
         if not pre_logits:
-            return self.head(x)
+            return self.head(x, env)
         prog = [ins for ins in self.head.program if not (ins[0] == "m" and ins[1] == self._classifier_name())]
-        return self.head._run(prog, x)
+        return self.head._run(prog, x, env)
 
     def forward_intermediates(self, x):
-        """The output of every stage in `out_indices`, as maps (B, C, *grid) where the grid allows."""
-        x = self.stem(x)
+        """The output of every stage in `out_indices` (or the model's named `outputs`), as maps
+        (B, C, *grid) where the grid allows."""
+        env = {"input": x}
+        x = self.stem(x, env)
+        if self.named_outputs:
+            for stage in self.stages:
+                x = stage(x, env)
+            return [env[name] for name in self.named_outputs]
         feats = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            x = stage(x, env)
             if i in self.out_indices:
                 f = x
                 if self._to_map[i]:
@@ -155,7 +176,8 @@ class ComposedModel(nn.Module):
     def forward(self, x):
         if self.features_only:
             return self.forward_intermediates(x)
-        return self.forward_head(self.forward_features(x))
+        env = {"input": x}
+        return self.forward_head(self.forward_features(x, env), env=env)
 
     def _classifier_name(self) -> str | None:
         for s in self.plan.head.steps:

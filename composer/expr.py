@@ -242,7 +242,8 @@ def _eval_call(node: ast.Call, scope: Scope):
             hint = did_you_mean(name, names) or f"its parameters are: {', '.join(names) or '(none)'}"
             raise error("unknown-parameter", f"'{callee.name}' has no parameter '{name}'", span, hint)
         if name in bound:
-            raise error("arguments", f"argument '{name}' of '{callee.name}' given twice", span)
+            raise error("arguments", f"argument '{name}' of '{callee.name}' given twice", span,
+                        f"the positional arguments already give: {', '.join(names[:len(args)])}")
         bound[name], spans[name] = value, span
     return Ref(callee.name, callee.kind, callee.target, tuple(bound.items()), tuple(spans.items()), node.span)
 

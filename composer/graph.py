@@ -12,7 +12,8 @@ import networkx as nx
 
 from .diagnostics import ComposerError, Diagnostic
 from .ops import OPS
-from .resolve import Model, OpNode, ParallelNode, ResidualNode, SubSeq
+from .diagnostics import did_you_mean, error
+from .resolve import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, SubSeq
 from .shapes import Shape, ShapeError
 from .source import Span
 
@@ -87,6 +88,7 @@ class Plan:
     stages: list
     head: Section
     graph: nx.DiGraph
+    saved: dict = field(default_factory=dict)  # tensor name -> (Shape, path) of every `save`
 
     @property
     def sections(self):
@@ -120,11 +122,13 @@ class _Lowering:
         self.model = model
         self.graph = nx.DiGraph()
         self.last = "input"
+        self.saved: dict = {}
 
     def run(self) -> Plan:
         inp = self.model.input
         x = Shape(inp.channels, tuple(inp.size), "map")
         self.graph.add_node("input", kind="input", shape=x)
+        self.saved["input"] = (x, "input")
         stem = self._section("stem", self.model.stem, x)
         x = stem.y
         stages = []
@@ -148,7 +152,12 @@ class _Lowering:
                 x = norm.y
             stages.append(StagePlan(st.index, down, st.downsample_last, blocks, x0, x, norm))
         head = self._section("head", self.model.head, x)
-        return Plan(self.model, Shape(inp.channels, tuple(inp.size), "map"), stem, stages, head, self.graph)
+        for name in self.model.outputs or []:
+            if name not in self.saved:
+                raise error("unknown-tensor", f"output '{name}' is never saved", None,
+                            did_you_mean(name, self.saved) or "name a tensor with `save NAME` in a block")
+        return Plan(self.model, Shape(inp.channels, tuple(inp.size), "map"), stem, stages, head, self.graph,
+                    dict(self.saved))
 
     def _section(self, path, items, x, drop_path=0.0, call="") -> Section:
         steps, y = self._seq(path, items, x)
@@ -215,6 +224,16 @@ class _Lowering:
                                drop_path=item.drop_path)], y
         if isinstance(item, ParallelNode):
             return self._parallel(path, item, x)
+        if isinstance(item, NamedTensor):
+            if item.action == "save":
+                self.saved[item.tensor] = (x, self.last)
+                return [Step("save", path, x, x, item.span, name=item.tensor)], x
+            if item.tensor not in self.saved:
+                raise error("unknown-tensor", f"no tensor named '{item.tensor}' is saved before this point", item.span,
+                            did_you_mean(item.tensor, self.saved) or "name a tensor with `save NAME` first")
+            y, node = self.saved[item.tensor]
+            self.last = node
+            return [Step("load", path, x, y, item.span, name=item.tensor)], y
         raise AssertionError(f"unknown item {item!r}")
 
     def _parallel(self, path, item: ParallelNode, x: Shape):

@@ -13,7 +13,8 @@ from torch import nn
 
 
 def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
-    return nn.init.trunc_normal_(t, std=std, a=-2 * std, b=2 * std) if std > 0 else nn.init.zeros_(t)
+    # timm's convention: the cut is at +-2 in absolute value, so for std 0.02 it is a plain normal
+    return nn.init.trunc_normal_(t, std=std, a=-2.0, b=2.0) if std > 0 else nn.init.zeros_(t)
 
 
 class ChannelLinear(nn.Linear):

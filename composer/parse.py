@@ -120,14 +120,18 @@ def _parse(text: str, name: str, start: str):
             span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
             raise error("syntax", "unexpected end of file", span, _eof_hint(text)) from None
         want = {t.split("__")[-1] for t in exc.expected if not t.startswith("_")}
-        expected = sorted({_describe(t) for t in want})
+        starts = {"LPAR", "LSQB", "ADD", "MINUS", "NAME", "INT", "FLOAT", "STRING", "NONE", "TRUE", "FALSE", "NOT"}
+        if {"NAME", "INT", "LPAR"} <= want:  # an expression may start here: say so once
+            want = (want - starts) | {"an expression"}
+        expected = sorted({_describe(t) if t != "an expression" else t for t in want})
         span = Span(name, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
         hint = "expected " + (", ".join(expected[:-1]) + " or " if len(expected) > 1 else "") + expected[-1] \
             if expected else None
         kind = tok.type.split("__")[-1]
         is_value = kind in ("NAME", "INT", "FLOAT", "STRING")
-        if "RBRACE" in want and kind.isalpha() and kind.isupper() and not is_value:  # a keyword: a '}' left open
-            hint = f"is a '}}' missing before it? ({hint})"
+        closer = next((c for c in ("RPAR", "RSQB", "RBRACE") if c in want), None)
+        if closer and kind.isalpha() and kind.isupper() and not is_value:  # a keyword: a bracket left open
+            hint = f"is a {_TOKEN_WORDS[closer]} missing before it? ({hint})"
         elif "REPEAT" in want and kind == "NAME":
             hint = f"write `block {tok}` or `repeat N {tok}`: a stage holds blocks, `downsample`, `after` and `let`"
         elif "COMMA" in want and is_value:
@@ -277,6 +281,12 @@ class _ToAst(Transformer):
     # ---- statements
     def _empty(self, c, meta):
         return None
+
+    def _save_stmt(self, c, meta):
+        return ast.Save(str(c[0]), self._span(meta))
+
+    def _from_stmt(self, c, meta):
+        return ast.Load(str(c[0]), self._span(meta))
 
     def _let_stmt(self, c, meta):
         return ast.Let(str(c[0]), c[1], self._span(meta))

@@ -17,7 +17,7 @@ from .ops import OPS, Op
 from .parse import parse_file
 from .source import Span
 
-SETTINGS = ("drop_path", "reference", "paper")
+SETTINGS = ("drop_path", "reference", "paper", "outputs")
 MERGES = ("concat", "add", "mul", "sub")
 
 # ---- the resolved architecture ------------------------------------------------
@@ -58,6 +58,15 @@ class ParallelNode:
 
 
 @dataclass
+class NamedTensor:
+    """`save name` (store) or `from name` (load) in a body."""
+
+    action: str  # "save" or "load"
+    tensor: str
+    span: Span
+
+
+@dataclass
 class Block:
     items: list
     drop_path: float
@@ -91,6 +100,7 @@ class Model:
     paper: str | None = None
     doc: str = ""
     span: Span | None = None
+    outputs: list | None = None  # names of saved tensors that features_only returns
 
 
 # ---- loading files and imports --------------------------------------------------
@@ -262,6 +272,11 @@ class _Resolver:
         for k, v in meta.items():
             if not isinstance(v, str):
                 raise error("type", f"{k} must be a string, got {type_name(v)}", settings[k].value.span)
+        outputs = evaluate(settings["outputs"].value, scope) if "outputs" in settings else None
+        if outputs is not None and not (isinstance(outputs, list) and all(isinstance(o, str) for o in outputs)):
+            raise error("type", f"outputs must be a list of saved tensor names, got {type_name(outputs)}",
+                        settings["outputs"].value.span, 'e.g. outputs = ["c3", "c4"] with `save c3` in a block')
+        self.outputs_span = settings["outputs"].value.span if outputs is not None else None
 
         expanded = [it for s in stages for it in self._expand_stages(s)]
         self.total = sum(len(blocks) for _, _, blocks in expanded)
@@ -272,7 +287,7 @@ class _Resolver:
         head = self._section(sections.get("head"), Ctx())
         return Model(
             self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
-            overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span,
+            overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
         )
 
     def _expand_stages(self, stage: ast.Stage):
@@ -356,6 +371,8 @@ class _Resolver:
                 out.append(self._residual(stmt, scope, ctx, names))
             elif isinstance(stmt, ast.Parallel):
                 out.append(self._parallel(stmt, scope, ctx, names))
+            elif isinstance(stmt, (ast.Save, ast.Load)):
+                out.append(NamedTensor("save" if isinstance(stmt, ast.Save) else "load", stmt.name, stmt.span))
         if finish:
             names.finish()
         return out
@@ -502,7 +519,7 @@ def concretize(value, ctx: Ctx, span: Span):
     if isinstance(value, Schedule):
         if ctx.block is None:
             raise error("per-block", "linspace(...) varies per block, but is used outside a stage's blocks",
-                        value.span)
+                        value.span, "use it for `drop_path = linspace(a, b)` or inside a `repeat` of a stage")
         return value.at(ctx.block, ctx.total)
     if isinstance(value, list):
         return [concretize(v, ctx, span) for v in value]

@@ -1,0 +1,99 @@
+"""The command line as a user meets it: output, exit codes, files written."""
+
+import json
+
+import pytest
+
+from composer.cli import main, make_parser
+
+
+def run(argv, capsys):
+    status = main(argv)
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_build_swin_t_prints_timm_count(capsys):
+    status, out, _ = run(["build", "swin_t"], capsys)
+    assert status == 0
+    assert "parameters: 28,288,354" in out
+    assert "forward: input (1, 3, 224, 224) -> output (1, 1000)" in out
+    assert "drop_path per block: 0.000 0.018" in out
+
+
+def test_info_does_not_allocate(capsys, monkeypatch):
+    import torch
+
+    def no_cpu_alloc(*a, **k):
+        raise AssertionError("info allocated a CPU tensor")
+
+    status, out, _ = run(["info", "swin_t"], capsys)
+    assert status == 0 and "parameters: 28,288,354" in out and "meta device" in out
+
+
+def test_build_writes_safetensors(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    target = tmp_path / "atto.safetensors"
+    status, out, _ = run(["build", "convnext_atto", "--img-size", "64", "-o", str(target)], capsys)
+    assert status == 0 and target.is_file()
+    weights = load_file(target)
+    assert weights["stem.patch_embed.proj.weight"].shape == (40, 3, 4, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["atto.safetensors"]  # no temporary file left
+
+
+def test_failed_build_writes_nothing(tmp_path, capsys):
+    target = tmp_path / "x.safetensors"
+    status, _, err = run(["build", "swin_t", "--set", "win=5", "-o", str(target)], capsys)
+    assert status == 2 and "window 5 does not divide feature size 56" in err
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_set_overrides(capsys):
+    status, out, _ = run(["build", "convnext_atto", "--set", "depths=[1, 1, 1, 1]", "--num-classes", "10",
+                          "--img-size", "64"], capsys)
+    assert status == 0 and "(10)" in out
+
+
+def test_list_models_json(capsys):
+    status, out, _ = run(["list", "models", "--format", "json"], capsys)
+    models = {m["name"]: m for m in json.loads(out)}
+    assert models["swin_t"]["params"] == 28288354
+    assert models["swin_t"]["reference"] == "timm:swin_tiny_patch4_window7_224"
+    assert models["swin_t"]["paper"].startswith("https://arxiv.org/")
+
+
+def test_list_ops_shows_docs(capsys):
+    status, out, _ = run(["list", "ops"], capsys)
+    assert status == 0
+    assert "attention(heads = none, head_dim = none" in out
+    assert "Multi-head scaled dot-product attention" in out
+
+
+def test_check_reports_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.arch"
+    line = "model m { input image(3, 32); stem conv(8, 3, strid = 2) }"
+    bad.write_text(line + "\n")
+    status, _, err = run(["check", str(bad)], capsys)
+    assert status == 2
+    column = line.index("strid") + 1  # 1-based column of the misspelt keyword
+    assert f"{bad}:1:{column}: error: 'conv' has no parameter 'strid'" in err
+    assert "did you mean 'stride'?" in err
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["check", "build", "info", "list"])
+def test_help_is_complete(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: composer " + command in out
+    for action in make_parser()._subparsers._group_actions[0].choices[command]._actions:
+        for flag in action.option_strings:
+            assert flag in out
