@@ -219,7 +219,7 @@ def _classifier_out(steps) -> int:
 
 def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only=False, out_indices=None):
     """Instantiate `plan` as a `ComposedModel`, deterministically when `seed` is given."""
-    if plan.params > MAX_PARAMS:
+    if plan.params > MAX_PARAMS and str(device) != "meta":
         raise error("too-large", f"the model has {plan.params:,} parameters; refusing to allocate more than "
                     f"{MAX_PARAMS:,}", plan.model.span, "use `composer info`, which allocates nothing")
     with torch.random.fork_rng(devices=[]):

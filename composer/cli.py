@@ -134,6 +134,10 @@ def cmd_list(args) -> int:
     items = listing(args.what)
     if args.format == "json":
         print(json.dumps(items, indent=2))
+    elif args.format == "markdown":
+        from .catalog import render_markdown
+
+        print(render_markdown(args.what, items), end="")
     else:
         print(render_listing(args.what, items))
     return EXIT_OK
@@ -181,7 +185,7 @@ def make_parser() -> argparse.ArgumentParser:
                         description="List the op library, the composite mixers and blocks of the standard "
                         "library, or the zoo's models, with their documented parameters.")
     ls.add_argument("what", choices=["ops", "mixers", "blocks", "models"])
-    ls.add_argument("--format", choices=["text", "json"], default="text")
+    ls.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     ls.set_defaults(func=cmd_list)
     return p
 

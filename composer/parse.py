@@ -62,7 +62,7 @@ class _Newlines:
 def _parser() -> Lark:
     return Lark.open(
         str(GRAMMAR_DIR / "arch.lark"), parser="lalr", propagate_positions=True, maybe_placeholders=True,
-        start=["start", "expr"], postlex=_Newlines(),
+        start=["start", "expr"], postlex=_Newlines(), cache=True,  # LALR tables cached in the temp dir
     )
 
 
