@@ -13,7 +13,8 @@ BUILD_KEYS = ("num_classes", "img_size", "in_chans")
 
 
 def zoo_files() -> list[Path]:
-    return sorted(p for p in BLUEPRINTS_DIR.glob("*.arch")) + sorted(BLUEPRINTS_DIR.glob("*.yaml"))
+    yaml = [p for p in BLUEPRINTS_DIR.glob("*.yaml") if not p.name.endswith(".port.yaml")]  # port maps are data
+    return sorted(BLUEPRINTS_DIR.glob("*.arch")) + sorted(yaml)
 
 
 def zoo_index() -> dict[str, Path]:

@@ -127,8 +127,28 @@ def test_drop_path_is_applied_in_training():
         assert torch.equal(model(x), model(x))
 
 
-def test_torch_compile_free_forward_matches_eager_twice():
+def test_eval_forward_is_deterministic():
     model = composer.build("poolformer_s12", img_size=64).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(model(x), model(x))
+
+
+def test_torch_export_round_trip():
+    model = composer.build("convnext_atto", img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x), model(x))
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        model = composer.build("convnext_atto", img_size=64, seed=0)
+        model.set_grad_checkpointing(ckpt)
+        model(x).sum().backward()
+        grads.append(model.stem.patch_embed.proj.weight.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
