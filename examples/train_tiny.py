@@ -6,7 +6,7 @@ for a few dozen AdamW steps with cross-entropy, and checks that the loss went do
 specific to composer except the one `composer.build(...)` call: the model is an ordinary
 `nn.Module`.
 
-    python examples/train_tiny.py [--steps 30] [--blueprint examples/tiny_convnet.arch]
+    python examples/train_tiny.py [--steps 60] [--blueprint examples/tiny_convnet.arch]
 
 Runs in a few seconds on a CPU.
 """
@@ -72,7 +72,7 @@ def evaluate(model, images, labels) -> tuple[float, float]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blueprint", default=str(HERE / "tiny_convnet.arch"), help="FILE[:MODEL] or a zoo name")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--img-size", type=int, default=32)

@@ -27,7 +27,11 @@ def _command(case: Path) -> str:
 
 def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
     """Run the CLI in-process from the repository root; return (exit status, stderr) with stable paths."""
+    import composer.resolve
+
     monkeypatch.chdir(ROOT)
+    # A fresh file cache: a unit cached by another test under an absolute path would print that path.
+    monkeypatch.setattr(composer.resolve, "_CACHE", {})
     capsys.readouterr()
     try:
         status = cli.main(argv)
@@ -160,6 +164,11 @@ _CLI_CASES = {
         "error: --set expects key=value, got 'win'\n",
     ),
     "unknown-model-in-file": (
+        ["check", "tests/data/diagnostics/unknown-model_base.arch:smal"],
+        "error: no model 'smal' in tests/data/diagnostics/unknown-model_base.arch\n"
+        "  hint: did you mean 'small'?\n",
+    ),
+    "unknown-model-in-zoo-file": (
         ["check", "blueprints/swin.arch:swin_tt"],
         "error: no model 'swin_tt' in blueprints/swin.arch\n"
         "  hint: did you mean 'swin_t' or 'swin_s'?\n",
