@@ -1,0 +1,1 @@
+"""Torch modules behind the ops (imported by `build` only)."""

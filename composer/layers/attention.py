@@ -1,0 +1,208 @@
+"""The torch module behind the `attention` op (see composer/ops/attention.py for the parts).
+
+Submodules and their state_dict names:
+  `qkv`                           one linear to q, k, v (the default);
+  `q`, `kv`                       separate linears when keys/values are reduced (`kv = reduce(...)`);
+  `sr` / `pool`, `norm`           the reduction (strided conv, or average pool) and its norm (PVT);
+  `conv_q`, `conv_k`, `conv_v`    CvT's convolutional projection, each `.conv` (depthwise, no bias)
+                                  and `.bn`, followed by the linears `q`, `k`, `v`;
+  `relative_position_bias_table`  the relative bias (window or grid groups), with the non-persistent
+                                  buffer `relative_position_index`;
+  `lepe`                          LePE's depthwise conv on V (added to the attention output);
+  `proj`                          the output projection.
+Masks and index tables are buffers, built once at construction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..modules import ChannelLinear, trunc_normal_
+
+
+def _product(lists):
+    if not lists:
+        yield ()
+        return
+    for head in lists[0]:
+        for tail in _product(lists[1:]):
+            yield (head, *tail)
+
+
+def _relative_index(window: int, ndim: int) -> torch.Tensor:
+    """(N, N) index into a ((2w-1)^ndim)-row table for every pair of positions of a w^ndim group."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(window)] * ndim, indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + window - 1  # (ndim, N, N), each in [0, 2w-2]
+    index = torch.zeros(rel.shape[1:], dtype=torch.long)
+    for d in range(ndim):
+        index = index * (2 * window - 1) + rel[d]
+    return index
+
+
+def _perm(ndim: int, mode: str) -> list[int]:
+    # the grid is viewed as (count, size) per dim for windows and (size, count) for grid groups;
+    # the permutation brings the group-count axes first and the in-group axes after them
+    counts = [1 + 2 * d + (mode == "grid") for d in range(ndim)]
+    members = [1 + 2 * d + (mode != "grid") for d in range(ndim)]
+    return [0, *counts, *members, 2 * ndim + 1]
+
+
+def _split(grid, size, mode):
+    return [s for g in grid for s in ((g // size, size) if mode == "window" else (size, g // size))]
+
+
+def _partition(x: torch.Tensor, grid, size, mode: str = "window") -> torch.Tensor:
+    """(B, *grid, C) -> (B * groups, size**ndim, C). `window`: contiguous size^d windows (Swin);
+    `grid`: each group holds the size^d tokens at stride grid/size (MaxViT grid attention)."""
+    b, c = x.shape[0], x.shape[-1]
+    x = x.reshape(b, *_split(grid, size, mode), c).permute(*_perm(len(grid), mode))
+    return x.reshape(-1, size ** len(grid), c)
+
+
+def _unpartition(x: torch.Tensor, grid, size, b, mode: str = "window") -> torch.Tensor:
+    """The inverse of `_partition`: (B * groups, size**ndim, C) -> (B, prod(grid), C)."""
+    c, ndim = x.shape[-1], len(grid)
+    split = _split(grid, size, mode)
+    perm = _perm(ndim, mode)
+    x = x.reshape(b, *[split[p - 1] for p in perm[1:-1]], c)
+    x = x.permute(*sorted(range(len(perm)), key=perm.__getitem__))
+    return x.reshape(b, -1, c)
+
+
+def _shift_mask(grid, window, shift) -> torch.Tensor:
+    """-100 where a query and a key came from different regions of the rolled image (Swin)."""
+    labels = torch.zeros(grid, dtype=torch.long)
+    slices = [(slice(0, -window), slice(-window, -shift), slice(-shift, None))] * len(grid)
+    count = 0
+    for region in _product(slices):
+        labels[region] = count
+        count += 1
+    windows = _partition(labels[None, ..., None], grid, window).squeeze(-1)  # (nW, N)
+    diff = windows[:, None, :] - windows[:, :, None]
+    return torch.where(diff != 0, -100.0, 0.0)
+
+
+def _conv_cls(ndim: int):
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+
+
+def _to_map(t: torch.Tensor, grid) -> torch.Tensor:
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], *grid)
+
+
+def _to_tokens(m: torch.Tensor) -> torch.Tensor:
+    return m.flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over (B, extra + prod(grid), C) tokens; see the module docstring."""
+
+    def __init__(self, dim, out, heads, grid, extra=0, qkv_bias=True, proj_bias=True, partition=None, size=0,
+                 shift=0, relative_bias=False, reduce=0, reduce_mode="conv", kv_norm=None, conv_proj=None,
+                 lepe=0, scale=None):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.grid, self.extra = tuple(grid), extra
+        self.partition, self.size, self.shift = partition, size, shift
+        self.reduce, self.scale = reduce, scale
+        ndim = len(self.grid)
+        self.group = (size,) * ndim if partition else self.grid  # the grid of one attention group
+        if conv_proj is not None:  # CvT: depthwise conv + BN per q, k, v, then a linear each
+            kernel, stride_kv = conv_proj
+            self.stride_kv = stride_kv
+            for name, stride in (("q", 1), ("k", stride_kv), ("v", stride_kv)):
+                conv = _conv_cls(ndim)(dim, dim, kernel, stride, kernel // 2, groups=dim, bias=False)
+                bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1](dim)
+                self.add_module(f"conv_{name}", nn.Sequential(OrderedDict(conv=conv, bn=bn)))
+            self.q = ChannelLinear(dim, dim, qkv_bias)
+            self.k = ChannelLinear(dim, dim, qkv_bias)
+            self.v = ChannelLinear(dim, dim, qkv_bias)
+        elif reduce:  # keys and values from their own projection (PVT): q and kv
+            self.q = ChannelLinear(dim, dim, qkv_bias)
+            self.kv = ChannelLinear(dim, 2 * dim, qkv_bias)
+            if reduce > 1:
+                if reduce_mode == "conv":
+                    self.sr = _conv_cls(ndim)(dim, dim, reduce, reduce)
+                else:
+                    self.pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[ndim - 1](reduce, reduce)
+            self.norm = kv_norm if kv_norm is not None else nn.Identity()
+        else:
+            self.qkv = ChannelLinear(dim, 3 * dim, qkv_bias)
+        if lepe:
+            self.lepe = _conv_cls(ndim)(dim, dim, lepe, 1, lepe // 2, groups=dim)
+        self.proj = ChannelLinear(dim, out, proj_bias)
+        if relative_bias:
+            self.relative_position_bias_table = nn.Parameter(
+                trunc_normal_(torch.empty((2 * size - 1) ** ndim, heads), 0.02)
+            )
+            self.register_buffer("relative_position_index", _relative_index(size, ndim), persistent=False)
+        mask = None
+        if partition == "window" and shift:
+            mask = _shift_mask(self.grid, size, shift)[:, None]  # (nW, 1, N, N)
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def _bias(self):
+        bias = None
+        if hasattr(self, "relative_position_bias_table"):
+            n = self.relative_position_index.shape[0]
+            table = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+            bias = table.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
+        if self.attn_mask is not None:
+            bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads, N, N)
+        return bias
+
+    def _heads(self, t):
+        return t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def _roll(self, x, shift):
+        return torch.roll(x, [shift] * len(self.grid), dims=list(range(1, len(self.grid) + 1)))
+
+    def _conv_project(self, x):
+        e = self.extra
+        cls, img = x[:, :e], x[:, e:]
+        m = _to_map(img, self.grid)
+        q, k, v = (torch.cat([cls, _to_tokens(getattr(self, f"conv_{n}")(m))], 1) for n in "qkv")
+        return self._heads(self.q(q)), self._heads(self.k(k)), self._heads(self.v(v))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        if self.partition:
+            x = x.view(b, *self.grid, c)
+            if self.shift:
+                x = self._roll(x, -self.shift)
+            x = _partition(x, self.grid, self.size, self.partition)
+        bw, nw = x.shape[0], x.shape[1]
+        if hasattr(self, "qkv"):
+            qkv = self.qkv(x).reshape(bw, nw, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+        elif hasattr(self, "conv_q"):
+            q, k, v = self._conv_project(x)
+        else:
+            q = self._heads(self.q(x))
+            src = x
+            if self.reduce > 1:
+                reducer = self.sr if hasattr(self, "sr") else self.pool
+                src = _to_tokens(reducer(_to_map(x, self.grid)))
+            src = self.norm(src)
+            m = src.shape[1]
+            k, v = self.kv(src).reshape(bw, m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self._bias()
+        if bias is not None and self.attn_mask is not None:
+            nwin = self.attn_mask.shape[0]
+            q, k, v = (t.view(b, nwin, self.heads, nw, self.head_dim) for t in (q, k, v))
+            bias = bias.view(nwin, self.heads, nw, nw) if bias.dim() == 4 else bias
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        y = y.reshape(bw, self.heads, nw, self.head_dim).transpose(1, 2).reshape(bw, nw, c)
+        if hasattr(self, "lepe"):  # LePE: a depthwise conv on V (per group), added to the output
+            v = v.reshape(bw, self.heads, -1, self.head_dim).transpose(1, 2).reshape(bw, -1, c)
+            y = y + _to_tokens(self.lepe(_to_map(v, self.group)))
+        y = self.proj(y)
+        if self.partition:
+            y = _unpartition(y, self.grid, self.size, b, self.partition)
+            if self.shift:
+                y = self._roll(y.view(b, *self.grid, -1), self.shift).reshape(b, n, -1)
+        return y
