@@ -29,6 +29,16 @@ class ListExpr:
 
 
 @dataclass(frozen=True)
+class ListComp:
+    """`[expr for name in items]`: bounded by the list, so still total."""
+
+    expr: "Expr"
+    var: str
+    items: "Expr"
+    span: Span
+
+
+@dataclass(frozen=True)
 class Index:
     target: "Expr"
     index: "Expr"
@@ -66,7 +76,7 @@ class Conditional:
     span: Span
 
 
-Expr = Union[Literal, Name, ListExpr, Index, Call, BinOp, UnaryOp, Conditional]
+Expr = Union[Literal, Name, ListExpr, ListComp, Index, Call, BinOp, UnaryOp, Conditional]
 
 # ---- statements -------------------------------------------------------------
 

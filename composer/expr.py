@@ -165,6 +165,13 @@ def _eval_list(node: ast.ListExpr, scope):
     return [evaluate(item, scope) for item in node.items]
 
 
+def _eval_list_comp(node: ast.ListComp, scope: Scope):
+    items = evaluate(node.items, scope)
+    if not isinstance(items, list):
+        raise error("type", f"a list comprehension needs a list, got {type_name(items)}", node.items.span)
+    return [evaluate(node.expr, scope.child({node.var: item})) for item in items]
+
+
 def _eval_index(node: ast.Index, scope):
     target, index = evaluate(node.target, scope), evaluate(node.index, scope)
     if not isinstance(target, list):
@@ -340,6 +347,7 @@ BUILTINS: dict[str, Callable] = {
 }
 
 _EVAL = {
-    ast.Literal: _eval_literal, ast.Name: _eval_name, ast.ListExpr: _eval_list, ast.Index: _eval_index,
+    ast.Literal: _eval_literal, ast.Name: _eval_name, ast.ListExpr: _eval_list, ast.ListComp: _eval_list_comp,
+    ast.Index: _eval_index,
     ast.BinOp: _eval_binop, ast.UnaryOp: _eval_unary, ast.Conditional: _eval_conditional, ast.Call: _eval_call,
 }

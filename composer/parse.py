@@ -248,6 +248,9 @@ class _ToAst(Transformer):
     def _list_lit(self, c, meta):
         return ast.ListExpr(tuple(x for x in c if x is not None), self._span(meta))
 
+    def _list_comp(self, c, meta):
+        return ast.ListComp(c[0], str(c[1]), c[2], self._span(meta))
+
     def _index(self, c, meta):
         return ast.Index(c[0], c[1], self._span(meta))
 

@@ -4,6 +4,7 @@ symbolic is left in the result."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,8 +246,7 @@ class _Resolver:
         for p in params.values():
             if p.name in self.user:
                 given = self.user[p.name]
-                is_expr = isinstance(given, (ast.Literal, ast.Name, ast.ListExpr, ast.Index, ast.Call, ast.BinOp,
-                                             ast.UnaryOp, ast.Conditional))
+                is_expr = isinstance(given, typing.get_args(ast.Expr))
                 values[p.name] = evaluate(given, scope.child(values)) if is_expr else given
             elif p.default is None:
                 raise error("missing-argument", f"parameter '{p.name}' of model '{self.model.name}' has no value",
@@ -368,7 +368,7 @@ class _Resolver:
                 value = concretize(evaluate(stmt.expr, scope), ctx, stmt.expr.span)
                 out += self._apply(value, stmt.alias, ctx, names, stmt.span, stmt.expr)
             elif isinstance(stmt, ast.Residual):
-                out.append(self._residual(stmt, scope, ctx, names))
+                out += self._residual(stmt, scope, ctx, names)
             elif isinstance(stmt, ast.Parallel):
                 out.append(self._parallel(stmt, scope, ctx, names))
             elif isinstance(stmt, (ast.Save, ast.Load)):
@@ -377,19 +377,28 @@ class _Resolver:
             names.finish()
         return out
 
-    def _residual(self, stmt: ast.Residual, scope, ctx, names) -> ResidualNode:
+    def _residual(self, stmt: ast.Residual, scope, ctx, names) -> list:
+        """A residual node; with `when = false` just its body (MobileNet's blocks that change shape)."""
         kwargs = {k: (evaluate(v, scope), v.span, s) for k, v, s in stmt.kwargs}
         if stmt.args:
-            raise error("arguments", "residual takes keyword arguments only (shortcut=...)", stmt.args[0].span)
+            raise error("arguments", "residual takes keyword arguments only (shortcut=..., when=...)",
+                        stmt.args[0].span)
         for k, (_, _, s) in kwargs.items():
-            if k != "shortcut":
-                raise error("unknown-parameter", f"residual has no parameter '{k}'", s, "its parameter is: shortcut")
+            if k not in ("shortcut", "when"):
+                raise error("unknown-parameter", f"residual has no parameter '{k}'", s,
+                            did_you_mean(k, ("shortcut", "when")) or "its parameters are: shortcut, when")
+        if "when" in kwargs:
+            when, vspan, _ = kwargs["when"]
+            if not isinstance(when, bool):
+                raise error("type", f"residual `when` must be true or false, got {type_name(when)}", vspan)
+            if not when:
+                return self._items(stmt.body, scope, ctx, names, finish=False)
         shortcut = []
         if "shortcut" in kwargs:
             value, vspan, _ = kwargs["shortcut"]
             shortcut = self._apply(concretize(value, ctx, vspan), None, ctx, names, vspan, None)
         body = self._items(stmt.body, scope, ctx, names, finish=False)
-        return ResidualNode(body, shortcut, ctx.drop_path, stmt.span)
+        return [ResidualNode(body, shortcut, ctx.drop_path, stmt.span)]
 
     def _parallel(self, stmt: ast.Parallel, scope, ctx, names) -> ParallelNode:
         if stmt.merge not in MERGES:

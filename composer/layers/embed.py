@@ -1,0 +1,47 @@
+"""Fixed sin-cos and conditional (depthwise-conv) position encodings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def sincos_table(grid, channels: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(prod(grid), channels): sin of every axis, then cos of every axis (timm's build_sincos2d_pos_embed)."""
+    d = len(grid)
+    bands = channels // (2 * d)
+    omega = 1.0 / (temperature ** (torch.arange(bands, dtype=torch.float64) / bands))
+    coords = torch.stack(torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in grid], indexing="ij"))
+    pos = coords.flatten(1).T[:, :, None] * omega  # (N, d, bands)
+    return torch.stack([pos.sin(), pos.cos()], dim=1).flatten(1).float()  # (N, 2 * d * bands)
+
+
+class SinusoidalPos(nn.Module):
+    def __init__(self, grid, channels: int, temperature: float = 10000.0, skip: int = 0):
+        super().__init__()
+        self.register_buffer("pos", sincos_table(tuple(grid), channels, temperature)[None], persistent=False)
+        self.skip = skip
+
+    def forward(self, x):
+        if self.skip:
+            return torch.cat([x[:, : self.skip], x[:, self.skip :] + self.pos.to(x.dtype)], dim=1)
+        return x + self.pos.to(x.dtype)
+
+
+class ConvPos(nn.Module):
+    """`x + proj(x)` with `proj` a depthwise conv; on tokens the grid is folded, the prefix passes."""
+
+    def __init__(self, channels: int, kernel: int, grid, skip: int = 0, tokens: bool = True):
+        super().__init__()
+        self.grid, self.skip, self.tokens = tuple(grid), skip, tokens
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(self.grid) - 1]
+        self.proj = conv(channels, channels, kernel, 1, kernel // 2, groups=channels, bias=True)
+
+    def forward(self, x):
+        if not self.tokens:
+            return x + self.proj(x)
+        prefix, body = x[:, : self.skip], x[:, self.skip :]
+        b, n, c = body.shape
+        fmap = body.transpose(1, 2).reshape(b, c, *self.grid)
+        body = body + self.proj(fmap).flatten(2).transpose(1, 2)
+        return torch.cat([prefix, body], dim=1) if self.skip else body

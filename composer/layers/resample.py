@@ -1,0 +1,56 @@
+"""Pixel (un)shuffle in any rank and channel shuffle."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class PixelShuffle(nn.Module):
+    """(B, C*f^d, *S) -> (B, C, *S*f); `nn.PixelShuffle`'s element order in 2-D, any rank."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        f, d = self.factor, x.ndim - 2
+        b, c, grid = x.shape[0], x.shape[1] // f ** d, x.shape[2:]
+        x = x.reshape(b, c, *([f] * d), *grid)
+        # (B, C, f_1..f_d, S_1..S_d) -> (B, C, S_1, f_1, ..., S_d, f_d)
+        order = [0, 1] + [i for a in range(d) for i in (2 + d + a, 2 + a)]
+        return x.permute(order).reshape(b, c, *(s * f for s in grid))
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+class PixelUnshuffle(nn.Module):
+    """(B, C, *S) -> (B, C*f^d, *S/f), the inverse of `PixelShuffle`."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        f, d = self.factor, x.ndim - 2
+        b, c, grid = x.shape[0], x.shape[1], x.shape[2:]
+        split = [n for s in grid for n in (s // f, f)]
+        x = x.reshape(b, c, *split)  # (B, C, S_1/f, f, ..., S_d/f, f)
+        order = [0, 1] + [3 + 2 * a for a in range(d)] + [2 + 2 * a for a in range(d)]
+        return x.permute(order).reshape(b, c * f ** d, *(s // f for s in grid))
+
+    def extra_repr(self) -> str:
+        return f"factor={self.factor}"
+
+
+class ChannelShuffle(nn.Module):
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        return x.reshape(b, self.groups, c // self.groups, *x.shape[2:]).transpose(1, 2).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"groups={self.groups}"

@@ -1,0 +1,62 @@
+"""Position encodings that do not depend on a fixed learned table: a fixed sin-cos embedding and a
+conditional (convolutional) one."""
+
+from __future__ import annotations
+
+from ..shapes import Shape, ShapeError
+from .registry import Op, op, prod
+
+
+@op("sinusoidal_pos", category="embed", layout="tokens")
+class SinusoidalPos(Op):
+    """A fixed sin-cos position embedding added to the grid tokens (class tokens are left alone).
+
+    For d spatial dims the C channels are d * 2 bands of `C / (2d)` frequencies
+    `1 / temperature^(i / (C / 2d))`: first sin of every axis, then cos of every axis, axes in
+    order (timm's `build_sincos2d_pos_embed`, generalised to 1-D and 3-D). No parameters: a
+    non-persistent buffer built once for the input grid."""
+
+    temperature: float = 10000.0
+
+    def infer(self, x: Shape) -> Shape:
+        if not x.spatial:
+            raise ShapeError("sinusoidal_pos needs tokens on a grid")
+        band = 2 * x.ndim
+        if x.channels % band:
+            raise ShapeError(
+                f"sinusoidal_pos needs channels divisible by {band} (sin and cos for {x.ndim} axes), got {x.channels}",
+                f"use a multiple of {band} channels",
+            )
+        return x
+
+    def build(self, x, y):
+        from ..layers.embed import SinusoidalPos as Module
+
+        return Module(x.spatial, x.channels, self.temperature, x.extra)
+
+
+@op("conv_pos", category="embed")
+class ConvPos(Op):
+    """Conditional position encoding: `x + dwconv(x)`, a depthwise `kernel`-sized convolution with
+    bias over the token grid (CPVT's position encoding generator, also used by Twins). On tokens the
+    class tokens pass through unchanged; maps are convolved directly. Submodule: `proj`."""
+
+    kernel: int = 3
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout == "vector" or not x.spatial:
+            raise ShapeError("conv_pos needs a map or tokens on a grid")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ShapeError(f"conv_pos needs an odd kernel (to keep the grid), got {self.kernel}")
+        return x
+
+    def params(self, x, y):
+        return x.channels * self.kernel ** x.ndim + x.channels
+
+    def macs(self, x, y):
+        return prod(x.spatial) * x.channels * self.kernel ** x.ndim
+
+    def build(self, x, y):
+        from ..layers.embed import ConvPos as Module
+
+        return Module(x.channels, self.kernel, x.spatial, x.extra, tokens=x.layout == "tokens")

@@ -1,0 +1,356 @@
+"""Weight porting: load a reference implementation's state_dict (timm's) into a composed model.
+
+The mapping is data, declared next to each family blueprint as `<family>.port.yaml` (the format
+is in docs/porting.md). Rename rules map OUR key to the REFERENCE key (`{ours: REGEX, ref: REPL}`,
+applied in order, each with `re.sub`), so every key of our model names the one tensor that
+feeds it. Split rules cut a fused reference tensor into named parts first; tensors whose numel
+matches are reshaped (a 1x1 conv <-> a linear); the classifier is skipped when `num_classes`
+differs (timm's rule) and the input conv is adapted to `in_chans` (timm's `adapt_input_conv`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from .diagnostics import error
+
+SOURCES = ("timm",)
+_TOP_KEYS = {"source", "rules", "split", "ignore", "reshape", "models"}
+_SECTION_KEYS = {"match", "rules", "split", "ignore"}
+
+
+# ----------------------------------------------------------------------------------------------- the mapping
+@dataclass
+class Rule:
+    ours: re.Pattern
+    ref: str
+
+
+@dataclass
+class Split:
+    """A fused reference tensor (`from`, a regex searched in reference keys) cut along `dim` into
+    parts in proportion `sizes`; part i is named by substituting the match with `into[i]`."""
+    pattern: re.Pattern
+    into: list[str]
+    sizes: list[int]
+    dim: int = 0
+
+
+@dataclass
+class Mapping:
+    source: str = "timm"
+    rules: list[Rule] = field(default_factory=list)
+    splits: list[Split] = field(default_factory=list)
+    ignore: list[re.Pattern] = field(default_factory=list)
+    reshape: bool = True
+    path: str = "<mapping>"
+
+    def our_to_ref(self, key: str) -> str:
+        for r in self.rules:
+            try:
+                key = r.ours.sub(r.ref, key)
+            except (re.error, IndexError) as exc:
+                raise _bad(self.path, f"rule '{r.ours.pattern}' -> '{r.ref}': {exc}") from None
+        return key
+
+
+def _bad(path, message, hint=None):
+    return error("port-mapping", f"{path}: {message}", None, hint)
+
+
+def _regex(path, text, what):
+    if not isinstance(text, str):
+        raise _bad(path, f"{what} must be a string (a regular expression), got {text!r}")
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise _bad(path, f"{what} '{text}' is not a valid regular expression: {exc}") from None
+
+
+def _rules(path, items, where):
+    out = []
+    for i, item in enumerate(items or []):
+        if not isinstance(item, dict) or set(item) != {"ours", "ref"}:
+            raise _bad(path, f"{where} rule {i + 1} must be {{ours: REGEX, ref: REPLACEMENT}}, got {item!r}")
+        out.append(Rule(_regex(path, item["ours"], f"{where} rule {i + 1}"), str(item["ref"])))
+    return out
+
+
+def _splits(path, items, where):
+    out = []
+    for i, item in enumerate(items or []):
+        if not isinstance(item, dict) or not {"from", "into"} <= set(item) or set(item) - {"from", "into", "sizes", "dim"}:
+            raise _bad(path, f"{where} split {i + 1} must be {{from: REGEX, into: [names], sizes: [..], dim: D}}, "
+                       f"got {item!r}")
+        into = item["into"]
+        sizes = item.get("sizes") or [1] * len(into)
+        if not isinstance(into, list) or len(into) < 2 or len(sizes) != len(into) \
+                or not all(isinstance(s, int) and s > 0 for s in sizes):
+            raise _bad(path, f"{where} split {i + 1}: `into` needs two or more names and `sizes` one positive "
+                       "integer per name")
+        out.append(Split(_regex(path, item["from"], f"{where} split {i + 1}"), [str(n) for n in into],
+                         list(sizes), int(item.get("dim", 0))))
+    return out
+
+
+def _names(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+def read_mapping(source, model_names=()) -> Mapping:
+    """A mapping from a `.port.yaml` path or an already loaded dict; sections of `models` whose
+    `match` (fnmatch patterns) fits one of `model_names` put their rules, splits and ignores first."""
+    path = str(source) if not isinstance(source, dict) else "<mapping>"
+    if isinstance(source, dict):
+        data = source
+    else:
+        try:
+            data = yaml.safe_load(Path(source).read_text())
+        except OSError as exc:
+            raise error("io", f"cannot read the port mapping {source}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise _bad(path, f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise _bad(path, "a port mapping is a YAML mapping with `source` and `rules`")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _bad(path, f"unknown key(s) {', '.join(sorted(unknown))}", f"keys: {', '.join(sorted(_TOP_KEYS))}")
+    src = data.get("source", "timm")
+    if src not in SOURCES:
+        raise _bad(path, f"unsupported source '{src}'", f"supported: {', '.join(SOURCES)}")
+    rules, splits, ignore = [], [], []
+    for j, sec in enumerate(data.get("models") or []):
+        if not isinstance(sec, dict) or "match" not in sec or set(sec) - _SECTION_KEYS:
+            raise _bad(path, f"models section {j + 1} must be {{match: PATTERN(S), rules: [...], split: [...], "
+                       f"ignore: [...]}}, got {sec!r}")
+        pats = _names(sec["match"])
+        if any(fnmatch.fnmatchcase(n, p) for n in model_names if n for p in pats):
+            where = f"models[{j + 1}]"
+            rules += _rules(path, sec.get("rules"), where)
+            splits += _splits(path, sec.get("split"), where)
+            ignore += [_regex(path, t, f"{where} ignore") for t in _names(sec.get("ignore"))]
+    rules += _rules(path, data.get("rules"), "top-level")
+    splits += _splits(path, data.get("split"), "top-level")
+    ignore += [_regex(path, t, "ignore") for t in _names(data.get("ignore"))]
+    return Mapping(src, rules, splits, ignore, bool(data.get("reshape", True)), path)
+
+
+def mapping_path(model) -> Path:
+    """The `.port.yaml` declared next to the model's blueprint file."""
+    file = Path(model.plan.model.file)
+    return file.with_name(file.name.rsplit(".", 1)[0] + ".port.yaml")
+
+
+# ------------------------------------------------------------------------------------------------ the report
+@dataclass
+class PortReport:
+    model: str
+    source: str
+    matched: list[tuple[str, str]] = field(default_factory=list)            # (ours, reference)
+    reshaped: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)  # (ours, ref, from, to)
+    split: list[tuple[str, str]] = field(default_factory=list)              # (ours, fused reference key)
+    adapted: list[tuple[str, str, str]] = field(default_factory=list)       # (ours, ref, how)
+    skipped: list[tuple[str, str]] = field(default_factory=list)            # (key, why): left re-initialised
+    ignored: list[str] = field(default_factory=list)                        # reference keys the mapping ignores
+    mismatched: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)            # (ours, the reference key looked for)
+    unexpected: list[str] = field(default_factory=list)                     # reference keys nothing used
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def loaded(self) -> int:
+        return len(self.matched) + len(self.reshaped) + len(self.split) + len(self.adapted)
+
+    def render(self, limit: int = 20) -> str:
+        lines = [f"port {self.source} -> {self.model}: {self.loaded} tensors loaded "
+                 f"({len(self.matched)} matched, {len(self.reshaped)} reshaped, {len(self.split)} split, "
+                 f"{len(self.adapted)} adapted), {len(self.skipped)} skipped, {len(self.ignored)} ignored"]
+
+        def section(title, items, fmt):
+            if items:
+                lines.append(f"{title} ({len(items)}):")
+                lines.extend(f"  {fmt(i)}" for i in items[:limit])
+                if len(items) > limit:
+                    lines.append(f"  ... and {len(items) - limit} more")
+
+        section("reshaped", self.reshaped, lambda r: f"{r[0]} <- {r[1]}  {list(r[2])} -> {list(r[3])}")
+        section("adapted", self.adapted, lambda r: f"{r[0]} <- {r[1]}  ({r[2]})")
+        section("skipped (left re-initialised)", self.skipped, lambda r: f"{r[0]}  ({r[1]})")
+        section("shape mismatch", self.mismatched, lambda r: f"{r[0]} {list(r[2])} <- {r[1]} {list(r[3])}")
+        section("missing (ours without source)", self.missing, lambda r: f"{r[0]}  (looked for {r[1]})")
+        section("unexpected (source unused)", self.unexpected, lambda r: r)
+        lines.append("ok: every tensor is accounted for" if self.ok else "NOT OK: some tensors are unaccounted for")
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the port
+def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
+    """timm's rule: one channel sums the RGB filters; other counts repeat them, scaled by 3/in_chans."""
+    dtype, w = weight.dtype, weight.float()
+    out, have = w.shape[:2]
+    if in_chans == 1:
+        if have > 3:
+            w = w.reshape(out, have // 3, 3, *w.shape[2:]).sum(dim=2)
+        else:
+            w = w.sum(dim=1, keepdim=True)
+    elif in_chans != have:
+        repeat = math.ceil(in_chans / have)
+        w = w.repeat(1, repeat, *[1] * (w.ndim - 2))[:, :in_chans] * (have / float(in_chans))
+    return w.to(dtype)
+
+
+def _split_source(state: dict, splits: list[Split]) -> tuple[dict, dict]:
+    """Reference tensors with fused ones cut into their named parts -> (tensors, part -> fused key)."""
+    out, origin = dict(state), {}
+    for key, value in state.items():
+        for s in splits:
+            m = s.pattern.search(key)
+            if not m:
+                continue
+            total = sum(s.sizes)
+            n = value.shape[s.dim]
+            if n % total:
+                raise error("port-mapping", f"split '{s.pattern.pattern}': {key} has {n} along dim {s.dim}, not a "
+                            f"multiple of {total} (sizes {s.sizes})")
+            parts = torch.split(value, [n // total * k for k in s.sizes], dim=s.dim)
+            for name, part in zip(s.into, parts):
+                part_key = key[:m.start()] + m.expand(name) + key[m.end():]
+                out[part_key] = part
+                origin[part_key] = key
+            del out[key]
+            break
+    return out, origin
+
+
+def _head_keys(model) -> tuple[set[str], set[str]]:
+    """Our full model's head keys and its classifier keys (computed on the meta device, so they are
+    known for a features_only model, which has no head)."""
+    from .builder import build_module
+
+    full = model if not model.features_only else build_module(model.plan, seed=None, device="meta")
+    head = {k for k in full.state_dict() if k.startswith("head.")}
+    name = full._classifier_name()
+    cls = {k for k in head if name and k.startswith(f"head.{name}.")}
+    if name and not cls:  # num_classes = 0: the classifier's keys as a model with classes would name them
+        cls = {f"head.{name}.weight", f"head.{name}.bias"}
+    return head, cls
+
+
+def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None) -> PortReport:
+    """Map `state_dict` (the reference's) onto `model` with `mapping` (a Mapping, a dict, a path, or
+    None for the `.port.yaml` next to the model's blueprint) and load it. With `strict`, anything
+    unaccounted for (missing, unexpected, a shape that cannot be reconciled) raises a ComposerError
+    before any weight is changed."""
+    plan_model = model.plan.model
+    ref_name = source_name or (plan_model.reference or "")
+    ref_name = ref_name.split(":", 1)[-1].split(".", 1)[0]
+    if not isinstance(mapping, Mapping):
+        if mapping is None:
+            mapping = mapping_path(model)
+            if not mapping.is_file():
+                raise error("port-mapping", f"no port mapping for {plan_model.name}: {mapping} does not exist",
+                            None, "declare the rename rules in that file (see docs/porting.md)")
+        mapping = read_mapping(mapping, (plan_model.name, ref_name))
+    report = PortReport(plan_model.name, f"{mapping.source}:{ref_name}" if ref_name else mapping.source)
+
+    state = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    for k in list(state):
+        if any(p.search(k) for p in mapping.ignore):
+            report.ignored.append(k)
+            del state[k]
+    source, origin = _split_source(state, mapping.splits)
+    used: set[str] = set()
+
+    ours = model.state_dict()
+    head_keys, cls_keys = _head_keys(model)
+    in_chans = model.plan.input.channels
+    new = {}
+    for key, target in ours.items():
+        ref = mapping.our_to_ref(key)
+        if ref not in source:
+            report.missing.append((key, ref))
+            continue
+        value = source[ref]
+        used.add(ref)
+        if key in cls_keys and value.shape != target.shape:
+            report.skipped.append((key, f"classifier: checkpoint {list(value.shape)}, model {list(target.shape)}"))
+            continue
+        if value.shape == target.shape:
+            (report.split if ref in origin else report.matched).append((key, origin.get(ref, ref)))
+        elif (key.startswith("stem.") and value.ndim == target.ndim >= 3 and value.shape[0] == target.shape[0]
+              and value.shape[2:] == target.shape[2:] and target.shape[1] == in_chans):
+            value = adapt_input_conv(in_chans, value)
+            report.adapted.append((key, ref, f"in_chans {source[ref].shape[1]} -> {in_chans}"))
+        elif mapping.reshape and value.numel() == target.numel():
+            report.reshaped.append((key, ref, tuple(value.shape), tuple(target.shape)))
+            value = value.reshape(target.shape)
+        else:
+            report.mismatched.append((key, ref, tuple(target.shape), tuple(value.shape)))
+            continue
+        new[key] = value
+
+    # reference tensors no key of ours used: the head a features_only / num_classes=0 model lacks is skipped
+    absent = {mapping.our_to_ref(k): k for k in (head_keys | cls_keys) if k not in ours}
+    for ref in source:
+        if ref in used:
+            continue
+        if ref in absent:
+            report.skipped.append((ref, "the model has no " + ("classifier" if absent[ref] in cls_keys else "head")))
+        else:
+            report.unexpected.append(origin.get(ref, ref))
+    report.unexpected = sorted(set(report.unexpected))
+    if strict and not report.ok:
+        raise error("port-incomplete", f"cannot port {report.source} into {plan_model.name}: "
+                    f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
+                    f"{len(report.mismatched)} mismatched tensor(s)\n" + report.render(limit=8), plan_model.span,
+                    f"fix the rename rules in {mapping.path}, or pass strict=False to load what matches")
+    with torch.no_grad():
+        for key, value in new.items():
+            ours[key].copy_(value.to(dtype=ours[key].dtype, device=ours[key].device))
+    return report
+
+
+def from_timm(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None
+              ) -> PortReport:
+    """Load a timm model's `state_dict` into `model` (a ComposedModel). See `port`."""
+    if isinstance(mapping, Mapping) and mapping.source != "timm":
+        raise error("port-mapping", f"{mapping.path} maps from '{mapping.source}', not timm")
+    return port(model, state_dict, mapping, strict=strict, source_name=source_name)
+
+
+def read_checkpoint(path) -> dict:
+    """A local state dict: `.safetensors`, or a torch file (loaded with weights_only=True) whose
+    top-level "state_dict" / "model" entry is unwrapped; a DataParallel `module.` prefix is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise error("io", f"no such checkpoint: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # a corrupt file: the user's to fix
+            raise error("io", f"cannot read {path} as safetensors: {exc}") from None
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error("io", f"cannot read {path} as a torch state dict (weights_only): {exc}") from None
+    for key in ("state_dict", "model"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    if not isinstance(data, dict) or not any(isinstance(v, torch.Tensor) for v in data.values()):
+        raise error("io", f"{path} holds no state dict (a mapping of names to tensors)")
+    if all(k.startswith("module.") for k in data):
+        data = {k[len("module."):]: v for k, v in data.items()}
+    return data
