@@ -77,8 +77,8 @@ class Sequence(nn.Module):
             return torch.cat(outs, dim=dim)
         y = outs[0]
         for o in outs[1:]:
-            y = y + o if merge == "add" else y * o if merge == "mul" else y - o
-        return y
+            y = y + o if merge in ("add", "mean") else y * o if merge == "mul" else y - o
+        return y / len(outs) if merge == "mean" else y
 
     def forward(self, x, env: dict | None = None):
         """`env` holds the named tensors (`save`/`from`) shared by the sections of one forward pass."""
@@ -151,8 +151,8 @@ class ComposedModel(nn.Module):
         env = {} if env is None else env
         if not pre_logits:
             return self.head(x, env)
-        prog = [ins for ins in self.head.program if not (ins[0] == "m" and ins[1] == self._classifier_name())]
-        return self.head._run(prog, x, env)
+        names = {s.name for s in _classifier_steps(self.plan.head.steps)}
+        return self.head._run(_without(self.head.program, names), x, env)
 
     def forward_intermediates(self, x):
         """The output of every stage in `out_indices` (or the model's named `outputs`), as maps
@@ -179,24 +179,20 @@ class ComposedModel(nn.Module):
         env = {"input": x}
         return self.forward_head(self.forward_features(x, env), env=env)
 
-    def _classifier_name(self) -> str | None:
-        for s in self.plan.head.steps:
-            if s.kind == "op" and s.op.classifier:
-                return s.name
-        return None
-
-    def get_classifier(self) -> nn.Module:
-        return getattr(self.head, self._classifier_name())
+    def get_classifier(self):
+        """The classifier module (a tuple when the head has several, as DeiT's distilled head)."""
+        mods = tuple(getattr(self.head, s.name) for s in _classifier_steps(self.plan.head.steps))
+        return mods[0] if len(mods) == 1 else mods
 
     def reset_classifier(self, num_classes: int) -> None:
-        name = self._classifier_name()
-        if name is None:
+        steps = list(_classifier_steps(self.plan.head.steps))
+        if not steps:
             raise ValueError("this model's head has no classifier op")
-        step = next(s for s in self.plan.head.steps if s.name == name)
-        new = step.op.model_copy(update={"num_classes": num_classes})
         device = next((p.device for p in self.parameters()), None)
-        module = new.build(step.x, new.infer(step.x))
-        setattr(self.head, name, module.to(device) if device is not None else module)
+        for step in steps:
+            new = step.op.model_copy(update={"num_classes": num_classes})
+            module = new.build(step.x, new.infer(step.x))
+            setattr(self.head, step.name, module.to(device) if device is not None else module)
         self.num_classes = num_classes
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -210,11 +206,31 @@ def _reduction(plan: Plan, y) -> int:
     return plan.input.spatial[0] // y.spatial[0]
 
 
-def _classifier_out(steps) -> int:
+def _classifier_steps(steps):
+    """The classifier ops of a section, inside its residuals and parallel branches too."""
     for s in steps:
         if s.kind == "op" and s.op.classifier:
-            return s.op.num_classes
-    return 0
+            yield s
+        elif s.kind in ("residual", "parallel"):
+            yield from _classifier_steps([*s.shortcut, *s.body, *(x for b in s.branches for x in b)])
+
+
+def _without(prog, names) -> list:
+    """A program with the named modules left out (the head without its classifiers: pre-logits)."""
+    out = []
+    for ins in prog:
+        if ins[0] == "m" and ins[1] in names:
+            continue
+        if ins[0] == "r":
+            ins = ("r", _without(ins[1], names), _without(ins[2], names), ins[3])
+        elif ins[0] == "p":
+            ins = ("p", ins[1], [_without(b, names) for b in ins[2]], ins[3])
+        out.append(ins)
+    return out
+
+
+def _classifier_out(steps) -> int:
+    return next((s.op.num_classes for s in _classifier_steps(steps)), 0)
 
 
 def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only=False, out_indices=None):

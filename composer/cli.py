@@ -1,4 +1,4 @@
-"""The command line: check, build, info, list. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
+"""The command line: check, build, info, port, list. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
 
 from __future__ import annotations
 
@@ -115,6 +115,34 @@ def _save(model, path: Path) -> None:
         raise
 
 
+def cmd_port(args) -> int:
+    from . import api
+
+    source = args.source
+    plan = api.load(args.target, **_overrides(args))
+    if source is None:
+        source = plan.model.reference
+        if not source:
+            raise error("usage", f"{plan.model.name} declares no `reference`; name the source with --from timm:MODEL")
+    kind, _, ref_name = source.partition(":")
+    if kind != "timm" or not ref_name:
+        raise error("usage", f"--from expects timm:MODEL_NAME, got '{source}'", None, "only timm checkpoints are supported")
+    from .builder import build_module
+    from .port import from_timm, read_checkpoint
+
+    state = read_checkpoint(args.checkpoint)
+    model = build_module(plan, seed=args.seed)
+    report = from_timm(model, state, strict=False, source_name=source)
+    print(report.render())
+    if not report.ok:
+        raise error("port-incomplete", f"not written: {args.checkpoint} does not account for every tensor of "
+                    f"{plan.model.name} (see the report above)", None,
+                    "fix the rename rules in the family's .port.yaml, or check --from and the checkpoint")
+    _save(model, Path(args.output))
+    print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def cmd_info(args) -> int:
     from . import api
 
@@ -180,6 +208,26 @@ def make_parser() -> argparse.ArgumentParser:
     i.add_argument("target", metavar="TARGET")
     target_opts(i)
     i.set_defaults(func=cmd_info)
+
+    po = sub.add_parser("port", help="convert a reference (timm) checkpoint into this model's weights",
+                        description="Map a local reference checkpoint onto a blueprint's model with the family's "
+                        "<family>.port.yaml rename rules, print the report (matched, reshaped, skipped, missing, "
+                        "unexpected) and write the weights as safetensors. Nothing is written (exit 2) when any "
+                        "tensor is unaccounted for. A classifier of a different size (--num-classes) is skipped "
+                        "and left initialised; the input conv is adapted to --in-chans as timm does. "
+                        "TARGET: FILE[:MODEL] or a zoo model name.")
+    po.add_argument("target", metavar="TARGET", help="FILE[:MODEL] or a zoo model name")
+    po.add_argument("checkpoint", metavar="CHECKPOINT",
+                    help="a local .safetensors, or a .pth/.bin state dict (read with weights_only=True; a top-level "
+                    "'state_dict' or 'model' entry is unwrapped)")
+    po.add_argument("--from", dest="source", metavar="timm:MODEL",
+                    help="the checkpoint's model (default: the blueprint's `reference`)")
+    po.add_argument("-o", "--output", metavar="OUT.safetensors", required=True,
+                    help="where to write the ported weights (atomically)")
+    target_opts(po)
+    po.add_argument("--seed", type=int, default=0, help="initialisation seed for the tensors left re-initialised "
+                    "(default 0)")
+    po.set_defaults(func=cmd_port)
 
     ls = sub.add_parser("list", help="list ops, mixers, blocks or models (no torch)",
                         description="List the op library, the composite mixers and blocks of the standard "

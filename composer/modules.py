@@ -97,13 +97,13 @@ class ToMap(nn.Module):
 
 
 class GlobalPool(nn.Module):
-    def __init__(self, mode, layout, extra):
+    def __init__(self, mode, layout, extra, index=0):
         super().__init__()
-        self.mode, self.layout, self.extra = mode, layout, extra
+        self.mode, self.layout, self.extra, self.index = mode, layout, extra, index
 
     def forward(self, x):
         if self.mode == "token":
-            return x[:, 0]
+            return x[:, self.index]
         if self.layout == "tokens":
             x = x[:, self.extra :]
             return x.mean(1) if self.mode == "avg" else x.amax(1)
@@ -165,3 +165,14 @@ class Stack(nn.Module):
         for mod in self._modules.values():
             x = mod(x)
         return x
+
+
+class TokenMixing(nn.Module):
+    """An MLP applied along the token axis: (B, N, C) -> transpose -> fc1, act, fc2 -> back."""
+
+    def __init__(self, fc1, act, fc2):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = fc1, act, fc2
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x.transpose(1, 2)))).transpose(1, 2)

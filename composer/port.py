@@ -239,11 +239,23 @@ def _head_keys(model) -> tuple[set[str], set[str]]:
 
     full = model if not model.features_only else build_module(model.plan, seed=None, device="meta")
     head = {k for k in full.state_dict() if k.startswith("head.")}
-    name = full._classifier_name()
-    cls = {k for k in head if name and k.startswith(f"head.{name}.")}
-    if name and not cls:  # num_classes = 0: the classifier's keys as a model with classes would name them
-        cls = {f"head.{name}.weight", f"head.{name}.bias"}
+    cls = set()
+    for name in _classifier_names(model.plan.head.steps):
+        keys = {k for k in head if k.startswith(f"head.{name}.")}
+        cls |= keys or {f"head.{name}.weight", f"head.{name}.bias"}  # num_classes = 0: the keys it would have
     return head, cls
+
+
+def _classifier_names(steps):
+    """The names of the classifier ops of a section (inside its residuals and branches too)."""
+    for s in steps:
+        op = getattr(s, "op", None)
+        if s.kind == "op" and getattr(op, "classifier", False):
+            yield s.name
+        nested = [*(getattr(s, "body", None) or []), *(getattr(s, "shortcut", None) or []),
+                  *(x for b in (getattr(s, "branches", None) or []) for x in b)]
+        if nested:
+            yield from _classifier_names(nested)
 
 
 def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None) -> PortReport:

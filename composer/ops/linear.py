@@ -51,21 +51,23 @@ class LayerScale(Op):
 @op("global_pool", category="pool")
 class GlobalPool(Op):
     """Pool a map or token sequence to one vector: `avg` or `max` over all positions (grid tokens only),
-    or `token` to take the first (class) token."""
+    or `token` to take the class token at `index` (0: the first; DeiT's distillation token is 1)."""
 
     mode: Literal["avg", "max", "token"] = "avg"
+    index: int = 0
 
     def infer(self, x: Shape) -> Shape:
         if x.layout == "vector":
             raise ShapeError("global_pool needs a map or tokens, but the input is already a vector")
-        if self.mode == "token" and (x.layout != "tokens" or x.extra == 0):
-            raise ShapeError("global_pool(\"token\") needs a class token", "add class_token() after the stem")
+        if self.mode == "token" and (x.layout != "tokens" or x.extra <= self.index):
+            raise ShapeError(f"global_pool(\"token\", index = {self.index}) needs {self.index + 1} class token(s)",
+                             "add class_token() after the stem")
         return Shape(x.channels, (), "vector")
 
     def build(self, x, y):
         from ..modules import GlobalPool as Module
 
-        return Module(self.mode, x.layout, x.extra)
+        return Module(self.mode, x.layout, x.extra, self.index)
 
 
 @op("classifier", category="head", layout="vector", classifier=True)
@@ -96,3 +98,34 @@ class Classifier(Op):
         if not self.num_classes:
             return nn.Identity()
         return ChannelLinear(x.channels, self.num_classes, self.bias, channel_first=False, init_std=self.init_std)
+
+
+@op("token_mlp", category="linear", layout="tokens")
+class TokenMLP(Op):
+    """An MLP along the token axis, shared by all channels (MLP-Mixer's token mixing): fc1 maps the
+    N grid tokens to `hidden`, then `act`, then fc2 back to N. Submodules `fc1`, `act`, `fc2`."""
+
+    hidden: int
+    act: Optional[Op] = None
+    bias: bool = True
+
+    def infer(self, x: Shape) -> Shape:
+        if x.extra:
+            raise ShapeError("token_mlp mixes grid tokens only; the input has class tokens")
+        return x
+
+    def params(self, x, y):
+        n = prod(x.spatial)
+        return 2 * n * self.hidden + (self.hidden + n if self.bias else 0)
+
+    def macs(self, x, y):
+        return 2 * prod(x.spatial) * self.hidden * x.channels
+
+    def build(self, x, y):
+        from torch import nn
+
+        from ..modules import ChannelLinear, TokenMixing
+
+        n = prod(x.spatial)
+        act = self.act.build(Shape(self.hidden), Shape(self.hidden)) if self.act else nn.GELU()
+        return TokenMixing(ChannelLinear(n, self.hidden, self.bias), act, ChannelLinear(self.hidden, n, self.bias))

@@ -1,0 +1,469 @@
+"""Every op's rules agree with the module it builds, over random valid parameters and inputs.
+
+For each registered op (parts and `attention` excepted: attention has its own tests) a strategy in
+`STRATEGIES` draws `(op, input Shape)`. The property test builds `op.build(x, op.infer(x))`, runs it
+and checks the output shape against the shape rule, the parameter count against `op.params` and,
+where `FlopCounterMode` sees the op, the MACs against `op.macs` (within 5%). A registered op
+without a strategy fails `test_every_op_has_a_strategy`.
+
+The rest checks the numerics of the newer ops against their references (timm, torch) and the
+re-parameterization of `rep_conv`: the fused conv equals the eval-mode training form.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from composer.ops import OPS
+from composer.shapes import Shape, ShapeError
+
+EXCLUDED = {"attention"}  # tested with its parts in its own file
+BATCH = 2
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------- input shapes
+
+def _ndim(dims=(1, 2)):
+    return st.sampled_from(dims)
+
+
+@st.composite
+def grid(draw, dims=(1, 2), lo=1, hi=12, multiple=1):
+    d = draw(_ndim(dims))
+    hi = hi if d < 3 else min(hi, 6)
+    return tuple(multiple * draw(st.integers(max(1, -(-lo // multiple)), max(1, hi // multiple))) for _ in range(d))
+
+
+@st.composite
+def map_shape(draw, channels=None, dims=(1, 2), lo=1, hi=12, multiple=1):
+    c = draw(channels if channels is not None else st.integers(1, 16))
+    return Shape(c, draw(grid(dims, lo, hi, multiple)), "map")
+
+
+@st.composite
+def token_shape(draw, channels=None, dims=(1, 2), extra=st.integers(0, 2), lo=1, hi=12, multiple=1):
+    c = draw(channels if channels is not None else st.integers(1, 16))
+    return Shape(c, draw(grid(dims, lo, hi, multiple)), "tokens", draw(extra))
+
+
+@st.composite
+def any_shape(draw, channels=None, dims=(1, 2, 3)):
+    layout = draw(st.sampled_from(["map", "tokens", "vector"]))
+    if layout == "vector":
+        return Shape(draw(channels if channels is not None else st.integers(1, 16)), (), "vector")
+    if layout == "map":
+        return draw(map_shape(channels, dims))
+    return draw(token_shape(channels, dims))
+
+
+def divisor_and_multiples(max_g=4, max_m=4):
+    return st.integers(1, max_g).flatmap(lambda g: st.tuples(st.just(g), st.integers(1, max_m), st.integers(1, max_m)))
+
+
+def _ok(case) -> bool:
+    op, x = case
+    try:
+        op.infer(x)
+    except ShapeError:
+        return False
+    return True
+
+
+def valid(strategy):
+    return strategy.filter(_ok)
+
+
+def paired(make_op, shapes):
+    """(op, x) with the op drawn from `make_op(x)` for a drawn input `x`."""
+    return valid(shapes.flatmap(lambda x: make_op(x).map(lambda o: (o, x))))
+
+
+def fixed(name, shapes, **params):
+    return paired(lambda x: st.just(OPS[name](**params)), shapes)
+
+
+def kw(name, shapes, **fields):
+    """(op, x): `OPS[name](**drawn fields)`, each field a strategy."""
+    return paired(lambda x: st.fixed_dictionaries(fields).map(lambda f: OPS[name](**f)), shapes)
+
+
+# ----------------------------------------------------------------------------- per-op strategies
+
+@st.composite
+def _conv(draw):
+    g, a, b = draw(divisor_and_multiples())
+    x = draw(map_shape(st.just(g * a), dims=(1, 2, 3), lo=3))
+    op = OPS["conv"](out=g * b, kernel=draw(st.integers(1, 4)), stride=draw(st.integers(1, 3)),
+                     padding=draw(st.none() | st.integers(0, 2)), dilation=draw(st.integers(1, 2)), groups=g,
+                     bias=draw(st.booleans()))
+    return op, x
+
+
+@st.composite
+def _patch_embed(draw):
+    patch = draw(st.integers(1, 4))
+    stride = draw(st.none() | st.integers(1, 4))
+    padding = draw(st.integers(0, 2))
+    x = draw(map_shape(dims=(1, 2), lo=patch, multiple=stride or patch))
+    norm = draw(st.sampled_from([None, OPS["layernorm"](), OPS["batchnorm"]()]))
+    op = OPS["patch_embed"](out=draw(st.integers(1, 16)), patch=patch, stride=stride, padding=padding, norm=norm)
+    return op, x
+
+
+@st.composite
+def _rep(draw, name):
+    g, a, b = draw(divisor_and_multiples(4, 3))
+    same = draw(st.booleans())
+    kernel = draw(st.sampled_from([1, 3, 5]))
+    fields = dict(kernel=kernel, stride=draw(st.integers(1, 2)), identity=draw(st.booleans()),
+                  scale_branch=draw(st.booleans()),
+                  small_kernel=draw(st.sampled_from([None] + [k for k in (1, 3) if k <= kernel])))
+    if name == "rep_conv":
+        fields.update(out=g * a if same else g * b, groups=g)
+        c = g * a
+    else:
+        c = draw(st.integers(1, 12))
+    x = draw(map_shape(st.just(c), dims=(1, 2, 3)))
+    return OPS[name](**fields), x
+
+
+def _acts():
+    return st.sampled_from(["relu", "gelu", "silu", "hardswish", "star_relu"]).map(lambda n: OPS[n]())
+
+
+def _gates():
+    return st.sampled_from(["sigmoid", "hardsigmoid", "tanh"]).map(lambda n: OPS[n]())
+
+
+SIMPLE_ACTIVATIONS = ["relu", "relu6", "gelu", "gelu_tanh", "silu", "squared_relu", "hardswish", "hardsigmoid",
+                      "sigmoid", "tanh", "identity"]
+
+STRATEGIES = {
+    **{name: fixed(name, any_shape()) for name in SIMPLE_ACTIVATIONS},
+    # star_relu(learnable=false) keeps its two scalars as frozen nn.Parameters, which the params rule (0)
+    # leaves out: only the learnable form is drawn here (reported, see the module docstring of act.py)
+    "star_relu": kw("star_relu", any_shape(), scale=st.floats(0.5, 2), bias=st.floats(-1, 1), learnable=st.just(True)),
+    "dropout": kw("dropout", any_shape(), p=st.floats(0, 0.5)),
+    # conv.py
+    "conv": valid(_conv()),
+    "pool": paired(lambda x: st.builds(
+        lambda k, s, p, m, c: OPS["pool"](kernel=k, stride=s, padding=min(p, k // 2), mode=m, count_include_pad=c),
+        st.integers(1, 4), st.none() | st.integers(1, 3), st.integers(0, 2), st.sampled_from(["avg", "max"]),
+        st.booleans()), map_shape(dims=(1, 2, 3), lo=4)),
+    "patch_embed": valid(_patch_embed()),
+    # norm.py
+    "layernorm": kw("layernorm", any_shape(), eps=st.sampled_from([1e-5, 1e-6]), affine=st.booleans(),
+                    bias=st.booleans()),
+    "rmsnorm": fixed("rmsnorm", any_shape()),
+    "batchnorm": fixed("batchnorm", map_shape(dims=(1, 2, 3))),
+    "groupnorm": paired(lambda x: st.sampled_from([g for g in range(1, x.channels + 1) if x.channels % g == 0])
+                        .map(lambda g: OPS["groupnorm"](groups=g)), map_shape(dims=(1, 2, 3))),
+    "instancenorm": kw("instancenorm", map_shape(dims=(1, 2, 3), lo=2), affine=st.booleans()),
+    "grn": kw("grn", st.one_of(map_shape(dims=(1, 2, 3)), token_shape(dims=(1, 2))), eps=st.just(1e-6)),
+    # linear.py
+    "linear": kw("linear", any_shape(), out=st.integers(1, 16), bias=st.booleans()),
+    "layer_scale": kw("layer_scale", any_shape(), init=st.floats(1e-6, 1.0)),
+    "global_pool": kw("global_pool", st.one_of(map_shape(dims=(1, 2, 3)), token_shape()),
+                      mode=st.sampled_from(["avg", "max", "token"])),
+    "classifier": kw("classifier", any_shape().map(lambda x: Shape(x.channels, (), "vector")),
+                     num_classes=st.integers(0, 10), bias=st.booleans()),
+    "token_mlp": kw("token_mlp", token_shape(extra=st.just(0)), hidden=st.integers(1, 16),
+                    act=st.sampled_from([None, OPS["gelu"](), OPS["relu"]()]), bias=st.booleans()),
+    # tokens.py
+    "to_tokens": fixed("to_tokens", map_shape(dims=(1, 2, 3))),
+    "to_map": fixed("to_map", token_shape(dims=(1, 2, 3), extra=st.just(0))),
+    "class_token": kw("class_token", token_shape(), count=st.integers(1, 2), std=st.sampled_from([0.0, 1e-6])),
+    "pos_embed": kw("pos_embed", token_shape(), cover_extra=st.booleans()),
+    "patch_merging": kw("patch_merging", token_shape(extra=st.just(0), multiple=2), out=st.integers(1, 16),
+                        norm=st.sampled_from([None, OPS["layernorm"](), OPS["rmsnorm"]()])),
+    # resample.py
+    "adaptive_pool": kw("adaptive_pool", map_shape(dims=(1, 2, 3)), size=st.integers(1, 4),
+                        mode=st.sampled_from(["avg", "max"])),
+    "upsample": kw("upsample", map_shape(dims=(1, 2, 3), hi=6), scale=st.integers(1, 3),
+                   mode=st.sampled_from(["nearest", "linear"])),
+    "pixel_shuffle": paired(lambda x: st.sampled_from([f for f in (1, 2, 3) if x.channels % f ** x.ndim == 0])
+                            .map(lambda f: OPS["pixel_shuffle"](factor=f)),
+                            map_shape(st.sampled_from([1, 2, 4, 8, 9, 16]), dims=(1, 2, 3), hi=6)),
+    "pixel_unshuffle": paired(lambda x: st.just(OPS["pixel_unshuffle"](factor=2)), map_shape(dims=(1, 2, 3), multiple=2)),
+    "channel_shuffle": paired(lambda x: st.sampled_from([g for g in range(1, x.channels + 1) if x.channels % g == 0])
+                              .map(lambda g: OPS["channel_shuffle"](groups=g)), map_shape(dims=(1, 2, 3))),
+    # gating.py
+    "squeeze_excite": kw("squeeze_excite", map_shape(dims=(1, 2, 3)), ratio=st.sampled_from([0.25, 0.5, 1 / 16]),
+                         hidden=st.none() | st.integers(1, 8), act=_acts(), gate=_gates(),
+                         divisor=st.sampled_from([1, 4, 8])),
+    "glu": kw("glu", any_shape(channels=st.integers(1, 8).map(lambda c: 2 * c)),
+              act=st.sampled_from(["sigmoid", "gelu", "silu"]).map(lambda n: OPS[n]())),
+    # embed.py
+    "sinusoidal_pos": paired(lambda x: st.just(OPS["sinusoidal_pos"](temperature=10000.0)),
+                             token_shape(st.integers(1, 4).map(lambda c: 12 * c), dims=(1, 2, 3))),
+    "conv_pos": kw("conv_pos", st.one_of(token_shape(dims=(1, 2, 3)), map_shape(dims=(1, 2, 3))),
+                   kernel=st.sampled_from([1, 3, 5])),
+    # reparam.py
+    "rep_conv": valid(_rep("rep_conv")),
+    "rep_dwconv": valid(_rep("rep_dwconv")),
+}
+
+
+def _tested_ops() -> list[str]:
+    return sorted(n for n, cls in OPS.items() if cls.kind != "part" and n not in EXCLUDED)
+
+
+def test_every_op_has_a_strategy():
+    missing = [n for n in _tested_ops() if n not in STRATEGIES]
+    assert not missing, f"add a strategy to tests/test_ops.py STRATEGIES for: {', '.join(missing)}"
+
+
+def concrete(s: Shape, batch: int = BATCH) -> tuple[int, ...]:
+    if s.layout == "map":
+        return (batch, s.channels, *s.spatial)
+    if s.layout == "tokens":
+        return (batch, s.tokens, s.channels)
+    return (batch, s.channels)
+
+
+def _run(op, x: Shape):
+    y = op.infer(x)
+    torch.manual_seed(0)
+    module = op.build(x, y).eval()
+    inp = torch.randn(concrete(x))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = module(inp)
+    return y, module, out, counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name", [n for n in _tested_ops() if n in STRATEGIES])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(data=st.data())
+def test_op_rules_match_module(name, data):
+    op, x = data.draw(STRATEGIES[name], label="op, input")
+    assert op.name == name
+    y, module, out, flops = _run(op, x)
+    assert tuple(out.shape) == concrete(y), f"{op.describe()} on {x}: shape rule says {y}"
+    assert op.params(x, y) == sum(p.numel() for p in module.parameters()), f"{op.describe()} on {x}"
+    macs = op.macs(x, y)
+    seen = flops / 2 / BATCH
+    if seen > 0:
+        assert macs == pytest.approx(seen, rel=0.05), f"{op.describe()} on {x}: counter {seen}, rule {macs}"
+    else:
+        assert macs == 0, f"{op.describe()} on {x}: the counter sees no MACs, the rule {macs}"
+
+
+# ----------------------------------------------------------------------------- shape errors
+
+@pytest.mark.parametrize("op, x, words", [
+    (OPS["pixel_shuffle"](factor=2), Shape(6, (4, 4)), "divisible"),
+    (OPS["pixel_unshuffle"](factor=2), Shape(6, (5, 4)), "does not divide"),
+    (OPS["channel_shuffle"](groups=4), Shape(6, (4, 4)), "must divide"),
+    (OPS["glu"](), Shape(5, (4,), "tokens"), "in two"),
+    (OPS["grn"](), Shape(5, (), "vector"), "vector"),
+    (OPS["sinusoidal_pos"](), Shape(6, (4, 4), "tokens"), "divisible by 4"),
+    (OPS["conv_pos"](kernel=2), Shape(6, (4, 4), "tokens"), "odd"),
+    (OPS["rep_conv"](out=8, kernel=4), Shape(8, (4, 4)), "odd"),
+    (OPS["rep_conv"](out=8, kernel=3, small_kernel=5), Shape(8, (4, 4)), "small_kernel"),
+    (OPS["rep_conv"](out=6, kernel=3, groups=4), Shape(8, (4, 4)), "divide"),
+    (OPS["squeeze_excite"](act=OPS["linear"](out=3)), Shape(8, (4, 4)), "keep the shape"),
+    (OPS["adaptive_pool"](size=0), Shape(8, (4, 4)), "1 or more"),
+])
+def test_shape_errors(op, x, words):
+    with pytest.raises(ShapeError) as info:
+        op.infer(x)
+    assert words in info.value.message
+
+
+# ----------------------------------------------------------------------------- numerics vs references
+
+def test_pixel_shuffle_matches_torch_and_unshuffle_inverts():
+    for d, grid in ((1, (5,)), (2, (3, 4)), (3, (2, 3, 2))):
+        x = torch.randn(2, 3 * 2 ** d, *grid)
+        up = OPS["pixel_shuffle"](factor=2).build(Shape(3 * 2 ** d, grid), None)(x)
+        down = OPS["pixel_unshuffle"](factor=2).build(Shape(3, tuple(2 * g for g in grid)), None)(up)
+        assert torch.equal(down, x)
+        if d == 2:
+            assert torch.equal(up, nn.PixelShuffle(2)(x))
+            assert torch.equal(down, nn.PixelUnshuffle(2)(up))
+
+
+def test_channel_shuffle_matches_torch():
+    x = torch.randn(2, 12, 3, 3)
+    assert torch.equal(OPS["channel_shuffle"](groups=3).build(Shape(12, (3, 3)), None)(x), nn.ChannelShuffle(3)(x))
+
+
+def test_squeeze_excite_matches_timm():
+    from timm.layers.squeeze_excite import SEModule
+
+    x = Shape(32, (5, 5))
+    op = OPS["squeeze_excite"](ratio=0.25, divisor=8)
+    mine = op.build(x, x)
+    ref = SEModule(32, rd_ratio=0.25, rd_divisor=8)
+    assert mine.fc1.out_channels == ref.fc1.out_channels == 8
+    assert [k for k, _ in mine.state_dict().items()] == [k for k, _ in ref.state_dict().items()]
+    ref.load_state_dict(mine.state_dict())
+    t = torch.randn(2, 32, 5, 5)
+    torch.testing.assert_close(mine(t), ref(t))
+
+
+def test_grn_matches_timm_on_maps_and_tokens():
+    from timm.layers.grn import GlobalResponseNorm
+
+    t = torch.randn(2, 6, 4, 5)
+    for layout in ("map", "tokens"):
+        mine = OPS["grn"]().build(Shape(6, (4, 5), layout), None)
+        ref = GlobalResponseNorm(6, channels_last=True)
+        with torch.no_grad():
+            for p, q in ((mine.gamma, ref.weight), (mine.beta, ref.bias)):
+                p.normal_()
+                q.copy_(p)
+        want = ref(t.permute(0, 2, 3, 1))  # (B, H, W, C)
+        if layout == "map":
+            torch.testing.assert_close(mine(t), want.permute(0, 3, 1, 2))
+        else:
+            torch.testing.assert_close(mine(t.flatten(2).transpose(1, 2)), want.flatten(1, 2))
+
+
+def test_glu_sigmoid_is_torch_glu():
+    t = torch.randn(2, 8, 3)
+    torch.testing.assert_close(OPS["glu"]().build(Shape(8, (3,)), Shape(4, (3,)))(t), nn.functional.glu(t, dim=1))
+
+
+def test_sinusoidal_pos_matches_timm_and_skips_class_tokens():
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
+    x = Shape(16, (3, 5), "tokens", extra=1)
+    module = OPS["sinusoidal_pos"]().build(x, x)
+    assert not list(module.parameters()) and not module.state_dict()
+    t = torch.randn(2, 16, 16)
+    out = module(t)
+    assert torch.equal(out[:, 0], t[:, 0])
+    torch.testing.assert_close(out[:, 1:] - t[:, 1:], build_sincos2d_pos_embed([3, 5], 16)[None].expand(2, -1, -1))
+
+
+def test_conv_pos_is_residual_depthwise_conv_and_skips_class_tokens():
+    x = Shape(4, (3, 3), "tokens", extra=1)
+    module = OPS["conv_pos"](kernel=3).build(x, x)
+    assert module.proj.groups == 4
+    with torch.no_grad():
+        module.proj.weight.zero_()
+        module.proj.bias.fill_(1.0)
+    t = torch.randn(2, 10, 4)
+    out = module(t)
+    assert torch.equal(out[:, 0], t[:, 0])
+    torch.testing.assert_close(out[:, 1:], t[:, 1:] + 1)
+
+
+def test_upsample_linear_is_bilinear():
+    x = Shape(3, (4, 4))
+    t = torch.randn(1, 3, 4, 4)
+    out = OPS["upsample"](scale=2, mode="linear").build(x, None)(t)
+    torch.testing.assert_close(out, nn.functional.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False))
+
+
+# ----------------------------------------------------------------------------- re-parameterization
+
+def _randomize_bn(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0, 0.3)
+
+
+REP_CASES = [
+    # (op, input)
+    (OPS["rep_conv"](out=8, kernel=3, scale_branch=True), Shape(8, (7, 6))),                       # RepVGG, identity
+    (OPS["rep_conv"](out=8, kernel=3, scale_branch=True, identity=False), Shape(8, (7, 6))),
+    (OPS["rep_conv"](out=12, kernel=3, stride=2, scale_branch=True), Shape(8, (7, 6))),          # no identity
+    (OPS["rep_conv"](out=8, kernel=3, stride=2, groups=4, scale_branch=True), Shape(8, (9, 8))),
+    (OPS["rep_conv"](out=8, kernel=5, groups=2, small_kernel=3, scale_branch=True), Shape(8, (6, 6))),
+    (OPS["rep_conv"](out=6, kernel=3, groups=3), Shape(6, (10,))),                                 # 1-D
+    (OPS["rep_conv"](out=4, kernel=3, scale_branch=True), Shape(4, (4, 3, 5))),                    # 3-D
+    (OPS["rep_conv"](out=8, kernel=1, scale_branch=True), Shape(8, (5, 5))),
+    (OPS["rep_dwconv"](kernel=7, small_kernel=3), Shape(6, (9, 9))),                               # large kernel
+    (OPS["rep_dwconv"](kernel=3, stride=2, scale_branch=True), Shape(6, (9, 9))),
+]
+
+
+@pytest.mark.parametrize("op, x", REP_CASES, ids=lambda v: v.describe() if hasattr(v, "describe") else str(v))
+def test_rep_conv_fuses_to_one_equal_conv(op, x):
+    from composer.layers import RepConv
+
+    torch.manual_seed(0)
+    y = op.infer(x)
+    module = op.build(x, y)
+    assert isinstance(module, RepConv)
+    assert (module.identity is not None) == op.has_identity(x)
+    _randomize_bn(module)
+    module.eval()
+    t = torch.randn(2, x.channels, *x.spatial)
+    with torch.no_grad():
+        want = module(t)
+        fused = module.fuse()
+        got = fused(t)
+    assert isinstance(fused, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and fused.bias is not None
+    assert tuple(got.shape) == concrete(y)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_rep_conv_submodule_names_follow_timm():
+    x = Shape(8, (4, 4))
+    names = set(OPS["rep_conv"](out=8, kernel=5, scale_branch=True, small_kernel=3).build(x, x).state_dict())
+    assert {"conv_kxk.conv.weight", "conv_kxk.bn.running_var", "conv_1x1.conv.weight", "conv_small.conv.weight",
+            "identity.weight"} <= names
+
+
+def test_fuse_model_replaces_every_rep_conv_in_place():
+    from composer.layers import RepConv, fuse_model
+
+    x = Shape(6, (8, 8))
+    model = nn.Sequential(
+        OPS["rep_conv"](out=6, kernel=3, scale_branch=True).build(x, x),
+        nn.ReLU(),
+        nn.Sequential(OPS["rep_dwconv"](kernel=5, small_kernel=3).build(x, x)),
+    )
+    _randomize_bn(model)
+    model.eval()
+    t = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        want = model(t)
+        same = fuse_model(model)
+        got = model(t)
+    assert same is model
+    assert not any(isinstance(m, RepConv) for m in model.modules())
+    assert isinstance(model[0], nn.Conv2d) and isinstance(model[2][0], nn.Conv2d)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert isinstance(fuse_model(OPS["rep_conv"](out=6, kernel=3).build(x, x).eval()), nn.Conv2d)
+
+
+def test_new_ops_load_from_a_blueprint(tmp_path):
+    import composer
+
+    path = tmp_path / "m.arch"
+    path.write_text(
+        "model m(num_classes = 5) {\n"
+        "    input image(3, 16)\n"
+        "    stem { rep_conv(8, 3, stride = 2, scale_branch = true); relu }\n"
+        "    stages for i in 0..1 {\n"
+        "        repeat 1 { rep_dwconv(3, scale_branch = true); squeeze_excite(act = silu, gate = hardsigmoid);"
+        " grn; channel_shuffle(2); pixel_unshuffle(2); pixel_shuffle(2); conv_pos(3); upsample(2, \"linear\");"
+        " adaptive_pool(4); glu(act = gelu) }\n"
+        "    }\n"
+        "    head { global_pool(\"avg\"); classifier(num_classes) }\n"
+        "}\n")
+    plan = composer.load(f"{path}:m")
+    model = composer.build(f"{path}:m")
+    assert plan.params == sum(p.numel() for p in model.parameters())
+    assert model(torch.randn(1, 3, 16, 16)).shape == (1, 5)
