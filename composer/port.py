@@ -185,7 +185,7 @@ class PortReport:
 
         section("reshaped", self.reshaped, lambda r: f"{r[0]} <- {r[1]}  {list(r[2])} -> {list(r[3])}")
         section("adapted", self.adapted, lambda r: f"{r[0]} <- {r[1]}  ({r[2]})")
-        section("skipped (left re-initialised)", self.skipped, lambda r: f"{r[0]}  ({r[1]})")
+        section("skipped", self.skipped, lambda r: f"{r[0]}  ({r[1]})")
         section("shape mismatch", self.mismatched, lambda r: f"{r[0]} {list(r[2])} <- {r[1]} {list(r[3])}")
         section("missing (ours without source)", self.missing, lambda r: f"{r[0]}  (looked for {r[1]})")
         section("unexpected (source unused)", self.unexpected, lambda r: r)
@@ -295,7 +295,8 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
         value = source[ref]
         used.add(ref)
         if key in cls_keys and value.shape != target.shape:
-            report.skipped.append((key, f"classifier: checkpoint {list(value.shape)}, model {list(target.shape)}"))
+            report.skipped.append((key, f"classifier: checkpoint {list(value.shape)}, model {list(target.shape)}; "
+                                       "left as initialised"))
             continue
         if value.shape == target.shape:
             (report.split if ref in origin else report.matched).append((key, origin.get(ref, ref)))
@@ -317,7 +318,8 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
         if ref in used:
             continue
         if ref in absent:
-            report.skipped.append((ref, "the model has no " + ("classifier" if absent[ref] in cls_keys else "head")))
+            report.skipped.append((ref, "reference " + ("classifier" if absent[ref] in cls_keys else "head")
+                                   + ": the model has none"))
         else:
             report.unexpected.append(origin.get(ref, ref))
     report.unexpected = sorted(set(report.unexpected))

@@ -154,7 +154,7 @@ SIMPLE_ACTIVATIONS = ["relu", "relu6", "gelu", "gelu_tanh", "silu", "squared_rel
 STRATEGIES = {
     **{name: fixed(name, any_shape()) for name in SIMPLE_ACTIVATIONS},
     # star_relu(learnable=false) keeps its two scalars as frozen nn.Parameters, which the params rule (0)
-    # leaves out: only the learnable form is drawn here (reported, see the module docstring of act.py)
+    # leaves out: only the learnable form is drawn here until act.py counts them (or makes them buffers)
     "star_relu": kw("star_relu", any_shape(), scale=st.floats(0.5, 2), bias=st.floats(-1, 1), learnable=st.just(True)),
     "dropout": kw("dropout", any_shape(), p=st.floats(0, 0.5)),
     # conv.py

@@ -193,8 +193,7 @@ class Attention(nn.Module):
         bias = self._bias()
         if bias is not None and self.attn_mask is not None:
             nwin = self.attn_mask.shape[0]
-            q, k, v = (t.view(b, nwin, self.heads, nw, self.head_dim) for t in (q, k, v))
-            bias = bias.view(nwin, self.heads, nw, nw) if bias.dim() == 4 else bias
+            q, k, v = (t.view(b, nwin, self.heads, nw, self.head_dim) for t in (q, k, v))  # bias (nW, 1|heads, N, N)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         y = y.reshape(bw, self.heads, nw, self.head_dim).transpose(1, 2).reshape(bw, nw, c)
         if hasattr(self, "lepe"):  # LePE: a depthwise conv on V (per group), added to the output
