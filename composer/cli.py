@@ -54,7 +54,8 @@ def cmd_check(args) -> int:
     for t in args.targets:
         p = Path(t)
         if p.is_dir():
-            targets += [(f, None) for f in sorted([*p.rglob("*.arch"), *p.rglob("*.yaml"), *p.rglob("*.yml")])]
+            found = sorted([*p.rglob("*.arch"), *p.rglob("*.yaml"), *p.rglob("*.yml")])
+            targets += [(f, None) for f in found if not f.name.endswith(".port.yaml")]  # port maps are data
         else:
             targets.append(api.resolve_target(t))
     for path, name in targets:
@@ -126,7 +127,8 @@ def cmd_port(args) -> int:
             raise error("usage", f"{plan.model.name} declares no `reference`; name the source with --from timm:MODEL")
     kind, _, ref_name = source.partition(":")
     if kind != "timm" or not ref_name:
-        raise error("usage", f"--from expects timm:MODEL_NAME, got '{source}'", None, "only timm checkpoints are supported")
+        raise error("usage", f"--from expects timm:MODEL_NAME, got '{source}'", None,
+                    "only timm checkpoints are supported")
     from .builder import build_module
     from .port import from_timm, read_checkpoint
 

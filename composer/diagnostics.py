@@ -60,8 +60,20 @@ def error(code: str, message: str, span: Span | None = None, hint: str | None = 
     return ComposerError(Diagnostic(code, message, span, hint))
 
 
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance: a swapped pair of letters (`gleu`) counts as one edit."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[-1][-1]
+
+
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.6)
     if not close:
         return None
+    close.sort(key=lambda c: (_edits(name, c), abs(len(c) - len(name))))  # fewest edits, then same length
     return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"

@@ -70,8 +70,12 @@ class ChannelScale(nn.Module):
 class StarReLU(nn.Module):
     def __init__(self, scale=1.0, bias=0.0, learnable=True):
         super().__init__()
-        self.scale = nn.Parameter(torch.tensor([float(scale)]), requires_grad=learnable)
-        self.bias = nn.Parameter(torch.tensor([float(bias)]), requires_grad=learnable)
+        if learnable:
+            self.scale = nn.Parameter(torch.tensor([float(scale)]))
+            self.bias = nn.Parameter(torch.tensor([float(bias)]))
+        else:  # fixed scalars are buffers, so the parameter count is the rule's 0
+            self.register_buffer("scale", torch.tensor([float(scale)]))
+            self.register_buffer("bias", torch.tensor([float(bias)]))
 
     def forward(self, x):
         return self.scale * F.relu(x) ** 2 + self.bias

@@ -86,7 +86,8 @@ def _rules(path, items, where):
 def _splits(path, items, where):
     out = []
     for i, item in enumerate(items or []):
-        if not isinstance(item, dict) or not {"from", "into"} <= set(item) or set(item) - {"from", "into", "sizes", "dim"}:
+        keys = set(item) if isinstance(item, dict) else set()
+        if not {"from", "into"} <= keys or keys - {"from", "into", "sizes", "dim"}:
             raise _bad(path, f"{where} split {i + 1} must be {{from: REGEX, into: [names], sizes: [..], dim: D}}, "
                        f"got {item!r}")
         into = item["into"]

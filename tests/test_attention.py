@@ -241,6 +241,21 @@ def test_partitioned_attention_matches_reference(grid, part, shift):
     assert (run(mod, x) - ref).abs().max() < TOL
 
 
+@pytest.mark.parametrize("grid,shift", [((10, 9), 0), ((10, 9), 2), ((11,), 2)])
+def test_padded_window_matches_reference(grid, shift):
+    """`window(size, pad = true)`: zero tokens appended up to a multiple of the window (unmasked keys, as in
+    timm's Twins and Swin), attention on the padded grid, output cropped."""
+    part = Window(size=4, shift=shift, pad=True)
+    mod, _ = build(Attention(heads=2, partition=part, position=RelativeBias()), Shape(16, grid, "tokens"))
+    padded = tuple(-(-g // 4) * 4 for g in grid)
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    xp = torch.zeros(2, *padded, 16, dtype=torch.float64)
+    xp[(slice(None), *[slice(0, g) for g in grid])] = x.view(2, *grid, 16)
+    ref = ref_partitioned(xp.view(2, -1, 16), mod, padded, 2, 4, "window", shift)
+    ref = ref.view(2, *padded, 16)[(slice(None), *[slice(0, g) for g in grid])].reshape(2, -1, 16)
+    assert (run(mod, x) - ref).abs().max() < TOL
+
+
 def test_shift_mask_is_used():
     """The mask matters: without it (shift on a plain roll) the outputs differ."""
     grid = (14, 14)
@@ -297,9 +312,13 @@ def configs(draw):
     position, partition, kv, projection, extra = None, None, None, None, 0
     if kind in ("window", "grid"):
         size = draw(st.integers(1, 4))
-        grid = tuple(size * draw(st.integers(1, 3)) for _ in range(ndim))
+        pad = kind == "window" and draw(st.booleans())
+        if pad:
+            grid = tuple(draw(st.integers(1, 3 * size)) for _ in range(ndim))
+        else:
+            grid = tuple(size * draw(st.integers(1, 3)) for _ in range(ndim))
         if kind == "window":
-            partition = Window(size=size, shift=draw(st.integers(0, size - 1)))
+            partition = Window(size=size, shift=draw(st.integers(0, size - 1)), pad=pad)
         else:
             partition = Grid(size=size)
         position = draw(st.sampled_from([None, RelativeBias(), LePE(kernel=3)]))
@@ -329,7 +348,7 @@ def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
     return s.softmax(-1) @ v
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_rules_match_module(config):
     op, x = config

@@ -114,7 +114,7 @@ def test_message_unknown_op(scratch, capsys, monkeypatch):
         f"{f}:6:57: error: unknown op 'gleu'\n"
         "   6 |     stage { repeat 2 metaformer(16, attention(2), act = gleu) }\n"
         "                                                               ^^^^\n"
-        "  hint: did you mean 'gelu'?\n"
+        "  hint: did you mean 'gelu' or 'glu'?\n"
     )
 
 

@@ -102,12 +102,13 @@ class Attention(nn.Module):
     """Multi-head attention over (B, extra + prod(grid), C) tokens; see the module docstring."""
 
     def __init__(self, dim, out, heads, grid, extra=0, qkv_bias=True, proj_bias=True, partition=None, size=0,
-                 shift=0, relative_bias=False, reduce=0, reduce_mode="conv", kv_norm=None, conv_proj=None,
+                 shift=0, padded=None, relative_bias=False, reduce=0, reduce_mode="conv", kv_norm=None, conv_proj=None,
                  lepe=0, scale=None):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.grid, self.extra = tuple(grid), extra
         self.partition, self.size, self.shift = partition, size, shift
+        self.padded = tuple(padded) if padded is not None else self.grid  # the grid the groups tile
         self.reduce, self.scale = reduce, scale
         ndim = len(self.grid)
         self.group = (size,) * ndim if partition else self.grid  # the grid of one attention group
@@ -142,7 +143,7 @@ class Attention(nn.Module):
             self.register_buffer("relative_position_index", _relative_index(size, ndim), persistent=False)
         mask = None
         if partition == "window" and shift:
-            mask = _shift_mask(self.grid, size, shift)[:, None]  # (nW, 1, N, N)
+            mask = _shift_mask(self.padded, size, shift)[:, None]  # (nW, 1, N, N)
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def _bias(self):
@@ -172,9 +173,11 @@ class Attention(nn.Module):
         b, n, c = x.shape
         if self.partition:
             x = x.view(b, *self.grid, c)
+            if self.padded != self.grid:  # zero tokens at the end of every dim (Twins, Swin)
+                x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
             if self.shift:
                 x = self._roll(x, -self.shift)
-            x = _partition(x, self.grid, self.size, self.partition)
+            x = _partition(x, self.padded, self.size, self.partition)
         bw, nw = x.shape[0], x.shape[1]
         if hasattr(self, "qkv"):
             qkv = self.qkv(x).reshape(bw, nw, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -199,9 +202,10 @@ class Attention(nn.Module):
         if hasattr(self, "lepe"):  # LePE: a depthwise conv on V (per group), added to the output
             v = v.reshape(bw, self.heads, -1, self.head_dim).transpose(1, 2).reshape(bw, -1, c)
             y = y + _to_tokens(self.lepe(_to_map(v, self.group)))
-        y = self.proj(y)
         if self.partition:
-            y = _unpartition(y, self.grid, self.size, b, self.partition)
+            y = _unpartition(y, self.padded, self.size, b, self.partition)
             if self.shift:
-                y = self._roll(y.view(b, *self.grid, -1), self.shift).reshape(b, n, -1)
-        return y
+                y = self._roll(y.view(b, *self.padded, c), self.shift).reshape(b, -1, c)
+            if self.padded != self.grid:
+                y = y.view(b, *self.padded, c)[(slice(None), *[slice(0, g) for g in self.grid])].reshape(b, n, c)
+        return self.proj(y)

@@ -25,10 +25,13 @@ def _check_groups(kind: str, size: int, grid: tuple[int, ...]) -> None:
 class Window(Op):
     """Partition the token grid into non-overlapping `size`-wide windows, cyclically shifted by
     `shift` (Swin; queries and keys from different regions of the rolled grid are masked with
-    -100). As in the reference, a window that covers the whole grid drops the shift."""
+    -100). As in the reference, a window that covers the whole grid drops the shift. `pad=true`
+    zero-pads the grid at the end of every dim up to a multiple of the window (unmasked, as timm's
+    Twins and Swin) and crops the output; otherwise the window must divide the grid."""
 
     size: int
     shift: int = 0
+    pad: bool = False
     mode: ClassVar[str] = "window"
 
     def effective(self, grid: tuple[int, ...]) -> tuple[int, int]:
@@ -36,9 +39,16 @@ class Window(Op):
             return min(grid), 0
         return self.size, self.shift
 
+    def padded(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        """The grid the windows tile: with `pad=true` the tokens are zero-padded at the end of every
+        dim up to a multiple of the window, and the padded tokens are unmasked keys (timm's Twins and
+        Swin); the output is cropped back."""
+        size, _ = self.effective(grid)
+        return tuple(-(-g // size) * size for g in grid) if self.pad and size > 0 else grid
+
     def check(self, grid: tuple[int, ...]) -> None:
         size, shift = self.effective(grid)
-        _check_groups("window", size, grid)
+        _check_groups("window", size, self.padded(grid))
         if not 0 <= shift < size:
             raise ShapeError(f"window shift {shift} must be in [0, {size})")
 
@@ -53,6 +63,9 @@ class Grid(Op):
 
     def effective(self, grid: tuple[int, ...]) -> tuple[int, int]:
         return self.size, 0
+
+    def padded(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        return grid
 
     def check(self, grid: tuple[int, ...]) -> None:
         _check_groups("grid", self.size, grid)
@@ -198,8 +211,8 @@ class Attention(Op):
     def params(self, x, y):
         c, d, h = x.channels, x.ndim, self.geometry(x)[0]
         n = 3 * c * c + (3 * c if self.qkv_bias else 0)
-        if self.kv is not None and self.kv.ratio > 1:
-            if self.kv.mode == "conv":
+        if self.kv is not None:
+            if self.kv.ratio > 1 and self.kv.mode == "conv":
                 n += c * c * self.kv.ratio ** d + c
             g = Shape(c, self.kv.grid(x), "tokens")
             n += self.kv.norm.params(g, g) if self.kv.norm else 0
@@ -216,6 +229,9 @@ class Attention(Op):
         the bias gather are not counted."""
         c, d, n = x.channels, x.ndim, x.tokens
         m = self._kv_tokens(x)  # keys per query
+        out = n * c * y.channels  # proj (after cropping padded windows)
+        if self.partition is not None:
+            n = prod(self.partition.padded(x.spatial))
         total = n * c * c  # q
         if self.partition is not None:
             total += 2 * n * c * c  # k, v from the same tokens
@@ -229,7 +245,7 @@ class Attention(Op):
         total += 2 * n * m * c  # q @ k^T and attn @ v
         if isinstance(self.position, LePE):
             total += n * c * self.position.kernel ** d
-        return total + n * c * y.channels
+        return total + out
 
     def build(self, x, y):
         from ..layers.attention import Attention as Module
@@ -243,7 +259,8 @@ class Attention(Op):
         return Module(
             dim=x.channels, out=y.channels, heads=heads, grid=x.spatial, extra=x.extra, qkv_bias=self.qkv_bias,
             proj_bias=self.proj_bias, partition=self.partition.mode if self.partition is not None else None,
-            size=size, shift=shift, relative_bias=isinstance(self.position, RelativeBias),
+            size=size, shift=shift, padded=self.partition.padded(x.spatial) if self.partition is not None else None,
+            relative_bias=isinstance(self.position, RelativeBias),
             reduce=self.kv.ratio if self.kv is not None else 0, reduce_mode=self.kv.mode if self.kv else "conv",
             kv_norm=kv_norm,
             conv_proj=(self.projection.kernel, self.projection.stride_kv) if self.projection is not None else None,

@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from ..shapes import Shape, ShapeError
 from .registry import Op, check_divides, op, prod, spatial_out
 
+IntOrList = Union[int, list[int]]
 
-def _out_grid(x: Shape, kernel: int, stride: int, padding: int, dilation: int = 1) -> tuple[int, ...]:
-    grid = tuple(spatial_out(s, kernel, stride, padding, dilation) for s in x.spatial)
+
+def per_dim(value, ndim: int, what: str) -> tuple[int, ...]:
+    """An int for every spatial dim, or a list with one value per dim (a 1x11 band kernel)."""
+    if isinstance(value, int):
+        return (value,) * ndim
+    if len(value) != ndim:
+        raise ShapeError(f"{what} {value} has {len(value)} values but the input has {ndim} spatial dim(s)")
+    return tuple(value)
+
+
+def _show(t) -> str:
+    return str(t[0]) if len(set(t)) == 1 else "x".join(map(str, t))
+
+
+def _out_grid(x: Shape, kernel, stride, padding, dilation=1) -> tuple[int, ...]:
+    k, s, p, d = (per_dim(v, x.ndim, w) for v, w in ((kernel, "kernel"), (stride, "stride"), (padding, "padding"),
+                                                    (dilation, "dilation")))
+    grid = tuple(spatial_out(*args) for args in zip(x.spatial, k, s, p, d))
     if any(g < 1 for g in grid):
         raise ShapeError(
-            f"kernel {kernel} with stride {stride} and padding {padding} does not fit the input size "
+            f"kernel {_show(k)} with stride {_show(s)} and padding {_show(p)} does not fit the input size "
             f"{'x'.join(map(str, x.spatial))}",
             "the input is too small at this point: lower the stride or raise the input size",
         )
@@ -23,37 +40,45 @@ def _out_grid(x: Shape, kernel: int, stride: int, padding: int, dilation: int = 
 class Conv(Op):
     """Convolution over the spatial dims (`Conv1d/2d/3d` by the input's rank).
 
-    `out` output channels; `padding` defaults to `dilation * (kernel - 1) // 2` ("same" at stride 1).
-    Weights: timm's default (PyTorch's kaiming-uniform)."""
+    `out` output channels; `kernel`, `stride`, `padding` and `dilation` are an int or one value per
+    spatial dim (`kernel = [1, 11]`); `padding` defaults to `dilation * (kernel - 1) // 2` for an
+    odd kernel ("same" at stride 1) and to 0 for an even one (a patchify conv: kernel 4, stride 4). Weights: PyTorch's default (kaiming-uniform), as timm leaves most convs."""
 
     out: int
-    kernel: int = 1
-    stride: int = 1
-    padding: Optional[int] = None
-    dilation: int = 1
+    kernel: IntOrList = 1
+    stride: IntOrList = 1
+    padding: Optional[IntOrList] = None
+    dilation: IntOrList = 1
     groups: int = 1
     bias: bool = True
 
-    @property
-    def pad(self) -> int:
-        return self.dilation * (self.kernel - 1) // 2 if self.padding is None else self.padding
+    def pad(self, ndim: int) -> tuple[int, ...]:
+        if self.padding is not None:
+            return per_dim(self.padding, ndim, "padding")
+        k, d = per_dim(self.kernel, ndim, "kernel"), per_dim(self.dilation, ndim, "dilation")
+        return tuple(di * (ki - 1) // 2 if ki % 2 else 0 for ki, di in zip(k, d))
 
     def infer(self, x: Shape) -> Shape:
         check_divides(f"conv groups ({self.groups}) must divide the input channels", x.channels, self.groups)
         check_divides(f"conv groups ({self.groups}) must divide the output channels", self.out, self.groups)
-        return Shape(self.out, _out_grid(x, self.kernel, self.stride, self.pad, self.dilation), "map")
+        return Shape(self.out, _out_grid(x, self.kernel, self.stride, self.pad(x.ndim), self.dilation), "map")
+
+    def _taps(self, ndim: int) -> int:
+        return prod(per_dim(self.kernel, ndim, "kernel"))
 
     def params(self, x, y):
-        return self.out * (x.channels // self.groups) * self.kernel ** x.ndim + (self.out if self.bias else 0)
+        return self.out * (x.channels // self.groups) * self._taps(x.ndim) + (self.out if self.bias else 0)
 
     def macs(self, x, y):
-        return prod(y.spatial) * self.out * (x.channels // self.groups) * self.kernel ** x.ndim
+        return prod(y.spatial) * self.out * (x.channels // self.groups) * self._taps(x.ndim)
 
     def build(self, x, y):
         from torch import nn
 
-        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[x.ndim - 1]
-        return cls(x.channels, self.out, self.kernel, self.stride, self.pad, self.dilation, self.groups, self.bias)
+        n = x.ndim
+        cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
+        return cls(x.channels, self.out, per_dim(self.kernel, n, "kernel"), per_dim(self.stride, n, "stride"),
+                   self.pad(n), per_dim(self.dilation, n, "dilation"), self.groups, self.bias)
 
 
 @op("pool", category="pool", layout="map")
