@@ -73,6 +73,8 @@ class Sequence(nn.Module):
         dim = 1 if x.ndim != 3 else -1  # tokens keep channels last
         inputs = torch.split(x, split, dim=dim) if split else [x] * len(branches)
         outs = [self._run(b, xi, env) for b, xi in zip(branches, inputs)]
+        if merge == "tokens":  # along the token axis of (B, N, C)
+            return torch.cat(outs, dim=1)
         if merge == "concat":
             return torch.cat(outs, dim=dim)
         y = outs[0]
@@ -183,6 +185,15 @@ class ComposedModel(nn.Module):
         """The classifier module (a tuple when the head has several, as DeiT's distilled head)."""
         mods = tuple(getattr(self.head, s.name) for s in _classifier_steps(self.plan.head.steps))
         return mods[0] if len(mods) == 1 else mods
+
+    def fuse(self) -> "ComposedModel":
+        """Switch to the inference form in place: eval mode, every re-parameterizable op fused into
+        one conv (`composer.layers.fuse_model`). Returns the model."""
+        from .layers import fuse_model
+
+        self.eval()
+        fuse_model(self)
+        return self
 
     def reset_classifier(self, num_classes: int) -> None:
         steps = list(_classifier_steps(self.plan.head.steps))

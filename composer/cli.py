@@ -89,11 +89,15 @@ def cmd_build(args) -> int:
 
     model = build_module(plan, seed=args.seed)
     model.eval()
+    if args.fuse:
+        model.fuse()
     x = torch.randn(1, plan.input.channels, *plan.input.spatial)
     with torch.no_grad():
         y = model(x)
     print(render(plan, counted_params(model)))
     print(f"forward: input {tuple(x.shape)} -> output {tuple(y.shape)}")
+    if args.fuse:
+        print("fused: re-parameterized into the inference form (parameters counted fused, MACs as trained)")
     if args.output:
         _save(model, Path(args.output))
         print(f"wrote {args.output}")
@@ -126,15 +130,16 @@ def cmd_port(args) -> int:
         if not source:
             raise error("usage", f"{plan.model.name} declares no `reference`; name the source with --from timm:MODEL")
     kind, _, ref_name = source.partition(":")
-    if kind != "timm" or not ref_name:
-        raise error("usage", f"--from expects timm:MODEL_NAME, got '{source}'", None,
-                    "only timm checkpoints are supported")
+    if kind not in ("timm", "torchvision") or not ref_name:
+        raise error("usage", f"--from expects timm:MODEL_NAME or torchvision:MODEL_NAME, got '{source}'", None,
+                    "timm and torchvision checkpoints are supported")
     from .builder import build_module
-    from .port import from_timm, read_checkpoint
+    from .port import from_timm, from_torchvision, read_checkpoint
 
     state = read_checkpoint(args.checkpoint)
     model = build_module(plan, seed=args.seed)
-    report = from_timm(model, state, strict=False, source_name=source)
+    port = from_timm if kind == "timm" else from_torchvision
+    report = port(model, state, strict=False, source_name=source)
     print(report.render())
     if not report.ok:
         raise error("port-incomplete", f"not written: {args.checkpoint} does not account for every tensor of "
@@ -202,6 +207,8 @@ def make_parser() -> argparse.ArgumentParser:
     target_opts(b)
     b.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the initial weights (atomically)")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    b.add_argument("--fuse", action="store_true",
+                   help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
     b.set_defaults(func=cmd_build)
 
     i = sub.add_parser("info", help="the build summary on the meta device (no weights allocated)",
@@ -222,8 +229,8 @@ def make_parser() -> argparse.ArgumentParser:
     po.add_argument("checkpoint", metavar="CHECKPOINT",
                     help="a local .safetensors, or a .pth/.bin state dict (read with weights_only=True; a top-level "
                     "'state_dict' or 'model' entry is unwrapped)")
-    po.add_argument("--from", dest="source", metavar="timm:MODEL",
-                    help="the checkpoint's model (default: the blueprint's `reference`)")
+    po.add_argument("--from", dest="source", metavar="SOURCE:MODEL",
+                    help="the checkpoint's model, timm:NAME or torchvision:NAME (default: the blueprint's `reference`)")
     po.add_argument("-o", "--output", metavar="OUT.safetensors", required=True,
                     help="where to write the ported weights (atomically)")
     target_opts(po)

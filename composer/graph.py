@@ -34,6 +34,7 @@ class Step:
     split: list | None = None
     drop_path: float = 0.0
     call: str = ""
+    batch: int = 1  # sequences per image inside patches_to_batch ... batch_to_patches: multiplies the MACs
 
     def walk(self):
         yield self
@@ -46,7 +47,7 @@ class Step:
 
     @property
     def macs(self) -> int:
-        return sum(s.op.macs(s.x, s.y) for s in self.walk() if s.kind == "op")
+        return sum(s.op.macs(s.x, s.y) * s.batch for s in self.walk() if s.kind == "op")
 
 
 @dataclass
@@ -123,6 +124,7 @@ class _Lowering:
         self.graph = nx.DiGraph()
         self.last = "input"
         self.saved: dict = {}
+        self.folds: list = []  # open patches_to_batch ops: (op, span, batch factor), innermost last
 
     def run(self) -> Plan:
         inp = self.model.input
@@ -161,7 +163,34 @@ class _Lowering:
 
     def _section(self, path, items, x, drop_path=0.0, call="") -> Section:
         steps, y = self._seq(path, items, x)
+        self._folds_closed(path, 0)
         return Section(path, steps, x, y, drop_path, call)
+
+    def _folds_closed(self, path, depth: int) -> None:
+        """A patches_to_batch opened in a section, residual body or parallel branch closes there."""
+        if len(self.folds) > depth:
+            op, span, _ = self.folds[-1]
+            raise _shape_error(path, span, ShapeError(
+                f"{op.name}({op.size}) is not closed by batch_to_patches({op.size}) in the same body",
+                "unfold and fold back within one block (and within one residual or parallel branch)"))
+
+    def _batch(self) -> int:
+        n = 1
+        for _, _, factor in self.folds:
+            n *= factor
+        return n
+
+    def _fold(self, path, item, x: Shape) -> None:
+        """Track patches_to_batch (opens: the batch grows by size^d) and batch_to_patches (closes it)."""
+        kind = getattr(item.op, "batch_fold", None)
+        if kind == "open":
+            self.folds.append((item.op, item.span, item.op.size ** x.ndim))
+        elif kind == "close":
+            if not self.folds or self.folds[-1][0].size != item.op.size:
+                raise _shape_error(path, item.span, ShapeError(
+                    f"{item.op.name}({item.op.size}) has no matching patches_to_batch({item.op.size}) before it",
+                    "fold back what patches_to_batch unfolded earlier in the same block, with the same size"))
+            self.folds.pop()
 
     def _seq(self, path: str, items: list, x: Shape) -> tuple[list, Shape]:
         steps = []
@@ -197,7 +226,9 @@ class _Lowering:
             self.graph.add_node(node, kind="op", op=item.op.name, x=x, y=y)
             self.graph.add_edge(self.last, node)
             self.last = node
-            return pre + [Step("op", node, x, y, item.span, item.name, item.op)], y
+            batch = self._batch()
+            self._fold(node, item, x)
+            return pre + [Step("op", node, x, y, item.span, item.name, item.op, batch=batch)], y
         if isinstance(item, SubSeq):
             steps, y = self._seq(f"{path}.{item.name}", item.items, x)
             return [Step("seq", f"{path}.{item.name}", x, y, item.span, item.name, body=steps, call=item.call)], y
@@ -207,7 +238,9 @@ class _Lowering:
             short, xs = self._seq(path, item.shortcut, x)
             short_end = self.last
             self.last = start
+            depth = len(self.folds)
             body, y = self._seq(path, item.body, x)
+            self._folds_closed(path, depth)
             if y.layout != xs.layout:
                 back, y = self._convert(path, y, xs.layout, item.span)
                 body += back
@@ -225,6 +258,10 @@ class _Lowering:
         if isinstance(item, ParallelNode):
             return self._parallel(path, item, x)
         if isinstance(item, NamedTensor):
+            if self.folds:
+                raise error("shape", f"`{'save' if item.action == 'save' else 'from'} {item.tensor}` between "
+                            "patches_to_batch and batch_to_patches: the batch is multiplied there", item.span,
+                            "save or load named tensors outside the unfolded part")
             if item.action == "save":
                 self.saved[item.tensor] = (x, self.last)
                 return [Step("save", path, x, x, item.span, name=item.tensor)], x
@@ -244,10 +281,14 @@ class _Lowering:
         for i, b in enumerate(item.branches):
             self.last = start
             xb = x.with_(channels=item.split[i]) if item.split else x
+            depth = len(self.folds)
             steps, y = self._seq(path, b, xb)
+            self._folds_closed(path, depth)
             branches.append(steps)
             outs.append(y)
             ends.append(self.last)
+        if item.merge == "tokens":
+            return self._merge_tokens(path, item, x, start, ends, branches, outs)
         first = outs[0]
         for i, y in enumerate(outs[1:], 1):
             if y.layout != first.layout:
@@ -267,6 +308,31 @@ class _Lowering:
             self.graph.add_edge(e, node)
         self.last = node
         return [Step("parallel", path, x, y, item.span, branches=branches, merge=item.merge, split=item.split)], y
+
+
+    def _merge_tokens(self, path, item: ParallelNode, x: Shape, start, ends, branches, outs):
+        """`parallel tokens`: concatenate along the token axis. The last branch's grid stays the
+        grid; every token ahead of it (all tokens of the earlier branches, then the last branch's
+        own prefix tokens) becomes a prefix token. Maps are flattened to tokens first."""
+        for i, y in enumerate(outs):
+            if y.layout == "map":
+                back, outs[i] = self._convert(path, y, "tokens", item.span)
+                branches[i] += back
+            if outs[i].layout != "tokens":
+                raise _shape_error(path, item.span, ShapeError(
+                    f"parallel tokens: branch {i + 1} gives a {outs[i].layout} {outs[i]}, not tokens"))
+            if outs[i].channels != outs[0].channels:
+                raise _shape_error(path, item.span, ShapeError(
+                    f"parallel tokens: branch 1 gives {outs[0]} but branch {i + 1} gives {outs[i]}",
+                    "token sequences concatenate only with the same channels; project one with linear(...)"))
+        last = outs[-1]
+        y = last.with_(extra=last.extra + sum(o.tokens for o in outs[:-1]))
+        node = f"{path}.tokens@{item.span.line}:{item.span.column}"
+        self.graph.add_node(node, kind="merge", merge="tokens", y=y)
+        for e in ends:
+            self.graph.add_edge(e, node)
+        self.last = node
+        return [Step("parallel", path, x, y, item.span, branches=branches, merge="tokens", split=item.split)], y
 
 
 def _first_need(items) -> str:

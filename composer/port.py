@@ -4,7 +4,8 @@ The mapping is data, declared next to each family blueprint as `<family>.port.ya
 is in docs/porting.md). Rename rules map OUR key to the REFERENCE key (`{ours: REGEX, ref: REPL}`,
 applied in order, each with `re.sub`), so every key of our model names the one tensor that
 feeds it. Split rules cut a fused reference tensor into named parts first; tensors whose numel
-matches are reshaped (a 1x1 conv <-> a linear); the classifier is skipped when `num_classes`
+matches are reshaped (a 1x1 conv <-> a linear); join rules (the inverse of a split)
+concatenate several reference tensors into the one tensor of ours they feed; the classifier is skipped when `num_classes`
 differs (timm's rule) and the input conv is adapted to `in_chans` (timm's `adapt_input_conv`).
 """
 
@@ -21,9 +22,9 @@ import yaml
 
 from .diagnostics import error
 
-SOURCES = ("timm",)
-_TOP_KEYS = {"source", "rules", "split", "ignore", "reshape", "models"}
-_SECTION_KEYS = {"match", "rules", "split", "ignore"}
+SOURCES = ("timm", "torchvision")
+_TOP_KEYS = {"source", "rules", "split", "join", "ignore", "reshape", "models"}
+_SECTION_KEYS = {"match", "rules", "split", "join", "ignore"}
 
 
 # ----------------------------------------------------------------------------------------------- the mapping
@@ -44,6 +45,16 @@ class Split:
 
 
 @dataclass
+class Join:
+    """The inverse of a Split: reference tensors whose keys match `parts` (regexes) and agree on the
+    text around the match are concatenated along `dim`, in the order of `parts`; the joined tensor
+    is named by substituting the first part's match with `into` (reference namespace)."""
+    parts: list[re.Pattern]
+    into: str
+    dim: int = 0
+
+
+@dataclass
 class Mapping:
     source: str = "timm"
     rules: list[Rule] = field(default_factory=list)
@@ -51,6 +62,7 @@ class Mapping:
     ignore: list[re.Pattern] = field(default_factory=list)
     reshape: bool = True
     path: str = "<mapping>"
+    joins: list[Join] = field(default_factory=list)
 
     def our_to_ref(self, key: str) -> str:
         for r in self.rules:
@@ -101,6 +113,19 @@ def _splits(path, items, where):
     return out
 
 
+def _joins(path, items, where):
+    out = []
+    for i, item in enumerate(items or []):
+        keys = set(item) if isinstance(item, dict) else set()
+        if not {"from", "into"} <= keys or keys - {"from", "into", "dim"} or not isinstance(item["from"], list) \
+                or len(item["from"]) < 2 or not isinstance(item["into"], str):
+            raise _bad(path, f"{where} join {i + 1} must be {{from: [two or more REGEXES], into: NAME, dim: D}}, "
+                       f"got {item!r}")
+        parts = [_regex(path, t, f"{where} join {i + 1}") for t in item["from"]]
+        out.append(Join(parts, item["into"], int(item.get("dim", 0))))
+    return out
+
+
 def _names(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value or [])
 
@@ -126,7 +151,7 @@ def read_mapping(source, model_names=()) -> Mapping:
     src = data.get("source", "timm")
     if src not in SOURCES:
         raise _bad(path, f"unsupported source '{src}'", f"supported: {', '.join(SOURCES)}")
-    rules, splits, ignore = [], [], []
+    rules, splits, ignore, joins = [], [], [], []
     for j, sec in enumerate(data.get("models") or []):
         if not isinstance(sec, dict) or "match" not in sec or set(sec) - _SECTION_KEYS:
             raise _bad(path, f"models section {j + 1} must be {{match: PATTERN(S), rules: [...], split: [...], "
@@ -136,11 +161,13 @@ def read_mapping(source, model_names=()) -> Mapping:
             where = f"models[{j + 1}]"
             rules += _rules(path, sec.get("rules"), where)
             splits += _splits(path, sec.get("split"), where)
+            joins += _joins(path, sec.get("join"), where)
             ignore += [_regex(path, t, f"{where} ignore") for t in _names(sec.get("ignore"))]
     rules += _rules(path, data.get("rules"), "top-level")
     splits += _splits(path, data.get("split"), "top-level")
+    joins += _joins(path, data.get("join"), "top-level")
     ignore += [_regex(path, t, "ignore") for t in _names(data.get("ignore"))]
-    return Mapping(src, rules, splits, ignore, bool(data.get("reshape", True)), path)
+    return Mapping(src, rules, splits, ignore, bool(data.get("reshape", True)), path, joins)
 
 
 def mapping_path(model) -> Path:
@@ -157,6 +184,7 @@ class PortReport:
     matched: list[tuple[str, str]] = field(default_factory=list)            # (ours, reference)
     reshaped: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)  # (ours, ref, from, to)
     split: list[tuple[str, str]] = field(default_factory=list)              # (ours, fused reference key)
+    joined: list[tuple[str, list[str]]] = field(default_factory=list)       # (ours, the reference keys joined)
     adapted: list[tuple[str, str, str]] = field(default_factory=list)       # (ours, ref, how)
     skipped: list[tuple[str, str]] = field(default_factory=list)            # (key, why): left re-initialised
     ignored: list[str] = field(default_factory=list)                        # reference keys the mapping ignores
@@ -170,12 +198,13 @@ class PortReport:
 
     @property
     def loaded(self) -> int:
-        return len(self.matched) + len(self.reshaped) + len(self.split) + len(self.adapted)
+        return len(self.matched) + len(self.reshaped) + len(self.split) + len(self.adapted) + len(self.joined)
 
     def render(self, limit: int = 20) -> str:
         lines = [f"port {self.source} -> {self.model}: {self.loaded} tensors loaded "
                  f"({len(self.matched)} matched, {len(self.reshaped)} reshaped, {len(self.split)} split, "
-                 f"{len(self.adapted)} adapted), {len(self.skipped)} skipped, {len(self.ignored)} ignored"]
+                 f"{len(self.adapted)} adapted" + (f", {len(self.joined)} joined" if self.joined else "")
+                 + f"), {len(self.skipped)} skipped, {len(self.ignored)} ignored"]
 
         def section(title, items, fmt):
             if items:
@@ -184,6 +213,7 @@ class PortReport:
                 if len(items) > limit:
                     lines.append(f"  ... and {len(items) - limit} more")
 
+        section("joined", self.joined, lambda r: f"{r[0]} <- {' + '.join(r[1])}")
         section("reshaped", self.reshaped, lambda r: f"{r[0]} <- {r[1]}  {list(r[2])} -> {list(r[3])}")
         section("adapted", self.adapted, lambda r: f"{r[0]} <- {r[1]}  ({r[2]})")
         section("skipped", self.skipped, lambda r: f"{r[0]}  ({r[1]})")
@@ -231,6 +261,35 @@ def _split_source(state: dict, splits: list[Split]) -> tuple[dict, dict]:
             del out[key]
             break
     return out, origin
+
+
+def _join_source(state: dict, joins: list[Join]) -> tuple[dict, dict]:
+    """Reference tensors with the parts of each join concatenated -> (tensors, joined key -> part keys)."""
+    out, parts_of = dict(state), {}
+    for j in joins:
+        found = []                                   # per part: {(text before, text after): (key, match)}
+        for pat in j.parts:
+            hits = {}
+            for key in out:
+                m = pat.search(key)
+                if m:
+                    hits[(key[:m.start()], key[m.end():])] = (key, m)
+            found.append(hits)
+        for around, (key0, m0) in found[0].items():
+            if not all(around in hits for hits in found[1:]):
+                continue
+            keys = [hits[around][0] for hits in found]
+            try:
+                value = torch.cat([out[k] for k in keys], dim=j.dim)
+            except RuntimeError as exc:
+                raise error("port-mapping", f"join {[p.pattern for p in j.parts]}: cannot concatenate "
+                            f"{', '.join(keys)} along dim {j.dim}: {exc}") from None
+            joined = around[0] + m0.expand(j.into) + around[1]
+            for k in keys:
+                del out[k]
+            out[joined] = value
+            parts_of[joined] = [p for k in keys for p in parts_of.pop(k, [k])]
+    return out, parts_of
 
 
 def _head_keys(model) -> tuple[set[str], set[str]]:
@@ -282,6 +341,7 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
             report.ignored.append(k)
             del state[k]
     source, origin = _split_source(state, mapping.splits)
+    source, joined_from = _join_source(source, mapping.joins)
     used: set[str] = set()
 
     ours = model.state_dict()
@@ -299,7 +359,9 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
             report.skipped.append((key, f"classifier: checkpoint {list(value.shape)}, model {list(target.shape)}; "
                                        "left as initialised"))
             continue
-        if value.shape == target.shape:
+        if value.shape == target.shape and ref in joined_from:
+            report.joined.append((key, joined_from[ref]))
+        elif value.shape == target.shape:
             (report.split if ref in origin else report.matched).append((key, origin.get(ref, ref)))
         elif (key.startswith("stem.") and value.ndim == target.ndim >= 3 and value.shape[0] == target.shape[0]
               and value.shape[2:] == target.shape[2:] and target.shape[1] == in_chans):
@@ -321,6 +383,8 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
         if ref in absent:
             report.skipped.append((ref, "reference " + ("classifier" if absent[ref] in cls_keys else "head")
                                    + ": the model has none"))
+        elif ref in joined_from:
+            report.unexpected.extend(origin.get(k, k) for k in joined_from[ref])
         else:
             report.unexpected.append(origin.get(ref, ref))
     report.unexpected = sorted(set(report.unexpected))
@@ -340,6 +404,15 @@ def from_timm(model, state_dict: dict, mapping=None, *, strict: bool = True, sou
     """Load a timm model's `state_dict` into `model` (a ComposedModel). See `port`."""
     if isinstance(mapping, Mapping) and mapping.source != "timm":
         raise error("port-mapping", f"{mapping.path} maps from '{mapping.source}', not timm")
+    return port(model, state_dict, mapping, strict=strict, source_name=source_name)
+
+
+def from_torchvision(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None
+                     ) -> PortReport:
+    """Load a torchvision model's `state_dict` into `model` (a ComposedModel), with a mapping whose
+    `source` is `torchvision`. See `port`."""
+    if isinstance(mapping, Mapping) and mapping.source != "torchvision":
+        raise error("port-mapping", f"{mapping.path} maps from '{mapping.source}', not torchvision")
     return port(model, state_dict, mapping, strict=strict, source_name=source_name)
 
 

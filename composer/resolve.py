@@ -19,7 +19,7 @@ from .parse import parse_file
 from .source import Span
 
 SETTINGS = ("drop_path", "reference", "paper", "outputs")
-MERGES = ("concat", "add", "mean", "mul", "sub")
+MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
 
 # ---- the resolved architecture ------------------------------------------------
 

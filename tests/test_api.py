@@ -7,14 +7,6 @@ import composer
 from helpers import n_params, write
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_classifier_api():
     model = composer.build("convnext_atto", img_size=64).eval()
     assert model.num_classes == 1000

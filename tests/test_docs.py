@@ -72,17 +72,6 @@ ARCH = [b for blocks in ALL.values() for b in blocks if b.lang == "arch" and "fr
 PYTHON_DOCS = [doc for doc, blocks in ALL.items() if any(b.lang == "python" for b in blocks)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine (no spinning)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_named(doc: Path, folder: Path) -> None:
     """Write every named arch block of `doc` (so that imports and Python blocks find them)."""
     for b in ALL[doc]:

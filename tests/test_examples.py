@@ -20,17 +20,6 @@ EXAMPLES = REPO / "examples"
 BLUEPRINTS = sorted(EXAMPLES.glob("*.arch"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and far faster on a busy machine (no spinning)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_examples_are_listed_in_readme():
     readme = (EXAMPLES / "README.md").read_text()
     for path in [*BLUEPRINTS, *EXAMPLES.glob("*.py")]:

@@ -21,14 +21,6 @@ FAMILIES = ["vit_ti", "swin_t", "convnext_atto", "pvt_v2_b0", "poolformer_s12", 
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _perturb(model) -> None:
     """Random 1-D parameters (norms, biases, layer scales), so that a mis-mapped one shows."""
     gen = torch.Generator().manual_seed(1)

@@ -7,10 +7,14 @@ Submodules and their state_dict names:
   `conv_q`, `conv_k`, `conv_v`    CvT's convolutional projection, each `.conv` (depthwise, no bias)
                                   and `.bn`, followed by the linears `q`, `k`, `v`;
   `relative_position_bias_table`  the relative bias (window or grid groups), with the non-persistent
-                                  buffer `relative_position_index`;
+                                  buffer `relative_position_index`; (heads, 2w-1, ...) for
+                                  `relative_bias_map`;
   `lepe`                          LePE's depthwise conv on V (added to the attention output);
   `proj`                          the output projection.
 Masks and index tables are buffers, built once at construction.
+
+`CascadedAttention`, the module behind the `cascaded_attention` op (EfficientViT-M's cascaded group
+attention over a map: `qkvs.<i>`, `dws.<i>`, `attention_biases`), is at the end of this file.
 """
 
 from __future__ import annotations
@@ -103,8 +107,9 @@ class Attention(nn.Module):
 
     def __init__(self, dim, out, heads, grid, extra=0, qkv_bias=True, proj_bias=True, partition=None, size=0,
                  shift=0, padded=None, relative_bias=False, reduce=0, reduce_mode="conv", kv_norm=None, conv_proj=None,
-                 lepe=0, scale=None):
+                 lepe=0, scale=None, input_query=False):
         super().__init__()
+        self.input_query = input_query  # x carries [tokens (dim), queries (dim)]: kv from `qkv`
         self.heads, self.head_dim = heads, dim // heads
         self.grid, self.extra = tuple(grid), extra
         self.partition, self.size, self.shift = partition, size, shift
@@ -132,11 +137,18 @@ class Attention(nn.Module):
                     self.pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[ndim - 1](reduce, reduce)
             self.norm = kv_norm if kv_norm is not None else nn.Identity()
         else:
-            self.qkv = ChannelLinear(dim, 3 * dim, qkv_bias)
+            self.qkv = ChannelLinear(dim, (2 if input_query else 3) * dim, qkv_bias)
         if lepe:
             self.lepe = _conv_cls(ndim)(dim, dim, lepe, 1, lepe // 2, groups=dim)
         self.proj = ChannelLinear(dim, out, proj_bias)
-        if relative_bias:
+        self.bias_map = relative_bias == "map"
+        if self.bias_map:  # (heads, 2w-1, ...) read at the key-minus-query offset (TF MaxViT)
+            self.relative_position_bias_table = nn.Parameter(
+                nn.init.normal_(torch.empty(heads, *[2 * size - 1] * ndim), std=0.02)
+            )
+            self.register_buffer("relative_position_index", _relative_index(size, ndim).t().contiguous(),
+                                 persistent=False)
+        elif relative_bias:
             self.relative_position_bias_table = nn.Parameter(
                 trunc_normal_(torch.empty((2 * size - 1) ** ndim, heads), 0.02)
             )
@@ -150,8 +162,12 @@ class Attention(nn.Module):
         bias = None
         if hasattr(self, "relative_position_bias_table"):
             n = self.relative_position_index.shape[0]
-            table = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-            bias = table.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
+            if self.bias_map:
+                table = self.relative_position_bias_table.flatten(1)[:, self.relative_position_index.view(-1)]
+                bias = table.view(-1, n, n)  # (heads, N, N)
+            else:
+                table = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+                bias = table.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
         if self.attn_mask is not None:
             bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads, N, N)
         return bias
@@ -179,7 +195,11 @@ class Attention(nn.Module):
                 x = self._roll(x, -self.shift)
             x = _partition(x, self.padded, self.size, self.partition)
         bw, nw = x.shape[0], x.shape[1]
-        if hasattr(self, "qkv"):
+        if self.input_query:
+            x, q = x.split(self.heads * self.head_dim, dim=-1)
+            q = self._heads(q)
+            k, v = self.qkv(x).reshape(bw, nw, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        elif hasattr(self, "qkv"):
             qkv = self.qkv(x).reshape(bw, nw, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
         elif hasattr(self, "conv_q"):
@@ -198,6 +218,7 @@ class Attention(nn.Module):
             nwin = self.attn_mask.shape[0]
             q, k, v = (t.view(b, nwin, self.heads, nw, self.head_dim) for t in (q, k, v))  # bias (nW, 1|heads, N, N)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        c = self.heads * self.head_dim
         y = y.reshape(bw, self.heads, nw, self.head_dim).transpose(1, 2).reshape(bw, nw, c)
         if hasattr(self, "lepe"):  # LePE: a depthwise conv on V (per group), added to the output
             v = v.reshape(bw, self.heads, -1, self.head_dim).transpose(1, 2).reshape(bw, -1, c)
@@ -209,3 +230,89 @@ class Attention(nn.Module):
             if self.padded != self.grid:
                 y = y.view(b, *self.padded, c)[(slice(None), *[slice(0, g) for g in self.grid])].reshape(b, n, c)
         return self.proj(y)
+
+
+# ------------------------------------------------------------------------------ cascaded group attention
+def _offset_index(group) -> torch.Tensor:
+    """(N, N) index of the absolute offset (|d1|, |d2|, ...) between two positions of a group, in
+    mixed radix (|d1| * g2 + |d2| in 2-D): the order in which the offsets first occur."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(g) for g in group], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).abs()
+    index = torch.zeros(rel.shape[1:], dtype=torch.long)
+    for d, g in enumerate(group):
+        index = index * g + rel[d]
+    return index
+
+
+def _conv_bn(ndim, cin, cout, kernel=1, groups=1):
+    conv = _conv_cls(ndim)(cin, cout, kernel, 1, kernel // 2, groups=groups, bias=False)
+    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1](cout)
+    return nn.Sequential(OrderedDict(conv=conv, bn=bn))
+
+
+class CascadedAttention(nn.Module):
+    """Cascaded group attention over a map (B, C, *grid) (the `cascaded_attention` op).
+
+    Submodules: `qkvs.<i>` (1x1 conv + BN to q, k, v of head i), `dws.<i>` (depthwise conv + BN on
+    the query; absent for kernel 0), parameter `attention_biases` (heads x prod(group)) with the
+    non-persistent buffer `attention_bias_idxs`. With windows the map is zero-padded to the padded
+    grid, cut into windows, attended window by window, and cropped back."""
+
+    def __init__(self, dim, heads, key_dim, kernels, grid, size=0, padded=None, offset_bias=False, scale=None):
+        super().__init__()
+        ndim = len(grid)
+        self.heads, self.key_dim, self.val_dim = heads, key_dim, dim // heads
+        self.grid, self.size = tuple(grid), size
+        self.padded = tuple(padded) if padded is not None else self.grid
+        self.group = (size,) * ndim if size else self.grid
+        self.scale = key_dim ** -0.5 if scale is None else scale
+        self.qkvs = nn.ModuleList(_conv_bn(ndim, self.val_dim, 2 * key_dim + self.val_dim) for _ in range(heads))
+        self.dws = nn.ModuleList(_conv_bn(ndim, key_dim, key_dim, k, groups=key_dim) if k else nn.Identity()
+                                 for k in kernels)
+        if offset_bias:
+            n = 1
+            for g in self.group:
+                n *= g
+            self.attention_biases = nn.Parameter(torch.zeros(heads, n))
+            self.register_buffer("attention_bias_idxs", _offset_index(self.group), persistent=False)
+
+    def _windows(self, x):
+        b, c = x.shape[:2]
+        x = x.movedim(1, -1)
+        if self.padded != self.grid:  # zeros at the end of every dim
+            x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
+        x = _partition(x, self.padded, self.size)  # (B * nW, N, C)
+        return x.transpose(1, 2).reshape(x.shape[0], c, *self.group)
+
+    def _unwindows(self, y, b):
+        c = y.shape[1]
+        y = _unpartition(y.flatten(2).transpose(1, 2), self.padded, self.size, b)  # (B, prod(padded), C)
+        y = y.view(b, *self.padded, c)
+        if self.padded != self.grid:
+            y = y[(slice(None), *[slice(0, g) for g in self.grid])]
+        return y.movedim(-1, 1).contiguous()
+
+    def forward(self, x):
+        b = x.shape[0]
+        windowed = self.size and self.group != self.grid
+        if windowed:
+            x = self._windows(x)
+        bias = None
+        if hasattr(self, "attention_biases"):
+            bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
+        bw, spatial = x.shape[0], x.shape[2:]
+        outs, feat = [], None
+        for i, (chunk, qkv, dw) in enumerate(zip(x.chunk(self.heads, dim=1), self.qkvs, self.dws)):
+            feat = chunk if i == 0 else feat + chunk
+            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
+            q = dw(q)
+            # explicit matmuls: with head dims this small (and an additive bias) they beat the fused
+            # CPU kernel, and they are the reference's formulation
+            q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)  # (B, d, N)
+            scores = (q * self.scale).transpose(1, 2) @ k  # (B, N, N)
+            if bias is not None:
+                scores = scores + bias[i]
+            feat = (v @ scores.softmax(-1).transpose(1, 2)).reshape(bw, self.val_dim, *spatial)
+            outs.append(feat)
+        y = torch.cat(outs, 1)
+        return self._unwindows(y, b) if windowed else y

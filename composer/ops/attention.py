@@ -119,6 +119,25 @@ class RelativeBias(Op):
     std: float = 0.02
 
 
+@op("relative_bias_map", kind="part", category="attention part")
+class RelativeBiasMap(Op):
+    """A learned relative-position bias stored as one (2w-1)^d map per head, read at the
+    key-minus-query offset (TensorFlow MaxViT's layout, timm's `RelPosBiasTf`): the table is
+    `relative_position_bias_table` of shape (heads, 2w-1, ..., 2w-1), normal(std 0.02)
+    initialised. The same number of parameters as `relative_bias`. Needs a partition."""
+
+    std: float = 0.02
+
+
+@op("input_query", kind="part", category="attention part")
+class InputQuery(Op):
+    """The queries come with the input: its channels are [tokens (C), queries (C)]. Keys and values
+    are projected from the tokens by `qkv` (a C -> 2C linear); the queries are used as given, not
+    projected (GC-ViT's global query: a map of query tokens from elsewhere, `tile`d to the grid and
+    concatenated in a `parallel concat`, so that every window sees the same queries). The
+    attention's channels, heads and output are those of C."""
+
+
 @op("lepe", kind="part", category="attention part")
 class LePE(Op):
     """Locally-enhanced position encoding (CSWin): a depthwise `kernel` conv with bias over V (as a
@@ -135,9 +154,10 @@ class Attention(Op):
     Heads: `heads`, or `head_dim` (heads = channels / head_dim). Projections: one `qkv` linear, or
     `q` and `kv` linears when `kv` reduces the keys, or `projection=conv_proj(...)` (CvT); output
     projection `proj` to `out` channels. Parts: `partition=window(...)|grid(...)`,
-    `kv=reduce(...)`, `projection=conv_proj(...)`, `position=relative_bias|lepe(...)`. `scale`
-    defaults to head_dim^-0.5. Computed with `F.scaled_dot_product_attention`; masks and index
-    tables are built once. Linear weights trunc-normal(0.02), biases zero."""
+    `kv=reduce(...)`, `projection=conv_proj(...)`,
+    `position=relative_bias|relative_bias_map|lepe(...)`, `query=input_query` (queries given with
+    the input). `scale` defaults to head_dim^-0.5. Computed with `F.scaled_dot_product_attention`;
+    masks and index tables are built once. Linear weights trunc-normal(0.02), biases zero."""
 
     heads: Optional[int] = None
     head_dim: Optional[int] = None
@@ -147,11 +167,17 @@ class Attention(Op):
     partition: Optional[Union[Window, Grid]] = None
     kv: Optional[Reduce] = None
     projection: Optional[ConvProj] = None
-    position: Optional[Union[RelativeBias, LePE]] = None
+    position: Optional[Union[RelativeBias, RelativeBiasMap, LePE]] = None
     scale: Optional[float] = None
+    query: Optional[InputQuery] = None
+
+    def _x(self, x: Shape) -> Shape:
+        """The shape the attention works in: the token half of the channels with `input_query`."""
+        return x.with_(channels=x.channels // 2) if self.query is not None else x
 
     def geometry(self, x: Shape) -> tuple[int, int]:
         """(heads, head_dim) for input `x`."""
+        x = self._x(x)
         if self.heads is None and self.head_dim is None:
             raise ShapeError("attention needs `heads` or `head_dim`")
         if self.heads is not None:
@@ -179,6 +205,12 @@ class Attention(Op):
         return self._group(x)
 
     def infer(self, x: Shape) -> Shape:
+        if self.query is not None:
+            if x.channels % 2:
+                raise ShapeError(f"input_query needs [tokens, queries] channels of equal size, got {x.channels}")
+            if self.kv is not None or self.projection is not None or isinstance(self.position, LePE):
+                raise ShapeError("input_query cannot be combined with kv, projection or lepe parts")
+            x = self._x(x)
         self.geometry(x)
         if self.partition is not None:
             if x.extra:
@@ -188,7 +220,7 @@ class Attention(Op):
             self.partition.check(x.spatial)
         if self.kv is not None and self.projection is not None:
             raise ShapeError("attention takes either kv=reduce(...) or projection=conv_proj(...), not both")
-        if isinstance(self.position, RelativeBias) and self.partition is None:
+        if isinstance(self.position, (RelativeBias, RelativeBiasMap)) and self.partition is None:
             raise ShapeError("relative_bias needs a window or grid partition")
         if self.kv is not None:
             if x.extra:
@@ -209,8 +241,11 @@ class Attention(Op):
         return x.extra + prod(self._kv_grid(x))  # prefix tokens are keys too (never with kv/partition)
 
     def params(self, x, y):
-        c, d, h = x.channels, x.ndim, self.geometry(x)[0]
+        h, x = self.geometry(x)[0], self._x(x)
+        c, d = x.channels, x.ndim
         n = 3 * c * c + (3 * c if self.qkv_bias else 0)
+        if self.query is not None:
+            n -= c * c + (c if self.qkv_bias else 0)  # no q projection
         if self.kv is not None:
             if self.kv.ratio > 1 and self.kv.mode == "conv":
                 n += c * c * self.kv.ratio ** d + c
@@ -218,7 +253,7 @@ class Attention(Op):
             n += self.kv.norm.params(g, g) if self.kv.norm else 0
         if self.projection is not None:
             n += 3 * (c * self.projection.kernel ** d + 2 * c)  # depthwise conv + batch norm each
-        if isinstance(self.position, RelativeBias):
+        if isinstance(self.position, (RelativeBias, RelativeBiasMap)):
             n += (2 * self.partition.effective(x.spatial)[0] - 1) ** d * h
         if isinstance(self.position, LePE):
             n += c * self.position.kernel ** d + c
@@ -227,6 +262,7 @@ class Attention(Op):
     def macs(self, x, y):
         """Linear and conv multiply-accumulates plus q k^T and attn v; norms, softmax, pooling and
         the bias gather are not counted."""
+        x = self._x(x)
         c, d, n = x.channels, x.ndim, x.tokens
         m = self._kv_tokens(x)  # keys per query
         out = n * c * y.channels  # proj (after cropping padded windows)
@@ -257,12 +293,106 @@ class Attention(Op):
             kv_norm = self.kv.norm.build(g, g)
         size, shift = self.partition.effective(x.spatial) if self.partition is not None else (0, 0)
         return Module(
-            dim=x.channels, out=y.channels, heads=heads, grid=x.spatial, extra=x.extra, qkv_bias=self.qkv_bias,
+            dim=self._x(x).channels, input_query=self.query is not None, out=y.channels, heads=heads, grid=x.spatial, extra=x.extra, qkv_bias=self.qkv_bias,
             proj_bias=self.proj_bias, partition=self.partition.mode if self.partition is not None else None,
             size=size, shift=shift, padded=self.partition.padded(x.spatial) if self.partition is not None else None,
-            relative_bias=isinstance(self.position, RelativeBias),
+            relative_bias=isinstance(self.position, RelativeBias) or (
+                "map" if isinstance(self.position, RelativeBiasMap) else False),
             reduce=self.kv.ratio if self.kv is not None else 0, reduce_mode=self.kv.mode if self.kv else "conv",
             kv_norm=kv_norm,
             conv_proj=(self.projection.kernel, self.projection.stride_kv) if self.projection is not None else None,
             lepe=self.position.kernel if isinstance(self.position, LePE) else 0, scale=self.scale,
+        )
+
+
+# ------------------------------------------------------------------------------ cascaded group attention
+@op("offset_bias", kind="part", category="attention part")
+class OffsetBias(Op):
+    """A learned bias per head for every absolute offset (|d1|, |d2|, ...) between two positions of
+    an attention group (LeViT, EfficientViT-M): a `heads` x prod(group) table (parameter
+    `attention_biases`), zero-initialised, gathered by a fixed index (offset |d1| * g2 + |d2| in 2-D,
+    mixed radix in general). Used by `cascaded_attention`."""
+
+
+@op("cascaded_attention", category="attention", layout="map")
+class CascadedAttention(Op):
+    """Cascaded group attention over a map (EfficientViT-M's heads as cascaded channel groups).
+
+    The channels are split into `heads` equal groups. Head i takes its group plus the previous
+    head's output (head 0 its group alone), projects it with a 1x1 conv without bias and batch norm
+    (submodule `qkvs.<i>`, with `.conv` and `.bn`) to a query and a key of `key_dim` channels and a
+    value of channels/heads channels, runs a depthwise conv without bias plus batch norm over the
+    query (`dws.<i>`, kernel `q_kernel`, one int or one per head; 0 leaves the query alone), and
+    attends with scores scaled by key_dim^-0.5 (or `scale`) plus the head's `position` bias. The
+    output is the heads' outputs concatenated (the input's channels); the output projection is left
+    to the blueprint. `partition=window(size, pad=...)` runs it in windows (no shift; the query's
+    depthwise conv sees one window). `position=offset_bias`."""
+
+    heads: int
+    key_dim: int
+    q_kernel: Union[int, list[int]] = 5
+    partition: Optional[Window] = None
+    position: Optional[OffsetBias] = None
+    scale: Optional[float] = None
+
+    def kernels(self) -> list[int]:
+        k = self.q_kernel
+        return list(k) if isinstance(k, list) else [k] * self.heads
+
+    def _group(self, x: Shape) -> tuple[int, ...]:
+        if self.partition is not None:
+            return (self.partition.effective(x.spatial)[0],) * x.ndim
+        return x.spatial
+
+    def infer(self, x: Shape) -> Shape:
+        if not x.ndim:
+            raise ShapeError("cascaded_attention needs a map with a spatial grid")
+        if self.heads <= 0 or x.channels % self.heads:
+            raise ShapeError(f"{self.heads} heads do not divide the {x.channels} channels",
+                             "the channel count must be a multiple of the number of heads")
+        if self.key_dim <= 0:
+            raise ShapeError(f"key_dim must be positive, got {self.key_dim}")
+        ks = self.kernels()
+        if len(ks) < self.heads:
+            raise ShapeError(f"q_kernel gives {len(ks)} kernels for {self.heads} heads",
+                             "give one kernel per head, or one int for all")
+        if any(k < 0 or (k and k % 2 == 0) for k in ks[:self.heads]):
+            raise ShapeError(f"q_kernel sizes must be odd (or 0 for none), got {ks[:self.heads]}")
+        if self.partition is not None:
+            if self.partition.effective(x.spatial)[1]:
+                raise ShapeError("cascaded_attention windows cannot be shifted")
+            self.partition.check(x.spatial)
+        return x
+
+    def _sizes(self, x: Shape) -> tuple[int, int, int]:
+        """(group channels, qkv channels per head, value channels)."""
+        v = x.channels // self.heads
+        return v, 2 * self.key_dim + v, v
+
+    def params(self, x, y):
+        g, qkv, _ = self._sizes(x)
+        n = self.heads * (g * qkv + 2 * qkv)
+        n += sum(self.key_dim * k ** x.ndim + 2 * self.key_dim for k in self.kernels()[:self.heads] if k)
+        if self.position is not None:
+            n += self.heads * prod(self._group(x))
+        return n
+
+    def macs(self, x, y):
+        """The projections, the query's depthwise conv, q k^T and attn v, over the (padded) grid."""
+        g, qkv, v = self._sizes(x)
+        grid = self.partition.padded(x.spatial) if self.partition is not None else x.spatial
+        n, m = prod(grid), prod(self._group(x))
+        total = self.heads * n * (g * qkv + m * (self.key_dim + v))
+        total += sum(n * self.key_dim * k ** x.ndim for k in self.kernels()[:self.heads] if k)
+        return total
+
+    def build(self, x, y):
+        from ..layers.attention import CascadedAttention as Module
+
+        size = self.partition.effective(x.spatial)[0] if self.partition is not None else 0
+        return Module(
+            dim=x.channels, heads=self.heads, key_dim=self.key_dim, kernels=self.kernels()[:self.heads],
+            grid=x.spatial, size=size,
+            padded=self.partition.padded(x.spatial) if self.partition is not None else None,
+            offset_bias=self.position is not None, scale=self.scale,
         )

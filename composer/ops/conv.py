@@ -42,17 +42,34 @@ class Conv(Op):
 
     `out` output channels; `kernel`, `stride`, `padding` and `dilation` are an int or one value per
     spatial dim (`kernel = [1, 11]`); `padding` defaults to `dilation * (kernel - 1) // 2` for an
-    odd kernel ("same" at stride 1) and to 0 for an even one (a patchify conv: kernel 4, stride 4). Weights: PyTorch's default (kaiming-uniform), as timm leaves most convs."""
+    odd kernel ("same" at stride 1) and to 0 for an even one (a patchify conv: kernel 4, stride 4).
+    `padding="same"` is TensorFlow's SAME: the output is ceil(size / stride) and the padding
+    `max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)` is split with the extra pixel
+    at the end (bottom/right), as timm's `Conv2dSame` (MaxViT-tf, EfficientNet-tf); where that is
+    symmetric it is a plain padded conv. Weights: PyTorch's default (kaiming-uniform), as timm
+    leaves most convs."""
 
     out: int
     kernel: IntOrList = 1
     stride: IntOrList = 1
-    padding: Optional[IntOrList] = None
+    padding: Optional[Union[IntOrList, Literal["same"]]] = None
     dilation: IntOrList = 1
     groups: int = 1
     bias: bool = True
 
+    def same_pad(self, x: Shape) -> tuple[tuple[int, int], ...]:
+        """TF-SAME padding (before, after) per spatial dim for input `x`."""
+        k, s, d = (per_dim(v, x.ndim, w) for v, w in ((self.kernel, "kernel"), (self.stride, "stride"),
+                                                     (self.dilation, "dilation")))
+        pads = []
+        for g, ki, si, di in zip(x.spatial, k, s, d):
+            total = max((-(-g // si) - 1) * si + di * (ki - 1) + 1 - g, 0)
+            pads.append((total // 2, total - total // 2))
+        return tuple(pads)
+
     def pad(self, ndim: int) -> tuple[int, ...]:
+        if self.padding == "same":
+            raise ShapeError("padding 'same' depends on the input size")  # callers use same_pad
         if self.padding is not None:
             return per_dim(self.padding, ndim, "padding")
         k, d = per_dim(self.kernel, ndim, "kernel"), per_dim(self.dilation, ndim, "dilation")
@@ -61,6 +78,9 @@ class Conv(Op):
     def infer(self, x: Shape) -> Shape:
         check_divides(f"conv groups ({self.groups}) must divide the input channels", x.channels, self.groups)
         check_divides(f"conv groups ({self.groups}) must divide the output channels", self.out, self.groups)
+        if self.padding == "same":
+            s = per_dim(self.stride, x.ndim, "stride")
+            return Shape(self.out, tuple(-(-g // si) for g, si in zip(x.spatial, s)), "map")
         return Shape(self.out, _out_grid(x, self.kernel, self.stride, self.pad(x.ndim), self.dilation), "map")
 
     def _taps(self, ndim: int) -> int:
@@ -77,8 +97,16 @@ class Conv(Op):
 
         n = x.ndim
         cls = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[n - 1]
+        pad = self.pad(n) if self.padding != "same" else None
+        if pad is None and all(a == b for a, b in self.same_pad(x)):  # symmetric: a plain padded conv
+            pad = tuple(a for a, _ in self.same_pad(x))
+        if pad is None:
+            from ..layers.conv import same_conv
+
+            cls = same_conv(n)
+            pad = 0
         return cls(x.channels, self.out, per_dim(self.kernel, n, "kernel"), per_dim(self.stride, n, "stride"),
-                   self.pad(n), per_dim(self.dilation, n, "dilation"), self.groups, self.bias)
+                   pad, per_dim(self.dilation, n, "dilation"), self.groups, self.bias)
 
 
 @op("pool", category="pool", layout="map")

@@ -32,8 +32,9 @@ class _Rep(Op):
         raise NotImplementedError
 
     def kernels(self) -> list[int]:
-        """The kernel size of every conv branch, the main one first."""
-        return [self.kernel] + ([1] if self.scale_branch else []) + ([self.small_kernel] if self.small_kernel else [])
+        """The kernel size of every conv branch, the main ones first."""
+        return [self.kernel] * self.branches + ([1] if self.scale_branch else []) + \
+            ([self.small_kernel] if self.small_kernel else [])
 
     def has_identity(self, x: Shape) -> bool:
         out, _ = self.geometry(x)
@@ -41,7 +42,14 @@ class _Rep(Op):
 
     def infer(self, x: Shape) -> Shape:
         out, groups = self.geometry(x)
-        return _rep_check(x, out, self.kernel, self.stride, groups, self.small_kernel)
+        y = _rep_check(x, out, self.kernel, self.stride, groups, self.small_kernel)
+        if self.branches < 0:
+            raise ShapeError(f"branches must be 0 or more, got {self.branches}")
+        if not self.kernels() and not self.has_identity(x):
+            raise ShapeError("this re-parameterizable conv has no branch at all",
+                             "with branches = 0, keep the identity branch (same channels, stride 1) or add "
+                             "scale_branch / small_kernel")
+        return y
 
     def params(self, x, y):
         out, groups = self.geometry(x)
@@ -58,20 +66,23 @@ class _Rep(Op):
 
         out, groups = self.geometry(x)
         return RepConv(x.channels, out, self.kernel, self.stride, groups, x.ndim, identity=self.has_identity(x),
-                       scale_branch=self.scale_branch, small_kernel=self.small_kernel)
+                       scale_branch=self.scale_branch, small_kernel=self.small_kernel, branches=self.branches)
 
 
 @op("rep_conv", category="conv", layout="map")
 class RepConvOp(_Rep):
     """Re-parameterizable convolution, trained as a sum of parallel branches and fused into one conv.
 
-    Training form: `conv_kxk` (a `kernel` conv without bias, then BN), plus `conv_1x1` (1x1 conv + BN)
+    Training form: `conv_kxk` (a `kernel` conv without bias, then BN; with `branches` > 1 that many
+    such convs, `conv_kxk.0`, `conv_kxk.1`, ... as MobileOne's over-parameterized branches; with
+    `branches = 0` none, e.g. a BN-only "norm" that fuses into a conv), plus `conv_1x1` (1x1 conv + BN)
     when `scale_branch` (RepVGG's 1x1 branch, MobileOne's scale branch), plus `conv_small`
     (`small_kernel` conv + BN, the small-kernel branch of large-kernel nets) when given, plus
     `identity` (a BN of the input) when `identity` and the conv keeps channels and resolution
     (timm's RepVGG names; each conv branch has submodules `conv` and `bn`). No activation.
     `module.fuse()` returns the equivalent single conv (with bias) for eval mode;
-    `composer.layers.fuse_model(model)` fuses every such module in place. Kernels must be odd
+    `composer.layers.fuse_model(model)` (and `model.fuse()`) fuses every such module in place, then
+    folds linear structures around the fused convs (see `fuse_model`). Kernels must be odd
     (padding `kernel // 2`). MACs and params count the training form (all branches)."""
 
     out: int
@@ -81,6 +92,7 @@ class RepConvOp(_Rep):
     identity: bool = True
     scale_branch: bool = False
     small_kernel: Optional[int] = None
+    branches: int = 1
 
     def geometry(self, x: Shape) -> tuple[int, int]:
         return self.out, self.groups
@@ -97,6 +109,7 @@ class RepDwConv(_Rep):
     identity: bool = True
     scale_branch: bool = False
     small_kernel: Optional[int] = None
+    branches: int = 1
 
     def geometry(self, x: Shape) -> tuple[int, int]:
         return x.channels, x.channels

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
 from ..shapes import Shape, ShapeError
 from .registry import Op, check_divides, op
@@ -57,6 +57,35 @@ class Upsample(Op):
         mode = ("linear", "bilinear", "trilinear")[x.ndim - 1] if self.mode == "linear" else "nearest"
         extra = {"align_corners": False} if self.mode == "linear" else {}
         return nn.Upsample(scale_factor=float(self.scale), mode=mode, **extra)
+
+
+@op("resize", category="resample", layout="map")
+class Resize(Op):
+    """Resample a map to a fixed spatial `size` (an int for every dim, or one per dim) with
+    `F.interpolate`: `mode="nearest"`, `"linear"` (linear, bilinear or trilinear by the input's
+    rank), `"bicubic"` (2-D only) or `"area"`; `align_corners` as in PyTorch (false by default).
+    CrossViT's second branch sees the image resized to 224 this way (bicubic)."""
+
+    size: Union[int, list[int]]
+    mode: Literal["nearest", "linear", "bicubic", "area"] = "bicubic"
+    align_corners: bool = False
+
+    def infer(self, x: Shape) -> Shape:
+        if not x.spatial:
+            raise ShapeError("resize needs a map with a spatial grid")
+        size = [self.size] * x.ndim if isinstance(self.size, int) else list(self.size)
+        if len(size) != x.ndim or any(s < 1 for s in size):
+            raise ShapeError(f"resize size {self.size} does not fit a {x.ndim}-D map of positive sizes")
+        if self.mode == "bicubic" and x.ndim != 2:
+            raise ShapeError("bicubic resizing needs a 2-D map", "use mode=\"linear\" for 1-D and 3-D inputs")
+        return x.with_(spatial=tuple(size))
+
+    def build(self, x, y):
+        from torch import nn
+
+        mode = ("linear", "bilinear", "trilinear")[x.ndim - 1] if self.mode == "linear" else self.mode
+        extra = {"align_corners": self.align_corners} if self.mode in ("linear", "bicubic") else {}
+        return nn.Upsample(size=y.spatial, mode=mode, **extra)
 
 
 @op("pixel_shuffle", category="resample", layout="map")
