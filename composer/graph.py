@@ -294,6 +294,11 @@ class _Lowering:
             if y.layout != first.layout:
                 back, outs[i] = self._convert(path, y, first.layout, item.span)
                 branches[i] += back
+        if item.merge == "mul":  # a pooled gate (C, 1x1) broadcasts over a map (squeeze-excite style)
+            full = next((o for o in outs if not _is_gate(o)), first)
+            outs = [full if _is_gate(o) and o.channels == full.channels and o.ndim == full.ndim
+                    and o.layout == full.layout == "map" else o for o in outs]
+            first = outs[0]
         for i, y in enumerate(outs[1:], 1):
             same = (y.spatial, y.extra) == (first.spatial, first.extra) if item.merge == "concat" else y == first
             if not same:
@@ -333,6 +338,10 @@ class _Lowering:
             self.graph.add_edge(e, node)
         self.last = node
         return [Step("parallel", path, x, y, item.span, branches=branches, merge="tokens", split=item.split)], y
+
+
+def _is_gate(s: Shape) -> bool:
+    return s.layout == "map" and all(g == 1 for g in s.spatial)
 
 
 def _first_need(items) -> str:

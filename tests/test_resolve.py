@@ -80,3 +80,15 @@ def test_cyclic_inheritance(tmp_path):
     with pytest.raises(ComposerError) as info:
         composer.load(f"{path}:a")
     assert info.value.code == "cyclic-inheritance"
+
+
+def test_mul_broadcasts_a_pooled_gate(tmp_path):
+    path = write(tmp_path, """
+model m { input image(8, 6); stem parallel mul { identity; { adaptive_pool(1); conv(8, 1); sigmoid } } }
+""")
+    plan = composer.load(path)
+    assert plan.stem.y.spatial == (6, 6) and plan.stem.y.channels == 8
+    bad = write(tmp_path, "model m { input image(8, 6); stem parallel mul { identity; adaptive_pool(2) } }", "bad.arch")
+    with pytest.raises(ComposerError) as info:
+        composer.load(bad)
+    assert info.value.code == "shape"

@@ -217,7 +217,13 @@ class Attention(nn.Module):
         if bias is not None and self.attn_mask is not None:
             nwin = self.attn_mask.shape[0]
             q, k, v = (t.view(b, nwin, self.heads, nw, self.head_dim) for t in (q, k, v))  # bias (nW, 1|heads, N, N)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if bias is not None and not q.is_cuda:
+            # an additive bias on the CPU: SDPA's float-mask path re-checks the mask every call and is
+            # slower than the plain product (timm's Swin does the same)
+            scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+            y = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         c = self.heads * self.head_dim
         y = y.reshape(bw, self.heads, nw, self.head_dim).transpose(1, 2).reshape(bw, nw, c)
         if hasattr(self, "lepe"):  # LePE: a depthwise conv on V (per group), added to the output
