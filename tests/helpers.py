@@ -13,3 +13,25 @@ def write(tmp_path: Path, text: str, name: str = "m.arch") -> str:
 
 def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def perturb(model) -> None:
+    """Random norm/scale parameters, biases and batch-norm statistics (seeded), so that a tensor the
+    port maps to the wrong place shows in the output."""
+    import re
+
+    import torch
+
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim <= 1:
+                if re.search(r"gamma|scale", name):
+                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+                else:
+                    p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        for name, b in model.named_buffers():
+            if name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+            elif name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)

@@ -7,6 +7,7 @@ import torch
 
 import composer
 from composer.port import from_timm, from_torchvision
+from helpers import perturb
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -28,20 +29,6 @@ def _reference(name, **kwargs):
     return source, torchvision.models.get_model(ref, weights=None, **kwargs).eval()
 
 
-def _perturb(model):
-    """Random norm statistics and 1-D parameters, so a mis-mapped tensor shows in the output."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim <= 1:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
-            elif name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.1)
-
-
 def test_every_row_is_listed():
     assert len(ROWS) == 19
 
@@ -49,7 +36,7 @@ def test_every_row_is_listed():
 @pytest.mark.parametrize("name", ROWS)
 def test_ten_classes_ported_gives_reference_logits(name):
     source, ref = _reference(name, num_classes=10)
-    _perturb(ref)
+    perturb(ref)
     ours = composer.build(name, num_classes=10).eval()
     port = from_timm if source == "timm" else from_torchvision
     report = port(ours, ref.state_dict())
@@ -85,7 +72,7 @@ FEATURES = {
 def test_features_match_reference(name):
     ours_idx, ref_idx = FEATURES[name]
     _, ref = _reference(name)
-    _perturb(ref)
+    perturb(ref)
     with torch.device("meta"):
         info = timm.create_model(composer.load(name).model.reference.split(":")[1], features_only=True).feature_info
     full = composer.build(name).eval()

@@ -16,21 +16,10 @@ import composer  # noqa: E402
 from composer.cli import main  # noqa: E402
 from composer.diagnostics import ComposerError  # noqa: E402
 from composer.port import from_timm, mapping_path, read_mapping  # noqa: E402
+from helpers import perturb  # noqa: E402
 
 FAMILIES = ["vit_ti", "swin_t", "convnext_atto", "pvt_v2_b0", "poolformer_s12", "caformer_s18", "convformer_s18"]
 TOL = 1e-4
-
-
-def _perturb(model) -> None:
-    """Random 1-D parameters (norms, biases, layer scales), so that a mis-mapped one shows."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim <= 1:
-                if re.search(r"gamma|scale", name):
-                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-                else:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.2)
 
 
 def _ref_name(name: str) -> str:
@@ -46,7 +35,7 @@ def reference(name: str, **kwargs):
     if key not in _CACHE:
         torch.manual_seed(0)
         ref = timm.create_model(_ref_name(name), pretrained=False, **kwargs).eval()
-        _perturb(ref)
+        perturb(ref)
         _CACHE[key] = ref, {k: v.clone() for k, v in ref.state_dict().items()}
     return _CACHE[key]
 

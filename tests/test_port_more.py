@@ -4,7 +4,6 @@ distilled models' `join` of two token tensors), MLP-Mixer, Twins and InceptionNe
 
 from __future__ import annotations
 
-import re
 
 import pytest
 
@@ -14,6 +13,7 @@ timm = pytest.importorskip("timm")
 import composer  # noqa: E402
 from composer.diagnostics import ComposerError  # noqa: E402
 from composer.port import from_timm, mapping_path, read_mapping  # noqa: E402
+from helpers import perturb  # noqa: E402
 
 TOL = 1e-4
 # our name -> timm's (written out, so that a wrong `reference` in a blueprint shows too)
@@ -29,35 +29,10 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _perturb(model) -> None:
-    """Random norm/scale parameters, biases and batchnorm statistics, so that a mis-mapped one shows."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim <= 1:
-                if re.search(r"gamma|scale", name):
-                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-                else:
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-        for name, b in model.named_buffers():
-            if name.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
-            elif name.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
-
-
 def _reference(name: str):
     torch.manual_seed(0)
     ref = timm.create_model(MODELS[name], pretrained=False).eval()
-    _perturb(ref)
+    perturb(ref)
     return ref, {k: v.clone() for k, v in ref.state_dict().items()}
 
 
