@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import networkx as nx
 
 from .diagnostics import ComposerError, Diagnostic
 from .ops import OPS
@@ -88,8 +87,13 @@ class Plan:
     stem: Section
     stages: list
     head: Section
-    graph: nx.DiGraph
+    record: "GraphRecord"
     saved: dict = field(default_factory=dict)  # tensor name -> (Shape, path) of every `save`
+
+    @property
+    def graph(self):
+        """The networkx DiGraph of op and merge nodes, with shapes on the nodes (made on first use)."""
+        return self.record.to_networkx()
 
     @property
     def sections(self):
@@ -118,10 +122,33 @@ def plan(model: Model) -> Plan:
     return _Lowering(model).run()
 
 
+class GraphRecord:
+    """Nodes and edges as lowering finds them; networkx (slow to import) is loaded only when a
+    consumer asks for the graph, so `composer check` stays fast."""
+
+    def __init__(self):
+        self.nodes: list = []
+        self.edges: list = []
+
+    def add_node(self, name, **attrs):
+        self.nodes.append((name, attrs))
+
+    def add_edge(self, a, b):
+        self.edges.append((a, b))
+
+    def to_networkx(self):
+        import networkx as nx
+
+        g = nx.DiGraph()
+        g.add_nodes_from(self.nodes)
+        g.add_edges_from(self.edges)
+        return g
+
+
 class _Lowering:
     def __init__(self, model: Model):
         self.model = model
-        self.graph = nx.DiGraph()
+        self.graph = GraphRecord()
         self.last = "input"
         self.saved: dict = {}
         self.folds: list = []  # open patches_to_batch ops: (op, span, batch factor), innermost last

@@ -92,3 +92,16 @@ model m { input image(8, 6); stem parallel mul { identity; { adaptive_pool(1); c
     with pytest.raises(ComposerError) as info:
         composer.load(bad)
     assert info.value.code == "shape"
+
+
+def test_plan_graph_is_a_networkx_digraph():
+    import networkx as nx
+
+    plan = composer.load("swin_t")
+    g = plan.graph
+    assert isinstance(g, nx.DiGraph) and nx.is_directed_acyclic_graph(g)
+    ops = [n for n, d in g.nodes(data=True) if d["kind"] == "op"]
+    # 12 blocks, each: norm1, attention, norm2, mlp's fc1/act/fc2 = 6 ops; plus the stem, 3 merges, the head
+    assert sum(1 for n in ops if n.startswith("stages.") and ".blocks." in n) == 12 * 6
+    assert g.nodes["head.classifier"]["y"].channels == 1000
+    assert nx.has_path(g, "input", "head.classifier")
