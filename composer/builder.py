@@ -124,18 +124,22 @@ class ComposedModel(nn.Module):
         self.stem = Sequence(plan.stem.steps)
         self.stages = nn.ModuleList(StageModule(s) for s in plan.stages)
         self.features_only = features_only
-        n = len(plan.stages)
+        # feature points: every stage's output, or every block's (`features = "blocks"`: plain transformers)
+        by_blocks = plan.model.features == "blocks"
+        points = [(s.index, k, b.y) for s in plan.stages for k, b in enumerate(s.blocks)] if by_blocks else \
+            [(s.index, None, s.y) for s in plan.stages]
+        n = len(points)
         self.out_indices = tuple(i % n for i in (out_indices if out_indices is not None else range(n)))
+        self._points = [points[i][:2] + (points[i][2].spatial, points[i][2].extra) for i in self.out_indices]
         self.named_outputs = list(plan.model.outputs or [])
         self.feature_info = [
-            {"num_chs": s.y.channels, "reduction": _reduction(plan, s.y), "module": f"stages.{s.index}"}
-            for s in plan.stages if s.index in self.out_indices
+            {"num_chs": y.channels, "reduction": _reduction(plan, y),
+             "module": f"stages.{i}" + (f".blocks.{k}" if k is not None else "")}
+            for i, k, y in (points[j] for j in self.out_indices)
         ] if not self.named_outputs else [
             {"num_chs": plan.saved[n][0].channels, "reduction": _reduction(plan, plan.saved[n][0]), "module": n}
             for n in self.named_outputs
         ]
-        self._to_map = [s.y.layout == "tokens" and s.y.extra == 0 for s in plan.stages]
-        self._grids = [s.y.spatial for s in plan.stages]
         head_steps = plan.head.steps
         self.num_classes = _classifier_out(head_steps)
         self.num_features = plan.head.x.channels
@@ -165,15 +169,25 @@ class ComposedModel(nn.Module):
             for stage in self.stages:
                 x = stage(x, env)
             return [env[name] for name in self.named_outputs]
-        feats = []
+        wanted = {(i, k): (grid, extra) for i, k, grid, extra in self._points}
+        feats = {}
         for i, stage in enumerate(self.stages):
-            x = stage(x, env)
-            if i in self.out_indices:
-                f = x
-                if self._to_map[i]:
-                    f = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self._grids[i])
-                feats.append(f)
-        return feats
+            if any(k is not None for (j, k) in wanted if j == i):  # block features: run the stage by hand
+                if stage.downsample is not None and not stage.downsample_last:
+                    x = stage.downsample(x, env)
+                for k, block in enumerate(stage.blocks):
+                    x = block(x, env)
+                    if (i, k) in wanted:
+                        feats[i, k] = _as_map(x, *wanted[i, k])
+                if stage.downsample is not None and stage.downsample_last:
+                    x = stage.downsample(x, env)
+                if stage.norm is not None:
+                    x = stage.norm(x, env)
+            else:
+                x = stage(x, env)
+                if (i, None) in wanted:
+                    feats[i, None] = _as_map(x, *wanted[i, None])
+        return [feats[i, k] for i, k, _, _ in self._points]
 
     def forward(self, x):
         if self.features_only:
@@ -209,6 +223,13 @@ class ComposedModel(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+
+def _as_map(x, grid, extra):
+    """A feature as a map (B, C, *grid): tokens lose their class tokens, as timm's features do."""
+    if x.ndim != 3 or not grid:
+        return x
+    return x[:, extra:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
 
 
 def _reduction(plan: Plan, y) -> int:

@@ -18,7 +18,7 @@ from .ops import OPS, Op
 from .parse import parse_file
 from .source import Span
 
-SETTINGS = ("drop_path", "reference", "paper", "outputs")
+SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points")
 MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
 
 # ---- the resolved architecture ------------------------------------------------
@@ -102,6 +102,7 @@ class Model:
     doc: str = ""
     span: Span | None = None
     outputs: list | None = None  # names of saved tensors that features_only returns
+    features: str = "stages"  # feature points of features_only: every stage's output, or every block's
 
 
 # ---- loading files and imports --------------------------------------------------
@@ -277,6 +278,10 @@ class _Resolver:
             raise error("type", f"outputs must be a list of saved tensor names, got {type_name(outputs)}",
                         settings["outputs"].value.span, 'e.g. outputs = ["c3", "c4"] with `save c3` in a block')
         self.outputs_span = settings["outputs"].value.span if outputs is not None else None
+        features = evaluate(settings["feature_points"].value, scope) if "feature_points" in settings else "stages"
+        if features not in ("stages", "blocks"):
+            raise error("value", f'feature_points must be "stages" or "blocks", got {features!r}',
+                        settings["feature_points"].value.span)
 
         expanded = [it for s in stages for it in self._expand_stages(s)]
         self.total = sum(len(blocks) for _, _, blocks in expanded)
@@ -288,6 +293,7 @@ class _Resolver:
         return Model(
             self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
             overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
+            features,
         )
 
     def _expand_stages(self, stage: ast.Stage):

@@ -65,6 +65,10 @@ FEATURES = {
     "fastvit_t8": ((0, 1, 2, 3), (0, 1, 2, 3)),
     "repvgg_a0": ((0, 1, 2, 3), (1, 2, 3, 4)),
     "twins_pcpvt_small": ((0, 1, 2, 3), (0, 1, 2, 3)),
+    # plain transformers: every block is a feature point (`features = "blocks"`), as in timm
+    "vit_ti": ((0, 5, 11), (0, 5, 11)),
+    "deit_ti_distilled": ((2, 11), (2, 11)),
+    "mixer_s16": ((0, 7), (0, 7)),
 }
 
 
