@@ -130,7 +130,8 @@ class ComposedModel(nn.Module):
             [(s.index, None, s.y) for s in plan.stages]
         n = len(points)
         self.out_indices = tuple(i % n for i in (out_indices if out_indices is not None else range(n)))
-        self._points = [points[i][:2] + (points[i][2].spatial, points[i][2].extra) for i in self.out_indices]
+        self._points = [(i, k, y.spatial, y.extra if y.layout == "tokens" else None)
+                        for i, k, y in (points[j] for j in self.out_indices)]
         self.named_outputs = list(plan.model.outputs or [])
         self.feature_info = [
             {"num_chs": y.channels, "reduction": _reduction(plan, y),
@@ -226,8 +227,9 @@ class ComposedModel(nn.Module):
 
 
 def _as_map(x, grid, extra):
-    """A feature as a map (B, C, *grid): tokens lose their class tokens, as timm's features do."""
-    if x.ndim != 3 or not grid:
+    """A feature as a map (B, C, *grid): tokens (`extra` is not None) lose their class tokens, as
+    timm's features do; maps and vectors pass unchanged."""
+    if extra is None or not grid:
         return x
     return x[:, extra:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
 

@@ -1,6 +1,6 @@
-"""Torch modules behind the op library's newer ops (resampling, gating, position encodings,
-re-parameterizable convs). The core modules live in `composer.modules`. Importing this package
-imports torch: only `build` (and user code) should."""
+"""The torch side of the op library: one module per topic (`core` for linears, norms, tokens and
+scales; attention, resampling, gating, position encodings, re-parameterizable convs, ...).
+Importing this package imports torch: only `build` (and user code) should."""
 
 from .embed import ConvPos, SinusoidalPos
 from .gating import GLU, GRN, SqueezeExcite

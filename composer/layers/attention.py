@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import ChannelLinear, trunc_normal_
+from .core import ChannelLinear, trunc_normal_
 
 
 def _product(lists):

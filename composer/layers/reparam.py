@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..modules import Stack
+from .core import Stack
 
 
 def _conv_cls(ndim: int):
@@ -163,7 +163,7 @@ def _then(a: _Affine, b: _Affine):
 def _as_affine(module: nn.Module):
     """The module as an `_Affine` when it is a plain linear map on a map layout, else None."""
     from ..builder import Sequence
-    from ..modules import ChannelScale
+    from .core import ChannelScale
 
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         ks = module.kernel_size
@@ -189,7 +189,7 @@ def _as_affine(module: nn.Module):
 
 
 def _scale_affine(module: nn.Module, like: _Affine):
-    from ..modules import ChannelScale
+    from .core import ChannelScale
 
     if isinstance(module, ChannelScale) and module.channel_first and module.scale.numel() == like.cout:
         s = module.scale.detach()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..modules import ChannelLinear
+from .core import ChannelLinear
 
 
 class SelectTokens(nn.Module):

@@ -9,7 +9,7 @@ def _simple(name: str, torch_name: str, doc: str) -> None:
     def build(self, x, y):
         from torch import nn
 
-        from .. import modules
+        from ..layers import core as modules
 
         return getattr(nn, torch_name, None)() if hasattr(nn, torch_name) else getattr(modules, torch_name)()
 
@@ -53,7 +53,7 @@ class StarReLU(Op):
         return 2 if self.learnable else 0
 
     def build(self, x, y):
-        from ..modules import StarReLU as Module
+        from ..layers.core import StarReLU as Module
 
         return Module(self.scale, self.bias, self.learnable)
 

@@ -166,6 +166,6 @@ class PatchEmbed(Op):
         return self._conv().macs(x, y)
 
     def build(self, x, y):
-        from ..modules import Stack
+        from ..layers.core import Stack
 
         return Stack(proj=self._conv().build(x, y), norm=self.norm.build(y, y) if self.norm else None)

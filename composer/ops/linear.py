@@ -28,7 +28,7 @@ class Linear(Op):
         return (x.tokens if x.layout != "vector" else 1) * x.channels * self.out
 
     def build(self, x, y):
-        from ..modules import ChannelLinear
+        from ..layers.core import ChannelLinear
 
         return ChannelLinear(x.channels, self.out, self.bias, channel_first=x.layout == "map", init_std=self.init_std)
 
@@ -43,7 +43,7 @@ class LayerScale(Op):
         return x.channels
 
     def build(self, x, y):
-        from ..modules import ChannelScale
+        from ..layers.core import ChannelScale
 
         return ChannelScale(x.channels, self.init, channel_first=x.layout == "map")
 
@@ -65,7 +65,7 @@ class GlobalPool(Op):
         return Shape(x.channels, (), "vector")
 
     def build(self, x, y):
-        from ..modules import GlobalPool as Module
+        from ..layers.core import GlobalPool as Module
 
         return Module(self.mode, x.layout, x.extra, self.index)
 
@@ -93,7 +93,7 @@ class Classifier(Op):
     def build(self, x, y):
         from torch import nn
 
-        from ..modules import ChannelLinear
+        from ..layers.core import ChannelLinear
 
         if not self.num_classes:
             return nn.Identity()
@@ -124,7 +124,7 @@ class TokenMLP(Op):
     def build(self, x, y):
         from torch import nn
 
-        from ..modules import ChannelLinear, TokenMixing
+        from ..layers.core import ChannelLinear, TokenMixing
 
         n = prod(x.spatial)
         act = self.act.build(Shape(self.hidden), Shape(self.hidden)) if self.act else nn.GELU()

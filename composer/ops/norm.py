@@ -20,7 +20,7 @@ class LayerNorm(Op):
         return (1 + self.bias) * x.channels if self.affine else 0
 
     def build(self, x, y):
-        from ..modules import ChannelLayerNorm
+        from ..layers.core import ChannelLayerNorm
 
         return ChannelLayerNorm(x.channels, self.eps, self.affine, self.bias, channel_first=x.layout == "map")
 
@@ -35,7 +35,7 @@ class RMSNorm(Op):
         return x.channels
 
     def build(self, x, y):
-        from ..modules import ChannelRMSNorm
+        from ..layers.core import ChannelRMSNorm
 
         return ChannelRMSNorm(x.channels, self.eps, channel_first=x.layout == "map")
 

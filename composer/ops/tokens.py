@@ -16,7 +16,7 @@ class ToTokens(Op):
         return x.with_(layout="tokens")
 
     def build(self, x, y):
-        from ..modules import ToTokens as Module
+        from ..layers.core import ToTokens as Module
 
         return Module()
 
@@ -31,7 +31,7 @@ class ToMap(Op):
         return x.with_(layout="map")
 
     def build(self, x, y):
-        from ..modules import ToMap as Module
+        from ..layers.core import ToMap as Module
 
         return Module(x.spatial)
 
@@ -51,7 +51,7 @@ class ClassToken(Op):
         return self.count * x.channels
 
     def build(self, x, y):
-        from ..modules import PrefixTokens
+        from ..layers.core import PrefixTokens
 
         return PrefixTokens(self.count, x.channels, self.std)
 
@@ -68,7 +68,7 @@ class PosEmbed(Op):
         return (x.tokens if self.cover_extra else prod(x.spatial)) * x.channels
 
     def build(self, x, y):
-        from ..modules import PosEmbed as Module
+        from ..layers.core import PosEmbed as Module
 
         n = x.tokens if self.cover_extra else prod(x.spatial)
         return Module(n, x.channels, self.std, 0 if self.cover_extra else x.extra)
@@ -103,7 +103,7 @@ class PatchMerging(Op):
         return prod(y.spatial) * self._merged(x).channels * self.out
 
     def build(self, x, y):
-        from ..modules import PatchMerging as Module
+        from ..layers.core import PatchMerging as Module
 
         m = self._merged(x)
         return Module(x.spatial, self.norm.build(m, m) if self.norm else None, m.channels, self.out)

@@ -1,4 +1,4 @@
-"""The torch modules behind the generic ops, and the containers the builder assembles.
+"""The torch modules behind the core ops (linear, norms, tokens, scales, the `Stack` container).
 
 Only `build` imports this module: the check path never loads torch.
 """
