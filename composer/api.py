@@ -12,9 +12,16 @@ from .locate import BLUEPRINTS_DIR
 BUILD_KEYS = ("num_classes", "img_size", "in_chans")
 
 
+def blueprint_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The .arch and YAML blueprints of a folder; `*.port.yaml` files are weight maps, not blueprints."""
+    find = folder.rglob if recursive else folder.glob
+    arch = sorted(find("*.arch"))
+    yaml = sorted(p for pattern in ("*.yaml", "*.yml") for p in find(pattern) if not p.name.endswith(".port.yaml"))
+    return arch + yaml
+
+
 def zoo_files() -> list[Path]:
-    yaml = [p for p in BLUEPRINTS_DIR.glob("*.yaml") if not p.name.endswith(".port.yaml")]  # port maps are data
-    return sorted(BLUEPRINTS_DIR.glob("*.arch")) + sorted(yaml)
+    return blueprint_files(BLUEPRINTS_DIR)
 
 
 def zoo_index() -> dict[str, Path]:

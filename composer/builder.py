@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .diagnostics import error
-from .graph import Plan, Section, Step
+from .graph import Plan, Step
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
 

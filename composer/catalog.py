@@ -42,9 +42,6 @@ def _type(annotation) -> str:
 
 
 def _composites(kind: str) -> list[dict]:
-    from .expr import Scope
-    from .parse import parse_file  # noqa: F401  (keeps the check path explicit)
-
     seen, out = set(), []
     files = sorted((api.BLUEPRINTS_DIR / "lib").glob("*.arch")) + api.zoo_files()
     for path in files:

@@ -54,8 +54,7 @@ def cmd_check(args) -> int:
     for t in args.targets:
         p = Path(t)
         if p.is_dir():
-            found = sorted([*p.rglob("*.arch"), *p.rglob("*.yaml"), *p.rglob("*.yml")])
-            targets += [(f, None) for f in found if not f.name.endswith(".port.yaml")]  # port maps are data
+            targets += [(f, None) for f in sorted(api.blueprint_files(p, recursive=True))]
         else:
             targets.append(api.resolve_target(t))
     for path, name in targets:
@@ -72,10 +71,6 @@ def cmd_check(args) -> int:
             print(exc.render(), file=sys.stderr)
             failures += 1
     return EXIT_USER if failures else EXIT_OK
-
-
-def _target_label(args) -> str:
-    return args.target
 
 
 def cmd_build(args) -> int:

@@ -6,7 +6,6 @@ located `ComposerError`.
 
 from __future__ import annotations
 
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable

@@ -6,7 +6,7 @@ import functools
 import re
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree, v_args
+from lark import Lark, Token, Transformer, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
 
 from . import ast
@@ -104,7 +104,7 @@ def _parse(text: str, name: str, start: str):
     register(name, text)
     try:
         tree = _parser().parse(text, start=start)
-    except UnexpectedEOF as exc:
+    except UnexpectedEOF:
         lines = text.splitlines() or [""]
         span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
         raise error("syntax", "unexpected end of file", span, "a '}' or ')' may be missing") from None

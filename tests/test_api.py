@@ -1,6 +1,5 @@
 """The built model's timm-style API: classifier, features, overrides, init, state_dict keys."""
 
-import pytest
 import torch
 
 import composer

@@ -166,7 +166,6 @@ def layernorm(t, mod, name, eps=1e-5):
 def ref_sra(x, mod, grid, heads, ratio, mode):
     """PVT's spatial-reduction attention: keys/values from a ratio-strided patch conv (or average) + LayerNorm."""
     b, n, c = x.shape
-    ndim = len(grid)
     q = linear(x, mod, "q")
     out = []
     for bi in range(b):

@@ -5,7 +5,6 @@ Only `build` imports this module: the check path never loads torch.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
