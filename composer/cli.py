@@ -1,4 +1,4 @@
-"""The command line: check, build, info, port, list. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
+"""The command line: check, build, info, port, list, diff, graph, fmt, convert. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
 
 from __future__ import annotations
 
@@ -173,6 +173,30 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
+def cmd_diff(args) -> int:
+    from .diff import main as run
+
+    return run(args)
+
+
+def cmd_graph(args) -> int:
+    from .render import main as run
+
+    return run(args)
+
+
+def cmd_fmt(args) -> int:
+    from .format import main as run
+
+    return run(args)
+
+
+def cmd_convert(args) -> int:
+    from .convert import main as run
+
+    return run(args)
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="composer", description="Declarative architecture composer for deep-learning backbones.",
                 epilog="exit status: 0 ok, 1 differs, 2 user error, 3 internal error")
@@ -239,6 +263,43 @@ def make_parser() -> argparse.ArgumentParser:
     ls.add_argument("what", choices=["ops", "mixers", "blocks", "models"])
     ls.add_argument("--format", choices=["text", "json", "markdown"], default="text")
     ls.set_defaults(func=cmd_list)
+
+    d = sub.add_parser("diff", help="what differs between two models: settings, structure, params and MACs per stage",
+                       description="Compare two resolved architectures, aligned by stable paths (stages[2].depth: 6 -> 18), "
+                       "with params and MACs per stage of each side and the delta. A and B: FILE[:MODEL] or zoo names. "
+                       "Exit 0 identical, 1 different, 2 error (like diff(1)). No torch.")
+    d.add_argument("a", metavar="A")
+    d.add_argument("b", metavar="B")
+    d.add_argument("--format", choices=["text", "json", "markdown"], default="text")
+    d.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="colour the text output (auto: only on a terminal)")
+    target_opts(d)
+    d.set_defaults(func=cmd_diff)
+
+    g = sub.add_parser("graph", help="draw the model as a block diagram (.svg, .dot, .mmd or .html)",
+                       description="Draw a block diagram: stem, stages as groups, repeated blocks collapsed "
+                       "(6 x metaformer(...)), branches and merges, tensor shapes on edges. The format follows "
+                       "the output's suffix. SVG and HTML need no system program. No torch.")
+    g.add_argument("target", metavar="TARGET")
+    g.add_argument("-o", "--output", metavar="OUT", required=True, help="OUT.svg, OUT.dot, OUT.mmd or OUT.html")
+    g.add_argument("--expand", action="store_true", help="draw every block instead of collapsing repeats")
+    target_opts(g)
+    g.set_defaults(func=cmd_graph)
+
+    f = sub.add_parser("fmt", help="rewrite .arch files in the one canonical layout (--check: only report)",
+                       description="Format .arch files (files or directories) in place, keeping every comment. "
+                       "With --check nothing is written: exit 1 and a diff when a file would change. No torch.")
+    f.add_argument("paths", nargs="+", metavar="PATH")
+    f.add_argument("--check", action="store_true", help="report files that would change (exit 1) and print a diff")
+    f.set_defaults(func=cmd_fmt)
+
+    cv = sub.add_parser("convert", help="convert a blueprint between .arch and YAML, losslessly",
+                        description="Convert a blueprint file to the other syntax (.arch <-> YAML); comments are "
+                        "carried where the target can hold them. Writes to OUT (atomically) or standard output. No torch.")
+    cv.add_argument("file", metavar="FILE")
+    cv.add_argument("--to", choices=["yaml", "arch"], required=True)
+    cv.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
+    cv.set_defaults(func=cmd_convert)
     return p
 
 
