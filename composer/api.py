@@ -94,3 +94,12 @@ def build(target: str, *, features_only: bool = False, out_indices=None, seed: i
 
     return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
                         out_indices=out_indices)
+
+
+def build_loss(target: str, **overrides):
+    """The training objective a blueprint names (`loss = focal(alpha = 0.25)`) as an `nn.Module`;
+    cross-entropy when it names none. Called as `loss(logits, target)` (see each loss's docs)."""
+    from .ops.loss import CrossEntropy
+
+    model = load(target, **overrides).model
+    return (model.loss or CrossEntropy()).build_loss()

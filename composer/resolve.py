@@ -16,9 +16,10 @@ from .expr import Cycle, InputSpec, Namespace, Ref, Schedule, Scope, evaluate, t
 from .locate import BLUEPRINTS_DIR
 from .ops import OPS, Op
 from .parse import parse_file
+from .shapes import ShapeError
 from .source import Span
 
-SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points")
+SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss")
 MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
 
 # ---- the resolved architecture ------------------------------------------------
@@ -103,6 +104,7 @@ class Model:
     span: Span | None = None
     outputs: list | None = None  # names of saved tensors that features_only returns
     features: str = "stages"  # feature points of features_only: every stage's output, or every block's
+    loss: Op | None = None  # the training objective the blueprint names (`loss = focal(...)`), a kind="loss" op
 
 
 # ---- loading files and imports --------------------------------------------------
@@ -282,6 +284,7 @@ class _Resolver:
         if features not in ("stages", "blocks"):
             raise error("value", f'feature_points must be "stages" or "blocks", got {features!r}',
                         settings["feature_points"].value.span)
+        loss = self._loss(settings["loss"].value, scope) if "loss" in settings else None
 
         expanded = [it for s in stages for it in self._expand_stages(s)]
         self.total = sum(len(blocks) for _, _, blocks in expanded)
@@ -293,8 +296,22 @@ class _Resolver:
         return Model(
             self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
             overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
-            features,
+            features, loss,
         )
+
+    def _loss(self, expr, scope) -> Op:
+        """`loss = focal(alpha = 0.25)`: a registered loss, validated like an op."""
+        value = evaluate(expr, scope)
+        if not (isinstance(value, Ref) and value.kind == "loss"):
+            losses = sorted(n for n, c in OPS.items() if c.kind == "loss")
+            raise error("type", f"loss must be a loss, got {type_name(value)}", expr.span,
+                        f"the losses are: {', '.join(losses)}")
+        loss = to_op(value)
+        try:
+            loss.check()
+        except ShapeError as exc:
+            raise error("value", str(exc), expr.span) from None
+        return loss
 
     def _expand_stages(self, stage: ast.Stage):
         """Yield (scope, items, block expressions) per stage; repeat counts are evaluated here."""
@@ -439,6 +456,9 @@ class _Resolver:
         if value.kind == "part":
             raise error("type", f"'{value.name}' configures another op (e.g. attention's partition) and cannot be "
                         "applied to a tensor", span)
+        if value.kind == "loss":
+            raise error("type", f"'{value.name}' is a loss: name it as the model's objective, not as a layer", span,
+                        f"write `loss = {value.name}(...)` in the model")
         if value.kind == "composite":
             node = SubSeq("", value.target.kind, self._instantiate(value, ctx), value.span, value.name)
         else:
