@@ -133,14 +133,17 @@ class ComposedModel(nn.Module):
         self._points = [(i, k, y.spatial, y.extra if y.layout == "tokens" else None)
                         for i, k, y in (points[j] for j in self.out_indices)]
         self.named_outputs = list(plan.model.outputs or [])
-        self.feature_info = [
-            {"num_chs": y.channels, "reduction": _reduction(plan, y),
-             "module": f"stages.{i}" + (f".blocks.{k}" if k is not None else "")}
-            for i, k, y in (points[j] for j in self.out_indices)
-        ] if not self.named_outputs else [
-            {"num_chs": plan.saved[n][0].channels, "reduction": _reduction(plan, plan.saved[n][0]), "module": n}
-            for n in self.named_outputs
-        ]
+        if not self.named_outputs:
+            reductions = _reductions(plan, [y for _, _, y in points])
+            self.feature_info = [
+                {"num_chs": points[j][2].channels, "reduction": reductions[j],
+                 "module": f"stages.{points[j][0]}" + (f".blocks.{points[j][1]}" if points[j][1] is not None else "")}
+                for j in self.out_indices]
+        else:
+            shapes = [plan.saved[n][0] for n in self.named_outputs]
+            reductions = _reductions(plan, shapes)
+            self.feature_info = [{"num_chs": y.channels, "reduction": r, "module": n}
+                                 for n, y, r in zip(self.named_outputs, shapes, reductions)]
         head_steps = plan.head.steps
         self.num_classes = _classifier_out(head_steps)
         self.num_features = plan.head.x.channels
@@ -234,10 +237,19 @@ def _as_map(x, grid, extra):
     return x[:, extra:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
 
 
-def _reduction(plan: Plan, y) -> int:
-    if not y.spatial:
-        return 0
-    return plan.input.spatial[0] // y.spatial[0]
+def _reductions(plan: Plan, shapes) -> list[int]:
+    """The cumulative stride of each feature, as timm reports it: from the largest grid to the
+    smallest, each grid's reduction is the previous one times the rounded ratio of the two grids, so
+    a grid rounded up by padding (224 -> 14 -> 7 -> 4) still reports its stride (16, 32, 64), not
+    224 / 4. Vectors have none (0)."""
+    out = {}
+    prev, red = plan.input.spatial[0] if plan.input.spatial else 0, 1
+    for j in sorted(range(len(shapes)), key=lambda j: -shapes[j].spatial[0] if shapes[j].spatial else 0):
+        g = shapes[j].spatial[0] if shapes[j].spatial else 0
+        if g:
+            red, prev = red * max(1, round(prev / g)), g
+        out[j] = red if g else 0
+    return [out[j] for j in range(len(shapes))]
 
 
 def _classifier_steps(steps):
