@@ -141,7 +141,8 @@ class ComposedModel(nn.Module):
                 for j in self.out_indices]
         else:
             shapes = [plan.saved[n][0] for n in self.named_outputs]
-            reductions = _reductions(plan, shapes)
+            self._named_maps = [(y.spatial, y.extra if y.layout == "tokens" else None) for y in shapes]
+            reductions = _reductions(plan, shapes, chain=False)
             self.feature_info = [{"num_chs": y.channels, "reduction": r, "module": n}
                                  for n, y, r in zip(self.named_outputs, shapes, reductions)]
         head_steps = plan.head.steps
@@ -172,7 +173,7 @@ class ComposedModel(nn.Module):
         if self.named_outputs:
             for stage in self.stages:
                 x = stage(x, env)
-            return [env[name] for name in self.named_outputs]
+            return [_as_map(env[name], *m) for name, m in zip(self.named_outputs, self._named_maps)]
         wanted = {(i, k): (grid, extra) for i, k, grid, extra in self._points}
         feats = {}
         for i, stage in enumerate(self.stages):
@@ -237,11 +238,14 @@ def _as_map(x, grid, extra):
     return x[:, extra:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
 
 
-def _reductions(plan: Plan, shapes) -> list[int]:
-    """The cumulative stride of each feature, as timm reports it: from the largest grid to the
-    smallest, each grid's reduction is the previous one times the rounded ratio of the two grids, so
-    a grid rounded up by padding (224 -> 14 -> 7 -> 4) still reports its stride (16, 32, 64), not
-    224 / 4. Vectors have none (0)."""
+def _reductions(plan: Plan, shapes, chain: bool = True) -> list[int]:
+    """The cumulative stride of each feature, as timm reports it. Stage outputs (`chain`): from the
+    largest grid to the smallest, each grid's reduction is the previous one times the rounded ratio
+    of the two grids, so a grid rounded up by padding (224 -> 14 -> 7 -> 4) still reports its
+    stride (16, 32, 64), not 224 / 4. Named outputs may come from parallel streams, so each is the
+    rounded ratio of input to grid. Vectors have none (0)."""
+    if not chain:
+        return [round(plan.input.spatial[0] / y.spatial[0]) if y.spatial else 0 for y in shapes]
     out = {}
     prev, red = plan.input.spatial[0] if plan.input.spatial else 0, 1
     for j in sorted(range(len(shapes)), key=lambda j: -shapes[j].spatial[0] if shapes[j].spatial else 0):

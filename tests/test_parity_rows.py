@@ -95,3 +95,27 @@ def test_features_match_reference(name):
         # float32 round-off grows with the features' magnitude (maxvit's reach ~1e2): relative 1e-5
         assert (a - b).abs().max().item() < 1e-4 + 1e-5 * b.abs().max().item()
     assert [f["reduction"] for f in feats.feature_info] == [info[i]["reduction"] for i in ref_idx]
+
+
+def test_crossvit_features_match_reference():
+    """CrossViT's features are its two branches after the last block (named outputs s0, s1), as
+    maps without the class token: timm's features_only gives the same two."""
+    _, ref = _reference("crossvit_tiny")
+    perturb(ref)
+    ref_feats = timm.create_model("crossvit_tiny_240", features_only=True).eval()
+    ref_feats.model.load_state_dict({k: v for k, v in ref.state_dict().items()
+                                     if not k.startswith(("norm.", "head."))})  # it has no norms and heads
+    full = composer.build("crossvit_tiny").eval()
+    assert from_timm(full, ref.state_dict()).ok
+    feats = composer.build("crossvit_tiny", features_only=True).eval()
+    feats.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("head.")})
+    theirs_info = ref_feats.feature_info.get_dicts()
+    assert [(f["num_chs"], f["reduction"]) for f in feats.feature_info] == \
+        [(f["num_chs"], f["reduction"]) for f in theirs_info] == [(96, 12), (192, 17)]
+    x = torch.randn(1, 3, 240, 240)
+    with torch.no_grad():
+        ours, theirs = feats(x), ref_feats(x)
+    assert len(ours) == len(theirs) == 2
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() < 1e-4
