@@ -47,7 +47,8 @@ class Conv(Op):
     `max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)` is split with the extra pixel
     at the end (bottom/right), as timm's `Conv2dSame` (MaxViT-tf, EfficientNet-tf); where that is
     symmetric it is a plain padded conv. Weights: PyTorch's default (kaiming-uniform), as timm
-    leaves most convs."""
+    leaves most convs; `init="kaiming_out"` draws them from kaiming-normal with fan-out and ReLU
+    gain, bias zero (ResNet's and torchvision's convention)."""
 
     out: int
     kernel: IntOrList = 1
@@ -56,6 +57,7 @@ class Conv(Op):
     dilation: IntOrList = 1
     groups: int = 1
     bias: bool = True
+    init: Literal["default", "kaiming_out"] = "default"
 
     def same_pad(self, x: Shape) -> tuple[tuple[int, int], ...]:
         """TF-SAME padding (before, after) per spatial dim for input `x`."""
@@ -105,8 +107,13 @@ class Conv(Op):
 
             cls = same_conv(n)
             pad = 0
-        return cls(x.channels, self.out, per_dim(self.kernel, n, "kernel"), per_dim(self.stride, n, "stride"),
+        conv = cls(x.channels, self.out, per_dim(self.kernel, n, "kernel"), per_dim(self.stride, n, "stride"),
                    pad, per_dim(self.dilation, n, "dilation"), self.groups, self.bias)
+        if self.init == "kaiming_out":
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+        return conv
 
 
 @op("pool", category="pool", layout="map")

@@ -42,10 +42,13 @@ class RMSNorm(Op):
 
 @op("batchnorm", category="norm", layout="map")
 class BatchNorm(Op):
-    """Batch norm over the channels of a map (`BatchNorm1d/2d/3d`)."""
+    """Batch norm over the channels of a map (`BatchNorm1d/2d/3d`). `zero_init=true` starts its
+    scale at zero, so a residual branch ending in it starts as the identity (the last BN of ResNet's
+    blocks, timm's `zero_init_last`)."""
 
     eps: float = 1e-5
     momentum: float = 0.1
+    zero_init: bool = False
 
     def params(self, x, y):
         return 2 * x.channels
@@ -53,7 +56,10 @@ class BatchNorm(Op):
     def build(self, x, y):
         from torch import nn
 
-        return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[x.ndim - 1](x.channels, self.eps, self.momentum)
+        bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[x.ndim - 1](x.channels, self.eps, self.momentum)
+        if self.zero_init:
+            nn.init.zeros_(bn.weight)
+        return bn
 
 
 @op("groupnorm", category="norm", layout="map")
