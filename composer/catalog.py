@@ -117,13 +117,32 @@ def render_markdown(what: str, items: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def zoo_table(items: list[dict]) -> str:
+    """The README's zoo table: one row per family file (its paper, its models, the smallest
+    model's params and GMACs, and what it is checked against). `tests/test_readme.py` keeps the
+    README's copy current (`pytest tests/test_readme.py --update-goldens` rewrites it)."""
+    families: dict[str, list[dict]] = {}
+    for m in items:
+        families.setdefault(m["file"], []).append(m)
+    lines = ["| family | paper | models | smallest: params | GMACs | reference |", "|---|---|---|---:|---:|---|"]
+    for file, models in sorted(families.items()):
+        small = min(models, key=lambda m: m["params"])
+        refs = {(m["reference"] or "").split(":")[0] for m in models}
+        ref = "parity: " + ", ".join(sorted(r for r in refs if r in ("timm", "torchvision"))) \
+            if refs & {"timm", "torchvision"} else "official code (params within 1%)"
+        names = ", ".join(m["name"] for m in models)
+        lines.append(f"| `{file}` | {small['paper'] or ''} | {names} | {small['params']:,} | "
+                     f"{small['macs'] / 1e9:.2f} | {ref} |")
+    return "\n".join(lines) + "\n"
+
+
 def render_listing(what: str, items: list[dict]) -> str:
     lines = []
     if what == "models":
-        lines.append(f"{'model':<18} {'params':>12} {'GMACs':>7}  {'reference':<38} file")
+        lines.append(f"{'model':<20} {'params':>12} {'GMACs':>7}  {'reference':<34} paper")
         for m in items:
-            lines.append(f"{m['name']:<18} {m['params']:>12,} {m['macs'] / 1e9:>7.2f}  {m['reference'] or '-':<38} "
-                         f"{m['file']}")
+            lines.append(f"{m['name']:<20} {m['params']:>12,} {m['macs'] / 1e9:>7.2f}  {m['reference'] or '-':<34} "
+                         f"{m['paper'] or '-'}")
         return "\n".join(lines)
     for it in items:
         params = ", ".join(p["name"] + (f" = {p['default']}" if p.get("default") is not None else "")
