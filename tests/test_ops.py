@@ -24,7 +24,8 @@ from composer.shapes import Shape, ShapeError
 
 # attention is tested with its parts in tests/test_attention.py; the unfold pair multiplies the real batch
 # (B * patch area), which the generic shape check cannot see: tests/test_crossvit_mobilevit.py covers them
-EXCLUDED = {"attention", "cascaded_attention", "patches_to_batch", "batch_to_patches"}  # + own test files
+EXCLUDED = {"attention", "cascaded_attention", "patches_to_batch", "batch_to_patches",  # + own test files:
+            "cluster", "deform_conv", "unfold"}  # tests/test_cluster.py, tests/test_sampling.py
 BATCH = 2
 
 
@@ -151,6 +152,7 @@ STRATEGIES = {
     # leaves out: only the learnable form is drawn here until act.py counts them (or makes them buffers)
     "star_relu": kw("star_relu", any_shape(), scale=st.floats(0.5, 2), bias=st.floats(-1, 1), learnable=st.just(True)),
     "dropout": kw("dropout", any_shape(), p=st.floats(0, 0.5)),
+    "scale": kw("scale", any_shape(), value=st.floats(-2, 2)),
     # conv.py
     "conv": valid(_conv()),
     "pool": paired(lambda x: st.builds(
@@ -219,11 +221,13 @@ STRATEGIES = {
     # reparam.py
     "rep_conv": valid(_rep("rep_conv")),
     "rep_dwconv": valid(_rep("rep_dwconv")),
+    "norm_classifier": kw("norm_classifier", st.integers(1, 16).map(lambda c: Shape(c, (), "vector")),
+                          num_classes=st.integers(0, 8), heads=st.integers(1, 3), bias=st.booleans()),
 }
 
 
 def _tested_ops() -> list[str]:
-    return sorted(n for n, cls in OPS.items() if cls.kind != "part" and n not in EXCLUDED)
+    return sorted(n for n, cls in OPS.items() if cls.kind == "op" and n not in EXCLUDED)  # not parts or losses
 
 
 def test_every_op_has_a_strategy():

@@ -179,3 +179,15 @@ class TokenMixing(nn.Module):
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x.transpose(1, 2)))).transpose(1, 2)
+
+
+class Scale(nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return x * self.value
+
+    def extra_repr(self) -> str:
+        return f"value={self.value}"

@@ -58,6 +58,19 @@ class StarReLU(Op):
         return Module(self.scale, self.bias, self.learnable)
 
 
+@op("scale", category="activation")
+class Scale(Op):
+    """Multiply by a constant `value` (no parameters): a fixed score scale such as head_dim^-0.5
+    applied outside an attention op (CloFormer's context branch)."""
+
+    value: float
+
+    def build(self, x, y):
+        from ..layers.core import Scale as Module
+
+        return Module(self.value)
+
+
 @op("dropout", category="activation")
 class Dropout(Op):
     """Dropout with probability `p` (training only)."""

@@ -1,0 +1,90 @@
+"""Soft clustering: tokens are softly assigned to a few slots, the slots are mixed, and the result
+is dispatched back to the tokens (GLMix, Zhu et al. NeurIPS 2024, "Revisiting the Integration of
+Convolution and Attention for Vision Backbone")."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from ..shapes import Shape, ShapeError
+from .registry import Op, op, prod
+
+
+@op("cluster", category="attention")
+class Cluster(Op):
+    """Soft clustering into slots, a `mixer` over the slots, and soft dispatch back.
+
+    With features F (N tokens of C channels; a map or tokens on a grid, the output has the input's
+    layout) and initial slots S0 (K of them, C channels):
+    `L = normalize(S0) @ (tau * normalize(F))^T` (K x N, rows and columns L2-normalised over
+    channels, `tau` a learned scalar initialised to `scale`, default C^-0.5; `learnable_scale =
+    false` keeps it fixed), slots `S = softmax_N(L) @ F` (each slot a convex mix of the tokens),
+    `S = mixer(S)` (any op on tokens that keeps their shape; GLMix: `attention(heads)`, a plain
+    multi-head self-attention among the slots), and the output `softmax_K(L^T) @ S` (each token a
+    convex mix of the slots).
+
+    `slots` is the side of the slot grid: K = slots^d. `init = "pool"` takes S0 by adaptive
+    average pooling of the features to that grid; `init = "learned"` uses a parameter `init_slots`
+    (K x C, normal(std 0.02)) shared by every input. `paired = true` pools S0 from another tensor
+    given with the input: its channels are then [features (C), slot source (C)] (GLMix pools the
+    block's input, before its position encoding and norm:
+    `parallel concat { identity; from block_in }`), and the output has C channels. Parameters:
+    `slot_scale` (tau), `init_slots`, the mixer's (submodule `mixer`). MACs: the three K x N x C
+    products plus the mixer's."""
+
+    slots: int = 8
+    mixer: Optional[Op] = None
+    init: Literal["pool", "learned"] = "pool"
+    paired: bool = False
+    scale: Optional[float] = None
+    learnable_scale: bool = True
+
+    def _features(self, x: Shape) -> Shape:
+        return x.with_(channels=x.channels // 2) if self.paired else x
+
+    def _slot_shape(self, x: Shape) -> Shape:
+        return Shape(self._features(x).channels, (self.slots,) * x.ndim, "tokens")
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout == "vector" or not x.spatial:
+            raise ShapeError("cluster needs a map or tokens on a spatial grid")
+        if x.extra:
+            raise ShapeError(f"cluster cannot take {x.extra} class token(s)", "drop the class tokens first")
+        if self.slots < 1:
+            raise ShapeError(f"cluster needs at least 1 slot per dim, got {self.slots}")
+        if self.paired:
+            if x.channels % 2:
+                raise ShapeError(f"paired cluster needs [features, slot source] channels of equal size, "
+                                 f"got {x.channels}")
+            if self.init != "pool":
+                raise ShapeError("paired cluster pools its slots from the second half: use init = \"pool\"")
+        s = self._slot_shape(x)
+        if self.mixer is not None:
+            if self.mixer.kind == "part":
+                raise ShapeError(f"cluster mixer must be an op applied to the slot tokens, got the part "
+                                 f"`{self.mixer.name}`")
+            out = self.mixer.infer(s)
+            if (out.channels, out.tokens) != (s.channels, s.tokens):
+                raise ShapeError(f"cluster mixer must keep the slots' shape {s}, `{self.mixer.name}` gives {out}")
+        return self._features(x)
+
+    def params(self, x, y):
+        s = self._slot_shape(x)
+        n = 1 if self.learnable_scale else 0
+        if self.init == "learned":
+            n += s.tokens * s.channels
+        return n + (self.mixer.params(s, self.mixer.infer(s)) if self.mixer is not None else 0)
+
+    def macs(self, x, y):
+        s = self._slot_shape(x)
+        total = 3 * s.tokens * prod(x.spatial) * s.channels
+        return total + (self.mixer.macs(s, self.mixer.infer(s)) if self.mixer is not None else 0)
+
+    def build(self, x, y):
+        from ..layers.cluster import SoftCluster
+
+        s = self._slot_shape(x)
+        mixer = self.mixer.build(s, self.mixer.infer(s)) if self.mixer is not None else None
+        scale = self.scale if self.scale is not None else s.channels ** -0.5
+        return SoftCluster(s.channels, self.slots, x.ndim, mixer, self.init, self.paired, scale,
+                           self.learnable_scale, tokens=x.layout == "tokens", grid=x.spatial)

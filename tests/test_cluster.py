@@ -1,0 +1,132 @@
+"""The `cluster` op (soft clustering into slots, a mixer over the slots, dispatch back).
+
+Hypothesis checks its shape, parameter and MAC rules against the built module (maps and tokens,
+1-D and 2-D, paired and learned slots, with and without an attention mixer). The numerics are
+compared with GLMix's formula written here (L2-normalised logits, a softmax over the pixels to
+form the slots, `nn.MultiheadAttention` among the slots, a softmax over the slots to dispatch
+back), with the attention's weights copied into torch's `nn.MultiheadAttention`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from composer.ops import OPS
+from composer.shapes import Shape, ShapeError
+
+torch.set_num_threads(1)
+BATCH = 2
+
+
+def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
+    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        s = s + attn_mask
+    return s.softmax(-1) @ v
+
+
+@st.composite
+def cases(draw):
+    d = draw(st.sampled_from([1, 2]))
+    heads = draw(st.sampled_from([1, 2]))
+    c = heads * draw(st.sampled_from([2, 4]))
+    paired = draw(st.booleans())
+    layout = draw(st.sampled_from(["map", "tokens"]))
+    grid = tuple(draw(st.integers(1, 7)) for _ in range(d))
+    op = OPS["cluster"](slots=draw(st.integers(1, 4)),
+                        mixer=draw(st.sampled_from([None, OPS["attention"](heads=heads), OPS["linear"](out=c)])),
+                        init="pool" if paired else draw(st.sampled_from(["pool", "learned"])), paired=paired,
+                        learnable_scale=draw(st.booleans()))
+    return op, Shape(2 * c if paired else c, grid, layout)
+
+
+def concrete(s: Shape):
+    return (BATCH, s.channels, *s.spatial) if s.layout == "map" else (BATCH, s.tokens, s.channels)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+def test_cluster_rules_match_module(case):
+    op, x = case
+    y = op.infer(x)
+    torch.manual_seed(0)
+    module = op.build(x, y).eval()
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
+        with FlopCounterMode(display=False) as counter:
+            out = module(torch.randn(concrete(x)))
+    assert tuple(out.shape) == concrete(y) and y.layout == x.layout and y.spatial == x.spatial
+    assert op.params(x, y) == sum(p.numel() for p in module.parameters())
+    seen = counter.get_total_flops() / 2 / BATCH
+    assert op.macs(x, y) == pytest.approx(seen, rel=0.05)
+
+
+def test_shape_errors():
+    with pytest.raises(ShapeError, match="equal size"):
+        OPS["cluster"](paired=True).infer(Shape(5, (4, 4)))
+    with pytest.raises(ShapeError, match="keep the slots"):
+        OPS["cluster"](mixer=OPS["linear"](out=3)).infer(Shape(4, (4, 4)))
+    with pytest.raises(ShapeError, match="class token"):
+        OPS["cluster"]().infer(Shape(4, (4, 4), "tokens", extra=1))
+    with pytest.raises(ShapeError, match="spatial grid"):
+        OPS["cluster"]().infer(Shape(4, (), "vector"))
+
+
+def _glmix_reference(feats, source, mha, tau, pool):
+    """GLMix's global branch on maps feats, source (B, C, H, W): slots pooled from `source`."""
+    b, c, h, w = feats.shape
+    f = feats.flatten(2).transpose(1, 2)                                    # (B, N, C)
+    s0 = F.adaptive_avg_pool2d(source, pool).flatten(2).transpose(1, 2)      # (B, K, C)
+    logits = F.normalize(s0, dim=-1) @ (tau * F.normalize(f, dim=-1)).transpose(1, 2)
+    slots = logits.softmax(-1) @ f
+    slots, _ = mha(slots, slots, slots, need_weights=False)
+    out = logits.transpose(1, 2).softmax(-1) @ slots
+    return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+@pytest.mark.parametrize("layout", ["map", "tokens"])
+def test_cluster_matches_glmix_formula(layout):
+    c, heads, grid = 16, 2, (6, 5)
+    op = OPS["cluster"](slots=3, mixer=OPS["attention"](heads=heads), paired=True)
+    x = Shape(2 * c, grid, layout)
+    torch.manual_seed(0)
+    mod = op.build(x, op.infer(x)).double()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.3)
+    mha = nn.MultiheadAttention(c, heads, batch_first=True).double().eval()
+    with torch.no_grad():  # the same weights: qkv -> in_proj, proj -> out_proj
+        mha.in_proj_weight.copy_(mod.mixer.qkv.weight)
+        mha.in_proj_bias.copy_(mod.mixer.qkv.bias)
+        mha.out_proj.weight.copy_(mod.mixer.proj.weight)
+        mha.out_proj.bias.copy_(mod.mixer.proj.bias)
+    feats = torch.randn(2, c, *grid, dtype=torch.float64)
+    source = torch.randn(2, c, *grid, dtype=torch.float64)
+    ref = _glmix_reference(feats, source, mha, mod.slot_scale, 3)
+    both = torch.cat([feats, source], 1)
+    if layout == "map":
+        out = mod(both)
+    else:
+        out = mod(both.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(2, c, *grid)
+    torch.testing.assert_close(out, ref)
+
+
+def test_unpaired_and_learned_slots():
+    c, grid = 8, (4, 4)
+    t = torch.randn(2, c, *grid, dtype=torch.float64)
+    op = OPS["cluster"](slots=2, scale=0.5, learnable_scale=False)
+    mod = op.build(Shape(c, grid), None).double()
+    assert not list(mod.parameters()) and float(mod.slot_scale) == 0.5
+    f = t.flatten(2).transpose(1, 2)
+    s0 = F.adaptive_avg_pool2d(t, 2).flatten(2).transpose(1, 2)
+    logits = F.normalize(s0, dim=-1) @ (0.5 * F.normalize(f, dim=-1)).transpose(1, 2)
+    ref = logits.transpose(1, 2).softmax(-1) @ (logits.softmax(-1) @ f)
+    torch.testing.assert_close(mod(t), ref.transpose(1, 2).reshape(2, c, *grid))
+    learned = OPS["cluster"](slots=2, init="learned").build(Shape(c, grid), None)
+    assert learned.init_slots.shape == (1, 4, c)
+    assert learned(t.float()).shape == t.shape

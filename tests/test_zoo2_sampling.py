@@ -1,0 +1,53 @@
+"""Zoo II families that use the sampling and clustering ops: T2T-ViT, LITv2, DAT, GLNet.
+
+For each smallest variant the BUILT model's parameter count (torch, sum of numel) must be within
+1% of the official code's count (shared/MODELS.md, written here), and the model must run forward
+(at a small resolution where the model allows it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import composer
+
+torch.set_num_threads(1)
+
+# (target, official count from MODELS.md, resolution of the count, small resolution for the forward)
+CASES = [
+    ("blueprints/t2t_vit.arch:t2t_vit_7", 4_310_222, 224, 64),   # row 22 (closest form: no Performer)
+    ("blueprints/litv2.arch:litv2_s", 27_844_000, 224, 64),      # row 28
+    ("blueprints/dat.arch:dat_t", 28_319_000, 224, 112),         # row 54 (no deformable rel-pos bias)
+    ("blueprints/glnet.arch:glnet_4g", 27_002_000, 224, 64),     # row 52
+]
+
+
+@pytest.mark.parametrize("target, official, res, small", CASES, ids=[c[0].split(":")[1] for c in CASES])
+def test_param_count_and_forward(target, official, res, small):
+    model = composer.build(target, img_size=res)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - official) <= 0.01 * official, f"{target}: {count:,} vs official {official:,}"
+    del model
+    model = composer.build(target, img_size=small, num_classes=10).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, small, small))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_exact_counts_where_everything_is_expressed():
+    """LITv2 and GLNet are complete: their counts are the official ones to the parameter (LITv2-S,
+    LITv2-M) or to the official thousand (GLNet)."""
+    assert composer.load("blueprints/litv2.arch:litv2_s").params == 27_844_000
+    assert composer.load("blueprints/litv2.arch:litv2_m").params == 48_830_368
+    assert round(composer.load("blueprints/glnet.arch:glnet_4g").params, -3) == 27_002_000
+    # DAT-T without the 30,300 parameters of its deformable attentions' relative-position tables
+    assert composer.load("blueprints/dat.arch:dat_t").params + 3 * 12 * 27 * 27 + 24 * 13 * 13 == 28_319_138
+
+
+def test_deformable_merging_starts_as_a_plain_conv():
+    """LITv2's deformable token merging is zero-initialised: a fresh model's merging layers read the
+    regular 2x2 grid."""
+    model = composer.build("blueprints/litv2.arch:litv2_s", img_size=64, num_classes=10)
+    merges = [m for n, m in model.named_modules() if n.endswith("conv_offset") and "downsample" in n]
+    assert len(merges) == 3
+    assert all(float(p.detach().abs().max()) == 0 for m in merges for p in m.parameters())
