@@ -1,0 +1,71 @@
+"""`composer graph`: draw a planned model as a block diagram (SVG, Graphviz DOT, Mermaid or HTML).
+
+The plan is turned into a small diagram tree first (render_tree: nodes, columns, side-by-side lanes,
+residuals, titled groups, plus the edges with the tensor shapes on them; labels in render_labels);
+render_svg lays the tree out top-down and writes the SVG itself, so no system program is needed;
+render_text writes DOT, Mermaid and the HTML page. Repeated blocks of a stage
+collapse into one box (`6 x metaformer(attention(...), mlp)`); blocks that differ only in values
+(a window shift, a drop-path rate) collapse too, with a note (`shift 0/3`). `--expand` draws every
+block with its sub-layers. Named tensors (`save`/`from`) become edges from where they were saved.
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .diagnostics import error
+
+FORMATS = (".svg", ".dot", ".mmd", ".html")
+
+
+# ---- the command -----------------------------------------------------------------------------
+
+
+def render(plan, fmt: str, expand: bool = False) -> str:
+    """The text of the diagram of `plan` in format `fmt` (.svg, .dot, .mmd or .html)."""
+    from .render_svg import to_svg
+    from .render_text import to_dot, to_html, to_mermaid
+    from .render_tree import diagram
+
+    d = diagram(plan, expand)
+    if fmt == ".dot":
+        return to_dot(d)
+    if fmt == ".mmd":
+        return to_mermaid(d)
+    svg = to_svg(d)
+    return to_html(d, plan, svg) if fmt == ".html" else svg
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(args) -> int:
+    from . import api
+    from .cli import _overrides
+
+    out = Path(args.output)
+    fmt = out.suffix.lower()
+    if fmt not in FORMATS:
+        raise error("usage", f"cannot tell the format of '{args.output}' from its suffix '{out.suffix}'", None,
+                    "name the output OUT.svg, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html")
+    if out.is_dir():
+        raise error("io", f"'{args.output}' is a directory; name a file")
+    plan = api.load(args.target, **_overrides(args))
+    text = render(plan, fmt, expand=getattr(args, "expand", False))
+    write_atomic(out, text)
+    print(f"wrote {out}")
+    return 0

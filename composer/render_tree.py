@@ -1,0 +1,329 @@
+"""The diagram tree of composer graph: nodes, columns, side-by-side lanes, residuals and titled groups,
+with the edges (tensor shapes on them) between nodes, built from a plan. Repeated blocks of a stage
+collapse into one box unless `expand`; named tensors (`save`/`from`) become edges from where they were
+saved, and independent streams after a `from` are drawn side by side. Pure Python."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .render_labels import category, fmt_count, fmt_shape, op_label, runs, summary
+from .shapes import Shape
+
+# ---- the diagram tree ------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    id: str
+    label: str
+    note: str = ""
+    cat: str = "misc"  # colour: an op category, "block", "io" or "merge"
+    klass: str = "node"  # node, block (a collapsed run), merge, io
+    tip: str = ""  # tooltip: path, params, MACs
+    repeat: int = 1
+    scope: str = ""  # the innermost group
+    x: float = 0
+    y: float = 0
+    w: float = 0
+    h: float = 0
+
+
+@dataclass
+class Column:
+    items: list = field(default_factory=list)
+
+
+@dataclass
+class Lanes:
+    lanes: list  # Columns side by side
+    merge: Node | None = None
+
+
+@dataclass
+class Residual:
+    body: Column
+    add: Node
+
+
+@dataclass
+class Group:
+    id: str
+    klass: str  # stem, stage, head, block, mixer, section
+    title: str
+    subtitle: str
+    body: Column
+
+
+@dataclass
+class Edge:
+    src: str
+    dst: str
+    label: str = ""
+    kind: str = "flow"  # flow, skip, named
+
+
+@dataclass
+class Diagram:
+    title: str
+    subtitle: str
+    root: Column
+    edges: list
+    nodes: dict  # id -> Node
+
+
+# ---- building the diagram from a plan ---------------------------------------------------------
+
+MERGE_SYMBOL = {"add": "+", "mul": "×", "sub": "−", "mean": "mean", "concat": "concat", "tokens": "concat tokens"}
+
+
+class _Builder:
+    def __init__(self, plan, expand: bool):
+        self.plan, self.expand = plan, expand
+        self.nodes: dict[str, Node] = {}
+        self.edges: list[Edge] = []
+        self.cur: str | None = None
+        self.shape: Shape | None = None
+        self.named: str = ""  # the tensor name of a pending `from`, labels the next edge
+        self.saved: dict = {}
+        self.in_shape: dict = {}  # node id -> the shape of its first incoming edge
+        self.scope: list[str] = []  # ids of the groups being built
+        self.count = 0
+
+    def node(self, label, cat="misc", note="", klass="node", tip="", repeat=1, connect=True) -> Node:
+        self.count += 1
+        n = Node(f"n{self.count}", label, note, cat, klass, tip, repeat, self.scope[-1] if self.scope else "")
+        self.nodes[n.id] = n
+        if connect:
+            self.link(n.id)
+        return n
+
+    def link(self, dst: str) -> None:
+        if self.cur is not None:
+            label = fmt_shape(self.shape) if self.shape is not None else ""
+            src = self.nodes.get(self.cur)
+            if not self.named and src is not None and src.klass == "node" and src.scope == self.nodes[dst].scope \
+                    and self.in_shape.get(self.cur) == self.shape and self.nodes[dst].klass not in ("io", "block"):
+                label = ""  # an op that keeps the shape: the label above it says it already
+            self.in_shape.setdefault(dst, self.shape)
+            if self.named:
+                self.edges.append(Edge(self.cur, dst, f"{self.named}: {label}", "named"))
+            else:
+                self.edges.append(Edge(self.cur, dst, label))
+        self.named = ""
+
+    def go(self, node_id: str, shape: Shape) -> None:
+        self.cur, self.shape = node_id, shape
+
+    # a composite drawn as one box: its outside inputs are the flow (when it reads it) and every
+    # tensor it loads before saving; what it saves comes from the box
+    def boxed(self, steps, label, cat, note="", klass="node", tip="", repeat=1, y=None) -> Node:
+        loads, saves = [], []
+        reads_flow = _reads_flow(steps)
+        _io(steps, set(), loads, saves)
+        n = self.node(label, cat, note, klass, tip, repeat, connect=reads_flow)
+        if not reads_flow:
+            self.named = ""
+        for name in loads:
+            if name in self.saved:
+                src, shape = self.saved[name]
+                self.edges.append(Edge(src, n.id, f"{name}: {fmt_shape(shape)}", "named"))
+        out = y if y is not None else steps[-1].y if steps else self.shape
+        for name, shape in saves:
+            self.saved[name] = (n.id, shape)
+        self.go(n.id, out)
+        return n
+
+    def seq(self, steps, depth: int = 0) -> Column:
+        """A step list as a column; after a `from`, independent streams are drawn side by side."""
+        segments: list[list] = [[]]
+        for s in steps:
+            if s.kind == "load" and segments[-1]:
+                segments.append([])
+            segments[-1].append(s)
+        if len(segments) == 1:
+            return Column(self.items(steps, depth))
+        rows: list[list] = [[]]
+        row_nodes: set = set()
+        for seg in segments:
+            n0, e0 = set(self.nodes), len(self.edges)
+            items = self.items(seg, depth)
+            if not items:
+                continue
+            made = set(self.nodes) - n0
+            deps = {e.src for e in self.edges[e0:] if e.src not in made}
+            if deps & row_nodes:
+                rows.append([])
+                row_nodes = set()
+            rows[-1].append(Column(items))
+            row_nodes |= made
+        out = []
+        for row in rows:
+            if len(row) == 1:
+                out += row[0].items
+            elif row:
+                out.append(Lanes(row))
+        return Column(out)
+
+    def items(self, steps, depth: int) -> list:
+        out = []
+        for s in steps:
+            if s.kind == "convert":
+                self.shape = s.y
+            elif s.kind == "save":
+                self.saved[s.name] = (self.cur, s.y)
+            elif s.kind == "load":
+                self.cur, self.shape = self.saved.get(s.name, (None, s.y))
+                self.named = s.name
+            elif s.kind == "op":
+                tip = f"{s.path}: {s.op.describe()}\n{fmt_count(s.params)} params, {fmt_count(s.macs)} MACs"
+                n = self.node(op_label(s.op, s.x), s.op.category, tip=tip)
+                self.go(n.id, s.y)
+                out.append(n)
+            elif s.kind == "seq":
+                drawable = [b for b in s.body if b.kind not in ("convert", "save", "load")]
+                if self.expand and depth < 2 and (len(drawable) > 1 or drawable and drawable[0].kind != "op"):
+                    body = self.grouped(f"g_{s.path}", lambda s=s: self.seq(s.body, depth + 1))
+                    name = s.call or s.name
+                    title = name if s.name in (name, "") else f"{s.name}: {name}"
+                    out.append(Group(f"g_{s.path}", "mixer", title, "", body))
+                else:
+                    tip = f"{s.path}\n{fmt_count(s.params)} params, {fmt_count(s.macs)} MACs"
+                    out.append(self.boxed(s.body, summary(s.call or s.name, s.body), category(s.body), tip=tip,
+                                          y=s.y))
+            elif s.kind == "residual":
+                out.append(self.residual(s, depth))
+            elif s.kind == "parallel":
+                out.append(self.parallel(s.branches, s.merge, s.y, depth))
+        return out
+
+    def residual(self, s, depth: int):
+        start, shape = self.cur, self.shape
+        drawable = [t for t in s.shortcut if t.kind != "convert"]
+        if drawable:
+            return self.parallel([s.shortcut, s.body], "add", s.y, depth)
+        body = self.seq(s.body, depth)
+        add = self.node("+", "merge", klass="merge", tip="residual add")
+        if start is not None:
+            self.edges.append(Edge(start, add.id, "", "skip"))
+        self.go(add.id, s.y)
+        del shape
+        return Residual(body, add)
+
+    def parallel(self, branches, merge: str, y: Shape, depth: int) -> Lanes:
+        start, shape, named = self.cur, self.shape, self.named
+        lanes, ends = [], []
+        for b in branches:
+            self.cur, self.shape, self.named = start, shape, named
+            lanes.append(self.seq(b, depth))
+            ends.append((self.cur, self.shape, self.named))
+        m = self.node(MERGE_SYMBOL.get(merge, merge), "merge", klass="merge", tip=f"merge: {merge}", connect=False)
+        for cur, sh, nm in ends:
+            self.cur, self.shape, self.named = cur, sh, nm
+            self.link(m.id)
+        self.go(m.id, y)
+        return Lanes(lanes, m)
+
+    # sections of the model
+
+    def grouped(self, gid: str, make):
+        self.scope.append(gid)
+        try:
+            return make()
+        finally:
+            self.scope.pop()
+
+    def section(self, sec, title: str, klass: str, gid: str) -> Group:
+        body = self.grouped(gid, lambda: self.seq(sec.steps))
+        sub = f"{fmt_count(sec.params)} params · {fmt_count(sec.macs)} MACs" if sec.params or sec.macs else ""
+        return Group(gid, klass, title, sub, body)
+
+    def part(self, sec, name: str) -> list:
+        """A stage's downsample or norm: drawn as its ops when short, else as one box."""
+        drawable = [s for s in sec.steps if s.kind not in ("convert", "save", "load")]
+        if self.expand or len(drawable) <= 1:
+            return self.seq(sec.steps).items
+        tip = f"{sec.path}\n{fmt_count(sec.params)} params, {fmt_count(sec.macs)} MACs"
+        return [self.boxed(sec.steps, summary(name, sec.steps), category(sec.steps), tip=tip, y=sec.y)]
+
+    def stage(self, st) -> Group:
+        return self.grouped(f"g_stages.{st.index}", lambda: self._stage(st))
+
+    def _stage(self, st) -> Group:
+        items = []
+        if st.downsample is not None and not st.downsample_last:
+            items += self.part(st.downsample, "downsample")
+        if self.expand:
+            for k, b in enumerate(st.blocks):
+                sub = f"drop path {b.drop_path:.3f}" if b.drop_path else ""
+                body = self.grouped(f"g_{b.path}", lambda b=b: self.seq(b.steps))
+                items.append(Group(f"g_{b.path}", "block", f"block {k}: {b.call}", sub, body))
+        else:
+            for group, note in runs(st.blocks):
+                b = group[0]
+                label = summary(b.call, b.steps)
+                if len(group) > 1:
+                    label = f"{len(group)} x {label}"
+                params = sum(g.params for g in group)
+                macs = sum(g.macs for g in group)
+                tip = (f"{b.path}" + (f" .. {group[-1].path}" if len(group) > 1 else "")
+                       + f"\n{fmt_count(params)} params, {fmt_count(macs)} MACs")
+                rates = [g.drop_path for g in group]
+                if max(rates) > 0:
+                    tip += f"\ndrop path {min(rates):.3f} .. {max(rates):.3f}"
+                items.append(self.boxed(b.steps, label, category(b.steps), note, "block", tip, len(group),
+                                        y=group[-1].y))
+        if st.downsample is not None and st.downsample_last:
+            items += self.part(st.downsample, "downsample")
+        if st.norm is not None:
+            items += self.part(st.norm, "norm")
+        secs = [s for s in (st.downsample, *st.blocks, st.norm) if s is not None]
+        params, macs = sum(s.params for s in secs), sum(s.macs for s in secs)
+        n = len(st.blocks)
+        sub = (f"{n} block{'s' if n != 1 else ''} · out {fmt_shape(st.y)}\n{fmt_count(params)} params · "
+               f"{fmt_count(macs)} MACs")
+        return Group(f"g_stages.{st.index}", "stage", f"stages.{st.index}", sub, Column(items))
+
+    def build(self) -> Diagram:
+        p = self.plan
+        m = p.model
+        inp = self.node("input", "io", fmt_shape(p.input), klass="io", tip=f"{m.input.kind} input")
+        self.go(inp.id, p.input)
+        self.saved["input"] = (inp.id, p.input)
+        items = [inp, self.section(p.stem, "stem", "stem", "g_stem")]
+        items += [self.stage(st) for st in p.stages]
+        items.append(self.section(p.head, "head", "head", "g_head"))
+        items = [it for it in items if not isinstance(it, Group) or it.body.items]  # an empty stem or head
+        items.append(self.node("output", "io", fmt_shape(p.head.y), klass="io"))
+        sub = f"{fmt_count(p.params)} params · {fmt_count(p.macs)} MACs · input {fmt_shape(p.input)}"
+        if m.reference:
+            sub += f" · {m.reference}"
+        return Diagram(m.name, sub, Column(items), self.edges, self.nodes)
+
+
+def _reads_flow(steps) -> bool:
+    """Whether a step list uses its incoming tensor (false when it starts with a `from`)."""
+    for s in steps:
+        if s.kind in ("convert", "save"):
+            continue
+        if s.kind == "load":
+            return False
+        if s.kind == "seq":
+            return _reads_flow(s.body)
+        return True
+    return True
+
+
+def _io(steps, local: set, loads: list, saves: list) -> None:
+    for s in steps:
+        if s.kind == "load" and s.name not in local and s.name not in loads:
+            loads.append(s.name)
+        elif s.kind == "save":
+            local.add(s.name)
+            saves.append((s.name, s.y))
+        for sub in [s.shortcut, s.body, *s.branches]:
+            _io(sub, local, loads, saves)
+
+
+def diagram(plan, expand: bool = False) -> Diagram:
+    return _Builder(plan, expand).build()
