@@ -221,6 +221,12 @@ STRATEGIES = {
     # reparam.py
     "rep_conv": valid(_rep("rep_conv")),
     "rep_dwconv": valid(_rep("rep_dwconv")),
+    # routing.py: [router logits (E), noise scales (E, noisy), E expert outputs of C channels]
+    "top_k_mixture": st.tuples(st.integers(1, 4), st.integers(1, 4), st.booleans()).flatmap(
+        lambda ecn: paired(lambda x: st.builds(
+            lambda k, c: OPS["top_k_mixture"](experts=ecn[0], k=k, noisy=ecn[2], combine=c),
+            st.integers(1, ecn[0]), st.sampled_from(["sum", "log_exp"])),
+            any_shape(channels=st.just(ecn[0] * (2 if ecn[2] else 1) + ecn[0] * ecn[1])))),
     "norm_classifier": kw("norm_classifier", st.integers(1, 16).map(lambda c: Shape(c, (), "vector")),
                           num_classes=st.integers(0, 8), heads=st.integers(1, 3), bias=st.booleans()),
 }

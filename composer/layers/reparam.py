@@ -96,10 +96,13 @@ class RepConv(nn.Module):
 
 
 class _Affine:
-    """A linear map written as one conv: weight (cout, cin / groups, *kernel), bias, stride, groups."""
+    """A linear map written as one conv: weight (cout, cin / groups, *kernel), bias, stride (one int
+    per spatial dim), groups. Kernels are dense and centred: padding kernel // 2 in every dim."""
 
     def __init__(self, weight, bias, stride, groups):
-        self.weight, self.bias, self.stride, self.groups = weight, bias, stride, groups
+        nd = weight.ndim - 2
+        self.weight, self.bias, self.groups = weight, bias, groups
+        self.stride = tuple(stride) if isinstance(stride, (tuple, list)) else (int(stride),) * nd
 
     @property
     def cin(self):
@@ -110,8 +113,12 @@ class _Affine:
         return self.weight.shape[0]
 
     @property
+    def depthwise(self) -> bool:
+        return self.groups == self.cin == self.cout
+
+    @property
     def per_channel(self) -> bool:
-        return self.groups == self.cin == self.cout and self.stride == 1 and all(k == 1 for k in self.weight.shape[2:])
+        return self.depthwise and all(s == 1 for s in self.stride) and all(k == 1 for k in self.weight.shape[2:])
 
     def regroup(self, groups: int) -> torch.Tensor:
         """The weight as a conv with `groups` groups (a divisor of ours): block-diagonal within each."""
@@ -130,6 +137,16 @@ class _Affine:
         for have, want in zip(reversed(w.shape[2:]), reversed(kernel)):
             pads += [(want - have) // 2] * 2
         return F.pad(w, pads) if any(pads) else w
+
+
+def _dilate(w: torch.Tensor, dilation) -> torch.Tensor:
+    """A dilated kernel as the dense kernel with `dilation - 1` zeros between its taps, per dim."""
+    if all(d == 1 for d in dilation):
+        return w
+    size = [d * (k - 1) + 1 for k, d in zip(w.shape[2:], dilation)]
+    out = w.new_zeros(*w.shape[:2], *size)
+    out[(slice(None), slice(None), *(slice(None, None, d) for d in dilation))] = w
+    return out
 
 
 def _combine(parts: list[_Affine], signs: list[float]):
@@ -153,11 +170,26 @@ def _identity_like(a: _Affine) -> _Affine:
 
 
 def _then(a: _Affine, b: _Affine):
-    """`b` after `a`, when `b` is per-channel (a scale and shift of each channel), else None."""
-    if not b.per_channel or b.cin != a.cout:
+    """`b` after `a` as one conv, or None. Exact cases: `b` is per-channel (a scale and shift of each
+    channel); or both are depthwise over the same channels, `a` has no bias and in every dim at most
+    one of them spans more than one tap (a 1 x k conv then a k x 1 conv: their outer product, the
+    serial branches of separable large kernels). Zero padding then agrees at the borders."""
+    if b.cin != a.cout:
         return None
-    scale = b.weight.reshape(-1)
-    return _Affine(a.weight * scale.view(-1, *([1] * (a.weight.ndim - 1))), a.bias * scale + b.bias, a.stride, a.groups)
+    if b.per_channel:
+        scale = b.weight.reshape(-1)
+        return _Affine(a.weight * scale.view(-1, *([1] * (a.weight.ndim - 1))), a.bias * scale + b.bias,
+                       a.stride, a.groups)
+    ka, kb = a.weight.shape[2:], b.weight.shape[2:]
+    if not (a.depthwise and b.depthwise) or len(ka) != len(kb) or bool(a.bias.abs().max() > 0):
+        return None
+    if any(x > 1 and y > 1 for x, y in zip(ka, kb)):
+        return None
+    # b's taps are a's outputs, `a.stride` input pixels apart: dilate b by a's stride
+    wb = _dilate(b.weight, a.stride)
+    weight = a.weight * wb  # each factor has size 1 along the dims where the other spans
+    stride = tuple(sa * sb for sa, sb in zip(a.stride, b.stride))
+    return _Affine(weight, b.bias, stride, a.groups)
 
 
 def _as_affine(module: nn.Module):
@@ -166,13 +198,14 @@ def _as_affine(module: nn.Module):
     from .core import ChannelScale
 
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        ks = module.kernel_size
-        if (module.padding_mode != "zeros" or any(d != 1 for d in module.dilation) or
-                any(k % 2 == 0 for k in ks) or tuple(module.padding) != tuple(k // 2 for k in ks) or
-                len(set(module.stride)) != 1):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        weight = _dilate(module.weight.detach(), module.dilation)  # dense: taps d apart
+        ks = weight.shape[2:]
+        if any(k % 2 == 0 for k in ks) or tuple(module.padding) != tuple(k // 2 for k in ks):
             return None
         bias = module.bias if module.bias is not None else module.weight.new_zeros(module.out_channels)
-        return _Affine(module.weight.detach(), bias.detach(), module.stride[0], module.groups)
+        return _Affine(weight, bias.detach(), module.stride, module.groups)
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats and \
             module.running_var is not None and module.affine and not module.training:
         ndim = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}.get(type(module))
@@ -253,21 +286,25 @@ def _conv_from(a: _Affine) -> nn.Module:
 def _fold_sequence(seq) -> None:
     """Replace, in `seq`'s program, every maximal run of linear instructions that holds a residual or
     a parallel merge (after re-parameterization: RepMixer's `x + ls(mixer(x) - norm(x))`, a conv
-    position encoding `x + conv(x)`) by one conv named `reparam_conv`."""
+    position encoding `x + conv(x)`, parallel dilated or asymmetric depthwise convs), or that holds a
+    conv fused in the first pass next to another linear step (a fused conv + BN + layer scale), by
+    one conv named `reparam_conv`."""
     prog, out, run = seq.program, [], []
 
     def flush():
         nonlocal run
         if run:
             got = _fold_program(seq, run)
-            if got is not None and got[1]:
-                used = {n for ins in run for n in _names(ins)}
+            used = {n for ins in run for n in _names(ins)}
+            after_fuse = len(run) > 1 and any(_was_fused(seq._modules[n]) for n in used)
+            if got is not None and (got[1] or after_fuse):
                 for n in used:
                     delattr(seq, n)
                 name, k = "reparam_conv", 1
                 while name in seq._modules:
                     name, k = f"reparam_conv{k}", k + 1
                 seq.add_module(name, _conv_from(got[0]))
+                seq._modules[name]._reparam_fused = True
                 out.append(("m", name))
             else:
                 out.extend(run)
@@ -288,6 +325,40 @@ def _fold_sequence(seq) -> None:
     seq.program = out
 
 
+def _fold_shifts(seq) -> None:
+    """Move the additive shift of a GRN (its `beta`) into the bias of a pointwise conv right after it:
+    conv(y + beta) = conv(y) + W @ beta, exact for 1x1 kernels. `beta` becomes a zero buffer."""
+    from .gating import GRN
+
+    prog = seq.program
+    for a, b in zip(prog, prog[1:]):
+        if a[0] != "m" or b[0] != "m":
+            continue
+        grn, conv = seq._modules[a[1]], seq._modules[b[1]]
+        if not (isinstance(grn, GRN) and grn.channel_first and isinstance(grn.beta, nn.Parameter)):
+            continue
+        if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) or conv.groups != 1 or \
+                any(k != 1 for k in conv.kernel_size) or conv.in_channels != grn.beta.numel():
+            continue
+        shift = conv.weight.reshape(conv.out_channels, -1) @ grn.beta.detach()
+        if conv.bias is None:
+            conv.bias = nn.Parameter(shift)
+        else:
+            conv.bias.add_(shift)
+        del grn.beta
+        grn.register_buffer("beta", torch.zeros_like(shift[:0]).new_zeros(conv.in_channels), persistent=False)
+
+
+def _was_fused(module: nn.Module) -> bool:
+    """Made by fusion: a fused re-parameterizable module, a folded run, or a composite of one such."""
+    from ..builder import Sequence
+
+    if getattr(module, "_reparam_fused", False):
+        return True
+    return isinstance(module, Sequence) and len(module.program) == 1 and module.program[0][0] == "m" and \
+        _was_fused(module._modules[module.program[0][1]])
+
+
 def _names(ins) -> list[str]:
     if ins[0] == "m":
         return [ins[1]]
@@ -306,7 +377,12 @@ def fuse_model(model: nn.Module) -> nn.Module:
     each maximal run of linear steps (convs with centred odd kernels, eval-mode batch norms,
     channel-first `layer_scale`s) that contains a `residual` or an add / sub / mean `parallel`
     becomes one conv (`reparam_conv`): RepMixer's `x + ls(mixer(x) - norm(x))` and a conv position
-    encoding `x + conv(x)` fuse this way. Runs without a residual or parallel (a plain conv + BN)
+    encoding `x + conv(x)` fuse this way, and so do parallel branches of dilated convs (a dilated
+    kernel becomes the dense kernel with zeros between its taps), of asymmetric kernels (1 x k, k x 1)
+    and of serial depthwise 1 x k -> k x 1 pairs without bias (their outer product). A run that holds
+    a conv fused in the first pass folds with its linear neighbours too (a fused `rep_conv` followed
+    by a channel-first layer scale). A GRN's `beta` right before a 1x1 conv moves into that conv's
+    bias (UniRepLKNet's deploy form). Other runs without a residual or parallel (a plain conv + BN)
     are kept. Fused forms equal the eval-mode originals: call `model.eval()` first."""
     from ..builder import Sequence
 
@@ -315,7 +391,50 @@ def fuse_model(model: nn.Module) -> nn.Module:
     for name, child in list(model.named_children()):
         fused = fuse_model(child)
         if fused is not child:
+            fused._reparam_fused = True  # a run holding it may fold further (see `_fold_sequence`)
             setattr(model, name, fused)
     if isinstance(model, Sequence) and not model.training:
         _fold_sequence(model)
+        _fold_shifts(model)
     return model
+
+
+class NormLinearHeads(nn.Module):
+    """`heads` x (BatchNorm1d -> Linear) on a vector (B, C), outputs averaged; `fuse()` gives one
+    `nn.Linear` equal to it in eval mode."""
+
+    fusable = True
+
+    def __init__(self, cin: int, cout: int, heads: int = 1, bias: bool = True, init_std: float = 0.02):
+        super().__init__()
+        from .core import Stack, trunc_normal_
+
+        def head():
+            linear = nn.Linear(cin, cout, bias=bias)
+            trunc_normal_(linear.weight, init_std)
+            if bias:
+                nn.init.zeros_(linear.bias)
+            return Stack(norm=nn.BatchNorm1d(cin), linear=linear)
+
+        self.heads = nn.ModuleList(head() for _ in range(heads))
+
+    def forward(self, x):
+        y = self.heads[0](x)
+        for h in self.heads[1:]:
+            y = y + h(x)
+        return y / len(self.heads) if len(self.heads) > 1 else y
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        ref = self.heads[0].linear.weight
+        weight = torch.zeros_like(ref)
+        bias = ref.new_zeros(ref.shape[0])
+        for h in self.heads:
+            scale = h.norm.weight / torch.sqrt(h.norm.running_var + h.norm.eps)
+            shift = h.norm.bias - h.norm.running_mean * scale
+            weight += h.linear.weight * scale[None, :]
+            bias += h.linear.weight @ shift + (h.linear.bias if h.linear.bias is not None else 0)
+        linear = nn.Linear(weight.shape[1], weight.shape[0]).to(device=ref.device, dtype=ref.dtype)
+        linear.weight.copy_(weight / len(self.heads))
+        linear.bias.copy_(bias / len(self.heads))
+        return linear

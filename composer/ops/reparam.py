@@ -113,3 +113,43 @@ class RepDwConv(_Rep):
 
     def geometry(self, x: Shape) -> tuple[int, int]:
         return x.channels, x.channels
+
+
+@op("norm_classifier", category="head", layout="vector", classifier=True)
+class NormClassifier(Op):
+    """A classifier with batch norm in front: `heads` heads of batch norm (`BatchNorm1d`) then a
+    linear layer to `num_classes` logits, their outputs averaged (LeViT's, EfficientViT-M's, RepViT's
+    and RepNeXt's `NormLinear` head; two heads are a classifier head and a distillation head, averaged
+    at inference). Submodules `heads.<i>.norm` and `heads.<i>.linear` (linear weights
+    trunc-normal(`init_std`), biases zero). `num_classes=0` makes it the identity and
+    `reset_classifier(n)` replaces it, as `classifier`. `model.fuse()` folds the norms and the heads
+    into one `nn.Linear` (eval mode); params count the training form."""
+
+    num_classes: int
+    heads: int = 1
+    bias: bool = True
+    init_std: float = 0.02
+
+    def infer(self, x: Shape) -> Shape:
+        if self.num_classes < 0:
+            raise ShapeError(f"num_classes must be 0 or more, got {self.num_classes}")
+        if self.heads < 1:
+            raise ShapeError(f"norm_classifier needs at least one head, got {self.heads}")
+        return x.with_(channels=self.num_classes or x.channels)
+
+    def params(self, x, y):
+        if not self.num_classes:
+            return 0
+        return self.heads * (2 * x.channels + x.channels * self.num_classes + (self.num_classes if self.bias else 0))
+
+    def macs(self, x, y):
+        return 0 if not self.num_classes else self.heads * x.channels * self.num_classes
+
+    def build(self, x, y):
+        from torch import nn
+
+        from ..layers.reparam import NormLinearHeads
+
+        if not self.num_classes:
+            return nn.Identity()
+        return NormLinearHeads(x.channels, self.num_classes, self.heads, self.bias, self.init_std)

@@ -1,0 +1,254 @@
+"""Zoo II, convolutional and re-parameterizable rows: ShuffleNet V1, Conv2Former, RepNeXt,
+UniRepLKNet, FAT, EdgeViT.
+
+Parameter counts of the smallest variants against shared/MODELS.md (the official code's count),
+the fused (re-parameterized) counts of RepNeXt and UniRepLKNet, fused output equal to the training
+output, the fuse rules these rows need (dilated, asymmetric and serial depthwise branches; a fused
+conv with its BN / layer scale; GRN's shift; the BN + linear heads), and a forward pass of every
+model of these families.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import composer
+from helpers import n_params, write
+
+FAMILIES = {
+    "shufflenet_v1": ["shufflenet_v1_g3_x0_5", "shufflenet_v1_g3_x1_0", "shufflenet_v1_g3_x1_5",
+                      "shufflenet_v1_g3_x2_0", "shufflenet_v1_g8_x0_5", "shufflenet_v1_g8_x1_0"],
+    "conv2former": ["conv2former_n", "conv2former_t", "conv2former_s", "conv2former_b", "conv2former_l"],
+    "repnext": ["repnext_m0", "repnext_m1", "repnext_m2", "repnext_m3", "repnext_m4", "repnext_m5"],
+    "unireplknet": ["unireplknet_a", "unireplknet_f", "unireplknet_p", "unireplknet_n", "unireplknet_t",
+                    "unireplknet_s"],
+    "fat": ["fat_b0", "fat_b1", "fat_b2", "fat_b3"],
+    "edgevit": ["edgevit_xxs", "edgevit_xs", "edgevit_s"],
+}
+ALL = [m for ms in FAMILIES.values() for m in ms]
+
+
+def _count(name: str) -> int:
+    with torch.device("meta"):
+        return n_params(composer.build(name, device="meta"))
+
+
+# ----------------------------------------------------------------------------- parameter counts
+# (model, MODELS.md figure, tolerance of that figure). The official code's own counts, where they
+# are more precise than the table: ShuffleNet V1 0.5x g3 717,324 and Conv2Former-N 14,992,840
+# (exact here); RepNeXt-M0 and UniRepLKNet-A are given to +-1k in the table (ours: 2,716,480 and
+# 4,649,060; the official code gives the same structure).
+ROWS = [
+    ("shufflenet_v1_g3_x0_5", 717_324, 0),         # row 43
+    ("conv2former_n", 14_992_840, 0),              # row 25
+    ("repnext_m0", 2_716_000, 1_000),              # row 53, train form
+    ("unireplknet_a", 4_649_000, 1_000),           # row 41, train form
+]
+
+
+@pytest.mark.parametrize("name, expected, tol", ROWS, ids=[r[0] for r in ROWS])
+def test_param_count_matches_models_md(name, expected, tol):
+    got = _count(name)
+    assert abs(got - expected) <= tol
+    assert abs(got - expected) <= 0.01 * expected
+
+
+# FAT and EdgeViT cannot be written exactly: the attention op always has an output projection
+# (FASA has none, EdgeViT's sparse attention projects after its propagation and LN), and there is
+# no transposed conv (EdgeViT's depthwise k = s, stride s one is a grouped 1x1 conv + pixel shuffle,
+# with a bias per position). The closest forms are the official count plus exactly those parts.
+CLOSEST = [
+    # row 40: official FAT-B0 4,494,488 (MODELS.md 4,494,000); + a C x C + C proj per block
+    ("fat_b0", 4_494_000, 4_494_488 + sum(d * d + d for d in [32] * 2 + [80] * 2 + [160] * 6 + [256] * 2)),
+    # row 42: official EdgeViT-XXS 4,067,704 (MODELS.md 4,068,000); + proj of the 5 sparse blocks
+    # (1 x 36, 1 x 72, 3 x 144 channels) + C * (s^2 - 1) biases of the propagation (s = 4, 2, 2)
+    ("edgevit_xxs", 4_068_000, 4_067_704 + (36 * 37 + 72 * 73 + 3 * 144 * 145) + (36 * 15 + 72 * 3 + 3 * 144 * 3)),
+]
+
+
+@pytest.mark.parametrize("name, table, closest", CLOSEST, ids=[r[0] for r in CLOSEST])
+def test_closest_form_count_is_official_plus_the_missing_parts(name, table, closest):
+    assert _count(name) == closest
+
+
+@pytest.mark.xfail(strict=True, reason="needs an attention without output projection (and, for EdgeViT, a "
+                                       "transposed conv): FAT-B0 is +6.7%, EdgeViT-XXS +1.75% over the official count")
+@pytest.mark.parametrize("name, table, closest", CLOSEST, ids=[r[0] for r in CLOSEST])
+def test_closest_form_within_one_percent(name, table, closest):
+    assert abs(_count(name) - table) <= 0.01 * table
+
+
+# ----------------------------------------------------------------------------- fused forms
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine parameters, GRN parameters and layer scales."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                c = mod.num_features
+                mod.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                mod.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+                mod.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+            for pname in ("gamma", "beta", "scale"):
+                p = mod._parameters.get(pname)
+                if p is not None:
+                    p.copy_(torch.rand(p.shape, generator=gen) + (0.5 if pname == "scale" else -0.5))
+
+
+# (model, MODELS.md fused figure +-1k; ours: the official fused counts 2,333,200 and 4,437,300)
+FUSED = [("repnext_m0", 2_333_000), ("unireplknet_a", 4_437_000)]
+
+
+@pytest.mark.parametrize("name, expected", FUSED, ids=[r[0] for r in FUSED])
+def test_fused_count_and_output(name, expected):
+    torch.set_num_threads(1)
+    model = composer.build(name, img_size=64, num_classes=1000)
+    _randomize(model)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        train = model(x)
+        assert model.fuse() is model
+        fused = model(x)
+    got = n_params(model)
+    assert abs(got - expected) <= 1_000 and abs(got - expected) <= 0.01 * expected
+    assert (fused - train).abs().max().item() < 1e-4
+
+
+def test_unireplknet_blocks_fuse_to_one_conv_each():
+    model = composer.build("unireplknet_a", img_size=32, num_classes=10).eval().fuse()
+    block = model.stages[2].blocks[0]
+    convs = [m for m in block.spatial.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 and convs[0].kernel_size == (13, 13) and convs[0].bias is not None
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
+
+
+# ----------------------------------------------------------------------------- fuse rules
+
+FUSE_CASES = {
+    # dilated branches with BN (a dilated reparam block) and the BN after them
+    "dilated": """
+mixer m(dim) {
+    parallel add {
+        { conv(dim, 7, groups = dim, bias = false); batchnorm }
+        { conv(dim, 3, dilation = 2, groups = dim, bias = false); batchnorm }
+        { conv(dim, 3, dilation = 3, groups = dim, bias = false); batchnorm }
+    }
+    batchnorm as norm
+}""",
+    # asymmetric kernels, a dilated 2x2 (an odd 3x3 footprint), serial 1x3 -> 3x1 without bias
+    "asymmetric": """
+mixer m(dim) {
+    parallel add {
+        conv(dim, 3, groups = dim)
+        conv(dim, [1, 3], groups = dim)
+        conv(dim, [3, 1], groups = dim)
+        conv(dim, 2, dilation = 2, padding = 1, groups = dim)
+        { conv(dim, [1, 5], groups = dim, bias = false); conv(dim, [5, 1], groups = dim) }
+    }
+}""",
+    # the same at stride 2, the serial pair strided along one axis each
+    "strided": """
+mixer m(dim) {
+    parallel add {
+        conv(dim, 3, stride = 2, groups = dim)
+        { conv(dim, [1, 3], stride = [1, 2], groups = dim, bias = false)
+          conv(dim, [3, 1], stride = [2, 1], groups = dim, bias = false) }
+        conv(dim, 2, stride = 2, dilation = 2, padding = 1, groups = dim)
+        conv(dim, [5, 3], stride = 2, groups = dim)
+    }
+}""",
+    # a fused conv + BN followed by a layer scale; GRN's beta into the next 1x1 conv
+    "rep_then_scale": """
+mixer m(dim) {
+    conv(2 * dim, 1) as up
+    gelu
+    grn as grn
+    rep_conv(dim, 1, identity = false) as down
+    layer_scale(0.5) as gamma
+}""",
+}
+
+
+@pytest.mark.parametrize("case", sorted(FUSE_CASES))
+def test_fuse_rules_are_exact(tmp_path, case):
+    torch.set_num_threads(1)
+    text = FUSE_CASES[case] + """
+model t {
+    input image(4, [11, 12])
+    stem conv(8, 1)
+    stage { block m(8) }
+}
+"""
+    model = composer.build(write(tmp_path, text), seed=1)
+    _randomize(model, seed=2)
+    model.eval()
+    x = torch.randn(2, 4, 11, 12)
+    with torch.no_grad():
+        want = model(x)
+        n_train = n_params(model)
+        model.fuse()
+        got = model(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    block = model.stages[0].blocks[0]
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in block.modules())
+    if case != "rep_then_scale":
+        assert len(convs) == 1 and n_params(block) < n_train
+    else:  # up, then one conv for down + BN + gamma; GRN keeps gamma only
+        assert len(convs) == 2 and n_params(block.grn) == 8 * 2 and not any(
+            isinstance(m, nn.BatchNorm2d) for m in block.modules())
+
+
+def test_norm_classifier_fuses_to_one_linear():
+    from composer.ops import OPS
+    from composer.shapes import Shape
+
+    x = Shape(12, (), "vector")
+    op = OPS["norm_classifier"](num_classes=5, heads=2)
+    module = op.build(x, op.infer(x))
+    assert op.params(x, op.infer(x)) == n_params(module) == 2 * (2 * 12 + 12 * 5 + 5)
+    _randomize(module)
+    module.eval()
+    t = torch.randn(3, 12)
+    bn = [h.norm for h in module.heads]
+    lin = [h.linear for h in module.heads]
+    # by hand: the mean of two (BN -> linear) heads
+    hand = sum(li((t - b.running_mean) / torch.sqrt(b.running_var + b.eps) * b.weight + b.bias)
+               for b, li in zip(bn, lin)) / 2
+    with torch.no_grad():
+        fused = module.fuse()
+        torch.testing.assert_close(module(t), hand, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fused(t), hand, atol=1e-5, rtol=1e-5)
+    assert isinstance(fused, nn.Linear) and n_params(fused) == 12 * 5 + 5
+
+
+def test_repnext_head_resets():
+    model = composer.build("repnext_m0", img_size=32, num_classes=7)
+    model.reset_classifier(3)
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+# ----------------------------------------------------------------------------- every model runs
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_model_runs(name):
+    """Shapes through every module on the meta device (no compute); the smallest of each family also
+    runs for real below and in tests/test_zoo.py."""
+    model = composer.build(name, num_classes=5, img_size=64, device="meta").eval()
+    y = model(torch.randn(2, 3, 64, 64, device="meta"))
+    assert tuple(y.shape) == (2, 5)
+
+
+@pytest.mark.parametrize("name", [ms[0] for ms in FAMILIES.values()])
+def test_smallest_runs_for_real(name):
+    torch.set_num_threads(1)
+    model = composer.build(name, num_classes=5, img_size=64).eval()
+    with torch.no_grad():
+        y = model(torch.randn(2, 3, 64, 64))
+    assert y.shape == (2, 5) and torch.isfinite(y).all()
