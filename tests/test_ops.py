@@ -108,6 +108,17 @@ def _conv(draw):
 
 
 @st.composite
+def _conv_transpose(draw):
+    g, a, b = draw(divisor_and_multiples())
+    x = draw(map_shape(st.just(g * a), dims=(1, 2, 3), lo=1))
+    stride, dilation = draw(st.integers(1, 3)), draw(st.integers(1, 2))
+    op = OPS["conv_transpose"](out=g * b, stride=stride, kernel=draw(st.none() | st.integers(1, 4)),
+                               padding=draw(st.integers(0, 1)), output_padding=draw(st.integers(0, max(stride, dilation) - 1)),
+                               dilation=dilation, groups=g, bias=draw(st.booleans()))
+    return op, x
+
+
+@st.composite
 def _patch_embed(draw):
     patch = draw(st.integers(1, 4))
     stride = draw(st.none() | st.integers(1, 4))
@@ -155,6 +166,7 @@ STRATEGIES = {
     "scale": kw("scale", any_shape(), value=st.floats(-2, 2)),
     # conv.py
     "conv": valid(_conv()),
+    "conv_transpose": valid(_conv_transpose()),
     "pool": paired(lambda x: st.builds(
         lambda k, s, p, m, c: OPS["pool"](kernel=k, stride=s, padding=min(p, k // 2), mode=m, count_include_pad=c),
         st.integers(1, 4), st.none() | st.integers(1, 3), st.integers(0, 2), st.sampled_from(["avg", "max"]),

@@ -116,6 +116,56 @@ class Conv(Op):
         return conv
 
 
+@op("conv_transpose", category="conv", layout="map")
+class ConvTranspose(Op):
+    """Transposed convolution (`ConvTranspose1d/2d/3d`): upsampling by `stride`, each output size
+    (size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1; `kernel`
+    defaults to `stride`, so `conv_transpose(c, stride = 4)` is a 4x upsampling without overlap
+    (EdgeViT's local propagation uses a depthwise one: `groups = channels`). PyTorch's default init."""
+
+    out: int
+    stride: IntOrList = 2
+    kernel: Optional[IntOrList] = None
+    padding: IntOrList = 0
+    output_padding: IntOrList = 0
+    dilation: IntOrList = 1
+    groups: int = 1
+    bias: bool = True
+
+    def _dims(self, n: int):
+        k = per_dim(self.kernel if self.kernel is not None else self.stride, n, "kernel")
+        return k, *(per_dim(v, n, w) for v, w in ((self.stride, "stride"), (self.padding, "padding"),
+                                                  (self.output_padding, "output_padding"),
+                                                  (self.dilation, "dilation")))
+
+    def infer(self, x: Shape) -> Shape:
+        check_divides(f"conv_transpose groups ({self.groups}) must divide the input channels", x.channels, self.groups)
+        check_divides(f"conv_transpose groups ({self.groups}) must divide the output channels", self.out, self.groups)
+        k, s, p, op_, d = self._dims(x.ndim)
+        if any(o >= max(si, di) for o, si, di in zip(op_, s, d)):
+            raise ShapeError(f"output_padding {_show(op_)} must be smaller than the stride or the dilation")
+        grid = tuple((g - 1) * si - 2 * pi + di * (ki - 1) + oi + 1 for g, ki, si, pi, oi, di in zip(x.spatial, k, s, p, op_, d))
+        if any(g < 1 for g in grid):
+            raise ShapeError(f"conv_transpose padding {_show(p)} leaves no output for input size "
+                             f"{'x'.join(map(str, x.spatial))}")
+        return Shape(self.out, grid, "map")
+
+    def params(self, x, y):
+        taps = prod(self._dims(x.ndim)[0])
+        return x.channels * (self.out // self.groups) * taps + (self.out if self.bias else 0)
+
+    def macs(self, x, y):
+        """Every input position scatters into kernel^d outputs of out/groups channels."""
+        return prod(x.spatial) * x.channels * (self.out // self.groups) * prod(self._dims(x.ndim)[0])
+
+    def build(self, x, y):
+        from torch import nn
+
+        k, s, p, op_, d = self._dims(x.ndim)
+        cls = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)[x.ndim - 1]
+        return cls(x.channels, self.out, k, s, p, op_, self.groups, self.bias, d)
+
+
 @op("pool", category="pool", layout="map")
 class Pool(Op):
     """Average or max pooling over a window (`kernel`, `stride` defaulting to `kernel`).
