@@ -44,7 +44,10 @@ class Sequence(nn.Module):
             elif s.kind == "residual":
                 prog.append(("r", self._compile(s.body), self._compile(s.shortcut), s.drop_path))
             elif s.kind == "parallel":
-                prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split))
+                # channel axes from the layouts inference knows: tokens (B, N, C) keep channels last;
+                # maps of any rank (a 1-D map is 3-D too) and vectors have them at 1
+                axes = (-1 if s.x.layout == "tokens" else 1, -1 if s.y.layout == "tokens" else 1)
+                prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split, axes))
         return prog
 
     def _run(self, prog, x, env):
@@ -69,14 +72,13 @@ class Sequence(nn.Module):
         return x
 
     def _parallel(self, ins, x, env):
-        _, merge, branches, split = ins
-        dim = 1 if x.ndim != 3 else -1  # tokens keep channels last
-        inputs = torch.split(x, split, dim=dim) if split else [x] * len(branches)
+        _, merge, branches, split, (split_dim, cat_dim) = ins
+        inputs = torch.split(x, split, dim=split_dim) if split else [x] * len(branches)
         outs = [self._run(b, xi, env) for b, xi in zip(branches, inputs)]
         if merge == "tokens":  # along the token axis of (B, N, C)
             return torch.cat(outs, dim=1)
         if merge == "concat":
-            return torch.cat(outs, dim=dim)
+            return torch.cat(outs, dim=cat_dim)
         y = outs[0]
         for o in outs[1:]:
             y = y + o if merge in ("add", "mean") else y * o if merge == "mul" else y - o
