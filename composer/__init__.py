@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from .api import build, build_loss, check, load, resolve_target
+from .api import build, build_loss, check, diff, load, resolve_target
 from .diagnostics import ComposerError
 
-__all__ = ["build", "build_loss", "check", "load", "resolve_target", "ComposerError"]
+__all__ = ["build", "build_loss", "check", "diff", "load", "resolve_target", "ComposerError"]
 __version__ = "0.1.0"

@@ -87,6 +87,14 @@ def check(target: str, **overrides) -> Plan:
     return load(target, **overrides)
 
 
+def diff(a: Plan, b: Plan):
+    """What differs between two planned models: `composer.diff(composer.load(A), composer.load(B))`.
+    Returns a `composer.diff.Diff` (changes by path, params and MACs per stage); no torch."""
+    from .diff import compare
+
+    return compare(a, b)
+
+
 def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,
           **overrides):
     """Build a model as a plain `nn.Module` (timm-style API)."""
