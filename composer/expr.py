@@ -314,6 +314,15 @@ def _make_divisible(node, value, divisor=8):
     return out + divisor if out < 0.9 * value else out
 
 
+def _require(node, condition, message):
+    """`let sized = require(img_size == 160, "...")`: a blueprint's own check, reported at the call."""
+    if not isinstance(message, str):
+        raise ValueError("the second argument must be a message string")
+    if not condition:
+        raise error("requirement", message, node.span, "the blueprint states this requirement")
+    return True
+
+
 def _input(kind: str, ndim: int):
     def make(node, channels, size):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
@@ -340,6 +349,8 @@ BUILTINS: dict[str, Callable] = {
     "alternate": _builtin(_alternate, (1, 16), "A value cycling over the blocks of a stage: alternate(0, 3)."),
     "cycle": _builtin(_cycle, (1, 1), "Like alternate, from a list."),
     "linspace": _builtin(_linspace, (2, 2), "A schedule over all blocks of the model: linspace(0, 0.1)."),
+    "require": _builtin(_require, (2, 2), "Fail with a located error and `message` unless `condition` holds: "
+                        "let ok = require(img_size == 160, \"CMT-Ti is defined at 160 px\")."),
     "image": _builtin(_input("image", 2), (2, 2), "A 2-D input: image(channels, size or [h, w])."),
     "signal": _builtin(_input("signal", 1), (2, 2), "A 1-D input: signal(channels, length)."),
     "volume": _builtin(_input("volume", 3), (2, 2), "A 3-D input: volume(channels, size or [d, h, w])."),

@@ -154,7 +154,7 @@ def _gates():
     return st.sampled_from(["sigmoid", "hardsigmoid", "tanh"]).map(lambda n: OPS[n]())
 
 
-SIMPLE_ACTIVATIONS = ["relu", "relu6", "gelu", "gelu_tanh", "silu", "squared_relu", "hardswish", "hardsigmoid",
+SIMPLE_ACTIVATIONS = ["relu", "relu6", "gelu", "quick_gelu", "gelu_tanh", "silu", "squared_relu", "hardswish", "hardsigmoid",
                       "sigmoid", "tanh", "identity"]
 
 STRATEGIES = {

@@ -105,3 +105,20 @@ def test_plan_graph_is_a_networkx_digraph():
     assert sum(1 for n in ops if n.startswith("stages.") and ".blocks." in n) == 12 * 6
     assert g.nodes["head.classifier"]["y"].channels == 1000
     assert nx.has_path(g, "input", "head.classifier")
+
+
+def test_require_states_a_blueprints_own_condition(tmp_path, capsys):
+    from composer.cli import main
+
+    path = write(tmp_path, """
+model m(img_size = 32) {
+    let sized = require(img_size == 32, "m is defined at 32 px only")
+    input image(3, img_size)
+    stem { conv(4, 3); quick_gelu }
+}
+""")
+    assert main(["check", path]) == 0
+    capsys.readouterr()
+    assert main(["check", path, "--img-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert "m.arch:3:17: error: m is defined at 32 px only" in err and "^^^" in err

@@ -191,3 +191,8 @@ class Scale(nn.Module):
 
     def extra_repr(self) -> str:
         return f"value={self.value}"
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)

@@ -21,6 +21,7 @@ for _name, _torch, _doc in [
     ("relu", "ReLU", "max(x, 0)."),
     ("relu6", "ReLU6", "min(max(x, 0), 6)."),
     ("gelu", "GELU", "Gaussian error linear unit (exact erf form)."),
+    ("quick_gelu", "QuickGELU", "x * sigmoid(1.702 x): the sigmoid approximation of GELU (CLIP, CvT)."),
     ("silu", "SiLU", "x * sigmoid(x), also called swish."),
     ("squared_relu", "SquaredReLU", "relu(x) ** 2."),
     ("hardswish", "Hardswish", "x * relu6(x + 3) / 6."),
