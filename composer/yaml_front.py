@@ -56,8 +56,9 @@ def _tagged(choices: dict, noun: str, what: str, pick):
         custom_error_context={"noun": noun, "allowed": [k for k in choices if k != "expr"]})])
 
 
-_STMT_KEYS = ("let", "residual", "parallel")
-_STAGE_KEYS = ("repeat", "let", "downsample", "after", "block")  # `repeat` first: it also has a `block` key
+_STMT_KEYS = ("let", "residual", "parallel", "save", "from")
+# `repeat` first: it also has a `block` or `body` key; a lone `body` is an inline `block { ... }`
+_STAGE_KEYS = ("repeat", "let", "downsample", "after", "block", "body")
 
 
 def _by_key(*keys):
@@ -76,6 +77,7 @@ class _Let(_Strict):
 
 class _ResidualSpec(_Strict):
     shortcut: Value = None
+    when: Value = None
     body: List["Stmt"]
 
 
@@ -93,8 +95,17 @@ class _Parallel(_Strict):
     parallel: _ParallelSpec
 
 
-Stmt = _tagged({"expr": StrictStr, "let": _Let, "residual": _Residual, "parallel": _Parallel}, "statement",
-               "a statement is an expression string or a mapping with one of: let, residual, parallel",
+class _Save(_Strict):
+    save: Name
+
+
+class _From(_Strict):
+    from_: Name = Field(alias="from")
+
+
+Stmt = _tagged({"expr": StrictStr, "let": _Let, "residual": _Residual, "parallel": _Parallel, "save": _Save,
+                "from": _From}, "statement",
+               "a statement is an expression string or a mapping with one of: let, residual, parallel, save, from",
                _by_key(*_STMT_KEYS))
 Section = Union[StrictStr, List[Stmt]]
 
@@ -110,15 +121,27 @@ class _After(_Strict):
 class _Repeat(_Strict):
     repeat: Value
     as_: Name = Field(None, alias="as")
-    block: Value
+    block: Value = None
+    body: List[Stmt] = None  # an inline body: `repeat n { ... }`
+
+    @model_validator(mode="after")
+    def _one_block(self):
+        if ("block" in self.model_fields_set) == ("body" in self.model_fields_set):
+            raise PydanticCustomError("repeat_block", "a repeat has a `block` (an expression) or a `body` (statements)")
+        return self
 
 
 class _Block(_Strict):
     block: Value
 
 
-StageItem = _tagged({"let": _Let, "downsample": _Downsample, "after": _After, "repeat": _Repeat, "block": _Block},
-                    "stage item", "a stage item is a mapping with one of: let, downsample, after, repeat, block",
+class _Body(_Strict):
+    body: List[Stmt]  # `block { ... }`
+
+
+StageItem = _tagged({"let": _Let, "downsample": _Downsample, "after": _After, "repeat": _Repeat, "block": _Block,
+                     "body": _Body}, "stage item",
+                    "a stage item is a mapping with one of: let, downsample, after, repeat, block, body",
                     lambda v: next((f"<{k}>" for k in _STAGE_KEYS if k in v), None) if isinstance(v, dict) else None)
 
 
@@ -162,7 +185,7 @@ class _File(_Strict):
     models: dict[Name, _Model] = {}
 
 
-for _m in (_ResidualSpec, _Residual, _ParallelSpec):
+for _m in (_ResidualSpec, _Residual, _ParallelSpec, _Repeat, _Body):
     _m.model_rebuild()
 
 # ---- loading --------------------------------------------------------------------
@@ -485,9 +508,12 @@ class _Front:
             elif key in ("downsample", "after"):
                 items.append(self.section("downsample" if key == "downsample" else "norm", kn, v))
             elif key == "repeat":
-                var = self.get(item, "as")
+                var, body = self.get(item, "as"), self.get(item, "body")
+                block = self.value(self.get(item, "block")) if body is None else self.stmts(body)
                 items.append(ast.Repeat(self.value(self.get(item, "repeat")), None if var is None else var.value,
-                                        self.value(self.get(item, "block")), self.span(item)))
+                                        block, self.span(item)))
+            elif key == "body":
+                items.append(ast.Repeat(None, None, self.stmts(v), self.span(item)))
             else:
                 items.append(ast.Repeat(None, None, self.value(v), self.span(item)))
         var, rng = self.get(node, "for"), self.get(node, "range")
@@ -515,6 +541,8 @@ class _Front:
                 out += self._lets(v)
             elif key == "residual":
                 out.append(self._residual(item, v))
+            elif key in ("save", "from"):
+                out.append((ast.Save if key == "save" else ast.Load)(v.value, self.span(item)))
             else:
                 out.append(self._parallel(item, v))
         return tuple(out)
@@ -533,7 +561,7 @@ class _Front:
     def _residual(self, item, v) -> ast.Residual:
         if isinstance(v, yaml.SequenceNode):
             return ast.Residual((), (), self.stmts(v), self.span(item))
-        return ast.Residual((), self._kwargs(v, ("shortcut",)), self.stmts(self.get(v, "body")), self.span(item))
+        return ast.Residual((), self._kwargs(v, ("shortcut", "when")), self.stmts(self.get(v, "body")), self.span(item))
 
     def _parallel(self, item, v) -> ast.Parallel:
         branches = tuple((self.apply(b),) if isinstance(b, yaml.ScalarNode) else self.stmts(b)
