@@ -12,6 +12,8 @@ re-parameterization of `rep_conv`: the fused conv equals the eval-mode training 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -242,6 +244,71 @@ STRATEGIES = {
     "norm_classifier": kw("norm_classifier", st.integers(1, 16).map(lambda c: Shape(c, (), "vector")),
                           num_classes=st.integers(0, 8), heads=st.integers(1, 3), bias=st.booleans()),
 }
+
+
+
+# dynamic.py and deform_attn.py (conditioning streams, multi-level sequences; Mobile-Former, ViT-Adapter)
+@st.composite
+def _levels(draw, name):
+    """A multi-level token sequence on a 2-D grid and a deform_attn op over it."""
+    a, b = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    grid = (2 * a, 2 * b)
+    scales = draw(st.lists(st.sampled_from([2, 1, 0.5]), min_size=1, max_size=3))
+    n = sum(int(g * s) * int(grid[1] * s) for g, s in ((grid[0], s) for s in scales))
+    c = draw(st.sampled_from([2, 4, 8]))
+    if name == "deformable_attention":
+        op = OPS[name](heads=draw(st.sampled_from([1, 2])), points=draw(st.integers(1, 3)), values=scales,
+                       ratio=draw(st.sampled_from([1.0, 0.5])))
+        return op, Shape(c, grid, "tokens", n)
+    levels = scales + [1]
+    if name == "per_level":
+        return OPS[name](op=OPS["conv"](out=c, kernel=3, groups=c), levels=levels), Shape(c, grid, "tokens", n)
+    return OPS[name](index=draw(st.integers(0, len(levels) - 1)), levels=levels), Shape(c, grid, "tokens", n)
+
+
+STRATEGIES.update({
+    "learned_tokens": kw("learned_tokens", any_shape(), dim=st.integers(1, 8),
+                         count=st.integers(1, 4) | st.lists(st.integers(1, 3), min_size=2, max_size=2)),
+    "dynamic_relu": paired(lambda x: st.just(OPS["dynamic_relu"](pieces=x.extra, scale=2.0)),
+                           token_shape(extra=st.integers(1, 3))),
+    "attend": paired(lambda x: st.builds(lambda h, v: OPS["attend"](heads=h, values=v),
+                                         st.sampled_from([h for h in (1, 2, 4) if x.channels % h == 0]),
+                                         st.sampled_from(["same", "split"])),
+                     token_shape(st.sampled_from([4, 8, 12]), extra=st.integers(1, 4))),
+    "deformable_attention": valid(_levels("deformable_attention")),
+    "per_level": valid(_levels("per_level")),
+    "select_level": valid(_levels("select_level")),
+})
+
+# select.py: top-k token selection (prefix kept, optional score channels / regions), early exit
+@st.composite
+def _topk_tokens(draw):
+    region = draw(st.integers(1, 2))
+    x = draw(token_shape(st.integers(2, 8), dims=(1, 2), extra=st.integers(0, 2), multiple=region))
+    score = draw(st.sampled_from(["norm", "value", "class"]))
+    sc = 1 if score == "value" else draw(st.none() | st.integers(1, x.channels - 1))
+    n = math.prod(g // region for g in x.spatial)
+    k = draw(st.integers(1, n) | st.sampled_from([0.25, 0.5]))
+    return OPS["topk_tokens"](k=k, score=score, score_channels=sc, region=region, largest=draw(st.booleans())), x
+
+
+@st.composite
+def _multilevel(draw):  # focal_keys.py: window attention with ring and pooled keys, 2-D grids
+    w = draw(st.integers(2, 4))
+    grid = (w * draw(st.integers(1, 3)), w * draw(st.integers(1, 3)))
+    heads = draw(st.sampled_from([1, 2]))
+    x = Shape(heads * draw(st.integers(1, 4)), grid, "tokens")
+    op = OPS["multilevel_attention"](heads=heads, window=w, expand=draw(st.integers(0, w - 1)),
+                                     pooled=draw(st.sampled_from([0, 1, 3])), qkv_bias=draw(st.booleans()))
+    return op, x
+
+
+STRATEGIES.update({
+    "multilevel_attention": valid(_multilevel()),
+    "topk_tokens": valid(_topk_tokens()),
+    "early_exit": kw("early_exit", st.integers(1, 8).map(lambda c: Shape(2 * c, (), "vector")),
+                     threshold=st.floats(0.0, 1.0)),
+})
 
 
 def _tested_ops() -> list[str]:

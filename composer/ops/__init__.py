@@ -2,6 +2,9 @@
 
 from . import act, attention, conv, embed, gating, linear, loss, norm, reparam, resample, patches, tile, tokens, tokens_extra  # noqa: F401  (registration)
 from . import cluster, sampling, unfold_tokens  # noqa: F401, E402  (registration: soft clustering, deformable sampling, unfold)
+from . import dynamic, deform_attn  # noqa: F401, E402  (registration: conditioning streams, multi-scale deformable attention)
+from . import routing  # noqa: F401, E402  (registration: top-k mixture of experts)
+from . import focal_keys, select  # noqa: F401, E402  (registration: multi-level window attention; top-k token selection, early exit)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]

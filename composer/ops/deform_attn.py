@@ -1,0 +1,195 @@
+"""Multi-scale deformable attention (Zhu et al., "Deformable DETR", ICLR 2021) and the per-level
+application of an op, over *multi-level token sequences*.
+
+A multi-level sequence is several grids flattened and joined along the token axis, the way
+`parallel tokens { from c2; from c3; from c4 }` joins three maps: the last level is the sequence's
+grid and the earlier levels are its prefix tokens. The ops here are told the levels as `scales`
+relative to that grid (the last level): `[4, 2, 1]` for maps at 1/8, 1/16 and 1/32 of the input,
+the grid being the 1/32 one; a scale may be fractional (`0.5`) when the level is coarser than the
+grid. Every level's size (grid x scale) must be a whole number. ViT-Adapter (Chen et al., ICLR
+2023) is written with them: `blueprints/vit_adapter.arch`.
+"""
+
+from __future__ import annotations
+
+from ..shapes import Shape, ShapeError
+from .registry import Op, op, prod
+
+
+def level_grids(grid: tuple[int, ...], scales: list[float], what: str) -> list[tuple[int, ...]]:
+    """The grid of every level: the sequence's grid times each scale (whole, positive sizes)."""
+    out = []
+    for s in scales:
+        g = []
+        for size in grid:
+            v = size * s
+            if v <= 0 or abs(v - round(v)) > 1e-9:
+                raise ShapeError(f"{what}: level scale {s} of the {'x'.join(map(str, grid))} grid is not a whole size",
+                                 "choose an input size whose grid gives every level a whole number of tokens")
+            g.append(int(round(v)))
+        out.append(tuple(g))
+    return out
+
+
+@op("deformable_attention", category="attention", layout="tokens")
+class DeformableAttention(Op):
+    """Multi-scale deformable attention (Deformable DETR's MSDeformAttn, pure PyTorch with
+    `grid_sample`): every query reads `points` bilinearly sampled values per head and per value level,
+    at learned offsets around its reference point, and sums them with learned softmax weights.
+
+    The input is a joined sequence `parallel tokens { values; queries }`: first the value levels
+    (grids of scales `values` relative to the sequence's grid), then the query levels (scales
+    `queries`, the last of which is the grid itself, so it must end with 1). The output is the query
+    tokens (the input's shape without the value tokens). A query's reference point is the centre of
+    its cell in its own level, normalised to [0, 1]; sampling location = reference + offset /
+    (value level width, height); values outside a level read zero (`align_corners=False`).
+
+    Linears (Deformable DETR's names): `value_proj` (C -> C * ratio, over the value tokens),
+    `sampling_offsets` (C -> heads * levels * points * 2) and `attention_weights` (C -> heads *
+    levels * points, softmax over levels x points) from the queries, `output_proj` (C * ratio -> C).
+    Init as the reference: offsets weight 0 and bias pointing every head in its own direction
+    (cos, sin of 2 pi h / heads, scaled to max-norm 1) times point index + 1; attention weights 0;
+    value and output projections Xavier-uniform with zero bias. 2-D grids. MACs: the four linears
+    (the sampling and the weighted sum are not counted, as `torch.utils.flop_counter` does not see
+    `grid_sample`)."""
+
+    heads: int
+    points: int = 4
+    values: list[float]
+    queries: list[float] = [1.0]
+    ratio: float = 1.0
+
+    def value_dim(self, x: Shape) -> int:
+        return int(x.channels * self.ratio)
+
+    def geometry(self, x: Shape) -> tuple[list, list]:
+        """(value level grids, query level grids)."""
+        return level_grids(x.spatial, self.values, self.name), level_grids(x.spatial, self.queries, self.name)
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout != "tokens" or x.ndim != 2:
+            raise ShapeError(f"deformable_attention needs tokens on a 2-D grid, got {x}")
+        if not self.values or not self.queries:
+            raise ShapeError("deformable_attention needs at least one value level and one query level")
+        if self.queries[-1] != 1:
+            raise ShapeError(f"the last query level is the sequence's grid: its scale must be 1, got {self.queries[-1]}")
+        if self.points <= 0:
+            raise ShapeError(f"deformable_attention points must be positive, got {self.points}")
+        cv = self.value_dim(x)
+        if self.heads <= 0 or cv <= 0 or cv % self.heads:
+            raise ShapeError(f"{self.heads} heads do not divide the {cv} value channels",
+                             "the channels times `ratio` must be a multiple of the number of heads")
+        vals, qs = self.geometry(x)
+        want = sum(prod(g) for g in vals) + sum(prod(g) for g in qs[:-1])
+        if x.extra != want:
+            raise ShapeError(
+                f"deformable_attention: levels {self.values} (values) and {self.queries} (queries) of the "
+                f"{'x'.join(map(str, x.spatial))} grid give {want} tokens ahead of it, but the input has {x.extra}",
+                "join the value levels, then the query levels: `parallel tokens { values; queries }`")
+        return x.with_(extra=x.extra - sum(prod(g) for g in vals))
+
+    def _sizes(self, x: Shape) -> tuple[int, int, int, int]:
+        vals, qs = self.geometry(x)
+        lp = len(vals) * self.points
+        return sum(prod(g) for g in vals), sum(prod(g) for g in qs), lp, self.value_dim(x)
+
+    def params(self, x, y):
+        c = x.channels
+        _, _, lp, cv = self._sizes(x)
+        h = self.heads
+        return (c + 1) * h * lp * 2 + (c + 1) * h * lp + (c + 1) * cv + (cv + 1) * c
+
+    def macs(self, x, y):
+        c = x.channels
+        nv, nq, lp, cv = self._sizes(x)
+        return nq * c * self.heads * lp * 3 + nv * c * cv + nq * cv * c
+
+    def build(self, x, y):
+        from ..layers.deform_attn import DeformableAttention as Module
+
+        vals, qs = self.geometry(x)
+        return Module(x.channels, self.value_dim(x), self.heads, self.points, vals, qs)
+
+
+@op("per_level", category="layout", layout="tokens")
+class PerLevel(Op):
+    """Apply one op to every level of a multi-level token sequence, with the same weights: each
+    level (scales `levels` relative to the sequence's grid, the last one 1) is folded into a map,
+    run through `op` (any op that keeps the shape of a map and whose parameters do not depend on
+    its size: a depthwise conv, a norm, an activation) and flattened back; the levels are joined
+    again in order. ViT-Adapter's ConvFFN runs one depthwise conv over its three levels this way:
+    `per_level(conv(48, 3, groups = 48), levels = [4, 2, 1])`. Parameters and MACs: the op's, its
+    MACs summed over the levels. The submodule is `op`."""
+
+    op: Op
+    levels: list[float]
+
+    def grids(self, x: Shape) -> list[tuple[int, ...]]:
+        return level_grids(x.spatial, self.levels, self.name)
+
+    def _map(self, x: Shape, g) -> Shape:
+        return Shape(x.channels, g, "map")
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout != "tokens" or not x.ndim:
+            raise ShapeError(f"per_level needs tokens on a grid, got {x}")
+        if not self.levels or self.levels[-1] != 1:
+            raise ShapeError(f"the last level is the sequence's grid: `levels` must end with 1, got {self.levels}")
+        grids = self.grids(x)
+        if sum(prod(g) for g in grids[:-1]) != x.extra:
+            raise ShapeError(f"per_level: levels {self.levels} of the {'x'.join(map(str, x.spatial))} grid give "
+                             f"{sum(prod(g) for g in grids[:-1])} tokens ahead of it, but the input has {x.extra}")
+        if self.op.layout not in ("map", "any"):
+            raise ShapeError(f"per_level runs its op on maps, but {self.op.name} needs {self.op.layout}")
+        counts = set()
+        for g in grids:
+            m = self._map(x, g)
+            if self.op.infer(m) != m:
+                raise ShapeError(f"per_level's op must keep the shape, but {self.op.describe()} changes {m} "
+                                 f"to {self.op.infer(m)}")
+            counts.add(self.op.params(m, m))
+        if len(counts) > 1:
+            raise ShapeError(f"per_level's op {self.op.describe()} has parameters that depend on the level size")
+        return x
+
+    def params(self, x, y):
+        m = self._map(x, x.spatial)
+        return self.op.params(m, m)
+
+    def macs(self, x, y):
+        return sum(self.op.macs(self._map(x, g), self._map(x, g)) for g in self.grids(x))
+
+    def build(self, x, y):
+        from ..layers.deform_attn import PerLevel as Module
+
+        m = self._map(x, x.spatial)
+        return Module(self.op.build(m, m), self.grids(x))
+
+
+@op("select_level", category="layout", layout="tokens")
+class SelectLevel(Op):
+    """Take level `index` of a multi-level token sequence (scales `levels` relative to its grid, the
+    last one 1) as tokens on that level's own grid, so it can be folded back into a map:
+    `select_level(0, levels = [4, 2, 1])` is the finest of three levels (ViT-Adapter's c2)."""
+
+    index: int
+    levels: list[float]
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout != "tokens" or not x.ndim:
+            raise ShapeError(f"select_level needs tokens on a grid, got {x}")
+        if not self.levels or self.levels[-1] != 1:
+            raise ShapeError(f"the last level is the sequence's grid: `levels` must end with 1, got {self.levels}")
+        grids = level_grids(x.spatial, self.levels, self.name)
+        if sum(prod(g) for g in grids[:-1]) != x.extra:
+            raise ShapeError(f"select_level: levels {self.levels} of the {'x'.join(map(str, x.spatial))} grid give "
+                             f"{sum(prod(g) for g in grids[:-1])} tokens ahead of it, but the input has {x.extra}")
+        if not 0 <= self.index < len(grids):
+            raise ShapeError(f"select_level index {self.index} is not one of the {len(grids)} levels")
+        return Shape(x.channels, grids[self.index], "tokens")
+
+    def build(self, x, y):
+        from ..layers.tokens_extra import SelectTokens as Module
+
+        grids = level_grids(x.spatial, self.levels, self.name)
+        return Module(sum(prod(g) for g in grids[: self.index]), prod(grids[self.index]))
