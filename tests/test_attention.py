@@ -367,3 +367,445 @@ def test_rules_match_module(config):
     assert abs(op.macs(x, y) - counted) <= 0.05 * counted
     with torch.no_grad():
         assert torch.allclose(out, mod(inp), atol=1e-5)  # the explicit path is the fused one
+
+
+# === parts added for the Zoo II papers ========================================================================
+from composer.ops.attention import (  # noqa: E402
+    Agents, Cosine, Dilated, First, Given, KeySource, KvTokens, LearnedBias, Neighbourhood, RelativeXL, Routed,
+)
+
+
+def heads_of(t, heads):
+    """(N, C) -> list of (N, d) per head."""
+    d = t.shape[-1] // heads
+    return [t[..., h * d:(h + 1) * d] for h in range(heads)]
+
+
+def softmax_attend(q, k, v, heads, score):
+    """Per head: softmax(score(h, q_h, k_h)) v_h, concatenated. score returns the (N, M) logits."""
+    return torch.cat([torch.softmax(score(h, qh, kh), -1) @ vh
+                      for h, (qh, kh, vh) in enumerate(zip(heads_of(q, heads), heads_of(k, heads), heads_of(v, heads)))],
+                     -1)
+
+
+def cosine_logits(mod, keys):
+    """TransNeXt: ((q/|q| + e_h) * softplus(t_h) * log(keys)) . (k/|k|)."""
+    t = F.softplus(p(mod, "temperature")).flatten()
+    e = p(mod, "query_embedding")
+    return lambda h, q, k: ((q / q.norm(dim=-1, keepdim=True) + e[h]) * t[h] * math.log(keys)) @ (
+        k / k.norm(dim=-1, keepdim=True)).T
+
+
+@pytest.mark.parametrize("grid,extra,tokens", [((5, 4), 0, 0), ((7,), 1, 0), ((4, 4), 0, 3)])
+def test_cosine_score_matches_reference(grid, extra, tokens):
+    """Length-scaled cosine attention (TransNeXt's stage-4 attention), with class and learned kv tokens."""
+    x_shape = Shape(16, grid, "tokens", extra)
+    op = Attention(heads=2, score=Cosine(), extra_kv=KvTokens(count=tokens) if tokens else None)
+    mod, _ = build(op, x_shape)
+    x = torch.randn(2, x_shape.tokens, 16, dtype=torch.float64)
+    q, k, v = linear(x, mod, "qkv").split(16, -1)
+    out = []
+    for b in range(2):
+        kb, vb = k[b], v[b]
+        if tokens:
+            kb, vb = torch.cat([p(mod, "kv_tokens")[0], kb]), torch.cat([p(mod, "kv_tokens")[1], vb])
+        out.append(softmax_attend(q[b], kb, vb, 2, cosine_logits(mod, kb.shape[0])))
+    assert (run(mod, x) - linear(torch.stack(out), mod, "proj")).abs().max() < TOL
+
+
+def ref_unfold(x, mod, grid, heads, size, dilation, mask, cosine=False):
+    """DilateFormer's sliding-window attention: nn.Unfold(size, dilation, padding=dilation*(size-1)//2) of the
+    key and value maps (zero padding; with `mask` padded keys get -inf, TransNeXt)."""
+    b, n, c = x.shape
+    d = c // heads
+    q, k, v = linear(x, mod, "qkv").split(c, -1)
+    hw = grid if len(grid) == 2 else (1, grid[0])
+    kern = (size, size) if len(grid) == 2 else (1, size)
+    dil = (dilation, dilation) if len(grid) == 2 else (1, dilation)
+    pad = (dilation * (size - 1) // 2,) * 2 if len(grid) == 2 else (0, dilation * (size - 1) // 2)
+    unfold = torch.nn.Unfold(kern, dilation=dil, padding=pad)
+    if cosine:
+        k = torch.cat([F.normalize(t, dim=-1) for t in heads_of(k, heads)], -1)
+    K = unfold(k.transpose(1, 2).reshape(b, c, *hw)).view(b, heads, d, -1, n)  # (B, h, d, K, N)
+    V = unfold(v.transpose(1, 2).reshape(b, c, *hw)).view(b, heads, d, -1, n)
+    valid = unfold(torch.ones(1, 1, *hw, dtype=x.dtype)).view(-1, n) > 0  # (K, N)
+    qh = q.view(b, n, heads, d).permute(0, 2, 3, 1)  # (B, h, d, N)
+    if cosine:
+        t = F.softplus(p(mod, "temperature")).view(1, heads, 1, 1)
+        e = p(mod, "query_embedding").view(1, heads, d, 1)
+        keys = valid.sum(0) if mask else torch.full((n,), valid.shape[0])
+        qh = (F.normalize(qh, dim=2) + e) * t * keys.double().log()
+        logits = (qh[:, :, :, None] * K).sum(2)  # (B, h, K, N)
+    else:
+        logits = (qh[:, :, :, None] * K).sum(2) * d ** -0.5
+    if mask:
+        logits = logits.masked_fill(~valid, float("-inf"))
+    a = logits.softmax(2)
+    y = (a[:, :, None] * V).sum(3)  # (B, h, d, N)
+    return linear(y.permute(0, 3, 1, 2).reshape(b, n, c), mod, "proj")
+
+
+@pytest.mark.parametrize("grid,part", [
+    ((7, 6), Neighbourhood(size=3)),
+    ((8, 8), Dilated(size=3, dilation=2)),
+    ((9, 7), Dilated(size=3, dilation=3)),
+    ((6, 6), Neighbourhood(size=5, mask=True)),
+    ((11,), Dilated(size=3, dilation=2)),
+    ((9,), Neighbourhood(size=3, mask=True)),
+])
+def test_neighbourhood_matches_unfold_reference(grid, part):
+    mod, _ = build(Attention(heads=2, partition=part), Shape(16, grid, "tokens"))
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    ref = ref_unfold(x, mod, grid, 2, part.size, part.dilation, part.mask)
+    assert (run(mod, x) - ref).abs().max() < TOL
+
+
+@pytest.mark.parametrize("grid", [(6, 5), (10,)])
+def test_masked_neighbourhood_cosine_matches_reference(grid):
+    """TransNeXt's local branch scoring: cosine with log(unpadded keys) per query, -inf on padded keys."""
+    part = Neighbourhood(size=3, mask=True)
+    mod, _ = build(Attention(heads=2, partition=part, score=Cosine()), Shape(16, grid, "tokens"))
+    x = torch.randn(2, math.prod(grid), 16, dtype=torch.float64)
+    assert (run(mod, x) - ref_unfold(x, mod, grid, 2, 3, 1, True, cosine=True)).abs().max() < TOL
+
+
+def test_multi_scale_dilated_attention_as_a_parallel_concat():
+    """DilateFormer's MSDA: one 1x1 qkv conv, channels split into dilation groups, dilated attention per group,
+    one output linear == a concat of `attention(h, partition = dilated(3, r), dim = C / n, proj = false)`."""
+    grid, c, dils = (8, 8), 24, (1, 2, 3)
+    x_shape = Shape(c, grid, "tokens")
+    branches = []
+    for r in dils:
+        m, y = build(Attention(heads=1, partition=Dilated(size=3, dilation=r), dim=c // 3, proj=False), x_shape)
+        assert y.channels == c // 3
+        branches.append(m)
+    torch.manual_seed(1)
+    wo, bo = torch.randn(c, c, dtype=torch.float64) * 0.2, torch.randn(c, dtype=torch.float64)
+    x = torch.randn(2, 64, c, dtype=torch.float64)
+    ours = torch.cat([run(m, x) for m in branches], -1) @ wo.T + bo
+    # the reference: the fused qkv weight as DilateFormer lays it out: (3, n_dil, C/n_dil)
+    g = c // 3
+    w = torch.cat([p(m, "qkv.weight")[i * g:(i + 1) * g] for i in range(3) for m in branches])  # q groups, k, v
+    bias = torch.cat([p(m, "qkv.bias")[i * g:(i + 1) * g] for i in range(3) for m in branches])
+    qkv = (x @ w.T + bias).view(2, 64, 3, 3, g)  # (B, N, qkv, group, g)
+    unfold_out = []
+    for gi, r in enumerate(dils):
+        q, k, v = (qkv[:, :, j, gi].transpose(1, 2).reshape(2, g, *grid) for j in range(3))
+        unfold = torch.nn.Unfold(3, dilation=r, padding=r)
+        K, V = unfold(k).view(2, g, 9, 64), unfold(v).view(2, g, 9, 64)
+        a = ((q.reshape(2, g, 1, 64) * K).sum(1) * g ** -0.5).softmax(1)  # (B, 9, N)
+        unfold_out.append((a[:, None] * V).sum(2).transpose(1, 2))  # (B, N, g)
+    ref = torch.cat(unfold_out, -1) @ wo.T + bo
+    assert (ours - ref).abs().max() < TOL
+
+
+def ref_routed(x, mod, grid, heads, regions, topk, lepe, scale, tokens=0):
+    """BiFormer's bi-level routing attention, region by region: region means of q and k, top-k regions by
+    affinity, attention to the gathered tokens; LePE (depthwise conv over the whole V map) added before proj."""
+    b, n, c = x.shape
+    q, k, v = linear(x, mod, "qkv").split(c, -1)
+    rs = [g // regions for g in grid]
+    members = [[flat([s * r + o for s, r, o in zip(start, rs, off)], grid) for off in coords(rs)]
+               for start in coords((regions,) * len(grid))]
+    out = torch.zeros(b, n, c, dtype=x.dtype)
+    for bi in range(b):
+        qr = torch.stack([q[bi, m].mean(0) for m in members])
+        kr = torch.stack([k[bi, m].mean(0) for m in members])
+        chosen = torch.topk(qr @ kr.T, topk, dim=-1).indices
+        for i, m in enumerate(members):
+            keys = [t for j in chosen[i].tolist() for t in members[j]]
+            kk, vv = k[bi, keys], v[bi, keys]
+            if tokens:
+                kk, vv = torch.cat([p(mod, "kv_tokens")[0], kk]), torch.cat([p(mod, "kv_tokens")[1], vv])
+            out[bi, m] = sdpa(q[bi, m], kk, vv, heads, scale=scale)
+        if lepe:
+            out[bi] += dwconv(v[bi].T.reshape(c, *grid), p(mod, "lepe.weight"), p(mod, "lepe.bias"), 1,
+                              lepe // 2).reshape(c, -1).T
+    return linear(out, mod, "proj")
+
+
+@pytest.mark.parametrize("grid,regions,topk,lepe,tokens", [
+    ((8, 8), 4, 3, 5, 0), ((6, 9), 3, 2, 3, 0), ((8, 8), 2, 1, 0, 2), ((12,), 3, 2, 3, 0),
+])
+def test_routed_matches_reference(grid, regions, topk, lepe, tokens):
+    c = 16
+    op = Attention(heads=2, partition=Routed(regions=regions, topk=topk), position=LePE(kernel=lepe) if lepe else None,
+                   scale=c ** -0.5, extra_kv=KvTokens(count=tokens) if tokens else None)
+    mod, _ = build(op, Shape(c, grid, "tokens"))
+    x = torch.randn(2, math.prod(grid), c, dtype=torch.float64)
+    ref = ref_routed(x, mod, grid, 2, regions, topk, lepe, c ** -0.5, tokens)
+    assert (run(mod, x) - ref).abs().max() < TOL
+
+
+def test_lepe_on_input_matches_reference():
+    """BiFormer's global stage: LePE's depthwise conv runs over the attention input, not over V."""
+    grid = (6, 6)
+    mod, _ = build(Attention(heads=2, position=LePE(kernel=5, source="input")), Shape(16, grid, "tokens"))
+    x = torch.randn(2, 36, 16, dtype=torch.float64)
+    q, k, v = linear(x, mod, "qkv").split(16, -1)
+    ref = torch.stack([sdpa(q[b], k[b], v[b], 2) + dwconv(x[b].T.reshape(16, *grid), p(mod, "lepe.weight"),
+                                                           p(mod, "lepe.bias"), 1, 2).reshape(16, -1).T
+                       for b in range(2)])
+    assert (run(mod, x) - linear(ref, mod, "proj")).abs().max() < TOL
+
+
+@pytest.mark.parametrize("grid,ratio", [((8, 8), 2), ((6, 4), 1), ((10,), 2)])
+def test_learned_bias_matches_reference(grid, ratio):
+    """CMT's dense (heads, N, M) bias with pooled keys/values: softmax(q k^T * scale + B) v."""
+    op = Attention(heads=2, kv=Reduce(ratio=ratio, mode="pool"), position=LearnedBias(std=1.0))
+    mod, _ = build(op, Shape(16, grid, "tokens"))
+    n, m = math.prod(grid), math.prod(grid) // ratio ** len(grid)
+    assert p(mod, "relative_pos").shape == (2, n, m)
+    x = torch.randn(2, n, 16, dtype=torch.float64)
+    q = linear(x, mod, "q")
+    out = []
+    for b in range(2):
+        src = F.avg_pool1d(x[b].T[None], ratio)[0] if len(grid) == 1 else F.avg_pool2d(
+            x[b].T.reshape(1, 16, *grid), ratio).reshape(16, -1)
+        k, v = linear(src.reshape(16, -1).T, mod, "kv").split(16, -1)
+        out.append(sdpa(q[b], k, v, 2, bias=p(mod, "relative_pos")))
+    assert (run(mod, x) - linear(torch.stack(out), mod, "proj")).abs().max() < TOL
+
+
+def espnet_rel_shift(x):
+    """ESPnet's RelPositionMultiHeadedAttention.rel_shift: (.., T, 2T-1) -> (.., T, T), pad-reshape-slice."""
+    zero = torch.zeros((*x.shape[:-1], 1), dtype=x.dtype)
+    padded = torch.cat([zero, x], -1).view(*x.shape[:-2], x.shape[-1] + 1, x.shape[-2])
+    return padded[..., 1:, :].reshape(x.shape)[..., : x.shape[-1] // 2 + 1]
+
+
+@pytest.mark.parametrize("grid,extra", [((9,), 0), ((3, 4), 1)])
+def test_relative_xl_matches_espnet_formula(grid, extra):
+    """Conformer's relative-position MHSA: ((q + u) k^T + rel_shift((q + v) P^T)) / sqrt(d)."""
+    c, heads = 16, 2
+    x_shape = Shape(c, grid, "tokens", extra)
+    mod, _ = build(Attention(heads=heads, position=RelativeXL()), x_shape)
+    t = x_shape.tokens
+    pos = torch.arange(t - 1, -t, -1, dtype=torch.float64)[:, None]
+    div = torch.exp(torch.arange(0, c, 2, dtype=torch.float64) * -(math.log(10000.0) / c))
+    pe = torch.stack([torch.sin(pos * div), torch.cos(pos * div)], -1).reshape(2 * t - 1, c)  # sin even, cos odd
+    P = pe @ p(mod, "linear_pos.weight").T  # (2T-1, C), no bias
+    u, vb = p(mod, "pos_bias_u"), p(mod, "pos_bias_v")
+    x = torch.randn(2, t, c, dtype=torch.float64)
+    q, k, v = linear(x, mod, "qkv").split(c, -1)
+    d = c // heads
+    out = []
+    for b in range(2):
+        ys = []
+        for h, (qh, kh, vh, ph) in enumerate(zip(*(heads_of(z, heads) for z in (q[b], k[b], v[b], P)))):
+            ac = (qh + u[h]) @ kh.T
+            bd = espnet_rel_shift(((qh + vb[h]) @ ph.T)[None])[0]
+            ys.append(torch.softmax((ac + bd) / math.sqrt(d), -1) @ vh)
+        out.append(torch.cat(ys, -1))
+    assert (run(mod, x) - linear(torch.stack(out), mod, "proj")).abs().max() < TOL
+
+
+@pytest.mark.parametrize("grid,ratio,count", [((8, 8), 2, 4), ((6, 6), 1, 9), ((12,), 2, 3)])
+def test_agents_match_reference(grid, ratio, count):
+    """Agent attention (Agent-PVT): pooled queries as agents, agent aggregation then agent broadcast, each with
+    a resized (t x t) table plus per-axis tables, and a depthwise conv over V."""
+    c, heads, nd = 16, 2, len(grid)
+    op = Attention(heads=heads, kv=Reduce(ratio=ratio, norm=LayerNorm()), agents=Agents(count=count))
+    mod, _ = build(op, Shape(c, grid, "tokens"))
+    kvg = tuple(g // ratio for g in grid)
+    mode = "bilinear" if nd == 2 else "linear"
+    side = round(count ** (1 / nd))
+    x = torch.randn(2, math.prod(grid), c, dtype=torch.float64)
+    q = linear(x, mod, "q")
+    pr = dict(mod.named_parameters())
+    bias1 = F.interpolate(pr["an_bias"].detach(), size=kvg, mode=mode).reshape(heads, count, -1)
+    bias2 = F.interpolate(pr["na_bias"].detach(), size=grid, mode=mode).reshape(heads, count, -1).transpose(1, 2)
+    if nd == 2:
+        bias1 = bias1 + (pr["ah_bias"] + pr["aw_bias"]).detach().reshape(heads, count, -1)
+        bias2 = bias2 + (pr["ha_bias"] + pr["wa_bias"]).detach().reshape(heads, -1, count)
+    else:
+        bias1 = bias1 + pr["ah_bias"].detach().reshape(heads, count, -1)
+        bias2 = bias2 + pr["ha_bias"].detach().reshape(heads, -1, count)
+    d = c // heads
+    out = []
+    for b in range(2):
+        m = x[b].T.reshape(1, c, *grid)
+        src = m if ratio == 1 else (F.conv2d if nd == 2 else F.conv1d)(m, p(mod, "sr.weight"), p(mod, "sr.bias"), ratio)
+        src = layernorm(src.reshape(c, -1).T, mod, "norm")
+        k, v = linear(src, mod, "kv").split(c, -1)
+        pool = F.adaptive_avg_pool2d if nd == 2 else F.adaptive_avg_pool1d
+        agents = pool(q[b].T.reshape(1, c, *grid), side).reshape(c, -1).T  # (count, C)
+        ys = []
+        for h, (qh, kh, vh, ah) in enumerate(zip(*(heads_of(z, heads) for z in (q[b], k, v, agents)))):
+            agent_v = torch.softmax(ah @ kh.T * d ** -0.5 + bias1[h], -1) @ vh
+            ys.append(torch.softmax(qh @ ah.T * d ** -0.5 + bias2[h], -1) @ agent_v)
+        vm = v.T.reshape(1, c, *kvg)
+        if ratio > 1:
+            vm = F.interpolate(vm, size=grid, mode=mode)
+        conv = dwconv(vm[0], p(mod, "dwc.weight"), p(mod, "dwc.bias"), 1, 1)
+        out.append(torch.cat(ys, -1) + conv.reshape(c, -1).T)
+    assert (run(mod, x) - linear(torch.stack(out), mod, "proj")).abs().max() < TOL
+
+
+@pytest.mark.parametrize("keys", ["all", "rest"])
+def test_first_queries_match_reference(keys):
+    """`query = first(n)`: the first n tokens ask; keys/values from all tokens or from the rest (two streams
+    concatenated by `parallel tokens`: cross-attention)."""
+    x_shape = Shape(16, (3, 3), "tokens", extra=1)
+    op = Attention(heads=2, query=First(count=2, keys=keys))
+    mod, y = build(op, x_shape)
+    assert y == Shape(16, (2,), "tokens")
+    x = torch.randn(2, 10, 16, dtype=torch.float64)
+    src = x if keys == "all" else x[:, 2:]
+    ref = torch.stack([sdpa(linear(x[b, :2], mod, "q"), linear(src[b], mod, "k"), linear(src[b], mod, "v"), 2)
+                       for b in range(2)])
+    assert (run(mod, x) - linear(ref, mod, "proj")).abs().max() < TOL
+
+
+def test_key_source_protocol_accepts_a_new_source():
+    """A KeySource subclass defined elsewhere plugs into `kv` (a stride-2 subsampling source)."""
+    from composer.ops.registry import prod
+
+    class EverySecond(KeySource):
+        module_name = "picker"
+
+        def grid(self, x):
+            return tuple(-(-g // 2) for g in x.spatial)
+
+        def build(self, x, y=None):
+            class Pick(torch.nn.Module):
+                def forward(self, m):
+                    return m[(slice(None), slice(None), *[slice(None, None, 2)] * (m.dim() - 2))].flatten(2).transpose(1, 2)
+            return Pick()
+
+    x_shape = Shape(8, (5, 4), "tokens")
+    op = Attention(heads=2, kv=EverySecond())
+    mod, y = build(op, x_shape)
+    assert op.params(x_shape, y) == sum(t.numel() for t in mod.parameters())
+    assert op._keys(x_shape) == prod((3, 2))
+    x = torch.randn(2, 20, 8, dtype=torch.float64)
+    src = x.view(2, 5, 4, 8)[:, ::2, ::2].reshape(2, 6, 8)
+    ref = torch.stack([sdpa(linear(x[b], mod, "q"), *linear(src[b], mod, "kv").split(8, -1), 2) for b in range(2)])
+    assert (run(mod, x) - linear(ref, mod, "proj")).abs().max() < TOL
+
+
+def test_new_part_shape_errors():
+    with pytest.raises(ShapeError):
+        Attention(heads=2, partition=Neighbourhood(size=4)).infer(Shape(16, (8, 8), "tokens"))
+    with pytest.raises(ShapeError):
+        Attention(heads=2, partition=Routed(regions=3, topk=2)).infer(Shape(16, (8, 8), "tokens"))
+    with pytest.raises(ShapeError):
+        Attention(heads=2, partition=Routed(regions=2, topk=5)).infer(Shape(16, (8, 8), "tokens"))
+    with pytest.raises(ShapeError):
+        Attention(heads=2, agents=Agents(count=5)).infer(Shape(16, (8, 8), "tokens"))
+    with pytest.raises(ShapeError):
+        Attention(heads=2, query=First(count=3), partition=Window(size=2)).infer(Shape(16, (8, 8), "tokens"))
+    with pytest.raises(ShapeError):
+        Attention(heads=2, position=RelativeXL(), kv=Reduce(ratio=2)).infer(Shape(16, (8, 8), "tokens"))
+    with pytest.raises(ShapeError):
+        Attention(heads=2, proj=False, out=4).infer(Shape(16, (8, 8), "tokens"))
+
+
+# --- rules on random configurations of the new parts -------------------------------------------------------------
+
+@st.composite
+def new_configs(draw):
+    ndim = draw(st.sampled_from([1, 2]))
+    heads = draw(st.integers(1, 3))
+    c = heads * draw(st.sampled_from([2, 4]))
+    kind = draw(st.sampled_from(["neighbourhood", "routed", "cosine", "learned", "xl", "agents", "first", "window"]))
+    kw, extra = {}, 0
+    grid = tuple(draw(st.integers(2, 7)) for _ in range(ndim))
+    if kind == "neighbourhood":
+        kw["partition"] = Neighbourhood(size=draw(st.sampled_from([1, 3, 5])), dilation=draw(st.integers(1, 3)),
+                                        mask=draw(st.booleans()))
+        kw["position"] = draw(st.sampled_from([None, LePE(kernel=3), LearnedBias()]))
+    elif kind == "routed":
+        regions = draw(st.integers(1, 3))
+        grid = tuple(regions * draw(st.integers(1, 3)) for _ in range(ndim))
+        kw["partition"] = Routed(regions=regions, topk=draw(st.integers(1, regions ** ndim)))
+        kw["position"] = draw(st.sampled_from([None, LePE(kernel=3)]))
+    elif kind == "cosine":
+        extra = draw(st.integers(0, 1))
+    elif kind == "learned":
+        kw["kv"] = draw(st.sampled_from([None, Reduce(ratio=2, mode="pool")]))
+        grid = tuple(2 * g for g in grid) if kw["kv"] else grid
+        kw["position"] = LearnedBias()
+    elif kind == "xl":
+        extra = draw(st.integers(0, 1))
+        kw["position"] = RelativeXL()
+    elif kind == "agents":
+        side = draw(st.integers(1, 2))
+        kw["agents"] = Agents(count=side ** ndim)
+        if draw(st.booleans()):
+            kw["kv"] = Reduce(ratio=2, norm=LayerNorm())
+            grid = tuple(2 * g for g in grid)
+    elif kind == "first":
+        extra = draw(st.integers(0, 1))
+        kw["query"] = First(count=draw(st.integers(1, 2)), keys=draw(st.sampled_from(["all", "rest"])))
+        grid = tuple(g + 1 for g in grid)  # more tokens than queries
+    else:
+        size = draw(st.integers(1, 3))
+        grid = tuple(size * draw(st.integers(1, 2)) for _ in range(ndim))
+        kw["partition"] = Window(size=size, shift=draw(st.integers(0, size - 1)))
+        kw["position"] = draw(st.sampled_from([None, RelativeBias(), LearnedBias()]))
+    if kind not in ("xl", "agents") and draw(st.booleans()):
+        kw["score"] = Cosine(query_embedding=draw(st.booleans()), length_scale=draw(st.booleans()))
+    if kind not in ("xl", "agents") and draw(st.booleans()):
+        kw["extra_kv"] = KvTokens(count=draw(st.integers(1, 2)))
+    if kind != "first" and not isinstance(kw.get("position"), LePE) and draw(st.booleans()):
+        kw["dim"] = heads * draw(st.sampled_from([2, 4]))
+        kw["proj"] = draw(st.booleans())
+    op = Attention(heads=heads, qkv_bias=draw(st.booleans()), **kw)
+    return op, Shape(c, grid, "tokens", extra)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(new_configs())
+def test_new_part_rules_match_module(config):
+    op, x = config
+    y = op.infer(x)
+    torch.manual_seed(0)
+    mod = op.build(x, y).eval()
+    assert op.params(x, y) == sum(t.numel() for t in mod.parameters())
+    inp = torch.randn(1, x.tokens, x.channels)  # batch 1: relative_xl's linear_pos runs once per batch
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
+        with FlopCounterMode(display=False) as counter:
+            out = mod(inp)
+    assert out.shape == (1, y.tokens, y.channels) and y.layout == "tokens"
+    counted = counter.get_total_flops() / 2
+    assert abs(op.macs(x, y) - counted) <= 0.05 * counted
+    with torch.no_grad():
+        assert torch.allclose(out, mod(inp), atol=1e-5)
+
+
+def test_new_parts_in_the_language(tmp_path):
+    """The parts as written in blueprints: MSDA as a parallel concat, routed + LePE, cosine + kv tokens, masked
+    neighbourhood, learned bias, agents, relative_xl, and a cross-stream `first(n, keys = "rest")` bridge."""
+    import composer
+
+    path = tmp_path / "parts.arch"
+    path.write_text("""model parts_demo {
+    input image(3, 32)
+    stem { conv(24, 4, stride = 4) }
+    stage {
+        block {
+            parallel concat {
+                attention(1, partition = dilated(3, 1), dim = 8, proj = false)
+                attention(1, partition = dilated(3, 2), dim = 8, proj = false)
+                attention(1, partition = dilated(3, 3), dim = 8, proj = false)
+            }
+            linear(24)
+            attention(2, partition = routed(2, 2), position = lepe(5), scale = 0.2)
+            attention(2, score = cosine, extra_kv = kv_tokens(4))
+            attention(2, partition = neighbourhood(3, mask = true), score = cosine(length_scale = false))
+            attention(2, kv = reduce(2, "pool"), position = learned_bias(std = 1.0))
+            attention(2, kv = reduce(2, norm = layernorm), agents = agents(4))
+            attention(2, position = relative_xl)
+            parallel tokens { { pool(2); to_tokens } identity }
+            attention(2, query = first(16, keys = "rest")) as bridge
+        }
+    }
+}
+""")
+    plan = composer.load(str(path))
+    model = composer.build(str(path)).eval()
+    assert plan.params == sum(t.numel() for t in model.parameters())
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 16, 24)

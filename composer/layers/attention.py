@@ -2,16 +2,25 @@
 
 Submodules and their state_dict names:
   `qkv`                           one linear to q, k, v (the default);
-  `q`, `kv`                       separate linears when keys/values are reduced (`kv = reduce(...)`);
-  `sr` / `pool`, `norm`           the reduction (strided conv, or average pool) and its norm (PVT);
+  `q`, `kv`                       separate linears with a key source (`kv = reduce(...)` or any KeySource);
+  `sr` / `pool`, `norm`           `reduce`'s strided conv or average pool and its norm (PVT), registered
+                                  flat; other key sources under their `module_name`;
+  `q`, `k`, `v`                   separate linears with `query = first(n)`;
   `conv_q`, `conv_k`, `conv_v`    CvT's convolutional projection, each `.conv` (depthwise, no bias)
                                   and `.bn`, followed by the linears `q`, `k`, `v`;
   `relative_position_bias_table`  the relative bias (window or grid groups), with the non-persistent
                                   buffer `relative_position_index`; (heads, 2w-1, ...) for
                                   `relative_bias_map`;
-  `lepe`                          LePE's depthwise conv on V (added to the attention output);
+  `relative_pos`                  `learned_bias`: a dense (heads, queries, keys) bias (CMT);
+  `linear_pos`, `pos_bias_u`, `pos_bias_v`  `relative_xl` (buffers `pos_table`, `pos_index`);
+  `temperature`, `query_embedding`          `score = cosine(...)` (buffer `seq_length_scale`);
+  `kv_tokens`                     `extra_kv = kv_tokens(n)`: (2, n, C) learned keys and values;
+  `an_bias`, `na_bias`, `ah_bias`, `aw_bias`, `ha_bias`, `wa_bias`, `dwc`   `agents = agents(n)`;
+  `lepe`                          LePE's depthwise conv on V or on the input (added to the output);
   `proj`                          the output projection.
-Masks and index tables are buffers, built once at construction.
+Masks and index tables are buffers, built once at construction (`neighbour_index`/`neighbour_mask`
+for neighbourhood partitions: every query's keys gathered from the projected tokens plus one zero
+token; routed partitions gather the top-k regions' tokens per input).
 
 `CascadedAttention`, the module behind the `cascaded_attention` op (EfficientViT-M's cascaded group
 attention over a map: `qkvs.<i>`, `dws.<i>`, `attention_biases`), is at the end of this file.
@@ -19,12 +28,14 @@ attention over a map: `qkvs.<i>`, `dws.<i>`, `attention_biases`), is at the end 
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import attention_parts as parts
 from .core import ChannelLinear, trunc_normal_
 
 
@@ -55,8 +66,12 @@ def _perm(ndim: int, mode: str) -> list[int]:
     return [0, *counts, *members, 2 * ndim + 1]
 
 
+def _sizes(grid, size) -> tuple:
+    return tuple(size) if isinstance(size, (tuple, list)) else (size,) * len(grid)
+
+
 def _split(grid, size, mode):
-    return [s for g in grid for s in ((g // size, size) if mode == "window" else (size, g // size))]
+    return [s for g, w in zip(grid, _sizes(grid, size)) for s in ((g // w, w) if mode == "window" else (w, g // w))]
 
 
 def _partition(x: torch.Tensor, grid, size, mode: str = "window") -> torch.Tensor:
@@ -64,7 +79,7 @@ def _partition(x: torch.Tensor, grid, size, mode: str = "window") -> torch.Tenso
     `grid`: each group holds the size^d tokens at stride grid/size (MaxViT grid attention)."""
     b, c = x.shape[0], x.shape[-1]
     x = x.reshape(b, *_split(grid, size, mode), c).permute(*_perm(len(grid), mode))
-    return x.reshape(-1, size ** len(grid), c)
+    return x.reshape(-1, math.prod(_sizes(grid, size)), c)
 
 
 def _unpartition(x: torch.Tensor, grid, size, b, mode: str = "window") -> torch.Tensor:
@@ -102,45 +117,118 @@ def _to_tokens(m: torch.Tensor) -> torch.Tensor:
     return m.flatten(2).transpose(1, 2)
 
 
+class TokensOf(nn.Module):
+    """(B, C, *grid) -> (B, N, C): the default key source (keys and values from the tokens)."""
+
+    def forward(self, x):
+        return _to_tokens(x)
+
+
+class ReduceKeys(nn.Module):
+    """The `reduce` key source: a ratio-strided conv (`sr`) or average pool (`pool`), then `norm`
+    over the tokens; (B, C, *grid) -> (B, M, C). `ratio=0` only flattens and normalises."""
+
+    def __init__(self, dim, ndim, ratio=0, mode="conv", norm=None):
+        super().__init__()
+        if ratio:
+            if mode == "conv":
+                self.sr = _conv_cls(ndim)(dim, dim, ratio, ratio)
+            else:
+                self.pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[ndim - 1](ratio, ratio)
+        self.norm = norm if norm is not None else nn.Identity()
+
+    def forward(self, x):
+        if hasattr(self, "sr"):
+            x = self.sr(x)
+        elif hasattr(self, "pool"):
+            x = self.pool(x)
+        return self.norm(_to_tokens(x))
+
+
 class Attention(nn.Module):
     """Multi-head attention over (B, extra + prod(grid), C) tokens; see the module docstring."""
 
     def __init__(self, dim, out, heads, grid, extra=0, qkv_bias=True, proj_bias=True, partition=None, size=0,
-                 shift=0, padded=None, relative_bias=False, reduce=0, reduce_mode="conv", kv_norm=None, conv_proj=None,
-                 lepe=0, scale=None, input_query=False):
+                 shift=0, padded=None, dilation=1, pad_mask=False, regions=0, topk=0, relative_bias=False,
+                 learned_bias=None, relative_xl=False, key_source=None, key_source_name=None, key_source_query=False,
+                 kv_grid=None, conv_proj=None, lepe=0, lepe_source="v", scale=None, input_query=False, queries=0,
+                 keys_rest=False, cosine=None, kv_tokens=None, agents=None, cin=None):
         super().__init__()
+        cin = dim if cin is None else cin  # input channels; `dim` is the width of q, k, v
         self.input_query = input_query  # x carries [tokens (dim), queries (dim)]: kv from `qkv`
         self.heads, self.head_dim = heads, dim // heads
         self.grid, self.extra = tuple(grid), extra
         self.partition, self.size, self.shift = partition, size, shift
         self.padded = tuple(padded) if padded is not None else self.grid  # the grid the groups tile
-        self.reduce, self.scale = reduce, scale
+        self.scale = scale
+        self.queries, self.keys_rest = queries, keys_rest
+        self.lepe_source = lepe_source
         ndim = len(self.grid)
-        self.group = (size,) * ndim if partition else self.grid  # the grid of one attention group
+        local = partition in ("window", "grid")
+        self.group = (size,) * ndim if local else self.grid  # the grid of one window/grid group
+        self.kv_grid = tuple(kv_grid) if kv_grid is not None else self.group
+        # ---- projections
         if conv_proj is not None:  # CvT: depthwise conv + BN per q, k, v, then a linear each
             kernel, stride_kv = conv_proj
             self.stride_kv = stride_kv
             for name, stride in (("q", 1), ("k", stride_kv), ("v", stride_kv)):
-                conv = _conv_cls(ndim)(dim, dim, kernel, stride, kernel // 2, groups=dim, bias=False)
-                bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1](dim)
+                conv = _conv_cls(ndim)(cin, cin, kernel, stride, kernel // 2, groups=cin, bias=False)
+                bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1](cin)
                 self.add_module(f"conv_{name}", nn.Sequential(OrderedDict(conv=conv, bn=bn)))
-            self.q = ChannelLinear(dim, dim, qkv_bias)
-            self.k = ChannelLinear(dim, dim, qkv_bias)
-            self.v = ChannelLinear(dim, dim, qkv_bias)
-        elif reduce:  # keys and values from their own projection (PVT): q and kv
-            self.q = ChannelLinear(dim, dim, qkv_bias)
-            self.kv = ChannelLinear(dim, 2 * dim, qkv_bias)
-            if reduce > 1:
-                if reduce_mode == "conv":
-                    self.sr = _conv_cls(ndim)(dim, dim, reduce, reduce)
-                else:
-                    self.pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[ndim - 1](reduce, reduce)
-            self.norm = kv_norm if kv_norm is not None else nn.Identity()
+        if conv_proj is not None or queries:
+            self.q = ChannelLinear(cin, dim, qkv_bias)
+            self.k = ChannelLinear(cin, dim, qkv_bias)
+            self.v = ChannelLinear(cin, dim, qkv_bias)
+        elif key_source is not None:  # keys and values from a key source (PVT): q and kv linears
+            self.q = ChannelLinear(cin, dim, qkv_bias)
+            self.kv = ChannelLinear(cin, 2 * dim, qkv_bias)
+            self.key_source_query = key_source_query
+            if key_source_name is None:  # children registered flat (reduce: `sr`/`pool`, `norm`)
+                for name, child in key_source.named_children():
+                    self.add_module(name, child)
+                object.__setattr__(self, "_key_source", key_source)  # not registered twice
+            else:
+                self.add_module(key_source_name, key_source)
+                self._key_source_name = key_source_name
         else:
-            self.qkv = ChannelLinear(dim, (2 if input_query else 3) * dim, qkv_bias)
+            self.qkv = ChannelLinear(cin, (2 if input_query else 3) * dim, qkv_bias)
         if lepe:
             self.lepe = _conv_cls(ndim)(dim, dim, lepe, 1, lepe // 2, groups=dim)
-        self.proj = ChannelLinear(dim, out, proj_bias)
+        self.proj = ChannelLinear(dim, out, proj_bias) if out else nn.Identity()  # out=0: no projection
+        # ---- scores
+        self.cosine = cosine is not None
+        if cosine is not None:  # TransNeXt: l2-normalised q, k; softplus temperature; log(keys) scale
+            init, query_embedding, length_scale = cosine
+            self.temperature = nn.Parameter(torch.full((heads, 1, 1), math.log(math.expm1(init))))
+            if query_embedding:
+                self.query_embedding = nn.Parameter(trunc_normal_(torch.empty(heads, 1, self.head_dim), 0.02))
+            self.length_scale = length_scale
+        self.kv_tokens_count = 0
+        if kv_tokens is not None:
+            count, std = kv_tokens
+            self.kv_tokens_count = count
+            self.kv_tokens = nn.Parameter(trunc_normal_(torch.empty(2, count, dim), std))
+        n_extra = self.kv_tokens_count
+        # ---- which keys a query sees
+        if partition == "neighbourhood":
+            index, inside = parts.neighbourhood_index(self.grid, size, dilation)
+            self.register_buffer("neighbour_index", index, persistent=False)
+            mask = torch.where(inside, 0.0, float("-inf"))[:, None] if pad_mask else None  # (N, 1, K)
+            self.register_buffer("neighbour_mask", mask, persistent=False)
+            keys = (inside.sum(-1) if pad_mask else torch.full((index.shape[0],), index.shape[1])) + n_extra
+            length = keys.float().log()[:, None]  # (N, 1): per query
+        elif partition == "routed":
+            self.regions, self.topk = regions, topk
+            self.region = tuple(g // regions for g in self.grid)
+            length = math.log(topk * math.prod(self.region) + n_extra)
+        elif queries:
+            length = math.log(extra + math.prod(self.grid) - (queries if keys_rest else 0) + n_extra)
+        else:
+            length = math.log(math.prod(self.kv_grid) + (0 if local or key_source is not None else extra) + n_extra)
+        if self.cosine:
+            self.register_buffer("seq_length_scale", torch.as_tensor(length) if self.length_scale else None,
+                                 persistent=False)
+        # ---- position
         self.bias_map = relative_bias == "map"
         if self.bias_map:  # (heads, 2w-1, ...) read at the key-minus-query offset (TF MaxViT)
             self.relative_position_bias_table = nn.Parameter(
@@ -153,11 +241,39 @@ class Attention(nn.Module):
                 trunc_normal_(torch.empty((2 * size - 1) ** ndim, heads), 0.02)
             )
             self.register_buffer("relative_position_index", _relative_index(size, ndim), persistent=False)
+        if learned_bias is not None:  # CMT: a dense (heads, queries, keys) bias
+            nq, nk, std = learned_bias
+            self.relative_pos = nn.Parameter(nn.init.normal_(torch.empty(heads, nq, nk), std=std))
+        self.relative_xl = relative_xl
+        if relative_xl:  # Transformer-XL / Conformer relative positions over the token index
+            t = extra + math.prod(self.grid)
+            self.linear_pos = ChannelLinear(dim, dim, bias=False)
+            self.pos_bias_u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(heads, self.head_dim)))
+            self.pos_bias_v = nn.Parameter(nn.init.xavier_uniform_(torch.empty(heads, self.head_dim)))
+            self.register_buffer("pos_table", parts.sinusoid_relative(t, dim), persistent=False)
+            self.register_buffer("pos_index", parts.relative_offset_index(t), persistent=False)
         mask = None
         if partition == "window" and shift:
             mask = _shift_mask(self.padded, size, shift)[:, None]  # (nW, 1, N, N)
         self.register_buffer("attn_mask", mask, persistent=False)
+        # ---- agents
+        self.agents = agents is not None
+        if agents is not None:
+            count, kernel, table = agents
+            self.agent_count, self.agent_side = count, round(count ** (1 / ndim))
+            std = 0.02
+            self.an_bias = nn.Parameter(trunc_normal_(torch.empty(heads, count, *[table] * ndim), std))
+            self.na_bias = nn.Parameter(trunc_normal_(torch.empty(heads, count, *[table] * ndim), std))
+            names = (("ah_bias", "ha_bias"), ("aw_bias", "wa_bias"))
+            for i in range(ndim):
+                kshape = [self.kv_grid[j] if j == i else 1 for j in range(ndim)]
+                qshape = [self.group[j] if j == i else 1 for j in range(ndim)]
+                setattr(self, names[i][0], nn.Parameter(trunc_normal_(torch.empty(1, heads, count, *kshape), std)))
+                setattr(self, names[i][1], nn.Parameter(trunc_normal_(torch.empty(1, heads, *qshape, count), std)))
+            self.agent_axes = [n for pair in names[:ndim] for n in pair]
+            self.dwc = _conv_cls(ndim)(dim, dim, kernel, 1, kernel // 2, groups=dim)
 
+    # ------------------------------------------------------------------ helpers
     def _bias(self):
         bias = None
         if hasattr(self, "relative_position_bias_table"):
@@ -170,10 +286,17 @@ class Attention(nn.Module):
                 bias = table.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
         if self.attn_mask is not None:
             bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads, N, N)
+        if bias is not None and self.kv_tokens_count:
+            bias = F.pad(bias, (self.kv_tokens_count, 0))  # learned kv tokens: no bias
+        if hasattr(self, "relative_pos"):
+            bias = self.relative_pos if bias is None else bias + self.relative_pos
         return bias
 
     def _heads(self, t):
         return t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def _merge(self, t):
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], self.heads * self.head_dim)
 
     def _roll(self, x, shift):
         return torch.roll(x, [shift] * len(self.grid), dims=list(range(1, len(self.grid) + 1)))
@@ -183,59 +306,182 @@ class Attention(nn.Module):
         cls, img = x[:, :e], x[:, e:]
         m = _to_map(img, self.grid)
         q, k, v = (torch.cat([cls, _to_tokens(getattr(self, f"conv_{n}")(m))], 1) for n in "qkv")
-        return self._heads(self.q(q)), self._heads(self.k(k)), self._heads(self.v(v))
+        return self.q(q), self.k(k), self.v(v)
 
+    def _project(self, x):
+        """q (B', L, C), k and v (B', M, C) tokens."""
+        c = self.heads * self.head_dim
+        if self.input_query:
+            x, q = x.split(c, dim=-1)
+            k, v = self.qkv(x).split(c, dim=-1)
+        elif hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).split(c, dim=-1)
+        elif hasattr(self, "conv_q"):
+            q, k, v = self._conv_project(x)
+        elif self.queries:
+            src = x[:, self.queries:] if self.keys_rest else x
+            q, k, v = self.q(x[:, : self.queries]), self.k(src), self.v(src)
+        else:
+            q = self.q(x)
+            source = getattr(self, self._key_source_name) if hasattr(self, "_key_source_name") else self._key_source
+            if self.key_source_query:
+                src = source(_to_map(x, self.grid), _to_map(q, self.grid))
+            else:
+                src = source(_to_map(x, self.grid))
+            k, v = self.kv(src).split(c, dim=-1)
+        return q, k, v
+
+    def _cosine_q(self, q):
+        q = F.normalize(q, dim=-1)
+        if hasattr(self, "query_embedding"):
+            q = q + self.query_embedding
+        q = q * F.softplus(self.temperature)
+        if self.seq_length_scale is not None:
+            q = q * self.seq_length_scale
+        return q
+
+    def _with_kv_tokens(self, k, v):
+        """Prepend the learned key/value tokens: k, v (..., S, d) with heads at dim 1."""
+        n = self.kv_tokens_count
+        t = self.kv_tokens.view(2, n, self.heads, self.head_dim).transpose(1, 2)  # (2, heads, n, d)
+        if self.cosine:
+            t = torch.stack([F.normalize(t[0], dim=-1), t[1]])
+        shape = (1, self.heads) + (1,) * (k.dim() - 4) + (n, self.head_dim)
+        tk, tv = (s.view(shape).expand(*k.shape[:-2], n, self.head_dim) for s in t)
+        return torch.cat([tk, k], -2), torch.cat([tv, v], -2)
+
+    def _scores(self, q, k, bias):
+        scale = 1.0 if self.cosine else (self.head_dim ** -0.5 if self.scale is None else self.scale)
+        a = (q * scale) @ k.transpose(-2, -1)
+        return a if bias is None else a + bias
+
+    def _attend(self, q, k, v, bias):
+        scale = 1.0 if self.cosine else self.scale
+        if (bias is not None and not q.is_cuda) or q.dim() != 4 or self.queries:
+            # an additive bias on the CPU: SDPA's float-mask path re-checks the mask every call and is
+            # slower than the plain product (timm's Swin does the same); few queries (first(n)): plain
+            # matmuls, as the references, which FLOP counters also see
+            return self._scores(q, k, bias).softmax(dim=-1) @ v
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+
+    # ------------------------------------------------------------------ forward
     def forward(self, x):
-        b, n, c = x.shape
-        if self.partition:
-            x = x.view(b, *self.grid, c)
+        b, n = x.shape[:2]
+        c = self.heads * self.head_dim
+        x_in = x
+        if self.partition in ("window", "grid"):
+            x = x.view(b, *self.grid, x.shape[-1])
             if self.padded != self.grid:  # zero tokens at the end of every dim (Twins, Swin)
                 x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
             if self.shift:
                 x = self._roll(x, -self.shift)
             x = _partition(x, self.padded, self.size, self.partition)
-        bw, nw = x.shape[0], x.shape[1]
-        if self.input_query:
-            x, q = x.split(self.heads * self.head_dim, dim=-1)
-            q = self._heads(q)
-            k, v = self.qkv(x).reshape(bw, nw, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        elif hasattr(self, "qkv"):
-            qkv = self.qkv(x).reshape(bw, nw, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
-        elif hasattr(self, "conv_q"):
-            q, k, v = self._conv_project(x)
+        q, k, v = self._project(x)
+        if self.agents:
+            y = self._agents(q, k, v)
         else:
-            q = self._heads(self.q(x))
-            src = x
-            if self.reduce > 1:
-                reducer = self.sr if hasattr(self, "sr") else self.pool
-                src = _to_tokens(reducer(_to_map(x, self.grid)))
-            src = self.norm(src)
-            m = src.shape[1]
-            k, v = self.kv(src).reshape(bw, m, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self._bias()
-        if bias is not None and self.attn_mask is not None:
-            nwin = self.attn_mask.shape[0]
-            q, k, v = (t.view(b, nwin, self.heads, nw, self.head_dim) for t in (q, k, v))  # bias (nW, 1|heads, N, N)
-        if bias is not None and not q.is_cuda:
-            # an additive bias on the CPU: SDPA's float-mask path re-checks the mask every call and is
-            # slower than the plain product (timm's Swin does the same)
-            scale = self.head_dim ** -0.5 if self.scale is None else self.scale
-            y = ((q * scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        c = self.heads * self.head_dim
-        y = y.reshape(bw, self.heads, nw, self.head_dim).transpose(1, 2).reshape(bw, nw, c)
-        if hasattr(self, "lepe"):  # LePE: a depthwise conv on V (per group), added to the output
-            v = v.reshape(bw, self.heads, -1, self.head_dim).transpose(1, 2).reshape(bw, -1, c)
-            y = y + _to_tokens(self.lepe(_to_map(v, self.group)))
-        if self.partition:
+            y, v = self._attention(q, k, v, b)
+        if hasattr(self, "lepe"):  # LePE: a depthwise conv added to the output
+            if self.lepe_source == "input":
+                y = y + _to_tokens(self.lepe(_to_map(x_in, self.grid)))
+            else:  # over V: per window/grid group, else over the whole map
+                y = y + _to_tokens(self.lepe(_to_map(v, self.group)))
+        if self.partition in ("window", "grid"):
             y = _unpartition(y, self.padded, self.size, b, self.partition)
             if self.shift:
                 y = self._roll(y.view(b, *self.padded, c), self.shift).reshape(b, -1, c)
             if self.padded != self.grid:
                 y = y.view(b, *self.padded, c)[(slice(None), *[slice(0, g) for g in self.grid])].reshape(b, n, c)
         return self.proj(y)
+
+    def _attention(self, q, k, v, b):
+        """(y tokens (B', L, C), v tokens for LePE)."""
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        v_tokens = v
+        bias = None
+        if self.relative_xl:  # ((q + u) k^T + (q + v') P_{i-j}^T) * scale
+            p = self.linear_pos(self.pos_table).view(-1, self.heads, self.head_dim).transpose(0, 1)  # (h, 2T-1, d)
+            pos = (q + self.pos_bias_v[:, None]) @ p.transpose(-2, -1)  # (B, h, T, 2T-1)
+            pos = pos.gather(-1, self.pos_index.expand(*pos.shape[:2], -1, -1))
+            scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+            q = q + self.pos_bias_u[:, None]
+            bias = pos * scale
+        if self.cosine:
+            q, k = self._cosine_q(q), F.normalize(k, dim=-1)
+        if self.partition == "neighbourhood":
+            y = self._neighbourhood(q, k, v)
+        elif self.partition == "routed":
+            y = self._routed(q, k, v)
+        else:
+            if self.kv_tokens_count:
+                k, v = self._with_kv_tokens(k, v)
+            pb = self._bias()
+            if pb is not None:
+                bias = pb if bias is None else bias + pb
+            bw, nw = q.shape[0], q.shape[2]
+            if self.attn_mask is not None:
+                nwin = self.attn_mask.shape[0]
+                q, k, v = (t.reshape(t.shape[0] // nwin, nwin, self.heads, t.shape[2], self.head_dim)
+                           for t in (q, k, v))  # bias (nW, 1|heads, N, N)
+            y = self._attend(q, k, v, bias).reshape(bw, self.heads, nw, self.head_dim)
+        return self._merge(y), self._merge(v_tokens)
+
+    def _neighbourhood(self, q, k, v):
+        """Each query attends to its gathered neighbours: q (B, h, N, d) -> (B, h, N, d)."""
+        b, h, n, d = k.shape
+        idx = self.neighbour_index
+        zero = k.new_zeros(b, h, 1, d)
+        k = torch.cat([k, zero], 2)[:, :, idx.view(-1)].view(b, h, n, idx.shape[1], d)
+        v = torch.cat([v, zero], 2)[:, :, idx.view(-1)].view(b, h, n, idx.shape[1], d)
+        bias = self.neighbour_mask
+        if self.kv_tokens_count:
+            k, v = self._with_kv_tokens(k, v)
+            if bias is not None:
+                bias = F.pad(bias, (self.kv_tokens_count, 0))
+        if hasattr(self, "relative_pos"):
+            rp = self.relative_pos.unsqueeze(2)  # (h, N, 1, K)
+            bias = rp if bias is None else bias + rp
+        y = self._scores(q.unsqueeze(3), k, bias).softmax(-1) @ v  # (B, h, N, 1, d)
+        return y.squeeze(3)
+
+    def _routed(self, q, k, v):
+        """Bi-level routing: q, k, v (B, h, N, d) -> (B, h, N, d)."""
+        b = q.shape[0]
+        region = self.region
+        q, k, v = (_partition(self._merge(t).view(b, *self.grid, -1), self.grid, region).view(
+            b, -1, math.prod(region), self.heads * self.head_dim) for t in (q, k, v))  # (B, R, w, C)
+        with torch.no_grad():  # region affinity, no gradient (BiFormer detaches)
+            affinity = q.mean(2) @ k.mean(2).transpose(-2, -1)  # (B, R, R)
+            index = affinity.topk(self.topk, dim=-1).indices  # (B, R, topk)
+        batch = torch.arange(b, device=q.device)[:, None, None]
+        r, w = q.shape[1], q.shape[2]
+        k, v = (t[batch, index].reshape(b * r, self.topk * w, -1) for t in (k, v))  # (B*R, topk*w, C)
+        q = q.reshape(b * r, w, -1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if self.kv_tokens_count:
+            k, v = self._with_kv_tokens(k, v)
+        y = self._attend(q, k, v, None)  # (B*R, h, w, d)
+        y = _unpartition(self._merge(y), self.grid, region, b)  # (B, N, C)
+        return self._heads(y)
+
+    def _agents(self, q, k, v):
+        """Agent attention: q (B', N, C), k, v (B', M, C) -> (B', N, C)."""
+        bw, n, c = q.shape
+        h, a = self.heads, self.agent_count
+        pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)[len(self.group) - 1]
+        agents = _to_tokens(pool(_to_map(q, self.group), self.agent_side))  # (B', a, C)
+        q, k, vh, agents = self._heads(q), self._heads(k), self._heads(v), self._heads(agents)
+        scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+        axes = [getattr(self, name) for name in self.agent_axes]
+        bias1 = parts.resize_table(self.an_bias, self.kv_grid) + parts.axis_tables(axes[0::2], h, a, self.kv_grid, False)
+        agent_v = ((agents * scale) @ k.transpose(-2, -1) + bias1).softmax(-1) @ vh  # (B', h, a, d)
+        bias2 = parts.resize_table(self.na_bias, self.group).transpose(-2, -1) + parts.axis_tables(
+            axes[1::2], h, a, self.group, True)
+        y = self._merge(((q * scale) @ agents.transpose(-2, -1) + bias2).softmax(-1) @ agent_v)
+        vmap = _to_map(v, self.kv_grid)
+        if self.kv_grid != self.group:
+            vmap = F.interpolate(vmap, size=self.group, mode=("linear", "bilinear")[len(self.group) - 1])
+        return y + _to_tokens(self.dwc(vmap))
 
 
 # ------------------------------------------------------------------------------ cascaded group attention

@@ -1,6 +1,7 @@
 """One attention op with pluggable parts: which tokens a query sees (`partition`), where keys and
-values come from (`kv`), how q/k/v are projected (`projection`), position information
-(`position`) and the score scale (`scale`). The module is `composer.layers.attention.Attention`."""
+values come from (`kv`, any `KeySource`; `extra_kv`), how q/k/v are projected (`projection`),
+which tokens are queries (`query`), position information (`position`), the score (`score`,
+`scale`) and agent attention (`agents`). The module is `composer.layers.attention.Attention`."""
 
 from __future__ import annotations
 
@@ -71,16 +72,62 @@ class Grid(Op):
         _check_groups("grid", self.size, grid)
 
 
+class KeySource(Op):
+    """Base class of the `kv` parts: where an attention's keys and values come from.
+
+    Protocol (pure Python except `build`; `x` is the attention's input Shape, tokens on a grid, no
+    prefix tokens):
+      `grid(x) -> tuple`   the grid of the key/value tokens (raise ShapeError when `x` does not fit;
+                           this is also the check, called by the attention's `infer`);
+      `tokens(x) -> int`   the number M of key/value tokens (default: prod(grid(x)));
+      `params(x) -> int`   parameters of the source module (not counting the attention's `kv`
+                           linear, which projects the source tokens to keys and values);
+      `macs(x) -> int`     its multiply-accumulates;
+      `build(x)`           a torch module mapping the input as a map (B, C, *x.spatial) to the
+                           key/value input tokens (B, M, C). With `needs_query = True` it is called
+                           as `module(x_map, q_map)`, `q_map` the projected queries (B, C, *grid)
+                           before the head split (deformable sampling predicts offsets from them).
+    The attention then projects queries with a `q` linear (C -> C) from its input tokens and keys and
+    values with one `kv` linear (C -> 2C) from the source tokens. The built module is registered on
+    the attention module as the submodule `module_name`; with `module_name = None` its children are
+    registered directly on the attention module (state_dict names without a prefix, as `reduce`'s
+    `sr`/`norm`; such a module must keep all its parameters and buffers in children).
+    Subclasses register themselves with `@op(name, kind="part", category="attention part")` in any
+    file; the attention's `kv` field accepts every KeySource."""
+
+    needs_query: ClassVar[bool] = False
+    module_name: ClassVar[Optional[str]] = "source"
+
+    def grid(self, x: Shape) -> tuple[int, ...]:
+        return x.spatial
+
+    def tokens(self, x: Shape) -> int:
+        return prod(self.grid(x))
+
+    def params(self, x: Shape, y: Optional[Shape] = None) -> int:
+        return 0
+
+    def macs(self, x: Shape, y: Optional[Shape] = None) -> int:
+        return 0
+
+    def build(self, x: Shape, y: Optional[Shape] = None):
+        from ..layers.attention import TokensOf
+
+        return TokensOf()
+
+
 @op("reduce", kind="part", category="attention part")
-class Reduce(Op):
+class Reduce(KeySource):
     """Keys and values from a spatially reduced copy of the tokens, reduced by `ratio` in every
     dim: `mode="conv"` a ratio-strided conv with bias (PVT's spatial reduction, submodule `sr`),
     `mode="pool"` average pooling (LITv2's Lo-Fi keys, submodule `pool`), then `norm` (submodule
-    `norm`). `ratio=1` keeps the tokens but still uses separate `q` and `kv` linears."""
+    `norm`). `ratio=1` keeps the tokens but still uses separate `q` and `kv` linears. Submodules are
+    registered directly on the attention (no prefix)."""
 
     ratio: int
     mode: Literal["conv", "pool"] = "conv"
     norm: Optional[Op] = None
+    module_name: ClassVar[Optional[str]] = None
 
     def grid(self, x: Shape) -> tuple[int, ...]:
         if self.ratio <= 0:
@@ -91,6 +138,26 @@ class Reduce(Op):
             if g < self.ratio:
                 raise ShapeError(f"reduction ratio {self.ratio} is larger than feature size {g}")
         return tuple(g // self.ratio for g in x.spatial)
+
+    def _conv(self) -> bool:
+        return self.ratio > 1 and self.mode == "conv"
+
+    def params(self, x: Shape, y: Optional[Shape] = None) -> int:
+        c = x.channels
+        n = c * c * self.ratio ** x.ndim + c if self._conv() else 0
+        g = Shape(c, self.grid(x), "tokens")
+        return n + (self.norm.params(g, g) if self.norm else 0)
+
+    def macs(self, x: Shape, y: Optional[Shape] = None) -> int:
+        c = x.channels
+        return prod(self.grid(x)) * c * c * self.ratio ** x.ndim if self._conv() else 0
+
+    def build(self, x: Shape, y: Optional[Shape] = None):
+        from ..layers.attention import ReduceKeys
+
+        g = Shape(x.channels, self.grid(x), "tokens")
+        norm = self.norm.build(g, g) if self.norm is not None else None
+        return ReduceKeys(x.channels, len(x.spatial), self.ratio if self.ratio > 1 else 0, self.mode, norm)
 
 
 @op("conv_proj", kind="part", category="attention part")
@@ -129,8 +196,114 @@ class RelativeBiasMap(Op):
     std: float = 0.02
 
 
-@op("input_query", kind="part", category="attention part")
-class InputQuery(Op):
+@op("neighbourhood", kind="part", category="attention part")
+class Neighbourhood(Op):
+    """Every query sees the `size`^d keys around it (sliding-window attention; `size` odd), taken
+    at spacing `dilation`: the key grid is zero-padded by dilation*(size-1)/2 on every side, as
+    `nn.Unfold(size, dilation, padding)` does (DilateFormer). Padded keys are zero vectors (after
+    projection) and take part in the softmax with logit 0, unless `mask=true` masks them out
+    (-inf; TransNeXt's local branch). The key index table is built once."""
+
+    size: int
+    dilation: int = 1
+    mask: bool = False
+    mode: ClassVar[str] = "neighbourhood"
+
+    def check(self, grid: tuple[int, ...]) -> None:
+        if self.size <= 0 or self.size % 2 == 0:
+            raise ShapeError(f"{self.name} size must be a positive odd number, got {self.size}")
+        if self.dilation <= 0:
+            raise ShapeError(f"{self.name} dilation must be positive, got {self.dilation}")
+
+
+@op("dilated", kind="part", category="attention part")
+class Dilated(Neighbourhood):
+    """`neighbourhood` with a required `dilation`: every query sees `size`^d keys around it at
+    spacing `dilation`, zero-padded (DilateFormer's dilated attention; its multi-scale form is a
+    `parallel concat` of dilated attentions over head groups)."""
+
+    size: int
+    dilation: int
+    mask: bool = False
+
+
+@op("routed", kind="part", category="attention part")
+class Routed(Op):
+    """Bi-level routing (BiFormer): the grid is cut into `regions` regions per dim; region-level
+    queries and keys are the means of the region's q and k (no gradient); every region keeps the
+    `topk` regions of highest affinity (q_region . k_region) and its queries attend to the tokens
+    of those regions (topk * region tokens keys each). `regions` must divide the grid."""
+
+    regions: int
+    topk: int
+    mode: ClassVar[str] = "routed"
+
+    def region(self, grid: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(g // self.regions for g in grid)
+
+    def check(self, grid: tuple[int, ...]) -> None:
+        _check_groups("routed regions", self.regions, grid)
+        count = self.regions ** len(grid)
+        if not 0 < self.topk <= count:
+            raise ShapeError(f"routed topk {self.topk} must be in [1, {count}] (the number of regions)")
+
+
+@op("learned_bias", kind="part", category="attention part")
+class LearnedBias(Op):
+    """A dense learned bias per head for every (query, key) pair of an attention group: a
+    parameter `relative_pos` of shape (heads, queries, keys) for the current resolution (CMT; the
+    model must be built at its input size), normal(0, `std`) initialised (CMT uses randn: std 1)."""
+
+    std: float = 0.02
+
+
+@op("relative_xl", kind="part", category="attention part")
+class RelativeXL(Op):
+    """Transformer-XL relative position (Conformer's relative-position MHSA, ESPnet layout): fixed
+    sinusoidal embeddings of the offsets T-1 .. -(T-1) over the token index (a buffer), projected by
+    `linear_pos` (no bias); learned per-head biases `pos_bias_u`, `pos_bias_v` (heads, head_dim,
+    xavier-uniform). score = ((q + u) k^T + rel_shift((q + v) P^T)) * scale, where rel_shift (the
+    pad-reshape-slice trick) reads the embedding of offset i - j for query i, key j; here it is a
+    gather with an index built once. Self-attention over the tokens only (no kv, partition)."""
+
+
+@op("kv_tokens", kind="part", category="attention part")
+class KvTokens(Op):
+    """`count` learned key/value pairs prepended to the keys and values of every query (persistent
+    memory / learnable kv): parameter `kv_tokens` (2, count, channels) in the projected space,
+    trunc-normal(`std`). They are not projected, get zero relative/shift bias and are normalised with
+    the keys under `cosine`. (TransNeXt's 'learnable tokens' are query-conditioned weights on the
+    local values rather than keys; this part is the generic learnable-kv form.)"""
+
+    count: int
+    std: float = 0.02
+
+
+@op("agents", kind="part", category="attention part")
+class Agents(Op):
+    """Agent attention (Han et al.): `count` agent tokens (a square number in 2-D) are the queries
+    average-pooled to a sqrt(count)^d grid (`AdaptiveAvgPool`). Two softmaxes: the agents attend to
+    the keys (agent aggregation, bias `an_bias` (heads, count, 7, 7) resized bilinearly to the key
+    grid plus one per-dim table per grid axis: `ah_bias`, `aw_bias`), then the queries attend to the
+    agents, whose values are those aggregates (bias `na_bias` resized to the query grid plus `ha_bias`,
+    `wa_bias`). The biases are trunc-normal(0.02). A depthwise `kernel` conv with bias over V as a map
+    (`dwc`; V resized to the query grid when keys are reduced) is added before `proj`. 1-D or 2-D;
+    works with `kv = reduce(...)` and with unshifted windows."""
+
+    count: int
+    kernel: int = 3
+    table: int = 7
+
+    def side(self, ndim: int) -> int:
+        side = round(self.count ** (1 / ndim)) if ndim else 0
+        if side ** ndim != self.count:
+            raise ShapeError(f"agents count {self.count} must be a {('square', 'cube')[min(ndim, 3) - 2] if ndim > 1 else 'number'}",
+                             "the agents are the queries pooled to a sqrt(count) x sqrt(count) grid")
+        return side
+
+
+@op("given", kind="part", category="attention part")
+class Given(Op):
     """The queries come with the input: its channels are [tokens (C), queries (C)]. Keys and values
     are projected from the tokens by `qkv` (a C -> 2C linear); the queries are used as given, not
     projected (GC-ViT's global query: a map of query tokens from elsewhere, `tile`d to the grid and
@@ -138,25 +311,76 @@ class InputQuery(Op):
     attention's channels, heads and output are those of C."""
 
 
+@op("input_query", kind="part", category="attention part")
+class InputQuery(Given):
+    """The older name of `query = given` (kept for existing blueprints)."""
+
+
+@op("first", kind="part", category="attention part")
+class First(Op):
+    """Only the first `count` tokens are queries; keys and values come from all tokens
+    (`keys="all"`) or only from the remaining ones (`keys="rest"`). The output is the `count` query
+    tokens (a 1-D sequence). Separate linears `q`, `k`, `v`. With two streams joined by
+    `parallel tokens { ... }` this is cross-attention: CrossViT's class token attending to the
+    other branch (`first(1)`), or one stream's tokens attending to the other's (`keys="rest"`)."""
+
+    count: int = 1
+    keys: Literal["all", "rest"] = "all"
+
+
+@op("dot", kind="part", category="attention part")
+class Dot(Op):
+    """Scaled dot-product scores q k^T * scale (the default; scale head_dim^-0.5 unless given)."""
+
+
+@op("cosine", kind="part", category="attention part")
+class Cosine(Op):
+    """Length-scaled cosine scores (TransNeXt): q and k are l2-normalised per head; with
+    `query_embedding` a learned per-head vector `query_embedding` (heads, 1, head_dim,
+    trunc-normal 0.02) is added to the normalised q; the scores are multiplied by
+    softplus(`temperature`) per head (parameter `temperature` (heads, 1, 1), initialised so that
+    softplus gives `init`, 1/0.24) and, with `length_scale`, by log(keys seen by the query)
+    (buffer `seq_length_scale`; with a masked neighbourhood the count of unpadded keys per query).
+    The attention's `scale` is not used."""
+
+    init: float = 1 / 0.24
+    query_embedding: bool = True
+    length_scale: bool = True
+
+
 @op("lepe", kind="part", category="attention part")
 class LePE(Op):
-    """Locally-enhanced position encoding (CSWin): a depthwise `kernel` conv with bias over V (as a
-    map; per group when partitioned), added to the attention output before `proj`. Submodule
-    `lepe`. Needs keys on the query grid (no reduction) and no prefix tokens."""
+    """Locally-enhanced position encoding (CSWin, BiFormer): a depthwise `kernel` conv with bias,
+    added to the attention output before `proj` (submodule `lepe`). `source="v"`: over V as a map (per
+    group for window/grid partitions, over the whole map otherwise: BiFormer's routed attention);
+    `source="input"`: over the attention's input tokens as a map (BiFormer's global stage). Needs
+    keys on the query grid (no reduction) and no prefix tokens."""
 
     kernel: int = 3
+    source: Literal["v", "input"] = "v"
+
+
+def _is_local(partition) -> bool:
+    return isinstance(partition, (Window, Grid))
 
 
 @op("attention", category="attention", layout="tokens")
 class Attention(Op):
-    """Multi-head scaled dot-product attention over tokens.
+    """Multi-head attention over tokens, with pluggable parts.
 
-    Heads: `heads`, or `head_dim` (heads = channels / head_dim). Projections: one `qkv` linear, or
-    `q` and `kv` linears when `kv` reduces the keys, or `projection=conv_proj(...)` (CvT); output
-    projection `proj` to `out` channels. Parts: `partition=window(...)|grid(...)`,
-    `kv=reduce(...)`, `projection=conv_proj(...)`,
-    `position=relative_bias|relative_bias_map|lepe(...)`, `query=input_query` (queries given with
-    the input). `scale` defaults to head_dim^-0.5. Computed with `F.scaled_dot_product_attention`;
+    Heads: `heads`, or `head_dim` (heads = channels / head_dim). Projections: one `qkv` linear; `q`
+    and `kv` linears with a key source `kv=reduce(...)` (or any KeySource part); `q`, `k`, `v` with
+    `projection=conv_proj(...)` (CvT) or `query=first(...)`; output projection `proj` to `out`
+    channels. Which keys a query sees: `partition=window(...)|grid(...)|neighbourhood(k)|
+    dilated(k, r)|routed(regions, topk)`. Position: `position=relative_bias|relative_bias_map|
+    learned_bias|relative_xl|lepe(...)`. Extra keys: `extra_kv=kv_tokens(n)`. Queries:
+    `query=given` (queries come with the input) or `first(n, keys="all"|"rest")`. Scores:
+    `score=dot` (default; `scale` defaults to head_dim^-0.5) or `cosine(...)`. `agents=agents(n)`
+    turns it into agent attention. `dim` sets the width of q, k and v (default: the input's; heads
+    divide it) and `proj=false` drops the output projection (the output then has `dim` channels):
+    DilateFormer's multi-scale dilated attention is a `parallel concat` of `attention(h,
+    partition = dilated(3, r), dim = C / n, proj = false)` branches followed by one `linear`.
+    Computed with `F.scaled_dot_product_attention` where it applies;
     masks and index tables are built once. Linear weights trunc-normal(0.02), biases zero."""
 
     heads: Optional[int] = None
@@ -164,20 +388,38 @@ class Attention(Op):
     qkv_bias: bool = True
     proj_bias: bool = True
     out: Optional[int] = None
-    partition: Optional[Union[Window, Grid]] = None
-    kv: Optional[Reduce] = None
+    partition: Optional[Union[Window, Grid, Dilated, Neighbourhood, Routed]] = None
+    kv: Optional[KeySource] = None
     projection: Optional[ConvProj] = None
-    position: Optional[Union[RelativeBias, RelativeBiasMap, LePE]] = None
+    position: Optional[Union[RelativeBias, RelativeBiasMap, LearnedBias, RelativeXL, LePE]] = None
     scale: Optional[float] = None
-    query: Optional[InputQuery] = None
+    query: Optional[Union[InputQuery, Given, First]] = None
+    score: Optional[Union[Dot, Cosine]] = None
+    extra_kv: Optional[KvTokens] = None
+    agents: Optional[Agents] = None
+    dim: Optional[int] = None
+    proj: bool = True
+
+    # -------------------------------------------------------------- geometry
+    def _given(self) -> bool:
+        return isinstance(self.query, Given)
+
+    def _first(self) -> Optional[First]:
+        return self.query if isinstance(self.query, First) else None
 
     def _x(self, x: Shape) -> Shape:
-        """The shape the attention works in: the token half of the channels with `input_query`."""
-        return x.with_(channels=x.channels // 2) if self.query is not None else x
+        """The shape the attention works in: the token half of the channels with `query=given`."""
+        return x.with_(channels=x.channels // 2) if self._given() else x
+
+    def inner(self, x: Shape) -> int:
+        """The width of q, k and v."""
+        return self.dim if self.dim is not None else self._x(x).channels
 
     def geometry(self, x: Shape) -> tuple[int, int]:
         """(heads, head_dim) for input `x`."""
-        x = self._x(x)
+        x = self._x(x).with_(channels=self.inner(x))
+        if x.channels <= 0:
+            raise ShapeError(f"attention dim must be positive, got {x.channels}")
         if self.heads is None and self.head_dim is None:
             raise ShapeError("attention needs `heads` or `head_dim`")
         if self.heads is not None:
@@ -192,8 +434,8 @@ class Attention(Op):
         return x.channels // self.head_dim, self.head_dim
 
     def _group(self, x: Shape) -> tuple[int, ...]:
-        """The grid of one attention group: the window/grid group, else the whole grid."""
-        if self.partition is not None:
+        """The grid of one window/grid group, else the whole grid."""
+        if _is_local(self.partition):
             return (self.partition.effective(x.spatial)[0],) * x.ndim
         return x.spatial
 
@@ -204,28 +446,77 @@ class Attention(Op):
             return self.projection.grid(x)
         return self._group(x)
 
+    def _queries(self, x: Shape) -> int:
+        """Queries per attention group."""
+        first = self._first()
+        if first is not None:
+            return first.count
+        if _is_local(self.partition):
+            return prod(self._group(x))
+        if isinstance(self.partition, Routed):
+            return prod(self.partition.region(x.spatial))
+        if isinstance(self.partition, Neighbourhood):
+            return x.tokens  # one group per batch element, one key set per query
+        return x.tokens
+
+    def _keys(self, x: Shape) -> int:
+        """Keys seen by one query (learned kv tokens included)."""
+        extra = self.extra_kv.count if self.extra_kv is not None else 0
+        first = self._first()
+        if first is not None:
+            return extra + x.tokens - (first.count if first.keys == "rest" else 0)
+        if isinstance(self.partition, Neighbourhood):
+            return extra + self.partition.size ** x.ndim
+        if isinstance(self.partition, Routed):
+            return extra + self.partition.topk * prod(self.partition.region(x.spatial))
+        if self.kv is not None:
+            return extra + self.kv.tokens(x)
+        if _is_local(self.partition):
+            return extra + prod(self._group(x))
+        return extra + x.extra + prod(self._kv_grid(x))
+
+    # -------------------------------------------------------------- shape rule
     def infer(self, x: Shape) -> Shape:
-        if self.query is not None:
+        first = self._first()
+        if self._given():
             if x.channels % 2:
-                raise ShapeError(f"input_query needs [tokens, queries] channels of equal size, got {x.channels}")
+                raise ShapeError(f"query=given needs [tokens, queries] channels of equal size, got {x.channels}")
             if self.kv is not None or self.projection is not None or isinstance(self.position, LePE):
-                raise ShapeError("input_query cannot be combined with kv, projection or lepe parts")
+                raise ShapeError("query=given cannot be combined with kv, projection or lepe parts")
             x = self._x(x)
         self.geometry(x)
-        if self.partition is not None:
+        p = self.partition
+        if first is not None:
+            if first.count <= 0 or first.count > x.tokens or (first.keys == "rest" and first.count >= x.tokens):
+                raise ShapeError(f"query=first({first.count}) needs more tokens than queries, got {x.tokens} tokens")
+            if p is not None or self.kv is not None or self.projection is not None or self.position is not None \
+                    or self.agents is not None:
+                raise ShapeError("query=first(...) cannot be combined with partition, kv, projection, position or agents")
+        if p is not None:
             if x.extra:
-                raise ShapeError(f"{self.partition.name} attention cannot take class tokens")
+                raise ShapeError(f"{p.name} attention cannot take class tokens")
+            if not x.ndim:
+                raise ShapeError(f"{p.name} attention needs tokens on a spatial grid")
             if self.kv is not None or self.projection is not None:
-                raise ShapeError(f"{self.partition.name} attention cannot be combined with kv or projection parts")
-            self.partition.check(x.spatial)
+                raise ShapeError(f"{p.name} attention cannot be combined with kv or projection parts")
+            p.check(x.spatial)
+            if not _is_local(p) and self._given():
+                raise ShapeError(f"query=given needs a window or grid partition or none, not {p.name}")
         if self.kv is not None and self.projection is not None:
-            raise ShapeError("attention takes either kv=reduce(...) or projection=conv_proj(...), not both")
-        if isinstance(self.position, (RelativeBias, RelativeBiasMap)) and self.partition is None:
-            raise ShapeError("relative_bias needs a window or grid partition")
-        if self.kv is not None:
-            if x.extra:
-                raise ShapeError("reduced keys/values cannot take class tokens")
-        if (self.kv is not None or self.projection is not None or self.position is not None) and not x.ndim:
+            raise ShapeError("attention takes either a kv part or projection=conv_proj(...), not both")
+        if isinstance(self.position, (RelativeBias, RelativeBiasMap)) and not _is_local(p):
+            raise ShapeError(f"{self.position.name} needs a window or grid partition")
+        if isinstance(self.position, LearnedBias) and isinstance(p, Routed):
+            raise ShapeError("learned_bias cannot be combined with routed keys (the key set changes per input)")
+        if isinstance(self.position, RelativeXL):
+            if p is not None or self.kv is not None or self.agents is not None or self.extra_kv is not None or \
+                    (self.projection is not None and self.projection.stride_kv != 1):
+                raise ShapeError("relative_xl is for self-attention over all tokens: no partition, kv, agents, "
+                                 "extra_kv or strided projection")
+        if self.kv is not None and x.extra:
+            raise ShapeError(f"keys/values from `{self.kv.name}` cannot take class tokens")
+        if (self.kv is not None or self.projection is not None or isinstance(self.position, LePE) or
+                self.agents is not None or isinstance(self.position, LearnedBias)) and not x.ndim:
             raise ShapeError("this attention needs tokens on a spatial grid")
         kv_grid = self._kv_grid(x)
         if isinstance(self.position, LePE):
@@ -235,74 +526,156 @@ class Attention(Op):
                 raise ShapeError("lepe needs keys/values on the query grid (no reduction, stride_kv = 1)")
             if self.position.kernel <= 0:
                 raise ShapeError("lepe kernel must be positive")
-        return x.with_(channels=self.out or x.channels)
+            if self.position.source == "input" and p is not None:
+                raise ShapeError("lepe(source=\"input\") is for attention without partition")
+        if self.extra_kv is not None and self.extra_kv.count <= 0:
+            raise ShapeError(f"kv_tokens count must be positive, got {self.extra_kv.count}")
+        if self.agents is not None:
+            a = self.agents
+            if x.extra or x.ndim > 2:
+                raise ShapeError("agents need a 1-D or 2-D grid without class tokens")
+            if (p is not None and not isinstance(p, Window)) or (isinstance(p, Window) and p.effective(x.spatial)[1]) \
+                    or self.position is not None or self.extra_kv is not None or isinstance(self.score, Cosine) \
+                    or self._given():
+                raise ShapeError("agents work without partition or with unshifted windows, and without position, "
+                                 "extra_kv, cosine or given queries")
+            a.side(x.ndim)
+            if a.count <= 0 or a.kernel <= 0 or a.kernel % 2 == 0 or a.table <= 0:
+                raise ShapeError("agents count, table and (odd) kernel must be positive")
+        if isinstance(self.score, Cosine) and isinstance(self.position, RelativeXL):
+            raise ShapeError("cosine scores cannot be combined with relative_xl")
+        if isinstance(self.score, Cosine) and self.score.init <= 0:
+            raise ShapeError("cosine init (softplus of the temperature) must be positive")
+        if self.dim is not None and self._given():
+            raise ShapeError("query=given takes no `dim` (the queries set the width)")
+        if isinstance(self.position, LePE) and self.position.source == "input" and self.inner(x) != x.channels:
+            raise ShapeError("lepe(source=\"input\") needs `dim` equal to the input channels")
+        if not self.proj and self.out is not None:
+            raise ShapeError("`out` sets the output projection's width: it cannot be given with proj=false")
+        channels = (self.out or x.channels) if self.proj else self.inner(x)
+        if first is not None:
+            return Shape(channels, (first.count,), "tokens")
+        return x.with_(channels=channels)
 
-    def _kv_tokens(self, x: Shape) -> int:
-        return x.extra + prod(self._kv_grid(x))  # prefix tokens are keys too (never with kv/partition)
-
+    # -------------------------------------------------------------- parameters and MACs
     def params(self, x, y):
-        h, x = self.geometry(x)[0], self._x(x)
+        h, cd, x = self.geometry(x)[0], self.inner(x), self._x(x)
         c, d = x.channels, x.ndim
-        n = 3 * c * c + (3 * c if self.qkv_bias else 0)
-        if self.query is not None:
-            n -= c * c + (c if self.qkv_bias else 0)  # no q projection
+        b = 1 if self.qkv_bias else 0
+        n = 3 * (c * cd + b * cd)
+        if self._given():
+            n -= c * cd + b * cd  # no q projection
         if self.kv is not None:
-            if self.kv.ratio > 1 and self.kv.mode == "conv":
-                n += c * c * self.kv.ratio ** d + c
-            g = Shape(c, self.kv.grid(x), "tokens")
-            n += self.kv.norm.params(g, g) if self.kv.norm else 0
+            n += self.kv.params(x)
         if self.projection is not None:
             n += 3 * (c * self.projection.kernel ** d + 2 * c)  # depthwise conv + batch norm each
         if isinstance(self.position, (RelativeBias, RelativeBiasMap)):
             n += (2 * self.partition.effective(x.spatial)[0] - 1) ** d * h
+        if isinstance(self.position, LearnedBias):
+            n += h * self._queries(x) * self._keys(x)
+        if isinstance(self.position, RelativeXL):
+            n += cd * cd + 2 * cd
         if isinstance(self.position, LePE):
-            n += c * self.position.kernel ** d + c
-        return n + c * y.channels + (y.channels if self.proj_bias else 0)
+            n += cd * self.position.kernel ** d + cd
+        if isinstance(self.score, Cosine):
+            n += h + (cd if self.score.query_embedding else 0)
+        if self.extra_kv is not None:
+            n += 2 * self.extra_kv.count * cd
+        if self.agents is not None:
+            a, grid = self.agents, self._group(x)
+            kv = self.kv.grid(x) if self.kv is not None else grid
+            n += 2 * h * a.count * a.table ** d + h * a.count * (sum(kv) + sum(grid))
+            n += cd * a.kernel ** d + cd
+        if self.proj:
+            n += cd * y.channels + (y.channels if self.proj_bias else 0)
+        return n
 
     def macs(self, x, y):
-        """Linear and conv multiply-accumulates plus q k^T and attn v; norms, softmax, pooling and
-        the bias gather are not counted."""
-        x = self._x(x)
+        """Linear and conv multiply-accumulates plus q k^T and attn v (and the routing product, the
+        relative_xl position product, the agents' two products); norms, softmax, pooling and bias
+        gathers are not counted."""
+        cd, x = self.inner(x), self._x(x)
         c, d, n = x.channels, x.ndim, x.tokens
-        m = self._kv_tokens(x)  # keys per query
-        out = n * c * y.channels  # proj (after cropping padded windows)
-        if self.partition is not None:
+        first = self._first()
+        extra = self.extra_kv.count if self.extra_kv is not None else 0
+        if first is not None:
+            nq, m = first.count, self._keys(x) - extra
+            total = nq * c * cd + 2 * m * c * cd + 2 * nq * (m + extra) * cd
+            return total + (nq * cd * y.channels if self.proj else 0)
+        out = n * cd * y.channels if self.proj else 0  # proj (after cropping padded windows)
+        if _is_local(self.partition):
             n = prod(self.partition.padded(x.spatial))
-        total = n * c * c  # q
-        if self.partition is not None:
-            total += 2 * n * c * c  # k, v from the same tokens
-        else:
-            total += 2 * m * c * c  # k, v from the (reduced) key tokens
-        if self.kv is not None and self.kv.ratio > 1 and self.kv.mode == "conv":
-            total += prod(self.kv.grid(x)) * c * c * self.kv.ratio ** d  # the reduction conv
-        if self.projection is not None:
+        total = n * c * cd if not self._given() else 0  # q
+        if self.kv is not None:
+            m = self.kv.tokens(x)
+            total += 2 * m * c * cd + self.kv.macs(x)  # k, v from the key source, and the source
+        elif self.projection is not None:
+            m = x.extra + prod(self.projection.grid(x))
             k = self.projection.kernel ** d
-            total += (prod(x.spatial) + 2 * prod(self.projection.grid(x))) * c * k  # depthwise convs
-        total += 2 * n * m * c  # q @ k^T and attn @ v
+            total += 2 * m * c * cd + (prod(x.spatial) + 2 * prod(self.projection.grid(x))) * c * k
+        else:
+            m = n
+            total += 2 * n * c * cd  # k, v from the same tokens
+        if self.agents is not None:
+            a = self.agents.count
+            groups = n // prod(self._group(x)) if self.partition is not None else 1
+            keys = m // groups
+            total += groups * 2 * a * keys * cd + 2 * n * a * cd  # agents x keys, queries x agents
+            total += n * cd * self.agents.kernel ** d
+            return total + out
+        total += 2 * n * self._keys(x) * cd  # q @ k^T and attn @ v
+        if isinstance(self.partition, Routed):
+            total += self.partition.regions ** (2 * d) * cd  # region affinity
+        if isinstance(self.position, RelativeXL):
+            total += (2 * n - 1) * cd * cd + n * (2 * n - 1) * cd  # linear_pos and (q + v) P^T
         if isinstance(self.position, LePE):
-            total += n * c * self.position.kernel ** d
+            total += n * cd * self.position.kernel ** d  # over the (padded) groups or the map
         return total + out
 
+    # -------------------------------------------------------------- module
     def build(self, x, y):
         from ..layers.attention import Attention as Module
 
         heads, _ = self.geometry(x)
-        kv_norm = None
-        if self.kv is not None and self.kv.norm is not None:
-            g = Shape(x.channels, self.kv.grid(x), "tokens")
-            kv_norm = self.kv.norm.build(g, g)
-        size, shift = self.partition.effective(x.spatial) if self.partition is not None else (0, 0)
-        return Module(
-            dim=self._x(x).channels, input_query=self.query is not None, out=y.channels, heads=heads, grid=x.spatial, extra=x.extra, qkv_bias=self.qkv_bias,
-            proj_bias=self.proj_bias, partition=self.partition.mode if self.partition is not None else None,
-            size=size, shift=shift, padded=self.partition.padded(x.spatial) if self.partition is not None else None,
-            relative_bias=isinstance(self.position, RelativeBias) or (
-                "map" if isinstance(self.position, RelativeBiasMap) else False),
-            reduce=self.kv.ratio if self.kv is not None else 0, reduce_mode=self.kv.mode if self.kv else "conv",
-            kv_norm=kv_norm,
-            conv_proj=(self.projection.kernel, self.projection.stride_kv) if self.projection is not None else None,
-            lepe=self.position.kernel if isinstance(self.position, LePE) else 0, scale=self.scale,
+        xs = self._x(x)
+        p = self.partition
+        cfg = dict(
+            dim=self.inner(x), cin=xs.channels, out=y.channels if self.proj else 0, heads=heads, grid=x.spatial, extra=x.extra, qkv_bias=self.qkv_bias,
+            proj_bias=self.proj_bias, scale=self.scale, input_query=self._given(),
         )
+        if _is_local(p):
+            size, shift = p.effective(x.spatial)
+            cfg.update(partition=p.mode, size=size, shift=shift, padded=p.padded(x.spatial))
+        elif isinstance(p, Neighbourhood):
+            cfg.update(partition="neighbourhood", size=p.size, dilation=p.dilation, pad_mask=p.mask)
+        elif isinstance(p, Routed):
+            cfg.update(partition="routed", regions=p.regions, topk=p.topk)
+        pos = self.position
+        if isinstance(pos, RelativeBias):
+            cfg.update(relative_bias=True)
+        elif isinstance(pos, RelativeBiasMap):
+            cfg.update(relative_bias="map")
+        elif isinstance(pos, LearnedBias):
+            cfg.update(learned_bias=(self._queries(xs), self._keys(xs), pos.std))
+        elif isinstance(pos, RelativeXL):
+            cfg.update(relative_xl=True)
+        elif isinstance(pos, LePE):
+            cfg.update(lepe=pos.kernel, lepe_source=pos.source)
+        if self.kv is not None:
+            cfg.update(key_source=self.kv.build(xs), key_source_name=self.kv.module_name,
+                       key_source_query=self.kv.needs_query, kv_grid=self.kv.grid(xs))
+        if self.projection is not None:
+            cfg.update(conv_proj=(self.projection.kernel, self.projection.stride_kv))
+        first = self._first()
+        if first is not None:
+            cfg.update(queries=first.count, keys_rest=first.keys == "rest")
+        if isinstance(self.score, Cosine):
+            cfg.update(cosine=(self.score.init, self.score.query_embedding, self.score.length_scale))
+        if self.extra_kv is not None:
+            cfg.update(kv_tokens=(self.extra_kv.count, self.extra_kv.std))
+        if self.agents is not None:
+            cfg.update(agents=(self.agents.count, self.agents.kernel, self.agents.table))
+        return Module(**cfg)
 
 
 # ------------------------------------------------------------------------------ cascaded group attention

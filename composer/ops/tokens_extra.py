@@ -1,5 +1,5 @@
-"""Token-axis ops for multi-stream models (CrossViT): slicing a token sequence and attention in
-which only the first tokens ask. Concatenating sequences is the `parallel tokens { ... }` merge.
+"""Token-axis ops for multi-stream models (CrossViT): slicing a token sequence (and the older
+`query_attention`, now `attention(..., query = first(n))`). Concatenating sequences is the `parallel tokens { ... }` merge.
 
 Shapes of a slice: a token sequence is `extra` prefix (class) tokens followed by the tokens of a
 grid. A slice that runs to the end and starts within the prefix keeps the grid (and the prefix
@@ -44,13 +44,11 @@ class SelectTokens(Op):
 
 @op("query_attention", category="attention", layout="tokens")
 class QueryAttention(Op):
-    """Multi-head attention in which only the first `queries` tokens are queries; keys and values
-    come from all tokens. The output is those `queries` tokens (a 1-D sequence), `out` channels.
-    CrossViT's cross-attention is `query_attention(heads)`: a class token, projected to the other
-    branch's width and put in front of that branch's patch tokens, attends to all of them.
+    """Kept for older blueprints: the same as `attention(heads, query = first(queries), ...)`, which
+    new blueprints should use. Only the first `queries` tokens are queries; keys and values come
+    from all tokens; the output is those `queries` tokens (a 1-D sequence), `out` channels.
     Separate linears `q`, `k`, `v` (bias `qkv_bias`), output `proj`; `scale` defaults to
-    head_dim^-0.5; scores by plain matmuls and softmax. Linear weights trunc-normal(0.02), biases
-    zero."""
+    head_dim^-0.5."""
 
     heads: int
     queries: int = 1
@@ -59,22 +57,20 @@ class QueryAttention(Op):
     out: Optional[int] = None
     scale: Optional[float] = None
 
+    def attention(self):
+        from .attention import Attention, First
+
+        return Attention(heads=self.heads, qkv_bias=self.qkv_bias, proj_bias=self.proj_bias, out=self.out,
+                         scale=self.scale, query=First(count=self.queries))
+
     def infer(self, x: Shape) -> Shape:
-        if self.heads <= 0 or x.channels % self.heads:
-            raise ShapeError(f"{self.heads} heads do not divide the {x.channels} channels",
-                             "the channel count must be a multiple of the number of heads")
-        _slice(x, 0, self.queries, "query_attention queries")
-        return Shape(self.out or x.channels, (self.queries,), "tokens")
+        return self.attention().infer(x)
 
     def params(self, x, y):
-        c = x.channels
-        return 3 * c * c + (3 * c if self.qkv_bias else 0) + c * y.channels + (y.channels if self.proj_bias else 0)
+        return self.attention().params(x, y)
 
     def macs(self, x, y):
-        c, n, m = x.channels, x.tokens, self.queries
-        return m * c * c + 2 * n * c * c + 2 * m * n * c + m * c * y.channels
+        return self.attention().macs(x, y)
 
     def build(self, x, y):
-        from ..layers.tokens_extra import QueryAttention as Module
-
-        return Module(x.channels, y.channels, self.heads, self.queries, self.qkv_bias, self.proj_bias, self.scale)
+        return self.attention().build(x, y)
