@@ -49,7 +49,7 @@ def op_label(op, x: Shape | None = None) -> str:
         if groups > 1 and not dw:
             text += f" g{groups}"
         return text if dw or out is None else f"{text}, {out}"
-    if n in ("attention", "cascaded_attention", "query_attention"):
+    if n in ("attention", "cascaded_attention"):
         parts = []
         if getattr(op, "heads", None):
             parts.append(f"{op.heads} heads")

@@ -1,6 +1,6 @@
 """MobileViT and CrossViT against timm (parameter counts, logits after the weight port), and the
 ops and language feature they brought: patches_to_batch / batch_to_patches, select_tokens,
-query_attention, resize and the `parallel tokens` merge. Expected values come from timm, torch
+attention(query = first(1)), resize and the `parallel tokens` merge. Expected values come from timm, torch
 or computations written out here."""
 
 import pytest
@@ -130,7 +130,7 @@ model m {{
     assert message in exc.value.render()
 
 
-# ---- parallel tokens, select_tokens, query_attention, resize
+# ---- parallel tokens, select_tokens, attention(query = first(n)), resize
 
 
 TOKENS_MODEL = """
@@ -191,13 +191,13 @@ def test_select_tokens_shapes():
         sel(start=10, count=9).infer(x)
 
 
-def test_query_attention_matches_a_written_out_computation():
+def test_first_token_query_attention_matches_a_written_out_computation():
     from composer.ops import OPS
     from composer.shapes import Shape
 
     torch.manual_seed(0)
     x_shape = Shape(8, (3, 3), "tokens", extra=1)
-    op = OPS["query_attention"](heads=2)
+    op = OPS["attention"](heads=2, query=OPS["first"](count=1))
     y_shape = op.infer(x_shape)
     assert y_shape == Shape(8, (1,), "tokens")
     mod = op.build(x_shape, y_shape)

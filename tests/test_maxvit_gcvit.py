@@ -118,7 +118,7 @@ def test_tile_and_input_query(tmp_path):
     path.write_text(
         "model gq {\n input image(8, 4)\n stem { pool(2); save query; from input }\n"
         " stage { block { parallel concat { identity; { from query; tile(2) } }\n"
-        "   attention(2, partition = window(2), query = input_query) as attn } }\n}\n")
+        "   attention(2, partition = window(2), query = given) as attn } }\n}\n")
     plan = composer.load(str(path))
     assert plan.stages[0].y.channels == 8 and plan.params == 8 * 16 + 16 + 8 * 8 + 8  # kv and proj only
     model = composer.build(str(path)).eval()

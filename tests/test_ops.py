@@ -228,10 +228,6 @@ STRATEGIES = {
     "select_tokens": paired(lambda x: st.integers(0, x.tokens - 1).flatmap(
         lambda s: st.tuples(st.just(s), st.none() | st.integers(1, x.tokens - s))).map(
         lambda sc: OPS["select_tokens"](start=sc[0], count=sc[1])), token_shape()),
-    "query_attention": paired(lambda x: st.sampled_from([h for h in (1, 2, 4) if x.channels % h == 0]).flatmap(
-        lambda h: st.builds(lambda q, b: OPS["query_attention"](heads=h, queries=q, qkv_bias=b),
-                            st.integers(1, max(1, x.tokens)), st.booleans())),
-        token_shape(st.sampled_from([4, 8, 12]))),
     # reparam.py
     "rep_conv": valid(_rep("rep_conv")),
     "rep_dwconv": valid(_rep("rep_dwconv")),

@@ -311,11 +311,6 @@ class Given(Op):
     attention's channels, heads and output are those of C."""
 
 
-@op("input_query", kind="part", category="attention part")
-class InputQuery(Given):
-    """The older name of `query = given` (kept for existing blueprints)."""
-
-
 @op("first", kind="part", category="attention part")
 class First(Op):
     """Only the first `count` tokens are queries; keys and values come from all tokens
@@ -393,7 +388,7 @@ class Attention(Op):
     projection: Optional[ConvProj] = None
     position: Optional[Union[RelativeBias, RelativeBiasMap, LearnedBias, RelativeXL, LePE]] = None
     scale: Optional[float] = None
-    query: Optional[Union[InputQuery, Given, First]] = None
+    query: Optional[Union[Given, First]] = None
     score: Optional[Union[Dot, Cosine]] = None
     extra_kv: Optional[KvTokens] = None
     agents: Optional[Agents] = None

@@ -1,5 +1,6 @@
-"""Token-axis ops for multi-stream models (CrossViT): slicing a token sequence (and the older
-`query_attention`, now `attention(..., query = first(n))`). Concatenating sequences is the `parallel tokens { ... }` merge.
+"""Token-axis ops for multi-stream models (CrossViT): slicing a token sequence. Concatenating
+sequences is the `parallel tokens { ... }` merge; attention in which only the first tokens ask is
+`attention(..., query = first(n))`.
 
 Shapes of a slice: a token sequence is `extra` prefix (class) tokens followed by the tokens of a
 grid. A slice that runs to the end and starts within the prefix keeps the grid (and the prefix
@@ -40,37 +41,3 @@ class SelectTokens(Op):
         from ..layers.tokens_extra import SelectTokens as Module
 
         return Module(self.start, y.tokens)
-
-
-@op("query_attention", category="attention", layout="tokens")
-class QueryAttention(Op):
-    """Kept for older blueprints: the same as `attention(heads, query = first(queries), ...)`, which
-    new blueprints should use. Only the first `queries` tokens are queries; keys and values come
-    from all tokens; the output is those `queries` tokens (a 1-D sequence), `out` channels.
-    Separate linears `q`, `k`, `v` (bias `qkv_bias`), output `proj`; `scale` defaults to
-    head_dim^-0.5."""
-
-    heads: int
-    queries: int = 1
-    qkv_bias: bool = True
-    proj_bias: bool = True
-    out: Optional[int] = None
-    scale: Optional[float] = None
-
-    def attention(self):
-        from .attention import Attention, First
-
-        return Attention(heads=self.heads, qkv_bias=self.qkv_bias, proj_bias=self.proj_bias, out=self.out,
-                         scale=self.scale, query=First(count=self.queries))
-
-    def infer(self, x: Shape) -> Shape:
-        return self.attention().infer(x)
-
-    def params(self, x, y):
-        return self.attention().params(x, y)
-
-    def macs(self, x, y):
-        return self.attention().macs(x, y)
-
-    def build(self, x, y):
-        return self.attention().build(x, y)
