@@ -1,0 +1,199 @@
+"""Zoo II 1-D rows: Conformer for speech (MODELS.md row 30) and Pathformer (row 31), and the
+`top_k_mixture` routing op that Pathformer's adaptive pathways use.
+
+The expected counts are those of shared/MODELS.md (the reference code run unmodified:
+sooftware/conformer's encoder, decisionintelligence/pathformer's ETTh1 script), re-derived here by
+hand module by module; where our blueprint is a closest form, the test pins our count as the
+official figure minus / plus the hand-counted parameters of each difference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import composer
+from composer.ops import OPS
+from composer.shapes import Shape
+from helpers import n_params
+
+
+def _linear(i, o, bias=True):
+    return i * o + (o if bias else 0)
+
+
+def _conformer_encoder(d, layers, mels=80, kernel=31, ratio=4):
+    """sooftware/conformer's ConformerEncoder, counted by hand: Conv2dSubampling (two 3x3 s2 convs
+    with bias), input projection Linear(d * F', d); per block two FFN modules (LN, Linear(d, 4d),
+    Linear(4d, d)), the rel-pos MHSA module (LN, q/k/v/out linears with bias, pos_proj without,
+    u/v biases (h, d/h) = d each), the conv module (LN, pointwise d -> 2d with bias, depthwise
+    kernel without bias, BN, pointwise d -> d with bias) and the block's final LN."""
+    freq = ((mels - 1) // 2 - 1) // 2
+    front = (9 * d + d) + (9 * d * d + d) + _linear(d * freq, d)
+    ln = 2 * d
+    ffn = ln + _linear(d, ratio * d) + _linear(ratio * d, d)
+    mhsa = ln + 4 * _linear(d, d) + _linear(d, d, bias=False) + 2 * d
+    conv = ln + _linear(d, 2 * d) + d * kernel + 2 * d + _linear(d, d)
+    return front + layers * (2 * ffn + mhsa + conv + ln)
+
+
+def test_conformer_hand_count_is_the_table():
+    assert _conformer_encoder(144, 16) == 8_687_808  # MODELS.md row 30
+
+
+@pytest.mark.parametrize("name, d, layers", [
+    ("conformer_speech_s", 144, 16),   # row 30: 8,687,808, exact
+    ("conformer_speech_m", 256, 16),
+    ("conformer_speech_l", 512, 17),
+])
+def test_conformer_params(name, d, layers):
+    plan = composer.load(name)
+    assert plan.params == _conformer_encoder(d, layers)
+
+
+def test_conformer_builds_and_runs():
+    torch.set_num_threads(1)
+    model = composer.build("conformer_speech_s", img_size=200).eval()
+    assert n_params(model) == 8_687_808
+    keys = set(model.state_dict())
+    assert "stages.0.blocks.0.attn.pos_bias_u" in keys and "stages.0.blocks.0.attn.linear_pos.weight" in keys
+    with torch.no_grad():
+        y = model.forward_features(torch.randn(2, 1, 200, 80))
+    frames = ((200 - 1) // 2 - 1) // 2  # conv subsampling x4: 49 frames
+    assert y.shape[0] == 2 and y.numel() == 2 * frames * 144
+    assert torch.isfinite(y).all()
+
+
+# ----------------------------------------------------------------------------- Pathformer
+
+ETTH1_PATCHES = [[16, 12, 8, 32], [12, 8, 6, 4], [8, 6, 4, 2]]
+L, N, D, DFF, PRED = 96, 7, 4, 64, 96
+
+
+def _pathformer_official():
+    """decisionintelligence/pathformer, ETTh1 script, counted by hand (sum of numel, as measured)."""
+    total = _linear(1, D) + _linear(L * D, PRED)                    # start_fc, projections
+    for patches in ETTH1_PATCHES:
+        total += _linear(N, 1) + _linear(1, 3)                       # router: start_linear, trend weights
+        total += 2 * _linear(L, 4) + (L * L + L)                     # w_gate, w_noise, end_MLP (unused)
+        for p in patches:
+            pn, dp = L // p, D * p
+            total += pn * N * 16 + pn * _linear(16, D)               # intra queries and their embedders
+            total += N * 16 + _linear(16, 64) + _linear(64, 64) + _linear(64, 100) \
+                + 2 * (D * 10 + 10 * D + 100 * D)                    # distinct WeightGenerator (factorized)
+            total += 2 * (D * D + D)                                 # shared WeightGenerator
+            total += _linear(pn, pn * p)                             # intra_Linear
+            total += _linear(dp, dp) + pn * dp                       # emb_linear, W_pos
+            total += 4 * _linear(dp, dp) + 1                         # W_Q, W_K, W_V, to_out, frozen scale
+            total += 2 * 2 * D                                       # norm_attn, norm_ffn (unused)
+            total += _linear(D, DFF) + _linear(DFF, D)               # ff
+    return total
+
+
+def _pathformer_closest_difference():
+    """Ours minus official: per expert the missing intra-patch queries, embedders, distinct weight
+    generator, intra_Linear, W_pos, frozen scale and the unused BNs; plus our depthwise patch summary
+    (D * P + D) and unpatch linear (D * P -> D); per layer the router reading all D channels
+    (Linear(D * N, 1) for Linear(N, 1)), the missing trend Linear(1, 3) and the unused end_MLP."""
+    diff = 0
+    for patches in ETTH1_PATCHES:
+        diff += _linear(D * N, 1) - _linear(N, 1) - _linear(1, 3) - (L * L + L)
+        for p in patches:
+            pn, dp = L // p, D * p
+            missing = (pn * N * 16 + pn * _linear(16, D)
+                       + N * 16 + _linear(16, 64) + _linear(64, 64) + _linear(64, 100) + 2 * (20 * D + 100 * D)
+                       + _linear(pn, pn * p) + pn * dp + 1 + 4 * D)
+            diff += (D * p + D) + _linear(dp, D) - missing
+    return diff
+
+
+def test_pathformer_hand_count_is_the_table():
+    assert _pathformer_official() == 438_482  # MODELS.md row 31
+
+
+def test_pathformer_params():
+    plan = composer.load("pathformer_etth1")
+    # closest form: -54% (the hyper-network weights and intra-patch attention cannot be written yet)
+    assert plan.params == 438_482 + _pathformer_closest_difference() == 201_079
+
+
+def test_pathformer_builds_routes_and_runs():
+    torch.set_num_threads(1)
+    model = composer.build("pathformer_etth1")
+    assert n_params(model) == 201_079
+    x = torch.randn(3, 1, L, N)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (3, PRED, 1, N)
+    mixtures = [m for m in model.modules() if type(m).__name__ == "TopKMixture"]
+    assert len(mixtures) == 3
+    for m in mixtures:  # eval: exactly k = 3 of 4 experts per sample, weights summing to 1
+        assert ((m.last_gates > 0).sum(1) == 3).all()
+        assert torch.allclose(m.last_gates.sum(1), torch.ones(3))
+    model.train()
+    y = model(torch.randn(4, 1, L, N))
+    loss = y.pow(2).mean() + sum(m.balance_loss for m in mixtures)
+    loss.backward()
+    assert all(torch.isfinite(m.balance_loss) for m in mixtures)
+
+
+# ----------------------------------------------------------------------------- top_k_mixture
+
+def _mixture(**kw):
+    op = OPS["top_k_mixture"](**kw)
+    return op
+
+
+def test_top_k_mixture_eval_matches_the_formula():
+    torch.manual_seed(0)
+    e, c, k = 4, 3, 2
+    logits = torch.randn(5, e)
+    experts = torch.randn(5, e, c, 6)
+    router = logits[:, :, None].expand(5, e, 6)               # broadcast over a 1-D grid of 6
+    noise = torch.randn(5, e, 6)
+    x = torch.cat([router, noise, experts.flatten(1, 2)], 1)  # (5, 2E + E*C, 6)
+    for combine in ("sum", "log_exp"):
+        op = _mixture(experts=e, k=k, noisy=True, combine=combine)
+        y_shape = op.infer(Shape(x.shape[1], (6,)))
+        assert (y_shape.channels, y_shape.spatial) == (c, (6,))
+        module = op.build(Shape(x.shape[1], (6,)), y_shape).eval()
+        y = module(x)
+        want = torch.empty(5, c, 6)
+        for b in range(5):  # by hand: softmax over the k largest logits, the rest 0
+            order = sorted(range(e), key=lambda i: -logits[b, i].item())[:k]
+            z = [math.exp(logits[b, i].item()) for i in order]
+            g = {i: zi / sum(z) for i, zi in zip(order, z)}
+            if combine == "sum":
+                want[b] = sum(g[i] * experts[b, i] for i in order)
+            else:
+                want[b] = torch.log(sum(g[i] * experts[b, i].exp() for i in order))
+        assert torch.allclose(y, want, atol=1e-5)
+
+
+def test_top_k_mixture_tokens_and_balance_loss():
+    torch.manual_seed(1)
+    e, c = 3, 4
+    op = _mixture(experts=e, k=1, noisy=False)
+    x = Shape(e + e * c, (2, 2), "tokens")
+    module = op.build(x, op.infer(x)).train()
+    logits = torch.tensor([[3.0, 0, 0], [0, 3.0, 0], [0, 3.0, 0], [0, 0, 3.0]])
+    experts = torch.randn(4, 4, e, c)                               # (B, N, E, C)
+    inp = torch.cat([logits[:, None, :].expand(4, 4, e), experts.flatten(2)], -1)
+    y = module(inp)
+    assert y.shape == (4, 4, c)
+    for b, i in enumerate([0, 1, 1, 2]):                           # k = 1: the chosen expert, weight 1
+        assert torch.allclose(y[b], experts[b, :, i])
+    # importance = load = [1, 2, 1]: cv^2 = var / mean^2 = (1/3) / (4/3)^2 = 3/16, twice, times 0.01
+    assert module.balance_loss.item() == pytest.approx(0.01 * 2 * 3 / 16, rel=1e-5)
+
+
+def test_top_k_mixture_rejects_wrong_channels():
+    from composer.shapes import ShapeError
+
+    with pytest.raises(ShapeError, match="router channels"):
+        _mixture(experts=4, k=2).infer(Shape(8 + 4 * 3 + 1, (5,)))
+    with pytest.raises(ShapeError, match="k must be"):
+        _mixture(experts=2, k=3).infer(Shape(2 + 2 * 3, (5,)))
