@@ -32,10 +32,10 @@ class Sequence(nn.Module):
         prog = []
         for s in steps:
             if s.kind == "op":
-                self.add_module(s.name, s.op.build(s.x, s.y))
+                self._add(s, s.op.build(s.x, s.y))
                 prog.append(("m", s.name))
             elif s.kind == "seq":
-                self.add_module(s.name, Sequence(s.body, s.call))
+                self._add(s, Sequence(s.body, s.call))
                 prog.append(("m", s.name))
             elif s.kind in ("save", "load"):
                 prog.append((s.kind[0] * 2, s.name))  # "ss" / "ll"
@@ -49,6 +49,12 @@ class Sequence(nn.Module):
                 axes = (-1 if s.x.layout == "tokens" else 1, -1 if s.y.layout == "tokens" else 1)
                 prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split, axes))
         return prog
+
+    def _add(self, step, module) -> None:
+        if hasattr(nn.Module, step.name):  # `as half`, `as to`: nn.Module's own attributes
+            raise error("name", f"'{step.name}' cannot name a layer: it is a method of torch's nn.Module", step.span,
+                        f"choose another name, e.g. '{step.name}_'")
+        self.add_module(step.name, module)
 
     def _run(self, prog, x, env):
         for ins in prog:

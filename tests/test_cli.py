@@ -5,6 +5,7 @@ import json
 import pytest
 
 from composer.cli import main, make_parser
+from helpers import write
 
 
 def run(argv, capsys):
@@ -78,7 +79,7 @@ def test_list_ops_shows_docs(capsys):
     status, out, _ = run(["list", "ops"], capsys)
     assert status == 0
     assert "attention(heads = none, head_dim = none" in out
-    assert "Multi-head scaled dot-product attention" in out
+    assert "Multi-head attention over tokens, with pluggable parts." in out
 
 
 def test_check_reports_and_exits_2(tmp_path, capsys):
@@ -117,3 +118,10 @@ def test_ops_reference_is_current(capsys):
     assert status == 0
     assert (REPO / "docs" / "ops.md").read_text() == out, (
         "docs/ops.md is stale: run `composer list ops --format markdown > docs/ops.md`")
+
+
+def test_a_layer_named_like_a_module_method_is_a_located_error(tmp_path, capsys):
+    path = write(tmp_path, "model m {\n    input image(3, 16)\n    stem { conv(8, 3) as half; relu }\n}\n")
+    assert main(["build", path]) == 2
+    err = capsys.readouterr().err
+    assert "m.arch:3:12: error: 'half' cannot name a layer" in err and "internal error" not in err
