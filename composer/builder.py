@@ -27,6 +27,7 @@ class Sequence(nn.Module):
         super().__init__()
         self.call = call
         self.program = self._compile(steps)
+        self._inplace_activations()
 
     def _compile(self, steps) -> list:
         prog = []
@@ -49,6 +50,22 @@ class Sequence(nn.Module):
                 axes = (-1 if s.x.layout == "tokens" else 1, -1 if s.y.layout == "tokens" else 1)
                 prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split, axes))
         return prog
+
+    # ops whose output is a tensor of their own (never a view of their input), which nothing else holds
+    # when the next instruction runs: an activation right after one may overwrite it, as torchvision does
+    _FRESH = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.GroupNorm, nn.LayerNorm)
+    _INPLACE = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Hardsigmoid)
+
+    def _inplace_activations(self) -> None:
+        """Run an activation in place when the instruction before it, in the same program, is an op
+        that made a fresh tensor. Never the first instruction (its input may be a residual's
+        shortcut or shared by parallel branches), never after a `save` (that tensor is kept)."""
+        prog = self.program
+        for prev, ins in zip(prog, prog[1:]):
+            if prev[0] == "m" and ins[0] == "m":
+                a, b = self._modules[prev[1]], self._modules[ins[1]]
+                if isinstance(a, self._FRESH) and isinstance(b, self._INPLACE):
+                    b.inplace = True
 
     def _add(self, step, module) -> None:
         if hasattr(nn.Module, step.name):  # `as half`, `as to`: nn.Module's own attributes
