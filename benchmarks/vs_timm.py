@@ -68,6 +68,8 @@ def zoo_models() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
                 timm_models.append((m.name, ref))
             elif source == "torchvision" and name and hasattr(_port, "from_torchvision"):
                 timm_models.append((m.name, ref))
+            elif source == "official":
+                continue  # official-code rows (Zoo II) have no reference model in this process
             else:
                 skipped.append((m.name, f"reference '{ref or '-'}': no `{source or '?'}` source in composer/port.py"))
     return timm_models, skipped
