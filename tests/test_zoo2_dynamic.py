@@ -1,0 +1,223 @@
+"""Zoo II rows 27 (STViT-R), 37 (Focal), 45 (CF-ViT) and 50 (ScopeViT), and the ops they added:
+`topk_tokens` and `early_exit` (composer/ops/select.py), `multilevel_attention`
+(composer/ops/focal_keys.py).
+
+Expected parameter counts are the official code's, from shared/MODELS.md (rows marked +-1k were
+counted to the nearest thousand). Where a row differs, the comment says where and why, with the
+difference computed by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import composer
+from composer.ops import OPS
+from composer.shapes import Shape
+
+BP = "blueprints/"
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+def test_focal_t_params():
+    # row 37: Focal-T 28,880,000 (+-1k); the official code counts 28,880,380 (same layout, exact)
+    assert n_params(composer.build(BP + "focal.arch:focal_t")) == 28_880_380
+    assert composer.load(BP + "focal.arch:focal_t").params == pytest.approx(28_880_000, abs=1_000)
+
+
+def test_scopevit_t_params():
+    # row 50: ScopeViT-T 8,007,000 (+-1k). GSDA's position bias is a table here, (2*8-1)^2 x heads,
+    # instead of the reference's MLP Linear(2, 512) + ReLU + Linear(512, heads):
+    # per block 2*512 + 512 + 512*h + h - 225*h, over heads [2]*2 + [4]*2 + [8]*5 + [16]*2 blocks.
+    mlp_minus_table = sum(1536 + 513 * h - 225 * h for h in [2] * 2 + [4] * 2 + [8] * 5 + [16] * 2)
+    assert mlp_minus_table == 41_088
+    built = n_params(composer.build(BP + "scopevit.arch:scopevit_t"))
+    assert built + mlp_minus_table == pytest.approx(8_007_000, abs=1_000)
+    assert built == pytest.approx(8_007_000, rel=0.01)  # 0.5% under
+
+
+def test_stvit_r_swin_s_params():
+    # row 27: STViT-R-Swin-S 49,625,518, exact (the per-window keys of semantic generation change
+    # which tokens are keys, not the parameters)
+    assert n_params(composer.build(BP + "stvit.arch:stvit_r_swin_s")) == 49_625_518
+
+
+def test_cf_vit_params():
+    # row 45: CF-ViT (DeiT-S, 7x7) 23,252,000 (+-1k). The reference runs the same patch embedding,
+    # class token, 12 blocks, final LN and head in both passes; the language has no weight sharing,
+    # so the fine pass holds copies: patch embed 3*16*16*384 + 384, class token 384, 12 blocks of
+    # (4*384*384 + 4*384 (attention) + 2*384*1536 + 1536 + 384 (MLP) + 4*384 (two LNs)), LN 2*384,
+    # head 384*1000 + 1000.
+    block = 4 * 384 * 384 + 4 * 384 + 2 * 384 * 1536 + 1536 + 384 + 4 * 384
+    copies = 3 * 16 * 16 * 384 + 384 + 384 + 12 * block + 2 * 384 + 384 * 1000 + 1000
+    assert copies == 21_975_016
+    built = n_params(composer.build(BP + "cf_vit.arch:cf_vit_deit_s"))
+    assert built - copies == pytest.approx(23_252_000, abs=1_000)
+
+
+def test_variants_check():
+    # the larger standard variants: Focal-S 51,142,000 (catalog B, computed), STViT-R-Swin-B
+    # 87,812,336 (the reference's log/base.txt), CF-ViT 9x9 23,314,000 (+ the same copies)
+    assert composer.load(BP + "focal.arch:focal_s").params == pytest.approx(51_142_000, abs=1_000)
+    assert composer.load(BP + "stvit.arch:stvit_r_swin_b").params == 87_812_336
+    assert composer.load(BP + "cf_vit.arch:cf_vit_deit_s_9").params - 21_975_016 == pytest.approx(23_314_000, abs=1_000)
+    assert composer.load(BP + "scopevit.arch:scopevit_s").params + 41_088 * 2 == pytest.approx(18_162_000, rel=0.01)
+
+
+# ----------------------------------------------------------------------------- forward passes
+
+@pytest.mark.parametrize("target, kwargs", [
+    ("focal.arch:focal_t", dict(img_size=128, win=4, expand=2)),      # grids 32, 16, 8, 4
+    ("scopevit.arch:scopevit_xt", {}),                                 # fixed at 256 px
+    ("stvit.arch:stvit_r_swin_t", {}),                                 # fixed at 224 px
+    ("cf_vit.arch:cf_vit_deit_s", dict(img_size=128, coarse=4, depth=2)),  # coarse 4x4, fine 8x8
+])
+def test_forward(target, kwargs):
+    model = composer.build(BP + target, num_classes=7, **kwargs).eval()
+    plan = model.plan
+    assert n_params(model) == plan.params
+    with torch.no_grad():
+        y = model(torch.randn(2, 3, *plan.input.spatial))
+    assert y.shape == (2, 7) and torch.isfinite(y).all()
+
+
+def test_scopevit_rejects_other_sizes_with_a_located_error():
+    with pytest.raises(composer.ComposerError) as info:
+        composer.load(BP + "scopevit.arch:scopevit_t", img_size=224)
+    span = info.value.diagnostics[0].span
+    assert span is not None and "scopevit.arch" in str(span.file) and "fixed" in info.value.render()
+
+
+def test_cf_vit_token_counts_and_loss():
+    plan = composer.load(BP + "cf_vit.arch:cf_vit_deit_s")
+    coarse, fine = plan.stages
+    assert coarse.y.tokens == 1 + 49 and fine.y.tokens == 1 + 4 * 25 + 24   # 125 tokens in the fine pass
+    loss = composer.build_loss(BP + "cf_vit.arch:cf_vit_deit_s")
+    coarse_logits, fine_logits, labels = torch.randn(3, 5), torch.randn(3, 5), torch.tensor([0, 2, 4])
+    p = fine_logits.softmax(-1)
+    expected = torch.nn.functional.cross_entropy(fine_logits, labels) + \
+        (p * (p.log() - coarse_logits.log_softmax(-1))).sum(-1).mean()
+    assert loss((coarse_logits, fine_logits), labels).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- topk_tokens
+
+def _topk(x, grid, extra, **kw):
+    op = OPS["topk_tokens"](**kw)
+    shape = Shape(x.shape[-1], grid, "tokens", extra)
+    y = op.infer(shape)
+    out = op.build(shape, y)(x)
+    assert out.shape == (x.shape[0], y.tokens, y.channels)
+    return out
+
+
+def test_topk_tokens_by_hand():
+    # 1 class token + a 2x2 grid, 2 channels; norms 1, 5, 0, 3 -> the two largest: tokens 1 then 3
+    x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [3.0, 4.0], [0.0, 0.0], [0.0, 3.0]]])
+    out = _topk(x, (2, 2), 1, k=2)
+    assert torch.equal(out, torch.tensor([[[9.0, 9.0], [3.0, 4.0], [0.0, 3.0]]]))
+    low = _topk(x, (2, 2), 1, k=1, largest=False)
+    assert torch.equal(low, torch.tensor([[[9.0, 9.0], [0.0, 0.0]]]))
+    # score = value of channel 0, dropped from the output; a 4x4 grid in 2x2 regions: region means
+    # are 0, 1, 2, 3 (row-major regions); k = 0.5 keeps ceil(0.5 * 4) = 2 regions: 3 then 2
+    s = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]], dtype=torch.float).flatten()
+    pos = torch.arange(16, dtype=torch.float)
+    x = torch.stack([s, pos], -1)[None]
+    out = _topk(x, (4, 4), 0, k=0.5, score="value", score_channels=1, region=2)
+    assert out[0, :, 0].tolist() == [10, 11, 14, 15, 8, 9, 12, 13]
+    # class score: dot product with the class token's score channels
+    cls = torch.tensor([[1.0, 0.0, 7.0]])
+    grid = torch.tensor([[0.5, 1.0, 1.0], [2.0, -1.0, 2.0], [-1.0, 3.0, 3.0]])
+    out = _topk(torch.cat([cls, grid])[None], (3,), 1, k=1, score="class", score_channels=2)
+    assert out[0].tolist() == [[7.0], [2.0]]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 2), st.integers(0, 2), st.integers(2, 6), st.data())
+def test_topk_tokens_properties(h, region, extra, c, data):
+    grid = (h * region, 2 * region)
+    n = math.prod(grid)
+    regions = n // region ** 2
+    k = data.draw(st.integers(1, regions))
+    x = torch.randn(2, extra + n, c, requires_grad=True)
+    kept = _topk(x, grid, extra, k=k, region=region)
+    rest = _topk(x, grid, extra, k=regions - k, region=region, largest=False) if k < regions else x[:, :extra]
+    # prefix first and unchanged; kept and rest are disjoint and together every grid token once
+    assert torch.equal(kept[:, :extra], x[:, :extra])
+    both = torch.cat([kept[:, extra:], rest[:, extra:]], 1)
+    assert torch.equal(both.sort(1).values, x[:, extra:].sort(1).values)
+    # kept regions have a mean norm at least that of any other region
+    if k < regions:
+        mean_kept = kept[:, extra:].norm(dim=-1).reshape(2, k, -1).mean(-1).min(1).values
+        mean_rest = rest[:, extra:].norm(dim=-1).reshape(2, regions - k, -1).mean(-1).max(1).values
+        assert (mean_kept >= mean_rest - 1e-6).all()
+    # gradients reach exactly the kept tokens (and the prefix)
+    kept.sum().backward()
+    touched = (x.grad.abs().sum(-1) > 0).sum(1)
+    assert (touched == extra + k * region ** 2).all()
+
+
+def test_early_exit():
+    ee = OPS["early_exit"](threshold=0.9)
+    module = ee.build(Shape(6, (), "vector"), ee.infer(Shape(6, (), "vector")))
+    confident = torch.tensor([10.0, 0.0, 0.0])   # softmax max ~ 0.9999
+    unsure = torch.tensor([0.0, 0.0, 0.0])       # softmax max 1/3
+    final = torch.tensor([1.0, 2.0, 3.0])
+    out = module(torch.stack([torch.cat([confident, final]), torch.cat([unsure, final])]))
+    assert torch.equal(out[0], confident) and torch.equal(out[1], final)
+
+
+# ----------------------------------------------------------------------------- multilevel_attention
+
+def test_multilevel_attention_without_extra_levels_is_swin_window_attention():
+    timm = pytest.importorskip("timm")
+    from timm.models.swin_transformer import WindowAttention
+
+    dim, heads, w, grid = 32, 4, 4, (8, 8)
+    ref = WindowAttention(dim, heads, window_size=w).eval()
+    op = OPS["multilevel_attention"](heads=heads, window=w, expand=0, pooled=0)
+    x = Shape(dim, grid, "tokens")
+    ours = op.build(x, op.infer(x)).eval()
+    assert op.params(x, x) == n_params(ours) == n_params(ref)
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "relative_position_index"})
+    t = torch.randn(2, 64, dim)
+    windows = t.reshape(2, 2, w, 2, w, dim).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, dim)
+    expected = ref(windows).reshape(2, 2, 2, w, w, dim).permute(0, 1, 3, 2, 4, 5).reshape(2, 64, dim)
+    with torch.no_grad():
+        assert torch.allclose(ours(t), expected, atol=1e-5)
+
+
+def test_multilevel_attention_levels_and_rules():
+    # Focal-T stage 1 geometry: 49 + 132 + 49 keys per window; params by hand
+    op = OPS["multilevel_attention"](heads=3, window=7, expand=3, pooled=7)
+    x = Shape(96, (56, 56), "tokens")
+    assert op.keys(x) == (49, 132, 49)
+    by_hand = 4 * 96 * 96 + 4 * 96 + 169 * 3 + 3 * 49 * 132 + 3 * 169 + 50
+    assert op.params(x, x) == by_hand
+    small = Shape(16, (14, 14), "tokens")
+    op = OPS["multilevel_attention"](heads=2, window=7, expand=3, pooled=3)
+    module = op.build(small, op.infer(small))
+    assert n_params(module) == op.params(small, small)
+    t = torch.randn(2, 196, 16, requires_grad=True)
+    y = module(t)
+    assert y.shape == t.shape
+    y[:, 0].sum().backward()   # the first window's queries see the ring (wrapping) and pooled keys
+    assert (t.grad.abs().sum(-1) > 0).sum() > 49
+    # a window covering the whole grid drops the ring
+    assert OPS["multilevel_attention"](heads=1, window=7, expand=3, pooled=1).keys(Shape(8, (7, 7), "tokens")) == (49, 0, 1)
