@@ -129,7 +129,7 @@ def zoo_table(items: list[dict]) -> str:
         small = min(models, key=lambda m: m["params"])
         refs = {(m["reference"] or "").split(":")[0] for m in models}
         ref = "parity: " + ", ".join(sorted(r for r in refs if r in ("timm", "torchvision"))) \
-            if refs & {"timm", "torchvision"} else "official code (params within 1%)"
+            if refs & {"timm", "torchvision"} else "official code"
         names = ", ".join(m["name"] for m in models)
         lines.append(f"| `{file}` | {small['paper'] or ''} | {names} | {small['params']:,} | "
                      f"{small['macs'] / 1e9:.2f} | {ref} |")
