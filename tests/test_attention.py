@@ -809,3 +809,326 @@ def test_new_parts_in_the_language(tmp_path):
     assert plan.params == sum(t.numel() for t in model.parameters())
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 16, 24)
+
+
+# === FAVOR+ (T2T-ViT), aggregated attention (TransNeXt), messengers (MSG-Transformer) ===========================
+from composer.ops.attention import ContinuousBias, Performer  # noqa: E402
+from composer.ops.registry import OPS  # noqa: E402
+from composer.ops.window_tokens import ShuffleWindowTokens, WindowTokens  # noqa: E402
+
+
+def ref_performer(x, mod, heads, skip):
+    """Performer (FAVOR+), quadratic form: kappa(q_i, k_j) = phi(q_i) . phi(k_j) with
+    phi(x) = exp(W x - |x|^2 / 2) / sqrt(m); y_i = sum_j kappa_ij v_j / (sum_j kappa_ij + 1e-8);
+    T2T's layer adds v: out = v + proj(y)."""
+    b, n, _ = x.shape
+    w = dict(mod.named_parameters())["w"].detach()
+    m = w.shape[0]
+    q, k, v = linear(x, mod, "qkv").chunk(3, -1)
+
+    def phi(t):
+        return torch.exp(t @ w.T - (t ** 2).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+
+    out = []
+    for bi in range(b):
+        ys = []
+        for qh, kh, vh in zip(heads_of(q[bi], heads), heads_of(k[bi], heads), heads_of(v[bi], heads)):
+            kappa = torch.stack([torch.stack([phi(qh[i]) @ phi(kh[j]) for j in range(kh.shape[0])])
+                                 for i in range(qh.shape[0])])  # (N, M)
+            ys.append((kappa @ vh) / (kappa.sum(-1, keepdim=True) + 1e-8))
+        out.append(torch.cat(ys, -1))
+    y = linear(torch.stack(out), mod, "proj")
+    return y + v if skip else y
+
+
+@pytest.mark.parametrize("grid,extra,heads,skip", [((4, 4), 0, 1, True), ((6,), 1, 2, False), ((3, 3), 0, 2, True)])
+def test_performer_matches_reference(grid, extra, heads, skip):
+    op = Attention(heads=heads, dim=8, out=8 if skip else None, score=Performer(features=4), value_skip=skip)
+    x_shape = Shape(12, grid, "tokens", extra)
+    mod, y = build(op, x_shape)
+    x = torch.randn(2, x_shape.tokens, 12, dtype=torch.float64)
+    assert (run(mod, x) - ref_performer(x, mod, heads, skip)).abs().max() < TOL
+    # the random features are frozen, orthogonal rows scaled by sqrt(m), counted as parameters (T2T's `w`)
+    torch.manual_seed(0)
+    fresh = op.build(x_shape, y)
+    w = fresh.w.detach()
+    assert not fresh.w.requires_grad and w.shape == (4, 8 // heads)
+    if 8 // heads >= 4:
+        assert torch.allclose(w @ w.T, 4 * torch.eye(4), atol=1e-4)
+
+
+def cpb_reference(mod, grid, keys):
+    """TransNeXt's continuous position bias, pair by pair: per axis r = (q - c_k) / (g - 1) * 8 (c_k the
+    centre of key k's pooling cell), sign(r) log2(1 + |r|) / 3, then Linear-ReLU-Linear; (heads, N, M)."""
+    centres = []
+    for g, m in zip(grid, keys):
+        centres.append([sum(range(j * g // m, -(-(j + 1) * g // m))) / (-(-(j + 1) * g // m) - j * g // m)
+                        for j in range(m)])
+    qs, ks = coords(grid), coords(keys)
+    rel = torch.tensor([[[(qi[d] - centres[d][kj[d]]) / max(grid[d] - 1, 1) * 8 for d in range(len(grid))]
+                         for kj in ks] for qi in qs], dtype=torch.float64)  # (N, M, d)
+    rel = torch.sign(rel) * torch.log2(rel.abs() + 1) / 3
+    hidden = torch.relu(linear(rel, mod, "cpb_fc1"))
+    return linear(hidden, mod, "cpb_fc2").permute(2, 0, 1)
+
+
+def ref_aggregated(x, mod, grid, heads, ratio, size=3, tokens=True):
+    """TransNeXt's aggregated attention, query by query (classification/attention_native.py): a masked size^d
+    neighbourhood plus pooled keys LN(avgpool(GELU(conv1x1(x)))) under one softmax; cosine scores with
+    query embedding, softplus temperature and log(valid neighbours + pooled keys); a local bias per offset, the
+    continuous bias on the pooled keys, and learnable tokens added to the local weights after the softmax."""
+    b, n, c = x.shape
+    d = c // heads
+    ndim = len(grid)
+    q = linear(x, mod, "q")
+    k, v = linear(x, mod, "kv").split(c, -1)
+    t = F.softplus(p(mod, "temperature")).flatten()
+    e = p(mod, "query_embedding")
+    local_bias = p(mod, "relative_pos_bias_local")
+    cpb = cpb_reference(mod, grid, [g // ratio for g in grid])
+    cs = coords(grid)
+    offsets = coords((size,) * ndim)
+    out = torch.zeros(b, n, c, dtype=x.dtype)
+    for bi in range(b):
+        m = x[bi].T.reshape(c, *grid)
+        conv = torch.einsum("oc,c...->o...", p(mod, "sr.weight").flatten(1), m) + p(mod, "sr.bias").view(-1, *[1] * ndim)
+        act = F.gelu(conv)
+        pooled = [act[(slice(None), *[slice(ci * ratio, (ci + 1) * ratio) for ci in cell])].flatten(1).mean(1)
+                  for cell in coords([g // ratio for g in grid])]
+        kp, vp = linear(layernorm(torch.stack(pooled), mod, "norm", 1e-5), mod, "kv").split(c, -1)
+        for i, ci in enumerate(cs):
+            nbrs = []
+            for off in offsets:
+                pos = [a + o - size // 2 for a, o in zip(ci, off)]
+                nbrs.append(flat(pos, grid) if all(0 <= s < g for s, g in zip(pos, grid)) else None)
+            valid = sum(j is not None for j in nbrs)
+            for h in range(heads):
+                sl = slice(h * d, (h + 1) * d)
+                qn = q[bi, i, sl] / q[bi, i, sl].norm()
+                qs = (qn + e[h, 0]) * t[h] * math.log(valid + kp.shape[0])
+                local = torch.stack([qs @ (k[bi, j, sl] / k[bi, j, sl].norm()) + local_bias[h, o] if j is not None
+                                     else torch.tensor(float("-inf"), dtype=x.dtype) for o, j in enumerate(nbrs)])
+                pool = torch.stack([qs @ (kp[j, sl] / kp[j, sl].norm()) + cpb[h, i, j] for j in range(kp.shape[0])])
+                a = torch.softmax(torch.cat([local, pool]), 0)
+                a_local, a_pool = a[:len(nbrs)], a[len(nbrs):]
+                if tokens:
+                    a_local = a_local + qn @ p(mod, "learnable_tokens")[h] + p(mod, "learnable_bias")[h, 0]
+                y = sum(a_local[o] * v[bi, j, sl] for o, j in enumerate(nbrs) if j is not None) + a_pool @ vp[:, sl]
+                out[bi, i, sl] = y
+    return linear(out, mod, "proj")
+
+
+GELU_OP, LN_OP = OPS["gelu"], OPS["layernorm"]
+
+
+def aggregated(ratio, tokens=True, size=3):
+    return Attention(heads=2, partition=Neighbourhood(size=size, mask=True, bias=True, tokens=tokens),
+                     extra_kv=Reduce(ratio=ratio, mode="pool", pointwise=True, act=GELU_OP(), norm=LN_OP()),
+                     score=Cosine(), position=ContinuousBias(hidden=16))
+
+
+@pytest.mark.parametrize("grid,ratio,tokens", [((4, 6), 2, True), ((6, 6), 3, False), ((8,), 2, True)])
+def test_aggregated_attention_matches_reference(grid, ratio, tokens):
+    mod, _ = build(aggregated(ratio, tokens), Shape(8, grid, "tokens"))
+    x = torch.randn(2, math.prod(grid), 8, dtype=torch.float64)
+    assert (run(mod, x) - ref_aggregated(x, mod, grid, 2, ratio, tokens=tokens)).abs().max() < TOL
+    names = {n for n, _ in mod.named_parameters()}  # TransNeXt's state_dict names
+    assert {"q.weight", "kv.weight", "sr.weight", "norm.weight", "cpb_fc1.weight", "cpb_fc2.bias", "temperature",
+            "query_embedding", "relative_pos_bias_local"} <= names
+
+
+@pytest.mark.parametrize("grid", [(4, 5), (7,)])
+def test_continuous_bias_full_attention_matches_reference(grid):
+    """TransNeXt's stage-4 attention: length-scaled cosine attention plus the continuous bias over N x N."""
+    mod, _ = build(Attention(heads=2, score=Cosine(), position=ContinuousBias(hidden=16)), Shape(8, grid, "tokens"))
+    x = torch.randn(2, math.prod(grid), 8, dtype=torch.float64)
+    q, k, v = linear(x, mod, "qkv").split(8, -1)
+    cpb = cpb_reference(mod, grid, grid)
+    logits = cosine_logits(mod, math.prod(grid))
+    ref = torch.stack([softmax_attend(q[b], k[b], v[b], 2, lambda h, qh, kh: logits(h, qh, kh) + cpb[h])
+                       for b in range(2)])
+    assert (run(mod, x) - linear(ref, mod, "proj")).abs().max() < TOL
+
+
+def ref_messengers(x, mod, grid, heads, size):
+    """MSG-Transformer's window attention: every window's sequence is [its messenger, its size^d tokens]; the bias
+    is Swin's table for token pairs, rel_pos_msg[h, 1] on the messenger's row, rel_pos_msg[h, 0] on the tokens'
+    column for the messenger key."""
+    b, _, c = x.shape
+    ndim = len(grid)
+    wins = groups(grid, size, "window")
+    nw = len(wins)
+    table = dict(mod.named_parameters()).get("relative_position_bias_table")
+    out = torch.zeros(b, x.shape[1], c, dtype=x.dtype)
+    for bi in range(b):
+        for w, members in enumerate(wins):
+            seq = torch.cat([x[bi, w:w + 1], x[bi, [nw + i for i in members]]])
+            q, k, v = linear(seq, mod, "qkv").split(c, -1)
+            bias = torch.zeros(heads, len(seq), len(seq), dtype=x.dtype)
+            if table is not None:
+                msg = p(mod, "rel_pos_msg")
+                bias[:, 1:, 1:] = relative_bias(table.detach(), size, ndim)
+                bias[:, 1:, 0] = msg[:, 0, 0]
+                bias[:, 0, :] = msg[:, 1, 0]
+            y = sdpa(q, k, v, heads, bias=bias)
+            out[bi, w] = y[0]
+            out[bi, [nw + i for i in members]] = y[1:]
+    return linear(out, mod, "proj")
+
+
+@pytest.mark.parametrize("grid,size,position", [((4, 4), 2, True), ((6, 3), 3, False), ((8,), 4, True)])
+def test_messenger_windows_match_reference(grid, size, position):
+    op = Attention(heads=2, partition=Window(size=size, messengers=True), position=RelativeBias() if position else None)
+    windows = math.prod(g // size for g in grid)
+    mod, _ = build(op, Shape(8, grid, "tokens", windows))
+    x = torch.randn(2, windows + math.prod(grid), 8, dtype=torch.float64)
+    assert (run(mod, x) - ref_messengers(x, mod, grid, 2, size)).abs().max() < TOL
+
+
+def test_window_tokens_and_their_shuffle_match_msg_transformer():
+    """MSG-Transformer: msg_tokens (1, s^2, 1, C) expanded over the regions, and shuffle_msg on the
+    (B * regions, s^2, C) layout of window_partition(x, 1, s): view(-1, G, G, C / G).transpose(1, 2)."""
+    grid, size, s, c = (16, 8), 2, 2, 8  # 8 x 4 windows, regions of 2 x 2 windows
+    x_shape = Shape(c, grid, "tokens")
+    op = WindowTokens(size=size, period=s)
+    y = op.infer(x_shape)
+    assert y.extra == 32 and op.params(x_shape, y) == s * s * c
+    torch.manual_seed(0)
+    mod = op.build(x_shape, y).double()
+    x = torch.randn(2, 128, c, dtype=torch.float64)
+    out = run(mod, x)
+    tokens = p(mod, "tokens")
+    for a, b_ in coords((8, 4)):
+        assert torch.equal(out[0, a * 4 + b_], tokens[(a % s) * s + b_ % s])
+    assert torch.equal(out[:, 32:], x)
+    shuffle = ShuffleWindowTokens(size=size, region=s)
+    assert shuffle.infer(y) == y
+    smod = shuffle.build(y, y)
+    z = torch.randn(2, y.tokens, c, dtype=torch.float64)
+    got = run(smod, z)
+    m = z[:, :32].reshape(2, 8, 4, c)  # the messenger map (window grid)
+    regions = m.view(2, 4, s, 2, s, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, s * s, c)  # window_partition(.., 1, s)
+    g = s * s
+    shuffled = regions.view(-1, g, g, c // g).transpose(1, 2).reshape(-1, g, c)
+    back = shuffled.view(2, 4, 2, s, s, c).permute(0, 1, 3, 2, 4, 5).reshape(2, 32, c)
+    assert torch.equal(got[:, :32], back) and torch.equal(got[:, 32:], z[:, 32:])
+
+
+def test_new_zoo2_part_errors():
+    with pytest.raises(ShapeError, match="one prefix token per window"):
+        Attention(heads=2, partition=Window(size=2, messengers=True)).infer(Shape(8, (4, 4), "tokens", 3))
+    with pytest.raises(ShapeError, match="shifted"):
+        Attention(heads=2, partition=Window(size=2, shift=1, messengers=True)).infer(Shape(8, (4, 4), "tokens", 4))
+    assert Attention(heads=2, dim=4, out=4, value_skip=True).infer(Shape(8, (4, 4), "tokens")).channels == 4
+    with pytest.raises(ShapeError, match="value_skip"):  # V (4 channels) and the output (8) differ
+        Attention(heads=2, dim=4, value_skip=True).infer(Shape(8, (4, 4), "tokens"))
+    with pytest.raises(ShapeError, match="performer"):
+        Attention(heads=2, score=Performer(features=4), partition=Window(size=2)).infer(Shape(8, (4, 4), "tokens"))
+    with pytest.raises(ShapeError, match="neighbourhood"):
+        Attention(heads=2, partition=Neighbourhood(size=3), position=ContinuousBias()).infer(Shape(8, (4, 4), "tokens"))
+    with pytest.raises(ShapeError, match="extra keys"):
+        Attention(heads=2, partition=Window(size=2), extra_kv=Reduce(ratio=2)).infer(Shape(8, (4, 4), "tokens"))
+    with pytest.raises(ShapeError, match="region"):
+        ShuffleWindowTokens(size=2, region=3).infer(Shape(8, (4, 4), "tokens", 4))
+    with pytest.raises(ShapeError, match="prefix"):
+        WindowTokens(size=2).infer(Shape(8, (4, 4), "tokens", 1))
+
+
+@st.composite
+def zoo2_configs(draw):
+    ndim = draw(st.sampled_from([1, 2]))
+    heads = draw(st.integers(1, 2))
+    c = heads * draw(st.sampled_from([2, 4]))
+    kind = draw(st.sampled_from(["performer", "aggregated", "continuous", "messengers"]))
+    extra, kw = 0, {}
+    if kind == "performer":
+        grid = tuple(draw(st.integers(2, 6)) for _ in range(ndim))
+        extra = draw(st.integers(0, 1))
+        kw["score"] = Performer(features=draw(st.integers(1, 6)))
+        if draw(st.booleans()):
+            kw["dim"] = heads * draw(st.sampled_from([2, 4]))
+            kw["out"] = kw["dim"]
+            kw["value_skip"] = True
+        elif draw(st.booleans()):
+            kw["kv"] = Reduce(ratio=2)
+            grid, extra = tuple(2 * g for g in grid), 0
+    elif kind == "aggregated":
+        ratio = draw(st.integers(1, 3))
+        grid = tuple(ratio * draw(st.integers(1, 3)) for _ in range(ndim))
+        kw["partition"] = Neighbourhood(size=draw(st.sampled_from([1, 3])), mask=draw(st.booleans()),
+                                        bias=draw(st.booleans()), tokens=draw(st.booleans()))
+        kw["extra_kv"] = Reduce(ratio=ratio, mode="pool", pointwise=draw(st.booleans()),
+                                act=draw(st.sampled_from([None, GELU_OP()])), norm=draw(st.sampled_from([None, LN_OP()])))
+        kw["score"] = draw(st.sampled_from([None, Cosine()]))
+        kw["position"] = draw(st.sampled_from([None, ContinuousBias(hidden=8)]))
+    elif kind == "continuous":
+        grid = tuple(draw(st.integers(2, 6)) for _ in range(ndim))
+        kw["position"] = ContinuousBias(hidden=8)
+        kw["score"] = draw(st.sampled_from([None, Cosine()]))
+        if draw(st.booleans()):
+            kw["kv"] = Reduce(ratio=2, mode="pool")
+            grid = tuple(2 * g for g in grid)
+    else:
+        size = draw(st.integers(1, 3))
+        grid = tuple(size * draw(st.integers(1, 3)) for _ in range(ndim))
+        kw["partition"] = Window(size=size, messengers=True)
+        kw["position"] = draw(st.sampled_from([None, RelativeBias()]))
+        extra = math.prod(g // size for g in grid)
+    op = Attention(heads=heads, qkv_bias=draw(st.booleans()), **kw)
+    return op, Shape(c, grid, "tokens", extra)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(zoo2_configs())
+def test_zoo2_part_rules_match_module(config):
+    op, x = config
+    y = op.infer(x)
+    torch.manual_seed(0)
+    mod = op.build(x, y).eval()
+    assert op.params(x, y) == sum(t.numel() for t in mod.parameters())
+    inp = torch.randn(2, x.tokens, x.channels)
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
+        with FlopCounterMode(display=False) as counter:
+            out = mod(inp)
+    assert out.shape == (2, y.tokens, y.channels) and y.layout == "tokens" and y.extra == x.extra
+    counted = counter.get_total_flops() / 2 / 2  # per sample; the bias MLP runs once per batch: counted once, halved
+    if isinstance(op.position, ContinuousBias):
+        hid, h, d = op.position.hidden, op.geometry(x)[0], x.ndim
+        from composer.ops.attention import cpb_counts
+        mlp = math.prod(cpb_counts(x.spatial, op._bias_grid(x))) * (d * hid + hid * h)
+        counted += mlp / 2  # the MLP runs once for the batch of 2
+    assert abs(op.macs(x, y) - counted) <= 0.05 * counted
+    with torch.no_grad():
+        assert torch.allclose(out, mod(inp), atol=1e-5)
+
+
+def test_zoo2_parts_in_the_language(tmp_path):
+    """The three primitives as written in blueprints: T2T's performer layer, TransNeXt's aggregated attention and
+    its stage-4 attention, MSG-Transformer's messengers with their shuffle."""
+    import composer
+
+    path = tmp_path / "zoo2.arch"
+    path.write_text("""model zoo2_demo {
+    input image(3, 32)
+    stem { conv(16, 4, stride = 4) }
+    stage {
+        block {
+            attention(1, dim = 8, out = 8, score = performer(4), value_skip = true) as performer_layer
+            linear(16)
+            attention(2, partition = neighbourhood(3, mask = true, bias = true, tokens = true),
+                      extra_kv = reduce(2, "pool", pointwise = true, act = gelu, norm = layernorm(1e-6)),
+                      score = cosine, position = continuous_bias(64)) as aggregated
+            attention(2, score = cosine, position = continuous_bias(64)) as full
+            window_tokens(4, period = 2) as messengers
+            attention(2, partition = window(4, messengers = true), position = relative_bias) as window_attn
+            shuffle_window_tokens(4, 2)
+        }
+    }
+}
+""")
+    plan = composer.load(str(path))
+    model = composer.build(str(path)).eval()
+    assert plan.params == sum(t.numel() for t in model.parameters())
+    with torch.no_grad():
+        assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 4 + 64, 16)

@@ -123,6 +123,20 @@ def _offset_network(model, x, dims):
     assert not any(n.endswith("conv_offset.3.bias") for n in ws)
 
 
+def _frozen_random_features(model, x, dims):
+    """Performer's random features are a frozen parameter (T2T's `w`): (16 * 0.5, 16), orthogonal rows
+    scaled by sqrt(8), no gradient."""
+    w = _param(model, "attn.w")
+    assert w.shape == (8, 16) and not w.requires_grad
+    assert torch.allclose(w @ w.T, 8 * torch.eye(8), atol=1e-4)
+
+
+def _messenger_biases(model, x, dims):
+    """Each window attention has two learned scalars per head for its messenger (MSG's rel_pos_msg)."""
+    found = [p for n, p in model.named_parameters() if n.endswith("rel_pos_msg")]
+    assert len(found) == 2 and all(p.shape == (2, 2, 1, 1) for p in found)
+
+
 def _dw_strided_kv(model, x, dims):
     # the reduction is depthwise (16 filters of one channel, 2 wide), k and v 16 -> 16 each
     assert tuple(_param(model, "sr.weight").shape) == ((16, 1, 2, 2) if dims == 2 else (16, 1, 2))
@@ -310,6 +324,13 @@ CASES: list[Case] = [
          # 1-D: 16 tokens of 3 * 7 -> 16 -> 8 tokens of 16 * 3 = 48
          "    stem { unfold(7, stride = 4, padding = 2); t2t_layer(16); unfold(3, stride = 2, padding = 1) }",
          x2=(3, 32, 32), y2=(B, 16, 144), x1=(3, 64), y1=(B, 8, 48), imports=("t2t_vit",)),
+    Case(22, "Performer attention in the T2T module (FAVOR+, skip through V)",
+         # unfold 3/2 pad 1: (16 + 2 - 3) // 2 + 1 = 8 -> 8x8 tokens of 3 * 9 = 27 -> 16 (the layer's width);
+         # 1-D: (32 + 2 - 3) // 2 + 1 = 16 tokens of 3 * 3 = 9 -> 16
+         "    stem unfold(3, stride = 2, padding = 1)\n"
+         "    stage { block t2t_layer(16) }",
+         x2=(3, 16, 16), y2=(B, 64, 16), x1=(3, 32), y1=(B, 16, 16), imports=("t2t_vit",),
+         check=_frozen_random_features),
     Case(22, "sinusoidal PE",
          # a fixed sin-cos table over the grid tokens (the class token is left alone): 1 + 16 tokens.
          # (T2T's own table is the 1-D transformer one over all 197 tokens, sin/cos interleaved,
@@ -507,6 +528,18 @@ CASES: list[Case] = [
          "        block metaformer(16, attention(2, score = cosine()))\n"
          "    }",
          x2=(16, 8, 8), y2=(B, 64, 16), x1=(16, 24), y1=(B, 24, 16), imports=("lib/metaformer",)),
+    Case(35, "aggregated attention (3x3 neighbourhood + pooled keys under one softmax, learnable tokens)",
+         # 8x8 tokens: every query sees its 3x3 neighbourhood (padded keys masked) and the 4x4 pooled
+         # keys (1x1 conv, GELU, 2x2 average pool, LN), with a bias per offset, query-conditioned
+         # neighbour weights, and the continuous bias on the pooled keys
+         "    stage { block metaformer(16, attention(2,\n"
+         "        partition = neighbourhood(3, mask = true, bias = true, tokens = true),\n"
+         "        extra_kv = reduce(2, \"pool\", pointwise = true, act = gelu, norm = layernorm),\n"
+         "        score = cosine, position = continuous_bias(32))) }",
+         x2=(16, 8, 8), y2=(B, 64, 16), x1=(16, 24), y1=(B, 24, 16), imports=("lib/metaformer",)),
+    Case(35, "continuous (MLP) relative position bias",
+         "    stage { block metaformer(16, attention(2, score = cosine, position = continuous_bias(32))) }",
+         x2=(16, 8, 8), y2=(B, 64, 16), x1=(16, 24), y1=(B, 24, 16), imports=("lib/metaformer",)),
     Case(35, "ConvGLU",
          "    stage { block { residual { layernorm; conv_glu(16, 24) } } }",
          x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("lib/attention_mixers",)),
@@ -648,6 +681,25 @@ CASES: list[Case] = [
          "        { from c; global_pool(\"avg\"); classifier(5) as conv_cls_head }\n"
          "        { from t; layernorm as trans_norm; global_pool(\"token\"); classifier(5) as trans_cls_head } } }",
          x2=(3, 32, 32), y2=(B, 5), x1=(3, 64), y1=(B, 5), imports=("conformer",)),
+    Case(48, "messenger tokens per window",
+         # 8x8 tokens in 4x4 windows: 2x2 windows, one messenger each (2x2 learned, period 2); each
+         # joins its window's attention; the head reads the first messenger after the norm.
+         # 1-D: 16 tokens, 4 windows of 4
+         "    stem { window_tokens(4, period = 2) as msg_tokens }\n"
+         "    stage { repeat 2 { residual { layernorm as norm1\n"
+         "        attention(2, partition = window(4, messengers = true), position = relative_bias) as attn }\n"
+         "        residual { layernorm as norm2; mlp(16, 32) } } }\n"
+         "    head { layernorm as norm; global_pool(\"token\"); classifier(5) as head }",
+         x2=(16, 8, 8), y2=(B, 5), x1=(16, 16), y1=(B, 5), check=_messenger_biases, imports=("lib/metaformer",)),
+    Case(48, "shuffle between windows",
+         # after every attention the messengers of each 2x2 (1-D: 2) block of windows exchange
+         # channel groups; the result keeps the messengers ahead of the 8x8 grid: 4 + 64 tokens
+         "    stem { window_tokens(4, period = 2) as msg_tokens }\n"
+         "    stage { repeat 2 { residual { layernorm as norm1\n"
+         "        attention(2, partition = window(4, messengers = true), position = relative_bias) as attn }\n"
+         "        shuffle_window_tokens(4, 2)\n"
+         "        residual { layernorm as norm2; mlp(16, 32) } } }",
+         x2=(16, 8, 8), y2=(B, 68, 16), x1=(16, 16), y1=(B, 20, 16), imports=("lib/metaformer",)),
     Case(49, "multi-scale dilated attention",
          # three head groups over 3x3 neighbourhoods dilated 1, 2, 3
          "    stage { block cpe_block(12, msda(12, 3)) }",
@@ -707,16 +759,7 @@ CASES: list[Case] = [
 ]
 
 # Rows whose primitive(s) the ops cannot say at all (the families hold a closest form).
-NOT_EXPRESSIBLE = {
-    22: "Performer attention in T2T module: positive random-feature (FAVOR+) linear attention with a "
-        "frozen random projection and a skip through V; no attention score/part computes it",
-    35: "aggregated (pixel-focused) attention: a 3x3 neighbourhood and a pooled key source under ONE "
-        "softmax, with a continuous (MLP) position bias and query-conditioned learnable tokens; the "
-        "attention op takes one key set per query group",
-    48: "messenger tokens per window, shuffle between windows: no per-window extra tokens that join "
-        "one window's attention, no exchange of such tokens across windows, and no way to apply one "
-        "module's weights to two tensors",
-}
+NOT_EXPRESSIBLE: dict[int, str] = {}
 
 # Rows whose family file is still being written and whose primitive the ops cannot say yet.
 PENDING = {
@@ -784,6 +827,6 @@ def test_case_table_is_complete():
 
 def test_not_expressible_and_pending_lists():
     """Pinned: when a part or a family lands that makes one of these writable, move it to CASES."""
-    assert sorted(NOT_EXPRESSIBLE) == [22, 35, 48]
+    assert sorted(NOT_EXPRESSIBLE) == []
     assert sorted(PENDING) == [37, 45]
     assert DUPLICATE_ROWS == {47: 18, 51: 16}

@@ -11,31 +11,9 @@ is written, and the test also checks it against the rounded figure.
 
 import pytest
 import torch
-
-import composer
 from helpers import n_params
 
-
-def _transnext_missing(dims, heads, depths, window=3, cpb_hidden=512):
-    """Parameters of the official TransNeXt attention that the closest form lacks (see
-    blueprints/transnext.arch). Per aggregated-attention block (stages 1-3): the pooled branch's
-    1x1 conv (C^2 + C) and layer norm (2C), the local relative bias (heads x 9), the learnable
-    tokens (heads x head_dim x 9 = 9C) and learnable bias (heads x 9), and the continuous position
-    bias MLP (2 -> 512 -> heads, with biases). Per stage-4 block: that MLP."""
-    total = 0
-    k = window * window
-    for i, (c, h, d) in enumerate(zip(dims, heads, depths)):
-        cpb = 2 * cpb_hidden + cpb_hidden + cpb_hidden * h + h
-        total += d * (cpb if i == 3 else c * c + c + 2 * c + k * h + k * c + k * h + cpb)
-    return total
-
-
-TRANSNEXT_WHY = ("the attention op cannot put a neighbourhood and a key source (the pooled map) under "
-                 "one softmax, and has no continuous-position-bias part nor TransNeXt's learnable-token "
-                 "weights on the neighbours' values (see blueprints/transnext.arch)")
-
-MICRO = ([48, 96, 192, 384], [2, 4, 8, 16], [2, 2, 15, 2])
-TINY = ([72, 144, 288, 576], [3, 6, 12, 24], [2, 2, 15, 2])
+import composer
 
 # (model, MODELS.md figure or None, tolerance of that figure, exact official count, our count, why)
 ROWS = [
@@ -43,8 +21,7 @@ ROWS = [
     ("dilateformer_tiny", 17_239_000, 1_000, 17_238_744, 17_238_744, ""),  # row 49: exact
     ("agent_pvt_t", 11_570_000, 1_000, 11_570_352, 11_570_352, ""),  # row 44: exact
     ("agent_swin_t", None, 0, 28_902_964, 28_902_964, ""),  # row 44, second member: exact
-    # row 35: -5.72% (closest form)
-    ("transnext_micro", 12_809_000, 1_000, 12_809_304, 12_809_304 - _transnext_missing(*MICRO), TRANSNEXT_WHY),
+    ("transnext_micro", 12_809_000, 1_000, 12_809_304, 12_809_304, ""),  # row 35: exact
 ]
 
 # Larger variants, counted torch-free (tests/test_zoo.py checks that this rule equals the built module).
@@ -58,17 +35,10 @@ LARGER = [
     ("agent_pvt_l", 48_738_180, 48_738_180),
     ("agent_swin_s", 49_666_684, 49_666_684),
     ("agent_swin_b", 88_095_096, 88_095_096),
-    ("transnext_tiny", 28_258_960, 28_258_960 - _transnext_missing(*TINY)),
+    ("transnext_tiny", 28_258_960, 28_258_960),
 ]
 
 FAMILIES = ["biformer", "dilateformer", "agent_pvt", "agent_swin", "transnext"]
-
-
-def test_transnext_missing_parts_are_hand_counted():
-    # TransNeXt-Micro stage 3 block (C 192, 8 heads): 1x1 conv 37,056 + norm 384 + local bias 72
-    # + learnable tokens 1,728 + learnable bias 72 + MLP 2*512 + 512 + 512*8 + 8 = 5,640.
-    assert _transnext_missing([192], [8], [1]) == 37_056 + 384 + 72 + 1_728 + 72 + 5_640
-    assert _transnext_missing([0, 0, 0, 384], [0, 0, 0, 16], [0, 0, 0, 1]) == 1_536 + 8_192 + 16
 
 
 @pytest.mark.parametrize("name,figure,tol,official,ours,why", ROWS, ids=[r[0] for r in ROWS])
@@ -89,7 +59,7 @@ def test_built_param_count(name, figure, tol, official, ours, why):
 @pytest.mark.parametrize("name,official,ours", LARGER, ids=[r[0] for r in LARGER])
 def test_larger_variant_param_count(name, official, ours):
     assert composer.load(name).params == ours
-    assert ours == official or name.startswith("transnext")
+    assert ours == official
 
 
 def _family_models():
@@ -125,7 +95,7 @@ def test_transnext_rejects_other_input_sizes():
     with pytest.raises(composer.ComposerError) as exc:
         composer.load("transnext_micro", img_size=256)
     span = exc.value.diagnostics[0].span
-    assert span.file.endswith("transnext.arch") and "input image" in exc.value.render()
+    assert span.file.endswith("transnext.arch") and "require(img_size == train_size" in exc.value.render()
     assert "img_size = train_size" in exc.value.render()
     assert composer.load("transnext_micro", train_size=256).input.spatial == (256, 256)
 

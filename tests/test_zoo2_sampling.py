@@ -15,7 +15,7 @@ torch.set_num_threads(1)
 
 # (target, official count from MODELS.md, resolution of the count, small resolution for the forward)
 CASES = [
-    ("blueprints/t2t_vit.arch:t2t_vit_7", 4_310_222, 224, 64),   # row 22 (closest form: no Performer)
+    ("blueprints/t2t_vit.arch:t2t_vit_7", 4_310_222, 224, 64),   # row 22 (Performer T2T layers: exact)
     ("blueprints/litv2.arch:litv2_s", 27_844_000, 224, 64),      # row 28
     ("blueprints/dat.arch:dat_t", 28_319_000, 224, 112),         # row 54 (no deformable rel-pos bias)
     ("blueprints/glnet.arch:glnet_4g", 27_002_000, 224, 64),     # row 52
@@ -40,6 +40,8 @@ def test_exact_counts_where_everything_is_expressed():
     assert composer.load("blueprints/litv2.arch:litv2_s").params == 27_844_000
     assert composer.load("blueprints/litv2.arch:litv2_m").params == 48_830_368
     assert round(composer.load("blueprints/glnet.arch:glnet_4g").params, -3) == 27_002_000
+    # T2T-ViT-7 with its Performer T2T layers (frozen random features counted, as the official code)
+    assert composer.load("blueprints/t2t_vit.arch:t2t_vit_7").params == 4_310_222
     # DAT-T without the 30,300 parameters of its deformable attentions' relative-position tables
     assert composer.load("blueprints/dat.arch:dat_t").params + 3 * 12 * 27 * 27 + 24 * 13 * 13 == 28_319_138
 

@@ -17,6 +17,11 @@ Submodules and their state_dict names:
   `kv_tokens`                     `extra_kv = kv_tokens(n)`: (2, n, C) learned keys and values;
   `an_bias`, `na_bias`, `ah_bias`, `aw_bias`, `ha_bias`, `wa_bias`, `dwc`   `agents = agents(n)`;
   `lepe`                          LePE's depthwise conv on V or on the input (added to the output);
+  `w`                             `score = performer(m)`: the frozen (m, head_dim) random features;
+  `cpb_fc1`, `cpb_fc2`            `position = continuous_bias`: the bias MLP (buffers `cpb_table`, `cpb_index`);
+  `relative_pos_bias_local`, `learnable_tokens`, `learnable_bias`   `neighbourhood(..., bias, tokens)`;
+  `rel_pos_msg`                   `window(messengers = true)` with `relative_bias`: two scalars per head;
+  an extra key source's modules   `extra_kv = reduce(...)`: `sr`, `norm` flat, with `q` and `kv` linears;
   `proj`                          the output projection.
 Masks and index tables are buffers, built once at construction (`neighbour_index`/`neighbour_mask`
 for neighbourhood partitions: every query's keys gathered from the projected tokens plus one zero
@@ -128,8 +133,12 @@ class ReduceKeys(nn.Module):
     """The `reduce` key source: a ratio-strided conv (`sr`) or average pool (`pool`), then `norm`
     over the tokens; (B, C, *grid) -> (B, M, C). `ratio=0` only flattens and normalises."""
 
-    def __init__(self, dim, ndim, ratio=0, mode="conv", norm=None):
+    def __init__(self, dim, ndim, ratio=0, mode="conv", norm=None, pointwise=False, act=None):
         super().__init__()
+        if pointwise:  # a 1x1 conv with bias before the pooling (TransNeXt)
+            self.sr = _conv_cls(ndim)(dim, dim, 1)
+        if act is not None:
+            self.act = act
         if ratio:
             if mode == "conv":
                 self.sr = _conv_cls(ndim)(dim, dim, ratio, ratio)
@@ -140,7 +149,9 @@ class ReduceKeys(nn.Module):
     def forward(self, x):
         if hasattr(self, "sr"):
             x = self.sr(x)
-        elif hasattr(self, "pool"):
+        if hasattr(self, "act"):
+            x = self.act(x)
+        if hasattr(self, "pool"):
             x = self.pool(x)
         return self.norm(_to_tokens(x))
 
@@ -152,8 +163,12 @@ class Attention(nn.Module):
                  shift=0, padded=None, dilation=1, pad_mask=False, regions=0, topk=0, relative_bias=False,
                  learned_bias=None, relative_xl=False, key_source=None, key_source_name=None, key_source_query=False,
                  kv_grid=None, conv_proj=None, lepe=0, lepe_source="v", scale=None, input_query=False, queries=0,
-                 keys_rest=False, cosine=None, kv_tokens=None, agents=None, cin=None):
+                 keys_rest=False, cosine=None, kv_tokens=None, agents=None, cin=None, performer=None,
+                 value_skip=False, local_bias=False, local_tokens=False, extra_source=None, extra_source_name=None,
+                 extra_grid=None, continuous_bias=None, messengers=False):
         super().__init__()
+        self.value_skip, self.messengers = value_skip, messengers
+        self.extra_grid = tuple(extra_grid) if extra_grid is not None else None
         cin = dim if cin is None else cin  # input channels; `dim` is the width of q, k, v
         self.input_query = input_query  # x carries [tokens (dim), queries (dim)]: kv from `qkv`
         self.heads, self.head_dim = heads, dim // heads
@@ -179,17 +194,15 @@ class Attention(nn.Module):
             self.q = ChannelLinear(cin, dim, qkv_bias)
             self.k = ChannelLinear(cin, dim, qkv_bias)
             self.v = ChannelLinear(cin, dim, qkv_bias)
-        elif key_source is not None:  # keys and values from a key source (PVT): q and kv linears
+        elif key_source is not None or extra_source is not None:
+            # keys and values from a key source (PVT), or extra keys from one (TransNeXt): q and kv linears
             self.q = ChannelLinear(cin, dim, qkv_bias)
             self.kv = ChannelLinear(cin, 2 * dim, qkv_bias)
             self.key_source_query = key_source_query
-            if key_source_name is None:  # children registered flat (reduce: `sr`/`pool`, `norm`)
-                for name, child in key_source.named_children():
-                    self.add_module(name, child)
-                object.__setattr__(self, "_key_source", key_source)  # not registered twice
-            else:
-                self.add_module(key_source_name, key_source)
-                self._key_source_name = key_source_name
+            if key_source is not None:
+                self._register_source("_key_source", key_source, key_source_name)
+            if extra_source is not None:
+                self._register_source("_extra_source", extra_source, extra_source_name)
         else:
             self.qkv = ChannelLinear(cin, (2 if input_query else 3) * dim, qkv_bias)
         if lepe:
@@ -208,7 +221,12 @@ class Attention(nn.Module):
             count, std = kv_tokens
             self.kv_tokens_count = count
             self.kv_tokens = nn.Parameter(trunc_normal_(torch.empty(2, count, dim), std))
-        n_extra = self.kv_tokens_count
+        n_extra = self.kv_tokens_count + (math.prod(self.extra_grid) if self.extra_grid is not None else 0)
+        self.performer = performer is not None
+        if performer is not None:  # FAVOR+: frozen orthogonal random features, scaled by sqrt(m)
+            features, self.performer_eps = performer
+            w = nn.init.orthogonal_(torch.empty(features, self.head_dim)) * math.sqrt(features)
+            self.w = nn.Parameter(w, requires_grad=False)
         # ---- which keys a query sees
         if partition == "neighbourhood":
             index, inside = parts.neighbourhood_index(self.grid, size, dilation)
@@ -224,7 +242,8 @@ class Attention(nn.Module):
         elif queries:
             length = math.log(extra + math.prod(self.grid) - (queries if keys_rest else 0) + n_extra)
         else:
-            length = math.log(math.prod(self.kv_grid) + (0 if local or key_source is not None else extra) + n_extra)
+            length = math.log(math.prod(self.kv_grid) + (0 if local or key_source is not None else extra) + n_extra
+                              + (1 if messengers else 0))
         if self.cosine:
             self.register_buffer("seq_length_scale", torch.as_tensor(length) if self.length_scale else None,
                                  persistent=False)
@@ -252,6 +271,25 @@ class Attention(nn.Module):
             self.pos_bias_v = nn.Parameter(nn.init.xavier_uniform_(torch.empty(heads, self.head_dim)))
             self.register_buffer("pos_table", parts.sinusoid_relative(t, dim), persistent=False)
             self.register_buffer("pos_index", parts.relative_offset_index(t), persistent=False)
+        if messengers and relative_bias:  # messenger -> all (row) and grid -> messenger (column) scalars
+            self.rel_pos_msg = nn.Parameter(trunc_normal_(torch.empty(heads, 2, 1, 1), 0.02))
+        if local_bias:  # TransNeXt: a bias per head and neighbour offset
+            k = size ** ndim
+            self.relative_pos_bias_local = nn.Parameter(trunc_normal_(torch.empty(heads, k), 0.0004))
+        if local_tokens:  # TransNeXt's learnable tokens: query-conditioned neighbour weights
+            k = size ** ndim
+            self.learnable_tokens = nn.Parameter(trunc_normal_(torch.empty(heads, self.head_dim, k), 0.02))
+            self.learnable_bias = nn.Parameter(torch.zeros(heads, 1, k))
+        self.continuous = continuous_bias is not None
+        if continuous_bias is not None:
+            hidden, key_grid = continuous_bias
+            self.cpb_fc1 = ChannelLinear(ndim, hidden)
+            self.cpb_act = nn.ReLU()
+            self.cpb_fc2 = ChannelLinear(hidden, heads)
+            index, table = parts.continuous_table(self.grid, tuple(key_grid))
+            self.register_buffer("cpb_index", index, persistent=False)
+            self.register_buffer("cpb_table", table, persistent=False)
+            self.cpb_keys = math.prod(key_grid)
         mask = None
         if partition == "window" and shift:
             mask = _shift_mask(self.padded, size, shift)[:, None]  # (nW, 1, N, N)
@@ -274,6 +312,24 @@ class Attention(nn.Module):
             self.dwc = _conv_cls(ndim)(dim, dim, kernel, 1, kernel // 2, groups=dim)
 
     # ------------------------------------------------------------------ helpers
+    def _register_source(self, attr, source, name):
+        if name is None:  # children registered flat (reduce: `sr`/`pool`, `norm`)
+            for child_name, child in source.named_children():
+                self.add_module(child_name, child)
+            object.__setattr__(self, attr, source)  # not registered twice
+        else:
+            self.add_module(name, source)
+            object.__setattr__(self, attr + "_name", name)
+
+    def _source(self, attr):
+        name = getattr(self, attr + "_name", None)
+        return getattr(self, name) if name is not None else getattr(self, attr)
+
+    def _continuous_bias(self):
+        """(heads, N, M): the bias MLP over the distinct relative coordinates, gathered."""
+        b = self.cpb_fc2(self.cpb_act(self.cpb_fc1(self.cpb_table)))  # (U, heads)
+        return b.t()[:, self.cpb_index].view(-1, math.prod(self.grid), self.cpb_keys)
+
     def _bias(self):
         bias = None
         if hasattr(self, "relative_position_bias_table"):
@@ -284,6 +340,12 @@ class Attention(nn.Module):
             else:
                 table = self.relative_position_bias_table[self.relative_position_index.view(-1)]
                 bias = table.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
+            if hasattr(self, "rel_pos_msg"):  # the messenger first: its row, then its column
+                h, m = self.rel_pos_msg.shape[0], bias.shape[-1]
+                bias = torch.cat([self.rel_pos_msg[:, 0].expand(h, m, 1), bias], -1)
+                bias = torch.cat([self.rel_pos_msg[:, 1].expand(h, 1, m + 1), bias], -2)
+        if self.continuous and self.partition != "neighbourhood":
+            bias = self._continuous_bias()
         if self.attn_mask is not None:
             bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads, N, N)
         if bias is not None and self.kv_tokens_count:
@@ -321,15 +383,37 @@ class Attention(nn.Module):
         elif self.queries:
             src = x[:, self.queries:] if self.keys_rest else x
             q, k, v = self.q(x[:, : self.queries]), self.k(src), self.v(src)
+        elif self.extra_grid is not None:  # the tokens' keys; the extra source's in `_extra_keys`
+            q = self.q(x)
+            k, v = self.kv(x).split(c, dim=-1)
         else:
             q = self.q(x)
-            source = getattr(self, self._key_source_name) if hasattr(self, "_key_source_name") else self._key_source
+            source = self._source("_key_source")
             if self.key_source_query:
                 src = source(_to_map(x, self.grid), _to_map(q, self.grid))
             else:
                 src = source(_to_map(x, self.grid))
             k, v = self.kv(src).split(c, dim=-1)
         return q, k, v
+
+    def _extra_keys(self, x):
+        """Keys and values of the extra key source, heads split: (B, h, P, d) each."""
+        c = self.heads * self.head_dim
+        k, v = self.kv(self._source("_extra_source")(_to_map(x, self.grid))).split(c, dim=-1)
+        k, v = self._heads(k), self._heads(v)
+        return (F.normalize(k, dim=-1) if self.cosine else k), v
+
+    def _performer(self, q, k, v):
+        """FAVOR+ linear attention: phi(q) (phi(K)^T V) / (phi(q) . sum_j phi(k_j) + eps), per head."""
+        m = self.w.shape[0]
+
+        def phi(t):
+            return torch.exp(t @ self.w.t() - (t * t).sum(-1, keepdim=True) / 2) / math.sqrt(m)
+
+        qp, kp = phi(q), phi(k)  # (B, h, N, m), (B, h, M, m)
+        kv = kp.transpose(-2, -1) @ v  # (B, h, m, d)
+        norm = qp @ kp.sum(2).unsqueeze(-1)  # (B, h, N, 1)
+        return (qp @ kv) / (norm + self.performer_eps)
 
     def _cosine_q(self, q):
         q = F.normalize(q, dim=-1)
@@ -369,35 +453,50 @@ class Attention(nn.Module):
         b, n = x.shape[:2]
         c = self.heads * self.head_dim
         x_in = x
+        if self.messengers:  # one prefix token per window: it joins its window
+            msg, x = x[:, :self.extra], x[:, self.extra:]
         if self.partition in ("window", "grid"):
-            x = x.view(b, *self.grid, x.shape[-1])
+            x = x.reshape(b, *self.grid, x.shape[-1])
             if self.padded != self.grid:  # zero tokens at the end of every dim (Twins, Swin)
                 x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
             if self.shift:
                 x = self._roll(x, -self.shift)
             x = _partition(x, self.padded, self.size, self.partition)
+            if self.messengers:
+                x = torch.cat([msg.reshape(-1, 1, msg.shape[-1]), x], 1)  # (B * nW, 1 + N, C)
         q, k, v = self._project(x)
+        v_skip = v
+        extra = self._extra_keys(x) if self.extra_grid is not None else None
         if self.agents:
             y = self._agents(q, k, v)
         else:
-            y, v = self._attention(q, k, v, b)
+            y, v = self._attention(q, k, v, b, extra)
         if hasattr(self, "lepe"):  # LePE: a depthwise conv added to the output
             if self.lepe_source == "input":
                 y = y + _to_tokens(self.lepe(_to_map(x_in, self.grid)))
             else:  # over V: per window/grid group, else over the whole map
                 y = y + _to_tokens(self.lepe(_to_map(v, self.group)))
+        if self.messengers:
+            msg, y = y[:, 0].reshape(b, -1, c), y[:, 1:]
         if self.partition in ("window", "grid"):
             y = _unpartition(y, self.padded, self.size, b, self.partition)
             if self.shift:
                 y = self._roll(y.view(b, *self.padded, c), self.shift).reshape(b, -1, c)
             if self.padded != self.grid:
                 y = y.view(b, *self.padded, c)[(slice(None), *[slice(0, g) for g in self.grid])].reshape(b, n, c)
+        if self.messengers:
+            y = torch.cat([msg, y], 1)
+        if self.value_skip:  # T2T: y = v + proj(attention)
+            return self.proj(y) + v_skip
         return self.proj(y)
 
-    def _attention(self, q, k, v, b):
-        """(y tokens (B', L, C), v tokens for LePE)."""
+    def _attention(self, q, k, v, b, extra=None):
+        """(y tokens (B', L, C), v tokens for LePE); `extra`: the extra source's keys and values."""
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         v_tokens = v
+        if self.performer:
+            return self._merge(self._performer(q, k, v)), self._merge(v_tokens)
+        q_unit = F.normalize(q, dim=-1) if hasattr(self, "learnable_tokens") else None
         bias = None
         if self.relative_xl:  # ((q + u) k^T + (q + v') P_{i-j}^T) * scale
             p = self.linear_pos(self.pos_table).view(-1, self.heads, self.head_dim).transpose(0, 1)  # (h, 2T-1, d)
@@ -409,12 +508,14 @@ class Attention(nn.Module):
         if self.cosine:
             q, k = self._cosine_q(q), F.normalize(k, dim=-1)
         if self.partition == "neighbourhood":
-            y = self._neighbourhood(q, k, v)
+            y = self._neighbourhood(q, k, v, extra, q_unit)
         elif self.partition == "routed":
             y = self._routed(q, k, v)
         else:
             if self.kv_tokens_count:
                 k, v = self._with_kv_tokens(k, v)
+            if extra is not None:  # extra keys from a source: more keys, the same softmax
+                k, v = torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2)
             pb = self._bias()
             if pb is not None:
                 bias = pb if bias is None else bias + pb
@@ -426,14 +527,19 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, bias).reshape(bw, self.heads, nw, self.head_dim)
         return self._merge(y), self._merge(v_tokens)
 
-    def _neighbourhood(self, q, k, v):
-        """Each query attends to its gathered neighbours: q (B, h, N, d) -> (B, h, N, d)."""
+    def _neighbourhood(self, q, k, v, extra=None, q_unit=None):
+        """Each query attends to its gathered neighbours (and to the extra source's keys, in the same
+        softmax): q (B, h, N, d) -> (B, h, N, d)."""
         b, h, n, d = k.shape
         idx = self.neighbour_index
+        count = idx.shape[1]
         zero = k.new_zeros(b, h, 1, d)
-        k = torch.cat([k, zero], 2)[:, :, idx.view(-1)].view(b, h, n, idx.shape[1], d)
-        v = torch.cat([v, zero], 2)[:, :, idx.view(-1)].view(b, h, n, idx.shape[1], d)
+        k = torch.cat([k, zero], 2)[:, :, idx.view(-1)].view(b, h, n, count, d)
+        v = torch.cat([v, zero], 2)[:, :, idx.view(-1)].view(b, h, n, count, d)
         bias = self.neighbour_mask
+        if hasattr(self, "relative_pos_bias_local"):
+            lb = self.relative_pos_bias_local.view(h, 1, 1, count)
+            bias = lb if bias is None else bias + lb
         if self.kv_tokens_count:
             k, v = self._with_kv_tokens(k, v)
             if bias is not None:
@@ -441,8 +547,20 @@ class Attention(nn.Module):
         if hasattr(self, "relative_pos"):
             rp = self.relative_pos.unsqueeze(2)  # (h, N, 1, K)
             bias = rp if bias is None else bias + rp
-        y = self._scores(q.unsqueeze(3), k, bias).softmax(-1) @ v  # (B, h, N, 1, d)
-        return y.squeeze(3)
+        logits = self._scores(q.unsqueeze(3), k, bias)  # (B, h, N, 1, K)
+        if extra is None:
+            a = logits.softmax(-1)
+        else:  # the pooled keys: one set for every query, one softmax with the neighbours
+            pooled = self._scores(q, extra[0], self._continuous_bias() if self.continuous else None)  # (B, h, N, P)
+            a = torch.cat([logits, pooled.unsqueeze(3)], -1).softmax(-1)
+            a, a_pooled = a.split([logits.shape[-1], pooled.shape[-1]], -1)
+        if q_unit is not None:  # query-conditioned neighbour weights, added after the softmax
+            dyn = (q_unit @ self.learnable_tokens + self.learnable_bias).unsqueeze(3)  # (B, h, N, 1, K)
+            a = a + F.pad(dyn, (self.kv_tokens_count, 0))
+        y = (a @ v).squeeze(3)  # (B, h, N, d)
+        if extra is not None:
+            y = y + a_pooled.squeeze(3) @ extra[1]
+        return y
 
     def _routed(self, q, k, v):
         """Bi-level routing: q, k, v (B, h, N, d) -> (B, h, N, d)."""

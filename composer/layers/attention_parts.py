@@ -1,6 +1,6 @@
 """Index tables and fixed tables of the attention parts (built once, at construction): the
 neighbourhood key index, Transformer-XL's sinusoidal relative embeddings and its offset index,
-and the agents' bias resizing. Used by composer/layers/attention.py."""
+the agents' bias resizing, and the continuous position bias's coordinate table. Used by composer/layers/attention.py."""
 
 from __future__ import annotations
 
@@ -57,3 +57,26 @@ def axis_tables(tables, heads: int, agents: int, grid, agents_last: bool) -> tor
     (1, heads, N, agents) with `agents_last`."""
     total = sum(tables)
     return total.reshape(1, heads, -1, agents) if agents_last else total.reshape(1, heads, agents, -1)
+
+
+def continuous_table(grid, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    """TransNeXt's continuous-bias coordinates for queries on `grid` and keys on `keys` (the key axis
+    is the query axis average-pooled to the key count): per axis r = (q - k) / (g - 1) * 8, then
+    sign(r) log2(1 + |r|) / log2(8). Returns the (N * M,) index into the (U, ndim) table of the
+    distinct coordinates (torch.unique's order)."""
+    axes = []
+    for g, m in zip(grid, keys):
+        pos = torch.arange(g, dtype=torch.float64)
+        centres = F.adaptive_avg_pool1d(pos[None], m)[0]
+        axes.append((pos[:, None] - centres[None, :]) / max(g - 1, 1) * 8)  # (g, m)
+    ndim = len(grid)
+    # the (query, key) pairs in row-major order of (query coords, key coords)
+    rel = []
+    for d, r in enumerate(axes):
+        shape = [1] * (2 * ndim)
+        shape[d], shape[ndim + d] = r.shape
+        rel.append(r.view(shape).expand(*grid, *keys).reshape(-1))
+    rel = torch.stack(rel, -1)  # (N * M, ndim)
+    table, index = torch.unique(rel, return_inverse=True, dim=0)
+    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    return index, table.float()

@@ -28,11 +28,19 @@ class Window(Op):
     `shift` (Swin; queries and keys from different regions of the rolled grid are masked with
     -100). As in the reference, a window that covers the whole grid drops the shift. `pad=true`
     zero-pads the grid at the end of every dim up to a multiple of the window (unmasked, as timm's
-    Twins and Swin) and crops the output; otherwise the window must divide the grid."""
+    Twins and Swin) and crops the output; otherwise the window must divide the grid.
+
+    `messengers=true`: the input's prefix tokens are one messenger per window, in window raster
+    order (as `window_tokens` makes them); each joins its window's attention as one more query and
+    key (MSG-Transformer), and the output keeps them ahead of the grid. With `position =
+    relative_bias` the messengers, which have no offset, get two learned scalars per head,
+    `rel_pos_msg` (heads, 2, 1, 1), trunc-normal(0.02): [1] on every score of a messenger query,
+    [0] on the scores of grid queries for the messenger key. Not with `shift` or `pad`."""
 
     size: int
     shift: int = 0
     pad: bool = False
+    messengers: bool = False
     mode: ClassVar[str] = "window"
 
     def effective(self, grid: tuple[int, ...]) -> tuple[int, int]:
@@ -121,17 +129,26 @@ class Reduce(KeySource):
     """Keys and values from a spatially reduced copy of the tokens, reduced by `ratio` in every
     dim: `mode="conv"` a ratio-strided conv with bias (PVT's spatial reduction, submodule `sr`),
     `mode="pool"` average pooling (LITv2's Lo-Fi keys, submodule `pool`), then `norm` (submodule
-    `norm`). `ratio=1` keeps the tokens but still uses separate `q` and `kv` linears. Submodules are
+    `norm`). `ratio=1` keeps the tokens but still uses separate `q` and `kv` linears. With
+    `pointwise=true` (pool mode) a 1x1 conv with bias (submodule `sr`) runs before the pooling;
+    `act` (an activation) follows the conv, or comes first without one: TransNeXt's pooled keys are
+    `reduce(sr, "pool", pointwise = true, act = gelu, norm = layernorm(1e-6))`. Submodules are
     registered directly on the attention (no prefix)."""
 
     ratio: int
     mode: Literal["conv", "pool"] = "conv"
     norm: Optional[Op] = None
+    pointwise: bool = False
+    act: Optional[Op] = None
     module_name: ClassVar[Optional[str]] = None
 
     def grid(self, x: Shape) -> tuple[int, ...]:
         if self.ratio <= 0:
             raise ShapeError(f"reduction ratio must be positive, got {self.ratio}")
+        if self.pointwise and self.mode != "pool":
+            raise ShapeError("reduce(pointwise = true) is for mode \"pool\" (a 1x1 conv before the pooling)")
+        if self.act is not None and self.act.params(x, x):
+            raise ShapeError(f"reduce's act must be an activation without parameters, got {self.act.describe()}")
         if self.ratio == 1:
             return x.spatial
         for g in x.spatial:
@@ -145,19 +162,23 @@ class Reduce(KeySource):
     def params(self, x: Shape, y: Optional[Shape] = None) -> int:
         c = x.channels
         n = c * c * self.ratio ** x.ndim + c if self._conv() else 0
+        n += c * c + c if self.pointwise else 0
         g = Shape(c, self.grid(x), "tokens")
         return n + (self.norm.params(g, g) if self.norm else 0)
 
     def macs(self, x: Shape, y: Optional[Shape] = None) -> int:
         c = x.channels
-        return prod(self.grid(x)) * c * c * self.ratio ** x.ndim if self._conv() else 0
+        n = prod(self.grid(x)) * c * c * self.ratio ** x.ndim if self._conv() else 0
+        return n + (prod(x.spatial) * c * c if self.pointwise else 0)
 
     def build(self, x: Shape, y: Optional[Shape] = None):
         from ..layers.attention import ReduceKeys
 
         g = Shape(x.channels, self.grid(x), "tokens")
         norm = self.norm.build(g, g) if self.norm is not None else None
-        return ReduceKeys(x.channels, len(x.spatial), self.ratio if self.ratio > 1 else 0, self.mode, norm)
+        act = self.act.build(x, x) if self.act is not None else None
+        return ReduceKeys(x.channels, len(x.spatial), self.ratio if self.ratio > 1 else 0, self.mode, norm,
+                          pointwise=self.pointwise, act=act)
 
 
 @op("conv_proj", kind="part", category="attention part")
@@ -202,11 +223,21 @@ class Neighbourhood(Op):
     at spacing `dilation`: the key grid is zero-padded by dilation*(size-1)/2 on every side, as
     `nn.Unfold(size, dilation, padding)` does (DilateFormer). Padded keys are zero vectors (after
     projection) and take part in the softmax with logit 0, unless `mask=true` masks them out
-    (-inf; TransNeXt's local branch). The key index table is built once."""
+    (-inf; TransNeXt's local branch). The key index table is built once.
+
+    `bias=true` adds a learned bias per head and neighbour offset to the scores
+    (`relative_pos_bias_local` (heads, size^d), trunc-normal(0.0004)). `tokens=true` adds
+    query-conditioned weights to the neighbours' softmax weights (after the softmax, not normalised):
+    l2norm(q) @ `learnable_tokens` (heads, head_dim, size^d, trunc-normal 0.02) + `learnable_bias`
+    (heads, 1, size^d, zeros), with the un-scaled normalised query (TransNeXt's learnable tokens).
+    With `extra_kv = reduce(...)` every query also sees the pooled keys, under the same softmax
+    (TransNeXt's aggregated attention)."""
 
     size: int
     dilation: int = 1
     mask: bool = False
+    bias: bool = False
+    tokens: bool = False
     mode: ClassVar[str] = "neighbourhood"
 
     def check(self, grid: tuple[int, ...]) -> None:
@@ -225,6 +256,8 @@ class Dilated(Neighbourhood):
     size: int
     dilation: int
     mask: bool = False
+    bias: bool = False
+    tokens: bool = False
 
 
 @op("routed", kind="part", category="attention part")
@@ -343,6 +376,33 @@ class Cosine(Op):
     length_scale: bool = True
 
 
+@op("performer", kind="part", category="attention part")
+class Performer(Op):
+    """Linear attention with positive random features (Performer's FAVOR+, T2T-ViT's T2T layers):
+    phi(x) = exp(W x - |x|^2 / 2) / sqrt(m) for the un-scaled q and k of every head, W a frozen
+    (m = `features`, head_dim) random matrix with orthogonal rows scaled by sqrt(m) (a parameter `w`
+    with requires_grad=False, shared by the heads, drawn at build time); the output is
+    phi(q) (phi(K)^T V) / (phi(q) . sum_j phi(k_j) + `eps`), never forming the N x M scores.
+    The attention's `scale` is not used; no partition, position, extra_kv or agents."""
+
+    features: int
+    eps: float = 1e-8
+
+
+@op("continuous_bias", kind="part", category="attention part")
+class ContinuousBias(Op):
+    """A continuous relative position bias (TransNeXt's, after Swin v2's CPB): an MLP (`cpb_fc1`
+    2 -> `hidden`, ReLU, `cpb_fc2` hidden -> heads, with biases) of the log-spaced relative
+    coordinates between every query and every key on a grid, sign(r) log2(1 + |r|) / log2(8) with
+    r = (query - key) / (grid - 1) * 8 per axis (a 1-D grid uses one axis and `cpb_fc1` 1 -> hidden).
+    Keys of a reduced source sit at the centres of their pooling cells (adaptive average pooling of
+    the axis). The keys are the attention's tokens, or its `kv` source's, or, with a neighbourhood
+    partition, the pooled keys of its `extra_kv` source. The table of distinct coordinates and the
+    (queries, keys) index are buffers, built once for the input size."""
+
+    hidden: int = 512
+
+
 @op("lepe", kind="part", category="attention part")
 class LePE(Op):
     """Locally-enhanced position encoding (CSWin, BiFormer): a depthwise `kernel` conv with bias,
@@ -353,6 +413,18 @@ class LePE(Op):
 
     kernel: int = 3
     source: Literal["v", "input"] = "v"
+
+
+def cpb_centres(size: int, keys: int) -> list[float]:
+    """The positions of `keys` keys pooled from an axis of `size` positions: the mean of each
+    adaptive-average-pooling cell [floor(j size / keys), ceil((j + 1) size / keys))."""
+    return [(j * size // keys + -(-(j + 1) * size // keys) - 1) / 2 for j in range(keys)]
+
+
+def cpb_counts(grid: tuple[int, ...], keys: tuple[int, ...]) -> list[int]:
+    """Per axis, the number of distinct query-minus-key offsets of `continuous_bias` (the table has
+    their product of rows)."""
+    return [len({q - k for q in range(g) for k in cpb_centres(g, m)}) for g, m in zip(grid, keys)]
 
 
 def _is_local(partition) -> bool:
@@ -375,6 +447,14 @@ class Attention(Op):
     divide it) and `proj=false` drops the output projection (the output then has `dim` channels):
     DilateFormer's multi-scale dilated attention is a `parallel concat` of `attention(h,
     partition = dilated(3, r), dim = C / n, proj = false)` branches followed by one `linear`.
+    `score=performer(m)` is linear attention with random features (T2T-ViT). `value_skip=true` adds
+    the values V (heads merged) to the output after `proj` (T2T's layers: y = v + proj(attn); keys
+    from the tokens, and the output as wide as V). `extra_kv=reduce(...)` (any key source) adds its
+    keys to every query's keys under the same softmax, projected by the same `kv` linear as the
+    tokens' (q and kv linears): with `partition=neighbourhood(3, mask=true, bias=true, tokens=true)`,
+    `score=cosine` and `position=continuous_bias` this is TransNeXt's aggregated attention.
+    `partition=window(w, messengers=true)` lets one prefix token per window join that window
+    (MSG-Transformer).
     Computed with `F.scaled_dot_product_attention` where it applies;
     masks and index tables are built once. Linear weights trunc-normal(0.02), biases zero."""
 
@@ -386,18 +466,34 @@ class Attention(Op):
     partition: Optional[Union[Window, Grid, Dilated, Neighbourhood, Routed]] = None
     kv: Optional[KeySource] = None
     projection: Optional[ConvProj] = None
-    position: Optional[Union[RelativeBias, RelativeBiasMap, LearnedBias, RelativeXL, LePE]] = None
+    position: Optional[Union[RelativeBias, RelativeBiasMap, LearnedBias, RelativeXL, LePE, ContinuousBias]] = None
     scale: Optional[float] = None
     query: Optional[Union[Given, First]] = None
-    score: Optional[Union[Dot, Cosine]] = None
-    extra_kv: Optional[KvTokens] = None
+    score: Optional[Union[Dot, Cosine, Performer]] = None
+    extra_kv: Optional[Union[KvTokens, KeySource]] = None
     agents: Optional[Agents] = None
     dim: Optional[int] = None
     proj: bool = True
+    value_skip: bool = False
 
     # -------------------------------------------------------------- geometry
     def _given(self) -> bool:
         return isinstance(self.query, Given)
+
+    def _tokens_kv(self) -> int:
+        """The number of learned kv tokens (`extra_kv = kv_tokens(n)`)."""
+        return self.extra_kv.count if isinstance(self.extra_kv, KvTokens) else 0
+
+    def _source(self) -> Optional[KeySource]:
+        """The extra key source (`extra_kv = reduce(...)` or any KeySource)."""
+        return self.extra_kv if isinstance(self.extra_kv, KeySource) else None
+
+    def _messengers(self) -> bool:
+        return isinstance(self.partition, Window) and self.partition.messengers
+
+    def _split_qkv(self) -> bool:
+        """Separate q and kv linears (a key source, for the keys or for extra keys)."""
+        return self.kv is not None or self._source() is not None
 
     def _first(self) -> Optional[First]:
         return self.query if isinstance(self.query, First) else None
@@ -447,7 +543,7 @@ class Attention(Op):
         if first is not None:
             return first.count
         if _is_local(self.partition):
-            return prod(self._group(x))
+            return prod(self._group(x)) + self._messengers()
         if isinstance(self.partition, Routed):
             return prod(self.partition.region(x.spatial))
         if isinstance(self.partition, Neighbourhood):
@@ -455,8 +551,8 @@ class Attention(Op):
         return x.tokens
 
     def _keys(self, x: Shape) -> int:
-        """Keys seen by one query (learned kv tokens included)."""
-        extra = self.extra_kv.count if self.extra_kv is not None else 0
+        """Keys seen by one query (learned kv tokens and extra source keys included)."""
+        extra = self._tokens_kv() + (self._source().tokens(self._x(x)) if self._source() is not None else 0)
         first = self._first()
         if first is not None:
             return extra + x.tokens - (first.count if first.keys == "rest" else 0)
@@ -467,8 +563,21 @@ class Attention(Op):
         if self.kv is not None:
             return extra + self.kv.tokens(x)
         if _is_local(self.partition):
-            return extra + prod(self._group(x))
+            return extra + prod(self._group(x)) + self._messengers()
         return extra + x.extra + prod(self._kv_grid(x))
+
+    def _bias_grid(self, x: Shape) -> tuple[int, ...]:
+        """The key grid of `continuous_bias`: the kv source's, the extra source's, or the tokens'."""
+        if self.kv is not None:
+            return self.kv.grid(x)
+        if self._source() is not None and isinstance(self.partition, Neighbourhood):
+            return self._source().grid(x)
+        return x.spatial
+
+    def _windows(self, x: Shape) -> int:
+        """The number of windows (messengers) of a window partition."""
+        size, _ = self.partition.effective(x.spatial)
+        return prod(g // size for g in self.partition.padded(x.spatial))
 
     # -------------------------------------------------------------- shape rule
     def infer(self, x: Shape) -> Shape:
@@ -487,8 +596,23 @@ class Attention(Op):
             if p is not None or self.kv is not None or self.projection is not None or self.position is not None \
                     or self.agents is not None:
                 raise ShapeError("query=first(...) cannot be combined with partition, kv, projection, position or agents")
+        if self._messengers():
+            if not x.ndim:
+                raise ShapeError("window attention needs tokens on a spatial grid")
+            p.check(x.spatial)
+            if p.effective(x.spatial)[1] or p.pad:
+                raise ShapeError("window(messengers = true) cannot be shifted or padded")
+            if x.extra != self._windows(x):
+                raise ShapeError(f"window(messengers = true) needs one prefix token per window: "
+                                 f"{self._windows(x)} windows, got {x.extra} prefix tokens",
+                                 "add them with window_tokens(size) before the first such attention")
+            if self.position is not None and not isinstance(self.position, RelativeBias) or \
+                    self.extra_kv is not None or self.agents is not None or self._given() or \
+                    isinstance(self.score, Performer):
+                raise ShapeError("messengers work with position = relative_bias or none, without extra_kv, agents, "
+                                 "given queries or performer")
         if p is not None:
-            if x.extra:
+            if x.extra and not self._messengers():
                 raise ShapeError(f"{p.name} attention cannot take class tokens")
             if not x.ndim:
                 raise ShapeError(f"{p.name} attention needs tokens on a spatial grid")
@@ -523,8 +647,47 @@ class Attention(Op):
                 raise ShapeError("lepe kernel must be positive")
             if self.position.source == "input" and p is not None:
                 raise ShapeError("lepe(source=\"input\") is for attention without partition")
-        if self.extra_kv is not None and self.extra_kv.count <= 0:
+        if isinstance(self.extra_kv, KvTokens) and self.extra_kv.count <= 0:
             raise ShapeError(f"kv_tokens count must be positive, got {self.extra_kv.count}")
+        src = self._source()
+        if src is not None:
+            if (p is not None and not isinstance(p, Neighbourhood)) or self.kv is not None or \
+                    self.projection is not None or self.query is not None or self.agents is not None or x.extra:
+                raise ShapeError("extra keys from a key source work over all tokens or with a neighbourhood partition, "
+                                 "without kv, projection, query, agents or class tokens")
+            if not x.ndim:
+                raise ShapeError("extra keys from a key source need tokens on a spatial grid")
+            if src.needs_query:
+                raise ShapeError(f"{src.name} cannot be an extra key source (it needs the queries)")
+            src.grid(x)
+        if isinstance(self.score, Performer):
+            if self.score.features <= 0:
+                raise ShapeError(f"performer features must be positive, got {self.score.features}")
+            if p is not None or self.position is not None or self.extra_kv is not None or self.agents is not None:
+                raise ShapeError("performer attention takes no partition, position, extra_kv or agents")
+        if isinstance(self.position, ContinuousBias):
+            if self.position.hidden <= 0:
+                raise ShapeError(f"continuous_bias hidden must be positive, got {self.position.hidden}")
+            if x.extra or not x.ndim or (p is not None and not isinstance(p, Neighbourhood)) or \
+                    self.projection is not None or self.query is not None or self.agents is not None:
+                raise ShapeError("continuous_bias needs tokens on a grid without class tokens, and no window, grid, "
+                                 "routed partition, projection, query or agents")
+            if src is not None and p is None:
+                raise ShapeError("continuous_bias with extra_kv = reduce(...) needs a neighbourhood partition")
+            if isinstance(p, Neighbourhood) and src is None:
+                raise ShapeError("continuous_bias with a neighbourhood partition is for the keys of an extra_kv source",
+                                 "add extra_kv = reduce(...), or use neighbourhood(..., bias = true)")
+            if x.ndim > 2:
+                raise ShapeError("continuous_bias works on 1-D and 2-D grids")
+        if self.value_skip:
+            if p is not None or self.kv is not None or self.projection is not None or self.query is not None or \
+                    self.agents is not None or self.extra_kv is not None:
+                raise ShapeError("value_skip needs the values of the tokens themselves: no partition, kv, projection, "
+                                 "query, agents or extra_kv")
+            if self.proj and (self.out or x.channels) != self.inner(x):
+                raise ShapeError(f"value_skip adds V ({self.inner(x)} channels) to the output "
+                                 f"({self.out or x.channels} channels): they must be equally wide",
+                                 "set `out` to the attention's `dim`")
         if self.agents is not None:
             a = self.agents
             if x.extra or x.ndim > 2:
@@ -537,6 +700,8 @@ class Attention(Op):
             a.side(x.ndim)
             if a.count <= 0 or a.kernel <= 0 or a.kernel % 2 == 0 or a.table <= 0:
                 raise ShapeError("agents count, table and (odd) kernel must be positive")
+        if isinstance(self.score, Performer) and x.extra and self.kv is not None:
+            raise ShapeError("performer with a kv source cannot take class tokens")
         if isinstance(self.score, Cosine) and isinstance(self.position, RelativeXL):
             raise ShapeError("cosine scores cannot be combined with relative_xl")
         if isinstance(self.score, Cosine) and self.score.init <= 0:
@@ -574,8 +739,19 @@ class Attention(Op):
             n += cd * self.position.kernel ** d + cd
         if isinstance(self.score, Cosine):
             n += h + (cd if self.score.query_embedding else 0)
-        if self.extra_kv is not None:
-            n += 2 * self.extra_kv.count * cd
+        if isinstance(self.score, Performer):
+            n += self.score.features * (cd // h)  # the frozen random matrix `w`
+        if isinstance(self.position, ContinuousBias):
+            hid = self.position.hidden
+            n += (d + 1) * hid + (hid + 1) * h
+        if isinstance(self.partition, Neighbourhood):
+            k = self.partition.size ** d
+            n += h * k * self.partition.bias + (h * (cd // h) * k + h * k) * self.partition.tokens
+        if self._messengers() and isinstance(self.position, RelativeBias):
+            n += 2 * h  # rel_pos_msg
+        n += 2 * self._tokens_kv() * cd
+        if self._source() is not None:
+            n += self._source().params(x)
         if self.agents is not None:
             a, grid = self.agents, self._group(x)
             kv = self.kv.grid(x) if self.kv is not None else grid
@@ -592,14 +768,14 @@ class Attention(Op):
         cd, x = self.inner(x), self._x(x)
         c, d, n = x.channels, x.ndim, x.tokens
         first = self._first()
-        extra = self.extra_kv.count if self.extra_kv is not None else 0
+        extra = self._tokens_kv()
         if first is not None:
             nq, m = first.count, self._keys(x) - extra
             total = nq * c * cd + 2 * m * c * cd + 2 * nq * (m + extra) * cd
             return total + (nq * cd * y.channels if self.proj else 0)
         out = n * cd * y.channels if self.proj else 0  # proj (after cropping padded windows)
         if _is_local(self.partition):
-            n = prod(self.partition.padded(x.spatial))
+            n = prod(self.partition.padded(x.spatial)) + (self._windows(x) if self._messengers() else 0)
         total = n * c * cd if not self._given() else 0  # q
         if self.kv is not None:
             m = self.kv.tokens(x)
@@ -618,7 +794,19 @@ class Attention(Op):
             total += groups * 2 * a * keys * cd + 2 * n * a * cd  # agents x keys, queries x agents
             total += n * cd * self.agents.kernel ** d
             return total + out
+        src = self._source()
+        if src is not None:
+            total += 2 * src.tokens(x) * c * cd + src.macs(x)  # the extra keys, values and their source
+        if isinstance(self.score, Performer):
+            f, h = self.score.features, self.geometry(x)[0]
+            # phi(q), phi(k), phi(K)^T V, phi(q) (phi(K)^T V) and the normaliser phi(q) . sum phi(k)
+            return total + (2 * n + 2 * m) * f * cd + n * f * h + out
         total += 2 * n * self._keys(x) * cd  # q @ k^T and attn @ v
+        if isinstance(self.partition, Neighbourhood) and self.partition.tokens:
+            total += n * cd * self.partition.size ** d  # l2norm(q) @ learnable_tokens
+        if isinstance(self.position, ContinuousBias):
+            hid, h = self.position.hidden, self.geometry(x)[0]
+            total += prod(cpb_counts(x.spatial, self._bias_grid(x))) * (d * hid + hid * h)  # the bias MLP
         if isinstance(self.partition, Routed):
             total += self.partition.regions ** (2 * d) * cd  # region affinity
         if isinstance(self.position, RelativeXL):
@@ -666,8 +854,18 @@ class Attention(Op):
             cfg.update(queries=first.count, keys_rest=first.keys == "rest")
         if isinstance(self.score, Cosine):
             cfg.update(cosine=(self.score.init, self.score.query_embedding, self.score.length_scale))
-        if self.extra_kv is not None:
+        if isinstance(self.extra_kv, KvTokens):
             cfg.update(kv_tokens=(self.extra_kv.count, self.extra_kv.std))
+        src = self._source()
+        if src is not None:
+            cfg.update(extra_source=src.build(xs), extra_source_name=src.module_name, extra_grid=src.grid(xs))
+        if isinstance(self.score, Performer):
+            cfg.update(performer=(self.score.features, self.score.eps))
+        if isinstance(pos, ContinuousBias):
+            cfg.update(continuous_bias=(pos.hidden, self._bias_grid(xs)))
+        if isinstance(p, Neighbourhood):
+            cfg.update(local_bias=p.bias, local_tokens=p.tokens)
+        cfg.update(value_skip=self.value_skip, messengers=self._messengers())
         if self.agents is not None:
             cfg.update(agents=(self.agents.count, self.agents.kernel, self.agents.table))
         return Module(**cfg)
@@ -764,3 +962,4 @@ class CascadedAttention(Op):
             padded=self.partition.padded(x.spatial) if self.partition is not None else None,
             offset_bias=self.position is not None, scale=self.scale,
         )
+
