@@ -258,7 +258,9 @@ def _levels(draw, name):
         return op, Shape(c, grid, "tokens", n)
     levels = scales + [1]
     if name == "per_level":
-        return OPS[name](op=OPS["conv"](out=c, kernel=3, groups=c), levels=levels), Shape(c, grid, "tokens", n)
+        inner = draw(st.sampled_from([OPS["conv"](out=c, kernel=3, groups=c),  # shape-keeping, or strided / wider
+                                      OPS["conv"](out=2 * c, kernel=3, stride=2), OPS["conv"](out=c, kernel=1)]))
+        return OPS[name](op=inner, levels=levels), Shape(c, grid, "tokens", n)
     return OPS[name](index=draw(st.integers(0, len(levels) - 1)), levels=levels), Shape(c, grid, "tokens", n)
 
 

@@ -5,10 +5,12 @@ counts in the comments come from instantiating the official code (pinned commits
 shared/research/catalog_b.md) and summing `numel` over its parameters:
   EMO-1M 1,361,168 · CloFormer-XXS 4,166,728 · CeiT-T 6,356,904 · Conformer-Ti 23,524,704 ·
   MSG-T 25,086,116.
-CeiT and Conformer match those exactly. EMO, CloFormer and MSG-Transformer need attention features
-the language lacks (see each blueprint's header); for them a second test checks that our count is
-the official one plus exactly the parameters of the stand-in, computed by hand below, so that
-everything else in the blueprint is verified to be exact.
+EMO, CloFormer, CeiT and Conformer match those exactly. MSG-Transformer needs messenger tokens the
+language lacks (see its blueprint's header); a second test checks that its count is the official one
+minus exactly the parameters of the messengers, computed by hand below. EMO's EW-MHSA (q/k-only
+projection, the input as values, no output projection, strided 7x7 grid windows) and CloFormer's
+global branch (an attention narrower than its input, no output projection) are also checked against
+hand computations of the official forward.
 """
 
 import pytest
@@ -25,12 +27,8 @@ def _one_thread():
 
 # row: (target, MODELS.md params, why it differs or None)
 ROWS = {
-    36: ("emo_1m", 1_361_000,
-         "EW-MHSA projects only q and k and has no output projection; the attention op always "
-         "projects v and the output (+2*C*(C+1) per attention block)"),
-    38: ("cloformer_xxs", 4_167_000,
-         "the global branch's attention works at a width below the input's and has no output "
-         "projection; the attention op cannot say that (stand-in: 1x1 conv to the width + attention)"),
+    36: ("emo_1m", 1_361_000, None),
+    38: ("cloformer_xxs", 4_167_000, None),
     39: ("ceit_t", 6_357_000, None),
     46: ("conformer_ti", 23_525_000, None),
     # within 1% but only the messenger-free skeleton: messenger tokens are not expressible yet
@@ -73,34 +71,10 @@ def test_row_params_within_one_percent(row, request):
     assert abs(n - expected) <= 0.01 * expected, (n, expected)
 
 
-def _emo_standin(depths, dims):
-    # attention blocks: every block but the first of stages 3 and 4; the stand-in adds a v
-    # projection (C*C + C) and an output projection (C*C + C)
-    return sum((depths[i] - 1) * 2 * dims[i] * (dims[i] + 1) for i in (2, 3))
-
-
-def _cloformer_standin(dims, depths, heads, splits):
-    # ours: conv C->g (C*g + g) + attention over g (q g*g+g, kv 2g*g+2g, proj g*g+g);
-    # official: q C*g + g, kv 2*C*g + 2*g (g = global heads x head dim)
-    total = 0
-    for c, d, h, s in zip(dims, depths, heads, splits):
-        g = s[1] * (c // h)
-        total += d * ((c * g + g + 4 * g * g + 4 * g) - (3 * c * g + 3 * g))
-    return total
-
-
-def test_standins_account_for_every_difference():
-    """Our count = the official count + the stand-in's parameters, computed by hand."""
-    emo = composer.load("emo_1m").params
-    assert emo == 1_361_168 + _emo_standin([2, 2, 8, 3], [32, 48, 80, 168])
-    emo5 = composer.load("emo_5m").params
-    assert emo5 == 5_108_848 + _emo_standin([3, 3, 9, 3], [48, 72, 160, 288])
-    clo = composer.load("cloformer_xxs").params
-    assert clo == 4_166_728 + _cloformer_standin([32, 64, 128, 256], [2, 2, 6, 2], [4, 4, 8, 16],
-                                                 [[3, 1], [2, 2], [4, 4], [4, 12]])
-    clo_s = composer.load("cloformer_s").params
-    assert clo_s == 12_345_576 + _cloformer_standin([64, 128, 224, 448], [2, 2, 6, 2], [4, 8, 14, 28],
-                                                    [[3, 1], [4, 4], [7, 7], [7, 21]])
+def test_counts_against_the_official_code():
+    """The official counts (EMO, CloFormer: exact; MSG-T: official minus the messengers)."""
+    assert composer.load("emo_5m").params == 5_108_848
+    assert composer.load("cloformer_s").params == 12_345_576
     # MSG-T without messengers: msg_tokens (16 windows x 64) and two biases per head per block
     msg = composer.load("msg_transformer_t").params
     assert msg == 25_086_116 - 16 * 64 - 2 * (2 * 2 + 4 * 4 + 12 * 8 + 4 * 16)
@@ -111,6 +85,8 @@ def test_standins_account_for_every_difference():
 
 
 def test_exact_rows_match_official_code():
+    assert composer.load("emo_1m").params == 1_361_168
+    assert composer.load("cloformer_xxs").params == 4_166_728
     assert composer.load("ceit_t").params == 6_356_904
     assert composer.load("conformer_ti").params == 23_524_704
 
@@ -139,3 +115,57 @@ def test_ceit_layer_tokens():
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     layer = [s for k, s in shapes.items() if "pos_layer_embed" in k]
     assert layer and layer[0][-2:] == (12, 192)
+
+
+def _heads(t, heads):
+    """(B, N, C) -> (B, heads, N, C / heads), heads as contiguous channel groups."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def test_emo_ew_mhsa_is_the_official_forward():
+    """EW-MHSA by hand (the official attn_pre form): windows `b c (h1 n1) (w1 n2) -> (b n1 n2) c h1 w1`,
+    q and k from one C -> 2C 1x1 conv (here `q`, `k`), values = the input, no output projection."""
+    model = composer.build("emo_1m", num_classes=5)
+    mixer = model.stages[2].blocks[1].attn  # 80 channels, 4 heads of 20, a 14x14 map: 2x2 windows
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x = torch.randn(2, 80, 14, 14, generator=gen)
+    b, c, h, w = x.shape
+    win, heads = 7, 4
+    n1, n2 = h // win, w // win
+    xw = x.reshape(b, c, win, n1, win, n2).permute(0, 3, 5, 2, 4, 1).reshape(b * n1 * n2, win * win, c)
+    q = xw @ mixer.q.weight.T + mixer.q.bias
+    k = xw @ mixer.k.weight.T + mixer.k.bias
+    d = c // heads
+    attn = (_heads(q, heads) @ _heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
+    y = (attn @ _heads(xw, heads)).transpose(1, 2).reshape(b, n1, n2, win, win, c)
+    want = y.permute(0, 5, 3, 1, 4, 2).reshape(b, c, h, w)
+    with torch.no_grad():
+        got = mixer(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cloformer_global_branch_is_the_official_forward():
+    """The low-frequency branch by hand: q = C -> g*d conv, kv = C -> 2*g*d conv of the map
+    average-pooled by the window (first g*d channels keys), softmax(q k^T d^-0.5) v, no projection."""
+    model = composer.build("cloformer_xxs", img_size=64, num_classes=5)
+    low = model.stages[1].blocks[0].attn.low  # 64 channels, 2 global heads of 16, 8x8 map, pool 4
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in low.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    x = torch.randn(2, 64, 8, 8, generator=gen)
+    heads, d = 2, 16
+    tokens = x.flatten(2).transpose(1, 2)
+    pooled = torch.nn.functional.avg_pool2d(x, 4).flatten(2).transpose(1, 2)
+    q = tokens @ low.attn.q.weight.T + low.attn.q.bias
+    kv = pooled @ low.attn.kv.weight.T + low.attn.kv.bias
+    k, v = kv[..., :heads * d], kv[..., heads * d:]
+    attn = (_heads(q, heads) @ _heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
+    want = (attn @ _heads(v, heads)).transpose(1, 2).reshape(2, 64, heads * d)
+    with torch.no_grad():
+        got = low.attn(tokens)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -115,11 +115,13 @@ class DeformableAttention(Op):
 class PerLevel(Op):
     """Apply one op to every level of a multi-level token sequence, with the same weights: each
     level (scales `levels` relative to the sequence's grid, the last one 1) is folded into a map,
-    run through `op` (any op that keeps the shape of a map and whose parameters do not depend on
-    its size: a depthwise conv, a norm, an activation) and flattened back; the levels are joined
-    again in order. ViT-Adapter's ConvFFN runs one depthwise conv over its three levels this way:
-    `per_level(conv(48, 3, groups = 48), levels = [4, 2, 1])`. Parameters and MACs: the op's, its
-    MACs summed over the levels. The submodule is `op`."""
+    run through `op` and flattened back; the levels are joined again in order. The op may change
+    the channels and the grid (a strided conv) as long as its parameters do not depend on the size
+    and every level keeps its scale relative to the last, so the output is again a multi-level
+    sequence with the same `levels`. ViT-Adapter's ConvFFN runs one depthwise conv over its three
+    levels: `per_level(conv(48, 3, groups = 48), levels = [4, 2, 1])`; MSG-Transformer downsamples
+    its patch map and its messenger map with one conv: `per_level(conv(2 * c, 3, stride = 2),
+    levels = [1 / 7, 1])`. Parameters: the op's; MACs summed over the levels. The submodule is `op`."""
 
     op: Op
     levels: list[float]
@@ -127,8 +129,13 @@ class PerLevel(Op):
     def grids(self, x: Shape) -> list[tuple[int, ...]]:
         return level_grids(x.spatial, self.levels, self.name)
 
-    def _map(self, x: Shape, g) -> Shape:
-        return Shape(x.channels, g, "map")
+    def _outs(self, x: Shape) -> list[tuple[Shape, Shape]]:
+        """(input map, output map) of every level."""
+        pairs = []
+        for g in self.grids(x):
+            m = Shape(x.channels, g, "map")
+            pairs.append((m, self.op.infer(m)))
+        return pairs
 
     def infer(self, x: Shape) -> Shape:
         if x.layout != "tokens" or not x.ndim:
@@ -141,29 +148,31 @@ class PerLevel(Op):
                              f"{sum(prod(g) for g in grids[:-1])} tokens ahead of it, but the input has {x.extra}")
         if self.op.layout not in ("map", "any"):
             raise ShapeError(f"per_level runs its op on maps, but {self.op.name} needs {self.op.layout}")
-        counts = set()
-        for g in grids:
-            m = self._map(x, g)
-            if self.op.infer(m) != m:
-                raise ShapeError(f"per_level's op must keep the shape, but {self.op.describe()} changes {m} "
-                                 f"to {self.op.infer(m)}")
-            counts.add(self.op.params(m, m))
-        if len(counts) > 1:
+        pairs = self._outs(x)
+        last = pairs[-1][1]
+        if last.layout != "map" or last.ndim != x.ndim:
+            raise ShapeError(f"per_level's op must give a map, but {self.op.describe()} gives {last}")
+        want = level_grids(last.spatial, self.levels, self.name)
+        for (m, y), g in zip(pairs, want):
+            if y.spatial != g or y.channels != last.channels:
+                raise ShapeError(f"per_level's op {self.op.describe()} does not keep the levels' scales: "
+                                 f"{m} -> {y}, expected a {'x'.join(map(str, g))} grid")
+        if len({self.op.params(m, y) for m, y in pairs}) > 1:
             raise ShapeError(f"per_level's op {self.op.describe()} has parameters that depend on the level size")
-        return x
+        return Shape(last.channels, last.spatial, "tokens", extra=sum(prod(y.spatial) for _, y in pairs[:-1]))
 
     def params(self, x, y):
-        m = self._map(x, x.spatial)
-        return self.op.params(m, m)
+        m, out = self._outs(x)[-1]
+        return self.op.params(m, out)
 
     def macs(self, x, y):
-        return sum(self.op.macs(self._map(x, g), self._map(x, g)) for g in self.grids(x))
+        return sum(self.op.macs(m, out) for m, out in self._outs(x))
 
     def build(self, x, y):
         from ..layers.deform_attn import PerLevel as Module
 
-        m = self._map(x, x.spatial)
-        return Module(self.op.build(m, m), self.grids(x))
+        m, out = self._outs(x)[-1]
+        return Module(self.op.build(m, out), self.grids(x))
 
 
 @op("select_level", category="layout", layout="tokens")
