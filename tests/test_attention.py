@@ -1029,7 +1029,7 @@ def test_new_zoo2_part_errors():
     with pytest.raises(ShapeError, match="extra keys"):
         Attention(heads=2, partition=Window(size=2), extra_kv=Reduce(ratio=2)).infer(Shape(8, (4, 4), "tokens"))
     with pytest.raises(ShapeError, match="region"):
-        ShuffleWindowTokens(size=2, region=3).infer(Shape(8, (4, 4), "tokens", 4))
+        ShuffleWindowTokens(size=2, region=2).infer(Shape(8, (6, 6), "tokens", 9))  # 2 does not divide 3x3 windows
     with pytest.raises(ShapeError, match="prefix"):
         WindowTokens(size=2).infer(Shape(8, (4, 4), "tokens", 1))
 
