@@ -58,7 +58,7 @@ def test_per_block_values():
     ("[1][3]", "index"),
     ("undefined_thing", "unknown-name"),
     ("conv(8, kernal = 3)", "unknown-parameter"),
-    ("conv(8, 3, 1, 1, 1, 1, true, 9)", "arguments"),
+    ("conv(8, 3, 1, 1, 1, 1, true, \"default\", 9)", "arguments"),  # one more than conv's parameters
     ("3(4)", "type"),
     ("\"a\" - 1", "type"),
     ("2 ** 1000", "value"),

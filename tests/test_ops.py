@@ -27,7 +27,8 @@ from composer.shapes import Shape, ShapeError
 # attention is tested with its parts in tests/test_attention.py; the unfold pair multiplies the real batch
 # (B * patch area), which the generic shape check cannot see: tests/test_crossvit_mobilevit.py covers them
 EXCLUDED = {"attention", "cascaded_attention", "patches_to_batch", "batch_to_patches",  # + own test files:
-            "cluster", "deform_conv", "unfold"}  # tests/test_cluster.py, tests/test_sampling.py
+            "cluster", "deform_conv", "unfold",  # tests/test_cluster.py, tests/test_sampling.py
+            "window_tokens", "shuffle_window_tokens"}  # tests/test_attention.py (messenger configs)
 BATCH = 2
 
 
