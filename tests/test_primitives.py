@@ -161,6 +161,107 @@ def _slot_attention(model, x, dims):
     assert tuple(_param(model, "mixer.qkv.weight").shape) == (48, 16)
 
 
+def _hooked(model, names):
+    """Capture the outputs of the named submodules on the next forward pass."""
+    got = {}
+    mods = dict(model.named_modules())
+    handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o)) for n in names]
+    return got, handles
+
+
+def _depends_on(y, x):
+    """Which input positions (summed over batch and channels) the output `y` depends on."""
+    (g,) = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    return g.abs().sum((0, 1)) > 0
+
+
+def _strided_grid_windows(model, x, dims):
+    """EW-MHSA over 7x7 grid windows of a 14-grid: the attention output at a pixel depends only on the
+    pixels of its window, those with the same parities (n = 2 windows per side). The norm before it
+    is a per-pixel batch norm (eval)."""
+    got, handles = _hooked(model, [n for n, _ in model.named_modules() if n.endswith("blocks.0.attn")])
+    x = x.clone().requires_grad_(True)
+    model(x)
+    (a,) = got.values()
+    for h in handles:
+        h.remove()
+    assert tuple(a.shape[1:]) == tuple(x.shape[1:])
+    queries = [(0, 0), (1, 0), (5, 8)] if dims == 2 else [(0,), (1,), (9,)]
+    for q in queries:
+        dep = _depends_on(a[(slice(None), slice(None)) + q], x)
+        expected = torch.zeros(x.shape[2:], dtype=torch.bool)
+        if dims == 2:
+            expected[q[0] % 2::2, q[1] % 2::2] = True
+        else:
+            expected[q[0] % 2::2] = True
+        assert torch.equal(dep, expected), (q, dep.int())
+
+
+def _focal_levels(model, x, dims):
+    """The query token at (0, 0) of the 12x12 grid (window (0, 0) = rows/cols 0-3) sees: its window;
+    the ring, 1 token around the window from the four diagonally rolled key maps (cyclic: rows and
+    cols 11, 0-4); and through the pooled level every token of the windows (0-1, 0-1) around it
+    (rows/cols 0-7; the 3x3 neighbourhood is zero padded). Nothing else: e.g. (10, 10) is in window
+    (2, 2), outside the pooled neighbourhood and the ring. Norms and MLP are per token."""
+    assert tuple(_param(model, "relative_position_bias_table").shape) == (49, 2)          # (2 * 4 - 1)^2
+    assert tuple(_param(model, "relative_position_bias_table_to_neighbors").shape) == (1, 2, 16, 28)
+    assert tuple(_param(model, "relative_position_bias_table_to_windows").shape) == (2, 36)  # (4 + 3 - 1)^2
+    x = x.clone().requires_grad_(True)
+    dep = _depends_on(model(x)[:, 0], x)
+    expected = torch.zeros(12, 12, dtype=torch.bool)
+    expected[:8, :8] = True                      # own window + pooled windows (0-1, 0-1)
+    ring = [11, 0, 1, 2, 3, 4]
+    expected[torch.tensor(ring)[:, None], torch.tensor(ring)[None, :]] = True
+    assert torch.equal(dep, expected), dep.int()
+    assert not dep[10, 10] and dep[6, 6] and dep[11, 11]
+
+
+def _informative_regions(model, x, dims):
+    """Worked by hand from the coarse pass's output: a coarse token's score is its dot product with
+    the coarse class token (upsampled, a region's mean is that coarse token's score); the output is
+    the fine class token, then the fine tokens of the two best regions (best first; row-major inside
+    a 2x2 region)."""
+    got, handles = _hooked(model, ["stem.coarse", "stem.cls_fine"])
+    with torch.no_grad():
+        y = model(x)
+    for h in handles:
+        h.remove()
+    coarse, fine = got["stem.coarse"], got["stem.cls_fine"]   # (B, 1 + coarse grid, 16), (B, 1 + fine grid, 16)
+    for b in range(x.shape[0]):
+        scores = coarse[b, 1:] @ coarse[b, 0]
+        best = scores.argsort(descending=True)[:2].tolist()
+        rows = [0]
+        for r in best:
+            if dims == 2:          # coarse 2x2 -> region r = (r // 2, r % 2) of the 4x4 fine grid
+                i, j = divmod(r, 2)
+                rows += [1 + (2 * i + a) * 4 + 2 * j + c for a in range(2) for c in range(2)]
+            else:                  # coarse 4 -> fine tokens 2r, 2r + 1
+                rows += [1 + 2 * r, 2 + 2 * r]
+        assert torch.allclose(y[b], fine[b, rows], atol=1e-6), (b, best)
+
+
+def _exits(model, x, dims):
+    """Per sample: the coarse logits when max softmax(coarse) >= 0.5, else the fine logits; checked
+    as built (an untrained 5-way head is not confident: fine logits) and with the coarse head scaled
+    up 100 times (confident: coarse logits)."""
+    taken = set()
+    for factor in (1.0, 100.0):
+        with torch.no_grad():
+            head = dict(model.named_modules())["stem.coarse_head"]
+            head.weight.mul_(factor)
+            head.bias.mul_(factor)
+            got, handles = _hooked(model, ["stem.coarse_head", "head.head"])
+            y = model(x)
+            for h in handles:
+                h.remove()
+        coarse, fine = got["stem.coarse_head"], got["head.head"]
+        for b in range(x.shape[0]):
+            confident = coarse[b].softmax(-1).max() >= 0.5
+            taken.add(bool(confident))
+            assert torch.equal(y[b], coarse[b] if confident else fine[b]), (factor, b)
+    assert taken == {True, False}
+
+
 CASES: list[Case] = [
     # ---- rows 1-19: the survey entry is the primitive ----------------------------------------
     Case(1, "Transformer encoder",
@@ -323,13 +424,13 @@ CASES: list[Case] = [
          # unfold 3/2 pad 1: (8 + 2 - 3) // 2 + 1 = 4 -> 4x4 tokens of 16 * 9 = 144.
          # 1-D: 16 tokens of 3 * 7 -> 16 -> 8 tokens of 16 * 3 = 48
          "    stem { unfold(7, stride = 4, padding = 2); t2t_layer(16); unfold(3, stride = 2, padding = 1) }",
-         x2=(3, 32, 32), y2=(B, 16, 144), x1=(3, 64), y1=(B, 8, 48), imports=("t2t_vit",)),
+         x2=(3, 32, 32), y2=(B, 16, 144), x1=(3, 64), y1=(B, 8, 48), imports=("lib/tokens",)),
     Case(22, "Performer attention in the T2T module (FAVOR+, skip through V)",
          # unfold 3/2 pad 1: (16 + 2 - 3) // 2 + 1 = 8 -> 8x8 tokens of 3 * 9 = 27 -> 16 (the layer's width);
          # 1-D: (32 + 2 - 3) // 2 + 1 = 16 tokens of 3 * 3 = 9 -> 16
          "    stem unfold(3, stride = 2, padding = 1)\n"
          "    stage { block t2t_layer(16) }",
-         x2=(3, 16, 16), y2=(B, 64, 16), x1=(3, 32), y1=(B, 16, 16), imports=("t2t_vit",),
+         x2=(3, 16, 16), y2=(B, 64, 16), x1=(3, 32), y1=(B, 16, 16), imports=("lib/tokens",),
          check=_frozen_random_features),
     Case(22, "sinusoidal PE",
          # a fixed sin-cos table over the grid tokens (the class token is left alone): 1 + 16 tokens.
@@ -371,9 +472,12 @@ CASES: list[Case] = [
          "    stage { block conv2former_block(16, 5) }",
          x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("conv2former",)),
     Case(26, "head groups with different k/v reductions",
-         # half the heads on keys reduced by 4 (2x2), half on keys reduced by 2 (4x4)
+         # half the heads on keys reduced by 4 (2x2), half on keys reduced by 2 (4x4). The mixer's
+         # first layout-specific op is the conv `sr1`, so the first residual runs on the map (the
+         # attention's tokens are turned back into the map for the sum); dwres_mlp's linears and
+         # depthwise conv keep the map: the block gives the map (16, 8x8), in 1-D (16, 24)
          "    stage { block metaformer(16, shunted_attention(16, 4, 4), mlp = dwres_mlp(16, 32)) }",
-         x2=(16, 8, 8), y2=(B, 64, 16), x1=(16, 24), y1=(B, 24, 16),
+         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24),
          imports=("lib/metaformer", "lib/conv_ffn", "lib/shunted")),
     Case(27, "semantic token generation (pooling + cross-attn)",
          # STViT: 2x2 (1-D: 2) max-pooled semantic tokens ahead of the 64 image tokens; the semantic tokens
@@ -434,7 +538,7 @@ CASES: list[Case] = [
     Case(29, "resolution-dependent position bias",
          # LPU, attention with a (heads, queries, keys) bias, IRFFN (ends on a map)
          "    stage { block cmt_block(16, 2, 2, 2) }",
-         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("cmt",),
+         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("lib/hybrid",),
          check=_learned_bias_size),
     Case(30, "macaron FFNs",
          "    stage { block {\n"
@@ -559,12 +663,20 @@ CASES: list[Case] = [
          "    } } }",
          x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24)),
     Case(36, "strided-grid windows",
-         # the family's iRMB with attention in grid(7) groups: 14 = 2 x 7 (strided by 2)
-         "    stage { block irmb(16, 16, 2.0, batchnorm(1e-6), silu, heads = 2) }",
-         x2=(16, 14, 14), y2=(B, 16, 14, 14), x1=(16, 14), y1=(B, 16, 14), imports=("emo",)),
+         # EMO's iRMB with EW-MHSA over 7x7 grid windows: 14 = 2 x 7, so n = 2 windows per side, each
+         # holding every 2nd pixel (window (i, j): pixels (2a + i, 2b + j))
+         "    stage { block irmb(16, 16, 2.0, batchnorm(1e-6), silu, heads = 2, n = 2) }",
+         x2=(16, 14, 14), y2=(B, 16, 14, 14), x1=(16, 14), y1=(B, 16, 14), imports=("lib/mobile",),
+         check=_strided_grid_windows),
+    Case(37, "multi-level (fine + pooled coarse) keys around each window",
+         # Focal attention on a 12x12 grid: 4x4 windows (3x3 of them), a ring of 1 token around each
+         # window (4 (16 - 9) = 28 keys) and the 3x3 pooled windows around it (one token per window)
+         "    stage { block metaformer(16, multilevel_attention(2, window = 4, expand = 1, pooled = 3)) }",
+         x2=(16, 12, 12), y2=(B, 144, 16), imports=("lib/metaformer",), check=_focal_levels,
+         only2d="the window, its ring and the pooled windows around it are 2-D (the op takes 2-D grids only)"),
     Case(38, "AttnConv (shared dwconv, tanh gating)",
          "    stage { block attn_conv(16, 3) }",
-         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("cloformer",)),
+         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("lib/hybrid",)),
     Case(38, "pooled-kv global branch",
          # as the official code: q from the 16 input channels to a width of 8 (2 heads of 4), k and v
          # from the map average-pooled by 2, no output projection: 8 channels out
@@ -592,7 +704,7 @@ CASES: list[Case] = [
          x2=(3, 16, 16), y2=(B, 5), x1=(3, 32), y1=(B, 5), imports=("lib/metaformer",)),
     Case(40, "local/global bidirectional gating",
          "    stage { block { residual { groupnorm(1); fasa(16, 2, 3, 2) } } }",
-         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("fat",)),
+         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("lib/hybrid",)),
     Case(41, "dilated re-param block",
          "    stage { block { dilated_reparam(16, 13); batchnorm } }",
          x2=(16, 16, 16), y2=(B, 16, 16, 16), x1=(16, 32), y1=(B, 16, 32), imports=("unireplknet",),
@@ -605,7 +717,7 @@ CASES: list[Case] = [
          x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24)),
     Case(42, "local aggregation",
          "    stage { block local_agg(16) }",
-         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("edgevit",)),
+         x2=(16, 8, 8), y2=(B, 16, 8, 8), x1=(16, 24), y1=(B, 16, 24), imports=("lib/hybrid",)),
     Case(42, "sparse global attention (select)",
          # every 2nd pixel is a delegate: 4x4 (1-D: 8) tokens attend among themselves
          "    stage { block { pool(1, stride = 2) as sampler; attention(2) } }",
@@ -650,6 +762,37 @@ CASES: list[Case] = [
          "    }\n"
          "    stage { block metaformer(16, attention(2)) }",
          x2=(3, 16, 16), y2=(B, 16, 16), x1=(3, 32), y1=(B, 8, 16), imports=("lib/metaformer",)),
+    Case(45, "coarse-to-fine re-tokenization of important regions",
+         # coarse pass: patch 8 -> 2x2 tokens (1-D: 4) + class token, one block; fine embedding: patch 4
+         # -> 4x4 (1-D: 8) + class token. The coarse grid tokens, upsampled 2x to the fine grid, ride in
+         # front of the fine channels; the 2 best 2x2 (1-D: 2) regions by class-token score keep their
+         # fine tokens: 1 + 2 * 4 = 9 tokens (1-D: 1 + 2 * 2 = 5) of the 16 fine channels
+         "    stem {\n"
+         "        patch_embed(16, 8) as coarse_embed; class_token(); metaformer(16, attention(2)) as coarse\n"
+         "        save coarse_out\n"
+         "        from input; patch_embed(16, 4) as fine_embed; class_token() as cls_fine\n"
+         "        parallel concat {\n"
+         "            { from coarse_out\n"
+         "              parallel tokens { select_tokens(0, 1); { select_tokens(1); upsample(2, mode = \"nearest\") } } }\n"
+         "            identity\n"
+         "        }\n"
+         "        topk_tokens(2, score = \"class\", score_channels = 16, region = 2)\n"
+         "    }",
+         x2=(3, 16, 16), y2=(B, 9, 16), x1=(3, 32), y1=(B, 5, 16), imports=("lib/metaformer",),
+         check=_informative_regions),
+    Case(45, "early exit (coarse or fine logits per sample)",
+         # coarse logits from the coarse pass, fine logits from the fine pass; a sample whose coarse
+         # prediction is confident (max softmax >= 0.5) returns the coarse logits, any other the fine
+         "    stem {\n"
+         "        patch_embed(16, 8) as coarse_embed; class_token(); metaformer(16, attention(2)) as coarse\n"
+         "        layernorm as coarse_norm; global_pool(\"token\"); classifier(5) as coarse_head; save coarse_logits\n"
+         "        from input; patch_embed(16, 4) as fine_embed; class_token()\n"
+         "    }\n"
+         "    stage { block metaformer(16, attention(2)) }\n"
+         "    head { parallel concat { from coarse_logits\n"
+         "                             { layernorm as norm; global_pool(\"token\"); classifier(5) as head } }\n"
+         "           early_exit(0.5) }",
+         x2=(3, 16, 16), y2=(B, 5), x1=(3, 32), y1=(B, 5), imports=("lib/metaformer",), check=_exits),
     Case(46, "parallel CNN and transformer branches",
          # CNN: 16x16 map (c); transformer: 4x4 patches of the 16x16 stem map + class token (t)
          "    stem {\n"
@@ -762,12 +905,7 @@ CASES: list[Case] = [
 NOT_EXPRESSIBLE: dict[int, str] = {}
 
 # Rows whose family file is still being written and whose primitive the ops cannot say yet.
-PENDING = {
-    37: "Focal: multi-level (fine + pooled coarse) keys around each window; the attention op has no "
-        "window partition with extra pooled keys from the neighbouring windows (no focal.arch yet)",
-    45: "CF-ViT: coarse-to-fine re-tokenization of important regions (data-dependent top-k of the "
-        "class attention + gather of their fine patches); no token-selection op (no cf_vit.arch yet)",
-}
+PENDING: dict[int, str] = {}
 
 # Rows that repeat another row (no primitive column of their own).
 DUPLICATE_ROWS = {47: 18, 51: 16}
@@ -828,5 +966,5 @@ def test_case_table_is_complete():
 def test_not_expressible_and_pending_lists():
     """Pinned: when a part or a family lands that makes one of these writable, move it to CASES."""
     assert sorted(NOT_EXPRESSIBLE) == []
-    assert sorted(PENDING) == [37, 45]
+    assert sorted(PENDING) == []
     assert DUPLICATE_ROWS == {47: 18, 51: 16}
