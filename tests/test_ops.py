@@ -292,7 +292,7 @@ def _topk_tokens(draw):
 
 
 @st.composite
-def _multilevel(draw):  # focal_keys.py: window attention with ring and pooled keys, 2-D grids
+def _multilevel(draw):  # multilevel.py: window attention with ring and pooled keys, 2-D grids
     w = draw(st.integers(2, 4))
     grid = (w * draw(st.integers(1, 3)), w * draw(st.integers(1, 3)))
     heads = draw(st.sampled_from([1, 2]))

@@ -1,6 +1,6 @@
 """Zoo II rows 27 (STViT-R), 37 (Focal), 45 (CF-ViT) and 50 (ScopeViT), and the ops they added:
 `topk_tokens` and `early_exit` (composer/ops/select.py), `multilevel_attention`
-(composer/ops/focal_keys.py).
+(composer/ops/multilevel.py).
 
 Expected parameter counts are the official code's, from shared/MODELS.md (rows marked +-1k were
 counted to the nearest thousand). Where a row differs, the comment says where and why, with the

@@ -4,7 +4,7 @@ from . import act, attention, conv, embed, gating, linear, loss, norm, reparam, 
 from . import cluster, sampling, unfold_tokens  # noqa: F401, E402  (registration: soft clustering, deformable sampling, unfold)
 from . import dynamic, deform_attn  # noqa: F401, E402  (registration: conditioning streams, multi-scale deformable attention)
 from . import routing  # noqa: F401, E402  (registration: top-k mixture of experts)
-from . import focal_keys, select  # noqa: F401, E402  (registration: multi-level window attention; top-k token selection, early exit)
+from . import multilevel, select  # noqa: F401, E402  (registration: multi-level window attention; top-k token selection, early exit)
 from . import window_tokens  # noqa: F401, E402  (registration: per-window prefix tokens for window(messengers = true))
 from .registry import OPS, Op, op
 

@@ -99,7 +99,7 @@ class MultilevelAttention(Op):
         return total
 
     def build(self, x, y):
-        from ..layers.focal_keys import MultilevelAttention as Module
+        from ..layers.multilevel import MultilevelAttention as Module
 
         w, e, k = self.geometry(x)
         return Module(x.channels, self.heads, x.spatial, w, e, k, self.qkv_bias)

@@ -1,4 +1,4 @@
-"""The module behind `multilevel_attention` (see composer/ops/focal_keys.py).
+"""The module behind `multilevel_attention` (see composer/ops/multilevel.py).
 
 Parameters: `qkv`, `proj` (linears), `relative_position_bias_table` ((2w-1)^2, heads),
 `relative_position_bias_table_to_neighbors` (1, heads, w^2, ring) when there is a ring,
