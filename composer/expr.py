@@ -140,10 +140,12 @@ def _eval_literal(node: ast.Literal, scope):
 
 
 def _eval_name(node: ast.Name, scope: Scope):
-    try:
-        return scope.lookup(node.id)
-    except KeyError:
-        pass
+    name, inner = node.id, scope
+    while inner is not None:
+        values = inner.values
+        if name in values:
+            return values[name]
+        inner = inner.parent
     names = scope.names
     if node.id in names.composites:
         return Ref(node.id, "composite", names.composites[node.id], (), (), node.span)
@@ -226,9 +228,15 @@ def _eval_conditional(node: ast.Conditional, scope):
 def _eval_call(node: ast.Call, scope: Scope):
     args = [evaluate(a, scope) for a in node.args]
     kwargs = {name: evaluate(value, scope) for name, value, _ in node.kwargs}
-    if isinstance(node.func, ast.Name) and node.func.id in BUILTINS and _shadowed(node.func.id, scope) is None:
-        return BUILTINS[node.func.id](node, args, kwargs)
-    callee = evaluate(node.func, scope)
+    func = node.func
+    if func.__class__ is ast.Name:
+        callee = _find(func.id, scope)
+        if func.id in BUILTINS and (callee is _MISSING or callee is None):
+            return BUILTINS[func.id](node, args, kwargs)
+        if callee is _MISSING:
+            callee = _eval_name(func, scope)  # a definition or an op, else the located error
+    else:
+        callee = evaluate(func, scope)
     if not isinstance(callee, Ref):
         what = f"'{node.func.id}'" if isinstance(node.func, ast.Name) else "this"
         raise error("type", f"cannot call {what}: it is a value of type {type_name(callee)} {_short_value(callee)}"
@@ -259,17 +267,29 @@ def _short_value(value) -> str:
     return f"({text})" if len(text) < 30 and not isinstance(value, Ref) else ""
 
 
-def _shadowed(name: str, scope: Scope):
-    try:
-        return scope.lookup(name)
-    except KeyError:
-        return None
+_MISSING = object()
+
+
+def _find(name: str, scope: Scope):
+    """`scope.lookup(name)`, or `_MISSING` (no exception: most names looked up are ops)."""
+    while scope is not None:
+        values = scope.values
+        if name in values:
+            return values[name]
+        scope = scope.parent
+    return _MISSING
 
 
 def signature(ref: Ref) -> list[str]:
     if ref.kind == "composite":
         return [p.name for p in ref.target.params]
-    return list(ref.target.model_fields)
+    fields = _FIELDS.get(ref.target)
+    if fields is None:
+        fields = _FIELDS[ref.target] = tuple(ref.target.model_fields)
+    return list(fields)
+
+
+_FIELDS: dict = {}  # op class -> its parameter names, in order
 
 
 # ---- built-in functions -------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .diagnostics import ComposerError, Diagnostic
 from .ops import OPS
 from .diagnostics import did_you_mean, error
-from .resolve import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, SubSeq
+from .resolve import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, SubSeq, gc_paused
 from .shapes import Shape, ShapeError
 from .source import Span
 
@@ -119,7 +119,8 @@ class Plan:
 
 def plan(model: Model) -> Plan:
     """Infer shapes for `model` and lower it to build steps; raise a located error on a mismatch."""
-    return _Lowering(model).run()
+    with gc_paused():
+        return _Lowering(model).run()
 
 
 class GraphRecord:
@@ -127,14 +128,44 @@ class GraphRecord:
     consumer asks for the graph, so `composer check` stays fast."""
 
     def __init__(self):
-        self.nodes: list = []
-        self.edges: list = []
+        self._nodes: list = []
+        self._edges: list = []
+        self._copies: list = []  # replayed blocks, renamed when the nodes or edges are read
 
     def add_node(self, name, **attrs):
-        self.nodes.append((name, attrs))
+        self._nodes.append((name, attrs))
 
     def add_edge(self, a, b):
-        self.edges.append((a, b))
+        self._edges.append((a, b))
+
+    def copy_block(self, nodes: list, edges: list, old: str, old_start: str, path: str, start: str) -> None:
+        """Record the nodes and edges of a block again, renamed from path `old` to `path`, the
+        edges from the node before it (`old_start`) now from `start`."""
+        self._copies.append((len(self._nodes), len(self._edges), nodes, edges, old, old_start, path, start))
+
+    @property
+    def nodes(self) -> list:
+        self._expand()
+        return self._nodes
+
+    @property
+    def edges(self) -> list:
+        self._expand()
+        return self._edges
+
+    def _expand(self) -> None:
+        if not self._copies:
+            return
+        nodes, edges, n, e = [], [], 0, 0
+        for at_node, at_edge, cnodes, cedges, old, old_start, path, start in self._copies:
+            nodes += self._nodes[n:at_node]
+            edges += self._edges[e:at_edge]
+            n, e, cut = at_node, at_edge, len(old)
+            nodes += [(path + name[cut:], dict(attrs)) for name, attrs in cnodes]
+            edges += [(start if a == old_start else path + a[cut:], path + b[cut:]) for a, b in cedges]
+        nodes += self._nodes[n:]
+        edges += self._edges[e:]
+        self._nodes, self._edges, self._copies = nodes, edges, []
 
     def to_networkx(self):
         import networkx as nx
@@ -145,6 +176,14 @@ class GraphRecord:
         return g
 
 
+# (block signature, input shape) -> what lowering an equal block did: its path, the node before it,
+# its section, nodes, edges and last node. Kept across plans: the variants of a family and repeated
+# loads of a model share resolved instances, so their blocks are equal too. The entries hold the ops
+# and spans whose ids the signatures name, so an id cannot be reused while its entry lives.
+_LOWERED: dict = {}
+_LOWERED_MAX = 4096
+
+
 class _Lowering:
     def __init__(self, model: Model):
         self.model = model
@@ -152,6 +191,8 @@ class _Lowering:
         self.last = "input"
         self.saved: dict = {}
         self.folds: list = []  # open patches_to_batch ops: (op, span, batch factor), innermost last
+        # (id(op), input shape) -> (op, output shape): ops are frozen, and repeated blocks share them
+        self.inferred: dict = {}
 
     def run(self) -> Plan:
         inp = self.model.input
@@ -169,7 +210,7 @@ class _Lowering:
                 down = self._section(f"stages.{st.index}.downsample", st.downsample, x)
                 x = down.y
             for k, b in enumerate(st.blocks):
-                sec = self._section(f"stages.{st.index}.blocks.{k}", b.items, x, b.drop_path, b.call)
+                sec = self._block(f"stages.{st.index}.blocks.{k}", b, x)
                 blocks.append(sec)
                 x = sec.y
             if st.downsample is not None and st.downsample_last:
@@ -193,6 +234,37 @@ class _Lowering:
         self._folds_closed(path, 0)
         return Section(path, steps, x, y, drop_path, call)
 
+    def _block(self, path: str, block, x: Shape) -> Section:
+        """A stage's block. Repeated blocks are mostly equal (the same resolved instance, copied):
+        an equal block with the same input is lowered once (see `_LOWERED`) and replayed with its
+        own path, each step, node and edge renamed, its residuals at its own drop-path rate."""
+        sig = _signature(block.items)
+        if sig is None:
+            return self._section(path, block.items, x, block.drop_path, block.call)
+        key = (sig[0], x)
+        done = _LOWERED.get(key)
+        if done is not None:
+            return self._replay(path, block, x, done, sig[1])
+        start, n0, e0 = self.last, len(self.graph._nodes), len(self.graph._edges)
+        sec = self._section(path, block.items, x, block.drop_path, block.call)
+        nodes, edges = self.graph._nodes[n0:], self.graph._edges[e0:]  # no copies are made inside a block
+        inside = path + "."
+        if all(n.startswith(inside) for n, _ in nodes) and all(b.startswith(inside) for _, b in edges) \
+                and all(a == start or a.startswith(inside) for a, _ in edges):
+            if len(_LOWERED) >= _LOWERED_MAX:
+                _LOWERED.clear()
+            _LOWERED[key] = (path, start, sec, nodes, edges, self.last if self.last != start else None)
+        return sec
+
+    def _replay(self, path: str, block, x: Shape, done, drop_path) -> Section:
+        old, old_start, sec, nodes, edges, last = done
+        cut = len(old)
+        self.graph.copy_block(nodes, edges, old, old_start, path, self.last)
+        if last is not None:
+            self.last = path + last[cut:]
+        steps = _renamed(sec.steps, path, cut, drop_path)
+        return Section(path, steps, x, sec.y, block.drop_path, block.call)
+
     def _folds_closed(self, path, depth: int) -> None:
         """A patches_to_batch opened in a section, residual body or parallel branch closes there."""
         if len(self.folds) > depth:
@@ -209,7 +281,9 @@ class _Lowering:
 
     def _fold(self, path, item, x: Shape) -> None:
         """Track patches_to_batch (opens: the batch grows by size^d) and batch_to_patches (closes it)."""
-        kind = getattr(item.op, "batch_fold", None)
+        kind = _fold_kind(item.op)
+        if kind is None:
+            return
         if kind == "open":
             self.folds.append((item.op, item.span, item.op.size ** x.ndim))
         elif kind == "close":
@@ -244,18 +318,30 @@ class _Lowering:
 
     def _item(self, path: str, item, x: Shape) -> tuple[list, Shape]:
         if isinstance(item, OpNode):
-            pre, x = self._convert(f"{path}.{item.name}", x, item.op.layout, item.span)
-            try:
-                y = item.op.infer(x)
-            except ShapeError as exc:
-                raise _shape_error(f"{path}.{item.name}", item.span, exc, x) from None
+            op = item.op
             node = f"{path}.{item.name}"
-            self.graph.add_node(node, kind="op", op=item.op.name, x=x, y=y)
+            need = op.layout
+            if need == "any" or need == x.layout:
+                pre = None
+            else:
+                pre, x = self._convert(node, x, need, item.span)
+            key = (id(op), x)
+            known = self.inferred.get(key)
+            if known is not None and known[0] is op:
+                y = known[1]
+            else:
+                try:
+                    y = op.infer(x)
+                except ShapeError as exc:
+                    raise _shape_error(node, item.span, exc, x) from None
+                self.inferred[key] = (op, y)
+            self.graph.add_node(node, kind="op", op=op.name, x=x, y=y)
             self.graph.add_edge(self.last, node)
             self.last = node
-            batch = self._batch()
+            batch = self._batch() if self.folds else 1
             self._fold(node, item, x)
-            return pre + [Step("op", node, x, y, item.span, item.name, item.op, batch=batch)], y
+            step = Step("op", node, x, y, item.span, item.name, op, batch=batch)
+            return (pre + [step] if pre else [step]), y
         if isinstance(item, SubSeq):
             steps, y = self._seq(f"{path}.{item.name}", item.items, x)
             return [Step("seq", f"{path}.{item.name}", x, y, item.span, item.name, body=steps, call=item.call)], y
@@ -365,6 +451,86 @@ class _Lowering:
             self.graph.add_edge(e, node)
         self.last = node
         return [Step("parallel", path, x, y, item.span, branches=branches, merge="tokens", split=item.split)], y
+
+
+def _signature(items):
+    """What lowering reads from a block's items, ops and spans by identity (equal blocks share
+    them; an op's name comes with it), and the residuals' one drop-path rate; None where a block
+    is lowered afresh (named tensors, patches_to_batch, residuals at different rates)."""
+    out, rates = [], set()
+    try:
+        _sig(items, out, rates)
+    except _Fresh:
+        return None
+    if len(rates) > 1:
+        return None
+    return tuple(out), (rates.pop() if rates else None)
+
+
+class _Fresh(Exception):
+    pass
+
+
+def _sig(items, out: list, rates: set) -> None:
+    """Flat: an op's id, or a marker (0 to 4, never an id) and the node's fields, its children, 0."""
+    for it in items:
+        cls = it.__class__
+        if cls is OpNode:
+            if _fold_kind(it.op) is not None:
+                raise _Fresh
+            out.append(id(it.op))
+            out.append(id(it.span))
+        elif cls is SubSeq:
+            out += (1, it.name, it.call, id(it.span))
+            _sig(it.items, out, rates)
+            out.append(0)
+        elif cls is ResidualNode:
+            rates.add(it.drop_path)
+            out += (2, id(it.span))
+            _sig(it.shortcut, out, rates)
+            out.append(3)
+            _sig(it.body, out, rates)
+            out.append(0)
+        elif cls is ParallelNode:
+            out += (4, it.merge, None if it.split is None else tuple(it.split), id(it.span))
+            for b in it.branches:
+                _sig(b, out, rates)
+                out.append(3)
+            out.append(0)
+        else:  # named tensors refer outside the block
+            raise _Fresh
+
+
+def _renamed(steps: list, path: str, cut: int, drop_path) -> list:
+    """Copies of a replayed block's steps under the new block path."""
+    out = []
+    for s in steps:
+        out.append(Step(
+            s.kind, path + s.path[cut:], s.x, s.y, s.span, s.name, s.op,
+            _renamed(s.body, path, cut, drop_path) if s.body else [],
+            _renamed(s.shortcut, path, cut, drop_path) if s.shortcut else [],
+            [_renamed(b, path, cut, drop_path) for b in s.branches] if s.branches else [],
+            s.merge, s.split, drop_path if s.kind == "residual" else s.drop_path, s.call, s.batch,
+        ))
+    return out
+
+
+_FOLD_KINDS: dict = {}  # op class -> its `batch_fold` class attribute (None if it has none)
+
+
+def _fold_kind(op):
+    """`getattr(op, "batch_fold", None)` without pydantic's slow path for a missing attribute."""
+    cls = op.__class__
+    kind = _FOLD_KINDS.get(cls, _ASK)
+    if kind is _ASK:
+        kind = getattr(cls, "batch_fold", None)
+        if "batch_fold" in cls.model_fields or not (kind is None or isinstance(kind, str)):
+            return getattr(op, "batch_fold", None)  # a parameter or a property: the instance decides
+        _FOLD_KINDS[cls] = kind
+    return kind
+
+
+_ASK = object()
 
 
 def _is_gate(s: Shape) -> bool:

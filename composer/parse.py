@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, Tree
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken, VisitError
+from lark import Lark, Token
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 
 from . import ast
 from .diagnostics import ComposerError, error
@@ -32,6 +33,7 @@ _CONTINUES = {
     "PARALLEL", "REPEAT", "RESIDUAL", "STAGE", "STAGES", "STEM",
 }
 _JOINS = {"LBRACE", "QMARK", "COLON"}
+_KINDS: dict = {}  # terminal name -> its name without the grammar prefix (`expr__ADD` -> `ADD`)
 
 
 class _Newlines:
@@ -41,8 +43,11 @@ class _Newlines:
 
     def process(self, stream):
         depth, held, last = 0, None, None
+        kinds = _KINDS
         for tok in stream:
-            kind = tok.type.split("__")[-1]
+            kind = kinds.get(tok.type)
+            if kind is None:
+                kind = kinds[tok.type] = tok.type.split("__")[-1]
             if kind == "_NL":
                 if depth == 0 and last not in _CONTINUES and last is not None:
                     held = held or tok
@@ -58,12 +63,128 @@ class _Newlines:
             yield held
 
 
+_CALLBACKS = None  # the `_Callbacks` the cached parser was made with
+_LOCK = threading.Lock()  # one parse at a time: the callbacks hold the file name and first error
+
+
 @functools.lru_cache(maxsize=1)
 def _parser() -> Lark:
-    return Lark.open(
-        str(GRAMMAR_DIR / "arch.lark"), parser="lalr", propagate_positions=True, maybe_placeholders=True,
-        start=["start", "expr"], postlex=_Newlines(), cache=True,  # LALR tables cached in the temp dir
+    global _CALLBACKS
+    callbacks = _Callbacks()
+    parser = Lark.open(
+        str(GRAMMAR_DIR / "arch.lark"), parser="lalr", maybe_placeholders=True, keep_all_tokens=True,
+        start=["start", "expr"], postlex=_Newlines(), transformer=callbacks,
+        cache=True,  # LALR tables cached in the temp dir
     )
+    _CALLBACKS = callbacks
+    return parser
+
+
+class _Driver:
+    """Lark's LALR loop over a flattened copy of its tables: one lookup per action instead of
+    hashing grammar rules, and no call for a rule that only passes its single child on (most of
+    the expression precedence chain). The lexer, the parse-state bookkeeping and every error are
+    Lark's own: on a token the table has no action for, Lark's loop takes over and raises."""
+
+    def __init__(self, parser: Lark):
+        from lark.parse_tree_builder import ExpandSingleChild
+        from lark.parsers.lalr_analysis import Shift
+        from lark.parsers.lalr_parser_state import ParseConf, ParserState
+
+        self.frontend = parser.parser
+        self.core = self.frontend.parser.parser
+        callbacks = self.core.callbacks
+        if any(isinstance(k, str) for k in callbacks):  # terminal callbacks: not handled here
+            raise TypeError("terminal callbacks")
+        actions = {}
+        for state, row in self.core.parse_table.states.items():
+            flat = actions[state] = {}
+            for sym, (action, arg) in row.items():
+                if action is Shift:
+                    flat[sym] = (True, arg)
+                else:
+                    size, callback = len(arg.expansion), callbacks[arg]
+                    single = size == 1 and isinstance(callback, ExpandSingleChild)
+                    flat[sym] = (False, size, callback, arg.origin.name, single)
+        self.conf = ParseConf
+        self.state_class = _fast_state(ParserState, actions)
+
+    def parse(self, text: str, start: str):
+        conf = self.conf(self.core.parse_table, self.core.callbacks, start)
+        state = self.state_class(conf, self.frontend._make_lexer_thread(text))
+        return self.core.parse_from_state(state)
+
+
+def _fast_state(base, actions):
+    chains = {}  # (state below, top state, token kind) -> the top state after the pass-through reductions
+
+    def chain(below, top, kind):
+        """Reductions of a rule that passes its single child on only change the top state, and
+        the next one depends on the state below it (unchanged) and the lookahead: follow them."""
+        state = top
+        while True:
+            act = actions[state].get(kind)
+            if act is None or act[0] or not act[4]:
+                break
+            state = actions[below][act[3]][1]
+        chains[below, top, kind] = state
+        return state
+
+    class FastState(base):
+        __slots__ = ()
+
+        def feed_token(self, token, is_end=False):
+            state_stack, value_stack = self.state_stack, self.value_stack
+            end_state, kind = self.parse_conf.end_state, token.type
+            while True:
+                try:
+                    act = actions[state_stack[-1]][kind]
+                except KeyError:
+                    return base.feed_token(self, token, is_end)  # Lark raises its UnexpectedToken
+                if act[0]:
+                    state_stack.append(act[1])
+                    value_stack.append(token)
+                    return None
+                _, size, callback, origin, single = act
+                if single:
+                    if is_end:  # one at a time: the end state may come up on the way
+                        state_stack[-1] = actions[state_stack[-2]][origin][1]
+                    else:
+                        below, top = state_stack[-2], state_stack[-1]
+                        state = chains.get((below, top, kind))
+                        state_stack[-1] = chain(below, top, kind) if state is None else state
+                        continue
+                else:
+                    if size:
+                        children = value_stack[-size:]
+                        del state_stack[-size:]
+                        del value_stack[-size:]
+                    else:
+                        children = []
+                    value_stack.append(callback(children))
+                    state_stack.append(actions[state_stack[-1]][origin][1])
+                if is_end and state_stack[-1] == end_state:
+                    return value_stack[-1]
+
+    return FastState
+
+
+@functools.lru_cache(maxsize=1)
+def _driver():
+    try:
+        return _Driver(_parser())
+    except Exception:  # noqa: BLE001 - another Lark than the one this was written against: its own loop then
+        return None
+
+
+def _run(text: str, start: str):
+    driver = _driver()
+    if driver is not None:
+        try:
+            return driver.parse(text, start)
+        except (AttributeError, TypeError):  # Lark's internals differ after all: its own loop, from the start
+            _CALLBACKS.error = None
+    return _parser().parse(text, start=start)
 
 
 def _describe(terminal: str) -> str:
@@ -102,8 +223,14 @@ def parse_expr(text: str, name: str = "<expr>") -> ast.Expr:
 
 def _parse(text: str, name: str, start: str):
     register(name, text)
+    _parser()  # made (and `_CALLBACKS` set) before the lock is taken
     try:
-        tree = _parser().parse(text, start=start)
+        with _LOCK:
+            _CALLBACKS.file, _CALLBACKS.error = name, None
+            try:
+                result = _run(text, start)
+            finally:
+                found, _CALLBACKS.error = _CALLBACKS.error, None
     except UnexpectedEOF:
         lines = text.splitlines() or [""]
         span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
@@ -138,12 +265,10 @@ def _parse(text: str, name: str, start: str):
             hint = f"is a ',' missing before it? ({hint})"
         what = repr(str(tok)) if is_value else _describe(tok.type)
         raise error("syntax", f"unexpected {what}", span, hint) from None
-    try:
-        result = _ToAst(name).transform(tree)
-    except VisitError as exc:
-        if isinstance(exc.orig_exc, ComposerError):
-            raise exc.orig_exc from None
-        raise
+    if found is not None:
+        raise found
+    if isinstance(result, _V):
+        result = result.v
     if isinstance(result, ast.File):
         _attach_docs(result, text)
     return result
@@ -186,191 +311,276 @@ def _attach_docs(file: ast.File, text: str) -> None:
     ]
 
 
-def _flatten_args(arglist) -> tuple[tuple, tuple]:
-    args, kwargs, seen_kw = [], [], False
-    for item in (arglist.children if isinstance(arglist, Tree) else []):
-        if isinstance(item, tuple):
-            kwargs.append(item)
-            seen_kw = True
-        else:
-            if seen_kw:
-                raise error("syntax", "positional argument after keyword argument", item.span)
-            args.append(item)
-    names = [k[0] for k in kwargs]
-    for i, (kname, _, span) in enumerate(kwargs):
-        if kname in names[:i]:
-            raise error("duplicate-argument", f"argument '{kname}' given twice", span)
-    return tuple(args), tuple(kwargs)
+class _V:
+    """A value built during parsing with the source region it covers (the region of the rule,
+    which for a parenthesised expression or a unary `+` is wider than the value's own span)."""
+
+    __slots__ = ("column", "end_column", "end_line", "line", "v")
+
+    def __init__(self, v, line, column, end_line, end_column):
+        self.v, self.line, self.column, self.end_line, self.end_column = v, line, column, end_line, end_column
 
 
-class _ToAst(Transformer):
-    """Rule-named methods turn the Lark tree into `ast` nodes (expression rules carry an `expr__` prefix)."""
+def _vals(c) -> list:
+    """The values among a rule's children (tokens, placeholders and separators dropped)."""
+    return [x.v for x in c if x.__class__ is _V]
 
-    def __init__(self, filename: str):
-        super().__init__()
-        self.filename = filename
 
-    def _span(self, meta) -> Span:
-        return Span(self.filename, meta.line, meta.column, meta.end_line, meta.end_column)
+def _split(c, kind: str) -> tuple[list, list]:
+    """A rule's children before and after its first `kind` token (e.g. the '{' of a body).
+    Optional parts are found by what they are, not where: the number of placeholders an absent
+    `[...]` leaves is Lark's business."""
+    for i, x in enumerate(c):
+        if x.__class__ is Token and x.type == kind:
+            return c[:i], c[i + 1:]
+    return c, []
+
+
+def _after(c, kind: str):
+    """The token right after the first `kind` token (`as NAME`, `: NAME`), else None."""
+    for i, x in enumerate(c):
+        if x.__class__ is Token and x.type == kind:
+            return next((y for y in c[i + 1:] if y is not None), None)
+    return None
+
+
+def _first_val(c):
+    """The first value among the children (a placeholder or a token is not one), else None."""
+    return next((x for x in c if x.__class__ is _V), None)
+
+
+class _Callbacks:
+    """Builds the `ast` while Lark's LALR parser reduces (no parse tree is made).
+
+    Methods are named after the grammar's rules (imported expression rules carry an `expr__`
+    prefix) and get every child of the rule: the parser runs with `keep_all_tokens`, so punctuation
+    and keywords are there too, and an absent optional part is a `None` per symbol. A rule's region
+    runs from its first child to its last, exactly as Lark's `propagate_positions` computes it.
+    Errors found here are kept and raised after the parse, so a syntax error later in the file
+    still wins, as when the tree was transformed after parsing."""
+
+    def __init__(self):
+        self.file = "<string>"
+        self.error = None
+
+    def _wrap(self, c, value) -> _V:
+        first = c[0]
+        if first is None:
+            first = next(x for x in c if x is not None)
+        last = c[-1]
+        if last is None:
+            last = next(x for x in reversed(c) if x is not None)
+        return _V(value, first.line, first.column, last.end_line, last.end_column)
+
+    def _node(self, c, cls, *args) -> _V:
+        """`cls(*args, span)` for this rule, wrapped with its region."""
+        first = c[0]
+        if first is None:
+            first = next(x for x in c if x is not None)
+        last = c[-1]
+        if last is None:
+            last = next(x for x in reversed(c) if x is not None)
+        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
+        return _V(cls(*args, span), first.line, first.column, last.end_line, last.end_column)
+
+    def _fail(self, exc: ComposerError) -> None:
+        if self.error is None:
+            self.error = exc
 
     def _tok_span(self, tok: Token) -> Span:
-        return Span(self.filename, tok.line, tok.column, tok.end_line, tok.end_column)
+        return Span(self.file, tok.line, tok.column, tok.end_line, tok.end_column)
 
-    def __default__(self, data, children, meta):
-        name = data.split("__")[-1] if isinstance(data, str) else data
-        method = getattr(self, "_" + name, None)
-        if method is None:
-            return Tree(name, children, meta)
-        return method(children, meta)
+    def _args(self, arglist) -> tuple[tuple, tuple]:
+        args, kwargs, seen_kw = [], [], False
+        for item in (arglist.v if arglist is not None else ()):
+            if isinstance(item, tuple):
+                kwargs.append(item)
+                seen_kw = True
+            else:
+                if seen_kw:
+                    self._fail(error("syntax", "positional argument after keyword argument", item.span))
+                args.append(item)
+        names = [k[0] for k in kwargs]
+        for i, (kname, _, span) in enumerate(kwargs):
+            if kname in names[:i]:
+                self._fail(error("duplicate-argument", f"argument '{kname}' given twice", span))
+        return tuple(args), tuple(kwargs)
 
     # ---- expressions
-    def _int_lit(self, c, meta):
-        return ast.Literal(int(str(c[0]).replace("_", "")), self._span(meta))
+    def expr__int_lit(self, c):
+        return self._node(c, ast.Literal, int(str(c[0]).replace("_", "")))
 
-    def _float_lit(self, c, meta):
-        return ast.Literal(float(str(c[0]).replace("_", "")), self._span(meta))
+    def expr__float_lit(self, c):
+        return self._node(c, ast.Literal, float(str(c[0]).replace("_", "")))
 
-    def _str_lit(self, c, meta):
-        return ast.Literal(str(c[0])[1:-1], self._span(meta))
+    def expr__str_lit(self, c):
+        return self._node(c, ast.Literal, str(c[0])[1:-1])
 
-    def _none_lit(self, c, meta):
-        return ast.Literal(None, self._span(meta))
+    def expr__none_lit(self, c):
+        return self._node(c, ast.Literal, None)
 
-    def _true_lit(self, c, meta):
-        return ast.Literal(True, self._span(meta))
+    def expr__true_lit(self, c):
+        return self._node(c, ast.Literal, True)
 
-    def _false_lit(self, c, meta):
-        return ast.Literal(False, self._span(meta))
+    def expr__false_lit(self, c):
+        return self._node(c, ast.Literal, False)
 
-    def _name(self, c, meta):
-        return ast.Name(str(c[0]), self._span(meta))
+    def expr__name(self, c):
+        return self._node(c, ast.Name, str(c[0]))
 
-    def _list_lit(self, c, meta):
-        return ast.ListExpr(tuple(x for x in c if x is not None), self._span(meta))
+    def expr__list_lit(self, c):  # [ "[" expr "," expr ... "]" ]
+        return self._node(c, ast.ListExpr, tuple(x for x in _vals(c) if x is not None))
 
-    def _list_comp(self, c, meta):
-        return ast.ListComp(c[0], str(c[1]), c[2], self._span(meta))
+    def expr__list_comp(self, c):  # "[" expr "for" NAME "in" expr "]"
+        return self._node(c, ast.ListComp, c[1].v, str(c[3]), c[5].v)
 
-    def _index(self, c, meta):
-        return ast.Index(c[0], c[1], self._span(meta))
+    def expr__atom(self, c):  # "(" expr ")": the value itself, its region widened to the brackets
+        inner = c[1]
+        return _V(inner.v, c[0].line, c[0].column, c[2].end_line, c[2].end_column)
 
-    def _call(self, c, meta):
-        args, kwargs = _flatten_args(c[1])
-        return ast.Call(c[0], args, kwargs, self._span(meta))
+    def expr__index(self, c):  # postfix "[" expr "]"
+        return self._node(c, ast.Index, c[0].v, c[2].v)
 
-    def _kwarg(self, c, meta):
-        return (str(c[0]), c[1], self._tok_span(c[0]))
+    def expr__call(self, c):  # postfix "(" [arglist] ")"
+        args, kwargs = self._args(_first_val(c[1:]))
+        return self._node(c, ast.Call, c[0].v, args, kwargs)
 
-    def _binop(self, c, meta):
-        return ast.BinOp(str(c[1]), c[0], c[2], self._span(meta))
+    def arglist(self, c):
+        return self._wrap(c, _vals(c))
 
-    def _neg(self, c, meta):
+    def expr__kwarg(self, c):  # NAME "=" expr
+        return self._wrap(c, (str(c[0]), c[2].v, self._tok_span(c[0])))
+
+    def expr__binop(self, c):  # left OP right
+        return self._node(c, ast.BinOp, str(c[1]), c[0].v, c[2].v)
+
+    def expr__neg(self, c):  # ADD unary
         if str(c[0]) == "+":
-            return c[1]
-        return ast.UnaryOp("-", c[1], self._span(meta))
+            return self._wrap(c, c[1].v)
+        return self._node(c, ast.UnaryOp, "-", c[1].v)
 
-    def _not_op(self, c, meta):
-        return ast.UnaryOp("not", c[0], self._span(meta))
+    def expr__not_op(self, c):  # "not" x
+        return self._node(c, ast.UnaryOp, "not", c[1].v)
 
-    def _and_op(self, c, meta):
-        return ast.BinOp("and", c[0], c[1], self._span(meta))
+    def expr__and_op(self, c):
+        return self._node(c, ast.BinOp, "and", c[0].v, c[2].v)
 
-    def _or_op(self, c, meta):
-        return ast.BinOp("or", c[0], c[1], self._span(meta))
+    def expr__or_op(self, c):
+        return self._node(c, ast.BinOp, "or", c[0].v, c[2].v)
 
-    def _conditional(self, c, meta):
-        return ast.Conditional(c[0], c[1], c[2], self._span(meta))
+    def expr__conditional(self, c):  # test "?" then ":" orelse
+        return self._node(c, ast.Conditional, c[0].v, c[2].v, c[4].v)
 
     # ---- statements
-    def _empty(self, c, meta):
-        return None
+    def save_stmt(self, c):  # "save" NAME
+        return self._node(c, ast.Save, str(c[1]))
 
-    def _save_stmt(self, c, meta):
-        return ast.Save(str(c[0]), self._span(meta))
+    def from_stmt(self, c):  # "from" NAME
+        return self._node(c, ast.Load, str(c[1]))
 
-    def _from_stmt(self, c, meta):
-        return ast.Load(str(c[0]), self._span(meta))
+    def let_stmt(self, c):  # "let" NAME "=" expr
+        return self._node(c, ast.Let, str(c[1]), c[3].v)
 
-    def _let_stmt(self, c, meta):
-        return ast.Let(str(c[0]), c[1], self._span(meta))
+    def assign_stmt(self, c):  # NAME "=" expr
+        return self._node(c, ast.Assign, str(c[0]), c[2].v)
 
-    def _assign_stmt(self, c, meta):
-        return ast.Assign(str(c[0]), c[1], self._span(meta))
+    def apply_stmt(self, c):  # expr ["as" NAME]
+        alias = _after(c, "AS")
+        return self._node(c, ast.Apply, c[0].v, str(alias) if alias is not None else None)
 
-    def _apply_stmt(self, c, meta):
-        return ast.Apply(c[0], str(c[1]) if c[1] is not None else None, self._span(meta))
+    def seq(self, c):  # "{" ... "}"
+        return self._wrap(c, tuple(x for x in _vals(c) if x is not None))
 
-    def _seq(self, c, meta):
-        return tuple(x for x in c if x is not None)
+    def residual_stmt(self, c):  # "residual" ["(" [arglist] ")"] "{" ... "}"
+        head, body = _split(c, "LBRACE")
+        args, kwargs = self._args(_first_val(head))
+        return self._node(c, ast.Residual, args, kwargs, tuple(x for x in _vals(body) if x is not None))
 
-    def _residual_stmt(self, c, meta):
-        args, kwargs = _flatten_args(c[0])
-        return ast.Residual(args, kwargs, tuple(x for x in c[1:] if x is not None), self._span(meta))
+    def parallel_stmt(self, c):  # "parallel" NAME ["(" [arglist] ")"] "{" branches "}"
+        head, body = _split(c, "LBRACE")
+        args, kwargs = self._args(_first_val(head))
+        branches = tuple(b if isinstance(b, tuple) else (b,) for b in _vals(body) if b is not None)
+        return self._node(c, ast.Parallel, str(c[1]), args, kwargs, branches)
 
-    def _parallel_stmt(self, c, meta):
-        args, kwargs = _flatten_args(c[1])
-        branches = tuple(b if isinstance(b, tuple) else (b,) for b in c[2:] if b is not None)
-        return ast.Parallel(str(c[0]), args, kwargs, branches, self._span(meta))
+    def _sec(self, kind, c):  # KEYWORD section
+        body = c[1].v
+        return self._node(c, ast.Section, kind, body if isinstance(body, tuple) else (body,))
 
-    def _section(self, kind, c, meta):
-        body = c[0] if isinstance(c[0], tuple) else (c[0],)
-        return ast.Section(kind, body, self._span(meta))
+    def stem_stmt(self, c):
+        return self._sec("stem", c)
 
-    def _stem_stmt(self, c, meta):
-        return self._section("stem", c, meta)
+    def head_stmt(self, c):
+        return self._sec("head", c)
 
-    def _head_stmt(self, c, meta):
-        return self._section("head", c, meta)
+    def downsample_stmt(self, c):
+        return self._sec("downsample", c)
 
-    def _downsample_stmt(self, c, meta):
-        return self._section("downsample", c, meta)
+    def stage_norm_stmt(self, c):
+        return self._sec("norm", c)
 
-    def _stage_norm_stmt(self, c, meta):
-        return self._section("norm", c, meta)
+    def repeat_stmt(self, c):  # "repeat" expr ["as" NAME] [":"] block
+        var = _after(c, "AS")
+        return self._node(c, ast.Repeat, c[1].v, str(var) if var is not None else None, c[-1].v)
 
-    def _repeat_stmt(self, c, meta):
-        return ast.Repeat(c[0], str(c[1]) if c[1] is not None else None, c[2], self._span(meta))
+    def single_block(self, c):  # "block" block
+        return self._node(c, ast.Repeat, None, None, c[1].v)
 
-    def _single_block(self, c, meta):
-        return ast.Repeat(None, None, c[0], self._span(meta))
+    def stages_stmt(self, c):  # "stages" "for" NAME "in" expr ".." expr "{" items "}"
+        head, rest = _split(c, "LBRACE")
+        start, stop = _vals(head)
+        items = tuple(x for x in _vals(rest) if x is not None)
+        first, last = c[0], c[-1]
+        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
+        return _V(ast.Stage(items, span, str(c[2]), start, stop), first.line, first.column, last.end_line,
+                  last.end_column)
 
-    def _stages_stmt(self, c, meta):
-        items = tuple(x for x in c[3:] if x is not None)
-        return ast.Stage(items, self._span(meta), str(c[0]), c[1], c[2])
+    def stage_stmt(self, c):  # "stage" "{" items "}"
+        items = tuple(x for x in _vals(c) if x is not None)
+        first, last = c[0], c[-1]
+        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
+        return _V(ast.Stage(items, span), first.line, first.column, last.end_line, last.end_column)
 
-    def _stage_stmt(self, c, meta):
-        return ast.Stage(tuple(x for x in c if x is not None), self._span(meta))
+    def input_stmt(self, c):  # "input" expr
+        return self._node(c, ast.Input, c[1].v)
 
-    def _input_stmt(self, c, meta):
-        return ast.Input(c[0], self._span(meta))
+    def param(self, c):  # NAME ["=" expr]
+        default = _first_val(c)
+        return self._node(c, ast.Param, str(c[0]), default.v if default is not None else None)
 
-    def _param(self, c, meta):
-        return ast.Param(str(c[0]), c[1], self._span(meta))
-
-    def _params(self, c, meta):
-        params = tuple(p for p in c if p is not None)
+    def params(self, c):  # "(" [param ("," param)* [","]] ")"
+        params = tuple(p for p in _vals(c) if p is not None)
         names = [p.name for p in params]
         for i, p in enumerate(params):
             if p.name in names[:i]:
-                raise error("duplicate-parameter", f"parameter '{p.name}' declared twice", p.span)
-        return params
+                self._fail(error("duplicate-parameter", f"parameter '{p.name}' declared twice", p.span))
+        return self._wrap(c, params)
 
-    def _model_def(self, c, meta):
-        name, params, base = str(c[0]), c[1] or (), c[2]
-        body = tuple(x for x in c[3:] if x is not None)
-        return ast.ModelDef(name, params, str(base) if base is not None else None, body, self._span(meta), self.filename)
+    def model_def(self, c):  # "model" NAME [params] [":" NAME] "{" ... "}"
+        head, rest = _split(c, "LBRACE")
+        params, base = _first_val(head), _after(head, "COLON")
+        name, params = str(c[1]), params.v if params is not None else ()
+        body = tuple(x for x in _vals(rest) if x is not None)
+        first, last = c[0], c[-1]
+        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
+        return _V(ast.ModelDef(name, params or (), str(base) if base is not None else None, body, span, self.file),
+                  first.line, first.column, last.end_line, last.end_column)
 
-    def _composite_def(self, c, meta):
-        kind, name, params = str(c[0]), str(c[1]), c[2] or ()
-        body = tuple(x for x in c[3:] if x is not None)
-        return ast.CompositeDef(kind, name, params, body, self._span(meta), self.filename)
+    def composite_def(self, c):  # KIND NAME [params] "{" ... "}"
+        head, rest = _split(c, "LBRACE")
+        params = _first_val(head)
+        kind, name, params = str(c[0]), str(c[1]), params.v if params is not None else ()
+        body = tuple(x for x in _vals(rest) if x is not None)
+        first, last = c[0], c[-1]
+        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
+        return _V(ast.CompositeDef(kind, name, params or (), body, span, self.file),
+                  first.line, first.column, last.end_line, last.end_column)
 
-    def _import_stmt(self, c, meta):
-        return ast.Import(str(c[0])[1:-1], self._span(meta))
+    def import_stmt(self, c):  # "import" STRING
+        return self._node(c, ast.Import, str(c[1])[1:-1])
 
-    def _start(self, c, meta):
-        file = ast.File(self.filename)
-        for item in c:
+    def start(self, c):
+        file = ast.File(self.file)
+        for item in _vals(c):
             if isinstance(item, ast.Import):
                 file.imports.append(item)
             elif isinstance(item, ast.ModelDef):

@@ -4,8 +4,11 @@ symbolic is left in the result."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import threading
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -116,13 +119,38 @@ class Unit:
 
     file: ast.File
     names: Namespace
+    # composite instances by (definition, typed arguments, depth): see `_Resolver._instantiate`
+    instances: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 _CACHE: dict[str, Unit] = {}
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector while a model is parsed, resolved or planned.
+
+    These steps allocate many small objects that reference counting frees (or that live on in the
+    caches); collections in between find next to nothing to free but walk every live object: they
+    took about a third of the time of checking the whole zoo. Nested uses and a collector the
+    caller disabled are left alone; reference cycles made meanwhile are collected after."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def load(path: str | Path, _stack: tuple = ()) -> Unit:
     """Parse a file and its imports (cached per path)."""
+    with gc_paused():
+        return _load(path, _stack)
+
+
+def _load(path: str | Path, _stack: tuple) -> Unit:
     key = str(Path(path).resolve())
     if key in _CACHE:
         return _CACHE[key]
@@ -134,7 +162,7 @@ def load(path: str | Path, _stack: tuple = ()) -> Unit:
         if tkey in _stack or tkey == key:
             raise error("cyclic-import", f"import cycle: '{imp.path}' imports this file again", imp.span,
                         "move the shared definitions into a third file")
-        unit = load(target, _stack + (key,))
+        unit = _load(target, _stack + (key,))
         names.composites.update(unit.names.composites)
     for comp in file.composites:
         if comp.name in names.ops:
@@ -184,7 +212,8 @@ def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model
             raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span,
                         did_you_mean(cur.base, defs) or f"models in this file: {', '.join(defs)}")
         cur = defs[cur.base]
-    return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
+    with gc_paused():
+        return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
 
 
 class _Resolver:
@@ -353,16 +382,24 @@ class _Resolver:
             elif isinstance(item, ast.Repeat):
                 seen_block = True
         in_stage = 0
+        evaluated = {}  # the block expression of a `repeat` without `as`: the same value for every block
         for item, k in blocks:
             bscope = sscope.child({item.var: k} if item.var else {})
             rate = self.drop_setting.at(self.next_block, self.total) if isinstance(self.drop_setting, Schedule) \
                 else float(self.drop_setting)
             ctx = Ctx(in_stage, self.next_block, self.total, rate)
             names = Names()
+            if not isinstance(item.block, tuple):
+                if item.var is None:
+                    if id(item) not in evaluated:
+                        evaluated[id(item)] = evaluate(item.block, bscope)
+                    raw = evaluated[id(item)]
+                else:
+                    raw = evaluate(item.block, bscope)
             if isinstance(item.block, tuple):  # an inline body: `repeat 2 { conv(16, 3); relu }`
                 value = None
                 items = self._items(item.block, bscope, ctx, names)
-            elif isinstance(value := concretize(evaluate(item.block, bscope), ctx, item.block.span), Ref) \
+            elif isinstance(value := concretize(raw, ctx, item.block.span), Ref) \
                     and value.kind == "composite":
                 items = self._instantiate(value, ctx)
             else:
@@ -467,10 +504,28 @@ class _Resolver:
         return [node]
 
     def _instantiate(self, ref: Ref, ctx: "Ctx") -> list:
+        """A composite's items for these arguments. An instance depends on the block it is in only
+        through its residuals' drop-path rate, unless a per-block value (alternate, linspace) was
+        concretized while expanding it: other instances are kept per file and copied on reuse."""
         comp: ast.CompositeDef = ref.target
         depth = ctx.depth + 1
         if depth > 32:
             raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span)
+        try:
+            key = (id(comp), _freeze_args(ref.args), depth)
+        except _Unfrozen:
+            key = None
+        if key is not None:
+            known = self.unit.instances.get(key)
+            if known is not None and known[0] is comp:
+                return _copy_items(known[1], ctx.drop_path)
+        mark = _PER_BLOCK.n
+        items = self._expand(ref, comp, ctx, depth)
+        if key is not None and _PER_BLOCK.n == mark:
+            self.unit.instances[key] = (comp, _copy_items(items, 0.0))
+        return items
+
+    def _expand(self, ref: Ref, comp: ast.CompositeDef, ctx: "Ctx", depth: int) -> list:
         given = dict(ref.args)
         scope = Scope(self.unit.names)
         for p in comp.params:
@@ -544,8 +599,27 @@ class Names:
             taken.add(node.name)
 
 
+class _Count(threading.local):
+    n = 0
+
+
+_PER_BLOCK = _Count()  # per-block values concretized so far in this thread (instances using one are not reused)
+
+
 def concretize(value, ctx: Ctx, span: Span):
     """Replace per-block values (cycles, schedules) by this block's value, recursively."""
+    cls = value.__class__
+    if cls in _PLAIN:
+        return value
+    if cls is Ref:
+        if not value.args:
+            return value
+        args = tuple((k, concretize(v, ctx, span)) for k, v in value.args)  # `span` is only passed along
+        if all(a[1] is b[1] for a, b in zip(args, value.args)):
+            return value  # nothing per-block inside: the same (frozen) reference
+        return Ref(value.name, value.kind, value.target, args, value.spans, value.span)
+    if isinstance(value, (Cycle, Schedule)):
+        _PER_BLOCK.n += 1
     if isinstance(value, Cycle):
         if ctx.stage_block is None:
             raise error("per-block", "alternate(...) varies per block, but is used outside a stage's blocks",
@@ -558,10 +632,54 @@ def concretize(value, ctx: Ctx, span: Span):
         return value.at(ctx.block, ctx.total)
     if isinstance(value, list):
         return [concretize(v, ctx, span) for v in value]
-    if isinstance(value, Ref) and value.args:
-        args = tuple((k, concretize(v, ctx, value.arg_span(k))) for k, v in value.args)
-        return Ref(value.name, value.kind, value.target, args, value.spans, value.span)
     return value
+
+
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
+class _Unfrozen(Exception):
+    """A value that cannot be part of an instance key."""
+
+
+def _freeze(value):
+    """A hashable key for an argument value that tells apart what `==` confuses (1, 1.0, true; 0.0, -0.0)."""
+    cls = value.__class__
+    if cls is float:
+        return (float, repr(value))
+    if cls in _PLAIN:
+        return (cls, value)
+    if cls is list:
+        return (list, tuple(_freeze(v) for v in value))
+    if cls is Ref:
+        return (Ref, value.name, value.kind, id(value.target), _freeze_args(value.args), value.spans, value.span)
+    raise _Unfrozen
+
+
+def _freeze_args(args: tuple) -> tuple:
+    return tuple((k, _freeze(v)) for k, v in args)
+
+
+def _copy_items(items: list, drop_path: float) -> list:
+    """A fresh copy of resolved items (ops are frozen and shared), every residual at `drop_path`."""
+    out = []
+    for it in items:
+        cls = it.__class__
+        if cls is OpNode:
+            out.append(OpNode(it.name, it.op, it.span))
+        elif cls is SubSeq:
+            out.append(SubSeq(it.name, it.kind, _copy_items(it.items, drop_path), it.span, it.call))
+        elif cls is ResidualNode:
+            out.append(ResidualNode(_copy_items(it.body, drop_path), _copy_items(it.shortcut, drop_path), drop_path,
+                                    it.span))
+        elif cls is ParallelNode:
+            out.append(ParallelNode(it.merge, [_copy_items(b, drop_path) for b in it.branches],
+                                    list(it.split) if it.split is not None else None, it.span))
+        elif cls is NamedTensor:
+            out.append(NamedTensor(it.action, it.tensor, it.span))
+        else:
+            raise AssertionError(f"unknown item {it!r}")
+    return out
 
 
 def to_op(ref: Ref) -> Op:

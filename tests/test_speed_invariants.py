@@ -1,0 +1,169 @@
+"""The fast check path gives what the plain one gives.
+
+`composer check` reuses work: the parser builds the AST during Lark's LALR loop over flattened
+tables (composer/parse.py), equal composite instances are expanded once per file and copied
+(composer/resolve.py), equal blocks are lowered once per model and replayed under their own path
+(composer/graph.py). Each shortcut can be switched off; with and without it, every zoo blueprint
+must give the same AST, model and plan, and the hand-made cases below pin what the shortcuts
+must not merge (per-block values, drop-path rates, 1 and 1.0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import composer
+import composer.graph as G
+import composer.parse as P
+import composer.resolve as R
+from composer.diagnostics import ComposerError
+
+REPO = Path(__file__).resolve().parent.parent
+FILES = sorted((REPO / "blueprints").rglob("*.arch")) + sorted((REPO / "examples").rglob("*.arch"))
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except ComposerError as exc:
+        return ("error", [(d.code, d.message, str(d.span), d.hint, list(d.notes)) for d in exc.diagnostics])
+
+
+def _steps(steps) -> list:
+    out = []
+    for s in steps:
+        out.append((s.kind, s.path, s.x, s.y, s.span, s.name, repr(s.op), s.merge, s.split, s.drop_path, s.call,
+                    s.batch, _steps(s.shortcut), _steps(s.body), [_steps(b) for b in s.branches]))
+    return out
+
+
+def _plan_facts(plan) -> tuple:
+    sections = [(s.path, s.x, s.y, s.drop_path, s.call, _steps(s.steps)) for s in plan.sections]
+    return (repr(plan.model), plan.params, plan.macs, sections, plan.record.nodes, plan.record.edges,
+            plan.saved)
+
+
+def _zoo_facts() -> list:
+    R._CACHE.clear()
+    facts = []
+    for f in FILES:
+        unit = _outcome(lambda f=f: R.load(f))
+        if isinstance(unit, tuple):
+            facts.append((str(f), unit))
+            continue
+        facts.append((str(f), repr(unit.file)))
+        for m in unit.file.models:
+            facts.append((m.name, _outcome(lambda t=f"{f}:{m.name}": _plan_facts(composer.load(t)))))
+    return facts
+
+
+def test_zoo_same_with_and_without_shortcuts(monkeypatch):
+    fast = _zoo_facts()
+
+    def no_key(args):
+        raise R._Unfrozen
+
+    monkeypatch.setattr(P, "_driver", lambda: None)  # Lark's own LALR loop
+    monkeypatch.setattr(R, "_freeze_args", no_key)  # every composite instance expanded afresh
+    monkeypatch.setattr(G, "_signature", lambda items: None)  # every block lowered afresh
+    plain = _zoo_facts()
+    R._CACHE.clear()
+    assert len(fast) == len(plain) > 100
+    for a, b in zip(fast, plain):
+        assert a == b, a[0]
+
+
+@pytest.mark.parametrize("text", [
+    "model a {\n  input image(3, 8)\n  stem { conv(8, 3) \n}\n",  # end of file inside a block
+    "model a { input image(3, 8) stem conv(8 3) }",  # a missing comma
+    "model a { input image(3, 8); stem conv(8, 3); head { linear(out = 3, 4) } }",
+    "block b(x, x) { relu() }",
+    "block b(x, x) { relu() }\nmodel a {",  # the syntax error wins over the earlier duplicate
+    "block b(x, x) { relu() }\nblock c(y, y) { relu() }",  # the first duplicate is reported
+    "model a { input image(3, 8) $ }",
+])
+def test_syntax_errors_same_with_lark_loop(monkeypatch, text):
+    fast = _outcome(lambda: repr(P.parse_text(text, "t.arch")))
+    monkeypatch.setattr(P, "_driver", lambda: None)
+    assert fast == _outcome(lambda: repr(P.parse_text(text, "t.arch")))
+    assert fast[0] == "error"
+
+
+def test_spans_cover_brackets_of_operands():
+    # (a + b) * c: the product starts at the '(' (column 1) and ends after c (column 12);
+    # the sum inside keeps its own span, columns 2 to 7
+    e = P.parse_expr("(a + b) * c")
+    assert (e.span.column, e.span.end_column) == (1, 12)
+    assert (e.left.span.column, e.left.span.end_column) == (2, 7)
+    # a unary plus is dropped from the tree, but the product it starts begins at the '+': column 1
+    e = P.parse_expr("+a * b")
+    assert (e.span.column, e.span.end_column) == (1, 7)
+    assert (e.left.id, e.left.span.column, e.left.span.end_column) == ("a", 2, 3)
+
+
+BLOCKS = """
+block alt(dim, k = alternate(1, 3)) {
+    residual { conv(dim, k, padding = k // 2); relu() }
+}
+block plain(dim) {
+    residual { conv(dim, 3, padding = 1) }
+}
+block one(n) { conv(n, 1) }
+model m(num_classes = 10) {
+    input image(3, 16)
+    drop_path = linspace(0, 0.3)
+    stem conv(8, 3, padding = 1)
+    stage { repeat 4 BLOCK(8) }
+    head { global_pool(); classifier(num_classes) }
+}
+"""
+
+
+def _load(tmp_path, text, name="m"):
+    path = tmp_path / "t.arch"
+    path.write_text(text)
+    R._CACHE.pop(str(path.resolve()), None)
+    return composer.load(f"{path}:{name}")
+
+
+@pytest.mark.parametrize("block", ["alt", "plain"])
+def test_reused_blocks_keep_their_drop_path(tmp_path, block):
+    plan = _load(tmp_path, BLOCKS.replace("BLOCK", block))
+    expected = [0.0, 0.1, 0.2, 0.3]  # linspace(0, 0.3) over 4 blocks
+    blocks = plan.stages[0].blocks
+    assert [s.drop_path for s in blocks] == pytest.approx(expected)
+    assert [s.steps[0].drop_path for s in blocks] == pytest.approx(expected)
+    assert [b.items[0].drop_path for b in plan.model.stages[0].blocks] == pytest.approx(expected)
+    assert [s.steps[0].body[0].path for s in blocks] == [f"stages.0.blocks.{k}.conv" for k in range(4)]
+    nodes = [n for n, _ in plan.record.nodes]
+    assert [n for n in nodes if n.endswith(".conv")] == ["stem.conv"] + [f"stages.0.blocks.{k}.conv" for k in range(4)]
+    # every block but the first starts from the residual merge of the block before it
+    starts = [a for a, b in plan.record.edges if b.startswith("stages.0.blocks.") and b.endswith(".conv")]
+    assert starts[0] == "stem.conv" and all(a.startswith(f"stages.0.blocks.{k}.add@") for k, a in enumerate(starts[1:]))
+
+
+def test_per_block_default_is_not_reused(tmp_path):
+    plan = _load(tmp_path, BLOCKS.replace("BLOCK", "alt"))
+    kernels = [s.steps[0].body[0].op.kernel for s in plan.stages[0].blocks]
+    assert kernels == [1, 3, 1, 3]  # alternate(1, 3) over the blocks of the stage
+    assert [s.steps[0].body[0].y.spatial for s in plan.stages[0].blocks] == [(16, 16)] * 4
+
+
+def test_int_and_float_arguments_are_different_instances(tmp_path):
+    text = BLOCKS.replace("stage { repeat 4 BLOCK(8) }", "stage { repeat 2 one(8) }\n    stage { repeat 1 one(8.0) }")
+    with pytest.raises(ComposerError) as info:
+        _load(tmp_path, text)
+    diag = info.value.diagnostics[0]
+    assert diag.code == "type" and "'conv' argument 'out' must be an int, got float" in diag.message
+
+
+def test_instances_shared_across_models_of_a_file(tmp_path):
+    text = BLOCKS.replace("BLOCK", "plain") + "model n : m { num_classes = 5 }\n"
+    a = _load(tmp_path, text, "m")
+    b = composer.load(f"{tmp_path / 't.arch'}:n")
+    assert a.params - b.params == 5 * 8 + 5  # only the classifier differs: 8 -> 10 vs 8 -> 5 logits
+    # equal, yet separate objects: changing one model's items leaves the other's alone
+    ia, ib = a.model.stages[0].blocks[0].items, b.model.stages[0].blocks[0].items
+    assert repr(ia) == repr(ib) and ia[0] is not ib[0] and ia[0].body[0] is not ib[0].body[0]
