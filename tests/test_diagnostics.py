@@ -176,7 +176,7 @@ _CLI_CASES = {
     "unknown-zoo-model": (
         ["check", "swin_tt"],
         "error: no zoo model 'swin_tt'\n"
-        "  hint: did you mean 'swin_t' or 'swin_s'?\n",
+        "  hint: did you mean 'swin_t' or 'swin_s' or 'agent_swin_t'?\n",
     ),
     "missing-file": (
         ["check", "tests/data/diagnostics/no_such_file.arch"],
