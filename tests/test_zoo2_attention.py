@@ -95,7 +95,7 @@ def test_transnext_rejects_other_input_sizes():
     with pytest.raises(composer.ComposerError) as exc:
         composer.load("transnext_micro", img_size=256)
     span = exc.value.diagnostics[0].span
-    assert span.file.endswith("transnext.arch") and "require(img_size == train_size" in exc.value.render()
+    assert span.file.endswith("transnext.arch") and "let fixed = require(" in exc.value.render()
     assert "img_size = train_size" in exc.value.render()
     assert composer.load("transnext_micro", train_size=256).input.spatial == (256, 256)
 
