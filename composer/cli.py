@@ -173,28 +173,19 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-def cmd_diff(args) -> int:
-    from .diff import main as run
+def _consumer(module: str):
+    """The command of a consumer module (diff, render, format, convert): its `main(args)`, imported
+    only when the command runs."""
 
-    return run(args)
+    def run(args) -> int:
+        from importlib import import_module
 
+        return import_module(f".{module}", __package__).main(args)
 
-def cmd_graph(args) -> int:
-    from .render import main as run
-
-    return run(args)
-
-
-def cmd_fmt(args) -> int:
-    from .format import main as run
-
-    return run(args)
+    return run
 
 
-def cmd_convert(args) -> int:
-    from .convert import main as run
-
-    return run(args)
+cmd_diff, cmd_graph, cmd_fmt, cmd_convert = (_consumer(m) for m in ("diff", "render", "format", "convert"))
 
 
 def make_parser() -> argparse.ArgumentParser:
