@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .core import built_on_cpu
+
 
 def neighbourhood_index(grid, size: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) index of the size^d keys around every position of `grid` at spacing `dilation`, in
@@ -59,6 +61,7 @@ def axis_tables(tables, heads: int, agents: int, grid, agents_last: bool) -> tor
     return total.reshape(1, heads, -1, agents) if agents_last else total.reshape(1, heads, agents, -1)
 
 
+@built_on_cpu
 def continuous_table(grid, keys) -> tuple[torch.Tensor, torch.Tensor]:
     """TransNeXt's continuous-bias coordinates for queries on `grid` and keys on `keys` (the key axis
     is the query axis average-pooled to the key count): per axis r = (q - k) / (g - 1) * 8, then

@@ -196,3 +196,19 @@ class Scale(nn.Module):
 class QuickGELU(nn.Module):
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
+
+
+def built_on_cpu(fn):
+    """For index and coordinate tables made with data-dependent ops (nonzero, unique, item) that the
+    meta device lacks: compute them on the CPU, then move them to the device the model is being
+    built on (so `composer info` and meta builds work)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        target = torch.empty(0).device
+        with torch.device("cpu"):
+            out = fn(*args, **kwargs)
+        return tuple(t.to(target) for t in out) if isinstance(out, tuple) else out.to(target)
+
+    return wrapper

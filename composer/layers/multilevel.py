@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import trunc_normal_
+from .core import built_on_cpu, trunc_normal_
 
 
 def _windows(t, w):
@@ -42,13 +42,7 @@ class MultilevelAttention(nn.Module):
         self.register_buffer("relative_position_index", _relative_index(w, w), persistent=False)
         if expand:
             e = expand
-            masks = []
-            for rows, cols in ((slice(None, -e), slice(None, -e)), (slice(None, -e), slice(e, None)),
-                               (slice(e, None), slice(None, -e)), (slice(e, None), slice(e, None))):
-                m = torch.ones(w, w)
-                m[rows, cols] = 0
-                masks.append(m.flatten())
-            self.register_buffer("ring_index", torch.cat(masks).nonzero().flatten(), persistent=False)
+            self.register_buffer("ring_index", _ring_index(w, e), persistent=False)
             ring = self.ring_index.numel()
             self.relative_position_bias_table_to_neighbors = nn.Parameter(torch.zeros(1, heads, w * w, ring))
             trunc_normal_(self.relative_position_bias_table_to_neighbors, std=0.02)
@@ -118,3 +112,16 @@ class MultilevelAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, window={self.w}, expand={self.e}, pooled={self.k}"
+
+
+@built_on_cpu
+def _ring_index(w: int, e: int):
+    """The positions of the four shifted copies of a w x w window that fall outside it (the ring of
+    width e around the window), flattened."""
+    masks = []
+    for rows, cols in ((slice(None, -e), slice(None, -e)), (slice(None, -e), slice(e, None)),
+                       (slice(e, None), slice(None, -e)), (slice(e, None), slice(e, None))):
+        m = torch.ones(w, w)
+        m[rows, cols] = 0
+        masks.append(m.flatten())
+    return torch.cat(masks).nonzero().flatten()

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .core import trunc_normal_
+from .core import built_on_cpu, trunc_normal_
 
 
 def _tiles(grid, period) -> torch.Tensor:
@@ -33,6 +33,7 @@ class WindowTokens(nn.Module):
         return torch.cat([t.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
 
 
+@built_on_cpu
 def shuffle_index(grid, region) -> torch.Tensor:
     """(windows * G,) source piece of every (token, channel group) piece: in each region block,
     token at block position a, group b <- token at block position b, group a."""
