@@ -363,25 +363,20 @@ class _Callbacks:
         self.file = "<string>"
         self.error = None
 
+    @staticmethod
+    def _region(c) -> tuple[int, int, int, int]:
+        """(line, column, end line, end column) of a rule's children, optional (None) ones skipped."""
+        first = c[0] if c[0] is not None else next(x for x in c if x is not None)
+        last = c[-1] if c[-1] is not None else next(x for x in reversed(c) if x is not None)
+        return first.line, first.column, last.end_line, last.end_column
+
     def _wrap(self, c, value) -> _V:
-        first = c[0]
-        if first is None:
-            first = next(x for x in c if x is not None)
-        last = c[-1]
-        if last is None:
-            last = next(x for x in reversed(c) if x is not None)
-        return _V(value, first.line, first.column, last.end_line, last.end_column)
+        return _V(value, *self._region(c))
 
     def _node(self, c, cls, *args) -> _V:
         """`cls(*args, span)` for this rule, wrapped with its region."""
-        first = c[0]
-        if first is None:
-            first = next(x for x in c if x is not None)
-        last = c[-1]
-        if last is None:
-            last = next(x for x in reversed(c) if x is not None)
-        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
-        return _V(cls(*args, span), first.line, first.column, last.end_line, last.end_column)
+        region = self._region(c)
+        return _V(cls(*args, Span(self.file, *region)), *region)
 
     def _fail(self, exc: ComposerError) -> None:
         if self.error is None:
