@@ -139,7 +139,15 @@ class Load:
     span: Span
 
 
-Body = Union[Let, Apply, Residual, Parallel, Save, Load]
+@dataclass(frozen=True)
+class Reuse:
+    """`reuse stages.0`: run the module at that state_dict path again, with the same weights."""
+
+    path: str
+    span: Span
+
+
+Body = Union[Let, Apply, Residual, Parallel, Save, Load, Reuse]
 
 
 @dataclass(frozen=True)
@@ -161,7 +169,7 @@ class Repeat:
 
 @dataclass(frozen=True)
 class Stage:
-    items: tuple  # Let, Section(downsample), Repeat
+    items: tuple  # Let, Section(downsample), Repeat, Reuse
     span: Span
     loop_var: str | None = None
     start: Expr | None = None

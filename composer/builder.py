@@ -7,6 +7,8 @@ from torch import nn
 
 from .diagnostics import error
 from .graph import Plan, Step
+from .layers.core import tie_scope
+from .layers.core import ChannelScale
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
 
@@ -40,6 +42,11 @@ class Sequence(nn.Module):
                 prog.append(("m", s.name))
             elif s.kind in ("save", "load"):
                 prog.append((s.kind[0] * 2, s.name))  # "ss" / "ll"
+            elif s.kind == "reuse":  # the module itself is linked by ComposedModel, not registered here
+                self.__dict__.setdefault("_shared", {})[s.name] = None
+                if s.reused[-1].kind == "op" and s.reused[-1].path == s.name:  # an op: its layout conversion
+                    prog += self._compile(s.reused[:-1])
+                prog.append(("x", s.name))
             elif s.kind == "convert":
                 prog.append(("t",) if s.name == "to_tokens" else ("u", s.x.spatial))
             elif s.kind == "residual":
@@ -51,21 +58,55 @@ class Sequence(nn.Module):
                 prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split, axes))
         return prog
 
-    # ops whose output is a tensor of their own (never a view of their input), which nothing else holds
-    # when the next instruction runs: an activation right after one may overwrite it, as torchvision does
-    _FRESH = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.GroupNorm, nn.LayerNorm)
+    # ops whose output is a tensor of their own (never their input, nor memory their input shares)
+    # that autograd does not save for the backward pass (a conv, a norm, a linear, `x * scale` keep
+    # their inputs, not their output): the next instruction may overwrite it, as torchvision's
+    # in-place ReLU after a batch norm and timm's `x += shortcut` after a block's last norm do
+    _FRESH = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.GroupNorm, nn.LayerNorm,
+              ChannelScale)
     _INPLACE = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Hardsigmoid)
+    _MERGES = ("concat", "tokens", "add", "sub", "mul", "mean")  # of 2+ branches: a new tensor
+
+    def _fresh(self, prog) -> bool:
+        """Whether the last instruction of `prog` leaves a fresh, unsaved tensor (see `_FRESH`): such
+        an op, a composite ending in one, a residual (its sum) or a merge of 2+ parallel branches.
+        Never a `save`/`from`/`reuse`/layout conversion (a tensor kept, or a view)."""
+        if not prog:
+            return False
+        ins = prog[-1]
+        if ins[0] == "m":
+            mod = self._modules.get(ins[1])
+            return mod._fresh(mod.program) if isinstance(mod, Sequence) else isinstance(mod, self._FRESH)
+        if ins[0] == "r":
+            return True
+        return ins[0] == "p" and len(ins[2]) > 1 and ins[1] in self._MERGES
 
     def _inplace_activations(self) -> None:
-        """Run an activation in place when the instruction before it, in the same program, is an op
-        that made a fresh tensor. Never the first instruction (its input may be a residual's
-        shortcut or shared by parallel branches), never after a `save` (that tensor is kept)."""
-        prog = self.program
-        for prev, ins in zip(prog, prog[1:]):
-            if prev[0] == "m" and ins[0] == "m":
-                a, b = self._modules[prev[1]], self._modules[ins[1]]
-                if isinstance(a, self._FRESH) and isinstance(b, self._INPLACE):
-                    b.inplace = True
+        """In-place decisions, made once, in every program of this Sequence (residual bodies and
+        shortcuts, parallel branches included):
+        * an activation runs in place when the instruction before it, in the same program, left a
+          fresh tensor (`_fresh`): never the first instruction (its input may be a residual's
+          shortcut or shared by parallel branches), never after a `save` (that tensor is kept);
+        * a residual adds its shortcut into its body's output (`body += short`, a 5th field True)
+          when the body's last instruction left a fresh tensor; at run time only when the shapes
+          and dtypes agree (a broadcasting gate, autocast's mixed dtypes keep `short + body`);
+        * a parallel instruction's split becomes a tuple of ints (for `Tensor.split_with_sizes`)."""
+        self.program = self._mark(self.program)
+
+    def _mark(self, prog) -> list:
+        out = []
+        for ins in prog:
+            kind = ins[0]
+            if kind == "r":
+                body, short = self._mark(ins[1]), self._mark(ins[2])
+                ins = ("r", body, short, ins[3], self._fresh(body))
+            elif kind == "p":
+                split = tuple(int(n) for n in ins[3]) if ins[3] else None  # for Tensor.split_with_sizes
+                ins = ("p", ins[1], [self._mark(b) for b in ins[2]], split, *ins[4:])
+            elif kind == "m" and isinstance(self._modules[ins[1]], self._INPLACE) and self._fresh(out):
+                self._modules[ins[1]].inplace = True
+            out.append(ins)
+        return out
 
     def _add(self, step, module) -> None:
         if hasattr(nn.Module, step.name):  # `as half`, `as to`: nn.Module's own attributes
@@ -74,13 +115,17 @@ class Sequence(nn.Module):
         self.add_module(step.name, module)
 
     def _run(self, prog, x, env):
+        mods = self._modules
         for ins in prog:
             kind = ins[0]
             if kind == "m":
-                mod = self._modules[ins[1]]
+                mod = mods[ins[1]]
                 x = mod(x, env) if isinstance(mod, Sequence) else mod(x)
             elif kind == "ss":
                 env[ins[1]] = x
+            elif kind == "x":  # `reuse`: a module registered elsewhere in the model
+                mod = self._shared[ins[1]]
+                x = mod(x, env) if isinstance(mod, (Sequence, StageModule)) else mod(x)
             elif kind == "ll":
                 x = env[ins[1]]
             elif kind == "t":
@@ -89,15 +134,27 @@ class Sequence(nn.Module):
                 x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *ins[1])
             elif kind == "r":
                 short = self._run(ins[2], x, env) if ins[2] else x
-                x = short + _drop_path(self._run(ins[1], x, env), ins[3], self.training)
+                body = self._run(ins[1], x, env)
+                if ins[3] and self.training:
+                    body = _drop_path(body, ins[3], True)
+                # `body += short`: the same sums as `short + body` (addition commutes), into the
+                # body's fresh output when `_mark` found one (a 4-tuple: `_without`'s copy, never)
+                if len(ins) > 4 and ins[4] and body is not x and body.shape == short.shape \
+                        and body.dtype == short.dtype:
+                    body += short
+                    x = body
+                else:
+                    x = short + body
             else:
                 x = self._parallel(ins, x, env)
         return x
 
     def _parallel(self, ins, x, env):
         _, merge, branches, split, (split_dim, cat_dim) = ins
-        inputs = torch.split(x, split, dim=split_dim) if split else [x] * len(branches)
-        outs = [self._run(b, xi, env) for b, xi in zip(branches, inputs)]
+        if split:
+            outs = [self._run(b, xi, env) for b, xi in zip(branches, x.split_with_sizes(split, split_dim))]
+        else:
+            outs = [self._run(b, x, env) for b in branches]
         if merge == "tokens":  # along the token axis of (B, N, C)
             return torch.cat(outs, dim=1)
         if merge == "concat":
@@ -173,8 +230,17 @@ class ComposedModel(nn.Module):
         head_steps = plan.head.steps
         self.num_classes = _classifier_out(head_steps)
         self.num_features = plan.head.x.channels
-        if not features_only:
+        if not features_only or any(t.startswith("head.") for t in _reuse_targets(plan)):
             self.head = Sequence(head_steps)
+        self._link_shared()
+
+    def _link_shared(self) -> None:
+        """Point every `reuse` at its module. The reference is a plain attribute, so the weights
+        are stored once in the state_dict (under the path that defines them) and moved with it."""
+        for m in self.modules():
+            shared = m.__dict__.get("_shared") if isinstance(m, Sequence) else None
+            for path in shared or ():
+                shared[path] = self.get_submodule(path)
 
     def forward_features(self, x, env: dict | None = None):
         env = {"input": x} if env is None else env
@@ -237,6 +303,7 @@ class ComposedModel(nn.Module):
 
         self.eval()
         fuse_model(self)
+        self._link_shared()
         return self
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -249,10 +316,15 @@ class ComposedModel(nn.Module):
             module = new.build(step.x, new.infer(step.x))
             setattr(self.head, step.name, module.to(device) if device is not None else module)
         self.num_classes = num_classes
+        self._link_shared()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+
+def _reuse_targets(plan: Plan) -> set:
+    return {s.name for sec in plan.sections for st in sec.steps for s in st.walk() if s.kind == "reuse"}
 
 
 def _as_map(x, grid, extra):
@@ -299,7 +371,7 @@ def _without(prog, names) -> list:
         if ins[0] == "r":
             ins = ("r", _without(ins[1], names), _without(ins[2], names), ins[3])
         elif ins[0] == "p":
-            ins = ("p", ins[1], [_without(b, names) for b in ins[2]], ins[3])
+            ins = ("p", ins[1], [_without(b, names) for b in ins[2]], *ins[3:])
         out.append(ins)
     return out
 
@@ -316,7 +388,7 @@ def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        with torch.device(device) if device is not None else _null():
+        with torch.device(device) if device is not None else _null(), tie_scope():
             model = ComposedModel(plan, features_only=features_only, out_indices=out_indices)
     return model
 

@@ -236,6 +236,8 @@ class _ToYaml:
             return Y("map", [Entry("save", ystr(s.name))])
         if isinstance(s, ast.Load):
             return Y("map", [Entry("from", ystr(s.name))])
+        if isinstance(s, ast.Reuse):
+            return Y("map", [Entry("reuse", ystr(s.path))])
         if isinstance(s, ast.Residual):
             if s.args:
                 raise _not_yaml("a positional argument of residual", s.args[0].span)
@@ -306,7 +308,7 @@ class _ToYaml:
         return Entry(None, Y("map", spec))
 
     def stage_item(self, i) -> Y:
-        if isinstance(i, ast.Let):
+        if isinstance(i, (ast.Let, ast.Reuse)):
             return self.stmt(i)
         if isinstance(i, ast.Section):
             return Y("map", [self.section(i)])

@@ -531,6 +531,8 @@ class Printer:
             return ["save ", s.name]
         if isinstance(s, ast.Load):
             return ["from ", s.name]
+        if isinstance(s, ast.Reuse):
+            return ["reuse ", s.path]
         if isinstance(s, ast.Residual):
             return ["residual", self._kw_args(s, s.args, s.kwargs), " ", self.block_of(s, s.body)]
         if isinstance(s, ast.Parallel):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .diagnostics import ComposerError, Diagnostic
 from .ops import OPS
 from .diagnostics import did_you_mean, error
-from .resolve import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, SubSeq, gc_paused
+from .resolve import Model, Stage, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, SubSeq, gc_paused
 from .shapes import Shape, ShapeError
 from .source import Span
 
@@ -34,6 +34,8 @@ class Step:
     drop_path: float = 0.0
     call: str = ""
     batch: int = 1  # sequences per image inside patches_to_batch ... batch_to_patches: multiplies the MACs
+    reused: list = field(default_factory=list)  # `reuse PATH`: the target's steps at this input (MACs, no params)
+    tied: int = 0  # parameters of this op owned by an earlier op with the same tie key (`Op.tie_key`)
 
     def walk(self):
         yield self
@@ -42,11 +44,12 @@ class Step:
 
     @property
     def params(self) -> int:
-        return sum(s.op.params(s.x, s.y) for s in self.walk() if s.kind == "op")
+        return sum(s.op.params(s.x, s.y) - s.tied for s in self.walk() if s.kind == "op")
 
     @property
     def macs(self) -> int:
-        return sum(s.op.macs(s.x, s.y) * s.batch for s in self.walk() if s.kind == "op")
+        return sum(s.op.macs(s.x, s.y) * s.batch if s.kind == "op" else sum(r.macs for r in s.reused)
+                   for s in self.walk() if s.kind in ("op", "reuse"))
 
 
 @dataclass
@@ -193,6 +196,8 @@ class _Lowering:
         self.folds: list = []  # open patches_to_batch ops: (op, span, batch factor), innermost last
         # (id(op), input shape) -> (op, output shape): ops are frozen, and repeated blocks share them
         self.inferred: dict = {}
+        self.reusing: list = []  # the `reuse` targets being lowered, innermost last (to refuse cycles)
+        self.ties: dict = {}  # tie key -> the path of the op that owns the shared parameter
 
     def run(self) -> Plan:
         inp = self.model.input
@@ -226,8 +231,10 @@ class _Lowering:
             if name not in self.saved:
                 raise error("unknown-tensor", f"output '{name}' is never saved", None,
                             did_you_mean(name, self.saved) or "name a tensor with `save NAME` in a block")
-        return Plan(self.model, Shape(inp.channels, tuple(inp.size), "map"), stem, stages, head, self.graph,
-                    dict(self.saved))
+        out = Plan(self.model, Shape(inp.channels, tuple(inp.size), "map"), stem, stages, head, self.graph,
+                   dict(self.saved))
+        _check_reuses(out)
+        return out
 
     def _section(self, path, items, x, drop_path=0.0, call="") -> Section:
         steps, y = self._seq(path, items, x)
@@ -341,6 +348,8 @@ class _Lowering:
             batch = self._batch() if self.folds else 1
             self._fold(node, item, x)
             step = Step("op", node, x, y, item.span, item.name, op, batch=batch)
+            if op.tied:
+                self._tie(step)
             return (pre + [step] if pre else [step]), y
         if isinstance(item, SubSeq):
             steps, y = self._seq(f"{path}.{item.name}", item.items, x)
@@ -370,6 +379,8 @@ class _Lowering:
                                drop_path=item.drop_path)], y
         if isinstance(item, ParallelNode):
             return self._parallel(path, item, x)
+        if isinstance(item, ReuseNode):
+            return self._reuse(path, item, x)
         if isinstance(item, NamedTensor):
             if self.folds:
                 raise error("shape", f"`{'save' if item.action == 'save' else 'from'} {item.tensor}` between "
@@ -385,6 +396,58 @@ class _Lowering:
             self.last = node
             return [Step("load", path, x, y, item.span, name=item.tensor)], y
         raise AssertionError(f"unknown item {item!r}")
+
+    def _tie(self, step: Step) -> None:
+        tie = step.op.tie_key(step.x)
+        if tie is not None and not self.reusing:  # a reused op is its own owner, counted where it is built
+            key, n = tie
+            if self.ties.setdefault(key, step.path) != step.path:
+                step.tied = n
+
+    def _reuse(self, path: str, item: ReuseNode, x: Shape):
+        """`reuse PATH`: lower the target's items again at this input, into a graph of their own
+        (the model's graph gets one node); the step counts their MACs, not their parameters."""
+        target = item.path
+        if target in self.reusing or path == target or path.startswith(target + "."):
+            raise error("reuse", f"`reuse {target}` would apply {target} inside itself", item.span,
+                        "reuse a module that does not contain this statement")
+        found = _find_module(self.model, target)
+        if isinstance(found, str):
+            raise error("unknown-module", f"no module '{target}' in this model: {found}", item.span,
+                        "name a state_dict path such as stem.NAME, stages.0, stages.1.blocks.2, head.NAME")
+        graph, last = self.graph, self.last
+        self.graph, self.last = GraphRecord(), "input"
+        self.reusing.append(target)
+        try:
+            steps, y = self._reused(target, found, x)
+        except ComposerError as exc:
+            exc.diagnostics[0].notes.append(f"applied by `reuse {target}` at {item.span}")
+            raise
+        finally:
+            self.reusing.pop()
+            self.graph = graph
+            self.last = last
+        node = f"{path}.reuse@{item.span.line}:{item.span.column}"
+        self.graph.add_node(node, kind="reuse", op=f"reuse {target}", x=x, y=y)
+        self.graph.add_edge(self.last, node)
+        self.last = node
+        return [Step("reuse", path, x, y, item.span, name=target, reused=steps)], y
+
+    def _reused(self, target: str, found, x: Shape) -> tuple[list, Shape]:
+        if isinstance(found, Stage):
+            steps = []
+            parts = [("downsample", found.downsample)] if found.downsample and not found.downsample_last else []
+            parts += [(f"blocks.{k}", b.items) for k, b in enumerate(found.blocks)]
+            parts += [("downsample", found.downsample)] if found.downsample and found.downsample_last else []
+            parts += [("norm", found.norm)] if found.norm else []
+            for name, items in parts:
+                sec = self._section(f"{target}.{name}", items, x)
+                steps += sec.steps
+                x = sec.y
+            return steps, x
+        sec = self._section(target if isinstance(found, list) else target.rpartition(".")[0],
+                            found if isinstance(found, list) else [found], x)
+        return sec.steps, sec.y
 
     def _parallel(self, path, item: ParallelNode, x: Shape):
         if item.split is not None and sum(item.split) != x.channels:
@@ -476,7 +539,7 @@ def _sig(items, out: list, rates: set) -> None:
     for it in items:
         cls = it.__class__
         if cls is OpNode:
-            if _fold_kind(it.op) is not None:
+            if _fold_kind(it.op) is not None or it.op.tied and it.op.ties():
                 raise _Fresh
             out.append(id(it.op))
             out.append(id(it.span))
@@ -501,6 +564,76 @@ def _sig(items, out: list, rates: set) -> None:
             raise _Fresh
 
 
+def _check_reuses(plan: Plan) -> None:
+    """A reused module runs with the weights built for its first input: every op in it must get the
+    same channels, and the same parameter count (grid-sized tables), where it is reused."""
+    reuses = [s for sec in plan.sections for st in sec.steps for s in st.walk() if s.kind == "reuse"]
+    if not reuses:
+        return
+    built = {s.path: s for sec in plan.sections for st in sec.steps for s in st.walk() if s.kind == "op"}
+    for r in reuses:
+        for s in (t for st in r.reused for t in st.walk()):
+            orig = built.get(s.path) if s.kind == "op" else None
+            if orig is None:
+                continue
+            if (s.x.channels, s.y.channels) != (orig.x.channels, orig.y.channels) \
+                    or s.op.params(s.x, s.y) != orig.op.params(orig.x, orig.y):
+                raise error("shape", f"`reuse {r.name}`: {s.path} was built for input {orig.x} but gets {s.x} here",
+                            r.span, "a reused module must get inputs its weights fit: the same channels, and the "
+                            "same grid where its parameters are sized by it")
+
+
+def _find_module(model: Model, path: str):
+    """The resolved part of `model` at a state_dict module path: a Stage, a list of items (a section
+    or block), or one item; a string saying what is missing when there is none."""
+    parts = path.split(".")
+    head, rest = parts[0], parts[1:]
+    if head in ("stem", "head"):
+        items = model.stem if head == "stem" else model.head
+        where = head
+    elif head == "stages":
+        if not rest or not rest[0].isdigit() or int(rest[0]) >= len(model.stages):
+            return f"it has {len(model.stages)} stages (stages.0 .. stages.{len(model.stages) - 1})"
+        stage = model.stages[int(rest[0])]
+        where, rest = f"stages.{rest[0]}", rest[1:]
+        if not rest:
+            return stage
+        if rest[0] == "blocks":
+            if len(rest) < 2 or not rest[1].isdigit() or int(rest[1]) >= len(stage.blocks):
+                return f"{where} has {len(stage.blocks)} blocks"
+            items, where, rest = stage.blocks[int(rest[1])].items, f"{where}.blocks.{rest[1]}", rest[2:]
+        elif rest[0] in ("downsample", "norm") and getattr(stage, rest[0]):
+            items, where, rest = getattr(stage, rest[0]), f"{where}.{rest[0]}", rest[1:]
+        else:
+            return f"{where} has no '{rest[0]}'"
+    else:
+        return f"a path starts with stem, stages or head, not '{head}'"
+    if not rest:
+        return items
+    for name in rest:
+        item = _named(items, name)
+        if item is None:
+            return f"{where} has no layer '{name}'"
+        where = f"{where}.{name}"
+        items = item.items if isinstance(item, SubSeq) else None
+        if items is None and name != rest[-1]:
+            return f"{where} is an op, with no layers inside"
+    return item
+
+
+def _named(items: list, name: str):
+    """The item called `name` in one naming scope (residual bodies and branches share their scope)."""
+    for it in items:
+        if isinstance(it, (OpNode, SubSeq)) and it.name == name:
+            return it
+        inner = [*it.body, *it.shortcut] if isinstance(it, ResidualNode) else \
+            [s for b in it.branches for s in b] if isinstance(it, ParallelNode) else []
+        found = _named(inner, name) if inner else None
+        if found is not None:
+            return found
+    return None
+
+
 def _renamed(steps: list, path: str, cut: int, drop_path) -> list:
     """Copies of a replayed block's steps under the new block path."""
     out = []
@@ -510,7 +643,8 @@ def _renamed(steps: list, path: str, cut: int, drop_path) -> list:
             _renamed(s.body, path, cut, drop_path) if s.body else [],
             _renamed(s.shortcut, path, cut, drop_path) if s.shortcut else [],
             [_renamed(b, path, cut, drop_path) for b in s.branches] if s.branches else [],
-            s.merge, s.split, drop_path if s.kind == "residual" else s.drop_path, s.call, s.batch,
+            s.merge, s.split, drop_path if s.kind == "residual" else s.drop_path, s.call, s.batch, s.reused,
+            s.tied,
         ))
     return out
 

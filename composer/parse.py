@@ -473,6 +473,9 @@ class _Callbacks:
     def from_stmt(self, c):  # "from" NAME
         return self._node(c, ast.Load, str(c[1]))
 
+    def reuse_stmt(self, c):  # "reuse" MODULE_PATH
+        return self._node(c, ast.Reuse, str(c[1]))
+
     def let_stmt(self, c):  # "let" NAME "=" expr
         return self._node(c, ast.Let, str(c[1]), c[3].v)
 

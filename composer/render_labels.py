@@ -124,6 +124,8 @@ def summary_parts(steps, depth: int = 0) -> list[str]:
             inner = summary_parts(s.body, depth + 1) if depth < 1 else []
             name = s.call or s.name
             out.append(f"{name}({', '.join(inner)})" if inner else name)
+        elif s.kind == "reuse":
+            out.append(f"reuse {s.name}")
         elif s.kind == "residual":
             out += summary_parts(s.body, depth)
         elif s.kind == "parallel":

@@ -191,6 +191,11 @@ class _Builder:
                     tip = f"{s.path}\n{fmt_count(s.params)} params, {fmt_count(s.macs)} MACs"
                     out.append(self.boxed(s.body, summary(s.call or s.name, s.body), category(s.body), tip=tip,
                                           y=s.y))
+            elif s.kind == "reuse":  # the same module again: its weights are drawn where it is defined
+                tip = f"{s.path}: reuse {s.name} (shared weights)\n{fmt_count(s.macs)} MACs"
+                n = self.node(f"reuse {s.name}", category(s.reused), tip=tip)
+                self.go(n.id, s.y)
+                out.append(n)
             elif s.kind == "residual":
                 out.append(self.residual(s, depth))
             elif s.kind == "parallel":

@@ -72,6 +72,14 @@ class NamedTensor:
 
 
 @dataclass
+class ReuseNode:
+    """`reuse PATH`: the module at that state_dict path, applied again (weights stored once)."""
+
+    path: str
+    span: Span
+
+
+@dataclass
 class Block:
     items: list
     drop_path: float
@@ -316,7 +324,7 @@ class _Resolver:
         loss = self._loss(settings["loss"].value, scope) if "loss" in settings else None
 
         expanded = [it for s in stages for it in self._expand_stages(s)]
-        self.total = sum(len(blocks) for _, _, blocks in expanded)
+        self.total = sum(not isinstance(item, ast.Reuse) for _, _, blocks in expanded for item, _ in blocks)
         self.next_block = 0
         self.rates = []
         stem = self._section(sections.get("stem"), Ctx())
@@ -365,6 +373,8 @@ class _Resolver:
                         raise error("type", f"repeat count must be an int from 0 to 10000, got {count!r}",
                                     item.count.span)
                     blocks += [(item, k) for k in range(count)]
+                elif isinstance(item, ast.Reuse):  # a block of its own
+                    blocks.append((item, 0))
             yield sscope, stage, blocks
 
     def _stage(self, index: int, sscope: Scope, stage: ast.Stage, blocks) -> Stage:
@@ -379,11 +389,16 @@ class _Resolver:
                     raise error("redefinition", "a stage has one downsample", item.span)
                 down = self._items(item.body, sscope, Ctx(), Names())
                 down_last = seen_block
-            elif isinstance(item, ast.Repeat):
+            elif isinstance(item, (ast.Repeat, ast.Reuse)):
                 seen_block = True
         in_stage = 0
         evaluated = {}  # the block expression of a `repeat` without `as`: the same value for every block
         for item, k in blocks:
+            if isinstance(item, ast.Reuse):  # not a block of the drop-path schedule: the reused one has its rate
+                out_blocks.append(Block([ReuseNode(item.path, item.span)], 0.0, self.next_block, item.span,
+                                        f"reuse {item.path}"))
+                in_stage += 1
+                continue
             bscope = sscope.child({item.var: k} if item.var else {})
             rate = self.drop_setting.at(self.next_block, self.total) if isinstance(self.drop_setting, Schedule) \
                 else float(self.drop_setting)
@@ -433,6 +448,8 @@ class _Resolver:
                 out.append(self._parallel(stmt, scope, ctx, names))
             elif isinstance(stmt, (ast.Save, ast.Load)):
                 out.append(NamedTensor("save" if isinstance(stmt, ast.Save) else "load", stmt.name, stmt.span))
+            elif isinstance(stmt, ast.Reuse):
+                out.append(ReuseNode(stmt.path, stmt.span))
         if finish:
             names.finish()
         return out
@@ -677,6 +694,8 @@ def _copy_items(items: list, drop_path: float) -> list:
                                     list(it.split) if it.split is not None else None, it.span))
         elif cls is NamedTensor:
             out.append(NamedTensor(it.action, it.tensor, it.span))
+        elif cls is ReuseNode:
+            out.append(ReuseNode(it.path, it.span))
         else:
             raise AssertionError(f"unknown item {it!r}")
     return out

@@ -56,9 +56,9 @@ def _tagged(choices: dict, noun: str, what: str, pick):
         custom_error_context={"noun": noun, "allowed": [k for k in choices if k != "expr"]})])
 
 
-_STMT_KEYS = ("let", "residual", "parallel", "save", "from")
+_STMT_KEYS = ("let", "residual", "parallel", "save", "from", "reuse")
 # `repeat` first: it also has a `block` or `body` key; a lone `body` is an inline `block { ... }`
-_STAGE_KEYS = ("repeat", "let", "downsample", "after", "block", "body")
+_STAGE_KEYS = ("repeat", "let", "downsample", "after", "block", "body", "reuse")
 
 
 def _by_key(*keys):
@@ -103,9 +103,14 @@ class _From(_Strict):
     from_: Name = Field(alias="from")
 
 
+class _Reuse(_Strict):
+    reuse: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
+
+
 Stmt = _tagged({"expr": StrictStr, "let": _Let, "residual": _Residual, "parallel": _Parallel, "save": _Save,
-                "from": _From}, "statement",
-               "a statement is an expression string or a mapping with one of: let, residual, parallel, save, from",
+                "from": _From, "reuse": _Reuse}, "statement",
+               "a statement is an expression string or a mapping with one of: let, residual, parallel, save, from, "
+               "reuse",
                _by_key(*_STMT_KEYS))
 Section = Union[StrictStr, List[Stmt]]
 
@@ -140,8 +145,8 @@ class _Body(_Strict):
 
 
 StageItem = _tagged({"let": _Let, "downsample": _Downsample, "after": _After, "repeat": _Repeat, "block": _Block,
-                     "body": _Body}, "stage item",
-                    "a stage item is a mapping with one of: let, downsample, after, repeat, block, body",
+                     "body": _Body, "reuse": _Reuse}, "stage item",
+                    "a stage item is a mapping with one of: let, downsample, after, repeat, block, body, reuse",
                     lambda v: next((f"<{k}>" for k in _STAGE_KEYS if k in v), None) if isinstance(v, dict) else None)
 
 
@@ -514,6 +519,8 @@ class _Front:
                                         block, self.span(item)))
             elif key == "body":
                 items.append(ast.Repeat(None, None, self.stmts(v), self.span(item)))
+            elif key == "reuse":
+                items.append(ast.Reuse(v.value, self.span(item)))
             else:
                 items.append(ast.Repeat(None, None, self.value(v), self.span(item)))
         var, rng = self.get(node, "for"), self.get(node, "range")
@@ -543,6 +550,8 @@ class _Front:
                 out.append(self._residual(item, v))
             elif key in ("save", "from"):
                 out.append((ast.Save if key == "save" else ast.Load)(v.value, self.span(item)))
+            elif key == "reuse":
+                out.append(ast.Reuse(v.value, self.span(item)))
             else:
                 out.append(self._parallel(item, v))
         return tuple(out)

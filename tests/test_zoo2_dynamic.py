@@ -59,24 +59,32 @@ def test_stvit_r_swin_s_params():
 
 
 def test_cf_vit_params():
-    # row 45: CF-ViT (DeiT-S, 7x7) 23,252,000 (+-1k). The reference runs the same patch embedding,
-    # class token, 12 blocks, final LN and head in both passes; the language has no weight sharing,
-    # so the fine pass holds copies: patch embed 3*16*16*384 + 384, class token 384, 12 blocks of
-    # (4*384*384 + 4*384 (attention) + 2*384*1536 + 1536 + 384 (MLP) + 4*384 (two LNs)), LN 2*384,
-    # head 384*1000 + 1000.
+    # row 45: CF-ViT (DeiT-S, 7x7) 23,252,000 (+-1k). Both passes share the patch embedding, class
+    # token, 12 blocks, final LN and head (`reuse`), so the count is DeiT-S (patch embed, class token,
+    # fine pos-embed 197 x 384, 12 blocks, LN, head) + the coarse pos-embed (50 x 384) + the feature
+    # reuse LN and MLP 384-1536-384.
     block = 4 * 384 * 384 + 4 * 384 + 2 * 384 * 1536 + 1536 + 384 + 4 * 384
-    copies = 3 * 16 * 16 * 384 + 384 + 384 + 12 * block + 2 * 384 + 384 * 1000 + 1000
-    assert copies == 21_975_016
-    built = n_params(composer.build(BP + "cf_vit.arch:cf_vit_deit_s"))
-    assert built - copies == pytest.approx(23_252_000, abs=1_000)
+    deit_s = 3 * 16 * 16 * 384 + 384 + 384 + 197 * 384 + 12 * block + 2 * 384 + 384 * 1000 + 1000
+    assert deit_s == 22_050_664  # timm's deit_small_patch16_224
+    expected = deit_s + 50 * 384 + 2 * 384 + 384 * 1536 + 1536 + 1536 * 384 + 384
+    model = composer.build(BP + "cf_vit.arch:cf_vit_deit_s", device="meta")
+    assert n_params(model) == expected == 23_252_200
+    assert sum(v.numel() for v in model.state_dict().values()) == expected  # every weight stored once
+    assert expected == pytest.approx(23_252_000, abs=1_000)
+
+
+def test_cf_vit_macs_count_both_passes():
+    # MODELS.md: 4.01 GMACs (the reference at eta = 1, both passes): the shared blocks run on 50 and
+    # then on 125 tokens, and their MACs count twice
+    assert composer.load(BP + "cf_vit.arch:cf_vit_deit_s").macs == pytest.approx(4.01e9, rel=5e-3)
 
 
 def test_variants_check():
     # the larger standard variants: Focal-S 51,142,000 (catalog B, computed), STViT-R-Swin-B
-    # 87,812,336 (the reference's log/base.txt), CF-ViT 9x9 23,314,000 (+ the same copies)
+    # 87,812,336 (the reference's log/base.txt), CF-ViT 9x9 23,314,000
     assert composer.load(BP + "focal.arch:focal_s").params == pytest.approx(51_142_000, abs=1_000)
     assert composer.load(BP + "stvit.arch:stvit_r_swin_b").params == 87_812_336
-    assert composer.load(BP + "cf_vit.arch:cf_vit_deit_s_9").params - 21_975_016 == pytest.approx(23_314_000, abs=1_000)
+    assert composer.load(BP + "cf_vit.arch:cf_vit_deit_s_9").params == pytest.approx(23_314_000, abs=1_000)
     assert composer.load(BP + "scopevit.arch:scopevit_s").params + 41_088 * 2 == pytest.approx(18_162_000, rel=0.01)
 
 

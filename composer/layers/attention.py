@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import attention_parts as parts
-from .core import ChannelLinear, trunc_normal_
+from .core import ChannelLinear, tie_owner, trunc_normal_
 
 
 def _product(lists):
@@ -140,11 +140,12 @@ class ReduceKeys(nn.Module):
         if act is not None:
             self.act = act
         if ratio:
-            if mode == "conv":
-                self.sr = _conv_cls(ndim)(dim, dim, ratio, ratio)
+            if mode in ("conv", "depthwise"):
+                self.sr = _conv_cls(ndim)(dim, dim, ratio, ratio, groups=dim if mode == "depthwise" else 1)
             else:
                 self.pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[ndim - 1](ratio, ratio)
         self.norm = norm if norm is not None else nn.Identity()
+        self.norm_map = isinstance(norm, nn.modules.batchnorm._BatchNorm)  # batch norm over the map (CMT)
 
     def forward(self, x):
         if hasattr(self, "sr"):
@@ -153,6 +154,8 @@ class ReduceKeys(nn.Module):
             x = self.act(x)
         if hasattr(self, "pool"):
             x = self.pool(x)
+        if self.norm_map:
+            return _to_tokens(self.norm(x))
         return self.norm(_to_tokens(x))
 
 
@@ -165,7 +168,7 @@ class Attention(nn.Module):
                  kv_grid=None, conv_proj=None, lepe=0, lepe_source="v", scale=None, input_query=False, queries=0,
                  keys_rest=False, cosine=None, kv_tokens=None, agents=None, cin=None, performer=None,
                  value_skip=False, local_bias=False, local_tokens=False, extra_source=None, extra_source_name=None,
-                 extra_grid=None, continuous_bias=None, messengers=False):
+                 extra_grid=None, continuous_bias=None, messengers=False, tie=None):
         super().__init__()
         self.value_skip, self.messengers = value_skip, messengers
         self.extra_grid = tuple(extra_grid) if extra_grid is not None else None
@@ -260,9 +263,14 @@ class Attention(nn.Module):
                 trunc_normal_(torch.empty((2 * size - 1) ** ndim, heads), 0.02)
             )
             self.register_buffer("relative_position_index", _relative_index(size, ndim), persistent=False)
-        if learned_bias is not None:  # CMT: a dense (heads, queries, keys) bias
+        self.learned_bias = learned_bias is not None
+        if learned_bias is not None:  # CMT: a dense (heads, queries, keys) bias, maybe one per stage (tie)
             nq, nk, std = learned_bias
-            self.relative_pos = nn.Parameter(nn.init.normal_(torch.empty(heads, nq, nk), std=std))
+            owner = tie_owner(tie, self)
+            if owner is self:
+                self.relative_pos = nn.Parameter(nn.init.normal_(torch.empty(heads, nq, nk), std=std))
+            else:  # a plain attribute: not registered, so the table is stored once
+                self.__dict__["_bias_owner"] = owner
         self.relative_xl = relative_xl
         if relative_xl:  # Transformer-XL / Conformer relative positions over the token index
             t = extra + math.prod(self.grid)
@@ -350,9 +358,14 @@ class Attention(nn.Module):
             bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads, N, N)
         if bias is not None and self.kv_tokens_count:
             bias = F.pad(bias, (self.kv_tokens_count, 0))  # learned kv tokens: no bias
-        if hasattr(self, "relative_pos"):
-            bias = self.relative_pos if bias is None else bias + self.relative_pos
+        if self.learned_bias:
+            rp = self._learned_bias()
+            bias = rp if bias is None else bias + rp
         return bias
+
+    def _learned_bias(self):
+        owner = self.__dict__.get("_bias_owner", self)
+        return owner.relative_pos
 
     def _heads(self, t):
         return t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -544,8 +557,8 @@ class Attention(nn.Module):
             k, v = self._with_kv_tokens(k, v)
             if bias is not None:
                 bias = F.pad(bias, (self.kv_tokens_count, 0))
-        if hasattr(self, "relative_pos"):
-            rp = self.relative_pos.unsqueeze(2)  # (h, N, 1, K)
+        if self.learned_bias:
+            rp = self._learned_bias().unsqueeze(2)  # (h, N, 1, K)
             bias = rp if bias is None else bias + rp
         logits = self._scores(q.unsqueeze(3), k, bias)  # (B, h, N, 1, K)
         if extra is None:

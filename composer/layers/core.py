@@ -5,6 +5,9 @@ Only `build` imports this module: the check path never loads torch.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 
 import torch
 import torch.nn.functional as F
@@ -212,3 +215,30 @@ def built_on_cpu(fn):
         return tuple(t.to(target) for t in out) if isinstance(out, tuple) else out.to(target)
 
     return wrapper
+
+
+class _Ties(threading.local):
+    owners: dict | None = None  # tie key -> the module that owns the shared parameter; None outside a build
+
+
+_TIES = _Ties()
+
+
+@contextlib.contextmanager
+def tie_scope():
+    """While one model is built: modules that declare the same tie key share one parameter."""
+    saved, _TIES.owners = _TIES.owners, {}
+    try:
+        yield
+    finally:
+        _TIES.owners = saved
+
+
+def tie_owner(key, module: nn.Module) -> nn.Module:
+    """The module that owns the parameter tied under `key`: `module` itself when it comes first
+    in this build (or outside a build), else the first one (which `module` must then refer to
+    without registering it, so the state_dict holds the parameter once)."""
+    owners = _TIES.owners
+    if owners is None or key is None:
+        return module
+    return owners.setdefault(key, module)

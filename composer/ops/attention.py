@@ -128,15 +128,16 @@ class KeySource(Op):
 class Reduce(KeySource):
     """Keys and values from a spatially reduced copy of the tokens, reduced by `ratio` in every
     dim: `mode="conv"` a ratio-strided conv with bias (PVT's spatial reduction, submodule `sr`),
-    `mode="pool"` average pooling (LITv2's Lo-Fi keys, submodule `pool`), then `norm` (submodule
-    `norm`). `ratio=1` keeps the tokens but still uses separate `q` and `kv` linears. With
+    `mode="depthwise"` the same conv with one group per channel (CMT), `mode="pool"` average
+    pooling (LITv2's Lo-Fi keys, submodule `pool`), then `norm` (submodule `norm`; a batch norm
+    runs on the reduced map, any other norm on its tokens). `ratio=1` keeps the tokens but still uses separate `q` and `kv` linears. With
     `pointwise=true` (pool mode) a 1x1 conv with bias (submodule `sr`) runs before the pooling;
     `act` (an activation) follows the conv, or comes first without one: TransNeXt's pooled keys are
     `reduce(sr, "pool", pointwise = true, act = gelu, norm = layernorm(1e-6))`. Submodules are
     registered directly on the attention (no prefix)."""
 
     ratio: int
-    mode: Literal["conv", "pool"] = "conv"
+    mode: Literal["conv", "depthwise", "pool"] = "conv"
     norm: Optional[Op] = None
     pointwise: bool = False
     act: Optional[Op] = None
@@ -157,18 +158,21 @@ class Reduce(KeySource):
         return tuple(g // self.ratio for g in x.spatial)
 
     def _conv(self) -> bool:
-        return self.ratio > 1 and self.mode == "conv"
+        return self.ratio > 1 and self.mode != "pool"
+
+    def _conv_in(self, c: int) -> int:  # input channels per group of the strided conv
+        return 1 if self.mode == "depthwise" else c
 
     def params(self, x: Shape, y: Optional[Shape] = None) -> int:
         c = x.channels
-        n = c * c * self.ratio ** x.ndim + c if self._conv() else 0
+        n = self._conv_in(c) * c * self.ratio ** x.ndim + c if self._conv() else 0
         n += c * c + c if self.pointwise else 0
         g = Shape(c, self.grid(x), "tokens")
         return n + (self.norm.params(g, g) if self.norm else 0)
 
     def macs(self, x: Shape, y: Optional[Shape] = None) -> int:
         c = x.channels
-        n = prod(self.grid(x)) * c * c * self.ratio ** x.ndim if self._conv() else 0
+        n = prod(self.grid(x)) * self._conv_in(c) * c * self.ratio ** x.ndim if self._conv() else 0
         return n + (prod(x.spatial) * c * c if self.pointwise else 0)
 
     def build(self, x: Shape, y: Optional[Shape] = None):
@@ -285,9 +289,13 @@ class Routed(Op):
 class LearnedBias(Op):
     """A dense learned bias per head for every (query, key) pair of an attention group: a
     parameter `relative_pos` of shape (heads, queries, keys) for the current resolution (CMT; the
-    model must be built at its input size), normal(0, `std`) initialised (CMT uses randn: std 1)."""
+    model must be built at its input size), normal(0, `std`) initialised (CMT uses randn: std 1).
+    `tie`: attentions whose learned_bias has the same `tie` value and the same table shape share
+    one table (CMT: one per stage, `tie = i`); the first in forward order owns the parameter, so
+    the state_dict holds it once and the parameter count counts it once."""
 
     std: float = 0.02
+    tie: Optional[Union[int, str]] = None
 
 
 @op("relative_xl", kind="part", category="attention part")
@@ -718,6 +726,20 @@ class Attention(Op):
         return x.with_(channels=channels)
 
     # -------------------------------------------------------------- parameters and MACs
+    tied: ClassVar[bool] = True
+
+    def ties(self) -> bool:
+        return isinstance(self.position, LearnedBias) and self.position.tie is not None
+
+    def tie_key(self, x) -> tuple | None:
+        """(key, parameters) of a table shared with other attentions (`learned_bias(tie = ...)`)."""
+        pos = self.position
+        if not self.ties():
+            return None
+        h, x = self.geometry(x)[0], self._x(x)
+        shape = (h, self._queries(x), self._keys(x))
+        return ("learned_bias", pos.tie, shape), prod(shape)
+
     def params(self, x, y):
         h, cd, x = self.geometry(x)[0], self.inner(x), self._x(x)
         c, d = x.channels, x.ndim
@@ -839,7 +861,8 @@ class Attention(Op):
         elif isinstance(pos, RelativeBiasMap):
             cfg.update(relative_bias="map")
         elif isinstance(pos, LearnedBias):
-            cfg.update(learned_bias=(self._queries(xs), self._keys(xs), pos.std))
+            cfg.update(learned_bias=(self._queries(xs), self._keys(xs), pos.std),
+                       tie=None if pos.tie is None else self.tie_key(x)[0])
         elif isinstance(pos, RelativeXL):
             cfg.update(relative_xl=True)
         elif isinstance(pos, LePE):

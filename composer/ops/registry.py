@@ -25,6 +25,16 @@ class Op(BaseModel):
     category: ClassVar[str] = "misc"
     layout: ClassVar[str] = "any"  # the input layout the op needs: map, tokens, vector or any
     classifier: ClassVar[bool] = False
+    tied: ClassVar[bool] = False  # True on an op class whose instances may share a parameter (see `tie_key`)
+
+    def ties(self) -> bool:
+        """Whether this instance shares a parameter (`tie_key` then gives its key)."""
+        return False
+
+    def tie_key(self, x: Shape) -> tuple | None:
+        """(key, parameters) when this op shares a parameter with the other ops of the same key (the
+        first in forward order owns it; the others' counts leave it out); None when it does not."""
+        return None
 
     def infer(self, x: Shape) -> Shape:
         return x
