@@ -169,3 +169,12 @@ def test_tied_learned_bias_is_one_table_per_key(tmp_path):
     assert model.stages[1].blocks[1].attn._learned_bias() is not owner0
     model(torch.randn(2, 3, 16, 16)).sum().backward()
     assert owner0.grad is not None and owner0.grad.abs().sum() > 0
+
+
+def test_reuse_exports(tmp_path):
+    model = _model(tmp_path).eval()
+    x = torch.randn(2, 3, 16, 16)
+    exported = torch.export.export(model, (x,))
+    assert len(exported.state_dict) == len(model.state_dict())  # shared weights lifted once
+    with torch.no_grad():
+        assert torch.allclose(exported.module()(x), model(x))
