@@ -310,6 +310,43 @@ STRATEGIES.update({
 })
 
 
+@st.composite
+def _rearrange(draw):  # rearrange.py: a random split, permutation, regrouping and unit axis of a map's axes
+    x = draw(map_shape(dims=(1, 2, 3), hi=6))
+    dims = (x.channels, *x.spatial)
+    names = ["a", "b", "c", "d"][:len(dims)]
+    left, elem, sizes = list(names), list(names), []
+    i = draw(st.integers(-1, len(dims) - 1))
+    if i >= 0 and dims[i] % 2 == 0:  # split axis i into (name p) with p = 2
+        left[i] = f"({names[i]} p)"
+        elem.insert(i + 1, "p")
+        sizes = [["p", 2]]
+    perm = draw(st.permutations(elem))
+    k = draw(st.integers(2, min(4, len(perm))))
+    cuts = sorted(draw(st.sets(st.integers(1, len(perm) - 1), min_size=k - 1, max_size=k - 1)))
+    groups = [perm[a:b] for a, b in zip([0] + cuts, cuts + [len(perm)])]
+    right = [g[0] if len(g) == 1 else "(" + " ".join(g) + ")" for g in groups]
+    if len(right) < 4 and draw(st.booleans()):
+        right.insert(draw(st.integers(1, len(right))), "1")
+    return OPS["rearrange"](pattern=" ".join(left) + " -> " + " ".join(right), sizes=sizes), x
+
+
+STRATEGIES["rearrange"] = valid(_rearrange())
+# indexed_linear.py (memory = 0 here: the generated form's once-per-forward generation MACs do not scale with the
+# batch; tests/test_pathformer_ops.py checks it), member_attention.py, unused.py
+STRATEGIES.update({
+    "indexed_linear": paired(lambda x: st.builds(lambda o, a, k: OPS["indexed_linear"](out=o, axis=a, count=k),
+                                                 st.integers(1, 6), st.integers(0, x.ndim - 1), st.integers(1, 2)),
+                             map_shape(dims=(1, 2, 3), hi=6)),
+    "member_attention": st.tuples(st.integers(1, 3), st.sampled_from([1, 2]), st.integers(1, 3)).flatmap(
+        lambda mhc: kw("member_attention", st.one_of(map_shape(st.just(3 * mhc[0] * mhc[1] * mhc[2])),
+                                                     token_shape(st.just(3 * mhc[0] * mhc[1] * mhc[2]))),
+                       heads=st.just(mhc[1]), members=st.just(mhc[0]))),
+    "unused": kw("unused", map_shape(dims=(1, 2)), channels=st.none() | st.integers(1, 8),
+                 op=st.sampled_from([OPS["conv"](out=3), OPS["batchnorm"](), OPS["linear"](out=2)])),
+})
+
+
 def _tested_ops() -> list[str]:
     return sorted(n for n, cls in OPS.items() if cls.kind == "op" and n not in EXCLUDED)  # not parts or losses
 

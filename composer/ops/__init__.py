@@ -6,6 +6,7 @@ from . import dynamic, deform_attn  # noqa: F401, E402  (registration: condition
 from . import routing  # noqa: F401, E402  (registration: top-k mixture of experts)
 from . import multilevel, select  # noqa: F401, E402  (registration: multi-level window attention; top-k token selection, early exit)
 from . import window_tokens  # noqa: F401, E402  (registration: per-window prefix tokens for window(messengers = true))
+from . import rearrange, indexed_linear, member_attention, unused  # noqa: F401, E402  (registration: einops-style reshape of maps; per-index/generated linears; attention in channel-held sets; parameter-only layers)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]
