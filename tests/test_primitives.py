@@ -552,7 +552,8 @@ CASES: list[Case] = [
          "    stage { block { residual { layernorm; attention(2, position = relative_xl) } } }",
          x2=(16, 4, 4), y2=(B, 16, 16), x1=(16, 24), y1=(B, 24, 16)),
     Case(30, "GLU + depthwise Conv1d + BatchNorm module",
-         # 2-D: the family's module (a [k, 1] depthwise conv over time); 1-D: the same written with Conv1d
+         # 2-D: the family's module (its depthwise conv takes the input's rank: [k, k] here); 1-D: the
+         # module written out with a Conv1d
          "    stage { block conformer_conv(16, kernel = 7) }",
          x2=(16, 16, 1), y2=(B, 16, 16, 1), x1=(16, 24), y1=(B, 16, 24), imports=("conformer_speech",),
          body1="    stage { block { residual {\n"
