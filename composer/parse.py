@@ -21,6 +21,7 @@ _TOKEN_WORDS = {
     "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
     "KIND": "'block' or 'mixer'", "ADD": "'+' or '-'", "MUL": "'*', '/', '//' or '%'",
     "COMPARE": "a comparison", "POW": "'**'", "MINUS": "'-'", "$END": "the end of the file",
+    "MODULE_PATH": "a module path (e.g. stages.0)",
 }
 
 
@@ -30,7 +31,7 @@ _OPEN, _CLOSE = {"LPAR", "LSQB"}, {"RPAR", "RSQB"}
 _CONTINUES = {
     "ADD", "MUL", "POW", "COMPARE", "COMMA", "EQUAL", "QMARK", "COLON", "AND", "OR", "NOT", "LBRACE", "__ANON_0",
     "AFTER", "AS", "BLOCK", "DOWNSAMPLE", "FOR", "HEAD", "IMPORT", "IN", "INPUT", "KIND", "LET", "MODEL",
-    "PARALLEL", "REPEAT", "RESIDUAL", "STAGE", "STAGES", "STEM",
+    "PARALLEL", "REPEAT", "RESIDUAL", "REUSE", "STAGE", "STAGES", "STEM",
 }
 _JOINS = {"LBRACE", "QMARK", "COLON"}
 _KINDS: dict = {}  # terminal name -> its name without the grammar prefix (`expr__ADD` -> `ADD`)
@@ -255,6 +256,8 @@ def _parse(text: str, name: str, start: str):
         hint = "expected " + (", ".join(expected[:-1]) + " or " if len(expected) > 1 else "") + expected[-1] \
             if expected else None
         kind = tok.type.split("__")[-1]
+        if kind == "MODULE_PATH" and "." not in tok:  # a name, lexed where no name can stand
+            kind = "NAME"
         is_value = kind in ("NAME", "INT", "FLOAT", "STRING")
         closer = next((c for c in ("RPAR", "RSQB", "RBRACE") if c in want), None)
         if closer and kind.isalpha() and kind.isupper() and not is_value:  # a keyword: a bracket left open
