@@ -197,6 +197,7 @@ class _Lowering:
         # (id(op), input shape) -> (op, output shape): ops are frozen, and repeated blocks share them
         self.inferred: dict = {}
         self.reusing: list = []  # the `reuse` targets being lowered, innermost last (to refuse cycles)
+        self.reuses: list = []  # every `reuse` step lowered
         self.ties: dict = {}  # tie key -> the path of the op that owns the shared parameter
 
     def run(self) -> Plan:
@@ -233,7 +234,8 @@ class _Lowering:
                             did_you_mean(name, self.saved) or "name a tensor with `save NAME` in a block")
         out = Plan(self.model, Shape(inp.channels, tuple(inp.size), "map"), stem, stages, head, self.graph,
                    dict(self.saved))
-        _check_reuses(out)
+        if self.reuses:
+            _check_reuses(out, self.reuses)
         return out
 
     def _section(self, path, items, x, drop_path=0.0, call="") -> Section:
@@ -431,7 +433,9 @@ class _Lowering:
         self.graph.add_node(node, kind="reuse", op=f"reuse {target}", x=x, y=y)
         self.graph.add_edge(self.last, node)
         self.last = node
-        return [Step("reuse", path, x, y, item.span, name=target, reused=steps)], y
+        step = Step("reuse", path, x, y, item.span, name=target, reused=steps)
+        self.reuses.append(step)
+        return [step], y
 
     def _reused(self, target: str, found, x: Shape) -> tuple[list, Shape]:
         if isinstance(found, Stage):
@@ -564,12 +568,9 @@ def _sig(items, out: list, rates: set) -> None:
             raise _Fresh
 
 
-def _check_reuses(plan: Plan) -> None:
+def _check_reuses(plan: Plan, reuses: list) -> None:
     """A reused module runs with the weights built for its first input: every op in it must get the
     same channels, and the same parameter count (grid-sized tables), where it is reused."""
-    reuses = [s for sec in plan.sections for st in sec.steps for s in st.walk() if s.kind == "reuse"]
-    if not reuses:
-        return
     built = {s.path: s for sec in plan.sections for st in sec.steps for s in st.walk() if s.kind == "op"}
     for r in reuses:
         for s in (t for st in r.reused for t in st.walk()):
