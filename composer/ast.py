@@ -76,7 +76,44 @@ class Conditional:
     span: Span
 
 
-Expr = Union[Literal, Name, ListExpr, ListComp, Index, Call, BinOp, UnaryOp, Conditional]
+@dataclass(frozen=True)
+class Named:
+    """`expr as name`: an element of a list literal that is a statement's (or a block's) value,
+    naming its layer: `[conv(8, 3) as proj, relu]`. Anywhere else it is an error (`stray_names`)."""
+
+    expr: "Expr"
+    alias: str
+    span: Span
+
+
+Expr = Union[Literal, Name, ListExpr, ListComp, Index, Call, BinOp, UnaryOp, Conditional, Named]
+
+
+def layer_names(e, out: list | None = None) -> list:
+    """The `Named` elements of `e` that stand where a statement's value names layers: in a list
+    literal that is the value (or is nested in one), or in a branch of a conditional that is."""
+    out = [] if out is None else out
+    cls = e.__class__
+    if cls is ListExpr:
+        for x in e.items:
+            if x.__class__ is Named:
+                out.append(x)
+            else:
+                layer_names(x, out)
+    elif cls is Conditional:
+        layer_names(e.then, out)
+        layer_names(e.orelse, out)
+    return out
+
+
+def has_layer_names(e) -> bool:
+    """Does the statement value `e` name any of its layers (cheap: lists and conditionals only)?"""
+    cls = e.__class__
+    if cls is ListExpr:
+        return any(x.__class__ is Named or has_layer_names(x) for x in e.items)
+    if cls is Conditional:
+        return has_layer_names(e.then) or has_layer_names(e.orelse)
+    return False
 
 # ---- statements -------------------------------------------------------------
 
@@ -147,7 +184,22 @@ class Reuse:
     span: Span
 
 
-Body = Union[Let, Apply, Residual, Parallel, Save, Load, Reuse]
+@dataclass(frozen=True)
+class ParallelFor:
+    """`parallel MERGE(split = ...) for var in items { body }` (or `in start..stop`): one branch
+    per value, each the statements of `body` with `var` bound to the value."""
+
+    merge: str
+    args: tuple
+    kwargs: tuple
+    var: str
+    items: Expr  # the list, or the start of a range
+    stop: Expr | None  # the end of a range (exclusive), or None
+    body: tuple
+    span: Span
+
+
+Body = Union[Let, Apply, Residual, Parallel, ParallelFor, Save, Load, Reuse]
 
 
 @dataclass(frozen=True)

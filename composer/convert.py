@@ -6,7 +6,8 @@
 expression too long for its line (or holding comments) is a `|-` block holding the canonical
 .arch layout of it. Statements the YAML form of docs/yaml.md lacked have these forms:
 `{save: name}`, `{from: name}`, residual `when:`, `{repeat: n, body: [...]}` and `{body: [...]}`
-for an inline `repeat n { ... }` / `block { ... }`.
+for an inline `repeat n { ... }` / `block { ... }`, `{parallel: {merge, split, for, in | range,
+body}}` for `parallel MERGE for x in ... { ... }`, and "expr as name" items in a block's list value.
 
 Comments: the file's header comment stays the header; a comment above a definition or
 statement stays above its YAML entry (so a composite's doc comment stays its doc); a trailing
@@ -203,7 +204,8 @@ class _ToYaml:
             if _plain_ok(text, e.value):
                 return Y("scalar", text)
         if isinstance(e, ast.ListExpr) and not self.L.any(_start(e), _end(e)):
-            return Y("seq", [Entry(None, self.value(x)) for x in e.items])
+            return Y("seq", [Entry(None, self.expr_string(x.expr, x.alias) if isinstance(x, ast.Named)
+                                   else self.value(x)) for x in e.items])
         return self.expr_string(e)
 
     def expr_string(self, e, alias: str | None = None, raw: bool = False) -> Y:
@@ -251,16 +253,30 @@ class _ToYaml:
                 spec.append(Entry(k, self.value(v)))
             return Y("map", [Entry("residual", Y("map", spec + [body], block_style=True))])
         if isinstance(s, ast.Parallel):
-            if s.args:
-                raise _not_yaml("a positional argument of parallel", s.args[0].span)
-            spec = [Entry("merge", ystr(s.merge))]
-            for k, v, span in s.kwargs:
-                if k != "split":
-                    raise _not_yaml(f"parallel's argument '{k}'", span)
-                spec.append(Entry(k, self.value(v)))
+            spec = self.merge_spec(s)
             spec.append(self.with_open(Entry("branches", self.branches(s))))
             return Y("map", [Entry("parallel", Y("map", spec, block_style=True))])
+        if isinstance(s, ast.ParallelFor):
+            spec = self.merge_spec(s)
+            spec.append(Entry("for", ystr(s.var)))
+            if s.stop is None:
+                spec.append(Entry("in", self.value(s.items)))
+            else:
+                spec.append(Entry("range", ystr(render(self.P.range(s.items, s.stop), 10 ** 9))))
+            spec.append(self.with_open(Entry("body", self.stmts(s, s.body))))
+            return Y("map", [Entry("parallel", Y("map", spec, block_style=True))])
         raise _not_yaml(f"a {type(s).__name__.lower()} statement here", s.span)
+
+    def merge_spec(self, s) -> list:
+        """`merge` and `split` of a parallel (with branches or a loop)."""
+        if s.args:
+            raise _not_yaml("a positional argument of parallel", s.args[0].span)
+        spec = [Entry("merge", ystr(s.merge))]
+        for k, v, span in s.kwargs:
+            if k != "split":
+                raise _not_yaml(f"parallel's argument '{k}'", span)
+            spec.append(Entry(k, self.value(v)))
+        return spec
 
     def with_open(self, entry: Entry) -> Entry:
         entry.trail = entry.trail + entry.node.after_open

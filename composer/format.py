@@ -427,6 +427,8 @@ class Printer:
             return ["-", self.expr(e.operand, 7)]
         if isinstance(e, ast.Conditional):
             return group(self.expr(e.test, 1), nest(LINE, "? ", self.expr(e.then), LINE, ": ", self.expr(e.orelse)))
+        if isinstance(e, ast.Named):  # a list element naming its layer: `[conv(8, 3) as proj, relu]`
+            return [self.expr(e.expr), " as ", e.alias]
         raise TypeError(f"not an expression: {e!r}")
 
     def args(self, args, kwargs, region):
@@ -537,6 +539,9 @@ class Printer:
             return ["residual", self._kw_args(s, s.args, s.kwargs), " ", self.block_of(s, s.body)]
         if isinstance(s, ast.Parallel):
             return ["parallel ", s.merge, self._kw_args(s, s.args, s.kwargs), " ", self._branches(s)]
+        if isinstance(s, ast.ParallelFor):
+            return ["parallel ", s.merge, self._kw_args(s, s.args, s.kwargs), " for ", s.var, " in ",
+                    self.range(s.items, s.stop), " ", self.block_of(s, s.body)]
         if isinstance(s, ast.Section):
             kw = {"stem": "stem", "head": "head", "downsample": "downsample", "norm": "after"}[s.kind]
             if self._bare_ok(s, s.body, ast.Apply):
@@ -545,10 +550,7 @@ class Printer:
         if isinstance(s, ast.Stage):
             if s.loop_var is None:
                 return ["stage ", self.block_of(s, s.items)]
-            simple = level(s.start) >= 9 and level(s.stop) >= 9
-            dots = ".." if simple else " .. "
-            return ["stages for ", s.loop_var, " in ", self.expr(s.start), dots, self.expr(s.stop), " ",
-                    self.block_of(s, s.items)]
+            return ["stages for ", s.loop_var, " in ", self.range(s.start, s.stop), " ", self.block_of(s, s.items)]
         if isinstance(s, ast.Repeat):
             head = ["block"] if s.count is None else ["repeat ", self.expr(s.count)]
             if s.var is not None:
@@ -559,6 +561,13 @@ class Printer:
             first = render(block, 10 ** 9)[:1]
             return head + ([":"] if s.count is not None and first in _STARTS_OPERAND else []) + [" ", block]
         raise TypeError(f"not a statement: {s!r}")
+
+    def range(self, start, stop):
+        """`start..stop` (spaced when a bound is more than a name, call or index), or just `start`."""
+        if stop is None:
+            return self.expr(start)
+        dots = ".." if level(start) >= 9 and level(stop) >= 9 else " .. "
+        return [self.expr(start), dots, self.expr(stop)]
 
     def _kw_args(self, node, args, kwargs):
         if not args and not kwargs:

@@ -217,21 +217,25 @@ def parse_text(text: str, name: str = "<string>") -> ast.File:
     return _parse(text, name, "start")
 
 
-def parse_expr(text: str, name: str = "<expr>") -> ast.Expr:
-    """Parse one expression (a `--set` value, a YAML string) with the same grammar."""
-    return _parse(text, name, "expr")
+def parse_expr(text: str, name: str = "<expr>", statement: bool = False) -> ast.Expr:
+    """Parse one expression (a `--set` value, a YAML string) with the same grammar. `statement`:
+    it is a statement's or a block's value, so the elements of its lists may name their layers."""
+    return _parse(text, name, "expr", statement)
 
 
-def _parse(text: str, name: str, start: str):
+def _parse(text: str, name: str, start: str, statement: bool = False):
     register(name, text)
     _parser()  # made (and `_CALLBACKS` set) before the lock is taken
     try:
         with _LOCK:
             _CALLBACKS.file, _CALLBACKS.error = name, None
+            _CALLBACKS.named, _CALLBACKS.placed = [], set()
             try:
                 result = _run(text, start)
             finally:
                 found, _CALLBACKS.error = _CALLBACKS.error, None
+                named, placed = _CALLBACKS.named, _CALLBACKS.placed
+                _CALLBACKS.named, _CALLBACKS.placed = [], set()
     except UnexpectedEOF:
         lines = text.splitlines() or [""]
         span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
@@ -248,6 +252,8 @@ def _parse(text: str, name: str, start: str):
             span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
             raise error("syntax", "unexpected end of file", span, _eof_hint(text)) from None
         want = {t.split("__")[-1] for t in exc.expected if not t.startswith("_")}
+        if "RSQB" in want:  # a list element may end in `as NAME`, but only where it names a layer: not a hint
+            want.discard("AS")
         starts = {"LPAR", "LSQB", "ADD", "MINUS", "NAME", "INT", "FLOAT", "STRING", "NONE", "TRUE", "FALSE", "NOT"}
         if {"NAME", "INT", "LPAR"} <= want:  # an expression may start here: say so once
             want = (want - starts) | {"an expression"}
@@ -272,6 +278,15 @@ def _parse(text: str, name: str, start: str):
         raise found
     if isinstance(result, _V):
         result = result.v
+    if named:  # `x as name` in a list: only where the list is a statement's value
+        if statement:
+            placed.update(map(id, ast.layer_names(result)))
+        stray = [n for n in named if id(n) not in placed]
+        if stray:
+            raise error("misplaced-name", "names are for layers: `as NAME` names an element of a list that is a "
+                        "statement's value", stray[0].span,
+                        "write the list as the statement (`[conv(8, 3) as proj, relu]`, `repeat 2: [...]`, "
+                        "`downsample c ? [...] : none`), or drop `as`") from None
     if isinstance(result, ast.File):
         _attach_docs(result, text)
     return result
@@ -365,6 +380,13 @@ class _Callbacks:
     def __init__(self):
         self.file = "<string>"
         self.error = None
+        self.named = []  # every `x as name` list element of this parse
+        self.placed = set()  # ids of those that name a layer of a statement
+
+    def _place(self, value) -> None:
+        """A statement's value: the `as` elements of its lists name layers."""
+        if self.named:
+            self.placed.update(map(id, ast.layer_names(value)))
 
     @staticmethod
     def _region(c) -> tuple[int, int, int, int]:
@@ -436,6 +458,11 @@ class _Callbacks:
         inner = c[1]
         return _V(inner.v, c[0].line, c[0].column, c[2].end_line, c[2].end_column)
 
+    def expr__named_item(self, c):  # expr "as" NAME, inside a list literal
+        node = self._node(c, ast.Named, c[0].v, str(c[2]))
+        self.named.append(node.v)
+        return node
+
     def expr__index(self, c):  # postfix "[" expr "]"
         return self._node(c, ast.Index, c[0].v, c[2].v)
 
@@ -487,6 +514,7 @@ class _Callbacks:
 
     def apply_stmt(self, c):  # expr ["as" NAME]
         alias = _after(c, "AS")
+        self._place(c[0].v)
         return self._node(c, ast.Apply, c[0].v, str(alias) if alias is not None else None)
 
     def seq(self, c):  # "{" ... "}"
@@ -502,6 +530,15 @@ class _Callbacks:
         args, kwargs = self._args(_first_val(head))
         branches = tuple(b if isinstance(b, tuple) else (b,) for b in _vals(body) if b is not None)
         return self._node(c, ast.Parallel, str(c[1]), args, kwargs, branches)
+
+    def parallel_for_stmt(self, c):  # "parallel" NAME ["(" [arglist] ")"] "for" NAME "in" expr [".." expr] "{" ... "}"
+        head, body = _split(c, "LBRACE")
+        before, after = _split(head, "FOR")
+        args, kwargs = self._args(_first_val(before))
+        bounds = _vals(after)
+        items, stop = bounds[0], bounds[1] if len(bounds) > 1 else None
+        stmts = tuple(x for x in _vals(body) if x is not None)
+        return self._node(c, ast.ParallelFor, str(c[1]), args, kwargs, str(after[0]), items, stop, stmts)
 
     def _sec(self, kind, c):  # KEYWORD section
         body = c[1].v
@@ -521,9 +558,11 @@ class _Callbacks:
 
     def repeat_stmt(self, c):  # "repeat" expr ["as" NAME] [":"] block
         var = _after(c, "AS")
+        self._place(c[-1].v)
         return self._node(c, ast.Repeat, c[1].v, str(var) if var is not None else None, c[-1].v)
 
     def single_block(self, c):  # "block" block
+        self._place(c[1].v)
         return self._node(c, ast.Repeat, None, None, c[1].v)
 
     def stages_stmt(self, c):  # "stages" "for" NAME "in" expr ".." expr "{" items "}"

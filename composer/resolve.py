@@ -407,10 +407,10 @@ class _Resolver:
             if not isinstance(item.block, tuple):
                 if item.var is None:
                     if id(item) not in evaluated:
-                        evaluated[id(item)] = evaluate(item.block, bscope)
+                        evaluated[id(item)] = layer_value(item.block, bscope)
                     raw = evaluated[id(item)]
                 else:
-                    raw = evaluate(item.block, bscope)
+                    raw = layer_value(item.block, bscope)
             if isinstance(item.block, tuple):  # an inline body: `repeat 2 { conv(16, 3); relu }`
                 value = None
                 items = self._items(item.block, bscope, ctx, names)
@@ -440,12 +440,14 @@ class _Resolver:
             if isinstance(stmt, ast.Let):
                 scope.values[stmt.name] = evaluate(stmt.value, scope)
             elif isinstance(stmt, ast.Apply):
-                value = concretize(evaluate(stmt.expr, scope), ctx, stmt.expr.span)
+                value = concretize(layer_value(stmt.expr, scope), ctx, stmt.expr.span)
                 out += self._apply(value, stmt.alias, ctx, names, stmt.span, stmt.expr)
             elif isinstance(stmt, ast.Residual):
                 out += self._residual(stmt, scope, ctx, names)
             elif isinstance(stmt, ast.Parallel):
                 out.append(self._parallel(stmt, scope, ctx, names))
+            elif isinstance(stmt, ast.ParallelFor):
+                out.append(self._parallel_for(stmt, scope, ctx, names))
             elif isinstance(stmt, (ast.Save, ast.Load)):
                 out.append(NamedTensor("save" if isinstance(stmt, ast.Save) else "load", stmt.name, stmt.span))
             elif isinstance(stmt, ast.Reuse):
@@ -478,6 +480,14 @@ class _Resolver:
         return [ResidualNode(body, shortcut, ctx.drop_path, stmt.span)]
 
     def _parallel(self, stmt: ast.Parallel, scope, ctx, names) -> ParallelNode:
+        split = self._split(stmt, scope, len(stmt.branches), "branches")
+        if len(stmt.branches) < 1:
+            raise error("value", "parallel needs at least one branch", stmt.span)
+        branches = [self._items(b, scope, ctx, names, finish=False) for b in stmt.branches]
+        return ParallelNode(stmt.merge, branches, split, stmt.span)
+
+    def _split(self, stmt, scope, n: int, what: str) -> list | None:
+        """A parallel's merge checked and its `split` evaluated: one part per branch."""
         if stmt.merge not in MERGES:
             raise error("unknown-merge", f"unknown merge '{stmt.merge}'", stmt.span,
                         did_you_mean(stmt.merge, MERGES) or f"merges: {', '.join(MERGES)}")
@@ -488,11 +498,36 @@ class _Resolver:
             split = evaluate(v, scope)
             if not isinstance(split, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in split):
                 raise error("type", f"split must be a list of positive ints, got {split!r}", v.span)
-            if len(split) != len(stmt.branches):
-                raise error("value", f"split has {len(split)} parts but there are {len(stmt.branches)} branches", v.span)
-        if len(stmt.branches) < 1:
-            raise error("value", "parallel needs at least one branch", stmt.span)
-        branches = [self._items(b, scope, ctx, names, finish=False) for b in stmt.branches]
+            if len(split) != n:
+                raise error("value", f"split has {len(split)} parts but there are {n} {what}", v.span,
+                            "give one part per branch" if what == "branches" else "give one part per value of the loop")
+        return split
+
+    def _parallel_for(self, stmt: ast.ParallelFor, scope, ctx, names) -> ParallelNode:
+        """One branch per value of the loop, each `stmt.body` with the variable bound. The branches
+        share the enclosing names: a name every iteration uses is numbered (`dilate1`, `dilate2`)."""
+        if stmt.args:
+            raise error("arguments", "parallel takes keyword arguments only (split = ...)", stmt.args[0].span)
+        if stmt.stop is None:
+            values = evaluate(stmt.items, scope)
+            if not isinstance(values, list):
+                raise error("type", f"parallel ... for {stmt.var} in X: X must be a list or a range a..b, "
+                            f"got {type_name(values)}", stmt.items.span)
+            where = stmt.items.span
+        else:
+            lo, hi = evaluate(stmt.items, scope), evaluate(stmt.stop, scope)
+            for v, e in ((lo, stmt.items), (hi, stmt.stop)):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise error("type", f"range bounds must be ints, got {type_name(v)}", e.span)
+            values = list(range(lo, hi))
+            where = Span(stmt.items.span.file, stmt.items.span.line, stmt.items.span.column, stmt.stop.span.end_line,
+                         stmt.stop.span.end_column)
+        if not 1 <= len(values) <= 256:
+            raise error("value", f"parallel ... for needs 1 to 256 values, got {len(values)}", where,
+                        "a parallel needs at least one branch")
+        split = self._split(stmt, scope, len(values), "values of the loop")
+        shared = _Numbered(names)
+        branches = [self._items(stmt.body, scope.child({stmt.var: v}), ctx, shared, finish=False) for v in values]
         return ParallelNode(stmt.merge, branches, split, stmt.span)
 
     def _apply(self, value, alias, ctx, names: "Names", span: Span, expr) -> list:
@@ -504,6 +539,12 @@ class _Resolver:
             for v in value:
                 out += self._apply(v, None, ctx, names, span, None)
             return out
+        if value.__class__ is _Aliased:  # `[conv(8, 3) as proj, relu]`
+            inner = concretize(value.value, ctx, value.span)
+            if isinstance(inner, list) and len(inner) != 1:
+                raise error("type", f"`as {value.alias}` names one layer, but this is a list of {len(inner)}",
+                            value.span)
+            return self._apply(inner, value.alias, ctx, names, value.span, None)
         if not isinstance(value, Ref):
             raise error("type", f"a statement must be an op or a block, got {type_name(value)}", span)
         base = alias or _name_of(expr) or value.name
@@ -558,6 +599,40 @@ class _Resolver:
         except ComposerError as exc:
             exc.diagnostics[0].notes.append(f"in {comp.kind} '{comp.name}' used at {ref.span}")
             raise
+
+
+@dataclass(frozen=True)
+class _Aliased:
+    """The value of a list element `x as name` of a statement's value: the layer and its name."""
+
+    value: object
+    alias: str
+    span: Span
+
+
+def layer_value(expr, scope: Scope):
+    """The value of a statement's (or block's) expression, whose list elements may name their
+    layers: `[conv(8, 3) as proj, relu]`, `c ? [patch_merging(d) as merge] : none`."""
+    cls = expr.__class__
+    if cls is ast.Named:
+        return _Aliased(layer_value(expr.expr, scope), expr.alias, expr.span)
+    if not ast.has_layer_names(expr):
+        return evaluate(expr, scope)
+    if cls is ast.ListExpr:
+        return [layer_value(x, scope) for x in expr.items]
+    # a conditional (has_layer_names looks into nothing else), tested as the evaluator does
+    return layer_value(expr.then if evaluate(expr.test, scope) else expr.orelse, scope)
+
+
+class _Numbered:
+    """The names of a `parallel ... for` body: made once per value, so an explicit `as dilate` is
+    numbered like a repeated name (`dilate1`, `dilate2`) in the enclosing scope."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def add(self, node, base: str, explicit: bool, span: Span):
+        self.names.add(node, base, False, span)
 
 
 def _name_of(expr) -> str | None:

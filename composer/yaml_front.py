@@ -85,10 +85,30 @@ class _Residual(_Strict):
     residual: Union[List["Stmt"], _ResidualSpec]
 
 
+Range = Union[StrictStr, Annotated[List[Value], Field(min_length=2, max_length=2)]]  # `a..b` or [a, b]
+
+
 class _ParallelSpec(_Strict):
     merge: Name
     split: Value = None
-    branches: List[Union[StrictStr, List["Stmt"]]]
+    branches: List[Union[StrictStr, List["Stmt"]]] = None
+    # branches from a loop: `for` with `in` (a list) or `range`, and the `body` of one branch
+    for_: Name = Field(None, alias="for")
+    in_: Value = Field(None, alias="in")
+    range: Range = None
+    body: List["Stmt"] = None
+
+    @model_validator(mode="after")
+    def _one_form(self):
+        given = self.model_fields_set
+        if "for_" not in given:
+            if "branches" not in given or given & {"in_", "range", "body"}:
+                raise PydanticCustomError("parallel_form", "a parallel has `branches` (a list), or `for` with `in` "
+                                          "(a list) or `range` and the `body` of one branch")
+        elif "branches" in given or "body" not in given or ("in_" in given) == ("range" in given):
+            raise PydanticCustomError("parallel_for", "a parallel with `for` has `in` (a list) or `range` (a..b), "
+                                      "and `body` (the statements of one branch), not `branches`")
+        return self
 
 
 class _Parallel(_Strict):
@@ -152,7 +172,7 @@ StageItem = _tagged({"let": _Let, "downsample": _Downsample, "after": _After, "r
 
 class _Stage(_Strict):
     for_: Name = Field(None, alias="for")
-    range: Union[StrictStr, Annotated[List[Value], Field(min_length=2, max_length=2)]] = None
+    range: Range = None
     body: List[StageItem]
 
     @model_validator(mode="after")
@@ -407,10 +427,12 @@ class _Front:
 
         return walk(obj)
 
-    def expr(self, node, a: int = 0, b: int | None = None) -> ast.Expr:
+    def expr(self, node, a: int = 0, b: int | None = None, statement: bool = False) -> ast.Expr:
+        """The expression in characters [a, b) of a string scalar; `statement`: a statement's or a
+        block's value, whose list elements may name their layers (`[conv(8, 3) as proj, relu]`)."""
         sub = node.value[a:b]
         try:
-            return self._shift(parse_expr(sub, _EXPR_FILE), node, a, sub)
+            return self._shift(parse_expr(sub, _EXPR_FILE, statement), node, a, sub)
         except ComposerError as exc:
             for d in exc.diagnostics:
                 if d.span is not None and d.span.file == _EXPR_FILE:
@@ -419,12 +441,22 @@ class _Front:
                 exc.diagnostics[0].hint = "YAML splits [...] and {...} at commas: quote this expression"
             raise ComposerError(exc.diagnostics) from None
 
-    def value(self, node) -> ast.Expr:
+    def value(self, node, layer: bool = False) -> ast.Expr:
+        """A value; `layer`: a block's value, whose list items may be "expr as name"."""
         if isinstance(node, yaml.SequenceNode):
+            if layer:
+                return ast.ListExpr(tuple(self._layer_item(n) for n in node.value), self.span(node))
             return ast.ListExpr(tuple(self.value(n) for n in node.value), self.span(node))
         if node.tag == _CORE + "str":
-            return self.expr(node)
+            return self.expr(node, statement=layer)
         return ast.Literal(self.constructor.construct_object(node), self.span(node))
+
+    def _layer_item(self, node) -> ast.Expr:
+        """An item of a block's list value: a value, or "expr as name" (a `Named` element)."""
+        if isinstance(node, yaml.SequenceNode) or node.tag != _CORE + "str":
+            return self.value(node, layer=True)
+        apply = self.apply(node)
+        return apply.expr if apply.alias is None else ast.Named(apply.expr, apply.alias, apply.span)
 
     # -- structure
     @staticmethod
@@ -514,7 +546,7 @@ class _Front:
                 items.append(self.section("downsample" if key == "downsample" else "norm", kn, v))
             elif key == "repeat":
                 var, body = self.get(item, "as"), self.get(item, "body")
-                block = self.value(self.get(item, "block")) if body is None else self.stmts(body)
+                block = self.value(self.get(item, "block"), layer=True) if body is None else self.stmts(body)
                 items.append(ast.Repeat(self.value(self.get(item, "repeat")), None if var is None else var.value,
                                         block, self.span(item)))
             elif key == "body":
@@ -522,18 +554,22 @@ class _Front:
             elif key == "reuse":
                 items.append(ast.Reuse(v.value, self.span(item)))
             else:
-                items.append(ast.Repeat(None, None, self.value(v), self.span(item)))
+                items.append(ast.Repeat(None, None, self.value(v, layer=True), self.span(item)))
         var, rng = self.get(node, "for"), self.get(node, "range")
         if var is None:
             return ast.Stage(tuple(items), self.span(node))
+        start, stop = self._range(rng)
+        return ast.Stage(tuple(items), self.span(node), var.value, start, stop)
+
+    def _range(self, rng) -> tuple:
+        """(start, stop) of `range: a..b` or `range: [a, b]`."""
         if isinstance(rng, yaml.SequenceNode):
             start, stop = (self.value(n) for n in rng.value)
-        else:
-            cut = rng.value.find("..")
-            if cut < 0:
-                raise error("yaml-schema", "a range is `start..stop` or [start, stop]", self.span(rng))
-            start, stop = self.expr(rng, 0, cut), self.expr(rng, cut + 2)
-        return ast.Stage(tuple(items), self.span(node), var.value, start, stop)
+            return start, stop
+        cut = rng.value.find("..")
+        if cut < 0:
+            raise error("yaml-schema", "a range is `start..stop` or [start, stop]", self.span(rng))
+        return self.expr(rng, 0, cut), self.expr(rng, cut + 2)
 
     # -- statements
     def stmts(self, node) -> tuple:
@@ -561,7 +597,7 @@ class _Front:
         lo, hi = len(text) - len(text.lstrip()), len(text.rstrip())
         m = re.search(r"\s+as\s+([A-Za-z_][A-Za-z0-9_]*)\s*$", text)
         alias = m.group(1) if m and text[:m.start()].strip() else None
-        expr = self.expr(node, 0, m.start() if alias else None)
+        expr = self.expr(node, 0, m.start() if alias else None, statement=True)
         return ast.Apply(expr, alias, self._scalar_span(node, lo, max(hi, lo + 1)))
 
     def _kwargs(self, node, names) -> tuple:
@@ -572,7 +608,13 @@ class _Front:
             return ast.Residual((), (), self.stmts(v), self.span(item))
         return ast.Residual((), self._kwargs(v, ("shortcut", "when")), self.stmts(self.get(v, "body")), self.span(item))
 
-    def _parallel(self, item, v) -> ast.Parallel:
+    def _parallel(self, item, v) -> ast.Parallel | ast.ParallelFor:
+        var = self.get(v, "for")
+        if var is not None:  # branches from a loop
+            rng = self.get(v, "range")
+            start, stop = self._range(rng) if rng is not None else (self.value(self.get(v, "in")), None)
+            return ast.ParallelFor(self.get(v, "merge").value, (), self._kwargs(v, ("split",)), var.value, start,
+                                   stop, self.stmts(self.get(v, "body")), self.span(item))
         branches = tuple((self.apply(b),) if isinstance(b, yaml.ScalarNode) else self.stmts(b)
                          for b in self.get(v, "branches").value)
         return ast.Parallel(self.get(v, "merge").value, (), self._kwargs(v, ("split",)), branches, self.span(item))
