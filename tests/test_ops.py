@@ -346,6 +346,20 @@ STRATEGIES.update({
                  op=st.sampled_from([OPS["conv"](out=3), OPS["batchnorm"](), OPS["linear"](out=2)])),
 })
 
+# series.py: moving-average trend, top-k Fourier season, moments / destandardize (numerics: tests/test_series_ops.py)
+STRATEGIES.update({
+    "series_decomposition": paired(lambda x: st.builds(
+        lambda ks, a, o: OPS["series_decomposition"](kernels=ks, axis=a, output=o),
+        st.lists(st.integers(1, 6), min_size=1, max_size=3), st.integers(0, x.ndim - 1),
+        st.sampled_from(["trend", "residual"])), map_shape(dims=(1, 2), hi=8)),
+    "fourier_season": paired(lambda x: st.builds(lambda k, a, lo: OPS["fourier_season"](k=k, axis=a, low=lo),
+                                                 st.integers(1, 3), st.integers(0, x.ndim - 1), st.integers(0, 1)),
+                             map_shape(dims=(1, 2), lo=4, hi=12)),
+    "moments": paired(lambda x: st.builds(lambda a: OPS["moments"](axis=a), st.integers(0, x.ndim - 1)),
+                      map_shape(dims=(1, 2, 3), hi=6)),
+    "destandardize": fixed("destandardize", map_shape(st.integers(3, 8), dims=(1, 2))),
+})
+
 
 def _tested_ops() -> list[str]:
     return sorted(n for n, cls in OPS.items() if cls.kind == "op" and n not in EXCLUDED)  # not parts or losses

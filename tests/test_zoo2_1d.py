@@ -106,16 +106,9 @@ def test_pathformer_hand_count_is_the_table():
     assert _pathformer_official() == 438_482  # MODELS.md row 31
 
 
-def _pathformer_difference():
-    """Ours minus official: the router's trend weights, softmax(Linear(1, 3)) over the moving averages
-    4/8/12, are not built (the router sees the first embedding channel without the trend and season)."""
-    return -len(ETTH1_PATCHES) * _linear(1, 3)
-
-
 def test_pathformer_params():
     plan = composer.load("pathformer_etth1")
-    assert plan.params == 438_482 + _pathformer_difference() == 438_464  # -18 parameters, -0.004%
-    assert abs(plan.params - 438_482) / 438_482 < 0.01
+    assert plan.params == _pathformer_official() == 438_482  # exact: RevIN (affine = false) has no parameters
 
 
 def _official_expert(e, x, patch):
@@ -168,10 +161,95 @@ def test_pathformer_expert_matches_the_reference_forward():
             torch.testing.assert_close(got, _official_expert(e, x, patch), atol=1e-4, rtol=1e-4)
 
 
+def _moving_average(x, k):
+    """decisionintelligence/pathformer's moving_avg (utils/Other.py) along dim 1 of (B, L, N): the
+    first value repeated k - 1 - (k - 1) // 2 times in front, the last (k - 1) // 2 times at the end,
+    then the mean of every window of k steps (written as a loop over the windows)."""
+    front, end = k - 1 - (k - 1) // 2, (k - 1) // 2
+    p = torch.cat([x[:, :1].expand(-1, front, -1), x, x[:, -1:].expand(-1, end, -1)], 1)
+    return torch.stack([p[:, t:t + k].mean(1) for t in range(x.shape[1])], 1)
+
+
+def _top_k_season(x, k=3):
+    """FourierLayer(pred_len = 0, k) along dim 1 of (B, T, N): the rFFT without the DC bin and (T even)
+    the Nyquist bin, the k largest |X_f| per series, and sum over them and their conjugates of
+    |X_f| / T cos(2 pi f t / T +- angle(X_f)) = 2 |X_f| / T cos(2 pi f t / T + angle(X_f))."""
+    t = x.shape[1]
+    spectrum = torch.fft.rfft(x, dim=1)
+    band = spectrum[:, 1:t // 2] if t % 2 == 0 else spectrum[:, 1:t // 2 + 1]
+    f = band.abs().topk(k, dim=1).indices + 1                               # (B, k, N) bin numbers
+    xf = spectrum.gather(1, f)[:, None]                                     # (B, 1, k, N)
+    steps = torch.arange(t, dtype=torch.float)[None, :, None, None]        # (1, T, 1, 1)
+    return (2 * xf.abs() / t * torch.cos(2 * math.pi * f[:, None] / t * steps + xf.angle())).sum(2)
+
+
+def _official_gate_logits(router, x):
+    """AMS.seasonality_and_trend_decompose + noisy_top_k_gating's clean logits (layers/AMS.py), with our
+    router's parameters: x (B, L, N, D) -> (B, E)."""
+    x0 = x[..., 0]                                                          # (B, L, N)
+    layer = router.trend_model.layer                                        # series_decomp_multi's Linear(1, 3)
+    w = torch.softmax(x0[..., None] * layer.weight[:, 0] + layer.bias, -1)  # (B, L, N, 3), per element
+    trend = sum(w[..., i] * _moving_average(x0, kernel) for i, kernel in enumerate((4, 8, 12)))
+    new_x = x0 + _top_k_season(x0) + trend
+    s = new_x @ router.start_linear.weight.reshape(N) + router.start_linear.bias   # start_linear: (B, L)
+    gate = router.gate.weight.reshape(-1, L)                                # [w_gate; w_noise]
+    return s @ gate[:4].T + router.gate.bias[:4]
+
+
+def test_pathformer_router_trend_and_season_match_the_reference():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = composer.build("pathformer_etth1").eval()
+    router = model.stages[0].blocks[0].router
+    x = torch.randn(2, L, N, D) + torch.sin(torch.arange(L) / 3.0)[None, :, None, None]
+    with torch.no_grad():
+        got = router(x.permute(0, 3, 1, 2))                                 # (B, 2E, L, N), broadcast
+        torch.testing.assert_close(got[:, :4, 0, 0], _official_gate_logits(router, x), atol=1e-4, rtol=1e-4)
+        assert (got == got[:, :, :1, :1]).all()
+
+
+def _official_forward(model, x):
+    """decisionintelligence/pathformer's Model.forward (revin = 1 with affine = false, eval), written out
+    from models/PathFormer.py, layers/RevIN.py and layers/AMS.py with our model's parameters:
+    x (B, L, N) -> (B, pred, N)."""
+    b = x.shape[0]
+    mean = x.mean(1, keepdim=True)                                          # RevIN: per variable over time
+    std = torch.sqrt(x.var(1, keepdim=True, unbiased=False) + 1e-5)
+    fc = model.stem.start_fc
+    out = ((x - mean) / std)[..., None] * fc.weight[:, 0] + fc.bias         # start_fc: (B, L, N, D)
+    for j, block in enumerate(model.stages[0].blocks):
+        logits = _official_gate_logits(block.router, out)
+        top = logits.topk(3, dim=1)
+        gates = torch.zeros_like(logits).scatter(1, top.indices, torch.softmax(top.values, 1))
+        mixed = sum(gates[:, i, None, None, None] * _official_expert(getattr(block, f"expert{i}"), out, p).exp()
+                    for i, p in enumerate(ETTH1_PATCHES[j]))                 # SparseDispatcher.combine
+        out = mixed.log() + out                                             # residual_connection = 1
+    proj = model.head.projections
+    y = (out.permute(0, 2, 1, 3).reshape(b, N, L * D) @ proj.weight.T + proj.bias).transpose(1, 2)
+    return y * std + mean                                                   # RevIN denorm
+
+
+def test_pathformer_forward_matches_the_reference():
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = composer.build("pathformer_etth1").eval()
+    with torch.no_grad():  # sharper gates, more distinct experts: the routing (trend, season) shows in the forecast
+        for block in model.stages[0].blocks:
+            block.router.gate.weight.mul_(10)
+            for i in range(4):
+                getattr(block, f"expert{i}").fc2.weight.mul_(10)
+    x = 3 * torch.randn(2, L, N) + 5 + torch.cos(torch.arange(L) / 4.0)[None, :, None]   # official (B, L, N)
+    with torch.no_grad():
+        got = model(x.transpose(1, 2))                                      # ours: signal (B, N, L)
+        want = _official_forward(model, x)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert got.mean().item() == pytest.approx(5, abs=1)                   # de-normalised: back at the input's level
+
+
 def test_pathformer_builds_routes_and_runs():
     torch.set_num_threads(1)
     model = composer.build("pathformer_etth1")
-    assert n_params(model) == 438_464
+    assert n_params(model) == 438_482
     keys = set(model.state_dict())
     assert {"stages.0.blocks.0.end_MLP.op.weight", "stages.0.blocks.2.expert3.intra.weights_generator_distinct.P",
             "stages.0.blocks.1.expert0.inter.W_pos.pos", "stages.0.blocks.0.router.start_linear.weight"} <= keys

@@ -7,6 +7,7 @@ from . import routing  # noqa: F401, E402  (registration: top-k mixture of exper
 from . import multilevel, select  # noqa: F401, E402  (registration: multi-level window attention; top-k token selection, early exit)
 from . import window_tokens  # noqa: F401, E402  (registration: per-window prefix tokens for window(messengers = true))
 from . import rearrange, indexed_linear, member_attention, unused  # noqa: F401, E402  (registration: einops-style reshape of maps; per-index/generated linears; attention in channel-held sets; parameter-only layers)
+from . import series  # noqa: F401, E402  (registration: moving-average trend, Fourier season, moments/destandardize)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]
