@@ -84,8 +84,9 @@ def _parser() -> Lark:
 class _Driver:
     """Lark's LALR loop over a flattened copy of its tables: one lookup per action instead of
     hashing grammar rules, and no call for a rule that only passes its single child on (most of
-    the expression precedence chain). The lexer, the parse-state bookkeeping and every error are
-    Lark's own: on a token the table has no action for, Lark's loop takes over and raises."""
+    the expression precedence chain), fed by `_lex` (Lark's contextual lexer in one tight loop).
+    The parse-state bookkeeping and every error are Lark's own: on a token the table has no action
+    for, Lark's loop takes over and raises; on text no terminal matches, Lark's lexer does."""
 
     def __init__(self, parser: Lark):
         from lark.parse_tree_builder import ExpandSingleChild
@@ -109,11 +110,76 @@ class _Driver:
                     flat[sym] = (False, size, callback, arg.origin.name, single)
         self.conf = ParseConf
         self.state_class = _fast_state(ParserState, actions)
+        self.thread_class = _lexer_thread(self.frontend.lexer)
 
     def parse(self, text: str, start: str):
         conf = self.conf(self.core.parse_table, self.core.callbacks, start)
-        state = self.state_class(conf, self.frontend._make_lexer_thread(text))
+        state = self.state_class(conf, self.thread_class.from_text(self.frontend.lexer, text))
         return self.core.parse_from_state(state)
+
+
+def _lexer_thread(connector):
+    """Lark's LexerThread, lexing with `_lex` instead of `ContextualLexer.lex` (then the post-lexer)."""
+    from lark.lexer import ContextualLexer, LexerThread
+    from lark.parser_frontends import PostLexConnector
+
+    if not (isinstance(connector, PostLexConnector) and type(connector.lexer) is ContextualLexer):
+        raise TypeError("another lexer than this was written against")
+    contextual, postlex = connector.lexer, connector.postlexer
+
+    class FastThread(LexerThread):
+        def lex(self, parser_state):
+            return postlex.process(_lex(contextual, self.state, parser_state))
+
+    return FastThread
+
+
+def _lex(contextual, lexer_state, parser_state):
+    """`ContextualLexer.lex` in one loop: the same terminal regexes (Lark's scanner of the parser
+    state's lexer), ignored terminals, keyword callbacks, line counting and tokens, without a call
+    per token and per match. Where no terminal matches, Lark's own lexer takes over from the same
+    position and raises its error."""
+    from lark.lexer import Token
+
+    new_token = Token._future_new  # Token(...) without the check for the deprecated `type_` keyword
+    text, end = lexer_state.text.text, lexer_state.text.end
+    counter = lexer_state.line_ctr
+    nl = counter.newline_char
+    lexers, tables = contextual.lexers, {}
+    pos, line, start = counter.char_pos, counter.line, counter.line_start_pos
+    while pos < end:
+        basic = lexers[parser_state.position]
+        table = tables.get(id(basic))
+        if table is None:
+            table = tables[id(basic)] = (basic.scanner._mres, basic.ignore_types, basic.newline_types,
+                                         basic.callback)
+        mres, ignore, newline_types, callbacks = table
+        for mre in mres:
+            m = mre.match(text, pos, end)
+            if m:
+                break
+        else:
+            yield from contextual.lex(lexer_state, parser_state)  # raises UnexpectedCharacters/Token
+            return
+        value, kind = m.group(0), m.lastgroup
+        begin, first_line, column = pos, line, pos - start + 1
+        if kind in newline_types:  # counted as LineCounter.feed counts
+            newlines = value.count(nl)
+            if newlines:
+                line += newlines
+                start = pos + value.rindex(nl) + 1
+        pos += len(value)
+        counter.char_pos, counter.line, counter.line_start_pos = pos, line, start
+        counter.column = pos - start + 1
+        callback = callbacks.get(kind)
+        if kind in ignore and callback is None:  # whitespace, comments
+            continue
+        tok = new_token(kind, value, begin, first_line, column, line, counter.column, pos)
+        if callback is not None:  # a keyword lexed as a name gets its own type
+            tok = callback(tok)
+        if kind not in ignore:
+            lexer_state.last_token = tok
+            yield tok
 
 
 def _fast_state(base, actions):

@@ -1,7 +1,8 @@
 """The fast check path gives what the plain one gives.
 
 `composer check` reuses work: the parser builds the AST during Lark's LALR loop over flattened
-tables (composer/parse.py), equal composite instances are expanded once per file and copied
+tables, fed by a one-loop copy of Lark's contextual lexer (composer/parse.py: `_driver` switches
+both off), equal composite instances are expanded once per file and copied
 (composer/resolve.py), equal blocks are lowered once per model and replayed under their own path
 (composer/graph.py). Each shortcut can be switched off; with and without it, every zoo blueprint
 must give the same AST, model and plan, and the hand-made cases below pin what the shortcuts
@@ -10,6 +11,7 @@ must not merge (per-block values, drop-path rates, 1 and 1.0).
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -167,3 +169,23 @@ def test_instances_shared_across_models_of_a_file(tmp_path):
     # equal, yet separate objects: changing one model's items leaves the other's alone
     ia, ib = a.model.stages[0].blocks[0].items, b.model.stages[0].blocks[0].items
     assert repr(ia) == repr(ib) and ia[0] is not ib[0] and ia[0].body[0] is not ib[0].body[0]
+
+
+def test_gc_pause_leaves_the_collector_as_it_was():
+    # after a pause, the survivors are moved to the oldest generation (freeze, then unfreeze):
+    # nothing stays frozen, the collector is on again and the young generation is empty
+    R._CACHE.clear()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    composer.load("caformer_s18")
+    assert gc.isenabled() and gc.get_freeze_count() == 0 and gc.get_count()[0] < 100
+    # a program that froze objects itself keeps them frozen: the pause then only re-enables (none
+    # is added; a frozen object that reference counting frees meanwhile leaves the count)
+    R._CACHE.clear()
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        composer.load("caformer_s18")
+        assert gc.isenabled() and 0 < gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
+        R._CACHE.clear()
