@@ -7,8 +7,8 @@ from torch import nn
 
 from .diagnostics import error
 from .graph import Plan, Step
-from .layers.core import tie_scope
-from .layers.core import ChannelScale
+from .layers.core import ChannelScale, Scale, tie_scope
+from .layers.reparam import RepConv
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
 
@@ -60,10 +60,11 @@ class Sequence(nn.Module):
 
     # ops whose output is a tensor of their own (never their input, nor memory their input shares)
     # that autograd does not save for the backward pass (a conv, a norm, a linear, `x * scale` keep
-    # their inputs, not their output): the next instruction may overwrite it, as torchvision's
-    # in-place ReLU after a batch norm and timm's `x += shortcut` after a block's last norm do
+    # their inputs, not their output; a RepConv returns a BN's output or a sum of them): the next
+    # instruction may overwrite it, as torchvision's in-place ReLU after a batch norm and timm's
+    # `x += shortcut` after a block's last norm do
     _FRESH = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.Linear, nn.GroupNorm, nn.LayerNorm,
-              ChannelScale)
+              ChannelScale, Scale, RepConv)
     _INPLACE = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.Hardsigmoid)
     _MERGES = ("concat", "tokens", "add", "sub", "mul", "mean")  # of 2+ branches: a new tensor
 
@@ -88,8 +89,9 @@ class Sequence(nn.Module):
           fresh tensor (`_fresh`): never the first instruction (its input may be a residual's
           shortcut or shared by parallel branches), never after a `save` (that tensor is kept);
         * a residual adds its shortcut into its body's output (`body += short`, a 5th field True)
-          when the body's last instruction left a fresh tensor; at run time only when the shapes
-          and dtypes agree (a broadcasting gate, autocast's mixed dtypes keep `short + body`);
+          when the body's last instruction left a fresh tensor; at run time only when shapes,
+          dtypes and strides agree (a broadcasting gate, autocast's mixed dtypes, a channels-last
+          body keep `short + body`, whose result could differ in dtype or memory layout);
         * a parallel instruction's split becomes a tuple of ints (for `Tensor.split_with_sizes`)."""
         self.program = self._mark(self.program)
 
@@ -138,9 +140,10 @@ class Sequence(nn.Module):
                 if ins[3] and self.training:
                     body = _drop_path(body, ins[3], True)
                 # `body += short`: the same sums as `short + body` (addition commutes), into the
-                # body's fresh output when `_mark` found one (a 4-tuple: `_without`'s copy, never)
-                if len(ins) > 4 and ins[4] and body is not x and body.shape == short.shape \
-                        and body.dtype == short.dtype:
+                # body's fresh output when `_mark` found one (a 4-tuple: `_without`'s copy, never),
+                # if that gives the tensor `short + body` would: same shape, dtype and memory layout
+                if len(ins) > 4 and ins[4] and body is not x and body.dtype == short.dtype \
+                        and body.shape == short.shape and body.stride() == short.stride():
                     body += short
                     x = body
                 else:
@@ -240,7 +243,9 @@ class ComposedModel(nn.Module):
         for m in self.modules():
             shared = m.__dict__.get("_shared") if isinstance(m, Sequence) else None
             for path in shared or ():
-                shared[path] = self.get_submodule(path)
+                shared[path] = target = self.get_submodule(path)
+                if isinstance(target, Sequence._INPLACE):  # in place where defined; elsewhere its
+                    target.inplace = False  # input may be a kept tensor (a `save`, a shortcut)
 
     def forward_features(self, x, env: dict | None = None):
         env = {"input": x} if env is None else env

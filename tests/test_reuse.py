@@ -178,3 +178,22 @@ def test_reuse_exports(tmp_path):
     assert len(exported.state_dict) == len(model.state_dict())  # shared weights lifted once
     with torch.no_grad():
         assert torch.allclose(exported.module()(x), model(x))
+
+
+def test_a_reused_activation_never_overwrites_its_input(tmp_path):
+    # `act` runs in place where it is defined (right after a conv); reused after `save`, an in-place
+    # ReLU would overwrite the saved tensor that the head reads again
+    text = """
+model m {
+    input image(3, 8)
+    stem { conv(4, 1) as c; relu as act; save kept; conv(4, 1) as d; save pre; reuse stem.act }
+    stage { block { parallel concat { identity; from pre } } }
+    head { global_pool("avg") }
+}
+"""
+    model = _model(tmp_path, text).eval()
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        pre = model.stem.d(F.relu(model.stem.c(x)))
+        expected = torch.cat([F.relu(pre), pre], 1).mean((2, 3))
+        assert torch.allclose(model(x), expected, atol=1e-6)
