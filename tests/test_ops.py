@@ -277,6 +277,9 @@ STRATEGIES.update({
     "deformable_attention": valid(_levels("deformable_attention")),
     "per_level": valid(_levels("per_level")),
     "select_level": valid(_levels("select_level")),
+    # level_embed.py: the multi-level sequences of select_level, a learned row added per level
+    "level_embed": valid(_levels("select_level")).map(
+        lambda ox: (OPS["level_embed"](levels=ox[0].levels, std=0.5), ox[1])),
 })
 
 # select.py: top-k token selection (prefix kept, optional score channels / regions), early exit

@@ -1,6 +1,7 @@
 """Two-stream rows of Zoo II: Mobile-Former (row 32) and ViT-Adapter (row 33), and the ops they
 added: `learned_tokens`, `dynamic_relu`, `attend` (composer/ops/dynamic.py) and
-`deformable_attention`, `per_level`, `select_level` (composer/ops/deform_attn.py).
+`deformable_attention`, `per_level`, `select_level` (composer/ops/deform_attn.py), `level_embed`
+(composer/ops/level_embed.py).
 
 Parameter counts are the official code's own (`sum(p.numel())` of AAboys/MobileFormer's
 `mobile_former_26m`/`_52m`/`_508m` and czczup/ViT-Adapter's `ViTAdapter` backbone with the tiny/small
@@ -30,10 +31,8 @@ COUNTS = [
     (f"{MF}:mobile_former_26m", 3_232_788),   # MODELS.md row 32
     (f"{MF}:mobile_former_52m", 3_469_092),   # official code, group_num 1
     (f"{MF}:mobile_former_508m", 13_976_976),  # official code (README: 14.0M)
-    # ViT-Adapter: ours is 192 (T) / 384 (S) below: the level embedding (3 x dim) is folded into the
-    # biases of the three level projections, the unused class-token position of the ViT's position
-    # embedding is not kept (dim), and the 2x2 transposed conv is a 1x1 conv (4 x dim biases instead
-    # of dim) plus a pixel shuffle: -3d - d + 3d = -d.
+    # ViT-Adapter: exact (the level embedding, 3 x dim; the class token's unused position row, dim;
+    # the 2x2 stride-2 transposed conv of the pyramid, as the reference has them)
     (f"{VA}:vit_adapter_t", 7_966_640),       # MODELS.md row 33
     (f"{VA}:vit_adapter_s", 27_503_888),      # official code, DeiT-S
 ]
@@ -51,8 +50,8 @@ def test_exact_counts_where_the_forms_match():
     assert composer.load(f"{MF}:mobile_former_26m").params == 3_232_788
     assert composer.load(f"{MF}:mobile_former_52m").params == 3_469_092
     assert composer.load(f"{MF}:mobile_former_508m").params == 13_976_976
-    assert composer.load(f"{VA}:vit_adapter_t").params == 7_966_640 - 192
-    assert composer.load(f"{VA}:vit_adapter_s").params == 27_503_888 - 384
+    assert composer.load(f"{VA}:vit_adapter_t").params == 7_966_640
+    assert composer.load(f"{VA}:vit_adapter_s").params == 27_503_888
 
 
 def test_mobile_former_forward_small():
@@ -72,6 +71,39 @@ def test_vit_adapter_forward_small_and_pyramid():
         maps = feats(torch.randn(1, 3, 64, 64))
     assert [tuple(m.shape[1:]) for m in maps] == [(192, 16, 16), (192, 8, 8), (192, 4, 4), (192, 2, 2)]
     assert [f["reduction"] for f in feats.feature_info] == [4, 8, 16, 32]
+
+
+def test_vit_adapter_level_embedding_is_added_per_level():
+    # the reference: c2 + level_embed[0], c3 + level_embed[1], c4 + level_embed[2], then joined.
+    # With the level projections zeroed, the joined sequence c is the level embedding alone: at 64 px
+    # 8x8 tokens of row 0, 4x4 of row 1, 2x2 of row 2
+    model = composer.build(f"{VA}:vit_adapter_t", img_size=64).eval()
+    embed = model.stem.level_embed.embed
+    assert tuple(embed.shape) == (3, 192)
+    with torch.no_grad():
+        embed.normal_()
+        for fc in (model.stem.fc2, model.stem.fc3, model.stem.fc4):
+            fc.weight.zero_()
+            fc.bias.zero_()
+    seen = {}
+    hook = model.stem.level_embed.register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    hook.remove()
+    expected = torch.cat([embed[0].expand(64, 192), embed[1].expand(16, 192), embed[2].expand(4, 192)])
+    assert seen["out"].shape == (2, 84, 192)
+    assert torch.equal(seen["inp"], torch.zeros(2, 84, 192))
+    torch.testing.assert_close(seen["out"], expected.expand(2, -1, -1))
+    # the op alone: x + row l on level l (levels 2, 0.5, 1 of a 4x2 grid: 8x4, 2x1, 4x2 tokens)
+    op = OPS["level_embed"](levels=[2, 0.5, 1], std=0.5)
+    x = Shape(5, (4, 2), "tokens", 34)
+    assert op.infer(x) == x and op.params(x, x) == 15
+    m = op.build(x, x)
+    t = torch.randn(3, 42, 5)
+    rows = torch.cat([m.embed[0].expand(32, 5), m.embed[1].expand(2, 5), m.embed[2].expand(8, 5)])
+    torch.testing.assert_close(m(t), t + rows)
+    with pytest.raises(ShapeError):
+        op.infer(Shape(5, (4, 2), "tokens", 33))
 
 
 # ----------------------------------------------------------------------------- dynamic.py
