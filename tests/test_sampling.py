@@ -5,7 +5,9 @@ for deform_conv, 3-D). The numerics are compared with references that do not com
 torchvision's `deform_conv2d` (a test-only dependency), plain convolutions (zero offsets), an
 explicit per-tap linear interpolation written here for 1-D, `nn.Unfold`, and DAT's deformable
 attention written here from the paper's formula (offset network, tanh-bounded offsets around the
-cell centres, grid_sample of the input, softmax(q k^T / sqrt(d)) v per head)."""
+cell centres, grid_sample of the input, softmax(q k^T / sqrt(d) + bias) v per head), its relative-
+position bias read per offset group with F.grid_sample as DAT's `DAttentionBaseline` does, and, on a
+2x2 map with zero offsets, that bias written out by hand as bilinear interpolation of the table."""
 
 from __future__ import annotations
 
@@ -105,7 +107,8 @@ def deformable_case(draw):
     c = heads * draw(st.sampled_from([2, 4]))
     grid = tuple(draw(st.integers(2, 7)) for _ in range(d))
     kv = OPS["deformable"](groups=groups, offset_range_factor=draw(st.sampled_from([0.0, 1.0, 2.0])),
-                           kernel=draw(st.sampled_from([1, 3, 5])), stride=draw(st.integers(1, 2)))
+                           kernel=draw(st.sampled_from([1, 3, 5])), stride=draw(st.integers(1, 2)),
+                           bias=draw(st.booleans()))
     return OPS["attention"](heads=heads, kv=kv), Shape(c, grid, "tokens")
 
 
@@ -133,6 +136,11 @@ def test_shape_errors():
         OPS["deform_conv"](out=3, kernel=3, groups=2).infer(Shape(4, (5, 5)))
     with pytest.raises(ShapeError, match="offset groups"):
         OPS["attention"](heads=2, kv=OPS["deformable"](groups=3)).infer(Shape(8, (4, 4), "tokens"))
+    with pytest.raises(ShapeError, match="do not divide the 3 heads"):  # the bias table is per head
+        OPS["attention"](heads=3, kv=OPS["deformable"](groups=2, bias=True)).infer(Shape(12, (4, 4), "tokens"))
+    with pytest.raises(ShapeError, match="score bias"):
+        OPS["attention"](heads=2, kv=OPS["deformable"](bias=True), extra_kv=OPS["kv_tokens"](count=2)).infer(
+            Shape(8, (4, 4), "tokens"))
     with pytest.raises(ShapeError, match="does not fit"):
         OPS["unfold"](kernel=5).infer(Shape(3, (4, 4)))
 
@@ -229,9 +237,11 @@ def test_unfold_matches_nn_unfold_and_1d():
     torch.testing.assert_close(out1, ref)
 
 
-def _dat_reference(x, mod, heads, groups, factor):
-    """DAT's deformable attention (no position bias) on x (B, C, H, W), from the paper's formula,
-    with the attention module's weights."""
+def _dat_reference(x, mod, heads, groups, factor, bias=None):
+    """DAT's deformable attention on x (B, C, H, W), from the paper's formula, with the attention
+    module's weights; with a table `rpe_table` (heads, 2H-1, 2W-1) its relative-position bias is read
+    as DAT reads it (per offset group, F.grid_sample with align_corners=True at half the normalised
+    query-minus-sample displacement), or `bias` (B, heads, N, M) is used as given."""
     P = dict(mod.named_parameters())
     b, c, h, w = x.shape
     cg, d = c // groups, c // heads
@@ -250,30 +260,81 @@ def _dat_reference(x, mod, heads, groups, factor):
     grid = torch.stack([px, py], -1)                                        # grid_sample wants (x, y)
     xs_ = F.grid_sample(x.reshape(b * groups, cg, h, w), grid, mode="bilinear", align_corners=True)
     src = xs_.reshape(b, c, h * w).transpose(1, 2)                          # (B, M, C)
+    if bias is None and "rpe_table" in P:
+        hg, table = heads // groups, P["rpe_table"]
+        qy, qx = torch.meshgrid(ys, xs, indexing="ij")                      # query centres (y, x)
+        bias = torch.zeros(b, heads, h * w, h * w, dtype=x.dtype)
+        for bi in range(b):
+            for gi in range(groups):
+                dy = (qy.reshape(-1, 1) - py[bi * groups + gi].reshape(1, -1)) * 0.5  # (N, M)
+                dx = (qx.reshape(-1, 1) - px[bi * groups + gi].reshape(1, -1)) * 0.5
+                t = table[gi * hg:(gi + 1) * hg][None]                      # heads of offset group gi
+                r = F.grid_sample(t, torch.stack([dx, dy], -1)[None], mode="bilinear", align_corners=True)
+                bias[bi, gi * hg:(gi + 1) * hg] = r[0]
     kv = src @ P["kv.weight"].T + P["kv.bias"]
     k, v = kv[..., :c], kv[..., c:]
     out = torch.zeros_like(q)
     for i in range(heads):
         sl = slice(i * d, (i + 1) * d)
-        a = (q[..., sl] @ k[..., sl].transpose(1, 2) * d ** -0.5).softmax(-1)
+        a = q[..., sl] @ k[..., sl].transpose(1, 2) * d ** -0.5
+        a = (a if bias is None else a + bias[:, i]).softmax(-1)
         out[..., sl] = a @ v[..., sl]
     return out @ P["proj.weight"].T + P["proj.bias"]
 
 
-@pytest.mark.parametrize("heads, groups, grid", [(4, 2, (5, 6)), (3, 3, (7, 7)), (2, 1, (4, 4))])
-def test_deformable_attention_matches_dat_formula(heads, groups, grid):
+@pytest.mark.parametrize("heads, groups, grid, bias", [
+    (4, 2, (5, 6), False), (3, 3, (7, 7), False), (2, 1, (4, 4), False),
+    (4, 2, (5, 6), True), (6, 3, (4, 4), True), (2, 1, (3, 5), True),
+])
+def test_deformable_attention_matches_dat_formula(heads, groups, grid, bias):
     c = 4 * heads
-    op = OPS["attention"](heads=heads, kv=OPS["deformable"](groups=groups, offset_range_factor=2, kernel=3))
+    op = OPS["attention"](heads=heads, kv=OPS["deformable"](groups=groups, offset_range_factor=2, kernel=3,
+                                                            bias=bias))
     x = Shape(c, grid, "tokens")
     torch.manual_seed(0)
     mod = op.build(x, op.infer(x)).double()
     with torch.no_grad():
         for p in mod.parameters():
             p.normal_(0, 0.3)
-    assert {n.split(".")[0] for n, _ in mod.named_parameters()} == {"q", "kv", "proj", "conv_offset"}
+    assert {n.split(".")[0] for n, _ in mod.named_parameters()} == {"q", "kv", "proj", "conv_offset"} | \
+        ({"rpe_table"} if bias else set())
+    if bias:
+        assert mod.rpe_table.shape == (heads, 2 * grid[0] - 1, 2 * grid[1] - 1)
     t = torch.randn(2, c, *grid, dtype=torch.float64)
     out = mod(t.flatten(2).transpose(1, 2))
     torch.testing.assert_close(out, _dat_reference(t, mod, heads, groups, 2.0))
+
+
+def test_deformable_bias_by_hand_on_a_2x2_map():
+    """Zero offsets on a 2x2 map: sample j sits on the centre of cell j, so the bias of query i and key
+    j reads the 3x3 table at index 1 + (i - j) / 2 per axis (the normalised displacement (i - j) / 2
+    mapped by align_corners=True onto 0..2): an entry, or the mean of two or four neighbours."""
+    heads, c = 2, 8
+    op = OPS["attention"](heads=heads, kv=OPS["deformable"](groups=1, kernel=1, bias=True))
+    x = Shape(c, (2, 2), "tokens")
+    torch.manual_seed(0)
+    mod = op.build(x, op.infer(x)).double()
+    assert 0.005 < float(mod.rpe_table.detach().std()) < 0.02  # DAT's trunc_normal(std=0.01)
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.3)
+        mod.conv_offset[3].weight.zero_()                                   # zero offsets
+    table = mod.rpe_table.detach()
+
+    def lerp(h, y, x):                                                      # bilinear at half-integers
+        y0, x0 = int(y), int(x)
+        ys, xs = ([y0] if y == y0 else [y0, y0 + 1]), ([x0] if x == x0 else [x0, x0 + 1])
+        return sum(float(table[h, a, b_]) for a in ys for b_ in xs) / (len(ys) * len(xs))
+
+    cells = [(0, 0), (0, 1), (1, 0), (1, 1)]
+    hand = torch.tensor([[[lerp(h, 1 + (qi - ki) / 2, 1 + (qj - kj) / 2) for ki, kj in cells] for qi, qj in cells]
+                         for h in range(heads)], dtype=torch.float64)
+    assert float(hand[0, 0, 3]) == pytest.approx(float(table[0, :2, :2].mean()))  # (-1, -1): four neighbours
+    t = torch.randn(2, c, 2, 2, dtype=torch.float64)
+    out = mod(t.flatten(2).transpose(1, 2))
+    torch.testing.assert_close(out, _dat_reference(t, mod, heads, 1, 2.0, bias=hand.expand(2, -1, -1, -1)))
+    ref_no_bias = _dat_reference(t, mod, heads, 1, 2.0, bias=torch.zeros(2, heads, 4, 4, dtype=torch.float64))
+    assert not torch.allclose(out, ref_no_bias)  # the bias matters
 
 
 def test_deformable_1d_runs_and_backpropagates():

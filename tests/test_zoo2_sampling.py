@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 CASES = [
     ("blueprints/t2t_vit.arch:t2t_vit_7", 4_310_222, 224, 64),   # row 22 (Performer T2T layers: exact)
     ("blueprints/litv2.arch:litv2_s", 27_844_000, 224, 64),      # row 28
-    ("blueprints/dat.arch:dat_t", 28_319_000, 224, 112),         # row 54 (no deformable rel-pos bias)
+    ("blueprints/dat.arch:dat_t", 28_319_138, 224, 112),         # row 54 (official code @797f187: exact)
     ("blueprints/glnet.arch:glnet_4g", 27_002_000, 224, 64),     # row 52
 ]
 
@@ -35,15 +35,18 @@ def test_param_count_and_forward(target, official, res, small):
 
 
 def test_exact_counts_where_everything_is_expressed():
-    """LITv2 and GLNet are complete: their counts are the official ones to the parameter (LITv2-S,
-    LITv2-M) or to the official thousand (GLNet)."""
+    """LITv2, DAT and GLNet are complete: their counts are the official ones to the parameter (LITv2-S,
+    LITv2-M; DAT-T/S/B, counted from the official code at commit 797f187) or to the official thousand
+    (GLNet)."""
     assert composer.load("blueprints/litv2.arch:litv2_s").params == 27_844_000
     assert composer.load("blueprints/litv2.arch:litv2_m").params == 48_830_368
     assert round(composer.load("blueprints/glnet.arch:glnet_4g").params, -3) == 27_002_000
     # T2T-ViT-7 with its Performer T2T layers (frozen random features counted, as the official code)
     assert composer.load("blueprints/t2t_vit.arch:t2t_vit_7").params == 4_310_222
-    # DAT-T without the 30,300 parameters of its deformable attentions' relative-position tables
-    assert composer.load("blueprints/dat.arch:dat_t").params + 3 * 12 * 27 * 27 + 24 * 13 * 13 == 28_319_138
+    # DAT with its deformable attentions' relative-position tables (12 x 27 x 27 and 24 x 13 x 13 in DAT-T)
+    assert composer.load("blueprints/dat.arch:dat_t").params == 28_319_138
+    assert composer.load("blueprints/dat.arch:dat_s").params == 49_700_402
+    assert composer.load("blueprints/dat.arch:dat_b").params == 87_881_632
 
 
 def test_deformable_merging_starts_as_a_plain_conv():

@@ -290,11 +290,12 @@ class Attention(nn.Module):
             self.learnable_bias = nn.Parameter(torch.zeros(heads, 1, k))
         self.continuous = continuous_bias is not None
         if continuous_bias is not None:
-            hidden, key_grid = continuous_bias
+            hidden, key_grid, coords, drop = continuous_bias
             self.cpb_fc1 = ChannelLinear(ndim, hidden)
             self.cpb_act = nn.ReLU()
+            self.cpb_drop = nn.Dropout(drop) if drop else nn.Identity()
             self.cpb_fc2 = ChannelLinear(hidden, heads)
-            index, table = parts.continuous_table(self.grid, tuple(key_grid))
+            index, table = parts.continuous_table(self.group, tuple(key_grid), coords)  # one group's queries
             self.register_buffer("cpb_index", index, persistent=False)
             self.register_buffer("cpb_table", table, persistent=False)
             self.cpb_keys = math.prod(key_grid)
@@ -321,9 +322,11 @@ class Attention(nn.Module):
 
     # ------------------------------------------------------------------ helpers
     def _register_source(self, attr, source, name):
-        if name is None:  # children registered flat (reduce: `sr`/`pool`, `norm`)
+        if name is None:  # children and own parameters registered flat (reduce: `sr`/`pool`, `norm`)
             for child_name, child in source.named_children():
                 self.add_module(child_name, child)
+            for param_name, param in source.named_parameters(recurse=False):  # deformable: `rpe_table`
+                self.register_parameter(param_name, param)
             object.__setattr__(self, attr, source)  # not registered twice
         else:
             self.add_module(name, source)
@@ -335,8 +338,8 @@ class Attention(nn.Module):
 
     def _continuous_bias(self):
         """(heads, N, M): the bias MLP over the distinct relative coordinates, gathered."""
-        b = self.cpb_fc2(self.cpb_act(self.cpb_fc1(self.cpb_table)))  # (U, heads)
-        return b.t()[:, self.cpb_index].view(-1, math.prod(self.grid), self.cpb_keys)
+        b = self.cpb_fc2(self.cpb_drop(self.cpb_act(self.cpb_fc1(self.cpb_table))))  # (U, heads)
+        return b.t()[:, self.cpb_index].view(-1, math.prod(self.group), self.cpb_keys)
 
     def _bias(self):
         bias = None
@@ -406,6 +409,8 @@ class Attention(nn.Module):
                 src = source(_to_map(x, self.grid), _to_map(q, self.grid))
             else:
                 src = source(_to_map(x, self.grid))
+            if isinstance(src, tuple):  # a key source with a score bias (B, heads, N, M), added in `_attention`
+                src, self._source_bias = src
             k, v = self.kv(src).split(c, dim=-1)
         return q, k, v
 
@@ -532,6 +537,9 @@ class Attention(nn.Module):
             pb = self._bias()
             if pb is not None:
                 bias = pb if bias is None else bias + pb
+            sb = self.__dict__.pop("_source_bias", None)  # from the key source (deformable(bias = true))
+            if sb is not None:
+                bias = sb if bias is None else bias + sb
             bw, nw = q.shape[0], q.shape[2]
             if self.attn_mask is not None:
                 nwin = self.attn_mask.shape[0]

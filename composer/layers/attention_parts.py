@@ -62,16 +62,18 @@ def axis_tables(tables, heads: int, agents: int, grid, agents_last: bool) -> tor
 
 
 @built_on_cpu
-def continuous_table(grid, keys) -> tuple[torch.Tensor, torch.Tensor]:
-    """TransNeXt's continuous-bias coordinates for queries on `grid` and keys on `keys` (the key axis
-    is the query axis average-pooled to the key count): per axis r = (q - k) / (g - 1) * 8, then
-    sign(r) log2(1 + |r|) / log2(8). Returns the (N * M,) index into the (U, ndim) table of the
-    distinct coordinates (torch.unique's order)."""
+def continuous_table(grid, keys, coords="normalized") -> tuple[torch.Tensor, torch.Tensor]:
+    """The continuous-bias coordinates for queries on `grid` and keys on `keys` (the key axis is the
+    query axis average-pooled to the key count). `coords="normalized"` (TransNeXt): per axis
+    r = (q - k) / (g - 1) * 8, then sign(r) log2(1 + |r|) / log2(8); `coords="raw"` (timm's RelPosMlp
+    'cr'): r = q - k, then sign(r) ln(1 + |r|). Returns the (N * M,) index into the (U, ndim) table
+    of the distinct coordinates (torch.unique's order)."""
     axes = []
     for g, m in zip(grid, keys):
         pos = torch.arange(g, dtype=torch.float64)
         centres = F.adaptive_avg_pool1d(pos[None], m)[0]
-        axes.append((pos[:, None] - centres[None, :]) / max(g - 1, 1) * 8)  # (g, m)
+        r = pos[:, None] - centres[None, :]  # (g, m)
+        axes.append(r if coords == "raw" else r / max(g - 1, 1) * 8)
     ndim = len(grid)
     # the (query, key) pairs in row-major order of (query coords, key coords)
     rel = []
@@ -81,5 +83,8 @@ def continuous_table(grid, keys) -> tuple[torch.Tensor, torch.Tensor]:
         rel.append(r.view(shape).expand(*grid, *keys).reshape(-1))
     rel = torch.stack(rel, -1)  # (N * M, ndim)
     table, index = torch.unique(rel, return_inverse=True, dim=0)
-    table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+    if coords == "raw":
+        table = torch.sign(table) * torch.log1p(table.abs())
+    else:
+        table = torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
     return index, table.float()

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import ChannelLayerNorm
+from .core import ChannelLayerNorm, trunc_normal_
 
 
 def _conv_cls(ndim: int):
@@ -95,11 +95,23 @@ class DeformConv(nn.Module):
                 f"offset_groups={self.offset_groups}")
 
 
-class DeformableKeys(nn.Module):
-    """The `deformable` key source: (x (B, C, *S), q (B, C, *S)) -> sampled tokens (B, M, C)."""
+def _centres(size, **kw) -> torch.Tensor:
+    """(*size, d): the normalised cell centres `(i + 0.5) / n * 2 - 1` of a grid."""
+    return torch.stack(torch.meshgrid(*[(torch.arange(n, **kw) + 0.5) / n * 2 - 1 for n in size], indexing="ij"), -1)
 
-    def __init__(self, dim, ndim, groups, kernel, stride, factor):
+
+class DeformableKeys(nn.Module):
+    """The `deformable` key source: (x (B, C, *S), q (B, C, *S)) -> sampled tokens (B, M, C); with
+    `bias = (heads, table size, std)` -> (tokens, score bias (B, heads, prod(S), M)), the
+    relative-position table `rpe_table` read at the query-minus-sample displacement."""
+
+    def __init__(self, dim, ndim, groups, kernel, stride, factor, bias=None):
         super().__init__()
+        if bias is not None:
+            heads, table, std = bias
+            self.rpe_table = nn.Parameter(trunc_normal_(torch.empty(heads, *table), std))
+        else:
+            self.rpe_table = None
         cg = dim // groups
         self.groups, self.factor = groups, float(factor)
         conv = _conv_cls(ndim)
@@ -120,11 +132,16 @@ class DeformableKeys(nn.Module):
         if self.factor > 0:
             rng = torch.tensor([self.factor / k for k in grid], **kw).view(1, -1, *[1] * len(grid))
             off = off.tanh() * rng
-        ref = torch.stack(torch.meshgrid(*[(torch.arange(k, **kw) + 0.5) / k * 2 - 1 for k in grid],
-                                         indexing="ij"), -1)  # (*K, d): the cell centres
-        pos = ref + off.movedim(1, -1)
+        pos = _centres(grid, **kw) + off.movedim(1, -1)  # (B*g, *K, d): offsets from the cell centres
         sampled = _grid_sample(x.reshape(b * g, c // g, *size), pos, align_corners=True)  # (B*g, C/g, *K)
-        return sampled.reshape(b, c, -1).transpose(1, 2)
+        tokens = sampled.reshape(b, c, -1).transpose(1, 2)
+        if self.rpe_table is None:
+            return tokens
+        d, h = len(size), self.rpe_table.shape[0]
+        disp = (_centres(size, **kw).reshape(1, -1, 1, d) - pos.reshape(b * g, 1, -1, d)) * 0.5  # (B*g, N, M, d)
+        table = self.rpe_table.reshape(1, g, h // g, *self.rpe_table.shape[1:]).expand(b, -1, -1, *[-1] * d)
+        bias = _grid_sample(table.reshape(b * g, h // g, *self.rpe_table.shape[1:]), disp, align_corners=True)
+        return tokens, bias.reshape(b, h, disp.shape[1], disp.shape[2])
 
 
 class UnfoldTokens(nn.Module):

@@ -95,11 +95,19 @@ class KeySource(Op):
                            key/value input tokens (B, M, C). With `needs_query = True` it is called
                            as `module(x_map, q_map)`, `q_map` the projected queries (B, C, *grid)
                            before the head split (deformable sampling predicts offsets from them).
+      `score_bias() -> bool`  whether the source also gives the attention an additive score bias
+                           (default False). Such a source counts the bias's parameters in
+                           `bias_params(x, heads) -> int` (added to the attention's), is built as
+                           `build(x, heads=heads)` with the attention's head count, and its module
+                           returns `(tokens (B, M, C), bias (B, heads, N, M))`, N = prod(x.spatial)
+                           queries; the bias is added to the scaled scores before the softmax
+                           (`deformable(..., bias = true)`: DAT's interpolated relative positions).
     The attention then projects queries with a `q` linear (C -> C) from its input tokens and keys and
     values with one `kv` linear (C -> 2C) from the source tokens. The built module is registered on
-    the attention module as the submodule `module_name`; with `module_name = None` its children are
-    registered directly on the attention module (state_dict names without a prefix, as `reduce`'s
-    `sr`/`norm`; such a module must keep all its parameters and buffers in children).
+    the attention module as the submodule `module_name`; with `module_name = None` its children and
+    its own parameters are registered directly on the attention module (state_dict names without a
+    prefix, as `reduce`'s `sr`/`norm`, `deformable`'s `conv_offset`/`rpe_table`; such a module must
+    keep no buffers of its own).
     Subclasses register themselves with `@op(name, kind="part", category="attention part")` in any
     file; the attention's `kv` field accepts every KeySource."""
 
@@ -116,6 +124,12 @@ class KeySource(Op):
         return 0
 
     def macs(self, x: Shape, y: Optional[Shape] = None) -> int:
+        return 0
+
+    def score_bias(self) -> bool:
+        return False
+
+    def bias_params(self, x: Shape, heads: int) -> int:
         return 0
 
     def build(self, x: Shape, y: Optional[Shape] = None):
@@ -400,15 +414,21 @@ class Performer(Op):
 @op("continuous_bias", kind="part", category="attention part")
 class ContinuousBias(Op):
     """A continuous relative position bias (TransNeXt's, after Swin v2's CPB): an MLP (`cpb_fc1`
-    2 -> `hidden`, ReLU, `cpb_fc2` hidden -> heads, with biases) of the log-spaced relative
-    coordinates between every query and every key on a grid, sign(r) log2(1 + |r|) / log2(8) with
-    r = (query - key) / (grid - 1) * 8 per axis (a 1-D grid uses one axis and `cpb_fc1` 1 -> hidden).
+    2 -> `hidden`, ReLU, dropout `drop` (training only), `cpb_fc2` hidden -> heads, with biases) of
+    the log-spaced relative coordinates between every query and every key on a grid, per axis
+    (a 1-D grid uses one axis and `cpb_fc1` 1 -> hidden). `coords="normalized"` (TransNeXt, Swin
+    v2): sign(r) log2(1 + |r|) / log2(8) with r = (query - key) / (grid - 1) * 8; `coords="raw"`
+    (timm's RelPosMlp 'cr' mode): sign(r) ln(1 + |r|) with r = query - key.
     Keys of a reduced source sit at the centres of their pooling cells (adaptive average pooling of
     the axis). The keys are the attention's tokens, or its `kv` source's, or, with a neighbourhood
-    partition, the pooled keys of its `extra_kv` source. The table of distinct coordinates and the
-    (queries, keys) index are buffers, built once for the input size."""
+    partition, the pooled keys of its `extra_kv` source; with a window or grid partition, the
+    queries and keys are one group's (the grid is the group's, the same bias for every group). The
+    table of distinct coordinates and the (queries, keys) index are buffers, built once for the
+    input size."""
 
     hidden: int = 512
+    coords: Literal["normalized", "raw"] = "normalized"
+    drop: float = 0.0
 
 
 @op("lepe", kind="part", category="attention part")
@@ -580,7 +600,7 @@ class Attention(Op):
             return self.kv.grid(x)
         if self._source() is not None and isinstance(self.partition, Neighbourhood):
             return self._source().grid(x)
-        return x.spatial
+        return self._group(x)
 
     def _windows(self, x: Shape) -> int:
         """The number of windows (messengers) of a window partition."""
@@ -642,6 +662,11 @@ class Attention(Op):
                                  "extra_kv or strided projection")
         if self.kv is not None and x.extra:
             raise ShapeError(f"keys/values from `{self.kv.name}` cannot take class tokens")
+        if self.kv is not None and self.kv.score_bias() and (self.extra_kv is not None or self.agents is not None
+                                                             or isinstance(self.score, Performer)):
+            raise ShapeError(f"`{self.kv.name}` with a score bias takes no extra_kv, agents or performer")
+        if self.kv is not None and self.kv.score_bias():
+            self.kv.bias_params(x, self.geometry(x)[0])  # the source's check of the head count
         if (self.kv is not None or self.projection is not None or isinstance(self.position, LePE) or
                 self.agents is not None or isinstance(self.position, LearnedBias)) and not x.ndim:
             raise ShapeError("this attention needs tokens on a spatial grid")
@@ -676,10 +701,14 @@ class Attention(Op):
         if isinstance(self.position, ContinuousBias):
             if self.position.hidden <= 0:
                 raise ShapeError(f"continuous_bias hidden must be positive, got {self.position.hidden}")
-            if x.extra or not x.ndim or (p is not None and not isinstance(p, Neighbourhood)) or \
-                    self.projection is not None or self.query is not None or self.agents is not None:
-                raise ShapeError("continuous_bias needs tokens on a grid without class tokens, and no window, grid, "
-                                 "routed partition, projection, query or agents")
+            if not 0 <= self.position.drop < 1:
+                raise ShapeError(f"continuous_bias drop must be in [0, 1), got {self.position.drop}")
+            if x.extra or not x.ndim or isinstance(p, Routed) or self.projection is not None or \
+                    self.query is not None or self.agents is not None or \
+                    (_is_local(p) and (self.kv is not None or src is not None or self._messengers())):
+                raise ShapeError("continuous_bias needs tokens on a grid without class tokens, and no routed "
+                                 "partition, projection, query or agents (with a window or grid partition: no kv, "
+                                 "extra_kv or messengers)")
             if src is not None and p is None:
                 raise ShapeError("continuous_bias with extra_kv = reduce(...) needs a neighbourhood partition")
             if isinstance(p, Neighbourhood) and src is None:
@@ -748,7 +777,7 @@ class Attention(Op):
         if self._given():
             n -= c * cd + b * cd  # no q projection
         if self.kv is not None:
-            n += self.kv.params(x)
+            n += self.kv.params(x) + self.kv.bias_params(x, h)
         if self.projection is not None:
             n += 3 * (c * self.projection.kernel ** d + 2 * c)  # depthwise conv + batch norm each
         if isinstance(self.position, (RelativeBias, RelativeBiasMap)):
@@ -828,7 +857,7 @@ class Attention(Op):
             total += n * cd * self.partition.size ** d  # l2norm(q) @ learnable_tokens
         if isinstance(self.position, ContinuousBias):
             hid, h = self.position.hidden, self.geometry(x)[0]
-            total += prod(cpb_counts(x.spatial, self._bias_grid(x))) * (d * hid + hid * h)  # the bias MLP
+            total += prod(cpb_counts(self._group(x), self._bias_grid(x))) * (d * hid + hid * h)  # the bias MLP
         if isinstance(self.partition, Routed):
             total += self.partition.regions ** (2 * d) * cd  # region affinity
         if isinstance(self.position, RelativeXL):
@@ -868,7 +897,8 @@ class Attention(Op):
         elif isinstance(pos, LePE):
             cfg.update(lepe=pos.kernel, lepe_source=pos.source)
         if self.kv is not None:
-            cfg.update(key_source=self.kv.build(xs), key_source_name=self.kv.module_name,
+            cfg.update(key_source=self.kv.build(xs, heads=heads) if self.kv.score_bias() else self.kv.build(xs),
+                       key_source_name=self.kv.module_name,
                        key_source_query=self.kv.needs_query, kv_grid=self.kv.grid(xs))
         if self.projection is not None:
             cfg.update(conv_proj=(self.projection.kernel, self.projection.stride_kv))
@@ -885,7 +915,7 @@ class Attention(Op):
         if isinstance(self.score, Performer):
             cfg.update(performer=(self.score.features, self.score.eps))
         if isinstance(pos, ContinuousBias):
-            cfg.update(continuous_bias=(pos.hidden, self._bias_grid(xs)))
+            cfg.update(continuous_bias=(pos.hidden, self._bias_grid(xs), pos.coords, pos.drop))
         if isinstance(p, Neighbourhood):
             cfg.update(local_bias=p.bias, local_tokens=p.tokens)
         cfg.update(value_skip=self.value_skip, messengers=self._messengers())

@@ -89,13 +89,23 @@ class Deformable(KeySource):
     there with `grid_sample` (bilinear, `align_corners=True`, as the reference), each group of
     channels at its own positions. The sampled tokens go through the attention's `kv` linear, so
     DAT's 1x1 `proj_q`, `proj_k`, `proj_v` are the attention's `q` and `kv` linears. The offset
-    network is registered on the attention as `conv_offset` (indices 0-3 as in DAT). DAT's
-    interpolated relative-position bias is not part of this key source."""
+    network is registered on the attention as `conv_offset` (indices 0-3 as in DAT).
+
+    `bias = true` adds DAT's interpolated relative-position bias (its `use_pe` path without
+    `dwc_pe`/`fixed_pe`): a table `rpe_table` (heads, 2n_1 - 1, ..., 2n_d - 1) over the query grid
+    n, initialised with a truncated normal of std `bias_std` (0: zeros), registered on the
+    attention. For query q (the normalised cell centre of its grid point) and sample p (its
+    normalised sampling position) the table is read bilinearly (`grid_sample`, `align_corners=True`,
+    zero outside) at the normalised coordinate `(q - p) / 2`, head h of offset group g from the
+    table's head h, and added to the score of q and p before the softmax. The attention must have
+    a multiple of `groups` heads."""
 
     groups: int = 1
     offset_range_factor: float = 2.0
     kernel: int = 5
     stride: int = 1
+    bias: bool = False
+    bias_std: float = 0.01
 
     needs_query: ClassVar[bool] = True
     module_name: ClassVar[Optional[str]] = None
@@ -121,13 +131,25 @@ class Deformable(KeySource):
         cg, d = x.channels // self.groups, x.ndim
         return cg * self.kernel ** d + cg + 2 * cg + cg * d
 
+    def score_bias(self) -> bool:
+        return self.bias
+
+    def bias_params(self, x: Shape, heads: int) -> int:
+        if not self.bias:
+            return 0
+        if heads % self.groups:
+            raise ShapeError(f"deformable bias: {self.groups} offset groups do not divide the {heads} heads")
+        return heads * prod(2 * g - 1 for g in x.spatial)
+
     def macs(self, x: Shape, y: Optional[Shape] = None) -> int:
         return prod(self.grid(x)) * x.channels * (self.kernel ** x.ndim + x.ndim)
 
-    def build(self, x: Shape, y: Optional[Shape] = None):
+    def build(self, x: Shape, y: Optional[Shape] = None, heads: int = 0):
         from ..layers.sampling import DeformableKeys
 
-        return DeformableKeys(x.channels, x.ndim, self.groups, self.kernel, self.stride, self.offset_range_factor)
+        bias = (heads, tuple(2 * g - 1 for g in x.spatial), self.bias_std) if self.bias else None
+        return DeformableKeys(x.channels, x.ndim, self.groups, self.kernel, self.stride, self.offset_range_factor,
+                              bias)
 
 
 __all__ = ["DeformConv", "Deformable"]
