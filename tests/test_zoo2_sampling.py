@@ -56,3 +56,21 @@ def test_deformable_merging_starts_as_a_plain_conv():
     merges = [m for n, m in model.named_modules() if n.endswith("conv_offset") and "downsample" in n]
     assert len(merges) == 3
     assert all(float(p.detach().abs().max()) == 0 for m in merges for p in m.parameters())
+
+
+def test_t2t_position_embedding_is_the_fixed_sinusoid_table():
+    # T2T-ViT's get_sinusoid_encoding: angle(t, j) = t / 10000 ** (2 * (j // 2) / d), sin on even
+    # channels, cos on odd ones, over the 197 tokens; a parameter with requires_grad=False
+    import math
+
+    model = composer.build("blueprints/t2t_vit.arch:t2t_vit_7", device="meta")
+    pos = [p for n, p in model.named_parameters() if n.endswith("pos")]
+    assert len(pos) == 1 and tuple(pos[0].shape) == (1, 197, 256) and not pos[0].requires_grad
+    built = composer.build("blueprints/t2t_vit.arch:t2t_vit_7", num_classes=0)
+    table = next(p for n, p in built.named_parameters() if n.endswith("pos"))[0]
+    for t, j in [(0, 0), (0, 1), (1, 0), (1, 1), (5, 10), (196, 255), (100, 37)]:
+        angle = t / 10000 ** (2 * (j // 2) / 256)
+        expected = math.sin(angle) if j % 2 == 0 else math.cos(angle)
+        assert table[t, j].item() == pytest.approx(expected, abs=1e-6)
+    frozen = sum(p.numel() for p in built.parameters() if not p.requires_grad)
+    assert frozen == 197 * 256 + 2 * 32 * 64  # the table, and the two Performer layers' random features

@@ -140,15 +140,27 @@ class PrefixTokens(nn.Module):
 
 
 class PosEmbed(nn.Module):
-    def __init__(self, tokens, channels, std, skip):
+    def __init__(self, tokens, channels, std, skip, init="trunc_normal", trainable=True):
         super().__init__()
-        self.pos = nn.Parameter(trunc_normal_(torch.empty(1, tokens, channels), std))
+        table = sinusoid_table(tokens, channels) if init == "sinusoid" else \
+            trunc_normal_(torch.empty(1, tokens, channels), std)
+        self.pos = nn.Parameter(table, requires_grad=trainable)
         self.skip = skip
 
     def forward(self, x):
         if self.skip:
             return torch.cat([x[:, : self.skip], x[:, self.skip :] + self.pos], dim=1)
         return x + self.pos
+
+
+def sinusoid_table(tokens: int, channels: int) -> torch.Tensor:
+    """(1, tokens, channels): channel 2i holds sin(t / 10000^(2i / channels)), channel 2i + 1 the cos
+    of the same angle (the Transformer's table over the token index t)."""
+    t = torch.arange(tokens, dtype=torch.float64)[:, None]
+    j = torch.arange(channels)
+    angle = t / torch.pow(10000.0, (2 * (j // 2)).double() / channels)
+    table = torch.where(j % 2 == 0, torch.sin(angle), torch.cos(angle))
+    return table.float()[None]
 
 
 class PatchMerging(nn.Module):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from ..shapes import Shape, ShapeError
 from .registry import Op, op, prod
@@ -58,11 +58,17 @@ class ClassToken(Op):
 
 @op("pos_embed", category="embed", layout="tokens")
 class PosEmbed(Op):
-    """A learned absolute position embedding added to every token (class tokens included when
-    `cover_extra`). Init: trunc-normal(std 0.02). Tied to the input resolution."""
+    """An absolute position embedding added to every token (class tokens included when
+    `cover_extra`), parameter `pos` (1, tokens, channels). Tied to the input resolution. Init:
+    `init="trunc_normal"` trunc-normal(`std`), or `init="sinusoid"` the fixed 1-D sin/cos table of
+    "Attention Is All You Need" over the token index (channel 2i: sin(t / 10000^(2i/C)), 2i+1: the
+    cos; T2T-ViT). `trainable=false` keeps it out of training (requires_grad off; still a parameter,
+    as T2T's, so it is counted and saved)."""
 
     std: float = 0.02
     cover_extra: bool = True
+    init: Literal["trunc_normal", "sinusoid"] = "trunc_normal"
+    trainable: bool = True
 
     def params(self, x, y):
         return (x.tokens if self.cover_extra else prod(x.spatial)) * x.channels
@@ -71,7 +77,7 @@ class PosEmbed(Op):
         from ..layers.core import PosEmbed as Module
 
         n = x.tokens if self.cover_extra else prod(x.spatial)
-        return Module(n, x.channels, self.std, 0 if self.cover_extra else x.extra)
+        return Module(n, x.channels, self.std, 0 if self.cover_extra else x.extra, self.init, self.trainable)
 
 
 @op("patch_merging", category="embed", layout="tokens")
