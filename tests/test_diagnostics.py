@@ -171,12 +171,12 @@ _CLI_CASES = {
     "unknown-model-in-zoo-file": (
         ["check", "blueprints/swin.arch:swin_tt"],
         "error: no model 'swin_tt' in blueprints/swin.arch\n"
-        "  hint: did you mean 'swin_t' or 'swin_s'?\n",
+        "  hint: did you mean 'swin_t' or 'swin_s' or 'swin_b'?\n",
     ),
     "unknown-zoo-model": (
         ["check", "swin_tt"],
         "error: no zoo model 'swin_tt'\n"
-        "  hint: did you mean 'swin_t' or 'swin_s' or 'agent_swin_t'?\n",
+        "  hint: did you mean 'swin_t' or 'swin_s' or 'swin_b'?\n",
     ),
     "missing-file": (
         ["check", "tests/data/diagnostics/no_such_file.arch"],
