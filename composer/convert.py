@@ -32,6 +32,7 @@ No torch here.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,22 +568,31 @@ def yaml_to_arch(text: str, name: str = "<string>") -> str:
         header = tree.doc.split("\n") if tree.doc and back.doc != tree.doc else None
         if not extra and header is None:
             break
-    _check(tree, lambda: _quiet_parse(out, name + " (as .arch)"), name, ".arch")
+    _check(tree, lambda: back, name, ".arch")  # `back`: the parse of this `out`
     return out
 
 
-def _quiet_parse(text: str, name: str):
-    from .parse import parse_text
+@contextlib.contextmanager
+def _sources_kept():
+    """Parses of converted text leave the registered sources (for diagnostics) as they were."""
     from .source import SOURCES
 
     saved = dict(SOURCES)
     try:
-        return parse_text(text, name)
-    except Exception as exc:
-        raise RuntimeError(f"convert produced .arch that does not parse ({name}): {exc}") from None
+        yield
     finally:
         SOURCES.clear()
         SOURCES.update(saved)
+
+
+def _quiet_parse(text: str, name: str):
+    from .parse import parse_text
+
+    with _sources_kept():
+        try:
+            return parse_text(text, name)
+        except Exception as exc:
+            raise RuntimeError(f"convert produced .arch that does not parse ({name}): {exc}") from None
 
 
 # ---- checking ---------------------------------------------------------------------------------------
@@ -613,16 +623,11 @@ def _canon(x):
 
 
 def _check(tree, reparse, name: str, what: str) -> None:
-    from .source import SOURCES
-
-    saved = dict(SOURCES)
-    try:
-        again = reparse()
-    except Exception as exc:  # a converter bug: never hand back text that does not read back
-        raise RuntimeError(f"convert produced {what} that does not read back for {name}: {exc}") from None
-    finally:
-        SOURCES.clear()
-        SOURCES.update(saved)
+    with _sources_kept():
+        try:
+            again = reparse()
+        except Exception as exc:  # a converter bug: never hand back text that does not read back
+            raise RuntimeError(f"convert produced {what} that does not read back for {name}: {exc}") from None
     if _canon(again) != _canon(tree):
         raise RuntimeError(f"convert would change the blueprint {name} (a converter bug); nothing written")
 

@@ -146,6 +146,11 @@ def _eval_name(node: ast.Name, scope: Scope):
         if name in values:
             return values[name]
         inner = inner.parent
+    return _global_name(node, scope)
+
+
+def _global_name(node: ast.Name, scope: Scope):
+    """A name no scope binds: a definition or an op, else the located error."""
     names = scope.names
     if node.id in names.composites:
         return Ref(node.id, "composite", names.composites[node.id], (), (), node.span)
@@ -234,7 +239,7 @@ def _eval_call(node: ast.Call, scope: Scope):
         if func.id in BUILTINS and (callee is _MISSING or callee is None):
             return BUILTINS[func.id](node, args, kwargs)
         if callee is _MISSING:
-            callee = _eval_name(func, scope)  # a definition or an op, else the located error
+            callee = _global_name(func, scope)  # a definition or an op, else the located error
     else:
         callee = evaluate(func, scope)
     if not isinstance(callee, Ref):

@@ -469,6 +469,11 @@ class _Callbacks:
         region = self._region(c)
         return _V(cls(*args, Span(self.file, *region)), *region)
 
+    def _spanned(self, c, make) -> _V:
+        """`make(span)` for this rule (a node whose span is not its last field), wrapped with its region."""
+        region = self._region(c)
+        return _V(make(Span(self.file, *region)), *region)
+
     def _fail(self, exc: ComposerError) -> None:
         if self.error is None:
             self.error = exc
@@ -635,16 +640,11 @@ class _Callbacks:
         head, rest = _split(c, "LBRACE")
         start, stop = _vals(head)
         items = tuple(x for x in _vals(rest) if x is not None)
-        first, last = c[0], c[-1]
-        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
-        return _V(ast.Stage(items, span, str(c[2]), start, stop), first.line, first.column, last.end_line,
-                  last.end_column)
+        return self._spanned(c, lambda span: ast.Stage(items, span, str(c[2]), start, stop))
 
     def stage_stmt(self, c):  # "stage" "{" items "}"
         items = tuple(x for x in _vals(c) if x is not None)
-        first, last = c[0], c[-1]
-        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
-        return _V(ast.Stage(items, span), first.line, first.column, last.end_line, last.end_column)
+        return self._spanned(c, lambda span: ast.Stage(items, span))
 
     def input_stmt(self, c):  # "input" expr
         return self._node(c, ast.Input, c[1].v)
@@ -666,20 +666,15 @@ class _Callbacks:
         params, base = _first_val(head), _after(head, "COLON")
         name, params = str(c[1]), params.v if params is not None else ()
         body = tuple(x for x in _vals(rest) if x is not None)
-        first, last = c[0], c[-1]
-        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
-        return _V(ast.ModelDef(name, params or (), str(base) if base is not None else None, body, span, self.file),
-                  first.line, first.column, last.end_line, last.end_column)
+        base = str(base) if base is not None else None
+        return self._spanned(c, lambda span: ast.ModelDef(name, params or (), base, body, span, self.file))
 
     def composite_def(self, c):  # KIND NAME [params] "{" ... "}"
         head, rest = _split(c, "LBRACE")
         params = _first_val(head)
         kind, name, params = str(c[0]), str(c[1]), params.v if params is not None else ()
         body = tuple(x for x in _vals(rest) if x is not None)
-        first, last = c[0], c[-1]
-        span = Span(self.file, first.line, first.column, last.end_line, last.end_column)
-        return _V(ast.CompositeDef(kind, name, params or (), body, span, self.file),
-                  first.line, first.column, last.end_line, last.end_column)
+        return self._spanned(c, lambda span: ast.CompositeDef(kind, name, params or (), body, span, self.file))
 
     def import_stmt(self, c):  # "import" STRING
         return self._node(c, ast.Import, str(c[1])[1:-1])

@@ -423,22 +423,22 @@ class _Resolver:
                 else float(self.drop_setting)
             ctx = Ctx(in_stage, self.next_block, self.total, rate)
             names = Names()
-            if not isinstance(item.block, tuple):
-                if item.var is None:
-                    if id(item) not in evaluated:
-                        evaluated[id(item)] = layer_value(item.block, bscope)
-                    raw = evaluated[id(item)]
-                else:
-                    raw = layer_value(item.block, bscope)
             if isinstance(item.block, tuple):  # an inline body: `repeat 2 { conv(16, 3); relu }`
                 value = None
                 items = self._items(item.block, bscope, ctx, names)
-            elif isinstance(value := concretize(raw, ctx, item.block.span), Ref) \
-                    and value.kind == "composite":
-                items = self._instantiate(value, ctx)
             else:
-                items = self._apply(value, None, ctx, names, item.block.span, item.block)
-                names.finish()
+                if item.var is not None:
+                    raw = layer_value(item.block, bscope)
+                elif id(item) in evaluated:
+                    raw = evaluated[id(item)]
+                else:
+                    raw = evaluated[id(item)] = layer_value(item.block, bscope)
+                value = concretize(raw, ctx, item.block.span)
+                if isinstance(value, Ref) and value.kind == "composite":
+                    items = self._instantiate(value, ctx)
+                else:
+                    items = self._apply(value, None, ctx, names, item.block.span, item.block)
+                    names.finish()
             call = value.name if isinstance(value, Ref) else "block" if value is None else type_name(value)
             out_blocks.append(Block(items, rate, self.next_block, item.span, call))
             self.rates.append(rate)

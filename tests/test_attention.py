@@ -347,23 +347,31 @@ def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
     return s.softmax(-1) @ v
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(configs())
-def test_rules_match_module(config):
-    op, x = config
+def run_explicit(op, x, batch):
+    """Infer and build `op` (seed 0), check its parameter rule, and run a random batch with the attention as
+    explicit matmuls under the flop counter (FlopCounterMode counts 0 for the fused CPU SDPA kernel):
+    (y, module, input, output, flops)."""
     y = op.infer(x)
     torch.manual_seed(0)
     mod = op.build(x, y).eval()
     assert op.params(x, y) == sum(t.numel() for t in mod.parameters())
-    inp = torch.randn(2, x.tokens, x.channels)
-    # the MAC rule counts linears, convs, q k^T and attn v: compare with the flop counter on a path where the
-    # attention is explicit matmuls (FlopCounterMode counts 0 for the fused CPU SDPA kernel)
+    inp = torch.randn(batch, x.tokens, x.channels)
     with pytest.MonkeyPatch.context() as mp, torch.no_grad():
         mp.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
         with FlopCounterMode(display=False) as counter:
             out = mod(inp)
+    return y, mod, inp, out, counter.get_total_flops()
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(configs())
+def test_rules_match_module(config):
+    op, x = config
+    # the MAC rule counts linears, convs, q k^T and attn v: compare with the flop counter on a path where the
+    # attention is explicit matmuls
+    y, mod, inp, out, flops = run_explicit(op, x, 2)
     assert out.shape == (2, y.tokens, y.channels) and y.layout == "tokens" and y.spatial == x.spatial
-    counted = counter.get_total_flops() / 2 / 2  # flops -> MACs, per sample (batch 2)
+    counted = flops / 2 / 2  # flops -> MACs, per sample (batch 2)
     assert abs(op.macs(x, y) - counted) <= 0.05 * counted
     with torch.no_grad():
         assert torch.allclose(out, mod(inp), atol=1e-5)  # the explicit path is the fused one
@@ -759,17 +767,9 @@ def new_configs(draw):
 @given(new_configs())
 def test_new_part_rules_match_module(config):
     op, x = config
-    y = op.infer(x)
-    torch.manual_seed(0)
-    mod = op.build(x, y).eval()
-    assert op.params(x, y) == sum(t.numel() for t in mod.parameters())
-    inp = torch.randn(1, x.tokens, x.channels)  # batch 1: relative_xl's linear_pos runs once per batch
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
-        with FlopCounterMode(display=False) as counter:
-            out = mod(inp)
+    y, mod, inp, out, flops = run_explicit(op, x, 1)  # batch 1: relative_xl's linear_pos runs once per batch
     assert out.shape == (1, y.tokens, y.channels) and y.layout == "tokens"
-    counted = counter.get_total_flops() / 2
+    counted = flops / 2
     assert abs(op.macs(x, y) - counted) <= 0.05 * counted
     with torch.no_grad():
         assert torch.allclose(out, mod(inp), atol=1e-5)
@@ -1082,17 +1082,9 @@ def zoo2_configs(draw):
 @given(zoo2_configs())
 def test_zoo2_part_rules_match_module(config):
     op, x = config
-    y = op.infer(x)
-    torch.manual_seed(0)
-    mod = op.build(x, y).eval()
-    assert op.params(x, y) == sum(t.numel() for t in mod.parameters())
-    inp = torch.randn(2, x.tokens, x.channels)
-    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
-        mp.setattr(F, "scaled_dot_product_attention", explicit_sdpa)
-        with FlopCounterMode(display=False) as counter:
-            out = mod(inp)
+    y, mod, inp, out, flops = run_explicit(op, x, 2)
     assert out.shape == (2, y.tokens, y.channels) and y.layout == "tokens" and y.extra == x.extra
-    counted = counter.get_total_flops() / 2 / 2  # per sample; the bias MLP runs once per batch: counted once, halved
+    counted = flops / 2 / 2  # per sample; the bias MLP runs once per batch: counted once, halved
     if isinstance(op.position, ContinuousBias):
         hid, h, d = op.position.hidden, op.geometry(x)[0], x.ndim
         from composer.ops.attention import cpb_counts

@@ -175,10 +175,11 @@ class Attention(nn.Module):
         cin = dim if cin is None else cin  # input channels; `dim` is the width of q, k, v
         self.input_query = input_query  # x carries [tokens (dim), queries (dim)]: kv from `qkv`
         self.heads, self.head_dim = heads, dim // heads
+        self.qk_scale = self.head_dim ** -0.5 if scale is None else scale
         self.grid, self.extra = tuple(grid), extra
         self.partition, self.size, self.shift = partition, size, shift
         self.padded = tuple(padded) if padded is not None else self.grid  # the grid the groups tile
-        self.scale = scale
+        self.scale = scale  # None: SDPA's default, head_dim^-0.5 (`qk_scale` where the product is explicit)
         self.queries, self.keys_rest = queries, keys_rest
         self.lepe_source = lepe_source
         ndim = len(self.grid)
@@ -453,7 +454,7 @@ class Attention(nn.Module):
         return torch.cat([tk, k], -2), torch.cat([tv, v], -2)
 
     def _scores(self, q, k, bias):
-        scale = 1.0 if self.cosine else (self.head_dim ** -0.5 if self.scale is None else self.scale)
+        scale = 1.0 if self.cosine else self.qk_scale
         a = (q * scale) @ k.transpose(-2, -1)
         return a if bias is None else a + bias
 
@@ -520,9 +521,8 @@ class Attention(nn.Module):
             p = self.linear_pos(self.pos_table).view(-1, self.heads, self.head_dim).transpose(0, 1)  # (h, 2T-1, d)
             pos = (q + self.pos_bias_v[:, None]) @ p.transpose(-2, -1)  # (B, h, T, 2T-1)
             pos = pos.gather(-1, self.pos_index.expand(*pos.shape[:2], -1, -1))
-            scale = self.head_dim ** -0.5 if self.scale is None else self.scale
             q = q + self.pos_bias_u[:, None]
-            bias = pos * scale
+            bias = pos * self.qk_scale
         if self.cosine:
             q, k = self._cosine_q(q), F.normalize(k, dim=-1)
         if self.partition == "neighbourhood":
@@ -610,7 +610,7 @@ class Attention(nn.Module):
         pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)[len(self.group) - 1]
         agents = _to_tokens(pool(_to_map(q, self.group), self.agent_side))  # (B', a, C)
         q, k, vh, agents = self._heads(q), self._heads(k), self._heads(v), self._heads(agents)
-        scale = self.head_dim ** -0.5 if self.scale is None else self.scale
+        scale = self.qk_scale
         axes = [getattr(self, name) for name in self.agent_axes]
         bias1 = parts.resize_table(self.an_bias, self.kv_grid) + parts.axis_tables(axes[0::2], h, a, self.kv_grid, False)
         agent_v = ((agents * scale) @ k.transpose(-2, -1) + bias1).softmax(-1) @ vh  # (B', h, a, d)

@@ -6,8 +6,8 @@ Only `build` imports this module: the check path never loads torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-
 
 import torch
 import torch.nn.functional as F
@@ -228,7 +228,6 @@ def built_on_cpu(fn):
     """For index and coordinate tables made with data-dependent ops (nonzero, unique, item) that the
     meta device lacks: compute them on the CPU, then move them to the device the model is being
     built on (so `composer info` and meta builds work)."""
-    import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

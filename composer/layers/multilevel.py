@@ -12,14 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import _partition, _unpartition
 from .core import built_on_cpu, trunc_normal_
-
-
-def _windows(t, w):
-    """(B, H, W, C) -> (B * nW, w * w, C), windows row-major."""
-    b, h, wd, c = t.shape
-    t = t.reshape(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5)
-    return t.reshape(-1, w * w, c)
 
 
 def _relative_index(q, k):
@@ -69,23 +63,27 @@ class MultilevelAttention(nn.Module):
         return t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
 
     def forward(self, x):
-        b, n, c = x.shape
+        b, _, c = x.shape
         (h, wd), w, e, k = self.grid, self.w, self.e, self.k
         xm = x.reshape(b, h, wd, c)
         q, kk, v = self.qkv(xm).chunk(3, dim=-1)  # each (B, H, W, C)
-        qw = _windows(q, w)
-        keys, values = [_windows(kk, w)], [_windows(v, w)]
+
+        def windows(t):  # (B, H, W, C) -> (B * nW, w * w, C), windows row-major
+            return _partition(t, self.grid, w)
+
+        qw = windows(q)
+        keys, values = [windows(kk)], [windows(v)]
         if e:
             rolled_k, rolled_v = [], []
             for sh in ((-e, -e), (-e, e), (e, -e), (e, e)):
-                rolled_k.append(_windows(torch.roll(kk, sh, dims=(1, 2)), w))
-                rolled_v.append(_windows(torch.roll(v, sh, dims=(1, 2)), w))
+                rolled_k.append(windows(torch.roll(kk, sh, dims=(1, 2))))
+                rolled_v.append(windows(torch.roll(v, sh, dims=(1, 2))))
             keys.append(torch.cat(rolled_k, 1)[:, self.ring_index])
             values.append(torch.cat(rolled_v, 1)[:, self.ring_index])
         nwin = (h // w) * (wd // w)
         if k:
             # one token per window: a learned linear map over its w*w positions, per channel
-            pooled = self.pool(_windows(xm, w).transpose(1, 2)).squeeze(-1)  # (B * nW, C)
+            pooled = self.pool(windows(xm).transpose(1, 2)).squeeze(-1)  # (B * nW, C)
             pooled = pooled.reshape(b, h // w, wd // w, c)
             _, pk, pv = self.qkv(pooled).chunk(3, dim=-1)
             for t, out in ((pk, keys), (pv, values)):
@@ -107,8 +105,7 @@ class MultilevelAttention(nn.Module):
         attn = (qh * self.scale) @ kh.transpose(-2, -1) + bias.to(qh.dtype)  # explicit: MACs seen by the counter
         out = attn.softmax(-1) @ vh
         out = self.proj(out.transpose(1, 2).reshape(b * nwin, area, c))
-        out = out.reshape(b, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, n, c)
-        return out
+        return _unpartition(out, self.grid, w, b)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, window={self.w}, expand={self.e}, pooled={self.k}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 from torch import nn
 
 
-
 class SelectTokens(nn.Module):
     def __init__(self, start: int, count: int):
         super().__init__()

@@ -58,7 +58,7 @@ def shuffle_index(grid, region) -> torch.Tensor:
 class ShuffleWindowTokens(nn.Module):
     """Channel groups exchanged between the prefix tokens of the windows of each region block."""
 
-    def __init__(self, grid, region, channels):
+    def __init__(self, grid, region):
         super().__init__()
         self.windows, self.groups = math.prod(grid), region ** len(grid)
         self.register_buffer("shuffle_index", shuffle_index(grid, region), persistent=False)

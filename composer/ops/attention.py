@@ -574,9 +574,7 @@ class Attention(Op):
             return prod(self._group(x)) + self._messengers()
         if isinstance(self.partition, Routed):
             return prod(self.partition.region(x.spatial))
-        if isinstance(self.partition, Neighbourhood):
-            return x.tokens  # one group per batch element, one key set per query
-        return x.tokens
+        return x.tokens  # also a neighbourhood: one group per batch element, one key set per query
 
     def _keys(self, x: Shape) -> int:
         """Keys seen by one query (learned kv tokens and extra source keys included)."""
@@ -662,10 +660,9 @@ class Attention(Op):
                                  "extra_kv or strided projection")
         if self.kv is not None and x.extra:
             raise ShapeError(f"keys/values from `{self.kv.name}` cannot take class tokens")
-        if self.kv is not None and self.kv.score_bias() and (self.extra_kv is not None or self.agents is not None
-                                                             or isinstance(self.score, Performer)):
-            raise ShapeError(f"`{self.kv.name}` with a score bias takes no extra_kv, agents or performer")
         if self.kv is not None and self.kv.score_bias():
+            if self.extra_kv is not None or self.agents is not None or isinstance(self.score, Performer):
+                raise ShapeError(f"`{self.kv.name}` with a score bias takes no extra_kv, agents or performer")
             self.kv.bias_params(x, self.geometry(x)[0])  # the source's check of the head count
         if (self.kv is not None or self.projection is not None or isinstance(self.position, LePE) or
                 self.agents is not None or isinstance(self.position, LearnedBias)) and not x.ndim:
@@ -1015,4 +1012,3 @@ class CascadedAttention(Op):
             padded=self.partition.padded(x.spatial) if self.partition is not None else None,
             offset_bias=self.position is not None, scale=self.scale,
         )
-

@@ -31,6 +31,21 @@ def level_grids(grid: tuple[int, ...], scales: list[float], what: str) -> list[t
     return out
 
 
+def checked_levels(x: Shape, levels: list[float], what: str) -> list[tuple[int, ...]]:
+    """The level grids of the multi-level token sequence `x` (`levels` ending with 1, the earlier
+    levels exactly its prefix tokens)."""
+    if x.layout != "tokens" or not x.ndim:
+        raise ShapeError(f"{what} needs tokens on a grid, got {x}")
+    if not levels or levels[-1] != 1:
+        raise ShapeError(f"the last level is the sequence's grid: `levels` must end with 1, got {levels}")
+    grids = level_grids(x.spatial, levels, what)
+    ahead = sum(prod(g) for g in grids[:-1])
+    if ahead != x.extra:
+        raise ShapeError(f"{what}: levels {levels} of the {'x'.join(map(str, x.spatial))} grid give "
+                         f"{ahead} tokens ahead of it, but the input has {x.extra}")
+    return grids
+
+
 @op("deformable_attention", category="attention", layout="tokens")
 class DeformableAttention(Op):
     """Multi-scale deformable attention (Deformable DETR's MSDeformAttn, pure PyTorch with
@@ -138,14 +153,7 @@ class PerLevel(Op):
         return pairs
 
     def infer(self, x: Shape) -> Shape:
-        if x.layout != "tokens" or not x.ndim:
-            raise ShapeError(f"per_level needs tokens on a grid, got {x}")
-        if not self.levels or self.levels[-1] != 1:
-            raise ShapeError(f"the last level is the sequence's grid: `levels` must end with 1, got {self.levels}")
-        grids = self.grids(x)
-        if sum(prod(g) for g in grids[:-1]) != x.extra:
-            raise ShapeError(f"per_level: levels {self.levels} of the {'x'.join(map(str, x.spatial))} grid give "
-                             f"{sum(prod(g) for g in grids[:-1])} tokens ahead of it, but the input has {x.extra}")
+        checked_levels(x, self.levels, self.name)
         if self.op.layout not in ("map", "any"):
             raise ShapeError(f"per_level runs its op on maps, but {self.op.name} needs {self.op.layout}")
         pairs = self._outs(x)
@@ -185,14 +193,7 @@ class SelectLevel(Op):
     levels: list[float]
 
     def infer(self, x: Shape) -> Shape:
-        if x.layout != "tokens" or not x.ndim:
-            raise ShapeError(f"select_level needs tokens on a grid, got {x}")
-        if not self.levels or self.levels[-1] != 1:
-            raise ShapeError(f"the last level is the sequence's grid: `levels` must end with 1, got {self.levels}")
-        grids = level_grids(x.spatial, self.levels, self.name)
-        if sum(prod(g) for g in grids[:-1]) != x.extra:
-            raise ShapeError(f"select_level: levels {self.levels} of the {'x'.join(map(str, x.spatial))} grid give "
-                             f"{sum(prod(g) for g in grids[:-1])} tokens ahead of it, but the input has {x.extra}")
+        grids = checked_levels(x, self.levels, self.name)
         if not 0 <= self.index < len(grids):
             raise ShapeError(f"select_level index {self.index} is not one of the {len(grids)} levels")
         return Shape(x.channels, grids[self.index], "tokens")

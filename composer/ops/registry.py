@@ -98,3 +98,13 @@ def check_divides(what: str, n: int, by: int, hint: str | None = None) -> None:
 
 def prod(xs) -> int:
     return math.prod(xs)
+
+
+def spatial_axis(name: str, axis: int, x: Shape) -> int:
+    """The size of spatial axis `axis` (0: the first) of map `x`, for an op `name` that works along it."""
+    if x.layout != "map" or not x.spatial:
+        raise ShapeError(f"{name} needs a map with a spatial grid, got {x}")
+    if not 0 <= axis < x.ndim:
+        raise ShapeError(f"{name} axis {axis} is not a spatial axis of the {x.ndim}-D map {x}",
+                         f"axis counts the spatial axes from 0 (0 to {x.ndim - 1})")
+    return x.spatial[axis]

@@ -8,16 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
-
-
-def _axis(name: str, axis: int, x: Shape) -> int:
-    if x.layout != "map" or not x.spatial:
-        raise ShapeError(f"{name} needs a map with a spatial grid, got {x}")
-    if not 0 <= axis < x.ndim:
-        raise ShapeError(f"{name} axis {axis} is not a spatial axis of the {x.ndim}-D map {x}",
-                         f"axis counts the spatial axes from 0 (0 to {x.ndim - 1})")
-    return x.spatial[axis]
+from .registry import Op, op, spatial_axis
 
 
 @op("series_decomposition", category="series", layout="map")
@@ -38,7 +29,7 @@ class SeriesDecomposition(Op):
     output: Literal["trend", "residual"] = "trend"
 
     def infer(self, x: Shape) -> Shape:
-        _axis("series_decomposition", self.axis, x)
+        spatial_axis("series_decomposition", self.axis, x)
         if not self.kernels or any(k < 1 for k in self.kernels):
             raise ShapeError(f"series_decomposition kernels must be 1 or more, got {self.kernels}")
         return x
@@ -73,7 +64,7 @@ class FourierSeason(Op):
         return t // 2 + 1 - (1 if t % 2 == 0 else 0) - self.low
 
     def infer(self, x: Shape) -> Shape:
-        t = _axis("fourier_season", self.axis, x)
+        t = spatial_axis("fourier_season", self.axis, x)
         if self.low < 0 or self.k < 1:
             raise ShapeError(f"fourier_season needs k >= 1 and low >= 0, got k = {self.k}, low = {self.low}")
         if self.k > self._bins(t):
@@ -104,7 +95,7 @@ class Moments(Op):
     eps: float = 1e-5
 
     def infer(self, x: Shape) -> Shape:
-        _axis("moments", self.axis, x)
+        spatial_axis("moments", self.axis, x)
         spatial = tuple(1 if i == self.axis else s for i, s in enumerate(x.spatial))
         return x.with_(channels=2 * x.channels, spatial=spatial)
 

@@ -106,4 +106,4 @@ class ShuffleWindowTokens(Op):
         from ..layers.window_tokens import ShuffleWindowTokens as Module
 
         grid = self._grid(x)
-        return Module(grid, self.effective(grid), x.channels)
+        return Module(grid, self.effective(grid))
