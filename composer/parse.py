@@ -599,6 +599,11 @@ class _Callbacks:
     def parallel_stmt(self, c):  # "parallel" NAME ["(" [arglist] ")"] "{" branches "}"
         head, body = _split(c, "LBRACE")
         args, kwargs = self._args(_first_val(head))
+        for x in body:  # `{}` would be an identity branch no printer can write back: name it
+            if x.__class__ is _V and x.v == ():
+                self._fail(error("syntax", "an empty parallel branch", Span(self.file, x.line, x.column,
+                                                                           x.end_line, x.end_column),
+                                 "write `identity` for a branch that passes the input through"))
         branches = tuple(b if isinstance(b, tuple) else (b,) for b in _vals(body) if b is not None)
         return self._node(c, ast.Parallel, str(c[1]), args, kwargs, branches)
 

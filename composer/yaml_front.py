@@ -615,8 +615,12 @@ class _Front:
             start, stop = self._range(rng) if rng is not None else (self.value(self.get(v, "in")), None)
             return ast.ParallelFor(self.get(v, "merge").value, (), self._kwargs(v, ("split",)), var.value, start,
                                    stop, self.stmts(self.get(v, "body")), self.span(item))
-        branches = tuple((self.apply(b),) if isinstance(b, yaml.ScalarNode) else self.stmts(b)
-                         for b in self.get(v, "branches").value)
+        nodes = self.get(v, "branches").value
+        for b in nodes:
+            if isinstance(b, yaml.SequenceNode) and not b.value:
+                raise error("yaml-schema", "an empty parallel branch", self.span(b),
+                            "write `identity` for a branch that passes the input through")
+        branches = tuple((self.apply(b),) if isinstance(b, yaml.ScalarNode) else self.stmts(b) for b in nodes)
         return ast.Parallel(self.get(v, "merge").value, (), self._kwargs(v, ("split",)), branches, self.span(item))
 
 
