@@ -18,8 +18,6 @@ from composer.parse import parse_text
 from composer.yaml_front import parse_yaml
 from helpers import REPO, n_params, write
 
-torch.set_num_threads(1)
-
 
 def keys_and_shapes(target: str) -> dict:
     return {k: tuple(v.shape) for k, v in composer.build(target, device="meta").state_dict().items()}
@@ -441,3 +439,19 @@ def test_yaml_misplaced_name_points_into_the_yaml():
     with pytest.raises(ComposerError) as info:
         parse_yaml(text, "bad.yaml")
     assert "bad.yaml:4:20:" in info.value.render() and "names are for layers" in info.value.render()
+
+
+def test_an_empty_parallel_branch_is_a_located_error(tmp_path):
+    # `{}` would be an identity branch that fmt and convert could not write back: it is refused
+    arch = tmp_path / "e.arch"
+    arch.write_text('model m {\n    input image(3, 8)\n    stem { conv(4, 1); parallel add { {}; relu } }\n'
+                    '    head { global_pool("avg") }\n}\n')
+    yml = tmp_path / "e.yaml"
+    yml.write_text("models:\n  m:\n    input: image(3, 8)\n    stem:\n      - conv(4, 1)\n"
+                   "      - parallel: {merge: add, branches: [[], relu]}\n    head: ['global_pool(\"avg\")']\n")
+    for path, line, col in ((arch, 3, 39), (yml, 6, 43)):
+        with pytest.raises(composer.ComposerError) as info:
+            composer.load(f"{path}:m")
+        diag = info.value.diagnostics[0]
+        assert "empty parallel branch" in diag.message and (diag.span.line, diag.span.column) == (line, col)
+        assert "identity" in diag.hint
