@@ -22,6 +22,7 @@ import argparse
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,7 +92,7 @@ def _gpu_time(fn, calls: int) -> float:
 
 
 def latency(batch: int, rounds: int, only=None) -> list[dict]:
-    from vs_timm import _reference_factory, zoo_models
+    from vs_timm import _reference_factory, interleaved, zoo_models
 
     rows = []
     pairs, _ = zoo_models()
@@ -111,12 +112,8 @@ def latency(batch: int, rounds: int, only=None) -> list[dict]:
                 ours(x)
                 theirs(x)
             torch.cuda.synchronize()
-            tc, tt = [], []
-            for r in range(rounds):
-                order = [(ours, tc), (theirs, tt)] if r % 2 == 0 else [(theirs, tt), (ours, tc)]
-                for m, out in order:
-                    out.append(_gpu_time(lambda: m(x), 10))
-        row = {"name": name, "ref": ref, "c": statistics.median(tc), "t": statistics.median(tt), "diff": diff}
+            tc, tt = interleaved(partial(ours, x), partial(theirs, x), rounds, 10, timer=_gpu_time)
+        row = {"name": name, "ref": ref, "c": tc, "t": tt, "diff": diff}
         row["ratio"] = row["c"] / row["t"]
         rows.append(row)
         print(f"{name:24s} {row['c']:8.2f} {row['t']:8.2f} {row['ratio']:.3f} diff {diff:.1e}", flush=True)

@@ -84,17 +84,22 @@ def _median_time(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def interleaved(fa, fb, rounds: int, calls: int) -> tuple[float, float]:
-    """Median over `rounds` of the mean time of `calls` calls, A and B alternating round by round
-    (B first on odd rounds, so neither always runs right after the other)."""
+def _wall_time(fn, calls: int) -> float:
+    """The mean wall-clock time of `calls` calls of `fn`."""
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls
+
+
+def interleaved(fa, fb, rounds: int, calls: int, timer=_wall_time) -> tuple[float, float]:
+    """Median over `rounds` of the mean time of `calls` calls (`timer(fn, calls)`), A and B
+    alternating round by round (B first on odd rounds, so neither always runs right after the other)."""
     ta, tb = [], []
     for r in range(rounds):
         order = [(fa, ta), (fb, tb)] if r % 2 == 0 else [(fb, tb), (fa, ta)]
         for fn, out in order:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            out.append((time.perf_counter() - t0) / calls)
+            out.append(timer(fn, calls))
     return statistics.median(ta), statistics.median(tb)
 
 

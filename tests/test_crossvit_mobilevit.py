@@ -41,7 +41,6 @@ def test_reference_counts_of_the_zoo_table():
 
 @pytest.mark.parametrize("name", ["mobilevit_xxs", "crossvit_tiny"])
 def test_logits_match_timm_after_port(name):
-    torch.set_num_threads(1)
     ref_name, res = MODELS[name]
     torch.manual_seed(0)
     ref = timm.create_model(ref_name, pretrained=False).eval()
@@ -152,7 +151,6 @@ model m {
 
 
 def test_parallel_tokens_concatenates_along_tokens(tmp_path):
-    torch.set_num_threads(1)
     path = write(tmp_path, TOKENS_MODEL)
     y = composer.load(path).saved["joined"][0]
     assert (y.extra, y.spatial, y.channels, y.layout) == (1, (4, 4), 16, "tokens")  # class token + 4x4 grid

@@ -11,16 +11,14 @@ the official smt_t count (shared/MODELS.md row 24) adjusted by hand below.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 import composer
 from composer import cli
-from helpers import n_params
+from helpers import REPO, n_params
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = REPO / "examples"
 
 
 def _timm_1d(name: str, dw_kernel: int) -> int:
@@ -62,7 +60,6 @@ CASES = [
 
 @pytest.mark.parametrize("file,name,expected", CASES, ids=[c[1] for c in CASES])
 def test_ecg_example(file, name, expected, capsys):
-    torch.set_num_threads(1)
     target = f"{EXAMPLES / file}:{name}"
     want = expected()
 

@@ -50,7 +50,6 @@ def _randomise(model):
 @pytest.mark.parametrize("target,ref", [(f"{MAXVIT}:maxvit_t", "maxvit_tiny_tf_224"),
                                         (f"{GCVIT}:gcvit_xxt", "gcvit_xxtiny")])
 def test_logits_match_timm_after_port(target, ref):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     reference = timm.create_model(ref).eval()
     _randomise(reference)
@@ -73,7 +72,6 @@ def test_maxvit_features_match_timm():
 
 @pytest.mark.parametrize("size,stride,kernel", [(224, 2, 3), (7, 2, 3), (9, 2, 3), (10, 3, 5), (8, 1, 4)])
 def test_conv_same_padding_matches_tf_same(size, stride, kernel, tmp_path):
-    torch.set_num_threads(1)
     from timm.layers import create_conv2d
 
     ref = create_conv2d(4, 6, kernel, stride=stride, padding="same", bias=True)
@@ -113,7 +111,6 @@ def test_relative_bias_map_reads_key_minus_query_offsets(tmp_path):
 
 
 def test_tile_and_input_query(tmp_path):
-    torch.set_num_threads(1)
     path = tmp_path / "gq.arch"
     path.write_text(
         "model gq {\n input image(8, 4)\n stem { pool(2); save query; from input }\n"

@@ -22,7 +22,6 @@ def _build(name, x, **kw):
 
 
 def test_indexed_linear_plain_is_one_linear_per_index():
-    torch.set_num_threads(1)
     x = Shape(3, (5, 4))                                      # (C, L, N); index along N (axis 1)
     op, y, m = _build("indexed_linear", x, out=2, axis=1, count=2)
     assert y == Shape(4, (5, 4))
@@ -35,7 +34,6 @@ def test_indexed_linear_plain_is_one_linear_per_index():
 
 
 def test_indexed_linear_generated_matches_the_factorised_hyper_network():
-    torch.set_num_threads(1)
     c, o, n, mem, r = 4, 4, 7, 16, 10
     x = Shape(c, (9, n))
     op, y, m = _build("indexed_linear", x, out=o, axis=1, count=2, memory=mem)
@@ -74,7 +72,6 @@ def test_indexed_linear_errors():
 
 @pytest.mark.parametrize("layout", ["map", "tokens"])
 def test_member_attention_is_softmax_over_the_members(layout):
-    torch.set_num_threads(1)
     mem, c, h = 3, 4, 2
     x = Shape(3 * mem * c, (5,), layout)
     op, y, m = _build("member_attention", x, heads=h, members=mem)

@@ -935,7 +935,6 @@ def _params():
 
 @pytest.mark.parametrize("case, dims", _params())
 def test_primitive(case: Case, dims: int, tmp_path):
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     path = write(tmp_path, case.source(dims))
     model = composer.build(path).eval()

@@ -102,7 +102,6 @@ def test_errors_carry_hints():
 
 
 def test_in_a_blueprint_moves_signal_channels_and_back(tmp_path):
-    torch.set_num_threads(1)
     path = write(tmp_path, (
         "model m {\n"
         "    input signal(7, 12)\n"

@@ -51,7 +51,6 @@ def test_reuse_counts_weights_once_and_macs_twice(tmp_path):
 
 
 def test_reuse_forward_is_the_same_modules_wired_by_hand(tmp_path):
-    torch.set_num_threads(1)
     model = _model(tmp_path).eval()
     x = torch.randn(2, 3, 16, 16)
     stem, s0 = model.stem, model.stages[0]
@@ -156,7 +155,6 @@ model m(num_classes = 10) {
 
 
 def test_tied_learned_bias_is_one_table_per_key(tmp_path):
-    torch.set_num_threads(1)
     untied = composer.load(_write(tmp_path, TIED.replace(", tie = tie", ""), "u.arch") + ":m").params
     model = _model(tmp_path, TIED)
     table = 2 * 16 * 16  # heads x queries x keys on the 4 x 4 grid

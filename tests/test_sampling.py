@@ -23,7 +23,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from composer.ops import OPS
 from composer.shapes import Shape, ShapeError
 
-torch.set_num_threads(1)
 BATCH = 2
 
 

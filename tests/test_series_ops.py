@@ -27,7 +27,6 @@ def _edge_average(s, k):
 
 
 def test_series_decomposition_single_kernel_is_the_edge_padded_average():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 9)
     for k in (1, 2, 4, 5):
@@ -40,7 +39,6 @@ def test_series_decomposition_single_kernel_is_the_edge_padded_average():
 
 
 def test_series_decomposition_mixes_kernels_by_a_softmax_of_each_value():
-    torch.set_num_threads(1)
     torch.manual_seed(1)
     x = torch.randn(2, 2, 5, 10)                                      # axis 1: the 10-step axis
     op, m = _module("series_decomposition", Shape(2, (5, 10)), kernels=[4, 8, 12], axis=1)
@@ -79,7 +77,6 @@ def _season(s, k, low=1):
 
 @pytest.mark.parametrize("t", [16, 15])
 def test_fourier_season_keeps_the_k_strongest_frequencies(t):
-    torch.set_num_threads(1)
     torch.manual_seed(2)
     x = torch.randn(2, 3, 4, t, dtype=torch.float64).float()
     _, m = _module("fourier_season", Shape(3, (4, t)), k=3, axis=1)
@@ -106,7 +103,6 @@ def test_fourier_season_rejects_too_many_frequencies():
 
 
 def test_moments_and_destandardize_undo_instancenorm():
-    torch.set_num_threads(1)
     torch.manual_seed(3)
     x = 4 * torch.randn(2, 5, 12) + 3                                  # (B, N variables, T steps)
     mean = x.sum(-1, keepdim=True) / 12
@@ -126,7 +122,6 @@ def test_moments_and_destandardize_undo_instancenorm():
 
 def test_revin_in_a_blueprint(tmp_path):
     """A forecaster wrapped in RevIN: its output is back at each variable's level and scale."""
-    torch.set_num_threads(1)
     (tmp_path / "revin.arch").write_text('''
 model revin_toy(nodes = 3, seq = 16, pred = 4) {
     input signal(nodes, seq)

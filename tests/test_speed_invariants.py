@@ -12,7 +12,6 @@ must not merge (per-block values, drop-path rates, 1 and 1.0).
 from __future__ import annotations
 
 import gc
-from pathlib import Path
 
 import pytest
 
@@ -21,8 +20,8 @@ import composer.graph as G
 import composer.parse as P
 import composer.resolve as R
 from composer.diagnostics import ComposerError
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 FILES = sorted((REPO / "blueprints").rglob("*.arch")) + sorted((REPO / "examples").rglob("*.arch"))
 
 

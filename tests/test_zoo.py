@@ -50,7 +50,6 @@ def _small_size(name):
 
 @pytest.mark.parametrize("name", sorted(ZOO))
 def test_builds_and_runs_forward(name):
-    torch.set_num_threads(1)
     size = _small_size(name)
     kwargs = {"img_size": size} if size else {}
     model = composer.build(name, num_classes=5, **kwargs).eval()

@@ -54,7 +54,6 @@ def test_conformer_params(name, d, layers):
 
 
 def test_conformer_builds_and_runs():
-    torch.set_num_threads(1)
     model = composer.build("conformer_speech_s", img_size=200).eval()
     assert n_params(model) == 8_687_808
     keys = set(model.state_dict())
@@ -149,7 +148,6 @@ def _official_expert(e, x, patch):
 
 
 def test_pathformer_expert_matches_the_reference_forward():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = composer.build("pathformer_etth1").eval()
     block = model.stages[0].blocks[0]
@@ -197,7 +195,6 @@ def _official_gate_logits(router, x):
 
 
 def test_pathformer_router_trend_and_season_match_the_reference():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = composer.build("pathformer_etth1").eval()
     router = model.stages[0].blocks[0].router
@@ -230,7 +227,6 @@ def _official_forward(model, x):
 
 
 def test_pathformer_forward_matches_the_reference():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     model = composer.build("pathformer_etth1").eval()
     with torch.no_grad():  # sharper gates, more distinct experts: the routing (trend, season) shows in the forecast
@@ -247,7 +243,6 @@ def test_pathformer_forward_matches_the_reference():
 
 
 def test_pathformer_builds_routes_and_runs():
-    torch.set_num_threads(1)
     model = composer.build("pathformer_etth1")
     assert n_params(model) == 438_482
     keys = set(model.state_dict())

@@ -43,7 +43,6 @@ FAMILIES = ["biformer", "dilateformer", "agent_pvt", "agent_swin", "transnext"]
 
 @pytest.mark.parametrize("name,figure,tol,official,ours,why", ROWS, ids=[r[0] for r in ROWS])
 def test_built_param_count(name, figure, tol, official, ours, why):
-    torch.set_num_threads(1)
     if figure is not None:
         assert abs(official - figure) <= tol  # the exact official count agrees with MODELS.md
     model = composer.build(name)
@@ -82,7 +81,6 @@ def _small_kwargs(name):
 
 @pytest.mark.parametrize("name", _family_models())
 def test_forward(name):
-    torch.set_num_threads(1)
     model = composer.build(name, num_classes=7, **_small_kwargs(name)).eval()
     plan = model.plan
     assert n_params(model) == plan.params

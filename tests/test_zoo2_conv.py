@@ -86,7 +86,6 @@ def test_fat_fasa_is_the_official_forward():
     local = silu(dwconv(q)); out = mixer(local * sigmoid(global) * global)."""
     import torch.nn.functional as F
 
-    torch.set_num_threads(1)
     model = composer.build("fat_b0", num_classes=5, img_size=64).eval()
     m = model.stages[1].blocks[0].attn  # 80 channels, 5 heads of 16, an 8x8 map, window 4
     gen = _fill(m, 0)
@@ -113,7 +112,6 @@ def test_edgevit_sparse_attention_is_the_official_forward():
     projection, depthwise ConvTranspose2d(k = s = sr) back to the full map, LN, then `proj`."""
     import torch.nn.functional as F
 
-    torch.set_num_threads(1)
     model = composer.build("edgevit_xxs", num_classes=5, img_size=64).eval()
     m = model.stages[0].blocks[0].mixer  # 36 channels, 1 head, a 16x16 map, sr 4
     gen = _fill(m, 1)
@@ -158,7 +156,6 @@ FUSED = [("repnext_m0", 2_333_000), ("unireplknet_a", 4_437_000)]
 
 @pytest.mark.parametrize("name, expected", FUSED, ids=[r[0] for r in FUSED])
 def test_fused_count_and_output(name, expected):
-    torch.set_num_threads(1)
     model = composer.build(name, img_size=64, num_classes=1000)
     _randomize(model)
     model.eval()
@@ -229,7 +226,6 @@ mixer m(dim) {
 
 @pytest.mark.parametrize("case", sorted(FUSE_CASES))
 def test_fuse_rules_are_exact(tmp_path, case):
-    torch.set_num_threads(1)
     text = FUSE_CASES[case] + """
 model t {
     input image(4, [11, 12])
@@ -300,7 +296,6 @@ def test_every_model_runs(name):
 
 @pytest.mark.parametrize("name", [ms[0] for ms in FAMILIES.values()])
 def test_smallest_runs_for_real(name):
-    torch.set_num_threads(1)
     model = composer.build(name, num_classes=5, img_size=64).eval()
     with torch.no_grad():
         y = model(torch.randn(2, 3, 64, 64))

@@ -29,7 +29,6 @@ def n_params(model) -> int:
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
 
 
@@ -250,7 +249,7 @@ def test_early_exit():
 # ----------------------------------------------------------------------------- multilevel_attention
 
 def test_multilevel_attention_without_extra_levels_is_swin_window_attention():
-    timm = pytest.importorskip("timm")
+    pytest.importorskip("timm")
     from timm.models.swin_transformer import WindowAttention
 
     dim, heads, w, grid = 32, 4, 4, (8, 8)

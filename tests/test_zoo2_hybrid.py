@@ -20,11 +20,6 @@ import composer
 from helpers import n_params
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 # row: (target, MODELS.md params, why it differs or None)
 ROWS = {
     36: ("emo_1m", 1_361_000, None),

@@ -11,8 +11,6 @@ import torch
 
 import composer
 
-torch.set_num_threads(1)
-
 # (target, official count from MODELS.md, resolution of the count, small resolution for the forward)
 CASES = [
     ("blueprints/t2t_vit.arch:t2t_vit_7", 4_310_222, 224, 64),   # row 22 (Performer T2T layers: exact)

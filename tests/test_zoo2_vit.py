@@ -115,7 +115,6 @@ def test_shunted_attention_is_the_official_forward():
     concatenation. Our fused linears are split: q1 | q2 = q, k_i | v_i = kv_i."""
     import torch.nn.functional as F
 
-    torch.set_num_threads(1)
     model = composer.build("shunted_t", num_classes=3, img_size=64)
     mixer = model.stages[2].blocks[0].token_mixer  # C = 256, 8 heads of 32, a 4x4 map, sr = 2
     gen = torch.Generator().manual_seed(0)
