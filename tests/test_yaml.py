@@ -169,13 +169,13 @@ def test_spans_point_into_the_yaml():
     file = parse_file(DATA / "swin.yaml")
     swin_t = file.models[0]
     stage = next(s for s in swin_t.body if type(s).__name__ == "Stage")
-    assert (stage.start.span.line, stage.start.span.column) == (15, 16)  # `range: 0..4`
+    assert (stage.start.span.line, stage.start.span.column) == (12, 16)  # `range: 0..4`
     repeat = next(s for s in stage.items if type(s).__name__ == "Repeat")
-    assert (repeat.count.span.line, repeat.count.span.column) == (23, 21)  # `repeat: depths[i]`
-    # inside a folded (>-) scalar: `partition = ...` starts line 21 after 16 spaces
+    assert (repeat.count.span.line, repeat.count.span.column) == (21, 21)  # `repeat: depths[i]`
+    # inside a folded (>-) scalar: `partition = ...` starts line 19 after 16 spaces
     mixer = next(s for s in stage.items if getattr(s, "name", None) == "mixer")
     partition = mixer.value.kwargs[1]
-    assert partition[0] == "partition" and (partition[2].line, partition[2].column) == (21, 17)
+    assert partition[0] == "partition" and (partition[2].line, partition[2].column) == (19, 17)
     assert all(s.span.file == str(DATA / "swin.yaml") for s in swin_t.body)
 
 
