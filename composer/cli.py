@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import traceback
 from pathlib import Path
 
@@ -103,16 +101,10 @@ def _save(model, path: Path) -> None:
     """Write the state dict as safetensors atomically: a temporary file, then a rename."""
     from safetensors.torch import save_file
 
+    from .files import write_atomic
+
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True) if not path.parent.exists() else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, writer=lambda tmp: save_file(state, tmp))
 
 
 def cmd_port(args) -> int:
@@ -173,19 +165,28 @@ def cmd_list(args) -> int:
     return EXIT_OK
 
 
-def _consumer(module: str):
-    """The command of a consumer module (diff, render, format, convert): its `main(args)`, imported
-    only when the command runs."""
+def cmd_diff(args) -> int:
+    from .diff import main
 
-    def run(args) -> int:
-        from importlib import import_module
-
-        return import_module(f".{module}", __package__).main(args)
-
-    return run
+    return main(args)
 
 
-cmd_diff, cmd_graph, cmd_fmt, cmd_convert = (_consumer(m) for m in ("diff", "render", "format", "convert"))
+def cmd_graph(args) -> int:
+    from .render import main
+
+    return main(args)
+
+
+def cmd_fmt(args) -> int:
+    from .format import main
+
+    return main(args)
+
+
+def cmd_convert(args) -> int:
+    from .convert import main
+
+    return main(args)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,8 @@ from pathlib import Path
 
 from . import ast
 from .diagnostics import error
-from .format import END, Comment, Layout, Printer, _end, _start, render, write_atomic
+from .files import write_atomic
+from .format import END, Comment, Layout, Printer, _end, _start, render
 
 WIDTH = 100
 

@@ -38,15 +38,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import difflib
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import ast
 from .diagnostics import error
+from .files import write_atomic
 
 WIDTH = 100
 INDENT = 4
@@ -740,25 +739,6 @@ def arch_files(paths) -> list[Path]:
         else:
             raise error("io", f"no such file or directory: {p}")
     return list(dict.fromkeys(out))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=str(path.parent or "."))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        try:
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
-        except OSError:
-            pass
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def main(args) -> int:

@@ -12,11 +12,10 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from .diagnostics import error
+from .files import write_atomic
 
 FORMATS = (".svg", ".dot", ".mmd", ".html")
 
@@ -37,20 +36,6 @@ def render(plan, fmt: str, expand: bool = False) -> str:
         return to_mermaid(d)
     svg = to_svg(d)
     return to_html(d, plan, svg) if fmt == ".html" else svg
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(args) -> int:

@@ -4,8 +4,6 @@ symbolic is left in the result."""
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ from .ops import OPS, Op
 from .parse import parse_file
 from .shapes import ShapeError
 from .source import Span
+from .speed import gc_paused
 
 SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss")
 MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
@@ -116,6 +115,7 @@ class Model:
     outputs: list | None = None  # names of saved tensors that features_only returns
     features: str = "stages"  # feature points of features_only: every stage's output, or every block's
     loss: Op | None = None  # the training objective the blueprint names (`loss = focal(...)`), a kind="loss" op
+    chain: list = field(default_factory=list)  # the model's name, then its base's, up to the root of the chain
 
 
 # ---- loading files and imports --------------------------------------------------
@@ -132,43 +132,6 @@ class Unit:
 
 
 _CACHE: dict[str, Unit] = {}
-
-
-@contextlib.contextmanager
-def gc_paused():
-    """Pause Python's cyclic garbage collector while a model is parsed, resolved or planned.
-
-    These steps allocate many small objects that reference counting frees (or that live on in the
-    caches); collections in between find next to nothing to free but walk every live object: they
-    took about a third of the time of checking the whole zoo. Nested uses and a collector the
-    caller disabled are left alone; reference cycles made meanwhile are collected after, by a later
-    full collection (see `_promote_young`)."""
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        if PROMOTE_YOUNG:
-            _promote_young()
-        gc.enable()
-
-
-PROMOTE_YOUNG = True  # False: the first allocation after a pause collects everything it left (slower, same results)
-
-
-def _promote_young() -> None:
-    """Move every object the collector tracks into its oldest generation, without walking them.
-
-    Re-enabled as is, the collector would run a young collection at the next allocation that walks
-    everything the pause left alive (the parsed files, resolved instances and plans the caches keep):
-    0.1 to 0.2 s over the zoo, with nothing to free. `freeze` then `unfreeze` moves all of it to
-    the oldest generation instead (and resets the young count); a later full collection still frees
-    any cycle among it. Skipped when the program froze objects itself: unfreezing would undo that."""
-    if gc.get_freeze_count() == 0:
-        gc.freeze()
-        gc.unfreeze()
 
 
 def load(path: str | Path, _stack: tuple = ()) -> Unit:
@@ -352,7 +315,7 @@ class _Resolver:
         return Model(
             self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
             overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
-            features, loss,
+            features, loss, [m.name for m in reversed(self.chain)],
         )
 
     def _loss(self, expr, scope) -> Op:

@@ -156,18 +156,6 @@ def test_unknown_suffix_and_no_partial_file(tmp_path, capsys):
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["keep.svg"]
 
 
-def test_atomic_write_failure(tmp_path, monkeypatch):
-    from composer import render
-
-    def boom(*a):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(render.os, "replace", boom)
-    with pytest.raises(OSError):
-        render.write_atomic(tmp_path / "m.svg", "<svg/>")
-    assert os.listdir(tmp_path) == []
-
-
 def test_overrides_reach_the_diagram(tmp_path):
     out = tmp_path / "s.svg"
     assert main(["graph", "swin_t", "-o", str(out), "--set", "depths=[2, 2, 2, 2]", "--num-classes", "10"]) == 0
