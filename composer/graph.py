@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from .diagnostics import ComposerError, Diagnostic
 from .ops import OPS
 from .diagnostics import did_you_mean, error
-from .resolve import Model, Stage, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, SubSeq
+from .resolved import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import Shape, ShapeError
 from .source import Span
 from .speed import gc_paused
