@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 
@@ -17,6 +20,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def update_goldens(request: pytest.FixtureRequest) -> bool:
     return bool(request.config.getoption("--update-goldens"))
+
+
+def check_golden(expected: Path, actual: str, update: bool) -> None:
+    """The golden-file harness: rewrite `expected` with `actual` when `update`, else compare them exactly.
+    It lives here, not in helpers.py, so that pytest rewrites its asserts (a failure shows the diff)."""
+    if update:
+        expected.write_text(actual, encoding="utf-8")
+        return
+    assert expected.is_file(), f"missing {expected.name}; run pytest with --update-goldens"
+    assert actual == expected.read_text(encoding="utf-8")
+
+
+@pytest.fixture
+def golden(update_goldens: bool) -> Callable[[Path, str], None]:
+    """`golden(expected_path, actual_text)`: compare with the golden file, or rewrite it under --update-goldens."""
+    return lambda expected, actual: check_golden(expected, actual, update_goldens)
 
 
 @pytest.fixture(autouse=True)

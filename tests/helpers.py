@@ -35,3 +35,18 @@ def perturb(model) -> None:
                 b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
             elif name.endswith("running_mean"):
                 b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+
+
+def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
+    """SDPA with explicit matmuls (the flop counter counts 0 for the fused CPU kernel): a drop-in for
+    `F.scaled_dot_product_attention` under `monkeypatch.setattr`."""
+    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        s = s + attn_mask
+    return s.softmax(-1) @ v
+
+
+def split_heads(t, heads):
+    """(B, N, C) -> (B, heads, N, C / heads), heads as contiguous channel groups."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)

@@ -18,6 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from composer.ops.attention import LePE, Attention, ConvProj, Grid, Reduce, RelativeBias, Window
 from composer.ops.norm import LayerNorm
 from composer.shapes import Shape, ShapeError
+from helpers import explicit_sdpa
 
 torch.set_num_threads(1)
 TOL = 1e-5
@@ -337,14 +338,6 @@ def configs(draw):
                    qkv_bias=draw(st.booleans()), proj_bias=draw(st.booleans()),
                    out=draw(st.sampled_from([None, 6])))
     return op, Shape(c, grid, "tokens", extra)
-
-
-def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
-    """SDPA with explicit matmuls (the flop counter counts 0 for the fused CPU kernel)."""
-    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if attn_mask is not None:
-        s = s + attn_mask
-    return s.softmax(-1) @ v
 
 
 def run_explicit(op, x, batch):

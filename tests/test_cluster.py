@@ -18,16 +18,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from composer.ops import OPS
 from composer.shapes import Shape, ShapeError
+from helpers import explicit_sdpa
 
 torch.set_num_threads(1)
 BATCH = 2
-
-
-def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
-    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if attn_mask is not None:
-        s = s + attn_mask
-    return s.softmax(-1) @ v
 
 
 @st.composite

@@ -57,16 +57,11 @@ def test_enough_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_golden(case: Path, capsys, monkeypatch, update_goldens):
+def test_golden(case: Path, capsys, monkeypatch, golden):
     rel = case.relative_to(ROOT).as_posix()
     status, err = run_cli([_command(case), rel], capsys, monkeypatch)
     _check_user_error(status, err)
-    expected = case.with_suffix(".expected")
-    if update_goldens:
-        expected.write_text(err, encoding="utf-8")
-        return
-    assert expected.is_file(), f"missing {expected.name}; run pytest with --update-goldens"
-    assert err == expected.read_text(encoding="utf-8")
+    golden(case.with_suffix(".expected"), err)
 
 
 def test_every_expected_has_a_case():

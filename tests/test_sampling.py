@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from composer.ops import OPS
 from composer.shapes import Shape, ShapeError
+from helpers import explicit_sdpa
 
 BATCH = 2
 
@@ -46,13 +47,6 @@ def run(op, x: Shape):
         with FlopCounterMode(display=False) as counter:
             out = module(torch.randn(concrete(x)))
     return y, module, out, counter.get_total_flops() / 2 / BATCH
-
-
-def explicit_sdpa(q, k, v, attn_mask=None, scale=None, **_):
-    s = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if attn_mask is not None:
-        s = s + attn_mask
-    return s.softmax(-1) @ v
 
 
 def check_rules(op, x):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import composer
-from helpers import n_params, write
+from helpers import n_params, split_heads, write
 
 FAMILIES = {
     "shufflenet_v1": ["shufflenet_v1_g3_x0_5", "shufflenet_v1_g3_x1_0", "shufflenet_v1_g3_x1_5",
@@ -66,12 +66,6 @@ def test_param_count_matches_official_code(name, expected, tol):
     assert abs(_count(name) - expected) <= tol
 
 
-def _heads(t, heads):
-    """(B, N, C) -> (B, heads, N, C / heads), heads as contiguous channel groups."""
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
-
-
 def _fill(module, seed):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -99,8 +93,8 @@ def test_fat_fasa_is_the_official_forward():
             pooled = layer(pooled)
         k, v = m.k(pooled).flatten(2).transpose(1, 2), m.v(pooled).flatten(2).transpose(1, 2)
         q = q_local.flatten(2).transpose(1, 2)
-        attn = (_heads(q, heads) @ _heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
-        glob = (attn @ _heads(v, heads)).transpose(1, 2).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
+        attn = (split_heads(q, heads) @ split_heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
+        glob = (attn @ split_heads(v, heads)).transpose(1, 2).reshape(b, h * w, c).transpose(1, 2).reshape(b, c, h, w)
         local = F.silu(m.local_mixer(q_local))
         want = m.mixer(local * torch.sigmoid(glob) * glob)
         got = m(x)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import composer
-from helpers import n_params
+from helpers import n_params, split_heads
 
 
 # row: (target, MODELS.md params)
@@ -108,12 +108,6 @@ def test_ceit_layer_tokens():
     assert layer and layer[0][-2:] == (12, 192)
 
 
-def _heads(t, heads):
-    """(B, N, C) -> (B, heads, N, C / heads), heads as contiguous channel groups."""
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
-
-
 def test_emo_ew_mhsa_is_the_official_forward():
     """EW-MHSA by hand (the official attn_pre form): windows `b c (h1 n1) (w1 n2) -> (b n1 n2) c h1 w1`,
     q and k from one C -> 2C 1x1 conv (here `q`, `k`), values = the input, no output projection."""
@@ -131,8 +125,8 @@ def test_emo_ew_mhsa_is_the_official_forward():
     q = xw @ mixer.q.weight.T + mixer.q.bias
     k = xw @ mixer.k.weight.T + mixer.k.bias
     d = c // heads
-    attn = (_heads(q, heads) @ _heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
-    y = (attn @ _heads(xw, heads)).transpose(1, 2).reshape(b, n1, n2, win, win, c)
+    attn = (split_heads(q, heads) @ split_heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
+    y = (attn @ split_heads(xw, heads)).transpose(1, 2).reshape(b, n1, n2, win, win, c)
     want = y.permute(0, 5, 3, 1, 4, 2).reshape(b, c, h, w)
     with torch.no_grad():
         got = mixer(x)
@@ -155,8 +149,8 @@ def test_cloformer_global_branch_is_the_official_forward():
     q = tokens @ low.attn.q.weight.T + low.attn.q.bias
     kv = pooled @ low.attn.kv.weight.T + low.attn.kv.bias
     k, v = kv[..., :heads * d], kv[..., heads * d:]
-    attn = (_heads(q, heads) @ _heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
-    want = (attn @ _heads(v, heads)).transpose(1, 2).reshape(2, 64, heads * d)
+    attn = (split_heads(q, heads) @ split_heads(k, heads).transpose(-1, -2) * d ** -0.5).softmax(-1)
+    want = (attn @ split_heads(v, heads)).transpose(1, 2).reshape(2, 64, heads * d)
     with torch.no_grad():
         got = low.attn(tokens)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import composer
-from helpers import n_params
+from helpers import n_params, split_heads
 
 # (model, img_size, the official code's count): every row is exact
 ROWS = [
@@ -91,12 +91,6 @@ def test_runs_forward(name):
     assert y.shape == (1, 3) and torch.isfinite(y).all()
 
 
-def _heads(t, heads):
-    """(B, N, C) -> (B, heads, N, C / heads), heads as contiguous channel groups."""
-    b, n, c = t.shape
-    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
-
-
 def test_shunted_attention_is_the_official_forward():
     """Shunted self-attention (sr = 2) by hand, as the official SSA.py: q = Linear(C, C); coarse keys and
     values from GELU(LN(Conv k2 s2)), fine ones from GELU(LN(Conv 1x1)); kv_i = Linear(C, C) (keys the
@@ -130,9 +124,9 @@ def test_shunted_attention_is_the_official_forward():
                                                    (x2, m.k2, m.v2, m.local_conv2, h)]):
         k, v = lin(xr, k_l), lin(xr, v_l)
         v = v + conv(v.transpose(1, 2).reshape(b, c // 2, side, side)).flatten(2).transpose(1, 2)
-        qi = _heads(q, heads)[:, i * heads // 2:(i + 1) * heads // 2]
-        attn = (qi @ _heads(k, heads // 2).transpose(-1, -2) * d ** -0.5).softmax(-1)
-        outs.append((attn @ _heads(v, heads // 2)).transpose(1, 2).reshape(b, h * w, c // 2))
+        qi = split_heads(q, heads)[:, i * heads // 2:(i + 1) * heads // 2]
+        attn = (qi @ split_heads(k, heads // 2).transpose(-1, -2) * d ** -0.5).softmax(-1)
+        outs.append((attn @ split_heads(v, heads // 2)).transpose(1, 2).reshape(b, h * w, c // 2))
     want = lin(torch.cat(outs, -1), m.proj)  # (B, N, C) tokens
     with torch.no_grad():
         got = mixer(x)
