@@ -13,7 +13,7 @@ from composer.diagnostics import ComposerError
 from composer.format import format_text, print_expr, scan_comments, shape
 from composer.parse import parse_text
 from composer.resolve import load as load_unit
-from composer.yaml_front import parse_yaml
+from composer.yaml_read import parse_yaml
 from helpers import REPO
 from test_format import exprs, outcome
 

@@ -20,8 +20,9 @@ from pydantic_core import PydanticCustomError
 from typing_extensions import TypeAliasType
 
 from . import ast
+from .comments import comment_block
 from .diagnostics import ComposerError, did_you_mean, error
-from .parse import _comment_block, parse_expr
+from .parse import parse_expr
 from .source import Span, register
 
 # ---- the schema ------------------------------------------------------------------
@@ -489,7 +490,7 @@ class _Front:
             elif key in ("blocks", "mixers"):
                 for cname, cnode, c in self.pairs(v):
                     cdoc = self.get(c, "doc")
-                    cdoc = cdoc.value if cdoc is not None else _comment_block(lines, cnode.start_mark.line + 1)
+                    cdoc = cdoc.value if cdoc is not None else comment_block(lines, cnode.start_mark.line + 1)
                     file.composites.append(ast.CompositeDef(
                         key[:-1], cname, self._params(c), self.stmts(self.get(c, "body")), self.span(c, cnode),
                         self.name, cdoc))
