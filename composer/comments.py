@@ -1,6 +1,7 @@
 """The comments and layout of blueprint source text, for the printers that keep them: where each
 `#` comment is (`scan_comments`), which statement it belongs to (`Layout.attach`), where the
-brackets and blank lines are, and a definition's doc comment (`comment_block`)."""
+brackets and blank lines are, and a definition's doc comment (`comment_block`); and the
+comments of YAML text (`yaml_comments`), for `composer convert`."""
 
 from __future__ import annotations
 
@@ -157,3 +158,41 @@ def comment_block(lines: list[str], line_no: int) -> str:
         out.append(lines[i].lstrip()[1:].strip())
         i -= 1
     return "\n".join(reversed(out))
+
+
+def yaml_comments(text: str) -> list[Comment]:
+    """The `#` comments of YAML text, by position; inside a `|`/`>` block (an expression) the
+    comments of the expression, outside strings."""
+    import yaml
+
+    mask = bytearray(len(text))  # 1: inside a plain or quoted scalar, 2: inside a block scalar
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        root = None
+    todo = [root] if root is not None else []
+    while todo:
+        node = todo.pop()
+        if isinstance(node, yaml.ScalarNode):
+            kind = 2 if node.style in ("|", ">") else 1
+            for i in range(node.start_mark.index, min(node.end_mark.index, len(text))):
+                mask[i] = kind
+        elif isinstance(node, yaml.SequenceNode):
+            todo += node.value
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                todo += [k, v]
+    out, at = [], 0
+    for n, line in enumerate(text.split("\n"), 1):
+        in_str = False
+        for i, ch in enumerate(line):
+            m = mask[at + i] if at + i < len(mask) else 0
+            if m == 1:
+                continue
+            if m == 2 and ch == '"':
+                in_str = not in_str
+            elif ch == "#" and (m == 2 and not in_str or m == 0 and (i == 0 or line[i - 1] in " \t")):
+                out.append(Comment(n, i + 1, line[i:].rstrip(), not line[:i].strip()))
+                break
+        at += len(line) + 1
+    return out

@@ -28,6 +28,9 @@ Not representable in YAML at all (a located error, exit 2): positional arguments
 or `parallel`, keyword arguments other than residual `shortcut`/`when` and parallel `split`, a
 model-level `let`, setting or section given twice, `reference`/`paper` that are not strings.
 No torch here.
+
+Over 500 lines: both directions and the round-trip check that guards them stay together (the
+YAML writer is composer/yaml_write.py, the reader composer/yaml_read.py).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import contextlib
 from pathlib import Path
 
 from . import ast
-from .comments import END, Comment, Layout, end_of, start_of
+from .comments import END, Comment, Layout, end_of, start_of, yaml_comments
 from .diagnostics import error
 from .format import Printer
 from .pretty import render
@@ -212,7 +215,8 @@ class _ToYaml(ast.NodeVisitor):
             spec += [Entry("for", ystr(st.loop_var)), Entry("range", ystr(rng))]
         region, _ = self.P.region(st, start_of(st.items[0]) if st.items else None)
         stage_item = _StageItem(self)
-        items = [(start_of(i), end_of(i), i.span.line, (lambda i=i: [Entry(None, stage_item.visit(i))])) for i in st.items]
+        items = [(start_of(i), end_of(i), i.span.line, (lambda i=i: [Entry(None, stage_item.visit(i))]))
+                 for i in st.items]
         after_open, entries, dangling = self.entries(items, region)
         spec.append(Entry("body", Y("seq", entries, dangling), trail=after_open))
         return Entry(None, Y("map", spec))
@@ -403,44 +407,6 @@ def arch_to_yaml(text: str, name: str = "<string>") -> str:
 
 
 # ---- YAML -> .arch ---------------------------------------------------------------------------------
-
-def yaml_comments(text: str) -> list[Comment]:
-    """The `#` comments of YAML text, by position; inside a `|`/`>` block (an expression) the
-    comments of the expression, outside strings."""
-    import yaml
-
-    mask = bytearray(len(text))  # 1: inside a plain or quoted scalar, 2: inside a block scalar
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        root = None
-    todo = [root] if root is not None else []
-    while todo:
-        node = todo.pop()
-        if isinstance(node, yaml.ScalarNode):
-            kind = 2 if node.style in ("|", ">") else 1
-            for i in range(node.start_mark.index, min(node.end_mark.index, len(text))):
-                mask[i] = kind
-        elif isinstance(node, yaml.SequenceNode):
-            todo += node.value
-        elif isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                todo += [k, v]
-    out, at = [], 0
-    for n, line in enumerate(text.split("\n"), 1):
-        in_str = False
-        for i, ch in enumerate(line):
-            m = mask[at + i] if at + i < len(mask) else 0
-            if m == 1:
-                continue
-            if m == 2 and ch == '"':
-                in_str = not in_str
-            elif ch == "#" and (m == 2 and not in_str or m == 0 and (i == 0 or line[i - 1] in " \t")):
-                out.append(Comment(n, i + 1, line[i:].rstrip(), not line[:i].strip()))
-                break
-        at += len(line) + 1
-    return out
-
 
 def yaml_to_arch(text: str, name: str = "<string>") -> str:
     """Canonical .arch text for the YAML blueprint `text`, its comments put back by position."""

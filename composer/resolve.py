@@ -1,6 +1,10 @@
 """Resolve a parsed model into a concrete architecture: imports, inheritance, lets, stages, repeats,
 per-block cycles and schedules, composites expanded, every op validated (pydantic). Nothing
-symbolic is left in the result."""
+symbolic is left in the result.
+
+Over 500 lines: expansion is one recursive walk (bodies, residuals, parallels, composites, stages)
+whose statement visitors and value helpers read best beside it. Loading files is
+composer/loader.py's, module names composer/naming.py's, the instance cache composer/speed.py's."""
 
 from __future__ import annotations
 

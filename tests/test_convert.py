@@ -8,7 +8,8 @@ from hypothesis import given, settings
 
 from composer import ast
 from composer.cli import main
-from composer.convert import arch_to_yaml, yaml_comments, yaml_to_arch
+from composer.comments import yaml_comments
+from composer.convert import arch_to_yaml, yaml_to_arch
 from composer.diagnostics import ComposerError
 from composer.format import format_text, print_expr, scan_comments, shape
 from composer.parse import parse_text
