@@ -220,9 +220,9 @@ class _Resolver(ast.NodeVisitor):
     def _items(self, body, scope: Scope, ctx: "Ctx", names: "Names", finish: bool = True) -> list:
         out = []
         scope = scope.child()
-        visit = self.visit
+        methods = self._methods  # `self.visit(stmt, ...)` inlined: this loop is the hot path of `check`
         for stmt in body:
-            visit(stmt, scope, ctx, names, out)
+            (methods.get(stmt.__class__) or self._method_for(stmt.__class__))(self, stmt, scope, ctx, names, out)
         if finish:
             names.finish()
         return out
