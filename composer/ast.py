@@ -275,3 +275,36 @@ class File:
     models: list = field(default_factory=list)
     composites: list = field(default_factory=list)
     doc: str = ""
+
+
+# ---- walking statements -------------------------------------------------------
+
+
+class NodeVisitor:
+    """A walker over statement nodes, as jinja2's: `visit(node, *args)` calls
+    `self.visit_<ClassName>(node, *args)`. Adding a statement means a grammar rule, a node class
+    above and one visit method per walker; a walker that lacks one fails here, naming both.
+
+    The method for each node class is looked up once per walker class and kept (`resolve` visits
+    every statement of the zoo on the hot path of `composer check`)."""
+
+    _methods: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls._methods = {}  # node class -> the unbound visit method, filled on first use
+
+    def visit(self, node, *args):
+        method = self._methods.get(node.__class__)
+        if method is None:
+            method = self._method_for(node.__class__)
+        return method(self, node, *args)
+
+    @classmethod
+    def _method_for(cls, node_class: type):
+        method = getattr(cls, "visit_" + node_class.__name__, None)
+        if method is None:
+            raise NotImplementedError(f"{cls.__name__} cannot walk a {node_class.__name__} node: "
+                                      f"it has no visit_{node_class.__name__} method")
+        cls._methods[node_class] = method
+        return method

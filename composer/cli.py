@@ -178,15 +178,40 @@ def cmd_graph(args) -> int:
 
 
 def cmd_fmt(args) -> int:
-    from .format import main
+    """`composer fmt PATH... [--check]`: 0 formatted (or rewritten), 1 would change (--check), 2 error."""
+    import difflib
 
-    return main(args)
+    from .files import write_atomic
+    from .format import format_paths
+
+    files, changed = format_paths(args.paths)
+    if getattr(args, "check", False):
+        for path, text, new in changed:
+            sys.stdout.writelines(difflib.unified_diff(
+                text.splitlines(keepends=True), new.splitlines(keepends=True), f"{path}", f"{path} (formatted)"))
+        if changed:
+            print(f"{len(changed)} of {len(files)} file{'s' * (len(files) != 1)} would be reformatted", file=sys.stderr)
+        return 1 if changed else 0
+    for path, _, new in changed:
+        write_atomic(path, new)
+        print(f"reformatted {path}")
+    return 0
 
 
 def cmd_convert(args) -> int:
-    from .convert import main
+    """`composer convert FILE --to yaml|arch [-o OUT]`: 0 written, 2 error."""
+    from .convert import convert_file
+    from .files import write_atomic
 
-    return main(args)
+    out = convert_file(Path(args.file), args.to)
+    if getattr(args, "output", None):
+        try:
+            write_atomic(Path(args.output), out)
+        except OSError as exc:
+            raise error("io", f"cannot write {args.output}: {exc.strerror or exc}") from None
+    else:
+        sys.stdout.write(out)
+    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
 """`composer convert FILE --to yaml|arch`: a blueprint in the other syntax, comments carried along.
 
-.arch -> YAML writes the form of docs/yaml.md (read by composer/yaml_front.py): `imports`, then
+.arch -> YAML writes the form of docs/yaml.md (read by composer/yaml_read.py): `imports`, then
 `blocks`, `mixers` and `models`; every expression is a YAML string in the expression syntax
 (`patch_embed(dims[0], 4)`), numbers and booleans stay YAML numbers and booleans, and an
 expression too long for its line (or holding comments) is a `|-` block holding the canonical
@@ -28,138 +28,22 @@ Not representable in YAML at all (a located error, exit 2): positional arguments
 or `parallel`, keyword arguments other than residual `shortcut`/`when` and parallel `split`, a
 model-level `let`, setting or section given twice, `reference`/`paper` that are not strings.
 No torch here.
+
+Over 500 lines: both directions and the round-trip check that guards them stay together (the
+YAML writer is composer/yaml_write.py, the reader composer/yaml_read.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ast
+from .comments import END, Comment, Layout, end_of, start_of, yaml_comments
 from .diagnostics import error
-from .files import write_atomic
-from .format import END, Comment, Layout, Printer, _end, _start, render
-
-WIDTH = 100
-
-
-# ---- a small YAML writer with comments ------------------------------------------------------------
-
-@dataclass
-class Y:
-    kind: str  # "scalar" (text), "block" (a document rendered as a |- block), "seq", "map"
-    value: object = None  # scalar text, block doc, or a list of Entry
-    dangling: list = field(default_factory=list)  # comment lines after the last item
-    after_open: list = field(default_factory=list)  # comments on the line that opens it (.arch `{`)
-    block_style: bool = False  # never written as a flow collection
-
-    def depth(self) -> int:
-        if self.kind in ("scalar", "block"):
-            return 0
-        return 1 + max((e.node.depth() for e in self.value), default=0)
-
-    def flow(self) -> str | None:
-        """The flow form (one line), or None when it has comments or multi-line parts."""
-        if self.kind == "scalar":
-            return self.value
-        if self.kind == "block" or self.dangling or self.block_style or self.depth() > 2:
-            return None
-        parts = []
-        for e in self.value:
-            if e.lead or e.trail:
-                return None
-            f = e.node.flow()
-            if f is None:
-                return None
-            parts.append(f if e.key is None else f"{e.key}: {f}")
-        return ("[" if self.kind == "seq" else "{") + ", ".join(parts) + ("]" if self.kind == "seq" else "}")
-
-
-@dataclass
-class Entry:
-    key: str | None  # None: a sequence item
-    node: Y
-    lead: list = field(default_factory=list)  # comment lines above; "" is a blank line
-    trail: list = field(default_factory=list)  # comments at the end of its first line
-
-
-def _plain_ok(s: str, value) -> bool:
-    import yaml
-
-    if not s or s != s.strip() or any(ch in s for ch in ",[]{}#\"'") or ": " in s or s.endswith(":") \
-            or s[0] in "-?:&*!|>%@`":
-        return False
-    try:
-        back = yaml.safe_load(s)
-    except yaml.YAMLError:
-        return False
-    return type(back) is type(value) and back == value
-
-
-def ystr(s: str) -> Y:
-    """A YAML string scalar whose value is exactly `s`."""
-    if not s.isprintable():  # a newline or a control character: YAML reads these only escaped
-        return Y("scalar", '"' + s.encode("unicode_escape").decode("ascii").replace('"', '\\"') + '"')
-    return Y("scalar", s if _plain_ok(s, s) else "'" + s.replace("'", "''") + "'")
-
-
-def _write_value(out: list, head: str, node: Y, indent: int, trail: list) -> None:
-    comment = "".join("  " + c for c in trail[:1])
-    extra = trail[1:]
-    if node.kind == "scalar":
-        out.append(f"{head} {node.value}{comment}")
-    elif node.kind == "block":
-        out.append(f"{head} |-{comment}")
-        width = max(40, WIDTH - indent - 2)
-        for line in render(node.value, width).split("\n"):
-            out.append(" " * (indent + 2) + line if line else "")
-    else:
-        flow = node.flow()
-        if flow is not None and not extra and len(head) + 1 + len(flow) <= WIDTH:
-            out.append(f"{head} {flow}{comment}")
-            return
-        out.append(f"{head}{comment}")
-        _write_items(out, node, indent + 2, extra)
-        return
-    for c in extra:
-        out.append(" " * (indent + 2) + c)
-
-
-def _write_items(out: list, node: Y, indent: int, first_lead=()) -> None:
-    pad = " " * indent
-    for k, e in enumerate(node.value):
-        lead = (list(first_lead) if k == 0 else []) + e.lead
-        if lead and lead[0] and out and out[-1].lstrip().startswith("#") \
-                and len(out[-1]) - len(out[-1].lstrip()) > indent:
-            out.append("")  # a comment closing the block above is not part of this entry's doc
-        for c in lead:
-            out.append(pad + c if c else "")
-        if e.key is not None:
-            _write_value(out, pad + e.key + ":", e.node, indent, e.trail)
-        elif e.node.kind == "map" and e.node.value and (
-                e.node.flow() is None or len(pad) + 2 + len(e.node.flow()) > WIDTH or e.trail):
-            # `- key: value` with the mapping's other keys below, aligned
-            first, rest = e.node.value[0], e.node.value[1:]
-            for c in first.lead:
-                out.append(pad + c if c else "")
-            _write_value(out, pad + "- " + first.key + ":", first.node, indent + 2, e.trail + first.trail)
-            _write_items(out, Y("map", rest, e.node.dangling), indent + 2)
-        else:
-            _write_value(out, pad + "-", e.node, indent, e.trail)
-    for c in node.dangling:
-        out.append(pad + c if c else "")
-
-
-def write_yaml(root: Y, header: list[str], tail: list[str], header_blank: bool = True) -> str:
-    out = list(header)
-    if header and root.value and header_blank:
-        out.append("")
-    _write_items(out, root, 0)
-    if tail:
-        out += [""] + tail if out else tail
-    return "\n".join(out) + "\n"
+from .format import Printer
+from .pretty import render
+from .yaml_write import Entry, Y, plain_ok, write_yaml, ystr
 
 
 # ---- .arch -> YAML -------------------------------------------------------------------------------
@@ -168,7 +52,9 @@ def _not_yaml(what: str, span) -> Exception:
     return error("convert", f"{what} cannot be written in YAML", span)
 
 
-class _ToYaml:
+class _ToYaml(ast.NodeVisitor):
+    """An .arch AST as YAML nodes, comments attached; as a `NodeVisitor`, the statements of a body."""
+
     def __init__(self, text: str, name: str):
         self.L = Layout.arch_source(text, name)
         self.P = Printer(self.L)
@@ -203,15 +89,15 @@ class _ToYaml:
     def value(self, e) -> Y:
         if isinstance(e, ast.Literal) and isinstance(e.value, (bool, int, float)) and e.value is not None:
             text = render(self.P.expr(e))
-            if _plain_ok(text, e.value):
+            if plain_ok(text, e.value):
                 return Y("scalar", text)
-        if isinstance(e, ast.ListExpr) and not self.L.any(_start(e), _end(e)):
+        if isinstance(e, ast.ListExpr) and not self.L.any(start_of(e), end_of(e)):
             return Y("seq", [Entry(None, self.expr_string(x.expr, x.alias) if isinstance(x, ast.Named)
                                    else self.value(x)) for x in e.items])
         return self.expr_string(e)
 
     def expr_string(self, e, alias: str | None = None, raw: bool = False) -> Y:
-        has_comments = self.L.any(_start(e), _end(e))
+        has_comments = self.L.any(start_of(e), end_of(e))
         doc = self.P.expr(e)
         if alias:
             doc = [doc, " as ", alias]
@@ -226,48 +112,56 @@ class _ToYaml:
     # -- statements
     def stmts(self, node, body, region=None) -> Y:
         if region is None:
-            region, _ = self.P.region(node, _start(body[0]) if body else None)
-        items = [(_start(s), _end(s), s.span.line, (lambda s=s: [Entry(None, self.stmt(s))])) for s in body]
+            region, _ = self.P.region(node, start_of(body[0]) if body else None)
+        items = [(start_of(s), end_of(s), s.span.line, (lambda s=s: [Entry(None, self.stmt(s))])) for s in body]
         after_open, entries, dangling = self.entries(items, region)
         return Y("seq", entries, dangling, after_open)
 
     def stmt(self, s) -> Y:
-        if isinstance(s, ast.Apply):
-            return self.stmt_string(s)
-        if isinstance(s, ast.Let):
-            return Y("map", [Entry("let", Y("map", [Entry(s.name, self.value(s.value))]))])
-        if isinstance(s, ast.Save):
-            return Y("map", [Entry("save", ystr(s.name))])
-        if isinstance(s, ast.Load):
-            return Y("map", [Entry("from", ystr(s.name))])
-        if isinstance(s, ast.Reuse):
-            return Y("map", [Entry("reuse", ystr(s.path))])
-        if isinstance(s, ast.Residual):
-            if s.args:
-                raise _not_yaml("a positional argument of residual", s.args[0].span)
-            body = self.with_open(Entry("body", self.stmts(s, s.body)))
-            if not s.kwargs:
-                return Y("map", [Entry("residual", body.node, trail=body.trail)])
-            spec = []
-            for k, v, span in s.kwargs:
-                if k not in ("shortcut", "when"):
-                    raise _not_yaml(f"residual's argument '{k}'", span)
-                spec.append(Entry(k, self.value(v)))
-            return Y("map", [Entry("residual", Y("map", spec + [body], block_style=True))])
-        if isinstance(s, ast.Parallel):
-            spec = self.merge_spec(s)
-            spec.append(self.with_open(Entry("branches", self.branches(s))))
-            return Y("map", [Entry("parallel", Y("map", spec, block_style=True))])
-        if isinstance(s, ast.ParallelFor):
-            spec = self.merge_spec(s)
-            spec.append(Entry("for", ystr(s.var)))
-            if s.stop is None:
-                spec.append(Entry("in", self.value(s.items)))
-            else:
-                spec.append(Entry("range", ystr(render(self.P.range(s.items, s.stop), 10 ** 9))))
-            spec.append(self.with_open(Entry("body", self.stmts(s, s.body))))
-            return Y("map", [Entry("parallel", Y("map", spec, block_style=True))])
-        raise _not_yaml(f"a {type(s).__name__.lower()} statement here", s.span)
+        return self.visit(s)
+
+    def visit_Apply(self, s: ast.Apply) -> Y:
+        return self.stmt_string(s)
+
+    def visit_Let(self, s: ast.Let) -> Y:
+        return Y("map", [Entry("let", Y("map", [Entry(s.name, self.value(s.value))]))])
+
+    def visit_Save(self, s: ast.Save) -> Y:
+        return Y("map", [Entry("save", ystr(s.name))])
+
+    def visit_Load(self, s: ast.Load) -> Y:
+        return Y("map", [Entry("from", ystr(s.name))])
+
+    def visit_Reuse(self, s: ast.Reuse) -> Y:
+        return Y("map", [Entry("reuse", ystr(s.path))])
+
+    def visit_Residual(self, s: ast.Residual) -> Y:
+        if s.args:
+            raise _not_yaml("a positional argument of residual", s.args[0].span)
+        body = self.with_open(Entry("body", self.stmts(s, s.body)))
+        if not s.kwargs:
+            return Y("map", [Entry("residual", body.node, trail=body.trail)])
+        spec = []
+        for k, v, span in s.kwargs:
+            if k not in ("shortcut", "when"):
+                raise _not_yaml(f"residual's argument '{k}'", span)
+            spec.append(Entry(k, self.value(v)))
+        return Y("map", [Entry("residual", Y("map", spec + [body], block_style=True))])
+
+    def visit_Parallel(self, s: ast.Parallel) -> Y:
+        spec = self.merge_spec(s)
+        spec.append(self.with_open(Entry("branches", self.branches(s))))
+        return Y("map", [Entry("parallel", Y("map", spec, block_style=True))])
+
+    def visit_ParallelFor(self, s: ast.ParallelFor) -> Y:
+        spec = self.merge_spec(s)
+        spec.append(Entry("for", ystr(s.var)))
+        if s.stop is None:
+            spec.append(Entry("in", self.value(s.items)))
+        else:
+            spec.append(Entry("range", ystr(render(self.P.range(s.items, s.stop), 10 ** 9))))
+        spec.append(self.with_open(Entry("body", self.stmts(s, s.body))))
+        return Y("map", [Entry("parallel", Y("map", spec, block_style=True))])
 
     def merge_spec(self, s) -> list:
         """`merge` and `split` of a parallel (with branches or a loop)."""
@@ -286,15 +180,15 @@ class _ToYaml:
 
     def branches(self, s: ast.Parallel) -> Y:
         first = s.branches[0][0] if s.branches and s.branches[0] else None
-        region, _ = self.P.region(s, _start(first) if first else None)
+        region, _ = self.P.region(s, start_of(first) if first else None)
         items, prev = [], region[0]
         for b in s.branches:
-            p = self.L.after("{", prev, _start(b[0]))
+            p = self.L.after("{", prev, start_of(b[0]))
             if p is not None and p in self.L.match:
                 start, end = p, (self.L.match[p][0], self.L.match[p][1] + 1)
                 inner = ((p[0], p[1] + 1), self.L.match[p])
             else:
-                start, end, inner = _start(b[0]), _end(b[-1]), (_start(b[0]), _end(b[-1]))
+                start, end, inner = start_of(b[0]), end_of(b[-1]), (start_of(b[0]), end_of(b[-1]))
             items.append((start, end, start[0], (lambda b=b, inner=inner: [self.branch(b, inner)])))
             prev = end
         after_open, entries, dangling = self.entries(items, region)
@@ -308,8 +202,8 @@ class _ToYaml:
     def section(self, s: ast.Section) -> Entry:
         key = {"norm": "after"}.get(s.kind, s.kind)
         if len(s.body) == 1 and isinstance(s.body[0], ast.Apply):
-            region, _ = self.P.region(s, _start(s.body[0]))
-            if not self.L.any(region[0], _start(s.body[0])) and not self.L.any(_end(s.body[0]), region[1]):
+            region, _ = self.P.region(s, start_of(s.body[0]))
+            if not self.L.any(region[0], start_of(s.body[0])) and not self.L.any(end_of(s.body[0]), region[1]):
                 return Entry(key, self.stmt_string(s.body[0]))
         return self.with_open(Entry(key, self.stmts(s, s.body)))
 
@@ -319,38 +213,21 @@ class _ToYaml:
         if st.loop_var is not None:
             rng = render(self.P.expr(st.start), 10 ** 9) + ".." + render(self.P.expr(st.stop), 10 ** 9)
             spec += [Entry("for", ystr(st.loop_var)), Entry("range", ystr(rng))]
-        region, _ = self.P.region(st, _start(st.items[0]) if st.items else None)
-        items = [(_start(i), _end(i), i.span.line, (lambda i=i: [Entry(None, self.stage_item(i))])) for i in st.items]
+        region, _ = self.P.region(st, start_of(st.items[0]) if st.items else None)
+        stage_item = _StageItem(self)
+        items = [(start_of(i), end_of(i), i.span.line, (lambda i=i: [Entry(None, stage_item.visit(i))]))
+                 for i in st.items]
         after_open, entries, dangling = self.entries(items, region)
         spec.append(Entry("body", Y("seq", entries, dangling), trail=after_open))
         return Entry(None, Y("map", spec))
-
-    def stage_item(self, i) -> Y:
-        if isinstance(i, (ast.Let, ast.Reuse)):
-            return self.stmt(i)
-        if isinstance(i, ast.Section):
-            return Y("map", [self.section(i)])
-        if isinstance(i, ast.Repeat):
-            spec = []
-            if i.count is not None:
-                spec.append(Entry("repeat", self.value(i.count)))
-                if i.var is not None:
-                    spec.append(Entry("as", ystr(i.var)))
-            if isinstance(i.block, tuple):
-                spec.append(self.with_open(Entry("body", self.stmts(i, i.block))))
-            else:
-                spec.append(Entry("block", self.value(i.block) if isinstance(i.block, ast.ListExpr)
-                                  else self.expr_string(i.block)))
-            return Y("map", spec)
-        raise _not_yaml(f"a {type(i).__name__.lower()} in a stage", i.span)
 
     # -- definitions
     def params(self, d) -> Entry | None:
         if not d.params:
             return None
-        p = self.L.after("(", _start(d), _start(d.params[0]))
-        region = ((p[0], p[1] + 1), self.L.match.get(p, END)) if p is not None else (_start(d), _start(d.params[0]))
-        items = [(_start(q), _end(q), q.span.line,
+        p = self.L.after("(", start_of(d), start_of(d.params[0]))
+        region = ((p[0], p[1] + 1), self.L.match.get(p, END)) if p is not None else (start_of(d), start_of(d.params[0]))
+        items = [(start_of(q), end_of(q), q.span.line,
                   (lambda q=q: [Entry(q.name, Y("scalar", "null") if q.default is None else self.value(q.default))]))
                  for q in d.params]
         after_open, entries, dangling = self.entries(items, region)
@@ -362,8 +239,8 @@ class _ToYaml:
         return spec + [body]
 
     def file(self, f: ast.File) -> str:
-        items = sorted(f.imports + f.models + f.composites, key=_start)
-        after_open, per, dangling = self.L.attach((0, 0), END, [(_start(i), _end(i)) for i in items])
+        items = sorted(f.imports + f.models + f.composites, key=start_of)
+        after_open, per, dangling = self.L.attach((0, 0), END, [(start_of(i), end_of(i)) for i in items])
         lead_of = {}
         for item, (lead, trail) in zip(items, per):
             lead_of[id(item)] = (lead, trail)
@@ -406,7 +283,7 @@ class _ToYaml:
                     spec, after_open, dangling_in = self.composite(d), [], []
                     if _doc_of(lead_lines) != d.doc:
                         spec.insert(0, Entry("doc", ystr(d.doc)))
-                extra = [c.text for c in self.L.take(_start(d), _end(d))]
+                extra = [c.text for c in self.L.take(start_of(d), end_of(d))]
                 entries.append(Entry(d.name, Y("map", spec, dangling_in, block_style=True), lead_lines + extra,
                                      after_open + [c.text for c in trail]))
             root.append(Entry(key, Y("map", entries)))
@@ -420,42 +297,13 @@ class _ToYaml:
         spec = [e for e in [self.params(m)] if e]
         if m.base:
             spec.append(Entry("base", ystr(m.base)))
-        region, _ = self.P.region(m, _start(m.body[0]) if m.body else None)
+        region, _ = self.P.region(m, start_of(m.body[0]) if m.body else None)
         groups: dict = {}
-        seen: set = set()
-
-        def once(key, span):
-            if key in seen:
-                raise _not_yaml(f"a second model-level {key if isinstance(key, str) else key[1]!r}", span)
-            seen.add(key)
-
-        def build(s):
-            """(entry, the group it goes into or None)"""
-            if isinstance(s, ast.Assign) and s.name in ("reference", "paper", "drop_path"):
-                once(s.name, s.span)
-                if s.name != "drop_path":
-                    if not (isinstance(s.value, ast.Literal) and isinstance(s.value.value, str)):
-                        raise _not_yaml(f"a {s.name} that is not a string", s.value.span)
-                    return Entry(s.name, ystr(s.value.value)), None
-                return Entry(s.name, self.value(s.value)), None
-            if isinstance(s, (ast.Assign, ast.Let)):
-                key = "set" if isinstance(s, ast.Assign) else "let"
-                once((key, s.name), s.span)
-                return Entry(s.name, self.value(s.value)), key
-            if isinstance(s, ast.Input):
-                once("input", s.span)
-                return Entry("input", self.value(s.expr)), None
-            if isinstance(s, ast.Section):
-                once(s.kind, s.span)
-                return self.section(s), None
-            if isinstance(s, ast.Stage):
-                return self.stage(s), "stages"
-            raise _not_yaml(f"a {type(s).__name__.lower()} in a model", s.span)
-
-        after_open, per, dangling = self.L.attach(*region, [(_start(s), _end(s)) for s in m.body])
+        entry_of = _ModelEntry(self)
+        after_open, per, dangling = self.L.attach(*region, [(start_of(s), end_of(s)) for s in m.body])
         for s, (lead, trail) in zip(m.body, per):
-            entry, key = build(s)
-            inner = self.L.take(_start(s), _end(s))
+            entry, key = entry_of.visit(s)
+            inner = self.L.take(start_of(s), end_of(s))
             entry.lead = self.lead(lead + inner, s.span.line) + entry.lead
             entry.trail = entry.trail + [c.text for c in trail]
             if key is None:
@@ -466,6 +314,75 @@ class _ToYaml:
                 groups[key] = Entry(key, Y("seq" if key == "stages" else "map", [entry]))
                 spec.append(groups[key])
         return spec, [c.text for c in after_open], [c.text for c in dangling]
+
+
+class _StageItem(ast.NodeVisitor):
+    """An item of a stage as a YAML node (`_ToYaml.stage`)."""
+
+    def __init__(self, w: _ToYaml):
+        self.w = w
+
+    def visit_Let(self, i: ast.Let) -> Y:
+        return self.w.stmt(i)
+
+    visit_Reuse = visit_Let
+
+    def visit_Section(self, i: ast.Section) -> Y:
+        return Y("map", [self.w.section(i)])
+
+    def visit_Repeat(self, i: ast.Repeat) -> Y:
+        w, spec = self.w, []
+        if i.count is not None:
+            spec.append(Entry("repeat", w.value(i.count)))
+            if i.var is not None:
+                spec.append(Entry("as", ystr(i.var)))
+        if isinstance(i.block, tuple):
+            spec.append(w.with_open(Entry("body", w.stmts(i, i.block))))
+        else:
+            spec.append(Entry("block", w.value(i.block) if isinstance(i.block, ast.ListExpr)
+                              else w.expr_string(i.block)))
+        return Y("map", spec)
+
+
+class _ModelEntry(ast.NodeVisitor):
+    """A model's statement as (entry, the group it goes into or None) (`_ToYaml.model`); YAML has
+    one key per model-level setting, let and section."""
+
+    def __init__(self, w: _ToYaml):
+        self.w, self.seen = w, set()
+
+    def once(self, key, span) -> None:
+        if key in self.seen:
+            raise _not_yaml(f"a second model-level {key if isinstance(key, str) else key[1]!r}", span)
+        self.seen.add(key)
+
+    def visit_Assign(self, s: ast.Assign):
+        if s.name in ("reference", "paper", "drop_path"):
+            self.once(s.name, s.span)
+            if s.name != "drop_path":
+                if not (isinstance(s.value, ast.Literal) and isinstance(s.value.value, str)):
+                    raise _not_yaml(f"a {s.name} that is not a string", s.value.span)
+                return Entry(s.name, ystr(s.value.value)), None
+            return Entry(s.name, self.w.value(s.value)), None
+        return self._grouped("set", s)
+
+    def visit_Let(self, s: ast.Let):
+        return self._grouped("let", s)
+
+    def _grouped(self, key: str, s):
+        self.once((key, s.name), s.span)
+        return Entry(s.name, self.w.value(s.value)), key
+
+    def visit_Input(self, s: ast.Input):
+        self.once("input", s.span)
+        return Entry("input", self.w.value(s.expr)), None
+
+    def visit_Section(self, s: ast.Section):
+        self.once(s.kind, s.span)
+        return self.w.section(s), None
+
+    def visit_Stage(self, s: ast.Stage):
+        return self.w.stage(s), "stages"
 
 
 def _doc_of(lead_lines: list[str]) -> str:
@@ -481,7 +398,7 @@ def _doc_of(lead_lines: list[str]) -> str:
 def arch_to_yaml(text: str, name: str = "<string>") -> str:
     """YAML text for the .arch blueprint `text` (checked: it reads back to the same blueprint)."""
     from .parse import parse_text
-    from .yaml_front import parse_yaml
+    from .yaml_read import parse_yaml
 
     tree = parse_text(text, name)
     out = _ToYaml(text, name).file(tree)
@@ -491,47 +408,9 @@ def arch_to_yaml(text: str, name: str = "<string>") -> str:
 
 # ---- YAML -> .arch ---------------------------------------------------------------------------------
 
-def yaml_comments(text: str) -> list[Comment]:
-    """The `#` comments of YAML text, by position; inside a `|`/`>` block (an expression) the
-    comments of the expression, outside strings."""
-    import yaml
-
-    mask = bytearray(len(text))  # 1: inside a plain or quoted scalar, 2: inside a block scalar
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        root = None
-    todo = [root] if root is not None else []
-    while todo:
-        node = todo.pop()
-        if isinstance(node, yaml.ScalarNode):
-            kind = 2 if node.style in ("|", ">") else 1
-            for i in range(node.start_mark.index, min(node.end_mark.index, len(text))):
-                mask[i] = kind
-        elif isinstance(node, yaml.SequenceNode):
-            todo += node.value
-        elif isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                todo += [k, v]
-    out, at = [], 0
-    for n, line in enumerate(text.split("\n"), 1):
-        in_str = False
-        for i, ch in enumerate(line):
-            m = mask[at + i] if at + i < len(mask) else 0
-            if m == 1:
-                continue
-            if m == 2 and ch == '"':
-                in_str = not in_str
-            elif ch == "#" and (m == 2 and not in_str or m == 0 and (i == 0 or line[i - 1] in " \t")):
-                out.append(Comment(n, i + 1, line[i:].rstrip(), not line[:i].strip()))
-                break
-        at += len(line) + 1
-    return out
-
-
 def yaml_to_arch(text: str, name: str = "<string>") -> str:
     """Canonical .arch text for the YAML blueprint `text`, its comments put back by position."""
-    from .yaml_front import parse_yaml
+    from .yaml_read import parse_yaml
 
     tree = parse_yaml(text, name)
 
@@ -541,7 +420,7 @@ def yaml_to_arch(text: str, name: str = "<string>") -> str:
             return node.base is not None and bool(node.body) and all(isinstance(s, ast.Assign) for s in node.body)
         return start[0] == end[0]
 
-    order = sorted(tree.imports, key=_start) + sorted(tree.models + tree.composites, key=_start)
+    order = sorted(tree.imports, key=start_of) + sorted(tree.models + tree.composites, key=start_of)
     # comments below a definition, indented deeper than its name, are inside it (before its `}`)
     lines, ends = text.split("\n"), {}
     for d in tree.models + tree.composites:
@@ -633,7 +512,7 @@ def _check(tree, reparse, name: str, what: str) -> None:
         raise RuntimeError(f"convert would change the blueprint {name} (a converter bug); nothing written")
 
 
-# ---- the command ----------------------------------------------------------------------------------
+# ---- converting ----------------------------------------------------------------------------------
 
 def convert_text(text: str, name: str, source: str, to: str) -> str:
     """`text` (`source`: "arch" or "yaml") in the syntax `to`."""
@@ -643,16 +522,15 @@ def convert_text(text: str, name: str, source: str, to: str) -> str:
 
             parse_text(text, name)
         else:
-            from .yaml_front import parse_yaml
+            from .yaml_read import parse_yaml
 
             parse_yaml(text, name)
         return text
     return arch_to_yaml(text, name) if to == "yaml" else yaml_to_arch(text, name)
 
 
-def main(args) -> int:
-    """`composer convert FILE --to yaml|arch [-o OUT]`: 0 written, 2 error."""
-    path = Path(args.file)
+def convert_file(path: Path, to: str) -> str:
+    """The blueprint file `path` in the syntax `to` ("arch" or "yaml")."""
     if path.name.endswith(".port.yaml"):
         raise error("io", f"{path} is a weight map (.port.yaml), not a blueprint")
     if path.suffix in (".yaml", ".yml"):
@@ -667,12 +545,4 @@ def main(args) -> int:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise error("io", f"cannot read {path}: {exc}") from None
-    out = convert_text(text, str(path), source, args.to)
-    if getattr(args, "output", None):
-        try:
-            write_atomic(Path(args.output), out)
-        except OSError as exc:
-            raise error("io", f"cannot write {args.output}: {exc.strerror or exc}") from None
-    else:
-        sys.stdout.write(out)
-    return 0
+    return convert_text(text, str(path), source, to)

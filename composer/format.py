@@ -35,291 +35,14 @@ No torch here.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import difflib
 import re
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from . import ast
+from .comments import END, Layout, end_of, scan_comments, start_of
 from .diagnostics import error
-from .files import write_atomic
-
-WIDTH = 100
-INDENT = 4
-
-# ---- documents (a Wadler/Prettier-style layout algebra) ---------------------------------------
-# A document is a str (text), a list (concatenation) or a tuple:
-#   ("line", flat)          a break, printed as `flat` (" " or "") when its group fits on the line
-#   ("hard",)               always a newline (and its enclosing groups break)
-#   ("group", doc, hard)    printed flat if it fits, else broken; `hard`: it holds a hard newline
-#   ("nest", doc)           breaks inside are indented one more level
-#   ("ifbreak", a, b)       `a` if the enclosing group is broken, else `b`
-#   ("suffix", text)        text put at the end of the current line (a trailing comment)
-#   ("break",)              forces the enclosing groups to break
-
-LINE = ("line", " ")
-SOFT = ("line", "")
-HARD = ("hard",)
-BREAK = ("break",)
-
-
-def _hard(doc) -> bool:
-    if isinstance(doc, str):
-        return False
-    if isinstance(doc, list):
-        return any(_hard(d) for d in doc)
-    kind = doc[0]
-    if kind in ("hard", "break"):
-        return True
-    if kind == "group":
-        return doc[2]
-    if kind == "nest":
-        return _hard(doc[1])
-    if kind == "ifbreak":
-        return _hard(doc[1]) or _hard(doc[2])
-    return False
-
-
-def group(*parts):
-    doc = list(parts)
-    return ("group", doc, _hard(doc))
-
-
-def nest(*parts):
-    return ("nest", list(parts))
-
-
-def ifbreak(broken, flat=""):
-    return ("ifbreak", broken, flat)
-
-
-def suffix(text: str):
-    return ("suffix", text)
-
-
-def join(sep, docs) -> list:
-    out = []
-    for i, d in enumerate(docs):
-        if i:
-            out.append(sep)
-        out.append(d)
-    return out
-
-
-def _fits(doc, stack, width: int) -> bool:
-    """Does `doc` (flat) plus what follows it up to the next possible newline fit in `width`?"""
-    todo = [(False, doc)]
-    rest = len(stack) - 1
-    while width >= 0:
-        if not todo:
-            if rest < 0:
-                return True
-            _, brk, d = stack[rest]
-            rest -= 1
-            todo.append((brk, d))
-            continue
-        brk, d = todo.pop()
-        if isinstance(d, str):
-            width -= len(d)
-        elif isinstance(d, list):
-            todo.extend((brk, x) for x in reversed(d))
-        elif d[0] == "nest":
-            todo.append((brk, d[1]))
-        elif d[0] == "group":
-            todo.append((brk or d[2], d[1]))
-        elif d[0] == "line":
-            if brk:
-                return True
-            width -= len(d[1])
-        elif d[0] == "hard":
-            return True
-        elif d[0] == "ifbreak":
-            todo.append((brk, d[1] if brk else d[2]))
-    return False
-
-
-def render(doc, width: int = WIDTH) -> str:
-    out: list[str] = []
-    col = 0
-    pending: list[str] = []
-    stack = [(0, True, doc)]
-    while stack:
-        ind, brk, d = stack.pop()
-        if isinstance(d, str):
-            out.append(d)
-            col += len(d)
-        elif isinstance(d, list):
-            stack.extend((ind, brk, x) for x in reversed(d))
-        elif d[0] == "nest":
-            stack.append((ind + INDENT, brk, d[1]))
-        elif d[0] == "group":
-            if not brk and not d[2]:
-                stack.append((ind, False, d[1]))
-            else:
-                stack.append((ind, d[2] or not _fits(d[1], stack, width - col), d[1]))
-        elif d[0] in ("line", "hard"):
-            if d[0] == "line" and not brk:
-                out.append(d[1])
-                col += len(d[1])
-            else:
-                out.extend(pending)
-                pending = []
-                out.append("\n" + " " * ind)
-                col = ind
-        elif d[0] == "ifbreak":
-            stack.append((ind, brk, d[1] if brk else d[2]))
-        elif d[0] == "suffix":
-            pending.append(d[1])
-    out.extend(pending)
-    return "\n".join(line.rstrip() for line in "".join(out).split("\n"))
-
-
-# ---- the source: comments, brackets, blank lines ----------------------------------------------
-
-END = (1 << 30, 0)
-
-
-@dataclass
-class Comment:
-    line: int
-    col: int
-    text: str  # from '#', trailing blanks removed
-    own: bool  # nothing but blanks before it on its line
-    used: bool = False
-
-    @property
-    def pos(self) -> tuple[int, int]:
-        return (self.line, self.col)
-
-
-def _start(node) -> tuple[int, int]:
-    s = node.span
-    return (s.line, s.column)
-
-
-def _end(node) -> tuple[int, int]:
-    s = node.span
-    return (s.end_line, s.end_column)
-
-
-class Layout:
-    """What the printer knows of the source text: its comments (with positions), where its
-    brackets are (.arch only) and its blank lines. `Layout()` knows nothing (printing an AST)."""
-
-    def __init__(self, text: str = "", name: str | None = None, comments: list[Comment] | None = None,
-                 brackets: bool = False):
-        self.name, self.text = name, text
-        self.lines = text.split("\n")  # as Lark counts lines (not at \x0c, \x1c, ...)
-        self.comments = sorted(comments or [], key=lambda c: c.pos)
-        self._keys = [c.pos for c in self.comments]
-        self.match: dict = {}
-        self.opens: dict[str, list] = {"{": [], "(": []}
-        self.arch = brackets
-        if brackets:
-            self._scan_brackets()
-
-    @classmethod
-    def arch_source(cls, text: str, name: str) -> "Layout":
-        return cls(text, name, scan_comments(text), brackets=True)
-
-    def _scan_brackets(self) -> None:
-        stack = []
-        for n, line in enumerate(self.lines, 1):
-            in_str = False
-            for i, ch in enumerate(line):
-                if ch == '"':
-                    in_str = not in_str
-                elif in_str:
-                    continue
-                elif ch == "#":
-                    break
-                elif ch in "({[":
-                    stack.append((n, i + 1))
-                    if ch in self.opens:
-                        self.opens[ch].append((n, i + 1))
-                elif ch in ")}]" and stack:
-                    self.match[stack.pop()] = (n, i + 1)
-
-    # -- comments
-    def take(self, lo, hi) -> list[Comment]:
-        """The comments not yet printed in [lo, hi), now marked printed."""
-        out = []
-        for k in range(bisect.bisect_left(self._keys, lo), len(self.comments)):
-            c = self.comments[k]
-            if c.pos >= hi:
-                break
-            if not c.used:
-                c.used = True
-                out.append(c)
-        return out
-
-    def any(self, lo, hi) -> bool:
-        for k in range(bisect.bisect_left(self._keys, lo), len(self.comments)):
-            c = self.comments[k]
-            if c.pos >= hi:
-                return False
-            if not c.used:
-                return True
-        return False
-
-    def attach(self, lo, hi, extents):
-        """Comments in [lo, hi) around items at `extents` [(start, end)]: those trailing the opening
-        line, (leading, trailing) per item, and those dangling before the close."""
-        after_open, per, dangling = [], [([], []) for _ in extents], []
-        prev_end, prev = lo, -1
-        for i in range(len(extents) + 1):
-            nxt = extents[i][0] if i < len(extents) else hi
-            for c in self.take(prev_end, nxt):
-                if not c.own and c.line == prev_end[0]:
-                    (after_open if prev < 0 else per[prev][1]).append(c)
-                elif i < len(extents):
-                    per[i][0].append(c)
-                else:
-                    dangling.append(c)
-            if i < len(extents):
-                prev_end, prev = max(extents[i][1], prev_end), i
-        return after_open, per, dangling
-
-    def rest(self) -> list[Comment]:
-        return self.take((0, 0), END)
-
-    # -- brackets and lines
-    def after(self, ch: str, lo, hi=None):
-        """The first `ch` ('{' or '(') at or after `lo` and before `hi`, or None."""
-        if not self.arch:
-            return None
-        seq = self.opens[ch]
-        k = bisect.bisect_left(seq, lo)
-        if k < len(seq) and (hi is None or seq[k] < hi):
-            return seq[k]
-        return None
-
-    def blank_between(self, a: int, b: int) -> bool:
-        """Is one of the lines strictly between lines `a` and `b` blank?"""
-        return any(not self.lines[k - 1].strip() for k in range(a + 1, b) if 0 < k <= len(self.lines))
-
-    def spelling(self, span) -> str | None:
-        if span is None or span.file != self.name or span.line != span.end_line or span.line > len(self.lines):
-            return None
-        return self.lines[span.line - 1][span.column - 1:span.end_column - 1]
-
-
-def scan_comments(text: str) -> list[Comment]:
-    """Every `#` comment of .arch text (strings have no escapes and end on their line)."""
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
-        in_str = False
-        for i, ch in enumerate(line):
-            if ch == '"':
-                in_str = not in_str
-            elif ch == "#" and not in_str:
-                out.append(Comment(n, i + 1, line[i:].rstrip(), not line[:i].strip()))
-                break
-    return out
-
+from .pretty import BREAK, HARD, LINE, SOFT, group, ifbreak, join, nest, render, suffix
 
 # ---- the printer --------------------------------------------------------------------------------
 
@@ -353,8 +76,9 @@ def _unrepresentable(what: str, span) -> Exception:
     return error("format", f"{what} cannot be written in .arch", span)
 
 
-class Printer:
-    """AST -> document, taking comments from `layout` where they belong."""
+class Printer(ast.NodeVisitor):
+    """AST -> document, taking comments from `layout` where they belong; a statement by its
+    `visit_` method."""
 
     def __init__(self, layout: Layout | None = None, oneline=None):
         self.L = layout or Layout()
@@ -407,14 +131,14 @@ class Printer:
         if isinstance(e, ast.ListExpr):
             s = e.span
             region = ((s.line, s.column + 1), (s.end_line, s.end_column - 1))
-            return self.bracket("[", [(_start(x), _end(x), self.expr(x)) for x in e.items], "]", region)
+            return self.bracket("[", [(start_of(x), end_of(x), self.expr(x)) for x in e.items], "]", region)
         if isinstance(e, ast.ListComp):
             return group("[", nest(SOFT, self.expr(e.expr), LINE, "for ", e.var, " in ", self.expr(e.items)),
                          SOFT, "]")
         if isinstance(e, ast.Index):
             return [self.expr(e.target, 9), "[", self.expr(e.index), "]"]
         if isinstance(e, ast.Call):
-            region = (_end(e.func), (e.span.end_line, e.span.end_column - 1))
+            region = (end_of(e.func), (e.span.end_line, e.span.end_column - 1))
             return [self.expr(e.func, 9), self.args(e.args, e.kwargs, region)]
         if isinstance(e, ast.BinOp):
             lv = _LEVEL[e.op]
@@ -431,8 +155,8 @@ class Printer:
         raise TypeError(f"not an expression: {e!r}")
 
     def args(self, args, kwargs, region):
-        items = [(_start(a), _end(a), self.expr(a)) for a in args]
-        items += [((s.line, s.column), _end(v), [k, " = ", self.expr(v)]) for k, v, s in kwargs]
+        items = [(start_of(a), end_of(a), self.expr(a)) for a in args]
+        items += [((s.line, s.column), end_of(v), [k, " = ", self.expr(v)]) for k, v, s in kwargs]
         return self.bracket("(", items, ")", region)
 
     def bracket(self, open_, items, close, region):
@@ -468,12 +192,12 @@ class Printer:
     # -- blocks
     def region(self, node, inner_start):
         """(lo, hi) inside the braces of `node`'s block and whether they sit on one line."""
-        p = self.L.after("{", _start(node), inner_start)
+        p = self.L.after("{", start_of(node), inner_start)
         if p is not None and p in self.L.match:
             close = self.L.match[p]
             return ((p[0], p[1] + 1), close), p[0] == close[0]
-        end = self.ends.get(id(node), _end(node))
-        return (_start(node), end), self.oneline_default(node, _start(node), _end(node))
+        end = self.ends.get(id(node), end_of(node))
+        return (start_of(node), end), self.oneline_default(node, start_of(node), end_of(node))
 
     def braced(self, items, region, oneline: bool):
         """`{ ... }` around statements: items are (start, end, build) with build() -> doc."""
@@ -504,62 +228,75 @@ class Printer:
 
     def block_of(self, node, stmts, build=None):
         build = build or self.stmt
-        region, oneline = self.region(node, _start(stmts[0]) if stmts else None)
-        items = [(_start(s), _end(s), (lambda s=s: build(s))) for s in stmts]
+        region, oneline = self.region(node, start_of(stmts[0]) if stmts else None)
+        items = [(start_of(s), end_of(s), (lambda s=s: build(s))) for s in stmts]
         return self.braced(items, region, oneline)
 
     def _bare_ok(self, node, stmts, kinds, region_node=None) -> bool:
         """Can `stmts` be written without braces (one statement of `kinds`, no comment around it)?"""
         if len(stmts) != 1 or not isinstance(stmts[0], kinds):
             return False
-        p = self.L.after("{", _start(region_node or node), _start(stmts[0]))
+        p = self.L.after("{", start_of(region_node or node), start_of(stmts[0]))
         if p is None or p not in self.L.match:
             return True
         close = self.L.match[p]
-        return not self.L.any((p[0], p[1] + 1), _start(stmts[0])) and not self.L.any(_end(stmts[0]), close)
+        return not self.L.any((p[0], p[1] + 1), start_of(stmts[0])) and not self.L.any(end_of(stmts[0]), close)
 
     # -- statements
     def stmt(self, s):
-        if isinstance(s, ast.Let):
-            return group("let ", s.name, " = ", self.expr(s.value))
-        if isinstance(s, ast.Assign):
-            return group(s.name, " = ", self.expr(s.value))
-        if isinstance(s, ast.Input):
-            return ["input ", self.expr(s.expr)]
-        if isinstance(s, ast.Apply):
-            return [self.expr(s.expr)] + ([" as ", s.alias] if s.alias else [])
-        if isinstance(s, ast.Save):
-            return ["save ", s.name]
-        if isinstance(s, ast.Load):
-            return ["from ", s.name]
-        if isinstance(s, ast.Reuse):
-            return ["reuse ", s.path]
-        if isinstance(s, ast.Residual):
-            return ["residual", self._kw_args(s, s.args, s.kwargs), " ", self.block_of(s, s.body)]
-        if isinstance(s, ast.Parallel):
-            return ["parallel ", s.merge, self._kw_args(s, s.args, s.kwargs), " ", self._branches(s)]
-        if isinstance(s, ast.ParallelFor):
-            return ["parallel ", s.merge, self._kw_args(s, s.args, s.kwargs), " for ", s.var, " in ",
-                    self.range(s.items, s.stop), " ", self.block_of(s, s.body)]
-        if isinstance(s, ast.Section):
-            kw = {"stem": "stem", "head": "head", "downsample": "downsample", "norm": "after"}[s.kind]
-            if self._bare_ok(s, s.body, ast.Apply):
-                return [kw, " ", self.stmt(s.body[0])]
-            return [kw, " ", self.block_of(s, s.body)]
-        if isinstance(s, ast.Stage):
-            if s.loop_var is None:
-                return ["stage ", self.block_of(s, s.items)]
-            return ["stages for ", s.loop_var, " in ", self.range(s.start, s.stop), " ", self.block_of(s, s.items)]
-        if isinstance(s, ast.Repeat):
-            head = ["block"] if s.count is None else ["repeat ", self.expr(s.count)]
-            if s.var is not None:
-                head += [" as ", s.var]
-            if isinstance(s.block, tuple):
-                return head + [" ", self.block_of(s, s.block)]
-            block = self.expr(s.block)
-            first = render(block, 10 ** 9)[:1]
-            return head + ([":"] if s.count is not None and first in _STARTS_OPERAND else []) + [" ", block]
-        raise TypeError(f"not a statement: {s!r}")
+        return self.visit(s)
+
+    def visit_Let(self, s: ast.Let):
+        return group("let ", s.name, " = ", self.expr(s.value))
+
+    def visit_Assign(self, s: ast.Assign):
+        return group(s.name, " = ", self.expr(s.value))
+
+    def visit_Input(self, s: ast.Input):
+        return ["input ", self.expr(s.expr)]
+
+    def visit_Apply(self, s: ast.Apply):
+        return [self.expr(s.expr)] + ([" as ", s.alias] if s.alias else [])
+
+    def visit_Save(self, s: ast.Save):
+        return ["save ", s.name]
+
+    def visit_Load(self, s: ast.Load):
+        return ["from ", s.name]
+
+    def visit_Reuse(self, s: ast.Reuse):
+        return ["reuse ", s.path]
+
+    def visit_Residual(self, s: ast.Residual):
+        return ["residual", self._kw_args(s, s.args, s.kwargs), " ", self.block_of(s, s.body)]
+
+    def visit_Parallel(self, s: ast.Parallel):
+        return ["parallel ", s.merge, self._kw_args(s, s.args, s.kwargs), " ", self._branches(s)]
+
+    def visit_ParallelFor(self, s: ast.ParallelFor):
+        return ["parallel ", s.merge, self._kw_args(s, s.args, s.kwargs), " for ", s.var, " in ",
+                self.range(s.items, s.stop), " ", self.block_of(s, s.body)]
+
+    def visit_Section(self, s: ast.Section):
+        kw = {"stem": "stem", "head": "head", "downsample": "downsample", "norm": "after"}[s.kind]
+        if self._bare_ok(s, s.body, ast.Apply):
+            return [kw, " ", self.stmt(s.body[0])]
+        return [kw, " ", self.block_of(s, s.body)]
+
+    def visit_Stage(self, s: ast.Stage):
+        if s.loop_var is None:
+            return ["stage ", self.block_of(s, s.items)]
+        return ["stages for ", s.loop_var, " in ", self.range(s.start, s.stop), " ", self.block_of(s, s.items)]
+
+    def visit_Repeat(self, s: ast.Repeat):
+        head = ["block"] if s.count is None else ["repeat ", self.expr(s.count)]
+        if s.var is not None:
+            head += [" as ", s.var]
+        if isinstance(s.block, tuple):
+            return head + [" ", self.block_of(s, s.block)]
+        block = self.expr(s.block)
+        first = render(block, 10 ** 9)[:1]
+        return head + ([":"] if s.count is not None and first in _STARTS_OPERAND else []) + [" ", block]
 
     def range(self, start, stop):
         """`start..stop` (spaced when a bound is more than a name, call or index), or just `start`."""
@@ -572,22 +309,22 @@ class Printer:
         if not args and not kwargs:
             return ""
         body = args[0] if args else kwargs[0][1]
-        p = self.L.after("(", _start(node), _start(body))
+        p = self.L.after("(", start_of(node), start_of(body))
         region = ((p[0], p[1] + 1), self.L.match.get(p, END)) if p is not None else None
         return self.args(args, kwargs, region)
 
     def _branches(self, s: ast.Parallel):
         first = s.branches[0][0] if s.branches and s.branches[0] else None
-        region, oneline = self.region(s, _start(first) if first else None)
+        region, oneline = self.region(s, start_of(first) if first else None)
         items, prev = [], region[0]
         for b in s.branches:
             if not b:
                 continue
-            p = self.L.after("{", prev, _start(b[0]))
+            p = self.L.after("{", prev, start_of(b[0]))
             if p is not None and p in self.L.match:
                 start, end = p, (self.L.match[p][0], self.L.match[p][1] + 1)
             else:
-                start, end = _start(b[0]), _end(b[-1])
+                start, end = start_of(b[0]), end_of(b[-1])
             items.append((start, end, (lambda b=b, p=p: self._branch(b, p))))
             prev = end
         return self.braced(items, region, oneline)
@@ -596,15 +333,15 @@ class Printer:
         if brace is None or brace not in self.L.match:
             if len(stmts) == 1 and isinstance(stmts[0], (ast.Apply, ast.Load)):
                 return self.stmt(stmts[0])
-            region = (_start(stmts[0]), _end(stmts[-1]))
-            items = [(_start(x), _end(x), (lambda x=x: self.stmt(x))) for x in stmts]
+            region = (start_of(stmts[0]), end_of(stmts[-1]))
+            items = [(start_of(x), end_of(x), (lambda x=x: self.stmt(x))) for x in stmts]
             return self.braced(items, region, self.oneline_default(stmts, *region))
         close = self.L.match[brace]
         lo = (brace[0], brace[1] + 1)
         if len(stmts) == 1 and isinstance(stmts[0], (ast.Apply, ast.Load)) \
-                and not self.L.any(lo, _start(stmts[0])) and not self.L.any(_end(stmts[0]), close):
+                and not self.L.any(lo, start_of(stmts[0])) and not self.L.any(end_of(stmts[0]), close):
             return self.stmt(stmts[0])
-        items = [(_start(x), _end(x), (lambda x=x: self.stmt(x))) for x in stmts]
+        items = [(start_of(x), end_of(x), (lambda x=x: self.stmt(x))) for x in stmts]
         return self.braced(items, (lo, close), brace[0] == close[0])
 
     # -- definitions
@@ -614,14 +351,14 @@ class Printer:
         first = d.body[0] if d.body else None
         head = ["model " if isinstance(d, ast.ModelDef) else d.kind + " ", d.name]
         if d.params:
-            p = self.L.after("(", _start(d), _start(d.params[0]))
+            p = self.L.after("(", start_of(d), start_of(d.params[0]))
             region = ((p[0], p[1] + 1), self.L.match.get(p, END)) if p is not None else None
-            items = [(_start(q), _end(q), self._param(q)) for q in d.params]
+            items = [(start_of(q), end_of(q), self._param(q)) for q in d.params]
             head.append(self.bracket("(", items, ")", region))
         if isinstance(d, ast.ModelDef) and d.base:
             head += [" : ", d.base]
-        region, oneline = self.region(d, _start(first) if first else None)
-        items = [(_start(s), _end(s), (lambda s=s: self.stmt(s))) for s in d.body]
+        region, oneline = self.region(d, start_of(first) if first else None)
+        items = [(start_of(s), end_of(s), (lambda s=s: self.stmt(s))) for s in d.body]
         return head + [" ", self.braced(items, region, oneline)]
 
     def _param(self, q: ast.Param):
@@ -631,9 +368,9 @@ class Printer:
 
     def file(self, f: ast.File, order=None, header_doc: list[str] | None = None) -> str:
         """The whole file. `order`: the top-level items in print order (default: by position)."""
-        items = order or sorted(f.imports + f.models + f.composites, key=_start)
-        ends = [self.ends.get(id(i), _end(i)) for i in items]
-        after_open, per, dangling = self.L.attach((0, 0), END, [(_start(i), e) for i, e in zip(items, ends)])
+        items = order or sorted(f.imports + f.models + f.composites, key=start_of)
+        ends = [self.ends.get(id(i), end_of(i)) for i in items]
+        after_open, per, dangling = self.L.attach((0, 0), END, [(start_of(i), e) for i, e in zip(items, ends)])
         elems = []  # (doc, first line, last line, owner index, one-line def)
         for c in after_open:
             elems.append((c.text, c.line, c.line, -1, False))
@@ -643,7 +380,7 @@ class Printer:
             elems += [(t, item.span.line, item.span.line, k, False) for t in self.extra_lead.get(id(item), [])]
             doc = self.definition(item)
             oneline = "\n" not in render(doc)
-            extra = self.L.take(_start(item), ends[k])
+            extra = self.L.take(start_of(item), ends[k])
             elems += [(c.text, item.span.line, item.span.line, k, False) for c in extra]
             elems.append(([doc, suffix("  " + trail[0].text)] if trail else doc, item.span.line,
                           item.span.end_line, k, oneline and not isinstance(item, ast.Import)))
@@ -724,7 +461,7 @@ def print_expr(e) -> str:
     return render(Printer().expr(e))
 
 
-# ---- the command ----------------------------------------------------------------------------------
+# ---- files ----------------------------------------------------------------------------------
 
 def arch_files(paths) -> list[Path]:
     out = []
@@ -741,9 +478,10 @@ def arch_files(paths) -> list[Path]:
     return list(dict.fromkeys(out))
 
 
-def main(args) -> int:
-    """`composer fmt PATH... [--check]`: 0 formatted (or rewritten), 1 would change (--check), 2 error."""
-    files = arch_files(args.paths)
+def format_paths(paths) -> tuple[list[Path], list[tuple[Path, str, str]]]:
+    """The .arch files under `paths` and, for each one whose canonical text differs, (path, text,
+    canonical text). Writes nothing: the caller shows the change or writes it."""
+    files = arch_files(paths)
     changed = []
     for path in files:
         try:
@@ -753,14 +491,4 @@ def main(args) -> int:
         new = format_text(text, str(path))
         if new != text:
             changed.append((path, text, new))
-    if getattr(args, "check", False):
-        for path, text, new in changed:
-            sys.stdout.writelines(difflib.unified_diff(
-                text.splitlines(keepends=True), new.splitlines(keepends=True), f"{path}", f"{path} (formatted)"))
-        if changed:
-            print(f"{len(changed)} of {len(files)} file{'s' * (len(files) != 1)} would be reformatted", file=sys.stderr)
-        return 1 if changed else 0
-    for path, _, new in changed:
-        write_atomic(path, new)
-        print(f"reformatted {path}")
-    return 0
+    return files, changed

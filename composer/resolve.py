@@ -1,92 +1,31 @@
 """Resolve a parsed model into a concrete architecture: imports, inheritance, lets, stages, repeats,
 per-block cycles and schedules, composites expanded, every op validated (pydantic). Nothing
-symbolic is left in the result."""
+symbolic is left in the result.
+
+Over 500 lines: expansion is one recursive walk (bodies, residuals, parallels, composites, stages)
+whose statement visitors and value helpers read best beside it. Loading files is
+composer/loader.py's, module names composer/naming.py's, the instance cache composer/speed.py's."""
 
 from __future__ import annotations
 
-import threading
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 
 from . import ast
 from .diagnostics import ComposerError, did_you_mean, error
-from .expr import Cycle, InputSpec, Namespace, Ref, Schedule, Scope, evaluate, type_name
-from .locate import BLUEPRINTS_DIR
+from .expr import Cycle, InputSpec, Ref, Schedule, Scope, evaluate, type_name
+from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
+from .naming import Names, Numbered
 from .ops import OPS, Op
-from .parse import parse_file
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import ShapeError
 from .source import Span
-from .speed import gc_paused
+from .speed import PER_BLOCK, gc_paused, instance_key, keep_instance, reused_instance
 
 SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss")
 MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
-
-# ---- loading files and imports --------------------------------------------------
-
-
-@dataclass
-class Unit:
-    """A file with everything it can see: its own definitions and those of its imports."""
-
-    file: ast.File
-    names: Namespace
-    # composite instances by (definition, typed arguments, depth): see `_Resolver._instantiate`
-    instances: dict = field(default_factory=dict, repr=False, compare=False)
-
-
-_CACHE: dict[str, Unit] = {}
-
-
-def load(path: str | Path, _stack: tuple = ()) -> Unit:
-    """Parse a file and its imports (cached per path)."""
-    with gc_paused():
-        return _load(path, _stack)
-
-
-def _load(path: str | Path, _stack: tuple) -> Unit:
-    key = str(Path(path).resolve())
-    if key in _CACHE:
-        return _CACHE[key]
-    file = parse_file(path)
-    names = Namespace(ops=dict(OPS))
-    for imp in file.imports:
-        target = _find_import(imp, Path(path).parent)
-        tkey = str(target.resolve())
-        if tkey in _stack or tkey == key:
-            raise error("cyclic-import", f"import cycle: '{imp.path}' imports this file again", imp.span,
-                        "move the shared definitions into a third file")
-        unit = _load(target, _stack + (key,))
-        names.composites.update(unit.names.composites)
-    for comp in file.composites:
-        if comp.name in names.ops:
-            raise error("redefinition", f"'{comp.name}' is already an op of the library", comp.span,
-                        "choose another name for the definition")
-        local = [c for c in file.composites if c.name == comp.name]
-        if local[0] is not comp:
-            raise error("redefinition", f"'{comp.name}' is defined twice in this file", comp.span)
-        names.composites[comp.name] = comp
-    models = [m.name for m in file.models]
-    for m in file.models:
-        if models.count(m.name) > 1 and models.index(m.name) != file.models.index(m):
-            raise error("redefinition", f"model '{m.name}' is defined twice in this file", m.span)
-    unit = Unit(file, names)
-    _CACHE[key] = unit
-    return unit
-
-
-def _find_import(imp: ast.Import, here: Path) -> Path:
-    rel = imp.path if imp.path.endswith((".arch", ".yaml", ".yml")) else imp.path + ".arch"
-    for base in (here, BLUEPRINTS_DIR):
-        if (base / rel).is_file():
-            return base / rel
-    lib = [f"lib/{p.stem}" for p in (BLUEPRINTS_DIR / "lib").glob("*.arch")]
-    raise error("bad-import", f"cannot find '{imp.path}' (looked in {here} and the standard library)", imp.span,
-                did_you_mean(imp.path, lib) or "standard library files: " + ", ".join(sorted(lib)))
-
 
 # ---- models ----------------------------------------------------------------------
 
@@ -113,53 +52,27 @@ def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model
         return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
 
 
-class _Resolver:
+class _Resolver(ast.NodeVisitor):
+    """Expands one model; as a `NodeVisitor`, the statements of a body (see `_items`)."""
+
     def __init__(self, unit: Unit, chain: list, overrides: dict):
         self.unit, self.chain, self.user = unit, chain, overrides
         self.model = chain[-1]
 
     # -- flatten inheritance: base first, each variant overriding by name
     def _flatten(self):
-        params: dict[str, ast.Param] = {}
-        lets: dict[str, ast.Expr] = {}
-        settings: dict[str, ast.Assign] = {}
-        sections: dict[str, object] = {}
-        stages: list = []
-        overrides: list = []
+        flat = _Inherited()
         for depth, m in enumerate(self.chain):
+            flat.model, flat.depth = m, depth
             for p in m.params:
-                params[p.name] = p
+                flat.params[p.name] = p
             stage_items = [s for s in m.body if isinstance(s, ast.Stage)]
             if stage_items:
-                stages = stage_items
+                flat.stages = stage_items
             for stmt in m.body:
-                if isinstance(stmt, ast.Let):
-                    if depth and stmt.name in lets:
-                        raise error("redefinition", f"'{stmt.name}' is already defined by the base model", stmt.span,
-                                    f"write `{stmt.name} = ...` to override it")
-                    lets[stmt.name] = stmt.value
-                elif isinstance(stmt, ast.Assign):
-                    if stmt.name in SETTINGS:
-                        settings[stmt.name] = stmt
-                    elif depth and stmt.name in params:
-                        params[stmt.name] = ast.Param(stmt.name, stmt.value, stmt.span)
-                    elif depth and stmt.name in lets:
-                        lets[stmt.name] = stmt.value
-                    else:
-                        known = list(SETTINGS) + (list(params) + list(lets) if depth else [])
-                        hint = did_you_mean(stmt.name, known) or (
-                            f"write `let {stmt.name} = ...` to define a value" if not depth
-                            else f"a variant can set: {', '.join(known)}")
-                        raise error("unknown-setting", f"'{stmt.name}' is not a setting, parameter or let of '{m.name}'",
-                                    stmt.span, hint)
-                    if depth:
-                        overrides.append((stmt.name, stmt.span))
-                elif isinstance(stmt, (ast.Section, ast.Input)):
-                    key = stmt.kind if isinstance(stmt, ast.Section) else "input"
-                    if key in sections and sections[key][0] == depth:
-                        raise error("redefinition", f"'{key}' is given twice", stmt.span)
-                    sections[key] = (depth, stmt)
-        return params, lets, settings, {k: v[1] for k, v in sections.items()}, stages, overrides
+                flat.visit(stmt)
+        return (flat.params, flat.lets, flat.settings, {k: v[1] for k, v in flat.sections.items()}, flat.stages,
+                flat.overrides)
 
     def run(self) -> Model:
         params, lets, settings, sections, stages, overrides = self._flatten()
@@ -254,32 +167,14 @@ class _Resolver:
         for sscope in iterations:
             blocks = []
             for item in stage.items:
-                if isinstance(item, ast.Let):
-                    sscope.values[item.name] = evaluate(item.value, sscope)
-                elif isinstance(item, ast.Repeat):
-                    count = 1 if item.count is None else evaluate(item.count, sscope)
-                    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10_000:
-                        raise error("type", f"repeat count must be an int from 0 to 10000, got {count!r}",
-                                    item.count.span)
-                    blocks += [(item, k) for k in range(count)]
-                elif isinstance(item, ast.Reuse):  # a block of its own
-                    blocks.append((item, 0))
+                _STAGE_BLOCKS.visit(item, sscope, blocks)
             yield sscope, stage, blocks
 
     def _stage(self, index: int, sscope: Scope, stage: ast.Stage, blocks) -> Stage:
-        down, down_last, seen_block, out_blocks, norm = None, False, False, [], None
+        sections = _StageSections(self, sscope)
         for item in stage.items:
-            if isinstance(item, ast.Section) and item.kind == "norm":
-                if norm is not None:
-                    raise error("redefinition", "a stage has one norm", item.span)
-                norm = self._items(item.body, sscope, Ctx(), Names())
-            elif isinstance(item, ast.Section):  # downsample
-                if down is not None:
-                    raise error("redefinition", "a stage has one downsample", item.span)
-                down = self._items(item.body, sscope, Ctx(), Names())
-                down_last = seen_block
-            elif isinstance(item, (ast.Repeat, ast.Reuse)):
-                seen_block = True
+            sections.visit(item)
+        down, down_last, norm, out_blocks = sections.down, sections.down_last, sections.norm, []
         in_stage = 0
         evaluated = {}  # the block expression of a `repeat` without `as`: the same value for every block
         for item, k in blocks:
@@ -325,25 +220,38 @@ class _Resolver:
     def _items(self, body, scope: Scope, ctx: "Ctx", names: "Names", finish: bool = True) -> list:
         out = []
         scope = scope.child()
+        methods = self._methods  # `self.visit(stmt, ...)` inlined: this loop is the hot path of `check`
         for stmt in body:
-            if isinstance(stmt, ast.Let):
-                scope.values[stmt.name] = evaluate(stmt.value, scope)
-            elif isinstance(stmt, ast.Apply):
-                value = concretize(layer_value(stmt.expr, scope), ctx, stmt.expr.span)
-                out += self._apply(value, stmt.alias, ctx, names, stmt.span, stmt.expr)
-            elif isinstance(stmt, ast.Residual):
-                out += self._residual(stmt, scope, ctx, names)
-            elif isinstance(stmt, ast.Parallel):
-                out.append(self._parallel(stmt, scope, ctx, names))
-            elif isinstance(stmt, ast.ParallelFor):
-                out.append(self._parallel_for(stmt, scope, ctx, names))
-            elif isinstance(stmt, (ast.Save, ast.Load)):
-                out.append(NamedTensor("save" if isinstance(stmt, ast.Save) else "load", stmt.name, stmt.span))
-            elif isinstance(stmt, ast.Reuse):
-                out.append(ReuseNode(stmt.path, stmt.span))
+            (methods.get(stmt.__class__) or self._method_for(stmt.__class__))(self, stmt, scope, ctx, names, out)
         if finish:
             names.finish()
         return out
+
+    # each statement of a body adds its items to `out`
+    def visit_Let(self, stmt: ast.Let, scope, ctx, names, out) -> None:
+        scope.values[stmt.name] = evaluate(stmt.value, scope)
+
+    def visit_Apply(self, stmt: ast.Apply, scope, ctx, names, out) -> None:
+        value = concretize(layer_value(stmt.expr, scope), ctx, stmt.expr.span)
+        out += self._apply(value, stmt.alias, ctx, names, stmt.span, stmt.expr)
+
+    def visit_Residual(self, stmt: ast.Residual, scope, ctx, names, out) -> None:
+        out += self._residual(stmt, scope, ctx, names)
+
+    def visit_Parallel(self, stmt: ast.Parallel, scope, ctx, names, out) -> None:
+        out.append(self._parallel(stmt, scope, ctx, names))
+
+    def visit_ParallelFor(self, stmt: ast.ParallelFor, scope, ctx, names, out) -> None:
+        out.append(self._parallel_for(stmt, scope, ctx, names))
+
+    def visit_Save(self, stmt: ast.Save, scope, ctx, names, out) -> None:
+        out.append(NamedTensor("save", stmt.name, stmt.span))
+
+    def visit_Load(self, stmt: ast.Load, scope, ctx, names, out) -> None:
+        out.append(NamedTensor("load", stmt.name, stmt.span))
+
+    def visit_Reuse(self, stmt: ast.Reuse, scope, ctx, names, out) -> None:
+        out.append(ReuseNode(stmt.path, stmt.span))
 
     def _residual(self, stmt: ast.Residual, scope, ctx, names) -> list:
         """A residual node; with `when = false` just its body (MobileNet's blocks that change shape)."""
@@ -415,7 +323,7 @@ class _Resolver:
             raise error("value", f"parallel ... for needs 1 to 256 values, got {len(values)}", where,
                         "a parallel needs at least one branch")
         split = self._split(stmt, scope, len(values), "values of the loop")
-        shared = _Numbered(names)
+        shared = Numbered(names)
         branches = [self._items(stmt.body, scope.child({stmt.var: v}), ctx, shared, finish=False) for v in values]
         return ParallelNode(stmt.merge, branches, split, stmt.span)
 
@@ -458,18 +366,13 @@ class _Resolver:
         depth = ctx.depth + 1
         if depth > 32:
             raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span)
-        try:
-            key = (id(comp), _freeze_args(ref.args), depth)
-        except _Unfrozen:
-            key = None
-        if key is not None:
-            known = self.unit.instances.get(key)
-            if known is not None and known[0] is comp:
-                return _copy_items(known[1], ctx.drop_path)
-        mark = _PER_BLOCK.n
+        key = instance_key(comp, ref.args, depth)
+        items = reused_instance(self.unit.instances, key, comp, ctx.drop_path)
+        if items is not None:
+            return items
+        mark = PER_BLOCK.n
         items = self._expand(ref, comp, ctx, depth)
-        if key is not None and _PER_BLOCK.n == mark:
-            self.unit.instances[key] = (comp, _copy_items(items, 0.0))
+        keep_instance(self.unit.instances, key, comp, items, mark)
         return items
 
     def _expand(self, ref: Ref, comp: ast.CompositeDef, ctx: "Ctx", depth: int) -> list:
@@ -488,6 +391,108 @@ class _Resolver:
         except ComposerError as exc:
             exc.diagnostics[0].notes.append(f"in {comp.kind} '{comp.name}' used at {ref.span}")
             raise
+
+
+class _Inherited(ast.NodeVisitor):
+    """The statements of a chain of models, base first, merged by name (`_Resolver._flatten`):
+    a variant's `name = value` overrides a parameter or a let of its base."""
+
+    def __init__(self):
+        self.params: dict[str, ast.Param] = {}
+        self.lets: dict[str, ast.Expr] = {}
+        self.settings: dict[str, ast.Assign] = {}
+        self.sections: dict[str, tuple] = {}  # key -> (depth, statement)
+        self.stages: list = []
+        self.overrides: list = []
+        self.model, self.depth = None, 0
+
+    def visit_Let(self, stmt: ast.Let) -> None:
+        if self.depth and stmt.name in self.lets:
+            raise error("redefinition", f"'{stmt.name}' is already defined by the base model", stmt.span,
+                        f"write `{stmt.name} = ...` to override it")
+        self.lets[stmt.name] = stmt.value
+
+    def visit_Assign(self, stmt: ast.Assign) -> None:
+        depth, params, lets = self.depth, self.params, self.lets
+        if stmt.name in SETTINGS:
+            self.settings[stmt.name] = stmt
+        elif depth and stmt.name in params:
+            params[stmt.name] = ast.Param(stmt.name, stmt.value, stmt.span)
+        elif depth and stmt.name in lets:
+            lets[stmt.name] = stmt.value
+        else:
+            known = list(SETTINGS) + (list(params) + list(lets) if depth else [])
+            hint = did_you_mean(stmt.name, known) or (
+                f"write `let {stmt.name} = ...` to define a value" if not depth
+                else f"a variant can set: {', '.join(known)}")
+            raise error("unknown-setting", f"'{stmt.name}' is not a setting, parameter or let of '{self.model.name}'",
+                        stmt.span, hint)
+        if depth:
+            self.overrides.append((stmt.name, stmt.span))
+
+    def visit_Section(self, stmt: ast.Section) -> None:
+        self._section(stmt.kind, stmt)
+
+    def visit_Input(self, stmt: ast.Input) -> None:
+        self._section("input", stmt)
+
+    def _section(self, key: str, stmt) -> None:
+        if key in self.sections and self.sections[key][0] == self.depth:
+            raise error("redefinition", f"'{key}' is given twice", stmt.span)
+        self.sections[key] = (self.depth, stmt)
+
+    def visit_Stage(self, stmt: ast.Stage) -> None:
+        pass  # a variant's stages replace its base's as a whole (`_flatten`)
+
+
+class _StageBlocks(ast.NodeVisitor):
+    """A stage's items in one iteration of its loop (`_Resolver._expand_stages`): lets bound in
+    the stage's scope, and its blocks, (item, index in its repeat), repeat counts evaluated."""
+
+    def visit_Let(self, item: ast.Let, sscope: Scope, blocks: list) -> None:
+        sscope.values[item.name] = evaluate(item.value, sscope)
+
+    def visit_Repeat(self, item: ast.Repeat, sscope: Scope, blocks: list) -> None:
+        count = 1 if item.count is None else evaluate(item.count, sscope)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10_000:
+            raise error("type", f"repeat count must be an int from 0 to 10000, got {count!r}", item.count.span)
+        blocks += [(item, k) for k in range(count)]
+
+    def visit_Reuse(self, item: ast.Reuse, sscope: Scope, blocks: list) -> None:
+        blocks.append((item, 0))  # a block of its own
+
+    def visit_Section(self, item: ast.Section, sscope: Scope, blocks: list) -> None:
+        pass  # downsample and norm: `_StageSections`
+
+
+_STAGE_BLOCKS = _StageBlocks()  # it keeps no state
+
+
+class _StageSections(ast.NodeVisitor):
+    """A stage's `downsample` and `after` (norm) sections, and whether the downsample comes after
+    its blocks (`_Resolver._stage`)."""
+
+    def __init__(self, resolver: _Resolver, sscope: Scope):
+        self.resolver, self.sscope = resolver, sscope
+        self.down, self.down_last, self.seen_block, self.norm = None, False, False, None
+
+    def visit_Section(self, item: ast.Section) -> None:
+        norm = item.kind == "norm"  # else a downsample
+        if (self.norm if norm else self.down) is not None:
+            raise error("redefinition", f"a stage has one {'norm' if norm else 'downsample'}", item.span)
+        items = self.resolver._items(item.body, self.sscope, Ctx(), Names())
+        if norm:
+            self.norm = items
+        else:
+            self.down, self.down_last = items, self.seen_block
+
+    def visit_Repeat(self, item: ast.Repeat) -> None:
+        self.seen_block = True
+
+    visit_Reuse = visit_Repeat
+
+    def visit_Let(self, item: ast.Let) -> None:
+        pass  # bound by `_StageBlocks`
 
 
 @dataclass(frozen=True)
@@ -513,17 +518,6 @@ def layer_value(expr, scope: Scope):
     return layer_value(expr.then if evaluate(expr.test, scope) else expr.orelse, scope)
 
 
-class _Numbered:
-    """The names of a `parallel ... for` body: made once per value, so an explicit `as dilate` is
-    numbered like a repeated name (`dilate1`, `dilate2`) in the enclosing scope."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def add(self, node, base: str, explicit: bool, span: Span):
-        self.names.add(node, base, False, span)
-
-
 def _name_of(expr) -> str | None:
     if isinstance(expr, ast.Name):
         return expr.id
@@ -543,50 +537,6 @@ class Ctx:
     depth: int = 0
 
 
-class Names:
-    """Assigns module names in one scope: aliases as written, else the op's name, numbered from 1
-    when it occurs more than once (`norm1`, `norm2`)."""
-
-    def __init__(self):
-        self.entries = []
-
-    def add(self, node, base: str, explicit: bool, span: Span):
-        self.entries.append((node, base, explicit, span))
-
-    def finish(self):
-        explicit = {}
-        for node, base, is_explicit, span in self.entries:
-            if is_explicit:
-                if base in explicit:
-                    raise error("redefinition", f"the name '{base}' is used twice in this block", span)
-                explicit[base] = node
-        counts: dict[str, int] = {}
-        for _, base, is_explicit, _ in self.entries:
-            if not is_explicit:
-                counts[base] = counts.get(base, 0) + 1
-        seen: dict[str, int] = {}
-        taken = set(explicit)
-        for node, base, is_explicit, _ in self.entries:
-            if is_explicit:
-                node.name = base
-                continue
-            if counts[base] == 1 and base not in taken:
-                node.name = base
-            else:
-                seen[base] = seen.get(base, 0) + 1
-                while f"{base}{seen[base]}" in taken:
-                    seen[base] += 1
-                node.name = f"{base}{seen[base]}"
-            taken.add(node.name)
-
-
-class _Count(threading.local):
-    n = 0
-
-
-_PER_BLOCK = _Count()  # per-block values concretized so far in this thread (instances using one are not reused)
-
-
 def concretize(value, ctx: Ctx, span: Span):
     """Replace per-block values (cycles, schedules) by this block's value, recursively."""
     cls = value.__class__
@@ -600,7 +550,7 @@ def concretize(value, ctx: Ctx, span: Span):
             return value  # nothing per-block inside: the same (frozen) reference
         return Ref(value.name, value.kind, value.target, args, value.spans, value.span)
     if isinstance(value, (Cycle, Schedule)):
-        _PER_BLOCK.n += 1
+        PER_BLOCK.n += 1
     if isinstance(value, Cycle):
         if ctx.stage_block is None:
             raise error("per-block", "alternate(...) varies per block, but is used outside a stage's blocks",
@@ -617,52 +567,6 @@ def concretize(value, ctx: Ctx, span: Span):
 
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
-
-
-class _Unfrozen(Exception):
-    """A value that cannot be part of an instance key."""
-
-
-def _freeze(value):
-    """A hashable key for an argument value that tells apart what `==` confuses (1, 1.0, true; 0.0, -0.0)."""
-    cls = value.__class__
-    if cls is float:
-        return (float, repr(value))
-    if cls in _PLAIN:
-        return (cls, value)
-    if cls is list:
-        return (list, tuple(_freeze(v) for v in value))
-    if cls is Ref:
-        return (Ref, value.name, value.kind, id(value.target), _freeze_args(value.args), value.spans, value.span)
-    raise _Unfrozen
-
-
-def _freeze_args(args: tuple) -> tuple:
-    return tuple((k, _freeze(v)) for k, v in args)
-
-
-def _copy_items(items: list, drop_path: float) -> list:
-    """A fresh copy of resolved items (ops are frozen and shared), every residual at `drop_path`."""
-    out = []
-    for it in items:
-        cls = it.__class__
-        if cls is OpNode:
-            out.append(OpNode(it.name, it.op, it.span))
-        elif cls is SubSeq:
-            out.append(SubSeq(it.name, it.kind, _copy_items(it.items, drop_path), it.span, it.call))
-        elif cls is ResidualNode:
-            out.append(ResidualNode(_copy_items(it.body, drop_path), _copy_items(it.shortcut, drop_path), drop_path,
-                                    it.span))
-        elif cls is ParallelNode:
-            out.append(ParallelNode(it.merge, [_copy_items(b, drop_path) for b in it.branches],
-                                    list(it.split) if it.split is not None else None, it.span))
-        elif cls is NamedTensor:
-            out.append(NamedTensor(it.action, it.tensor, it.span))
-        elif cls is ReuseNode:
-            out.append(ReuseNode(it.path, it.span))
-        else:
-            raise AssertionError(f"unknown item {it!r}")
-    return out
 
 
 def to_op(ref: Ref) -> Op:

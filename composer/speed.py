@@ -2,12 +2,18 @@
 switched off, and tests/test_speed_invariants.py proves the results equal with and without it.
 
 - `gc_paused`: no cyclic garbage collection while a model is parsed, resolved or planned.
+- composite instances: a composite expanded with equal arguments is expanded once per file and
+  copied (`instance_key`, `reused_instance`, `keep_instance`); `_freeze_args` switches it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import threading
+
+from .expr import Ref
+from .resolved import NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, SubSeq
 
 
 @contextlib.contextmanager
@@ -45,3 +51,89 @@ def _promote_young() -> None:
     if gc.get_freeze_count() == 0:
         gc.freeze()
         gc.unfreeze()
+
+
+# ---- composite instances ---------------------------------------------------------------------
+# An instance depends on the block it is in only through its residuals' drop-path rate, unless a
+# per-block value (alternate, linspace) was concretized while expanding it. Other instances are
+# kept per file (`Unit.instances`) by (definition, typed arguments, depth) and copied on reuse.
+
+
+class _Count(threading.local):
+    n = 0
+
+
+PER_BLOCK = _Count()  # per-block values concretized so far in this thread (instances using one are not kept)
+
+
+def instance_key(comp, args: tuple, depth: int) -> tuple | None:
+    """The key of an instance of `comp` with these arguments, or None when one cannot be keyed."""
+    try:
+        return (id(comp), _freeze_args(args), depth)
+    except _Unfrozen:
+        return None
+
+
+def reused_instance(instances: dict, key, comp, drop_path: float) -> list | None:
+    """A copy of the items kept under `key`, its residuals at `drop_path`; None when none is kept."""
+    if key is None:
+        return None
+    known = instances.get(key)
+    if known is not None and known[0] is comp:  # `comp`: ids of definitions may be reused
+        return _copy_items(known[1], drop_path)
+    return None
+
+
+def keep_instance(instances: dict, key, comp, items: list, mark: int) -> None:
+    """Keep a copy of freshly expanded `items`, unless a per-block value was used since `mark`."""
+    if key is not None and PER_BLOCK.n == mark:
+        instances[key] = (comp, _copy_items(items, 0.0))
+
+
+_PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
+class _Unfrozen(Exception):
+    """A value that cannot be part of an instance key."""
+
+
+def _freeze(value):
+    """A hashable key for an argument value that tells apart what `==` confuses (1, 1.0, true; 0.0, -0.0)."""
+    cls = value.__class__
+    if cls is float:
+        return (float, repr(value))
+    if cls in _PLAIN:
+        return (cls, value)
+    if cls is list:
+        return (list, tuple(_freeze(v) for v in value))
+    if cls is Ref:
+        return (Ref, value.name, value.kind, id(value.target), _freeze_args(value.args), value.spans, value.span)
+    raise _Unfrozen
+
+
+def _freeze_args(args: tuple) -> tuple:
+    return tuple((k, _freeze(v)) for k, v in args)
+
+
+def _copy_items(items: list, drop_path: float) -> list:
+    """A fresh copy of resolved items (ops are frozen and shared), every residual at `drop_path`."""
+    out = []
+    for it in items:
+        cls = it.__class__
+        if cls is OpNode:
+            out.append(OpNode(it.name, it.op, it.span))
+        elif cls is SubSeq:
+            out.append(SubSeq(it.name, it.kind, _copy_items(it.items, drop_path), it.span, it.call))
+        elif cls is ResidualNode:
+            out.append(ResidualNode(_copy_items(it.body, drop_path), _copy_items(it.shortcut, drop_path), drop_path,
+                                    it.span))
+        elif cls is ParallelNode:
+            out.append(ParallelNode(it.merge, [_copy_items(b, drop_path) for b in it.branches],
+                                    list(it.split) if it.split is not None else None, it.span))
+        elif cls is NamedTensor:
+            out.append(NamedTensor(it.action, it.tensor, it.span))
+        elif cls is ReuseNode:
+            out.append(ReuseNode(it.path, it.span))
+        else:
+            raise AssertionError(f"unknown item {it!r}")
+    return out

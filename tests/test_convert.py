@@ -8,12 +8,13 @@ from hypothesis import given, settings
 
 from composer import ast
 from composer.cli import main
-from composer.convert import arch_to_yaml, yaml_comments, yaml_to_arch
+from composer.comments import yaml_comments
+from composer.convert import arch_to_yaml, yaml_to_arch
 from composer.diagnostics import ComposerError
 from composer.format import format_text, print_expr, scan_comments, shape
 from composer.parse import parse_text
 from composer.resolve import load as load_unit
-from composer.yaml_front import parse_yaml
+from composer.yaml_read import parse_yaml
 from helpers import REPO
 from test_format import exprs, outcome
 

@@ -27,11 +27,11 @@ def _command(case: Path) -> str:
 
 def run_cli(argv: list[str], capsys, monkeypatch) -> tuple[int, str]:
     """Run the CLI in-process from the repository root; return (exit status, stderr) with stable paths."""
-    import composer.resolve
+    import composer.loader
 
     monkeypatch.chdir(ROOT)
     # A fresh file cache: a unit cached by another test under an absolute path would print that path.
-    monkeypatch.setattr(composer.resolve, "_CACHE", {})
+    monkeypatch.setattr(composer.loader, "_CACHE", {})
     capsys.readouterr()
     try:
         status = cli.main(argv)

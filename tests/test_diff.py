@@ -39,10 +39,10 @@ SWIN = [f"{BP}/swin.arch:swin_t", f"{BP}/swin.arch:swin_s"]
 
 def run_diff(argv: list[str], capsys, monkeypatch) -> tuple[int, str, str]:
     """`composer diff ...` in-process from the repository root: (exit status, stdout, stderr)."""
-    import composer.resolve
+    import composer.loader
 
     monkeypatch.chdir(ROOT)
-    monkeypatch.setattr(composer.resolve, "_CACHE", {})
+    monkeypatch.setattr(composer.loader, "_CACHE", {})
     capsys.readouterr()
     status = cli.main(["diff", *argv])
     out, err = capsys.readouterr()

@@ -15,7 +15,7 @@ from composer.convert import convert_text
 from composer.diagnostics import ComposerError
 from composer.format import format_text
 from composer.parse import parse_text
-from composer.yaml_front import parse_yaml
+from composer.yaml_read import parse_yaml
 from helpers import REPO, n_params, write
 
 

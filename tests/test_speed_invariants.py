@@ -1,9 +1,9 @@
 """The fast check path gives what the plain one gives.
 
 `composer check` reuses work: the parser builds the AST during Lark's LALR loop over flattened
-tables, fed by a one-loop copy of Lark's contextual lexer (composer/parse.py: `_driver` switches
+tables, fed by a one-loop copy of Lark's contextual lexer (composer/lalr.py: `FAST` switches
 both off), equal composite instances are expanded once per file and copied
-(composer/resolve.py), equal blocks are lowered once per model and replayed under their own path
+(composer/speed.py), equal blocks are lowered once per model and replayed under their own path
 (composer/graph.py). Each shortcut can be switched off; with and without it, every zoo blueprint
 must give the same AST, model and plan, and the hand-made cases below pin what the shortcuts
 must not merge (per-block values, drop-path rates, 1 and 1.0).
@@ -17,8 +17,10 @@ import pytest
 
 import composer
 import composer.graph as G
+import composer.lalr as LALR
+import composer.loader as L
 import composer.parse as P
-import composer.resolve as R
+import composer.speed as S
 from composer.diagnostics import ComposerError
 from helpers import REPO
 
@@ -47,10 +49,10 @@ def _plan_facts(plan) -> tuple:
 
 
 def _zoo_facts() -> list:
-    R._CACHE.clear()
+    L._CACHE.clear()
     facts = []
     for f in FILES:
-        unit = _outcome(lambda f=f: R.load(f))
+        unit = _outcome(lambda f=f: L.load(f))
         if isinstance(unit, tuple):
             facts.append((str(f), unit))
             continue
@@ -64,13 +66,13 @@ def test_zoo_same_with_and_without_shortcuts(monkeypatch):
     fast = _zoo_facts()
 
     def no_key(args):
-        raise R._Unfrozen
+        raise S._Unfrozen
 
-    monkeypatch.setattr(P, "_driver", lambda: None)  # Lark's own LALR loop
-    monkeypatch.setattr(R, "_freeze_args", no_key)  # every composite instance expanded afresh
+    monkeypatch.setattr(LALR, "FAST", False)  # Lark's own LALR loop
+    monkeypatch.setattr(S, "_freeze_args", no_key)  # every composite instance expanded afresh
     monkeypatch.setattr(G, "_signature", lambda items: None)  # every block lowered afresh
     plain = _zoo_facts()
-    R._CACHE.clear()
+    L._CACHE.clear()
     assert len(fast) == len(plain) > 100
     for a, b in zip(fast, plain):
         assert a == b, a[0]
@@ -87,7 +89,7 @@ def test_zoo_same_with_and_without_shortcuts(monkeypatch):
 ])
 def test_syntax_errors_same_with_lark_loop(monkeypatch, text):
     fast = _outcome(lambda: repr(P.parse_text(text, "t.arch")))
-    monkeypatch.setattr(P, "_driver", lambda: None)
+    monkeypatch.setattr(LALR, "FAST", False)
     assert fast == _outcome(lambda: repr(P.parse_text(text, "t.arch")))
     assert fast[0] == "error"
 
@@ -125,7 +127,7 @@ model m(num_classes = 10) {
 def _load(tmp_path, text, name="m"):
     path = tmp_path / "t.arch"
     path.write_text(text)
-    R._CACHE.pop(str(path.resolve()), None)
+    L._CACHE.pop(str(path.resolve()), None)
     return composer.load(f"{path}:{name}")
 
 
@@ -173,13 +175,13 @@ def test_instances_shared_across_models_of_a_file(tmp_path):
 def test_gc_pause_leaves_the_collector_as_it_was():
     # after a pause, the survivors are moved to the oldest generation (freeze, then unfreeze):
     # nothing stays frozen, the collector is on again and the young generation is empty
-    R._CACHE.clear()
+    L._CACHE.clear()
     assert gc.isenabled() and gc.get_freeze_count() == 0
     composer.load("caformer_s18")
     assert gc.isenabled() and gc.get_freeze_count() == 0 and gc.get_count()[0] < 100
     # a program that froze objects itself keeps them frozen: the pause then only re-enables (none
     # is added; a frozen object that reference counting frees meanwhile leaves the count)
-    R._CACHE.clear()
+    L._CACHE.clear()
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
@@ -187,4 +189,4 @@ def test_gc_pause_leaves_the_collector_as_it_was():
         assert gc.isenabled() and 0 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
-        R._CACHE.clear()
+        L._CACHE.clear()

@@ -8,9 +8,10 @@ import pytest
 import composer
 from composer.cli import main
 from composer.diagnostics import ComposerError
-from composer.parse import parse_file, parse_text
+from composer.loader import read_blueprint as parse_file
+from composer.parse import parse_text
 from composer.source import Span
-from composer.yaml_front import parse_yaml
+from composer.yaml_read import parse_yaml
 from helpers import REPO, write
 
 DATA = REPO / "tests" / "data" / "yaml"

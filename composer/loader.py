@@ -1,0 +1,90 @@
+"""Reading blueprint files: the front end by suffix (.arch: composer/parse.py, .yaml/.yml:
+composer/yaml_read.py), and a file with its imports (`load`, cached per path) as a `Unit`:
+its own definitions and those it can see, for `resolve` to expand."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ast
+from .diagnostics import did_you_mean, error
+from .expr import Namespace
+from .locate import BLUEPRINTS_DIR
+from .ops import OPS
+from .parse import parse_text
+from .speed import gc_paused
+
+
+def read_blueprint(path: str | Path) -> ast.File:
+    """Parse one blueprint file with the front end its suffix names (.yaml, .yml; else .arch)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error("io", f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    if path.suffix in (".yaml", ".yml"):
+        from .yaml_read import parse_yaml  # here: checking .arch files never pays for PyYAML
+
+        return parse_yaml(text, str(path))
+    return parse_text(text, str(path))
+
+
+@dataclass
+class Unit:
+    """A file with everything it can see: its own definitions and those of its imports."""
+
+    file: ast.File
+    names: Namespace
+    # composite instances by (definition, typed arguments, depth): see `_Resolver._instantiate`
+    instances: dict = field(default_factory=dict, repr=False, compare=False)
+
+
+_CACHE: dict[str, Unit] = {}
+
+
+def load(path: str | Path, _stack: tuple = ()) -> Unit:
+    """Parse a file and its imports (cached per path)."""
+    with gc_paused():
+        return _load(path, _stack)
+
+
+def _load(path: str | Path, _stack: tuple) -> Unit:
+    key = str(Path(path).resolve())
+    if key in _CACHE:
+        return _CACHE[key]
+    file = read_blueprint(path)
+    names = Namespace(ops=dict(OPS))
+    for imp in file.imports:
+        target = _find_import(imp, Path(path).parent)
+        tkey = str(target.resolve())
+        if tkey in _stack or tkey == key:
+            raise error("cyclic-import", f"import cycle: '{imp.path}' imports this file again", imp.span,
+                        "move the shared definitions into a third file")
+        unit = _load(target, _stack + (key,))
+        names.composites.update(unit.names.composites)
+    for comp in file.composites:
+        if comp.name in names.ops:
+            raise error("redefinition", f"'{comp.name}' is already an op of the library", comp.span,
+                        "choose another name for the definition")
+        local = [c for c in file.composites if c.name == comp.name]
+        if local[0] is not comp:
+            raise error("redefinition", f"'{comp.name}' is defined twice in this file", comp.span)
+        names.composites[comp.name] = comp
+    models = [m.name for m in file.models]
+    for m in file.models:
+        if models.count(m.name) > 1 and models.index(m.name) != file.models.index(m):
+            raise error("redefinition", f"model '{m.name}' is defined twice in this file", m.span)
+    unit = Unit(file, names)
+    _CACHE[key] = unit
+    return unit
+
+
+def _find_import(imp: ast.Import, here: Path) -> Path:
+    rel = imp.path if imp.path.endswith((".arch", ".yaml", ".yml")) else imp.path + ".arch"
+    for base in (here, BLUEPRINTS_DIR):
+        if (base / rel).is_file():
+            return base / rel
+    lib = [f"lib/{p.stem}" for p in (BLUEPRINTS_DIR / "lib").glob("*.arch")]
+    raise error("bad-import", f"cannot find '{imp.path}' (looked in {here} and the standard library)", imp.span,
+                did_you_mean(imp.path, lib) or "standard library files: " + ", ".join(sorted(lib)))
