@@ -59,7 +59,7 @@ def zoo_models() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
             continue
         for m in models:
             try:
-                ref = composer.load(f"{path}:{m.name}").model.reference or ""
+                ref = composer.load(f"{path}:{m.name}").reference or ""
             except Exception as exc:  # noqa: BLE001
                 skipped.append((m.name, f"does not resolve: {str(exc).splitlines()[0]}"))
                 continue

@@ -30,7 +30,7 @@ def test_param_count_equals_timm(name):
     plan = composer.load(name)
     assert plan.params == expected
     assert n_params(composer.build(name, device="meta")) == expected
-    assert plan.model.reference == f"timm:{ref}"
+    assert plan.reference == f"timm:{ref}"
 
 
 def test_reference_counts_of_the_zoo_table():

@@ -3,6 +3,7 @@
 import pytest
 
 import composer
+import composer.resolve as R
 from composer.diagnostics import ComposerError
 from helpers import write
 
@@ -27,7 +28,7 @@ model wide : tiny { dims = [16, 32]; num_classes = 5 }
 def test_stages_blocks_and_schedules(tmp_path):
     path = write(tmp_path, TINY)
     plan = composer.load(f"{path}:tiny")
-    m = plan.model
+    m = R.resolve_model(R.load(path), "tiny", {})  # the resolved model the plan was lowered from
     assert [len(s.blocks) for s in m.stages] == [1, 2]
     assert m.drop_path == pytest.approx([0.0, 0.15, 0.3])  # linspace over all 3 blocks
     kernels = [b.items[0].body[0].op.kernel for s in m.stages for b in s.blocks]
@@ -41,8 +42,8 @@ def test_stages_blocks_and_schedules(tmp_path):
 def test_variant_overrides(tmp_path):
     path = write(tmp_path, TINY)
     base, wide = composer.load(f"{path}:tiny"), composer.load(f"{path}:wide")
-    assert wide.model.params["dims"] == [16, 32] and wide.model.params["num_classes"] == 5
-    assert [name for name, _ in wide.model.overrides] == ["dims", "num_classes"]
+    assert wide.arguments["dims"] == [16, 32] and wide.arguments["num_classes"] == 5
+    assert [name for name, _ in wide.overrides] == ["dims", "num_classes"]
     # a hand count for the wide variant's stem: 3x3 conv from 3 to 16 channels with bias
     assert wide.stem.params == 16 * 3 * 9 + 16
     assert base.stem.params == 8 * 3 * 9 + 8
