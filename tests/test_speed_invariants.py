@@ -185,7 +185,9 @@ def test_instances_shared_across_models_of_a_file(tmp_path):
     b = composer.load(f"{tmp_path / 't.arch'}:n")
     assert a.params - b.params == 5 * 8 + 5  # only the classifier differs: 8 -> 10 vs 8 -> 5 logits
     # equal, yet separate objects: changing one model's items leaves the other's alone
-    ia, ib = a.model.stages[0].blocks[0].items, b.model.stages[0].blocks[0].items
+    unit = R.load(tmp_path / "t.arch")  # the resolved models (lowering reads them; the plans do not keep them)
+    ma, mb = R.resolve_model(unit, "m", {}), R.resolve_model(unit, "n", {})
+    ia, ib = ma.stages[0].blocks[0].items, mb.stages[0].blocks[0].items
     assert repr(ia) == repr(ib) and ia[0] is not ib[0] and ia[0].body[0] is not ib[0].body[0]
 
 
