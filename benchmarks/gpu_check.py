@@ -104,7 +104,7 @@ def latency(batch: int, rounds: int, only=None) -> list[dict]:
         port(ours, theirs.state_dict())
         ours.cuda()
         theirs.cuda()
-        size = tuple(composer.load(name).model.input.size)
+        size = tuple(composer.load(name).input.spatial)
         x = torch.randn(batch, 3, *size, device="cuda")
         with torch.no_grad():
             diff = (ours(x) - theirs(x)).abs().max().item()

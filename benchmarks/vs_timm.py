@@ -59,7 +59,7 @@ def zoo_models() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
             continue
         for m in models:
             try:
-                ref = composer.load(f"{path}:{m.name}").model.reference or ""
+                ref = composer.load(f"{path}:{m.name}").reference or ""
             except Exception as exc:  # noqa: BLE001
                 skipped.append((m.name, f"does not resolve: {str(exc).splitlines()[0]}"))
                 continue
@@ -145,7 +145,7 @@ def bench_model(name: str, ref_name: str, args) -> dict:
     except Exception as exc:  # noqa: BLE001
         row["ported"] = False
         row["port_error"] = str(exc).splitlines()[0]
-    size = tuple(composer.load(name).model.input.size)
+    size = tuple(composer.load(name).input.spatial)
     for batch in (1, 8):
         x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():

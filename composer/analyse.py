@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .graph import Plan
+from .plan import Plan
 
 
 @dataclass
@@ -17,7 +17,7 @@ class Row:
     drop_path: str
 
 
-def _fmt_count(n: int) -> str:
+def fmt_count(n: int) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:
             return f"{n / scale:.2f}{unit}"
@@ -45,26 +45,25 @@ def rows(plan: Plan, counted: dict[str, int] | None = None) -> list[Row]:
 
 def render(plan: Plan, counted: dict[str, int] | None = None, title: str = "") -> str:
     table = rows(plan, counted)
-    m = plan.model
-    lines = [title or f"{m.name}  ({m.file})"]
-    if m.reference:
-        lines.append(f"reference: {m.reference}")
-    lines.append(f"input: {m.input.kind} {plan.input}")
+    lines = [title or f"{plan.name}  ({plan.file})"]
+    if plan.reference:
+        lines.append(f"reference: {plan.reference}")
+    lines.append(f"input: {plan.input_kind} {plan.input}")
     lines.append("")
     header = f"{'section':<10} {'blocks':>6}  {'output':<22} {'params':>13} {'MACs':>9}  drop_path"
     lines += [header, "-" * len(header)]
     for r in table:
         blocks = str(r.blocks) if r.blocks else ""
-        lines.append(f"{r.name:<10} {blocks:>6}  {r.output:<22} {r.params:>13,} {_fmt_count(r.macs):>9}  {r.drop_path}")
+        lines.append(f"{r.name:<10} {blocks:>6}  {r.output:<22} {r.params:>13,} {fmt_count(r.macs):>9}  {r.drop_path}")
     total = sum(r.params for r in table)
     macs = sum(r.macs for r in table)
     lines.append("-" * len(header))
-    lines.append(f"{'total':<10} {'':>6}  {'':<22} {total:>13,} {_fmt_count(macs):>9}")
+    lines.append(f"{'total':<10} {'':>6}  {'':<22} {total:>13,} {fmt_count(macs):>9}")
     lines.append("")
     lines.append(f"parameters: {total:,}")
-    lines.append(f"MACs: {macs:,} ({_fmt_count(macs)}; FLOPs = 2 x MACs = {_fmt_count(2 * macs)})")
-    if any(plan.model.drop_path):
-        lines.append("drop_path per block: " + " ".join(f"{r:.3f}" for r in plan.model.drop_path))
+    lines.append(f"MACs: {macs:,} ({fmt_count(macs)}; FLOPs = 2 x MACs = {fmt_count(2 * macs)})")
+    if any(plan.drop_path):
+        lines.append("drop_path per block: " + " ".join(f"{r:.3f}" for r in plan.drop_path))
     return "\n".join(lines)
 
 

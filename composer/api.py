@@ -6,7 +6,8 @@ from pathlib import Path
 
 from . import resolve as _resolve
 from .diagnostics import did_you_mean, error
-from .graph import Plan, plan
+from .lower import plan
+from .plan import Plan
 from .locate import BLUEPRINTS_DIR
 
 BUILD_KEYS = ("num_classes", "img_size", "in_chans")
@@ -89,8 +90,8 @@ def check(target: str, **overrides) -> Plan:
 
 def diff(a: Plan, b: Plan):
     """What differs between two planned models: `composer.diff(composer.load(A), composer.load(B))`.
-    Returns a `composer.diff.Diff` (changes by path, params and MACs per stage); no torch."""
-    from .diff import compare
+    Returns a `composer.compare.Diff` (changes by path, params and MACs per stage); no torch."""
+    from .compare import compare
 
     return compare(a, b)
 
@@ -109,5 +110,4 @@ def build_loss(target: str, **overrides):
     cross-entropy when it names none. Called as `loss(logits, target)` (see each loss's docs)."""
     from .ops.loss import CrossEntropy
 
-    model = load(target, **overrides).model
-    return (model.loss or CrossEntropy()).build_loss()
+    return (load(target, **overrides).loss or CrossEntropy()).build_loss()

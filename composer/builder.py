@@ -1,4 +1,4 @@
-"""Build plain PyTorch modules from a `graph.Plan`: the only pipeline stage that imports torch."""
+"""Build plain PyTorch modules from a `plan.Plan`: the only pipeline stage that imports torch."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import torch
 from torch import nn
 
 from .diagnostics import error
-from .graph import Plan, Step
+from .fuse import fuse_model
 from .layers.core import ChannelScale, Scale, tie_scope
 from .layers.reparam import RepConv
+from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
+                   Step)
+from .program import Call, Load, Parallel, Residual, Save, Shared, ToMap, ToTokens
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
 
@@ -34,28 +37,34 @@ class Sequence(nn.Module):
     def _compile(self, steps) -> list:
         prog = []
         for s in steps:
-            if s.kind == "op":
+            cls = s.__class__
+            if cls is OpStep:
                 self._add(s, s.op.build(s.x, s.y))
-                prog.append(("m", s.name))
-            elif s.kind == "seq":
+                prog.append(Call(s.name))
+            elif cls is SeqStep:
                 self._add(s, Sequence(s.body, s.call))
-                prog.append(("m", s.name))
-            elif s.kind in ("save", "load"):
-                prog.append((s.kind[0] * 2, s.name))  # "ss" / "ll"
-            elif s.kind == "reuse":  # the module itself is linked by ComposedModel, not registered here
-                self.__dict__.setdefault("_shared", {})[s.name] = None
-                if s.reused[-1].kind == "op" and s.reused[-1].path == s.name:  # an op: its layout conversion
+                prog.append(Call(s.name))
+            elif cls is SaveStep:
+                prog.append(Save(s.tensor))
+            elif cls is LoadStep:
+                prog.append(Load(s.tensor))
+            elif cls is ReuseStep:  # the module itself is linked by ComposedModel, not registered here
+                self.__dict__.setdefault("_shared", {})[s.target] = None
+                last = s.reused[-1]
+                if last.__class__ is OpStep and last.path == s.target:  # an op: its layout conversion
                     prog += self._compile(s.reused[:-1])
-                prog.append(("x", s.name))
-            elif s.kind == "convert":
-                prog.append(("t",) if s.name == "to_tokens" else ("u", s.x.spatial))
-            elif s.kind == "residual":
-                prog.append(("r", self._compile(s.body), self._compile(s.shortcut), s.drop_path))
-            elif s.kind == "parallel":
+                prog.append(Shared(s.target))
+            elif cls is ConvertStep:
+                prog.append(ToTokens() if s.name == "to_tokens" else ToMap(s.x.spatial))
+            elif cls is ResidualStep:
+                prog.append(Residual(self._compile(s.body), self._compile(s.shortcut), s.drop_path))
+            elif cls is ParallelStep:
                 # channel axes from the layouts inference knows: tokens (B, N, C) keep channels last;
                 # maps of any rank (a 1-D map is 3-D too) and vectors have them at 1
                 axes = (-1 if s.x.layout == "tokens" else 1, -1 if s.y.layout == "tokens" else 1)
-                prog.append(("p", s.merge, [self._compile(b) for b in s.branches], s.split, axes))
+                prog.append(Parallel(s.merge, [self._compile(b) for b in s.branches], s.split, axes))
+            else:
+                raise AssertionError(f"no instruction for {s!r}")
         return prog
 
     # ops whose output is a tensor of their own (never their input, nor memory their input shares)
@@ -75,12 +84,13 @@ class Sequence(nn.Module):
         if not prog:
             return False
         ins = prog[-1]
-        if ins[0] == "m":
-            mod = self._modules.get(ins[1])
+        cls = ins.__class__
+        if cls is Call:
+            mod = self._modules.get(ins.name)
             return mod._fresh(mod.program) if isinstance(mod, Sequence) else isinstance(mod, self._FRESH)
-        if ins[0] == "r":
+        if cls is Residual:
             return True
-        return ins[0] == "p" and len(ins[2]) > 1 and ins[1] in self._MERGES
+        return cls is Parallel and len(ins.branches) > 1 and ins.merge in self._MERGES
 
     def _inplace_activations(self) -> None:
         """In-place decisions, made once, in every program of this Sequence (residual bodies and
@@ -88,7 +98,7 @@ class Sequence(nn.Module):
         * an activation runs in place when the instruction before it, in the same program, left a
           fresh tensor (`_fresh`): never the first instruction (its input may be a residual's
           shortcut or shared by parallel branches), never after a `save` (that tensor is kept);
-        * a residual adds its shortcut into its body's output (`body += short`, a 5th field True)
+        * a residual adds its shortcut into its body's output (`body += short`, `add_into` True)
           when the body's last instruction left a fresh tensor; at run time only when shapes,
           dtypes and strides agree (a broadcasting gate, autocast's mixed dtypes, a channels-last
           body keep `short + body`, whose result could differ in dtype or memory layout);
@@ -98,19 +108,19 @@ class Sequence(nn.Module):
     def _mark(self, prog) -> list:
         out = []
         for ins in prog:
-            kind = ins[0]
-            if kind == "r":
-                body, short = self._mark(ins[1]), self._mark(ins[2])
-                ins = ("r", body, short, ins[3], self._fresh(body))
-            elif kind == "p":
-                split = tuple(int(n) for n in ins[3]) if ins[3] else None  # for Tensor.split_with_sizes
-                ins = ("p", ins[1], [self._mark(b) for b in ins[2]], split, *ins[4:])
-            elif kind == "m" and isinstance(self._modules[ins[1]], self._INPLACE) and self._fresh(out):
-                self._modules[ins[1]].inplace = True
+            cls = ins.__class__
+            if cls is Residual:
+                body = self._mark(ins.body)
+                ins = Residual(body, self._mark(ins.shortcut), ins.drop_path, self._fresh(body))
+            elif cls is Parallel:
+                split = tuple(int(n) for n in ins.split) if ins.split else None  # for Tensor.split_with_sizes
+                ins = ins._replace(branches=[self._mark(b) for b in ins.branches], split=split)
+            elif cls is Call and isinstance(self._modules[ins.name], self._INPLACE) and self._fresh(out):
+                self._modules[ins.name].inplace = True
             out.append(ins)
         return out
 
-    def _add(self, step, module) -> None:
+    def _add(self, step: Step, module) -> None:
         if hasattr(nn.Module, step.name):  # `as half`, `as to`: nn.Module's own attributes
             raise error("name", f"'{step.name}' cannot name a layer: it is a method of torch's nn.Module", step.span,
                         f"choose another name, e.g. '{step.name}_'")
@@ -119,30 +129,30 @@ class Sequence(nn.Module):
     def _run(self, prog, x, env):
         mods = self._modules
         for ins in prog:
-            kind = ins[0]
-            if kind == "m":
-                mod = mods[ins[1]]
+            cls = ins.__class__  # the forward hot path: dispatch on the instruction's class itself
+            if cls is Call:
+                mod = mods[ins.name]
                 x = mod(x, env) if isinstance(mod, Sequence) else mod(x)
-            elif kind == "ss":
-                env[ins[1]] = x
-            elif kind == "x":  # `reuse`: a module registered elsewhere in the model
-                mod = self._shared[ins[1]]
+            elif cls is Save:
+                env[ins.name] = x
+            elif cls is Shared:  # `reuse`: a module registered elsewhere in the model
+                mod = self._shared[ins.name]
                 x = mod(x, env) if isinstance(mod, (Sequence, StageModule)) else mod(x)
-            elif kind == "ll":
-                x = env[ins[1]]
-            elif kind == "t":
+            elif cls is Load:
+                x = env[ins.name]
+            elif cls is ToTokens:
                 x = x.flatten(2).transpose(1, 2)
-            elif kind == "u":
-                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *ins[1])
-            elif kind == "r":
-                short = self._run(ins[2], x, env) if ins[2] else x
-                body = self._run(ins[1], x, env)
-                if ins[3] and self.training:
-                    body = _drop_path(body, ins[3], True)
+            elif cls is ToMap:
+                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *ins.grid)
+            elif cls is Residual:
+                short = self._run(ins.shortcut, x, env) if ins.shortcut else x
+                body = self._run(ins.body, x, env)
+                if ins.drop_path and self.training:
+                    body = _drop_path(body, ins.drop_path, True)
                 # `body += short`: the same sums as `short + body` (addition commutes), into the
-                # body's fresh output when `_mark` found one (a 4-tuple: `_without`'s copy, never),
+                # body's fresh output when `_mark` found one (`add_into`; `_without`'s copy, never),
                 # if that gives the tensor `short + body` would: same shape, dtype and memory layout
-                if len(ins) > 4 and ins[4] and body is not x and body.dtype == short.dtype \
+                if ins.add_into and body is not x and body.dtype == short.dtype \
                         and body.shape == short.shape and body.stride() == short.stride():
                     body += short
                     x = body
@@ -152,8 +162,8 @@ class Sequence(nn.Module):
                 x = self._parallel(ins, x, env)
         return x
 
-    def _parallel(self, ins, x, env):
-        _, merge, branches, split, (split_dim, cat_dim) = ins
+    def _parallel(self, ins: Parallel, x, env):
+        merge, branches, split, (split_dim, cat_dim) = ins
         if split:
             outs = [self._run(b, xi, env) for b, xi in zip(branches, x.split_with_sizes(split, split_dim))]
         else:
@@ -210,14 +220,14 @@ class ComposedModel(nn.Module):
         self.stages = nn.ModuleList(StageModule(s) for s in plan.stages)
         self.features_only = features_only
         # feature points: every stage's output, or every block's (`features = "blocks"`: plain transformers)
-        by_blocks = plan.model.features == "blocks"
+        by_blocks = plan.features == "blocks"
         points = [(s.index, k, b.y) for s in plan.stages for k, b in enumerate(s.blocks)] if by_blocks else \
             [(s.index, None, s.y) for s in plan.stages]
         n = len(points)
         self.out_indices = tuple(i % n for i in (out_indices if out_indices is not None else range(n)))
         self._points = [(i, k, y.spatial, y.extra if y.layout == "tokens" else None)
                         for i, k, y in (points[j] for j in self.out_indices)]
-        self.named_outputs = list(plan.model.outputs or [])
+        self.named_outputs = list(plan.outputs or [])
         if not self.named_outputs:
             reductions = _reductions(plan, [y for _, _, y in points])
             self.feature_info = [
@@ -225,7 +235,7 @@ class ComposedModel(nn.Module):
                  "module": f"stages.{points[j][0]}" + (f".blocks.{points[j][1]}" if points[j][1] is not None else "")}
                 for j in self.out_indices]
         else:
-            shapes = [plan.saved[n][0] for n in self.named_outputs]
+            shapes = [plan.saved[n] for n in self.named_outputs]
             self._named_maps = [(y.spatial, y.extra if y.layout == "tokens" else None) for y in shapes]
             reductions = _reductions(plan, shapes, chain=False)
             self.feature_info = [{"num_chs": y.channels, "reduction": r, "module": n}
@@ -303,9 +313,7 @@ class ComposedModel(nn.Module):
 
     def fuse(self) -> "ComposedModel":
         """Switch to the inference form in place: eval mode, every re-parameterizable op fused into
-        one conv (`composer.layers.fuse_model`). Returns the model."""
-        from .layers import fuse_model
-
+        one conv (`composer.fuse.fuse_model`). Returns the model."""
         self.eval()
         fuse_model(self)
         self._link_shared()
@@ -329,7 +337,7 @@ class ComposedModel(nn.Module):
 
 
 def _reuse_targets(plan: Plan) -> set:
-    return {s.name for sec in plan.sections for st in sec.steps for s in st.walk() if s.kind == "reuse"}
+    return {s.target for sec in plan.sections for st in sec.steps for s in st.walk() if s.__class__ is ReuseStep}
 
 
 def _as_map(x, grid, extra):
@@ -361,22 +369,24 @@ def _reductions(plan: Plan, shapes, chain: bool = True) -> list[int]:
 def _classifier_steps(steps):
     """The classifier ops of a section, inside its residuals and parallel branches too."""
     for s in steps:
-        if s.kind == "op" and s.op.classifier:
+        cls = s.__class__
+        if cls is OpStep and s.op.classifier:
             yield s
-        elif s.kind in ("residual", "parallel"):
-            yield from _classifier_steps([*s.shortcut, *s.body, *(x for b in s.branches for x in b)])
+        elif cls is ResidualStep or cls is ParallelStep:
+            yield from _classifier_steps([x for sub in s.children() for x in sub])
 
 
 def _without(prog, names) -> list:
     """A program with the named modules left out (the head without its classifiers: pre-logits)."""
     out = []
     for ins in prog:
-        if ins[0] == "m" and ins[1] in names:
+        cls = ins.__class__
+        if cls is Call and ins.name in names:
             continue
-        if ins[0] == "r":
-            ins = ("r", _without(ins[1], names), _without(ins[2], names), ins[3])
-        elif ins[0] == "p":
-            ins = ("p", ins[1], [_without(b, names) for b in ins[2]], *ins[3:])
+        if cls is Residual:  # never adds into the body: it may end with a module left out
+            ins = Residual(_without(ins.body, names), _without(ins.shortcut, names), ins.drop_path)
+        elif cls is Parallel:
+            ins = ins._replace(branches=[_without(b, names) for b in ins.branches])
         out.append(ins)
     return out
 
@@ -389,7 +399,7 @@ def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only
     """Instantiate `plan` as a `ComposedModel`, deterministically when `seed` is given."""
     if plan.params > MAX_PARAMS and str(device) != "meta":
         raise error("too-large", f"the model has {plan.params:,} parameters; refusing to allocate more than "
-                    f"{MAX_PARAMS:,}", plan.model.span, "use `composer info`, which allocates nothing")
+                    f"{MAX_PARAMS:,}", plan.span, "use `composer info`, which allocates nothing")
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

@@ -12,9 +12,9 @@ from .resolve import load
 def _show_default(field) -> str | None:
     if field.is_required():
         return None
-    from .ops.registry import _show
+    from .ops.registry import show_value
 
-    return _show(field.default)
+    return show_value(field.default)
 
 
 def _ops(kind_filter=None) -> list[dict]:
@@ -75,13 +75,12 @@ def _models() -> list[dict]:
     out = []
     for name, path in api.zoo_index().items():
         plan = api.load(f"{path}:{name}")
-        m = plan.model
         out.append({
             "name": name,
             "file": str(path.relative_to(api.BLUEPRINTS_DIR)),
-            "paper": m.paper,
-            "reference": m.reference,
-            "input": f"{m.input.kind}({m.input.channels}, {'x'.join(map(str, m.input.size))})",
+            "paper": plan.paper,
+            "reference": plan.reference,
+            "input": f"{plan.input_kind}({plan.input.channels}, {'x'.join(map(str, plan.input.spatial))})",
             "params": plan.params,
             "macs": plan.macs,
         })

@@ -113,9 +113,9 @@ def cmd_port(args) -> int:
     source = args.source
     plan = api.load(args.target, **_overrides(args))
     if source is None:
-        source = plan.model.reference
+        source = plan.reference
         if not source:
-            raise error("usage", f"{plan.model.name} declares no `reference`; name the source with --from timm:MODEL")
+            raise error("usage", f"{plan.name} declares no `reference`; name the source with --from timm:MODEL")
     kind, _, ref_name = source.partition(":")
     if kind not in ("timm", "torchvision") or not ref_name:
         raise error("usage", f"--from expects timm:MODEL_NAME or torchvision:MODEL_NAME, got '{source}'", None,
@@ -130,7 +130,7 @@ def cmd_port(args) -> int:
     print(report.render())
     if not report.ok:
         raise error("port-incomplete", f"not written: {args.checkpoint} does not account for every tensor of "
-                    f"{plan.model.name} (see the report above)", None,
+                    f"{plan.name} (see the report above)", None,
                     "fix the rename rules in the family's .port.yaml, or check --from and the checkpoint")
     _save(model, Path(args.output))
     print(f"wrote {args.output}")
@@ -166,15 +166,44 @@ def cmd_list(args) -> int:
 
 
 def cmd_diff(args) -> int:
-    from .diff import main
+    """Exit 0 when identical, 1 when different; user errors raise (exit 2)."""
+    from .api import load
+    from .compare import compare, render_markdown, render_text
 
-    return main(args)
+    plans = []
+    for label, target in (("A", args.a), ("B", args.b)):
+        try:
+            plans.append(load(target, **_overrides(args)))
+        except ComposerError as exc:
+            exc.diagnostics[0].notes.append(f"while loading {label} of `composer diff` ('{target}')")
+            raise
+    d = compare(*plans, target_a=args.a, target_b=args.b)
+    if args.format == "json":
+        print(json.dumps(d.as_json(), indent=2))
+    elif args.format == "markdown":
+        print(render_markdown(d), end="")
+    else:
+        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+        print(render_text(d, colour))
+    return EXIT_OK if d.identical else EXIT_DIFFERS
 
 
 def cmd_graph(args) -> int:
-    from .render import main
+    from . import api
+    from .files import write_atomic
+    from .render import FORMATS, render
 
-    return main(args)
+    out = Path(args.output)
+    fmt = out.suffix.lower()
+    if fmt not in FORMATS:
+        raise error("usage", f"cannot tell the format of '{args.output}' from its suffix '{out.suffix}'", None,
+                    "name the output OUT.svg, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html")
+    if out.is_dir():
+        raise error("io", f"'{args.output}' is a directory; name a file")
+    plan = api.load(args.target, **_overrides(args))
+    write_atomic(out, render(plan, fmt, expand=getattr(args, "expand", False)))
+    print(f"wrote {out}")
+    return EXIT_OK
 
 
 def cmd_fmt(args) -> int:

@@ -21,6 +21,7 @@ import torch
 import yaml
 
 from .diagnostics import error
+from .plan import OpStep
 
 SOURCES = ("timm", "torchvision")
 _TOP_KEYS = {"source", "rules", "split", "join", "ignore", "reshape", "models"}
@@ -172,7 +173,7 @@ def read_mapping(source, model_names=()) -> Mapping:
 
 def mapping_path(model) -> Path:
     """The `.port.yaml` declared next to the model's blueprint file."""
-    file = Path(model.plan.model.file)
+    file = Path(model.plan.file)
     return file.with_name(file.name.rsplit(".", 1)[0] + ".port.yaml")
 
 
@@ -309,13 +310,10 @@ def _head_keys(model) -> tuple[set[str], set[str]]:
 def _classifier_names(steps):
     """The names of the classifier ops of a section (inside its residuals and branches too)."""
     for s in steps:
-        op = getattr(s, "op", None)
-        if s.kind == "op" and getattr(op, "classifier", False):
+        if s.__class__ is OpStep and getattr(s.op, "classifier", False):
             yield s.name
-        nested = [*(getattr(s, "body", None) or []), *(getattr(s, "shortcut", None) or []),
-                  *(x for b in (getattr(s, "branches", None) or []) for x in b)]
-        if nested:
-            yield from _classifier_names(nested)
+        for sub in s.children():
+            yield from _classifier_names(sub)
 
 
 def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None) -> PortReport:
@@ -323,17 +321,17 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
     None for the `.port.yaml` next to the model's blueprint) and load it. With `strict`, anything
     unaccounted for (missing, unexpected, a shape that cannot be reconciled) raises a ComposerError
     before any weight is changed."""
-    plan_model = model.plan.model
-    ref_name = source_name or (plan_model.reference or "")
+    plan = model.plan
+    ref_name = source_name or (plan.reference or "")
     ref_name = ref_name.split(":", 1)[-1].split(".", 1)[0]
     if not isinstance(mapping, Mapping):
         if mapping is None:
             mapping = mapping_path(model)
             if not mapping.is_file():
-                raise error("port-mapping", f"no port mapping for {plan_model.name}: {mapping} does not exist",
+                raise error("port-mapping", f"no port mapping for {plan.name}: {mapping} does not exist",
                             None, "declare the rename rules in that file (see docs/porting.md)")
-        mapping = read_mapping(mapping, (plan_model.name, ref_name))
-    report = PortReport(plan_model.name, f"{mapping.source}:{ref_name}" if ref_name else mapping.source)
+        mapping = read_mapping(mapping, (plan.name, ref_name))
+    report = PortReport(plan.name, f"{mapping.source}:{ref_name}" if ref_name else mapping.source)
 
     state = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     for k in list(state):
@@ -389,9 +387,9 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
             report.unexpected.append(origin.get(ref, ref))
     report.unexpected = sorted(set(report.unexpected))
     if strict and not report.ok:
-        raise error("port-incomplete", f"cannot port {report.source} into {plan_model.name}: "
+        raise error("port-incomplete", f"cannot port {report.source} into {plan.name}: "
                     f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
-                    f"{len(report.mismatched)} mismatched tensor(s)\n" + report.render(limit=8), plan_model.span,
+                    f"{len(report.mismatched)} mismatched tensor(s)\n" + report.render(limit=8), plan.span,
                     f"fix the rename rules in {mapping.path}, or pass strict=False to load what matches")
     with torch.no_grad():
         for key, value in new.items():

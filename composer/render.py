@@ -12,15 +12,7 @@ Pure Python: no torch.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .diagnostics import error
-from .files import write_atomic
-
 FORMATS = (".svg", ".dot", ".mmd", ".html")
-
-
-# ---- the command -----------------------------------------------------------------------------
 
 
 def render(plan, fmt: str, expand: bool = False) -> str:
@@ -36,21 +28,3 @@ def render(plan, fmt: str, expand: bool = False) -> str:
         return to_mermaid(d)
     svg = to_svg(d)
     return to_html(d, plan, svg) if fmt == ".html" else svg
-
-
-def main(args) -> int:
-    from . import api
-    from .cli import _overrides
-
-    out = Path(args.output)
-    fmt = out.suffix.lower()
-    if fmt not in FORMATS:
-        raise error("usage", f"cannot tell the format of '{args.output}' from its suffix '{out.suffix}'", None,
-                    "name the output OUT.svg, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html")
-    if out.is_dir():
-        raise error("io", f"'{args.output}' is a directory; name a file")
-    plan = api.load(args.target, **_overrides(args))
-    text = render(plan, fmt, expand=getattr(args, "expand", False))
-    write_atomic(out, text)
-    print(f"wrote {out}")
-    return 0

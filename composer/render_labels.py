@@ -125,7 +125,7 @@ def summary_parts(steps, depth: int = 0) -> list[str]:
             name = s.call or s.name
             out.append(f"{name}({', '.join(inner)})" if inner else name)
         elif s.kind == "reuse":
-            out.append(f"reuse {s.name}")
+            out.append(f"reuse {s.target}")
         elif s.kind == "residual":
             out += summary_parts(s.body, depth)
         elif s.kind == "parallel":
@@ -168,9 +168,21 @@ def category(steps) -> str:
 def _signature(steps) -> tuple:
     """The structure of a step list: kinds, names, op names and shapes, not the op values (layout
     conversions left out: the first block of a stage may convert what the others receive ready)."""
-    return tuple((s.kind, s.name, s.op.name if s.op is not None else "", s.x, s.y, s.merge, tuple(s.split or ()),
-                  _signature(s.shortcut), _signature(s.body), tuple(_signature(b) for b in s.branches))
+    return tuple((s.kind, _own(s), s.x, s.y, tuple(_signature(sub) for sub in s.children()))
                  for s in steps if s.kind != "convert")
+
+
+def _own(s) -> tuple:
+    """A step's own structural fields: what it names, its op's name, a parallel's merge and split."""
+    if s.kind == "op":
+        return s.name, s.op.name
+    if s.kind == "seq":
+        return (s.name,)
+    if s.kind in ("save", "load"):
+        return (s.tensor,)
+    if s.kind == "reuse":
+        return (s.target,)
+    return (s.merge, tuple(s.split or ())) if s.kind == "parallel" else ()
 
 
 def _flat(value, prefix: str, out: dict) -> None:

@@ -171,10 +171,10 @@ class _Builder:
             if s.kind == "convert":
                 self.shape = s.y
             elif s.kind == "save":
-                self.saved[s.name] = (self.cur, s.y)
+                self.saved[s.tensor] = (self.cur, s.y)
             elif s.kind == "load":
-                self.cur, self.shape = self.saved.get(s.name, (None, s.y))
-                self.named = s.name
+                self.cur, self.shape = self.saved.get(s.tensor, (None, s.y))
+                self.named = s.tensor
             elif s.kind == "op":
                 tip = f"{s.path}: {s.op.describe()}\n{fmt_count(s.params)} params, {fmt_count(s.macs)} MACs"
                 n = self.node(op_label(s.op, s.x), s.op.category, tip=tip)
@@ -192,8 +192,8 @@ class _Builder:
                     out.append(self.boxed(s.body, summary(s.call or s.name, s.body), category(s.body), tip=tip,
                                           y=s.y))
             elif s.kind == "reuse":  # the same module again: its weights are drawn where it is defined
-                tip = f"{s.path}: reuse {s.name} (shared weights)\n{fmt_count(s.macs)} MACs"
-                n = self.node(f"reuse {s.name}", category(s.reused), tip=tip)
+                tip = f"{s.path}: reuse {s.target} (shared weights)\n{fmt_count(s.macs)} MACs"
+                n = self.node(f"reuse {s.target}", category(s.reused), tip=tip)
                 self.go(n.id, s.y)
                 out.append(n)
             elif s.kind == "residual":
@@ -291,8 +291,7 @@ class _Builder:
 
     def build(self) -> Diagram:
         p = self.plan
-        m = p.model
-        inp = self.node("input", "io", fmt_shape(p.input), klass="io", tip=f"{m.input.kind} input")
+        inp = self.node("input", "io", fmt_shape(p.input), klass="io", tip=f"{p.input_kind} input")
         self.go(inp.id, p.input)
         self.saved["input"] = (inp.id, p.input)
         items = [inp, self.section(p.stem, "stem", "stem", "g_stem")]
@@ -301,9 +300,9 @@ class _Builder:
         items = [it for it in items if not isinstance(it, Group) or it.body.items]  # an empty stem or head
         items.append(self.node("output", "io", fmt_shape(p.head.y), klass="io"))
         sub = f"{fmt_count(p.params)} params · {fmt_count(p.macs)} MACs · input {fmt_shape(p.input)}"
-        if m.reference:
-            sub += f" · {m.reference}"
-        return Diagram(m.name, sub, Column(items), self.edges, self.nodes)
+        if p.reference:
+            sub += f" · {p.reference}"
+        return Diagram(p.name, sub, Column(items), self.edges, self.nodes)
 
 
 def _reads_flow(steps) -> bool:
@@ -321,12 +320,12 @@ def _reads_flow(steps) -> bool:
 
 def _io(steps, local: set, loads: list, saves: list) -> None:
     for s in steps:
-        if s.kind == "load" and s.name not in local and s.name not in loads:
-            loads.append(s.name)
+        if s.kind == "load" and s.tensor not in local and s.tensor not in loads:
+            loads.append(s.tensor)
         elif s.kind == "save":
-            local.add(s.name)
-            saves.append((s.name, s.y))
-        for sub in [s.shortcut, s.body, *s.branches]:
+            local.add(s.tensor)
+            saves.append((s.tensor, s.y))
+        for sub in s.children():
             _io(sub, local, loads, saves)
 
 

@@ -4,6 +4,8 @@ switched off, and tests/test_speed_invariants.py proves the results equal with a
 - `gc_paused`: no cyclic garbage collection while a model is parsed, resolved or planned.
 - composite instances: a composite expanded with equal arguments is expanded once per file and
   copied (`instance_key`, `reused_instance`, `keep_instance`); `_freeze_args` switches it off.
+- block replay: an equal block with the same input is lowered once per input shape and replayed
+  under its own path (`lowered_block`); `_signature` switches it off.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import gc
 import threading
 
 from .expr import Ref
+from .plan import ParallelStep, ResidualStep, Section, SeqStep
 from .resolved import NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, SubSeq
 
 
@@ -137,3 +140,128 @@ def _copy_items(items: list, drop_path: float) -> list:
         else:
             raise AssertionError(f"unknown item {it!r}")
     return out
+
+
+# ---- block replay: equal blocks are lowered once per input shape ------------------------------
+#
+# Repeated blocks of a stage are mostly equal (the same resolved instance, copied): an equal block
+# with the same input is lowered once and replayed under its own path, every step renamed, its
+# residuals at its own drop-path rate. `_signature` returning None (tests switch it off so) lowers
+# every block afresh.
+
+
+# (block signature, input shape) -> (the path it was lowered at, its Section). Kept across plans:
+# the variants of a family and repeated loads of a model share resolved instances, so their blocks
+# are equal too. The entries hold the ops and spans whose ids the signatures name, so an id cannot
+# be reused while its entry lives.
+_LOWERED: dict = {}
+_LOWERED_MAX = 4096
+
+
+def lowered_block(lower, path: str, block, x):
+    """The Section of stage block `block` at `path` with input shape `x`: `lower()` lowers it, or
+    an equal block lowered before is replayed."""
+    sig = _signature(block.items)
+    if sig is None:
+        return lower()
+    key = (sig[0], x)
+    done = _LOWERED.get(key)
+    if done is not None:
+        old, sec = done
+        return Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path, block.call)
+    sec = lower()
+    if len(_LOWERED) >= _LOWERED_MAX:
+        _LOWERED.clear()
+    _LOWERED[key] = (path, sec)
+    return sec
+
+
+def _signature(items):
+    """What lowering reads from a block's items, ops and spans by identity (equal blocks share
+    them; an op's name comes with it), and the residuals' one drop-path rate; None where a block
+    is lowered afresh (named tensors, patches_to_batch, residuals at different rates)."""
+    out, rates = [], set()
+    try:
+        _sig(items, out, rates)
+    except _Fresh:
+        return None
+    if len(rates) > 1:
+        return None
+    return tuple(out), (rates.pop() if rates else None)
+
+
+class _Fresh(Exception):
+    pass
+
+
+def _sig(items, out: list, rates: set) -> None:
+    """Flat: an op's id, or a marker (0 to 4, never an id) and the node's fields, its children, 0."""
+    for it in items:
+        cls = it.__class__
+        if cls is OpNode:
+            if fold_kind(it.op) is not None or it.op.tied and it.op.ties():
+                raise _Fresh
+            out.append(id(it.op))
+            out.append(id(it.span))
+        elif cls is SubSeq:
+            out += (1, it.name, it.call, id(it.span))
+            _sig(it.items, out, rates)
+            out.append(0)
+        elif cls is ResidualNode:
+            rates.add(it.drop_path)
+            out += (2, id(it.span))
+            _sig(it.shortcut, out, rates)
+            out.append(3)
+            _sig(it.body, out, rates)
+            out.append(0)
+        elif cls is ParallelNode:
+            out += (4, it.merge, None if it.split is None else tuple(it.split), id(it.span))
+            for b in it.branches:
+                _sig(b, out, rates)
+                out.append(3)
+            out.append(0)
+        else:  # named tensors refer outside the block
+            raise _Fresh
+
+
+
+
+def _renamed(steps: list, path: str, cut: int, drop_path) -> list:
+    """Copies of a replayed block's steps under the new block path (`cut`: the old path's length)."""
+    out = []
+    for s in steps:
+        cls = s.__class__
+        fields = s.__dict__.copy()  # a field-for-field copy, without the dataclass constructor's cost
+        fields["path"] = path + s.path[cut:]
+        if cls is ResidualStep:
+            fields["body"] = _renamed(s.body, path, cut, drop_path)
+            fields["shortcut"] = _renamed(s.shortcut, path, cut, drop_path)
+            fields["drop_path"] = drop_path
+        elif cls is SeqStep:
+            fields["body"] = _renamed(s.body, path, cut, drop_path)
+        elif cls is ParallelStep:
+            fields["branches"] = [_renamed(b, path, cut, drop_path) for b in s.branches]
+        new = cls.__new__(cls)
+        new.__dict__ = fields
+        out.append(new)
+    return out
+
+
+_FOLD_KINDS: dict = {}  # op class -> its `batch_fold` class attribute (None if it has none)
+
+
+def fold_kind(op):
+    """`getattr(op, "batch_fold", None)` without pydantic's slow path for a missing attribute."""
+    cls = op.__class__
+    kind = _FOLD_KINDS.get(cls, _ASK)
+    if kind is _ASK:
+        kind = getattr(cls, "batch_fold", None)
+        if "batch_fold" in cls.model_fields or not (kind is None or isinstance(kind, str)):
+            return getattr(op, "batch_fold", None)  # a parameter or a property: the instance decides
+        _FOLD_KINDS[cls] = kind
+    return kind
+
+
+_ASK = object()
+
+

@@ -30,7 +30,7 @@ def test_param_count_equals_timm(name):
     plan = composer.load(name)
     assert plan.params == expected
     assert n_params(composer.build(name, device="meta")) == expected
-    assert plan.model.reference == f"timm:{ref}"
+    assert plan.reference == f"timm:{ref}"
 
 
 def test_reference_counts_of_the_zoo_table():
@@ -152,7 +152,7 @@ model m {
 
 def test_parallel_tokens_concatenates_along_tokens(tmp_path):
     path = write(tmp_path, TOKENS_MODEL)
-    y = composer.load(path).saved["joined"][0]
+    y = composer.load(path).saved["joined"]
     assert (y.extra, y.spatial, y.channels, y.layout) == (1, (4, 4), 16, "tokens")  # class token + 4x4 grid
     model = composer.build(path).eval()
     x = torch.randn(2, 3, 16, 16)
@@ -225,7 +225,7 @@ def test_resize_is_bicubic_interpolation():
 
 def test_crossvit_streams_and_head():
     plan = composer.load("crossvit_tiny")
-    s0, s1 = plan.saved["s0"][0], plan.saved["s1"][0]
+    s0, s1 = plan.saved["s0"], plan.saved["s1"]
     assert (s0.extra, s0.spatial, s0.channels) == (1, (20, 20), 96)
     assert (s1.extra, s1.spatial, s1.channels) == (1, (14, 14), 192)
     model = composer.build("crossvit_tiny", num_classes=3, device="meta")

@@ -16,7 +16,7 @@ import pytest
 
 import composer
 from composer import cli
-from composer.diff import describe, diff_trees, flow_text
+from composer.compare import describe, diff_trees, flow_text
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "diff"

@@ -64,7 +64,7 @@ def test_ecg_example(file, name, expected, capsys):
     want = expected()
 
     plan = composer.load(target)
-    assert plan.model.input.kind == "signal"
+    assert plan.input_kind == "signal"
     assert (plan.input.channels, plan.input.spatial) == (12, (5000,))
     assert plan.params == want
 

@@ -37,7 +37,7 @@ def test_efficientvit_param_count_equals_timm(name):
     with torch.device("meta"):
         expected = n_params(timm.create_model(name, pretrained=False))
     plan = composer.load(name)
-    assert plan.model.reference == f"timm:{name}"
+    assert plan.reference == f"timm:{name}"
     assert plan.params == expected
     assert n_params(composer.build(name, device="meta")) == expected
 
@@ -51,7 +51,7 @@ def test_shufflenet_param_count_equals_torchvision(name):
     with torch.device("meta"):
         expected = n_params(getattr(torchvision.models, name)())
     plan = composer.load(name)
-    assert plan.model.reference == f"torchvision:{name}"
+    assert plan.reference == f"torchvision:{name}"
     assert plan.params == expected
     assert n_params(composer.build(name, device="meta")) == expected
 

@@ -63,7 +63,7 @@ def test_example_blueprint_checks_and_builds(path):
 
 def test_ecg_example_is_one_dimensional():
     plan = composer.load(f"{EXAMPLES / 'ecg_1d.arch'}:ecg_1d")
-    assert plan.model.input.kind == "signal"
+    assert plan.input_kind == "signal"
     assert (plan.input.channels, plan.input.spatial) == (12, (5000,))
     features = composer.build(f"{EXAMPLES / 'ecg_1d.arch'}:ecg_1d", features_only=True)
     import torch

@@ -1,5 +1,6 @@
 """`composer fmt`: the canonical .arch layout, idempotent, meaning- and comment-preserving."""
 
+import dataclasses
 import shutil
 import textwrap
 
@@ -37,8 +38,19 @@ def description(plan):
     for section in plan.sections:
         for step in section.steps:
             for s in step.walk():
-                out.append((section.path, section.call, s.kind, s.path, str(s.x), str(s.y), repr(s.op), s.name,
-                            s.merge, s.split, round(s.drop_path, 9), s.call))
+                out.append((section.path, section.call, s.kind, s.path, str(s.x), str(s.y), _own_fields(s)))
+    return out
+
+
+def _own_fields(step) -> list:
+    """A step's own fields (its class's: op, name, merge, split, drop_path, call, ...), the nested
+    step lists left to `walk`; ops by repr, floats rounded."""
+    out = []
+    for f in dataclasses.fields(step):
+        v = getattr(step, f.name)
+        if f.name in ("path", "x", "y", "span", "body", "shortcut", "branches", "reused"):
+            continue
+        out.append((f.name, repr(v) if f.name == "op" else round(v, 9) if isinstance(v, float) else v))
     return out
 
 

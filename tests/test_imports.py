@@ -3,8 +3,10 @@
 Every import inside the package is listed — module-level, function-local, and `import_module`
 calls (whose argument must then be a literal, so the graph can be read) — and the graph must have
 no cycle, with the CLI at the top: nothing imports `composer.cli` (but `python -m composer`).
-Importing `composer.a.b` runs the package `composer.a` too, so that edge is counted; the root
-package `composer`, which every submodule's import runs, is the public facade and is left out.
+Importing `composer.a.b` runs the package `composer.a` too, so that edge is counted — unless the
+importer lives inside `composer.a`, whose package is then initialised already (a package that
+imports its own submodules to register them is no cycle). The root package `composer`, which
+every submodule's import runs, is the public facade and is left out.
 """
 
 from __future__ import annotations
@@ -42,13 +44,15 @@ def _absolute(module: str, level: int, here: str) -> str:
     return ".".join(base + ([module] if module else []))
 
 
-def _targets(name: str) -> set[str]:
-    """A module and the packages above it (but the root) that importing it runs."""
+def _targets(name: str, here: str) -> set[str]:
+    """A module and the packages above it (but the root, and those holding `here`) that importing
+    it from module `here` runs."""
     out = set()
     parts = name.split(".")
     for k in range(2, len(parts) + 1):
         prefix = ".".join(parts[:k])
-        if prefix in MODULES:
+        inside = here.startswith(prefix + ".")
+        if prefix in MODULES and not inside:
             out.add(prefix)
     return out
 
@@ -59,19 +63,19 @@ def imports_of(name: str, path: Path) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                found |= _targets(alias.name)
+                found |= _targets(alias.name, name)
         elif isinstance(node, ast.ImportFrom):
             base = _absolute(node.module, node.level, name)
-            found |= _targets(base)
+            found |= _targets(base, name)
             for alias in node.names:  # `from . import api`: the submodule itself
-                found |= _targets(f"{base}.{alias.name}") if f"{base}.{alias.name}" in MODULES else set()
+                found |= _targets(f"{base}.{alias.name}", name) if f"{base}.{alias.name}" in MODULES else set()
         elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "import_module":
             arg = node.args[0] if node.args else None
             assert isinstance(arg, ast.Constant) and isinstance(arg.value, str), (
                 f"{path}:{node.lineno}: import_module with a computed name hides an import from this test")
             package = node.args[1].value if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) else name
             level = len(arg.value) - len(arg.value.lstrip("."))
-            found |= _targets(_absolute(arg.value.lstrip("."), level, package if level else name))
+            found |= _targets(_absolute(arg.value.lstrip("."), level, package if level else name), name)
     found.discard(name)
     return found
 
@@ -92,6 +96,8 @@ def test_the_graph_sees_every_kind_of_import():
     assert ("composer.cli", "composer.builder") in g.edges  # function-local
     assert any(a.startswith("composer.ops.") and b == "composer.shapes" for a, b in g.edges)  # `from ..shapes`
     assert ("composer.__main__", "composer.cli") in g.edges
+    assert ("composer.builder", "composer.layers") in g.edges  # `from .layers.core import ...` runs the package
+    assert ("composer.ops.conv", "composer.ops") not in g.edges  # a sibling import: the package is running
 
 
 def test_no_import_cycle():

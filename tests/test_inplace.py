@@ -12,6 +12,7 @@ from torch import nn
 import composer
 from composer.api import zoo_index
 from composer.builder import Sequence
+from composer.program import Call, Parallel, Residual
 
 
 def test_conv_bn_relu_chain_is_in_place_and_saved_tensors_are_kept(tmp_path):
@@ -60,10 +61,10 @@ def _out_of_place(model):
     def strip(prog):
         out = []
         for ins in prog:
-            if ins[0] == "r":
-                ins = ("r", strip(ins[1]), strip(ins[2]), ins[3])
-            elif ins[0] == "p":
-                ins = ("p", ins[1], [strip(b) for b in ins[2]], *ins[3:])
+            if isinstance(ins, Residual):
+                ins = Residual(strip(ins.body), strip(ins.shortcut), ins.drop_path)
+            elif isinstance(ins, Parallel):
+                ins = ins._replace(branches=[strip(b) for b in ins.branches])
             out.append(ins)
         return out
 
@@ -81,10 +82,10 @@ def _flags(model):
     def walk(prog):
         n = 0
         for ins in prog:
-            if ins[0] == "r":
-                n += bool(len(ins) > 4 and ins[4]) + walk(ins[1]) + walk(ins[2])
-            elif ins[0] == "p":
-                n += sum(walk(b) for b in ins[2])
+            if isinstance(ins, Residual):
+                n += bool(ins.add_into) + walk(ins.body) + walk(ins.shortcut)
+            elif isinstance(ins, Parallel):
+                n += sum(walk(b) for b in ins.branches)
         return n
 
     res = sum(walk(m.program) for m in model.modules() if isinstance(m, Sequence))
@@ -118,8 +119,8 @@ def test_resnet_block_adds_into_its_body_and_runs_every_relu_in_place():
     model = composer.build("resnet50", num_classes=4, img_size=64)
     block = model.stages[1].blocks[0]
     r, act3 = block.program
-    assert r[0] == "r" and r[4] is True  # the body ends with bn3: `body += short`
-    assert act3 == ("m", "act3") and block.act3.inplace  # right after the residual's sum
+    assert isinstance(r, Residual) and r.add_into is True  # the body ends with bn3: `body += short`
+    assert act3 == Call("act3") and block.act3.inplace  # right after the residual's sum
     assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))  # 1 + 3 x 16 as timm's
 
 
@@ -143,7 +144,7 @@ model m {
 """)
     model = composer.build(path).train()
     prog = model.stem.program
-    flags = [ins[4] for ins in prog if ins[0] == "r"]
+    flags = [ins.add_into for ins in prog if isinstance(ins, Residual)]
     # r1's body ends with an activation (autograd keeps its output), r2's with a save; r3 with a
     # batch norm, r5 with a layer scale (x * scale keeps its inputs), r6 with a residual: in place
     assert flags == [False, False, True, True, True]

@@ -546,7 +546,7 @@ REP_CASES = [
 
 @pytest.mark.parametrize("op, x", REP_CASES, ids=lambda v: v.describe() if hasattr(v, "describe") else str(v))
 def test_rep_conv_fuses_to_one_equal_conv(op, x):
-    from composer.layers import RepConv
+    from composer.layers.reparam import RepConv
 
     torch.manual_seed(0)
     y = op.infer(x)
@@ -573,7 +573,8 @@ def test_rep_conv_submodule_names_follow_timm():
 
 
 def test_fuse_model_replaces_every_rep_conv_in_place():
-    from composer.layers import RepConv, fuse_model
+    from composer.fuse import fuse_model
+    from composer.layers.reparam import RepConv
 
     x = Shape(6, (8, 8))
     model = nn.Sequential(

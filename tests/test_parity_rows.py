@@ -22,7 +22,7 @@ ROWS = {
 
 
 def _reference(name, **kwargs):
-    source, ref = composer.load(name).model.reference.split(":", 1)
+    source, ref = composer.load(name).reference.split(":", 1)
     torch.manual_seed(0)
     if source == "timm":
         return source, timm.create_model(ref, pretrained=False, **kwargs).eval()
@@ -78,7 +78,7 @@ def test_features_match_reference(name):
     _, ref = _reference(name)
     perturb(ref)
     with torch.device("meta"):
-        info = timm.create_model(composer.load(name).model.reference.split(":")[1], features_only=True).feature_info
+        info = timm.create_model(composer.load(name).reference.split(":")[1], features_only=True).feature_info
     full = composer.build(name).eval()
     assert from_timm(full, ref.state_dict()).ok
     feats = composer.build(name, features_only=True, out_indices=ours_idx).eval()

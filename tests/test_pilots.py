@@ -31,7 +31,7 @@ def test_param_count_equals_timm(name):
     plan = composer.load(name)
     assert plan.params == reference  # the torch-free rule
     assert n_params(composer.build(name, device="meta")) == reference  # the built module
-    assert plan.model.reference == f"timm:{PILOTS[name]}"
+    assert plan.reference == f"timm:{PILOTS[name]}"
 
 
 @pytest.mark.parametrize("name", ["vit_ti", "swin_t", "convnext_atto", "pvt_v2_b0", "poolformer_s12", "caformer_s18"])

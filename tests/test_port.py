@@ -23,7 +23,7 @@ TOL = 1e-4
 
 
 def _ref_name(name: str) -> str:
-    return composer.load(name).model.reference.split(":", 1)[1]
+    return composer.load(name).reference.split(":", 1)[1]
 
 
 _CACHE: dict = {}
@@ -61,7 +61,7 @@ def test_every_family_with_a_timm_reference_declares_a_mapping():
     from composer.api import zoo_index
 
     for name, path in zoo_index().items():
-        ref = composer.load(name).model.reference
+        ref = composer.load(name).reference
         if ref and ref.startswith("timm:") and path.stem in {"swin", "vit", "convnext", "pvt_v2", "metaformer"}:
             assert path.with_name(path.stem + ".port.yaml").is_file(), name
 

@@ -42,7 +42,7 @@ def _x(batch=1):
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_same_logits_after_port(name):
-    assert composer.load(name).model.reference == f"timm:{MODELS[name]}"
+    assert composer.load(name).reference == f"timm:{MODELS[name]}"
     ref, state = _reference(name)
     model = composer.build(name, seed=None).eval()
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in ref.parameters())

@@ -26,7 +26,7 @@ def test_param_count_equals_timm(name):
     with torch.device("meta"):
         expected = n_params(timm.create_model(PAIRS[name]))
     assert composer.load(name).params == expected
-    assert composer.load(name).model.reference == f"timm:{PAIRS[name]}"
+    assert composer.load(name).reference == f"timm:{PAIRS[name]}"
 
 
 def _perturbed(ref_name, **kwargs):

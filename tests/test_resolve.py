@@ -3,6 +3,7 @@
 import pytest
 
 import composer
+import composer.resolve as R
 from composer.diagnostics import ComposerError
 from helpers import write
 
@@ -27,7 +28,7 @@ model wide : tiny { dims = [16, 32]; num_classes = 5 }
 def test_stages_blocks_and_schedules(tmp_path):
     path = write(tmp_path, TINY)
     plan = composer.load(f"{path}:tiny")
-    m = plan.model
+    m = R.resolve_model(R.load(path), "tiny", {})  # the resolved model the plan was lowered from
     assert [len(s.blocks) for s in m.stages] == [1, 2]
     assert m.drop_path == pytest.approx([0.0, 0.15, 0.3])  # linspace over all 3 blocks
     kernels = [b.items[0].body[0].op.kernel for s in m.stages for b in s.blocks]
@@ -41,8 +42,8 @@ def test_stages_blocks_and_schedules(tmp_path):
 def test_variant_overrides(tmp_path):
     path = write(tmp_path, TINY)
     base, wide = composer.load(f"{path}:tiny"), composer.load(f"{path}:wide")
-    assert wide.model.params["dims"] == [16, 32] and wide.model.params["num_classes"] == 5
-    assert [name for name, _ in wide.model.overrides] == ["dims", "num_classes"]
+    assert wide.arguments["dims"] == [16, 32] and wide.arguments["num_classes"] == 5
+    assert [name for name, _ in wide.overrides] == ["dims", "num_classes"]
     # a hand count for the wide variant's stem: 3x3 conv from 3 to 16 channels with bias
     assert wide.stem.params == 16 * 3 * 9 + 16
     assert base.stem.params == 8 * 3 * 9 + 8
@@ -122,3 +123,34 @@ model m(img_size = 32) {
     assert main(["check", path, "--img-size", "64"]) == 2
     err = capsys.readouterr().err
     assert "m.arch:3:17: error: m is defined at 32 px only" in err and "^^^" in err
+
+
+FLOW = """
+block pair(dim) {
+    residual { conv(dim, 3, padding = 1) as c1 }
+    parallel add { conv(dim, 1) as p1; conv(dim, 1) as p2 }
+}
+model flow {
+    input image(3, 8)
+    stem { conv(4, 3, padding = 1) as c0; save early; relu as r0 }
+    stage { repeat 1 pair(4) }
+    head { from early; global_pool(); classifier(10) }
+}
+"""
+
+
+def test_graph_derived_from_the_steps_counted_by_hand(tmp_path):
+    plan = composer.load(f"{write(tmp_path, FLOW)}:flow")
+    g = plan.graph
+    ops = [s.path for sec in plan.sections for st in sec.steps for s in st.walk() if s.kind == "op"]
+    assert set(ops) <= set(g.nodes) and all(g.nodes[n]["kind"] == "op" for n in ops)  # every op is a node
+    b = "stages.0.blocks.0"
+    res, par = f"{b}.add@3:5", f"{b}.add@4:5"  # merge nodes named by the residual's and the parallel's line
+    assert g.nodes[res]["merge"] == g.nodes[par]["merge"] == "add"
+    # nodes: input, c0, r0, c1, the residual's sum, p1, p2, the parallel's sum, global_pool, classifier
+    assert g.number_of_nodes() == 10
+    # `from early` continues from c0, where the tensor was saved; the shortcut joins from r0
+    assert set(g.edges) == {
+        ("input", "stem.c0"), ("stem.c0", "stem.r0"), ("stem.r0", f"{b}.c1"), (f"{b}.c1", res), ("stem.r0", res),
+        (res, f"{b}.p1"), (res, f"{b}.p2"), (f"{b}.p1", par), (f"{b}.p2", par),
+        ("stem.c0", "head.global_pool"), ("head.global_pool", "head.classifier")}

@@ -4,22 +4,24 @@
 tables, fed by a one-loop copy of Lark's contextual lexer (composer/lalr.py: `FAST` switches
 both off), equal composite instances are expanded once per file and copied
 (composer/speed.py), equal blocks are lowered once per model and replayed under their own path
-(composer/graph.py). Each shortcut can be switched off; with and without it, every zoo blueprint
+(composer/speed.py). Each shortcut can be switched off; with and without it, every zoo blueprint
 must give the same AST, model and plan, and the hand-made cases below pin what the shortcuts
 must not merge (per-block values, drop-path rates, 1 and 1.0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 
 import pytest
 
 import composer
-import composer.graph as G
 import composer.lalr as LALR
-import composer.loader as L
+import composer.loader as Loader
+import composer.lower as Lower
 import composer.parse as P
+import composer.resolve as R
 import composer.speed as S
 from composer.diagnostics import ComposerError
 from helpers import REPO
@@ -35,30 +37,46 @@ def _outcome(fn):
 
 
 def _steps(steps) -> list:
+    """Every field of every step (ops by repr, nested step lists recursively), with its class."""
     out = []
     for s in steps:
-        out.append((s.kind, s.path, s.x, s.y, s.span, s.name, repr(s.op), s.merge, s.split, s.drop_path, s.call,
-                    s.batch, _steps(s.shortcut), _steps(s.body), [_steps(b) for b in s.branches]))
+        fields = []
+        for f in dataclasses.fields(s):
+            v = getattr(s, f.name)
+            if f.name in ("body", "shortcut", "reused"):
+                v = _steps(v)
+            elif f.name == "branches":
+                v = [_steps(b) for b in v]
+            elif f.name == "op":
+                v = repr(v)
+            fields.append((f.name, v))
+        out.append((type(s).__name__, fields))
     return out
 
 
-def _plan_facts(plan) -> tuple:
+def _plan_facts(plan, model) -> tuple:
     sections = [(s.path, s.x, s.y, s.drop_path, s.call, _steps(s.steps)) for s in plan.sections]
-    return (repr(plan.model), plan.params, plan.macs, sections, plan.record.nodes, plan.record.edges,
-            plan.saved)
+    g = plan.graph
+    return (repr(model), plan.params, plan.macs, sections, list(g.nodes(data=True)), list(g.edges), plan.saved)
+
+
+def _resolved_and_plan(path, name):
+    """The resolved model and its plan, as `composer.load` makes them (no overrides)."""
+    model = R.resolve_model(R.load(path), name, {})
+    return _plan_facts(Lower.plan(model), model)
 
 
 def _zoo_facts() -> list:
-    L._CACHE.clear()
+    Loader._CACHE.clear()
     facts = []
     for f in FILES:
-        unit = _outcome(lambda f=f: L.load(f))
+        unit = _outcome(lambda f=f: Loader.load(f))
         if isinstance(unit, tuple):
             facts.append((str(f), unit))
             continue
         facts.append((str(f), repr(unit.file)))
         for m in unit.file.models:
-            facts.append((m.name, _outcome(lambda t=f"{f}:{m.name}": _plan_facts(composer.load(t)))))
+            facts.append((m.name, _outcome(lambda f=f, n=m.name: _resolved_and_plan(f, n))))
     return facts
 
 
@@ -70,9 +88,9 @@ def test_zoo_same_with_and_without_shortcuts(monkeypatch):
 
     monkeypatch.setattr(LALR, "FAST", False)  # Lark's own LALR loop
     monkeypatch.setattr(S, "_freeze_args", no_key)  # every composite instance expanded afresh
-    monkeypatch.setattr(G, "_signature", lambda items: None)  # every block lowered afresh
+    monkeypatch.setattr(S, "_signature", lambda items: None)  # every block lowered afresh
     plain = _zoo_facts()
-    L._CACHE.clear()
+    Loader._CACHE.clear()
     assert len(fast) == len(plain) > 100
     for a, b in zip(fast, plain):
         assert a == b, a[0]
@@ -127,7 +145,7 @@ model m(num_classes = 10) {
 def _load(tmp_path, text, name="m"):
     path = tmp_path / "t.arch"
     path.write_text(text)
-    L._CACHE.pop(str(path.resolve()), None)
+    Loader._CACHE.pop(str(path.resolve()), None)
     return composer.load(f"{path}:{name}")
 
 
@@ -138,12 +156,13 @@ def test_reused_blocks_keep_their_drop_path(tmp_path, block):
     blocks = plan.stages[0].blocks
     assert [s.drop_path for s in blocks] == pytest.approx(expected)
     assert [s.steps[0].drop_path for s in blocks] == pytest.approx(expected)
-    assert [b.items[0].drop_path for b in plan.model.stages[0].blocks] == pytest.approx(expected)
+    model = R.resolve_model(R.load(tmp_path / "t.arch"), "m", {})
+    assert [b.items[0].drop_path for b in model.stages[0].blocks] == pytest.approx(expected)
     assert [s.steps[0].body[0].path for s in blocks] == [f"stages.0.blocks.{k}.conv" for k in range(4)]
-    nodes = [n for n, _ in plan.record.nodes]
+    nodes = list(plan.graph.nodes)
     assert [n for n in nodes if n.endswith(".conv")] == ["stem.conv"] + [f"stages.0.blocks.{k}.conv" for k in range(4)]
     # every block but the first starts from the residual merge of the block before it
-    starts = [a for a, b in plan.record.edges if b.startswith("stages.0.blocks.") and b.endswith(".conv")]
+    starts = [a for a, b in plan.graph.edges if b.startswith("stages.0.blocks.") and b.endswith(".conv")]
     assert starts[0] == "stem.conv" and all(a.startswith(f"stages.0.blocks.{k}.add@") for k, a in enumerate(starts[1:]))
 
 
@@ -168,20 +187,22 @@ def test_instances_shared_across_models_of_a_file(tmp_path):
     b = composer.load(f"{tmp_path / 't.arch'}:n")
     assert a.params - b.params == 5 * 8 + 5  # only the classifier differs: 8 -> 10 vs 8 -> 5 logits
     # equal, yet separate objects: changing one model's items leaves the other's alone
-    ia, ib = a.model.stages[0].blocks[0].items, b.model.stages[0].blocks[0].items
+    unit = R.load(tmp_path / "t.arch")  # the resolved models (lowering reads them; the plans do not keep them)
+    ma, mb = R.resolve_model(unit, "m", {}), R.resolve_model(unit, "n", {})
+    ia, ib = ma.stages[0].blocks[0].items, mb.stages[0].blocks[0].items
     assert repr(ia) == repr(ib) and ia[0] is not ib[0] and ia[0].body[0] is not ib[0].body[0]
 
 
 def test_gc_pause_leaves_the_collector_as_it_was():
     # after a pause, the survivors are moved to the oldest generation (freeze, then unfreeze):
     # nothing stays frozen, the collector is on again and the young generation is empty
-    L._CACHE.clear()
+    Loader._CACHE.clear()
     assert gc.isenabled() and gc.get_freeze_count() == 0
     composer.load("caformer_s18")
     assert gc.isenabled() and gc.get_freeze_count() == 0 and gc.get_count()[0] < 100
     # a program that froze objects itself keeps them frozen: the pause then only re-enables (none
     # is added; a frozen object that reference counting frees meanwhile leaves the count)
-    L._CACHE.clear()
+    Loader._CACHE.clear()
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
@@ -189,4 +210,4 @@ def test_gc_pause_leaves_the_collector_as_it_was():
         assert gc.isenabled() and 0 < gc.get_freeze_count() <= frozen
     finally:
         gc.unfreeze()
-        L._CACHE.clear()
+        Loader._CACHE.clear()

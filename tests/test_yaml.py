@@ -36,10 +36,8 @@ def steps(section):
     def walk(items):
         for s in items:
             out.append((s.path, s.kind, str(s.y)))
-            walk(s.body)
-            walk(s.shortcut)
-            for b in s.branches:
-                walk(b)
+            for sub in s.children():  # a residual's shortcut and body, a parallel's branches, a composite's body
+                walk(sub)
 
     if section is not None:
         walk(section.steps)

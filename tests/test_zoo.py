@@ -14,7 +14,7 @@ TIMM_NAMES = set(timm.list_models())
 
 
 def _reference(name):
-    ref = composer.load(name).model.reference
+    ref = composer.load(name).reference
     return ref.split(":", 1) if ref else (None, None)
 
 

@@ -64,7 +64,7 @@ def test_every_model_cites_paper_and_official_code():
     zoo = zoo_index()
     for name in [r[0] for r in ROWS] + [v[0] for v in VARIANTS]:
         assert name in zoo, name
-        model = composer.load(name).model
+        model = composer.load(name)  # the plan carries the reference and the paper
         assert model.reference.startswith("official:") and model.paper, name
 
 

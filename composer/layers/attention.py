@@ -79,7 +79,7 @@ def _split(grid, size, mode):
     return [s for g, w in zip(grid, _sizes(grid, size)) for s in ((g // w, w) if mode == "window" else (w, g // w))]
 
 
-def _partition(x: torch.Tensor, grid, size, mode: str = "window") -> torch.Tensor:
+def partition_windows(x: torch.Tensor, grid, size, mode: str = "window") -> torch.Tensor:
     """(B, *grid, C) -> (B * groups, size**ndim, C). `window`: contiguous size^d windows (Swin);
     `grid`: each group holds the size^d tokens at stride grid/size (MaxViT grid attention)."""
     b, c = x.shape[0], x.shape[-1]
@@ -87,8 +87,8 @@ def _partition(x: torch.Tensor, grid, size, mode: str = "window") -> torch.Tenso
     return x.reshape(-1, math.prod(_sizes(grid, size)), c)
 
 
-def _unpartition(x: torch.Tensor, grid, size, b, mode: str = "window") -> torch.Tensor:
-    """The inverse of `_partition`: (B * groups, size**ndim, C) -> (B, prod(grid), C)."""
+def unpartition_windows(x: torch.Tensor, grid, size, b, mode: str = "window") -> torch.Tensor:
+    """The inverse of `partition_windows`: (B * groups, size**ndim, C) -> (B, prod(grid), C)."""
     c, ndim = x.shape[-1], len(grid)
     split = _split(grid, size, mode)
     perm = _perm(ndim, mode)
@@ -105,7 +105,7 @@ def _shift_mask(grid, window, shift) -> torch.Tensor:
     for region in _product(slices):
         labels[region] = count
         count += 1
-    windows = _partition(labels[None, ..., None], grid, window).squeeze(-1)  # (nW, N)
+    windows = partition_windows(labels[None, ..., None], grid, window).squeeze(-1)  # (nW, N)
     diff = windows[:, None, :] - windows[:, :, None]
     return torch.where(diff != 0, -100.0, 0.0)
 
@@ -480,7 +480,7 @@ class Attention(nn.Module):
                 x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
             if self.shift:
                 x = self._roll(x, -self.shift)
-            x = _partition(x, self.padded, self.size, self.partition)
+            x = partition_windows(x, self.padded, self.size, self.partition)
             if self.messengers:
                 x = torch.cat([msg.reshape(-1, 1, msg.shape[-1]), x], 1)  # (B * nW, 1 + N, C)
         q, k, v = self._project(x)
@@ -498,7 +498,7 @@ class Attention(nn.Module):
         if self.messengers:
             msg, y = y[:, 0].reshape(b, -1, c), y[:, 1:]
         if self.partition in ("window", "grid"):
-            y = _unpartition(y, self.padded, self.size, b, self.partition)
+            y = unpartition_windows(y, self.padded, self.size, b, self.partition)
             if self.shift:
                 y = self._roll(y.view(b, *self.padded, c), self.shift).reshape(b, -1, c)
             if self.padded != self.grid:
@@ -587,7 +587,7 @@ class Attention(nn.Module):
         """Bi-level routing: q, k, v (B, h, N, d) -> (B, h, N, d)."""
         b = q.shape[0]
         region = self.region
-        q, k, v = (_partition(self._merge(t).view(b, *self.grid, -1), self.grid, region).view(
+        q, k, v = (partition_windows(self._merge(t).view(b, *self.grid, -1), self.grid, region).view(
             b, -1, math.prod(region), self.heads * self.head_dim) for t in (q, k, v))  # (B, R, w, C)
         with torch.no_grad():  # region affinity, no gradient (BiFormer detaches)
             affinity = q.mean(2) @ k.mean(2).transpose(-2, -1)  # (B, R, R)
@@ -600,7 +600,7 @@ class Attention(nn.Module):
         if self.kv_tokens_count:
             k, v = self._with_kv_tokens(k, v)
         y = self._attend(q, k, v, None)  # (B*R, h, w, d)
-        y = _unpartition(self._merge(y), self.grid, region, b)  # (B, N, C)
+        y = unpartition_windows(self._merge(y), self.grid, region, b)  # (B, N, C)
         return self._heads(y)
 
     def _agents(self, q, k, v):
@@ -672,12 +672,12 @@ class CascadedAttention(nn.Module):
         x = x.movedim(1, -1)
         if self.padded != self.grid:  # zeros at the end of every dim
             x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
-        x = _partition(x, self.padded, self.size)  # (B * nW, N, C)
+        x = partition_windows(x, self.padded, self.size)  # (B * nW, N, C)
         return x.transpose(1, 2).reshape(x.shape[0], c, *self.group)
 
     def _unwindows(self, y, b):
         c = y.shape[1]
-        y = _unpartition(y.flatten(2).transpose(1, 2), self.padded, self.size, b)  # (B, prod(padded), C)
+        y = unpartition_windows(y.flatten(2).transpose(1, 2), self.padded, self.size, b)  # (B, prod(padded), C)
         y = y.view(b, *self.padded, c)
         if self.padded != self.grid:
             y = y[(slice(None), *[slice(0, g) for g in self.grid])]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import _partition, _unpartition
+from .attention import partition_windows, unpartition_windows
 from .core import built_on_cpu, trunc_normal_
 
 
@@ -69,7 +69,7 @@ class MultilevelAttention(nn.Module):
         q, kk, v = self.qkv(xm).chunk(3, dim=-1)  # each (B, H, W, C)
 
         def windows(t):  # (B, H, W, C) -> (B * nW, w * w, C), windows row-major
-            return _partition(t, self.grid, w)
+            return partition_windows(t, self.grid, w)
 
         qw = windows(q)
         keys, values = [windows(kk)], [windows(v)]
@@ -105,7 +105,7 @@ class MultilevelAttention(nn.Module):
         attn = (qh * self.scale) @ kh.transpose(-2, -1) + bias.to(qh.dtype)  # explicit: MACs seen by the counter
         out = attn.softmax(-1) @ vh
         out = self.proj(out.transpose(1, 2).reshape(b * nwin, area, c))
-        return _unpartition(out, self.grid, w, b)
+        return unpartition_windows(out, self.grid, w, b)
 
     def extra_repr(self) -> str:
         return f"heads={self.heads}, window={self.w}, expand={self.e}, pooled={self.k}"

@@ -56,11 +56,11 @@ class Op(BaseModel):
         for key, field in type(self).model_fields.items():
             value = getattr(self, key)
             if field.is_required() or value != field.default:
-                parts.append(f"{key}={_show(value)}")
+                parts.append(f"{key}={show_value(value)}")
         return f"{self.name}({', '.join(parts)})"
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
     if isinstance(value, Op):
         return value.describe()
     if isinstance(value, str):
@@ -70,7 +70,7 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
     return str(value)
 
 

@@ -81,7 +81,7 @@ class RepConvOp(_Rep):
     `identity` (a BN of the input) when `identity` and the conv keeps channels and resolution
     (timm's RepVGG names; each conv branch has submodules `conv` and `bn`). No activation.
     `module.fuse()` returns the equivalent single conv (with bias) for eval mode;
-    `composer.layers.fuse_model(model)` (and `model.fuse()`) fuses every such module in place, then
+    `composer.fuse.fuse_model(model)` (and `model.fuse()`) fuses every such module in place, then
     folds linear structures around the fused convs (see `fuse_model`). Kernels must be odd
     (padding `kernel // 2`). MACs and params count the training form (all branches)."""
 

@@ -1,4 +1,5 @@
-"""`composer diff A B`: what differs between two resolved architectures, and what it costs.
+"""What differs between two resolved architectures, and what it costs (`composer diff A B`, and
+`composer.diff(a, b)`).
 
 Both models are resolved and shape-checked (no torch), then each is turned into a plain tree by
 `describe(plan)`: nested dicts and lists whose leaves are op calls as text (`linear(out=384)`).
@@ -27,31 +28,29 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .analyse import _fmt_count, rows
+from .analyse import fmt_count, rows
 from .expr import Cycle, Ref, Schedule
-from .graph import Plan
 from .locate import BLUEPRINTS_DIR
-from .ops.registry import Op, _show
+from .ops.registry import Op, show_value
+from .plan import LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep
+from .source import SOURCES
 
 # ---- describe: the resolved model as a plain tree ----------------------------------------------
 
 
 def describe(plan: Plan) -> dict:
     """The resolved architecture as nested dicts and lists of op calls as text."""
-    m = plan.model
-    size = m.input.size
+    size = plan.input.spatial
     tree = {
-        "input": f"{m.input.kind}({m.input.channels}, {size[0] if len(set(size)) == 1 else list(size)})",
-        "params": {k: _text(v) for k, v in m.params.items()},
-        "drop_path": _rates(m.drop_path),
-        "reference": m.reference,
-        "outputs": _text(m.outputs) if m.outputs is not None else None,
-        "feature_points": m.features if m.features != "stages" else None,
+        "input": f"{plan.input_kind}({plan.input.channels}, {size[0] if len(set(size)) == 1 else list(size)})",
+        "params": {k: _text(v) for k, v in plan.arguments.items()},
+        "drop_path": _rates(plan.drop_path),
+        "reference": plan.reference,
+        "outputs": _text(plan.outputs) if plan.outputs is not None else None,
+        "feature_points": plan.features if plan.features != "stages" else None,
         "stem": _seq(plan.stem.steps),
         "stages": [_stage(st) for st in plan.stages],
         "head": _seq(plan.head.steps),
@@ -82,18 +81,19 @@ def _flow(steps, entries: dict) -> list:
     """The wiring of `steps` as tokens: a name, or [kind, ...] for residual, parallel, save, from, convert."""
     out = []
     for s in steps:
-        if s.kind in ("op", "seq"):
+        cls = s.__class__
+        if cls is OpStep or cls is SeqStep:
             name = s.name
             while name in entries:  # cannot happen with resolver names; never overwrite silently
                 name += "'"
-            entries[name] = s.op.describe() if s.kind == "op" else {"call": s.call, **_seq(s.body)}
+            entries[name] = s.op.describe() if cls is OpStep else {"call": s.call, **_seq(s.body)}
             out.append(name)
-        elif s.kind == "residual":
+        elif cls is ResidualStep:
             out.append(["residual", _flow(s.shortcut, entries), _flow(s.body, entries)])
-        elif s.kind == "parallel":
+        elif cls is ParallelStep:
             out.append(["parallel", s.merge] + [_flow(b, entries) for b in s.branches])
-        else:  # convert (to_tokens, to_map), save, load
-            out.append([{"load": "from"}.get(s.kind, s.kind), s.name])
+        else:  # convert (to_tokens, to_map), save, load, reuse: the kind and what it names
+            out.append([{"load": "from"}.get(s.kind, s.kind), _named(s)])
     return out
 
 
@@ -130,7 +130,7 @@ def _text(v) -> str:
         return "[" + ", ".join(_text(x) for x in v) + "]"
     if isinstance(v, float):
         return _num(v)
-    return _show(v)
+    return show_value(v)
 
 
 def _num(x: float) -> str:
@@ -341,24 +341,15 @@ def _row(name, x, y) -> dict:
 
 
 def _side(plan: Plan, target: str | None) -> Side:
-    from .resolve import load
-    from .source import SOURCES
-
-    m = plan.model
-    defs = {d.name: d for d in load(m.file).file.models} if m.file else {}
-    chain, cur = [m.name], defs.get(m.name)
-    while cur is not None and cur.base and cur.base not in chain:
-        chain.append(cur.base)
-        cur = defs.get(cur.base)
     overrides = []
-    for _, span in m.overrides:
+    for _, span in plan.overrides:
         src = SOURCES.get(span.file)
         lines = src.text.splitlines()[span.line - 1:span.end_line] if src else []
         if lines:
             lines[-1] = lines[-1][:span.end_column - 1]
             lines[0] = lines[0][span.column - 1:]
         overrides.append(" ".join(" ".join(lines).split()))
-    return Side(target or m.name, m.name, _display_path(m.file), chain, overrides)
+    return Side(target or plan.name, plan.name, _display_path(plan.file), list(plan.chain) or [plan.name], overrides)
 
 
 def _display_path(path: str) -> str:
@@ -415,7 +406,7 @@ def _cost_table(cost: list, paint=lambda kind, text: text) -> str:
             out.append("-" * len(header))
         line = (f"{r['section']:<10} {_num_cell(p['a'], '-'):>13} {_num_cell(p['b'], '-'):>13} "
                 f"{_delta(p['delta'], '{:,}'.format):>13}   "
-                f"{_macs(m['a']):>8} {_macs(m['b']):>8} {_delta(m['delta'], _fmt_count):>9}")
+                f"{_macs(m['a']):>8} {_macs(m['b']):>8} {_delta(m['delta'], fmt_count):>9}")
         out.append(paint("changed", line) if p["delta"] or m["delta"] else line)
     return "\n".join(out)
 
@@ -429,7 +420,7 @@ def _delta(v: int, fmt) -> str:
 
 
 def _macs(v) -> str:
-    return "-" if v is None else _fmt_count(v)
+    return "-" if v is None else fmt_count(v)
 
 
 def render_markdown(d: Diff) -> str:
@@ -450,39 +441,13 @@ def render_markdown(d: Diff) -> str:
     for r in d.cost:
         p, m = r["params"], r["macs"]
         out.append(f"| {r['section']} | {_num_cell(p['a'])} | {_num_cell(p['b'])} | {_delta(p['delta'], '{:,}'.format)}"
-                   f" | {_macs(m['a'])} | {_macs(m['b'])} | {_delta(m['delta'], _fmt_count)} |")
+                   f" | {_macs(m['a'])} | {_macs(m['b'])} | {_delta(m['delta'], fmt_count)} |")
     return "\n".join(out) + "\n"
 
 
-def main(args) -> int:
-    """The CLI: exit 0 when identical, 1 when different; user errors raise (exit 2)."""
-    from .api import load
-    from .cli import _overrides
-    from .diagnostics import ComposerError
-
-    plans = []
-    for label, target in (("A", args.a), ("B", args.b)):
-        try:
-            plans.append(load(target, **_overrides(args)))
-        except ComposerError as exc:
-            exc.diagnostics[0].notes.append(f"while loading {label} of `composer diff` ('{target}')")
-            raise
-    d = compare(*plans, target_a=args.a, target_b=args.b)
-    if args.format == "json":
-        print(json.dumps(d.as_json(), indent=2))
-    elif args.format == "markdown":
-        print(render_markdown(d), end="")
-    else:
-        colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-        print(render_text(d, colour))
-    return 0 if d.identical else 1
-
-
-class _CallableModule(types.ModuleType):
-    """`composer.diff(a, b)` keeps working once this module is imported as `composer.diff`."""
-
-    def __call__(self, a: Plan, b: Plan) -> Diff:
-        return compare(a, b)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+def _named(step) -> str:
+    """What a convert, save, load or reuse step names: the conversion, the tensor, the module."""
+    cls = step.__class__
+    if cls is SaveStep or cls is LoadStep:
+        return step.tensor
+    return step.target if cls is ReuseStep else step.name
