@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .api import build, build_loss, check, diff, load, resolve_target
 from .diagnostics import ComposerError
+from .sizes import InputSizeError
 
-__all__ = ["build", "build_loss", "check", "diff", "load", "resolve_target", "ComposerError"]
+__all__ = ["build", "build_loss", "check", "diff", "load", "resolve_target", "ComposerError", "InputSizeError"]
 __version__ = "0.1.0"

@@ -97,12 +97,15 @@ def diff(a: Plan, b: Plan):
 
 
 def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,
-          **overrides):
-    """Build a model as a plain `nn.Module` (timm-style API)."""
+          dynamic_img_size: bool = False, **overrides):
+    """Build a model as a plain `nn.Module` (timm-style API). The model runs at every input size its
+    architecture admits (`composer info` states them) and refuses others with
+    `composer.InputSizeError`; `dynamic_img_size=True` resamples absolute position embeddings to
+    the grid it gets, as timm's option of that name does."""
     from .builder import build_module
 
     return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
-                        out_indices=out_indices)
+                        out_indices=out_indices, dynamic_img_size=dynamic_img_size)
 
 
 def build_loss(target: str, **overrides):

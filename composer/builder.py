@@ -11,9 +11,16 @@ from .layers.core import ChannelScale, Scale, tie_scope
 from .layers.reparam import RepConv
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
                    Step)
-from .program import Call, Load, Parallel, Residual, Save, Shared, ToMap, ToTokens
+from .sizes import check_input
+from .program import (Call, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid, ToMap,
+                      ToTokens)
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
+
+# The grid the flowing tokens lie on is kept in the forward pass's named tensors under this key
+# (never a tensor name: those are identifiers), and a saved tensor's grid under GRID + name, so a
+# model built at one size folds tokens back into maps at the size it actually gets.
+GRID = " grid"
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -39,8 +46,9 @@ class Sequence(nn.Module):
         for s in steps:
             cls = s.__class__
             if cls is OpStep:
-                self._add(s, s.op.build(s.x, s.y))
-                prog.append(Call(s.name))
+                module = s.op.build(s.x, s.y)
+                self._add(s, module)
+                prog += _op_instructions(s, module)
             elif cls is SeqStep:
                 self._add(s, Sequence(s.body, s.call))
                 prog.append(Call(s.name))
@@ -55,7 +63,7 @@ class Sequence(nn.Module):
                     prog += self._compile(s.reused[:-1])
                 prog.append(Shared(s.target))
             elif cls is ConvertStep:
-                prog.append(ToTokens() if s.name == "to_tokens" else ToMap(s.x.spatial))
+                prog.append(ToTokens() if s.name == "to_tokens" else ToMap())
             elif cls is ResidualStep:
                 prog.append(Residual(self._compile(s.body), self._compile(s.shortcut), s.drop_path))
             elif cls is ParallelStep:
@@ -133,19 +141,34 @@ class Sequence(nn.Module):
             if cls is Call:
                 mod = mods[ins.name]
                 x = mod(x, env) if isinstance(mod, Sequence) else mod(x)
+            elif cls is GridCall:
+                if ins.regrid:
+                    x, env[GRID] = mods[ins.name](x, env.get(GRID))
+                else:
+                    x = mods[ins.name](x, env.get(GRID))
             elif cls is Save:
                 env[ins.name] = x
+                env[GRID + ins.name] = env.get(GRID)
             elif cls is Shared:  # `reuse`: a module registered elsewhere in the model
                 mod = self._shared[ins.name]
                 x = mod(x, env) if isinstance(mod, (Sequence, StageModule)) else mod(x)
             elif cls is Load:
                 x = env[ins.name]
+                env[GRID] = env.get(GRID + ins.name)
             elif cls is ToTokens:
+                env[GRID] = x.shape[2:]
                 x = x.flatten(2).transpose(1, 2)
             elif cls is ToMap:
-                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *ins.grid)
+                x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *env[GRID])
+            elif cls is MapGrid:
+                env[GRID] = x.shape[2:]
+            elif cls is StaticGrid:
+                env[GRID] = ins.grid
             elif cls is Residual:
+                grid = env.get(GRID)
                 short = self._run(ins.shortcut, x, env) if ins.shortcut else x
+                if ins.shortcut:
+                    env[GRID] = grid  # the body starts from the input's grid too
                 body = self._run(ins.body, x, env)
                 if ins.drop_path and self.training:
                     body = _drop_path(body, ins.drop_path, True)
@@ -164,10 +187,11 @@ class Sequence(nn.Module):
 
     def _parallel(self, ins: Parallel, x, env):
         merge, branches, split, (split_dim, cat_dim) = ins
-        if split:
-            outs = [self._run(b, xi, env) for b, xi in zip(branches, x.split_with_sizes(split, split_dim))]
-        else:
-            outs = [self._run(b, x, env) for b in branches]
+        grid = env.get(GRID)  # every branch starts from the input's grid; after a merge the last
+        outs = []  # branch's grid stays (`parallel tokens`: the last branch's grid is the grid)
+        for b, xi in zip(branches, x.split_with_sizes(split, split_dim) if split else [x] * len(branches)):
+            env[GRID] = grid
+            outs.append(self._run(b, xi, env))
         if merge == "tokens":  # along the token axis of (B, N, C)
             return torch.cat(outs, dim=1)
         if merge == "concat":
@@ -213,9 +237,12 @@ class StageModule(nn.Module):
 class ComposedModel(nn.Module):
     """A model built from a blueprint, with timm's backbone API."""
 
-    def __init__(self, plan: Plan, features_only: bool = False, out_indices=None):
+    def __init__(self, plan: Plan, features_only: bool = False, out_indices=None, dynamic_img_size: bool = False):
         super().__init__()
         self.plan = plan
+        self.dynamic_img_size = dynamic_img_size
+        self._input = (plan.input.channels, *plan.input.spatial)  # the size built for: no check needed
+        self._admitted: set = set()  # other input sizes found admissible (composer.sizes)
         self.stem = Sequence(plan.stem.steps)
         self.stages = nn.ModuleList(StageModule(s) for s in plan.stages)
         self.features_only = features_only
@@ -257,8 +284,20 @@ class ComposedModel(nn.Module):
                 if isinstance(target, Sequence._INPLACE):  # in place where defined; elsewhere its
                     target.inplace = False  # input may be a kept tensor (a `save`, a shortcut)
 
+    def check_input(self, x) -> None:
+        """Refuse, before anything runs, an input whose size the architecture does not admit
+        (`composer.sizes.InputSizeError`, naming the model, the size and the admitted sizes). A size
+        is checked once (pure-Python shape inference), then remembered; tracing skips the check."""
+        size = tuple(x.shape[1:])
+        if size == self._input or size in self._admitted or torch.compiler.is_compiling():
+            return
+        check_input(self.plan, size[1:], size[0], self.dynamic_img_size)
+        self._admitted.add(size)
+
     def forward_features(self, x, env: dict | None = None):
-        env = {"input": x} if env is None else env
+        if env is None:
+            self.check_input(x)
+            env = {"input": x}
         x = self.stem(x, env)
         for stage in self.stages:
             x = stage(x, env)
@@ -274,12 +313,14 @@ class ComposedModel(nn.Module):
     def forward_intermediates(self, x):
         """The output of every stage in `out_indices` (or the model's named `outputs`), as maps
         (B, C, *grid) where the grid allows."""
+        self.check_input(x)
         env = {"input": x}
         x = self.stem(x, env)
         if self.named_outputs:
             for stage in self.stages:
                 x = stage(x, env)
-            return [_as_map(env[name], *m) for name, m in zip(self.named_outputs, self._named_maps)]
+            return [_as_map(env[name], env.get(GRID + name) or grid, extra)
+                    for name, (grid, extra) in zip(self.named_outputs, self._named_maps)]
         wanted = {(i, k): (grid, extra) for i, k, grid, extra in self._points}
         feats = {}
         for i, stage in enumerate(self.stages):
@@ -289,7 +330,7 @@ class ComposedModel(nn.Module):
                 for k, block in enumerate(stage.blocks):
                     x = block(x, env)
                     if (i, k) in wanted:
-                        feats[i, k] = _as_map(x, *wanted[i, k])
+                        feats[i, k] = _as_map(x, env.get(GRID) or wanted[i, k][0], wanted[i, k][1])
                 if stage.downsample is not None and stage.downsample_last:
                     x = stage.downsample(x, env)
                 if stage.norm is not None:
@@ -297,12 +338,13 @@ class ComposedModel(nn.Module):
             else:
                 x = stage(x, env)
                 if (i, None) in wanted:
-                    feats[i, None] = _as_map(x, *wanted[i, None])
+                    feats[i, None] = _as_map(x, env.get(GRID) or wanted[i, None][0], wanted[i, None][1])
         return [feats[i, k] for i, k, _, _ in self._points]
 
     def forward(self, x):
         if self.features_only:
             return self.forward_intermediates(x)
+        self.check_input(x)
         env = {"input": x}
         return self.forward_head(self.forward_features(x, env), env=env)
 
@@ -336,13 +378,33 @@ class ComposedModel(nn.Module):
             stage.grad_checkpointing = enable
 
 
+def _op_instructions(s: OpStep, module) -> list:
+    """The instructions that run op step `s`'s module and keep the grid its output tokens lie on:
+    a module with `takes_grid` gets the grid (and one with `returns_grid` gives the new one back);
+    tokens made from a map on the same grid take the map's; tokens put on another grid by a module
+    that does not tell it take the grid inferred at the build size (`StaticGrid`: the size check
+    refuses input sizes that would change it)."""
+    # a module tied to its build grid keeps it (one that resamples its table gets the grid: the size
+    # check admits other grids for it only with dynamic_img_size)
+    takes = getattr(module, "takes_grid", False) and (s.op.runtime_grid(s.x) or getattr(s.op, "resamples", False))
+    regrid = takes and getattr(module, "returns_grid", False)
+    x, y = s.x, s.y
+    on_grid = y.layout == "tokens" and bool(y.spatial) and not regrid
+    from_map = on_grid and x.layout == "map" and y.spatial == x.spatial
+    out = [MapGrid()] if from_map else []
+    out.append(GridCall(s.name, regrid) if takes else Call(s.name))
+    if on_grid and not from_map and (x.layout != "tokens" or x.spatial != y.spatial):
+        out.append(StaticGrid(tuple(y.spatial)))
+    return out
+
+
 def _reuse_targets(plan: Plan) -> set:
     return {s.target for sec in plan.sections for st in sec.steps for s in st.walk() if s.__class__ is ReuseStep}
 
 
 def _as_map(x, grid, extra):
     """A feature as a map (B, C, *grid): tokens (`extra` is not None) lose their class tokens, as
-    timm's features do; maps and vectors pass unchanged."""
+    timm's features do; maps and vectors pass unchanged. `grid`: the tokens' grid at run time."""
     if extra is None or not grid:
         return x
     return x[:, extra:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
@@ -395,8 +457,12 @@ def _classifier_out(steps) -> int:
     return next((s.op.num_classes for s in _classifier_steps(steps)), 0)
 
 
-def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only=False, out_indices=None):
-    """Instantiate `plan` as a `ComposedModel`, deterministically when `seed` is given."""
+def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only=False, out_indices=None,
+                 dynamic_img_size: bool = False):
+    """Instantiate `plan` as a `ComposedModel`, deterministically when `seed` is given.
+    `dynamic_img_size`: absolute position embeddings are resampled to the grid the model gets at
+    run time (timm's option of that name); without it other input sizes that change their grid
+    are refused."""
     if plan.params > MAX_PARAMS and str(device) != "meta":
         raise error("too-large", f"the model has {plan.params:,} parameters; refusing to allocate more than "
                     f"{MAX_PARAMS:,}", plan.span, "use `composer info`, which allocates nothing")
@@ -404,7 +470,8 @@ def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only
         if seed is not None:
             torch.manual_seed(seed)
         with torch.device(device) if device is not None else _null(), tie_scope():
-            model = ComposedModel(plan, features_only=features_only, out_indices=out_indices)
+            model = ComposedModel(plan, features_only=features_only, out_indices=out_indices,
+                                  dynamic_img_size=dynamic_img_size)
     return model
 
 

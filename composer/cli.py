@@ -38,6 +38,8 @@ def _overrides(args) -> dict:
     over = _sets(getattr(args, "set", None))
     for key in ("num_classes", "img_size", "in_chans"):
         value = getattr(args, key, None)
+        if key == "img_size" and value is not None:  # `--img-size 256` or `--img-size 256 192` (H W)
+            value = value[0] if len(set(value)) == 1 else list(value)
         if value is not None:
             over[key] = value
     return over
@@ -144,8 +146,12 @@ def cmd_info(args) -> int:
     from .analyse import counted_params, render
     from .builder import build_module
 
+    from .sizes import rule_text
+
     model = build_module(plan, seed=None, device="meta")
     print(render(plan, counted_params(model)))
+    print(f"input sizes: {rule_text(plan)} (built at {'x'.join(map(str, plan.input.spatial))}; "
+          f"with dynamic_img_size: {rule_text(plan, dynamic=True)})")
     print("(built on the meta device: no weights allocated)")
     return EXIT_OK
 
@@ -254,7 +260,8 @@ def make_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a model parameter (the value is an expression: 10, [2, 2, 6, 2], \"avg\")")
         sp.add_argument("--num-classes", dest="num_classes", type=int, help="classifier size (0: no classifier)")
-        sp.add_argument("--img-size", dest="img_size", type=int, help="input resolution")
+        sp.add_argument("--img-size", dest="img_size", type=int, nargs="+", metavar="SIZE",
+                        help="input resolution: one size, or one per spatial axis (H W)")
         sp.add_argument("--in-chans", dest="in_chans", type=int, help="input channels")
 
     c = sub.add_parser("check", help="parse, validate and infer every shape (no torch)",

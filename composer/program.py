@@ -13,6 +13,27 @@ class Call(NamedTuple):
     name: str
 
 
+class GridCall(NamedTuple):
+    """Run the module `name` on the flowing tokens and the grid they lie on (B, N, C), grid
+    (a module with `takes_grid`); `regrid`: it returns (tokens, their new grid)."""
+
+    name: str
+    regrid: bool = False
+
+
+class MapGrid(NamedTuple):
+    """Before an op that turns a map into tokens on the same grid: the grid of the flowing map is
+    the grid of the tokens to come."""
+
+
+class StaticGrid(NamedTuple):
+    """After an op that puts tokens on a grid of its own without telling it at run time: the grid
+    inferred for the size the model was built at (composer.sizes refuses input sizes for which
+    this op's grid would differ)."""
+
+    grid: tuple
+
+
 class Save(NamedTuple):
     """`save name`: keep the flowing tensor in the forward pass's named tensors."""
 
@@ -36,9 +57,7 @@ class ToTokens(NamedTuple):
 
 
 class ToMap(NamedTuple):
-    """Tokens (B, N, C) back to a map (B, C, *grid)."""
-
-    grid: tuple
+    """Tokens (B, N, C) back to a map (B, C, *grid), on the grid they lie on at run time."""
 
 
 class Residual(NamedTuple):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import composer
 from composer.builder import ComposedModel, Sequence, build_module
-from composer.program import Call, Load, Parallel, Residual, Save, Shared, ToMap, ToTokens
+from composer.program import Call, GridCall, Load, Parallel, Residual, Save, Shared, ToMap, ToTokens
 from helpers import n_params, perturb, write
 
 RESNETISH = """
@@ -46,7 +46,7 @@ def test_program_of_a_residual_block_and_a_layout_change(tmp_path):
     assert relu == Call("relu")
     # stage 1: the block's residual needs tokens, so the conversion comes before it
     to_tokens, res2 = m.stages[1].blocks[0].program
-    assert type(to_tokens) is ToTokens and type(res2) is Residual and res2.body == [Call("pos_embed")]
+    assert type(to_tokens) is ToTokens and type(res2) is Residual and res2.body == [GridCall("pos_embed")]
     assert m.stages[1].downsample.program == [Call("conv")]
     assert m.head.program == [Call("global_pool"), Call("norm"), Call("classifier")]
 
@@ -86,7 +86,7 @@ model m {
     stem { conv(4, 3) as a; pos_embed; conv(2, 1) as back }
 }
 """).eval()
-    assert m.stem.program == [Call("a"), ToTokens(), Call("pos_embed"), ToMap((4, 4)), Call("back")]
+    assert m.stem.program == [Call("a"), ToTokens(), GridCall("pos_embed"), ToMap(), Call("back")]
     x = torch.randn(2, 3, 4, 4)
     s = m.stem
     t = F.conv2d(x, s.a.weight, s.a.bias, padding=1)                     # (2, 4, 4, 4)

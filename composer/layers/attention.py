@@ -380,15 +380,15 @@ class Attention(nn.Module):
     def _roll(self, x, shift):
         return torch.roll(x, [shift] * len(self.grid), dims=list(range(1, len(self.grid) + 1)))
 
-    def _conv_project(self, x):
+    def _conv_project(self, x, grid):
         e = self.extra
         cls, img = x[:, :e], x[:, e:]
-        m = _to_map(img, self.grid)
+        m = _to_map(img, grid)
         q, k, v = (torch.cat([cls, _to_tokens(getattr(self, f"conv_{n}")(m))], 1) for n in "qkv")
         return self.q(q), self.k(k), self.v(v)
 
-    def _project(self, x):
-        """q (B', L, C), k and v (B', M, C) tokens."""
+    def _project(self, x, grid):
+        """q (B', L, C), k and v (B', M, C) tokens; `grid`: the tokens' grid at run time."""
         c = self.heads * self.head_dim
         if self.input_query:
             x, q = x.split(c, dim=-1)
@@ -396,7 +396,7 @@ class Attention(nn.Module):
         elif hasattr(self, "qkv"):
             q, k, v = self.qkv(x).split(c, dim=-1)
         elif hasattr(self, "conv_q"):
-            q, k, v = self._conv_project(x)
+            q, k, v = self._conv_project(x, grid)
         elif self.queries:
             src = x[:, self.queries:] if self.keys_rest else x
             q, k, v = self.q(x[:, : self.queries]), self.k(src), self.v(src)
@@ -407,18 +407,18 @@ class Attention(nn.Module):
             q = self.q(x)
             source = self._source("_key_source")
             if self.key_source_query:
-                src = source(_to_map(x, self.grid), _to_map(q, self.grid))
+                src = source(_to_map(x, grid), _to_map(q, grid))
             else:
-                src = source(_to_map(x, self.grid))
+                src = source(_to_map(x, grid))
             if isinstance(src, tuple):  # a key source with a score bias (B, heads, N, M), added in `_attention`
                 src, self._source_bias = src
             k, v = self.kv(src).split(c, dim=-1)
         return q, k, v
 
-    def _extra_keys(self, x):
+    def _extra_keys(self, x, grid):
         """Keys and values of the extra key source, heads split: (B, h, P, d) each."""
         c = self.heads * self.head_dim
-        k, v = self.kv(self._source("_extra_source")(_to_map(x, self.grid))).split(c, dim=-1)
+        k, v = self.kv(self._source("_extra_source")(_to_map(x, grid))).split(c, dim=-1)
         k, v = self._heads(k), self._heads(v)
         return (F.normalize(k, dim=-1) if self.cosine else k), v
 
@@ -468,7 +468,12 @@ class Attention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x):
+    takes_grid = True  # the builder passes the grid the tokens lie on at run time
+
+    def forward(self, x, grid=None):
+        """`grid`: the grid of the tokens at run time (the build grid when not given). Only the
+        configurations the op's `runtime_grid` admits ever get another grid than the build one."""
+        grid = self.grid if grid is None else tuple(grid)
         b, n = x.shape[:2]
         c = self.heads * self.head_dim
         x_in = x
@@ -483,18 +488,18 @@ class Attention(nn.Module):
             x = partition_windows(x, self.padded, self.size, self.partition)
             if self.messengers:
                 x = torch.cat([msg.reshape(-1, 1, msg.shape[-1]), x], 1)  # (B * nW, 1 + N, C)
-        q, k, v = self._project(x)
+        q, k, v = self._project(x, grid)
         v_skip = v
-        extra = self._extra_keys(x) if self.extra_grid is not None else None
+        extra = self._extra_keys(x, grid) if self.extra_grid is not None else None
         if self.agents:
             y = self._agents(q, k, v)
         else:
             y, v = self._attention(q, k, v, b, extra)
         if hasattr(self, "lepe"):  # LePE: a depthwise conv added to the output
             if self.lepe_source == "input":
-                y = y + _to_tokens(self.lepe(_to_map(x_in, self.grid)))
+                y = y + _to_tokens(self.lepe(_to_map(x_in, grid)))
             else:  # over V: per window/grid group, else over the whole map
-                y = y + _to_tokens(self.lepe(_to_map(v, self.group)))
+                y = y + _to_tokens(self.lepe(_to_map(v, self.group if self.partition else grid)))
         if self.messengers:
             msg, y = y[:, 0].reshape(b, -1, c), y[:, 1:]
         if self.partition in ("window", "grid"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 
 import torch
@@ -140,17 +141,39 @@ class PrefixTokens(nn.Module):
 
 
 class PosEmbed(nn.Module):
-    def __init__(self, tokens, channels, std, skip, init="trunc_normal", trainable=True):
+    """An absolute position table (1, prefix + prod(grid), C) added to the tokens; `skip` prefix
+    tokens pass without one. At another grid than the one it was built for, the table's grid part is
+    resampled to the grid the tokens lie on (timm's `resample_abs_pos_embed`: bicubic with
+    antialiasing in 2-D, linear in 1-D, trilinear in 3-D; the prefix rows unchanged)."""
+
+    takes_grid = True
+
+    def __init__(self, tokens, channels, std, skip, init="trunc_normal", trainable=True, grid=()):
         super().__init__()
         table = sinusoid_table(tokens, channels) if init == "sinusoid" else \
             trunc_normal_(torch.empty(1, tokens, channels), std)
         self.pos = nn.Parameter(table, requires_grad=trainable)
         self.skip = skip
+        self.grid = tuple(grid)
 
-    def forward(self, x):
+    def table(self, grid) -> torch.Tensor:
+        grid = self.grid if grid is None else tuple(grid)
+        if grid == self.grid:
+            return self.pos
+        prefix = self.pos.shape[1] - math.prod(self.grid)
+        head, body = self.pos[:, :prefix], self.pos[:, prefix:]
+        c, nd = body.shape[-1], len(self.grid)
+        body = body.float().reshape(1, *self.grid, c).movedim(-1, 1)
+        mode = {1: "linear", 2: "bicubic", 3: "trilinear"}[nd]
+        body = F.interpolate(body, size=grid, mode=mode, antialias=nd == 2)
+        body = body.movedim(1, -1).reshape(1, -1, c).to(self.pos.dtype)
+        return torch.cat([head, body], dim=1) if prefix else body
+
+    def forward(self, x, grid=None):
+        pos = self.table(grid)
         if self.skip:
-            return torch.cat([x[:, : self.skip], x[:, self.skip :] + self.pos], dim=1)
-        return x + self.pos
+            return torch.cat([x[:, : self.skip], x[:, self.skip :] + pos], dim=1)
+        return x + pos
 
 
 def sinusoid_table(tokens: int, channels: int) -> torch.Tensor:
@@ -164,21 +187,27 @@ def sinusoid_table(tokens: int, channels: int) -> torch.Tensor:
 
 
 class PatchMerging(nn.Module):
+    """Swin's 2x downsampling of tokens on a grid; given the grid at run time, it returns the new one."""
+
+    takes_grid = True
+    returns_grid = True
+
     def __init__(self, grid, norm, cin, cout):
         super().__init__()
         self.grid = tuple(grid)
         self.norm = norm if norm is not None else nn.Identity()
         self.reduction = ChannelLinear(cin, cout, bias=False)
 
-    def forward(self, x):
+    def forward(self, x, grid=None):
+        grid = self.grid if grid is None else tuple(grid)
         b, _, c = x.shape
-        if len(self.grid) == 1:
-            x = x.reshape(b, self.grid[0] // 2, 2 * c)
+        if len(grid) == 1:
+            x = x.reshape(b, grid[0] // 2, 2 * c)
         else:
-            h, w = self.grid
+            h, w = grid
             # concatenation order (0,0), (1,0), (0,1), (1,1): the row offset changes fastest, as in Swin
             x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h * w // 4, 4 * c)
-        return self.reduction(self.norm(x))
+        return self.reduction(self.norm(x)), tuple(g // 2 for g in grid)
 
 
 class Stack(nn.Module):

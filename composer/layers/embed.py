@@ -29,7 +29,10 @@ class SinusoidalPos(nn.Module):
 
 
 class ConvPos(nn.Module):
-    """`x + proj(x)` with `proj` a depthwise conv; on tokens the grid is folded, the prefix passes."""
+    """`x + proj(x)` with `proj` a depthwise conv; on tokens the grid (given at run time) is folded,
+    the prefix passes."""
+
+    takes_grid = True
 
     def __init__(self, channels: int, kernel: int, grid, skip: int = 0, tokens: bool = True):
         super().__init__()
@@ -37,11 +40,11 @@ class ConvPos(nn.Module):
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(self.grid) - 1]
         self.proj = conv(channels, channels, kernel, 1, kernel // 2, groups=channels, bias=True)
 
-    def forward(self, x):
+    def forward(self, x, grid=None):
         if not self.tokens:
             return x + self.proj(x)
         prefix, body = x[:, : self.skip], x[:, self.skip :]
         b, n, c = body.shape
-        fmap = body.transpose(1, 2).reshape(b, c, *self.grid)
+        fmap = body.transpose(1, 2).reshape(b, c, *(self.grid if grid is None else grid))
         body = body + self.proj(fmap).flatten(2).transpose(1, 2)
         return torch.cat([prefix, body], dim=1) if self.skip else body

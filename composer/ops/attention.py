@@ -526,6 +526,15 @@ class Attention(Op):
     def _first(self) -> Optional[First]:
         return self.query if isinstance(self.query, First) else None
 
+    def runtime_grid(self, x: Shape) -> bool:
+        """Global attention over the tokens it gets, keys from them or a `reduce` of their map,
+        position none or LePE, runs at any grid (its module is given the grid at run time); the
+        other parts hold tables, masks or counts sized by the build grid (for now)."""
+        return (self.partition is None and self.agents is None and self.query is None and self.extra_kv is None
+                and (self.position is None or isinstance(self.position, LePE))
+                and (self.kv is None or isinstance(self.kv, Reduce))
+                and not (isinstance(self.score, Cosine) and self.score.length_scale))
+
     def _x(self, x: Shape) -> Shape:
         """The shape the attention works in: the token half of the channels with `query=given`."""
         return x.with_(channels=x.channels // 2) if self._given() else x
@@ -943,6 +952,8 @@ class CascadedAttention(Op):
     output is the heads' outputs concatenated (the input's channels); the output projection is left
     to the blueprint. `partition=window(size, pad=...)` runs it in windows (no shift; the query's
     depthwise conv sees one window). `position=offset_bias`."""
+
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
     heads: int
     key_dim: int

@@ -32,6 +32,8 @@ class Cluster(Op):
     `slot_scale` (tau), `init_slots`, the mixer's (submodule `mixer`). MACs: the three K x N x C
     products plus the mixer's."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     slots: int = 8
     mixer: Optional[Op] = None
     init: Literal["pool", "learned"] = "pool"

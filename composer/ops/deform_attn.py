@@ -138,6 +138,8 @@ class PerLevel(Op):
     its patch map and its messenger map with one conv: `per_level(conv(2 * c, 3, stride = 2),
     levels = [1 / 7, 1])`. Parameters: the op's; MACs summed over the levels. The submodule is `op`."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     op: Op
     levels: list[float]
 
@@ -188,6 +190,8 @@ class SelectLevel(Op):
     """Take level `index` of a multi-level token sequence (scales `levels` relative to its grid, the
     last one 1) as tokens on that level's own grid, so it can be folded back into a map:
     `select_level(0, levels = [4, 2, 1])` is the finest of three levels (ViT-Adapter's c2)."""
+
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
     index: int
     levels: list[float]

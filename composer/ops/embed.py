@@ -16,6 +16,8 @@ class SinusoidalPos(Op):
     order (timm's `build_sincos2d_pos_embed`, generalised to 1-D and 3-D). No parameters: a
     non-persistent buffer built once for the input grid."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     temperature: float = 10000.0
 
     def infer(self, x: Shape) -> Shape:
@@ -40,6 +42,7 @@ class ConvPos(Op):
     """Conditional position encoding: `x + dwconv(x)`, a depthwise `kernel`-sized convolution with
     bias over the token grid (CPVT's position encoding generator, also used by Twins). On tokens the
     class tokens pass through unchanged; maps are convolved directly. Submodule: `proj`."""
+
 
     kernel: int = 3
 

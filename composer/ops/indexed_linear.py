@@ -25,6 +25,8 @@ class IndexedLinear(Op):
     rank^2*out). MACs: count*out*C per position, plus, with a memory, the generation (once per
     forward: the MLP on S rows and S*count*(C*rank^2 + C*rank*out + rank^2*out))."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     out: int
     axis: int = 0
     count: int = 1

@@ -19,6 +19,8 @@ class LevelEmbed(Op):
     Init: normal(0, `std`) (the references' `normal_`, std 1). Parameters: levels x channels; no MACs
     (an addition)."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     levels: list[float]
     std: float = 1.0
 

@@ -105,6 +105,8 @@ class TokenMLP(Op):
     """An MLP along the token axis, shared by all channels (MLP-Mixer's token mixing): fc1 maps the
     N grid tokens to `hidden`, then `act`, then fc2 back to N. Submodules `fc1`, `act`, `fc2`."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     hidden: int
     act: Optional[Op] = None
     bias: bool = True

@@ -41,6 +41,8 @@ class MultilevelAttention(Op):
     MACs: the qkv linear over the tokens and the pooled tokens, the pooling, q k^T and attn v over
     all keys, and proj."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     heads: int
     window: int = 7
     expand: int = 3

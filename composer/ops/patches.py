@@ -34,6 +34,8 @@ class PatchesToBatch(Op):
     sequence: tokens on the patch grid. Must be closed by `batch_to_patches(size)` in the same
     block; every spatial size must be a multiple of `size`."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     size: int = 2
     batch_fold: ClassVar[str] = "open"
 
@@ -58,6 +60,8 @@ class BatchToPatches(Op):
     """Fold `size`^d token sequences stacked along the batch, (B * size^d, N, C) with N tokens on
     the patch grid, back into a map (B, C, *grid * size): the inverse of
     `patches_to_batch(size)`, which must open it earlier in the same block."""
+
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
     size: int = 2
     batch_fold: ClassVar[str] = "close"

@@ -26,6 +26,11 @@ class Op(BaseModel):
     layout: ClassVar[str] = "any"  # the input layout the op needs: map, tokens, vector or any
     classifier: ClassVar[bool] = False
     tied: ClassVar[bool] = False  # True on an op class whose instances may share a parameter (see `tie_key`)
+    # True on an op class whose built module works only at the grid it was built for (a table or a
+    # buffer sized by it); a model refuses other input sizes that change such an op's grid
+    grid_bound: ClassVar[bool] = False
+    resamples: ClassVar[bool] = False  # a grid-bound table the module resamples under dynamic_img_size
+    regrids: ClassVar[bool] = False  # tokens in, tokens on a new grid out, the module telling it at run time
 
     def ties(self) -> bool:
         """Whether this instance shares a parameter (`tie_key` then gives its key)."""
@@ -35,6 +40,12 @@ class Op(BaseModel):
         """(key, parameters) when this op shares a parameter with the other ops of the same key (the
         first in forward order owns it; the others' counts leave it out); None when it does not."""
         return None
+
+    def runtime_grid(self, x: Shape) -> bool:
+        """Whether the module built for input `x` also runs at another grid (the grid it gets at
+        run time); `composer.sizes` refuses input sizes that would change the grid of an op that
+        does not."""
+        return not self.grid_bound
 
     def infer(self, x: Shape) -> Shape:
         return x

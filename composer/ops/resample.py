@@ -66,6 +66,8 @@ class Resize(Op):
     rank), `"bicubic"` (2-D only) or `"area"`; `align_corners` as in PyTorch (false by default).
     CrossViT's second branch sees the image resized to 224 this way (bicubic)."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     size: Union[int, list[int]]
     mode: Literal["nearest", "linear", "bicubic", "area"] = "bicubic"
     align_corners: bool = False

@@ -100,6 +100,8 @@ class Deformable(KeySource):
     table's head h, and added to the score of q and p before the softmax. The attention must have
     a multiple of `groups` heads."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     groups: int = 1
     offset_range_factor: float = 2.0
     kernel: int = 5

@@ -41,6 +41,8 @@ class TopkTokens(Op):
     which tokens. Gradients reach the kept tokens, not the scores (top-k is not differentiable).
     No parameters; MACs 0 (the scores are not counted, as `torch.utils.flop_counter`)."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     k: Union[int, float]
     score: Literal["norm", "value", "class"] = "norm"
     score_channels: Optional[int] = None

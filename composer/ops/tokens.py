@@ -63,7 +63,12 @@ class PosEmbed(Op):
     `init="trunc_normal"` trunc-normal(`std`), or `init="sinusoid"` the fixed 1-D sin/cos table of
     "Attention Is All You Need" over the token index (channel 2i: sin(t / 10000^(2i/C)), 2i+1: the
     cos; T2T-ViT). `trainable=false` keeps it out of training (requires_grad off; still a parameter,
-    as T2T's, so it is counted and saved)."""
+    as T2T's, so it is counted and saved). The table is sized by the build grid: a model built with
+    `dynamic_img_size=True` resamples its grid part to the grid it gets (bicubic, as timm); other
+    models refuse input sizes that change it."""
+
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    resamples = True  # ... unless the model is built with dynamic_img_size
 
     std: float = 0.02
     cover_extra: bool = True
@@ -77,13 +82,16 @@ class PosEmbed(Op):
         from ..layers.core import PosEmbed as Module
 
         n = x.tokens if self.cover_extra else prod(x.spatial)
-        return Module(n, x.channels, self.std, 0 if self.cover_extra else x.extra, self.init, self.trainable)
+        return Module(n, x.channels, self.std, 0 if self.cover_extra else x.extra, self.init, self.trainable,
+                      x.spatial)
 
 
 @op("patch_merging", category="embed", layout="tokens")
 class PatchMerging(Op):
     """Swin's downsampling: concatenate each 2x2 neighbourhood (4C channels), norm, then a linear map
     to `out` without bias. Submodules: `norm`, `reduction`."""
+
+    regrids = True  # its module gives the new grid at run time
 
     out: int
     norm: Optional[Op] = None

@@ -34,6 +34,8 @@ class WindowTokens(Op):
     Parameter `tokens` (p^d or windows, channels), trunc-normal(`std`). The input has no prefix
     tokens."""
 
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
     size: int
     period: int = 0
     std: float = 0.02
@@ -74,6 +76,8 @@ class ShuffleWindowTokens(Op):
     i's channel group j becomes token j's channel group i (a channel shuffle across the windows; G
     must divide the channels). A region at least as wide as the window grid is the whole grid (its
     smaller side). The grid tokens pass unchanged; a fixed index, built once."""
+
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
     size: int
     region: int

@@ -1,0 +1,150 @@
+"""Input sizes: which sizes a model built at one size runs at, derived from its plan (no torch).
+
+A model is planned (shape-checked) at the size it is built for. At another input size the same
+resolved model is planned again (`replan`); the size is admitted when that plan is valid and no op
+whose module is tied to the grid it was built for (`Op.runtime_grid`, a table or buffer sized by
+the grid, a parameter count that depends on it) would see another grid. `rule` probes sizes along
+each spatial axis and states the admitted ones in words ("multiples of 32 from 32", "fixed at
+224"), so the admissible sizes are never written by hand per model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .diagnostics import ComposerError
+from .lower import plan as lower_plan
+from .plan import OpStep, Plan
+from .shapes import Shape
+
+
+class InputSizeError(ValueError):
+    """A built model refuses an input size its architecture does not allow (raised at its entry)."""
+
+
+def replan(plan: Plan, spatial: tuple, channels: int | None = None) -> Plan:
+    """`plan`'s resolved model planned again for an input grid `spatial` (raises ComposerError)."""
+    model = plan.source
+    inp = model.input
+    model = dataclasses.replace(model, input=type(inp)(inp.kind, channels or inp.channels, tuple(spatial), inp.span))
+    return lower_plan(model)
+
+
+def admits(plan: Plan, spatial: tuple, dynamic: bool = False) -> str | None:
+    """None when a model built from `plan` runs at input grid `spatial`; else the reason, in words.
+    `dynamic`: absolute position embeddings are resampled to the grid they get (timm's
+    `dynamic_img_size`)."""
+    spatial = tuple(spatial)
+    if spatial == tuple(plan.input.spatial):
+        return None
+    if len(spatial) != len(plan.input.spatial) or any(g <= 0 for g in spatial):
+        return f"the input must have {len(plan.input.spatial)} positive spatial sizes"
+    try:
+        other = replan(plan, spatial)
+    except ComposerError as exc:
+        d = exc.diagnostics[0]
+        where = next((n for n in d.notes if n.startswith("at ")), "")
+        return d.message + (f" ({where})" if where else "")
+    for a, b in zip(_op_steps(plan), _op_steps(other)):
+        if a.x == b.x:
+            continue
+        resampled = dynamic and a.op.resamples
+        if not (a.op.runtime_grid(a.x) or resampled):
+            hint = " (build it with dynamic_img_size=True to resample it)" if a.op.resamples else ""
+            return f"{a.path} ({a.op.name}) is built for input {a.x} and would get {b.x}{hint}"
+        if a.op.params(a.x, a.y) != b.op.params(b.x, b.y) and not resampled:
+            return f"{a.path} ({a.op.name}) has parameters sized for input {a.x}, and would get {b.x}"
+        new_grid = a.y.layout == "tokens" and a.y.spatial and a.y.spatial != a.x.spatial
+        if new_grid and a.y.spatial != b.y.spatial and not a.op.regrids:  # the builder's StaticGrid
+            return f"{a.path} ({a.op.name}) puts tokens on a grid of its own that cannot follow the input size"
+    return None
+
+
+def _op_steps(plan: Plan):
+    for sec in plan.sections:
+        for step in sec.steps:
+            for s in step.walk():
+                if s.__class__ is OpStep:
+                    yield s
+
+
+@dataclass(frozen=True)
+class AxisRule:
+    """The sizes admitted along one spatial axis (the others at the build size), up to `limit`:
+    `fixed` (only the build size); every size from `low` that is `low` plus a multiple of `step`
+    (to `high`, when the sizes stop before the probed limit); else `irregular`, the first few."""
+
+    build: int
+    fixed: bool
+    low: int = 0
+    step: int = 1
+    limit: int = 0
+    irregular: tuple = ()
+    high: int = 0
+
+    def text(self) -> str:
+        if self.fixed:
+            return f"fixed at {self.build}"
+        if self.irregular:
+            return "only " + ", ".join(map(str, self.irregular)) + " (up to " + str(self.limit) + ")"
+        if self.high:
+            return f"{self.low} to {self.high}" if self.step == 1 else \
+                f"{self.low} to {self.high} in steps of {self.step}"
+        if self.step == 1:
+            return f"any size from {self.low}"
+        if self.low % self.step == 0:
+            return f"multiples of {self.step} from {self.low}"
+        return f"{self.low} plus multiples of {self.step}"
+
+
+def axis_rule(plan: Plan, axis: int, dynamic: bool = False, limit: int | None = None) -> AxisRule:
+    """Probe every size 1..limit (default: twice the build size, at least 64) along `axis`."""
+    build = plan.input.spatial[axis]
+    limit = limit or max(2 * build, 64)
+    base = list(plan.input.spatial)
+    ok = []
+    for n in range(1, limit + 1):
+        size = base[:axis] + [n] + base[axis + 1:]
+        if admits(plan, tuple(size), dynamic) is None:
+            ok.append(n)
+    if ok == [build]:
+        return AxisRule(build, True, build, 1, limit)
+    low = ok[0]
+    steps = {b - a for a, b in zip(ok, ok[1:])}
+    if len(steps) <= 1:
+        step = steps.pop() if steps else 1
+        if ok[-1] + step > limit:  # the pattern reaches the probed limit
+            return AxisRule(build, False, low, step, limit)
+        return AxisRule(build, False, low, step, limit, high=ok[-1])  # sizes that give the same grids
+    return AxisRule(build, False, low, 1, limit, tuple(ok[:8]))
+
+
+def rule_text(plan: Plan, dynamic: bool = False) -> str:
+    """The admitted input sizes in words, e.g. "H and W: multiples of 32 from 32"."""
+    nd = len(plan.input.spatial)
+    if not nd:
+        return "no spatial size"
+    rules = [axis_rule(plan, a, dynamic) for a in range(nd)]
+    names = {1: ["length"], 2: ["H", "W"], 3: ["D", "H", "W"]}.get(nd, [f"axis {a}" for a in range(nd)])
+    texts = [r.text() for r in rules]
+    if len(set(texts)) == 1:
+        who = names[0] if nd == 1 else " and ".join([", ".join(names[:-1]), names[-1]])
+        return f"{who}: {texts[0]}"
+    return "; ".join(f"{n}: {t}" for n, t in zip(names, texts))
+
+
+def check_input(plan: Plan, spatial: tuple, channels: int, dynamic: bool = False) -> None:
+    """Raise InputSizeError naming the model, the size it got and the sizes it admits."""
+    if channels != plan.input.channels:
+        raise InputSizeError(f"{plan.name} takes {plan.input.channels} input channels, got {channels}")
+    why = admits(plan, spatial, dynamic)
+    if why is not None:
+        got = "x".join(map(str, spatial))
+        built = "x".join(map(str, plan.input.spatial))
+        raise InputSizeError(f"{plan.name} (built for {built}) cannot run at {got}: {why}. "
+                             f"Admitted sizes: {rule_text(plan, dynamic)}")
+
+
+def describe(shape: Shape) -> str:
+    return "x".join(map(str, shape.spatial))

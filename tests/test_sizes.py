@@ -1,0 +1,144 @@
+"""A model built once runs at every input size its architecture admits (issue 13, first part):
+the tokens' grid follows the input at run time, other sizes are refused at the entry with a clear
+exception, and the admitted sizes are derived from the plan. References are timm's models, built
+inside the tests, at the same other sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import composer
+from composer.port import from_timm, from_torchvision
+from composer.sizes import admits, rule_text
+from helpers import perturb, write
+
+timm = pytest.importorskip("timm")
+torchvision = pytest.importorskip("torchvision")
+
+SIZES = [(256, 256), (192, 320)]  # another square size and a non-square one, multiples of 32
+
+# parity rows whose reference runs at other sizes and whose composer model now does too
+# (timm's keyword arguments for its dynamic-size form where it needs one)
+ROWS = {
+    "resnet50": {}, "mobilenetv2_100": {}, "convnext_atto": {}, "poolformer_s12": {}, "inception_next_t": {},
+    "pvt_v2_b0": {}, "twins_pcpvt_small": {}, "repvgg_a0": {}, "shufflenet_v2_x1_0": {},
+    "vit_ti": {"dynamic_img_size": True}, "deit_ti_distilled": {"dynamic_img_size": True},
+}
+
+
+def _pair(name, **kwargs):
+    source, ref_name = composer.load(name).reference.split(":", 1)
+    torch.manual_seed(0)
+    if source == "timm":
+        ref = timm.create_model(ref_name, pretrained=False, num_classes=10, **kwargs).eval()
+    else:
+        ref = torchvision.models.get_model(ref_name, weights=None, num_classes=10).eval()
+    perturb(ref)
+    ours = composer.build(name, num_classes=10, dynamic_img_size=bool(kwargs.get("dynamic_img_size"))).eval()
+    report = (from_timm if source == "timm" else from_torchvision)(ours, ref.state_dict())
+    assert report.ok
+    return ours, ref
+
+
+@pytest.mark.parametrize("name", ROWS)
+def test_reference_logits_at_other_sizes(name):
+    ours, ref = _pair(name, **ROWS[name])
+    for size in SIZES:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            a, b = ours(x), ref(x)
+        assert a.shape == b.shape == (1, 10)
+        assert (a - b).abs().max().item() < 1e-4, size
+
+
+def test_caformer_and_convformer_run_at_other_sizes_as_timm():
+    for name, ref_name in (("caformer_s18", "caformer_s18"), ("convformer_s18", "convformer_s18")):
+        torch.manual_seed(0)
+        ref = timm.create_model(ref_name, pretrained=False, num_classes=10).eval()
+        ours = composer.build(name, num_classes=10).eval()
+        assert from_timm(ours, ref.state_dict()).ok
+        x = torch.randn(1, 3, 192, 256)
+        with torch.no_grad():
+            assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+
+
+def test_refusal_names_the_model_the_size_and_the_admitted_sizes():
+    model = composer.build("vit_ti").eval()
+    with pytest.raises(composer.InputSizeError) as exc:
+        model(torch.randn(1, 3, 256, 256))
+    text = str(exc.value)
+    assert "vit_ti" in text and "256x256" in text and "built for 224x224" in text
+    assert "dynamic_img_size" in text  # the way to allow it
+    assert "fixed at 224" in text
+
+
+def test_refusal_happens_before_the_forward_and_wrong_channels_too():
+    model = composer.build("swin_t").eval()
+    calls = []
+    model.stem.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(composer.InputSizeError, match="swin_t"):
+        model(torch.randn(1, 3, 256, 256))
+    with pytest.raises(composer.InputSizeError, match="3 input channels, got 1"):
+        model(torch.randn(1, 1, 224, 224))
+    assert calls == []  # nothing ran: refused at the entry, not inside torch
+
+
+def test_admitted_sizes_are_derived_from_the_plan():
+    vit = composer.load("vit_ti")
+    assert rule_text(vit) == "H and W: fixed at 224"
+    # a patch size of 16 that must divide the input (timm's PatchEmbed asserts the same)
+    assert rule_text(vit, dynamic=True) == "H and W: multiples of 16 from 16"
+    assert admits(vit, (224, 224)) is None
+    assert "pos_embed" in admits(vit, (240, 224))
+
+
+def test_a_rule_from_the_strides(tmp_path):
+    """Two stride-2 convolutions without padding and a 2x2 patch merge need even sizes here and
+    there: the probe finds exactly the sizes the shape rules give (counted by hand)."""
+    path = write(tmp_path, """
+model m(img_size = 32) {
+    input image(3, img_size)
+    stem { conv(8, 2, stride = 2, padding = 0); patch_merging(16) }
+    head { global_pool("avg"); classifier(4) }
+}
+""")
+    plan = composer.load(path)
+    # conv k2 s2 p0: floor(n / 2); patch_merging needs that even: n in {4, 5, 8, 9, 12, 13, ...}
+    ok = [n for n in range(1, 20) if admits(plan, (n, 32)) is None]
+    assert ok == [4, 5, 8, 9, 12, 13, 16, 17]
+    model = composer.build(path).eval()
+    y = model(torch.randn(2, 3, 13, 8))  # patch merging follows the grid it gets: 6x4 -> 3x2
+    assert y.shape == (2, 4)
+
+
+def test_tokens_fold_back_on_the_grid_they_get(tmp_path):
+    """A map -> tokens -> map round trip at a non-square size equals the identity (the grid comes
+    from the input at run time, not from the build size)."""
+    path = write(tmp_path, """
+model m(img_size = 16) {
+    input image(4, img_size)
+    stem { layernorm; conv(4, 1) }
+}
+""")
+    model = composer.build(path).eval()
+    x = torch.randn(1, 4, 12, 20)
+    ln = model.stem.layernorm
+    with torch.no_grad():
+        expected = model.stem.conv(torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (4,), ln.weight, ln.bias)
+                                   .permute(0, 3, 1, 2))
+        assert torch.allclose(model.forward_features(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["convnext_atto", "pvt_v2_b0", "resnet50"])
+def test_features_at_dense_prediction_sizes(name):
+    """features_only at 512x384 and 800x608: each feature's shape is the one inferred at that size."""
+    from composer.sizes import replan
+
+    model = composer.build(name, features_only=True).eval()
+    plan = composer.load(name)
+    for size in ((512, 384), (800, 608)):
+        with torch.no_grad():
+            feats = model(torch.randn(1, 3, *size))
+        expected = [st.y for st in replan(plan, size).stages]
+        assert [tuple(f.shape[1:]) for f in feats] == [(y.channels, *y.spatial) for y in expected]
