@@ -196,8 +196,9 @@ class _Callbacks:
         self.placed = set()  # ids of those that name a layer of a statement
 
     def _place(self, value) -> None:
-        """A statement's value: the `as` elements of its lists name layers."""
-        if self.named:
+        """A statement's value: the `as` elements of its lists name layers. (A block's inline body,
+        a tuple of statements, holds none: its statements placed theirs.)"""
+        if self.named and value.__class__ is not tuple:
             self.placed.update(map(id, ast.layer_names(value)))
 
     @staticmethod
