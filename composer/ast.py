@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Union
 
 from .source import Span
@@ -88,32 +88,6 @@ class Named:
 
 Expr = Union[Literal, Name, ListExpr, ListComp, Index, Call, BinOp, UnaryOp, Conditional, Named]
 
-
-def layer_names(e, out: list | None = None) -> list:
-    """The `Named` elements of `e` that stand where a statement's value names layers: in a list
-    literal that is the value (or is nested in one), or in a branch of a conditional that is."""
-    out = [] if out is None else out
-    cls = e.__class__
-    if cls is ListExpr:
-        for x in e.items:
-            if x.__class__ is Named:
-                out.append(x)
-            else:
-                layer_names(x, out)
-    elif cls is Conditional:
-        layer_names(e.then, out)
-        layer_names(e.orelse, out)
-    return out
-
-
-def has_layer_names(e) -> bool:
-    """Does the statement value `e` name any of its layers (cheap: lists and conditionals only)?"""
-    cls = e.__class__
-    if cls is ListExpr:
-        return any(x.__class__ is Named or has_layer_names(x) for x in e.items)
-    if cls is Conditional:
-        return has_layer_names(e.then) or has_layer_names(e.orelse)
-    return False
 
 # ---- statements -------------------------------------------------------------
 
@@ -277,13 +251,30 @@ class File:
     doc: str = ""
 
 
-# ---- walking statements -------------------------------------------------------
+def shape(x):
+    """An AST without its spans and file names (for comparing two parses)."""
+    if isinstance(x, (list, tuple)):
+        return tuple(shape(y) for y in x)
+    if type(x).__name__ == "Span":
+        return None
+    if is_dataclass(x) and not isinstance(x, type):
+        return (type(x).__name__,) + tuple(
+            (f.name, shape(getattr(x, f.name))) for f in fields(x) if f.name not in ("span", "file", "path")
+            or (f.name == "path" and isinstance(x, Import)))
+    if isinstance(x, float):
+        return ("float", x)
+    return x
+
+
+# ---- walking the tree -------------------------------------------------------
 
 
 class NodeVisitor:
-    """A walker over statement nodes, as jinja2's: `visit(node, *args)` calls
-    `self.visit_<ClassName>(node, *args)`. Adding a statement means a grammar rule, a node class
-    above and one visit method per walker; a walker that lacks one fails here, naming both.
+    """A walker over AST nodes, statements or expressions, as jinja2's: `visit(node, *args)` calls
+    `self.visit_<ClassName>(node, *args)`. Adding a statement or an expression means a grammar
+    rule, a node class above and one visit method per walker; a walker that lacks one fails here,
+    naming both. A walker for which several classes are alike says so by name
+    (`visit_Name = visit_Call = _leaf`), so a new class is never taken for one of them silently.
 
     The method for each node class is looked up once per walker class and kept (`resolve` visits
     every statement of the zoo on the hot path of `composer check`)."""
@@ -308,3 +299,64 @@ class NodeVisitor:
                                       f"it has no visit_{node_class.__name__} method")
         cls._methods[node_class] = method
         return method
+
+
+# ---- layer names ----------------------------------------------------------------------------
+
+
+class _LayerNames(NodeVisitor):
+    """`visit(e, out)`: the `Named` elements of the statement value `e`, appended to `out`. They
+    stand in a list literal that is the value (or is nested in one), or in a branch of a
+    conditional that is; nothing else holds names of layers."""
+
+    def visit_ListExpr(self, e: ListExpr, out: list) -> None:
+        for x in e.items:
+            if x.__class__ is Named:
+                out.append(x)
+            else:
+                self.visit(x, out)
+
+    def visit_Conditional(self, e: Conditional, out: list) -> None:
+        self.visit(e.then, out)
+        self.visit(e.orelse, out)
+
+    def _none(self, e, out: list) -> None:
+        pass
+
+    # `x as name` as the value itself names no layer (the parser reports it as stray)
+    visit_Literal = visit_Name = visit_ListComp = visit_Index = visit_Call = _none
+    visit_BinOp = visit_UnaryOp = visit_Named = _none
+
+
+class _HasLayerNames(NodeVisitor):
+    """`visit(e)`: does the statement value `e` name any of its layers? `_LayerNames`, stopping at
+    the first (cheap: it is asked of every statement that `resolve` evaluates)."""
+
+    def visit_ListExpr(self, e: ListExpr) -> bool:
+        return any(x.__class__ is Named or has_layer_names(x) for x in e.items)
+
+    def visit_Conditional(self, e: Conditional) -> bool:
+        return has_layer_names(e.then) or has_layer_names(e.orelse)
+
+    def _no(self, e) -> bool:
+        return False
+
+    visit_Literal = visit_Name = visit_ListComp = visit_Index = visit_Call = _no
+    visit_BinOp = visit_UnaryOp = visit_Named = _no
+
+
+_LAYER_NAMES, _HAS_LAYER_NAMES = _LayerNames(), _HasLayerNames()
+
+
+def layer_names(e, out: list | None = None) -> list:
+    """The `Named` elements of `e` that stand where a statement's value names layers: in a list
+    literal that is the value (or is nested in one), or in a branch of a conditional that is."""
+    out = [] if out is None else out
+    _LAYER_NAMES.visit(e, out)
+    return out
+
+
+def has_layer_names(e) -> bool:
+    """Does the statement value `e` name any of its layers (cheap: lists and conditionals only)?
+    `_HasLayerNames().visit(e)`, its dispatch inlined (`resolve` asks it of statement values)."""
+    return (_HasLayerNames._methods.get(e.__class__) or _HasLayerNames._method_for(e.__class__))(_HAS_LAYER_NAMES, e)

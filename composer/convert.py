@@ -53,7 +53,8 @@ def _not_yaml(what: str, span) -> Exception:
 
 
 class _ToYaml(ast.NodeVisitor):
-    """An .arch AST as YAML nodes, comments attached; as a `NodeVisitor`, the statements of a body."""
+    """An .arch AST as YAML nodes, comments attached; as a `NodeVisitor`, the statements of a body
+    and the expressions that are values."""
 
     def __init__(self, text: str, name: str):
         self.L = Layout.arch_source(text, name)
@@ -85,16 +86,28 @@ class _ToYaml(ast.NodeVisitor):
             out += made
         return [c.text for c in after_open], out, [c.text for c in dangling]
 
-    # -- values
+    # -- values: an expression by its `visit_` method
     def value(self, e) -> Y:
-        if isinstance(e, ast.Literal) and isinstance(e.value, (bool, int, float)) and e.value is not None:
+        return self.visit(e)
+
+    def visit_Literal(self, e: ast.Literal) -> Y:
+        if isinstance(e.value, (bool, int, float)) and e.value is not None:
             text = render(self.P.expr(e))
             if plain_ok(text, e.value):
                 return Y("scalar", text)
-        if isinstance(e, ast.ListExpr) and not self.L.any(start_of(e), end_of(e)):
-            return Y("seq", [Entry(None, self.expr_string(x.expr, x.alias) if isinstance(x, ast.Named)
-                                   else self.value(x)) for x in e.items])
         return self.expr_string(e)
+
+    def visit_ListExpr(self, e: ast.ListExpr) -> Y:
+        if self.L.any(start_of(e), end_of(e)):
+            return self.expr_string(e)
+        return Y("seq", [Entry(None, self.expr_string(x.expr, x.alias) if isinstance(x, ast.Named)
+                               else self.value(x)) for x in e.items])
+
+    def _as_string(self, e) -> Y:
+        return self.expr_string(e)
+
+    visit_Name = visit_ListComp = visit_Index = visit_Call = visit_BinOp = visit_UnaryOp = _as_string
+    visit_Conditional = visit_Named = _as_string
 
     def expr_string(self, e, alias: str | None = None, raw: bool = False) -> Y:
         has_comments = self.L.any(start_of(e), end_of(e))

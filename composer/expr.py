@@ -130,8 +130,12 @@ _COMPARE: dict[str, Callable] = {
 
 
 def evaluate(node: ast.Expr, scope: Scope) -> Any:
-    """Evaluate an expression node in `scope`."""
-    method = _EVAL.get(type(node))
+    """Evaluate an expression node in `scope`, by its function in `_EVAL`."""
+    try:
+        method = _EVAL[node.__class__]
+    except KeyError:  # a node class without one (a `Named` is the parser's to reject): fail here, naming it
+        raise NotImplementedError(f"evaluate cannot walk a {node.__class__.__name__} node: "
+                                  f"_EVAL has no function for it") from None
     return method(node, scope)
 
 

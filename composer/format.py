@@ -35,11 +35,11 @@ No torch here.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 from . import ast
+from .ast import shape
 from .comments import END, Layout, end_of, scan_comments, start_of
 from .diagnostics import error
 from .pretty import BREAK, HARD, LINE, SOFT, group, ifbreak, join, nest, render, suffix
@@ -55,21 +55,32 @@ _FLOAT = re.compile(r"[0-9][0-9_]*\.[0-9]+([eE][-+]?[0-9]+)?|[0-9]+[eE][-+]?[0-9
 _STARTS_OPERAND = ("[", "(", "-", "+")  # a repeat block starting so would join its count: add ':'
 
 
-def level(e) -> int:
-    """Binding strength: 0 conditional, 1 or, 2 and, 3 not, 4 compare, 5 sum, 6 product, 7 unary,
+def _fixed(n: int):
+    return lambda self, e: n
+
+
+class _Precedence(ast.NodeVisitor):
+    """`level(e)`: how strongly the expression `e` binds: 0 conditional, 1 or, 2 and, 3 not,
+    4 compare, 5 sum, 6 product, 7 unary (a negative number too: it is printed as a negation),
     8 power, 9 call/index, 10 atom."""
-    if isinstance(e, ast.Conditional):
-        return 0
-    if isinstance(e, ast.BinOp):
+
+    def visit_BinOp(self, e: ast.BinOp) -> int:
         return _LEVEL[e.op]
-    if isinstance(e, ast.UnaryOp):
+
+    def visit_UnaryOp(self, e: ast.UnaryOp) -> int:
         return 3 if e.op == "not" else 7
-    if isinstance(e, ast.Literal) and isinstance(e.value, (int, float)) and not isinstance(e.value, bool) \
-            and (e.value < 0 or str(e.value).startswith("-")):
-        return 7
-    if isinstance(e, (ast.Call, ast.Index)):
-        return 9
-    return 10
+
+    def visit_Literal(self, e: ast.Literal) -> int:
+        v = e.value
+        return 7 if isinstance(v, (int, float)) and not isinstance(v, bool) and (v < 0 or str(v).startswith("-")) \
+            else 10
+
+    visit_Conditional = _fixed(0)
+    visit_Call = visit_Index = _fixed(9)
+    visit_Name = visit_ListExpr = visit_ListComp = visit_Named = _fixed(10)
+
+
+level = _Precedence().visit
 
 
 def _unrepresentable(what: str, span) -> Exception:
@@ -77,8 +88,8 @@ def _unrepresentable(what: str, span) -> Exception:
 
 
 class Printer(ast.NodeVisitor):
-    """AST -> document, taking comments from `layout` where they belong; a statement by its
-    `visit_` method."""
+    """AST -> document, taking comments from `layout` where they belong; a statement or an
+    expression by its `visit_` method."""
 
     def __init__(self, layout: Layout | None = None, oneline=None):
         self.L = layout or Layout()
@@ -89,12 +100,14 @@ class Printer(ast.NodeVisitor):
 
     # -- expressions
     def expr(self, e, need: int = 0):
-        doc = self._expr(e)
+        """The document of expression `e` (by its `visit_` method), in parentheses if it binds
+        less strongly than `need`."""
+        doc = self.visit(e)
         if level(e) < need:
             return ["(", doc, ")"]
         return doc
 
-    def _literal(self, e: ast.Literal) -> str:
+    def visit_Literal(self, e: ast.Literal) -> str:
         v = e.value
         if v is None:
             return "none"
@@ -123,36 +136,39 @@ class Printer(ast.NodeVisitor):
             return sign + text
         raise _unrepresentable(f"the value {v!r}", e.span)
 
-    def _expr(self, e):
-        if isinstance(e, ast.Literal):
-            return self._literal(e)
-        if isinstance(e, ast.Name):
-            return e.id
-        if isinstance(e, ast.ListExpr):
-            s = e.span
-            region = ((s.line, s.column + 1), (s.end_line, s.end_column - 1))
-            return self.bracket("[", [(start_of(x), end_of(x), self.expr(x)) for x in e.items], "]", region)
-        if isinstance(e, ast.ListComp):
-            return group("[", nest(SOFT, self.expr(e.expr), LINE, "for ", e.var, " in ", self.expr(e.items)),
-                         SOFT, "]")
-        if isinstance(e, ast.Index):
-            return [self.expr(e.target, 9), "[", self.expr(e.index), "]"]
-        if isinstance(e, ast.Call):
-            region = (end_of(e.func), (e.span.end_line, e.span.end_column - 1))
-            return [self.expr(e.func, 9), self.args(e.args, e.kwargs, region)]
-        if isinstance(e, ast.BinOp):
-            lv = _LEVEL[e.op]
-            left, right = _OPERANDS[lv]
-            return group(self.expr(e.left, left), " " + e.op, nest(LINE, self.expr(e.right, right)))
-        if isinstance(e, ast.UnaryOp):
-            if e.op == "not":
-                return ["not ", self.expr(e.operand, 3)]
-            return ["-", self.expr(e.operand, 7)]
-        if isinstance(e, ast.Conditional):
-            return group(self.expr(e.test, 1), nest(LINE, "? ", self.expr(e.then), LINE, ": ", self.expr(e.orelse)))
-        if isinstance(e, ast.Named):  # a list element naming its layer: `[conv(8, 3) as proj, relu]`
-            return [self.expr(e.expr), " as ", e.alias]
-        raise TypeError(f"not an expression: {e!r}")
+    def visit_Name(self, e: ast.Name):
+        return e.id
+
+    def visit_ListExpr(self, e: ast.ListExpr):
+        s = e.span
+        region = ((s.line, s.column + 1), (s.end_line, s.end_column - 1))
+        return self.bracket("[", [(start_of(x), end_of(x), self.expr(x)) for x in e.items], "]", region)
+
+    def visit_ListComp(self, e: ast.ListComp):
+        return group("[", nest(SOFT, self.expr(e.expr), LINE, "for ", e.var, " in ", self.expr(e.items)),
+                     SOFT, "]")
+
+    def visit_Index(self, e: ast.Index):
+        return [self.expr(e.target, 9), "[", self.expr(e.index), "]"]
+
+    def visit_Call(self, e: ast.Call):
+        region = (end_of(e.func), (e.span.end_line, e.span.end_column - 1))
+        return [self.expr(e.func, 9), self.args(e.args, e.kwargs, region)]
+
+    def visit_BinOp(self, e: ast.BinOp):
+        left, right = _OPERANDS[_LEVEL[e.op]]
+        return group(self.expr(e.left, left), " " + e.op, nest(LINE, self.expr(e.right, right)))
+
+    def visit_UnaryOp(self, e: ast.UnaryOp):
+        if e.op == "not":
+            return ["not ", self.expr(e.operand, 3)]
+        return ["-", self.expr(e.operand, 7)]
+
+    def visit_Conditional(self, e: ast.Conditional):
+        return group(self.expr(e.test, 1), nest(LINE, "? ", self.expr(e.then), LINE, ": ", self.expr(e.orelse)))
+
+    def visit_Named(self, e: ast.Named):  # a list element naming its layer: `[conv(8, 3) as proj, relu]`
+        return [self.expr(e.expr), " as ", e.alias]
 
     def args(self, args, kwargs, region):
         items = [(start_of(a), end_of(a), self.expr(a)) for a in args]
@@ -347,7 +363,7 @@ class Printer(ast.NodeVisitor):
     # -- definitions
     def definition(self, d):
         if isinstance(d, ast.Import):
-            return ["import ", self._literal(ast.Literal(d.path, d.span))]
+            return ["import ", self.visit_Literal(ast.Literal(d.path, d.span))]
         first = d.body[0] if d.body else None
         head = ["model " if isinstance(d, ast.ModelDef) else d.kind + " ", d.name]
         if d.params:
@@ -410,21 +426,6 @@ class Printer(ast.NodeVisitor):
 
 
 # ---- checking a result --------------------------------------------------------------------------
-
-def shape(x):
-    """An AST without its spans and file names (for comparing two parses)."""
-    if isinstance(x, (list, tuple)):
-        return tuple(shape(y) for y in x)
-    if type(x).__name__ == "Span":
-        return None
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return (type(x).__name__,) + tuple(
-            (f.name, shape(getattr(x, f.name))) for f in dataclasses.fields(x) if f.name not in ("span", "file", "path")
-            or (f.name == "path" and isinstance(x, ast.Import)))
-    if isinstance(x, float):
-        return ("float", x)
-    return x
-
 
 def format_text(text: str, name: str = "<string>") -> str:
     """Canonical text for .arch `text`; raises ComposerError (located) on a syntax error."""

@@ -1,31 +1,21 @@
 """Parse .arch text (Lark, LALR) into the `ast` of one file: the grammar's callbacks build the AST
-while Lark reduces (composer/lalr.py runs Lark's loop faster). YAML is composer/yaml_read.py's;
-choosing between them by a file's suffix is composer/loader.py's."""
+while Lark reduces (composer/lalr.py runs Lark's loop faster). A syntax error is described by
+composer/parse_errors.py. YAML is composer/yaml_read.py's; choosing between them by a file's
+suffix is composer/loader.py's."""
 
 from __future__ import annotations
 
 import functools
-import re
 import threading
 
 from lark import Lark, Token
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedToken
 
 from . import ast, lalr
 from .comments import comment_block
 from .diagnostics import ComposerError, error
 from .locate import GRAMMAR_DIR
+from .parse_errors import SYNTAX_ERRORS, syntax_error
 from .source import Span, register
-
-_TOKEN_WORDS = {
-    "LBRACE": "'{'", "RBRACE": "'}'", "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'",
-    "COMMA": "','", "COLON": "':'", "SEMICOLON": "';'", "EQUAL": "'='", "QMARK": "'?'",
-    "NAME": "a name", "INT": "an integer", "FLOAT": "a number", "STRING": "a string",
-    "KIND": "'block' or 'mixer'", "ADD": "'+' or '-'", "MUL": "'*', '/', '//' or '%'",
-    "COMPARE": "a comparison", "POW": "'**'", "MINUS": "'-'", "$END": "the end of the file",
-    "MODULE_PATH": "a module path (e.g. stages.0)",
-}
-
 
 # Newlines end statements, except inside () or [], after a token that cannot end a statement, or
 # before one that cannot start one: `let x = a +` / `    b` is one statement.
@@ -93,30 +83,6 @@ def _run(text: str, start: str):
     return _parser().parse(text, start=start)
 
 
-def _describe(terminal: str) -> str:
-    name = terminal.split("__")[-1]
-    if name in _TOKEN_WORDS:
-        return _TOKEN_WORDS[name]
-    if name.isupper() and name.isalpha():
-        return f"'{name.lower()}'"
-    return name.lower()
-
-
-def _eof_hint(text: str) -> str:
-    """Name the innermost bracket left open at the end of the file (comments and strings skipped)."""
-    stack = []
-    for n, line in enumerate(text.splitlines(), 1):
-        for ch in re.sub(r'"[^"]*"|#.*', "", line):
-            if ch in "{([":
-                stack.append((ch, n, line.strip()))
-            elif ch in "})]" and stack:
-                stack.pop()
-    if not stack:
-        return "the file ends in the middle of a statement"
-    ch, n, line = stack[-1]
-    return f"the '{ch}' opened on line {n} (`{line}`) is never closed"
-
-
 def parse_text(text: str, name: str = "<string>") -> ast.File:
     """Parse .arch text into an `ast.File`; raise `ComposerError` on a syntax error."""
     return _parse(text, name, "start")
@@ -141,44 +107,8 @@ def _parse(text: str, name: str, start: str, statement: bool = False):
                 found, _CALLBACKS.error = _CALLBACKS.error, None
                 named, placed = _CALLBACKS.named, _CALLBACKS.placed
                 _CALLBACKS.named, _CALLBACKS.placed = [], set()
-    except UnexpectedEOF:
-        lines = text.splitlines() or [""]
-        span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-        raise error("syntax", "unexpected end of file", span, "a '}' or ')' may be missing") from None
-    except UnexpectedCharacters as exc:
-        span = Span(name, exc.line, exc.column, exc.line, exc.column + 1)
-        if text[exc.pos_in_stream] == '"':
-            raise error("syntax", "unterminated string", span, 'a string ends with " on the same line') from None
-        raise error("syntax", f"unexpected character {text[exc.pos_in_stream]!r}", span) from None
-    except UnexpectedToken as exc:
-        tok = exc.token
-        if tok.type == "$END":
-            lines = text.splitlines() or [""]
-            span = Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
-            raise error("syntax", "unexpected end of file", span, _eof_hint(text)) from None
-        want = {t.split("__")[-1] for t in exc.expected if not t.startswith("_")}
-        if "RSQB" in want:  # a list element may end in `as NAME`, but only where it names a layer: not a hint
-            want.discard("AS")
-        starts = {"LPAR", "LSQB", "ADD", "MINUS", "NAME", "INT", "FLOAT", "STRING", "NONE", "TRUE", "FALSE", "NOT"}
-        if {"NAME", "INT", "LPAR"} <= want:  # an expression may start here: say so once
-            want = (want - starts) | {"an expression"}
-        expected = sorted({_describe(t) if t != "an expression" else t for t in want})
-        span = Span(name, tok.line, tok.column, tok.end_line or tok.line, tok.end_column or tok.column + 1)
-        hint = "expected " + (", ".join(expected[:-1]) + " or " if len(expected) > 1 else "") + expected[-1] \
-            if expected else None
-        kind = tok.type.split("__")[-1]
-        if kind == "MODULE_PATH" and "." not in tok:  # a name, lexed where no name can stand
-            kind = "NAME"
-        is_value = kind in ("NAME", "INT", "FLOAT", "STRING")
-        closer = next((c for c in ("RPAR", "RSQB", "RBRACE") if c in want), None)
-        if closer and kind.isalpha() and kind.isupper() and not is_value:  # a keyword: a bracket left open
-            hint = f"is a {_TOKEN_WORDS[closer]} missing before it? ({hint})"
-        elif "REPEAT" in want and kind == "NAME":
-            hint = f"write `block {tok}` or `repeat N {tok}`: a stage holds blocks, `downsample`, `after` and `let`"
-        elif "COMMA" in want and is_value:
-            hint = f"is a ',' missing before it? ({hint})"
-        what = repr(str(tok)) if is_value else _describe(tok.type)
-        raise error("syntax", f"unexpected {what}", span, hint) from None
+    except SYNTAX_ERRORS as exc:
+        raise syntax_error(exc, text, name) from None
     if found is not None:
         raise found
     if isinstance(result, _V):
@@ -266,8 +196,9 @@ class _Callbacks:
         self.placed = set()  # ids of those that name a layer of a statement
 
     def _place(self, value) -> None:
-        """A statement's value: the `as` elements of its lists name layers."""
-        if self.named:
+        """A statement's value: the `as` elements of its lists name layers. (A block's inline body,
+        a tuple of statements, holds none: its statements placed theirs.)"""
+        if self.named and value.__class__ is not tuple:
             self.placed.update(map(id, ast.layer_names(value)))
 
     @staticmethod

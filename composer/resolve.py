@@ -504,18 +504,37 @@ class _Aliased:
     span: Span
 
 
-def layer_value(expr, scope: Scope):
-    """The value of a statement's (or block's) expression, whose list elements may name their
-    layers: `[conv(8, 3) as proj, relu]`, `c ? [patch_merging(d) as merge] : none`."""
-    cls = expr.__class__
-    if cls is ast.Named:
-        return _Aliased(layer_value(expr.expr, scope), expr.alias, expr.span)
-    if not ast.has_layer_names(expr):
+class _LayerValue(ast.NodeVisitor):
+    """`layer_value(expr, scope)`: the value of a statement's (or block's) expression, whose list
+    elements may name their layers: `[conv(8, 3) as proj, relu]`, `c ? [patch_merging(d) as merge]
+    : none`. Only a list or a conditional can hold such names (`ast.has_layer_names`)."""
+
+    def visit_Named(self, expr: ast.Named, scope: Scope):
+        return _Aliased(self.visit(expr.expr, scope), expr.alias, expr.span)
+
+    def visit_ListExpr(self, expr: ast.ListExpr, scope: Scope):
+        if not ast.has_layer_names(expr):
+            return evaluate(expr, scope)
+        return [self.visit(x, scope) for x in expr.items]
+
+    def visit_Conditional(self, expr: ast.Conditional, scope: Scope):
+        if not ast.has_layer_names(expr):
+            return evaluate(expr, scope)
+        return self.visit(expr.then if evaluate(expr.test, scope) else expr.orelse, scope)  # tested as evaluate does
+
+    def _value(self, expr, scope: Scope):
         return evaluate(expr, scope)
-    if cls is ast.ListExpr:
-        return [layer_value(x, scope) for x in expr.items]
-    # a conditional (has_layer_names looks into nothing else), tested as the evaluator does
-    return layer_value(expr.then if evaluate(expr.test, scope) else expr.orelse, scope)
+
+    visit_Literal = visit_Name = visit_ListComp = visit_Index = visit_Call = visit_BinOp = visit_UnaryOp = _value
+
+
+_LAYER_VALUE, _LAYER_VALUE_METHODS = _LayerValue(), _LayerValue._methods
+
+
+def layer_value(expr, scope: Scope):
+    """`_LayerValue().visit(expr, scope)`, its dispatch inlined (every statement's value is one)."""
+    return (_LAYER_VALUE_METHODS.get(expr.__class__) or _LayerValue._method_for(expr.__class__))(
+        _LAYER_VALUE, expr, scope)
 
 
 def _name_of(expr) -> str | None:

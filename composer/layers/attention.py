@@ -29,6 +29,10 @@ token; routed partitions gather the top-k regions' tokens per input).
 
 `CascadedAttention`, the module behind the `cascaded_attention` op (EfficientViT-M's cascaded group
 attention over a map: `qkvs.<i>`, `dws.<i>`, `attention_biases`), is at the end of this file.
+
+Over 500 lines: it is the module of one op with pluggable parts, each part's submodules and forward
+step in the one `Attention`; splitting the parts into objects of their own is the token-mixer
+issue's work (attention as an algebra of primitives), which rewrites this module.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
 """One attention op with pluggable parts: which tokens a query sees (`partition`), where keys and
 values come from (`kv`, any `KeySource`; `extra_kv`), how q/k/v are projected (`projection`),
 which tokens are queries (`query`), position information (`position`), the score (`score`,
-`scale`) and agent attention (`agents`). The module is `composer.layers.attention.Attention`."""
+`scale`) and agent attention (`agents`). The module is `composer.layers.attention.Attention`.
+
+Over 500 lines: it is one op with pluggable parts, each part's options and shape checks beside the
+op that reads them; splitting the parts into objects of their own is the token-mixer issue's work
+(attention as an algebra of primitives), which rewrites this module."""
 
 from __future__ import annotations
 
