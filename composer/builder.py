@@ -142,10 +142,10 @@ class Sequence(nn.Module):
                 mod = mods[ins.name]
                 x = mod(x, env) if isinstance(mod, Sequence) else mod(x)
             elif cls is GridCall:
+                mod, grid = mods[ins.name], env.get(GRID)
+                x = mod(x, grid)
                 if ins.regrid:
-                    x, env[GRID] = mods[ins.name](x, env.get(GRID))
-                else:
-                    x = mods[ins.name](x, env.get(GRID))
+                    env[GRID] = mod.out_grid(grid)
             elif cls is Save:
                 env[ins.name] = x
                 env[GRID + ins.name] = env.get(GRID)
@@ -289,7 +289,9 @@ class ComposedModel(nn.Module):
         (`composer.sizes.InputSizeError`, naming the model, the size and the admitted sizes). A size
         is checked once (pure-Python shape inference), then remembered; tracing skips the check."""
         size = tuple(x.shape[1:])
-        if size == self._input or size in self._admitted or torch.compiler.is_compiling():
+        if not all(type(d) is int for d in size) or torch.compiler.is_compiling():
+            return  # traced with symbolic sizes (torch.export's dynamic shapes): no concrete size
+        if size == self._input or size in self._admitted:
             return
         check_input(self.plan, size[1:], size[0], self.dynamic_img_size)
         self._admitted.add(size)
@@ -380,14 +382,14 @@ class ComposedModel(nn.Module):
 
 def _op_instructions(s: OpStep, module) -> list:
     """The instructions that run op step `s`'s module and keep the grid its output tokens lie on:
-    a module with `takes_grid` gets the grid (and one with `returns_grid` gives the new one back);
+    a module with `takes_grid` gets the grid (and one with `out_grid(grid)` tells the new one);
     tokens made from a map on the same grid take the map's; tokens put on another grid by a module
     that does not tell it take the grid inferred at the build size (`StaticGrid`: the size check
     refuses input sizes that would change it)."""
     # a module tied to its build grid keeps it (one that resamples its table gets the grid: the size
     # check admits other grids for it only with dynamic_img_size)
     takes = getattr(module, "takes_grid", False) and (s.op.runtime_grid(s.x) or getattr(s.op, "resamples", False))
-    regrid = takes and getattr(module, "returns_grid", False)
+    regrid = takes and hasattr(module, "out_grid")
     x, y = s.x, s.y
     on_grid = y.layout == "tokens" and bool(y.spatial) and not regrid
     from_map = on_grid and x.layout == "map" and y.spatial == x.spatial

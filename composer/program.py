@@ -15,7 +15,7 @@ class Call(NamedTuple):
 
 class GridCall(NamedTuple):
     """Run the module `name` on the flowing tokens and the grid they lie on (B, N, C), grid
-    (a module with `takes_grid`); `regrid`: it returns (tokens, their new grid)."""
+    (a module with `takes_grid`); `regrid`: the tokens it returns lie on `module.out_grid(grid)`."""
 
     name: str
     regrid: bool = False

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from .diagnostics import ComposerError
 from .lower import plan as lower_plan
+from .ops.attention import Window
 from .plan import OpStep, Plan
+from .resolved import OpNode, ParallelNode, ResidualNode, SubSeq
 from .shapes import Shape
 
 
@@ -23,12 +25,45 @@ class InputSizeError(ValueError):
     """A built model refuses an input size its architecture does not allow (raised at its entry)."""
 
 
-def replan(plan: Plan, spatial: tuple, channels: int | None = None) -> Plan:
-    """`plan`'s resolved model planned again for an input grid `spatial` (raises ComposerError)."""
+def replan(plan: Plan, spatial: tuple, channels: int | None = None, dynamic: bool = False) -> Plan:
+    """`plan`'s resolved model planned again for an input grid `spatial` (raises ComposerError).
+    `dynamic`: window attention pads the grid up to a multiple of its window, as timm's Swin with
+    `strict_img_size=False` does (the built module pads whenever the grid needs it)."""
     model = plan.source
     inp = model.input
     model = dataclasses.replace(model, input=type(inp)(inp.kind, channels or inp.channels, tuple(spatial), inp.span))
+    if dynamic:
+        model = _padded_windows(model)
     return lower_plan(model)
+
+
+def _padded_windows(model):
+    """The resolved model with every window partition that does not pad made to pad."""
+    def op(o):
+        part = getattr(o, "partition", None)
+        if isinstance(part, Window) and not part.pad and not part.messengers:
+            return o.model_copy(update={"partition": part.model_copy(update={"pad": True})})
+        return o
+
+    def items(xs):
+        return [item(x) for x in xs] if xs is not None else None
+
+    def item(x):
+        cls = x.__class__
+        if cls is OpNode:
+            return OpNode(x.name, op(x.op), x.span)
+        if cls is SubSeq:
+            return dataclasses.replace(x, items=items(x.items))
+        if cls is ResidualNode:
+            return dataclasses.replace(x, body=items(x.body), shortcut=items(x.shortcut))
+        if cls is ParallelNode:
+            return dataclasses.replace(x, branches=[items(b) for b in x.branches])
+        return x  # named tensors, reuse
+
+    stages = [dataclasses.replace(st, downsample=items(st.downsample), norm=items(st.norm),
+                                  blocks=[dataclasses.replace(b, items=items(b.items)) for b in st.blocks])
+              for st in model.stages]
+    return dataclasses.replace(model, stem=items(model.stem), stages=stages, head=items(model.head))
 
 
 def admits(plan: Plan, spatial: tuple, dynamic: bool = False) -> str | None:
@@ -41,20 +76,20 @@ def admits(plan: Plan, spatial: tuple, dynamic: bool = False) -> str | None:
     if len(spatial) != len(plan.input.spatial) or any(g <= 0 for g in spatial):
         return f"the input must have {len(plan.input.spatial)} positive spatial sizes"
     try:
-        other = replan(plan, spatial)
+        other = replan(plan, spatial, dynamic=dynamic)
     except ComposerError as exc:
         d = exc.diagnostics[0]
         where = next((n for n in d.notes if n.startswith("at ")), "")
-        return d.message + (f" ({where})" if where else "")
+        why = d.message + (f" ({where})" if where else "")
+        if not dynamic and admits(plan, spatial, dynamic=True) is None:
+            why += " (build it with dynamic_img_size=True to pad its windows and resample its tables)"
+        return why
     for a, b in zip(_op_steps(plan), _op_steps(other)):
         if a.x == b.x:
             continue
-        resampled = dynamic and a.op.resamples
-        if not (a.op.runtime_grid(a.x) or resampled):
-            hint = " (build it with dynamic_img_size=True to resample it)" if a.op.resamples else ""
-            return f"{a.path} ({a.op.name}) is built for input {a.x} and would get {b.x}{hint}"
-        if a.op.params(a.x, a.y) != b.op.params(b.x, b.y) and not resampled:
-            return f"{a.path} ({a.op.name}) has parameters sized for input {a.x}, and would get {b.x}"
+        why = a.op.admits_grid(a.x, b.x, dynamic)
+        if why is not None:
+            return f"{a.path} ({a.op.name}) {why}"
         new_grid = a.y.layout == "tokens" and a.y.spatial and a.y.spatial != a.x.spatial
         if new_grid and a.y.spatial != b.y.spatial and not a.op.regrids:  # the builder's StaticGrid
             return f"{a.path} ({a.op.name}) puts tokens on a grid of its own that cannot follow the input size"

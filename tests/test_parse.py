@@ -437,3 +437,31 @@ def test_a_syntax_error_later_in_the_file_wins_over_an_argument_error():
     err = syntax_error("block b {\n    conv(8, k = 3, k = 5)\n}\nmodel {\n}\n")
     assert err.code == "syntax"
     assert err.diagnostics[0].span.line == 4
+
+
+# ---- every walker covers every node it may meet ---------------------------------------------
+
+def _covers(walker, union) -> list[str]:
+    import typing
+
+    return [c.__name__ for c in typing.get_args(union) if not hasattr(walker, "visit_" + c.__name__)]
+
+
+def test_expression_walkers_cover_every_expression_node():
+    """A new expression node must get a visit method in each expression walker: this fails in the
+    suite, not at the first blueprint that uses it."""
+    from composer import ast as A
+    from composer import format as F
+
+    for walker in (F.Printer, F._Precedence, A._LayerNames, A._HasLayerNames):
+        assert _covers(walker, A.Expr) == [], walker.__name__
+
+
+def test_statement_walkers_cover_every_body_statement():
+    from composer import ast as A
+    from composer import convert as C
+    from composer import format as F
+    from composer import resolve as R
+
+    for walker in (F.Printer, C._ToYaml, R._Resolver):
+        assert _covers(walker, A.Body) == [], walker.__name__

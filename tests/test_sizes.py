@@ -18,12 +18,14 @@ torchvision = pytest.importorskip("torchvision")
 
 SIZES = [(256, 256), (192, 320)]  # another square size and a non-square one, multiples of 32
 
-# parity rows whose reference runs at other sizes and whose composer model now does too
-# (timm's keyword arguments for its dynamic-size form where it needs one)
+# parity rows whose reference runs at other sizes and whose composer model now does too, with
+# timm's keyword arguments for its dynamic-size form where it needs one (ours: dynamic_img_size)
+DYNAMIC = {"dynamic_img_size": True}
 ROWS = {
     "resnet50": {}, "mobilenetv2_100": {}, "convnext_atto": {}, "poolformer_s12": {}, "inception_next_t": {},
     "pvt_v2_b0": {}, "twins_pcpvt_small": {}, "repvgg_a0": {}, "shufflenet_v2_x1_0": {},
-    "vit_ti": {"dynamic_img_size": True}, "deit_ti_distilled": {"dynamic_img_size": True},
+    "vit_ti": DYNAMIC, "deit_ti_distilled": DYNAMIC,
+    "swin_t": {"strict_img_size": False},  # timm pads the windows and makes the shift mask per size
 }
 
 
@@ -35,7 +37,7 @@ def _pair(name, **kwargs):
     else:
         ref = torchvision.models.get_model(ref_name, weights=None, num_classes=10).eval()
     perturb(ref)
-    ours = composer.build(name, num_classes=10, dynamic_img_size=bool(kwargs.get("dynamic_img_size"))).eval()
+    ours = composer.build(name, num_classes=10, dynamic_img_size=bool(kwargs)).eval()
     report = (from_timm if source == "timm" else from_torchvision)(ours, ref.state_dict())
     assert report.ok
     return ours, ref
@@ -71,6 +73,23 @@ def test_refusal_names_the_model_the_size_and_the_admitted_sizes():
     assert "vit_ti" in text and "256x256" in text and "built for 224x224" in text
     assert "dynamic_img_size" in text  # the way to allow it
     assert "fixed at 224" in text
+
+
+def test_window_attention_at_multiples_of_its_window_without_padding():
+    """Without dynamic_img_size, Swin runs where every stage's grid is a multiple of the window
+    (448: 112, 56, 28, 14), with a shift mask made for that grid; 256 (a 64 grid) is refused."""
+    torch.manual_seed(0)
+    ref = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10,
+                            strict_img_size=False).eval()
+    ours = composer.build("swin_t", num_classes=10).eval()
+    assert from_timm(ours, ref.state_dict()).ok
+    x = torch.randn(1, 3, 448, 448)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+    with pytest.raises(composer.InputSizeError, match="dynamic_img_size=True to pad") as exc:
+        ours(torch.randn(1, 3, 256, 256))
+    # 448 = 224 * 2 admits and 256 does not: the grids must be multiples of 7 at every stride
+    assert "multiples of 224 from 224" in str(exc.value)
 
 
 def test_refusal_happens_before_the_forward_and_wrong_channels_too():

@@ -346,7 +346,9 @@ class Attention(nn.Module):
         b = self.cpb_fc2(self.cpb_drop(self.cpb_act(self.cpb_fc1(self.cpb_table))))  # (U, heads)
         return b.t()[:, self.cpb_index].view(-1, math.prod(self.group), self.cpb_keys)
 
-    def _bias(self):
+    def _bias(self, mask=None):
+        """The additive score bias: position tables, then `mask` (the shifted windows' mask for the
+        grid at hand, (nW, 1, N, N))."""
         bias = None
         if hasattr(self, "relative_position_bias_table"):
             n = self.relative_position_index.shape[0]
@@ -362,8 +364,8 @@ class Attention(nn.Module):
                 bias = torch.cat([self.rel_pos_msg[:, 1].expand(h, 1, m + 1), bias], -2)
         if self.continuous and self.partition != "neighbourhood":
             bias = self._continuous_bias()
-        if self.attn_mask is not None:
-            bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads, N, N)
+        if mask is not None:
+            bias = mask if bias is None else bias + mask  # (nW, heads, N, N)
         if bias is not None and self.kv_tokens_count:
             bias = F.pad(bias, (self.kv_tokens_count, 0))  # learned kv tokens: no bias
         if self.learned_bias:
@@ -381,8 +383,32 @@ class Attention(nn.Module):
     def _merge(self, t):
         return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], self.heads * self.head_dim)
 
+    def _windows(self, grid):
+        """(the grid the windows tile, the shifted windows' mask) for tokens on `grid`: the build
+        grid's, or at another grid (a model run at another input size) padded up to a multiple of
+        the window with the mask for it, computed once per grid. The window and the shift stay the
+        build's (as timm's Swin does with strict_img_size=False)."""
+        symbolic = not all(type(g) is int for g in grid)  # traced by torch.export with dynamic sizes
+        if not symbolic and grid == self.grid:  # `grid` itself when nothing is padded (the forward
+            return (grid if self.padded == self.grid else self.padded), self.attn_mask  # tests identity)
+        if self.partition != "window":
+            return grid, None
+        padded = tuple(-(-g // self.size) * self.size for g in grid)
+        if not symbolic and padded == grid:
+            padded = grid
+        if not self.shift:
+            return padded, None
+        if symbolic:  # made in the traced program, for whatever size it gets
+            return padded, _shift_mask(padded, self.size, self.shift)[:, None].to(self.attn_mask)
+        cache = self.__dict__.setdefault("_masks", {})
+        mask = cache.get(padded)
+        if mask is None or mask.device != self.attn_mask.device:
+            mask = cache[padded] = _shift_mask(padded, self.size, self.shift)[:, None].to(self.attn_mask)
+        return padded, mask
+
     def _roll(self, x, shift):
-        return torch.roll(x, [shift] * len(self.grid), dims=list(range(1, len(self.grid) + 1)))
+        nd = x.dim() - 2
+        return torch.roll(x, [shift] * nd, dims=list(range(1, nd + 1)))
 
     def _conv_project(self, x, grid):
         e = self.extra
@@ -478,18 +504,22 @@ class Attention(nn.Module):
         """`grid`: the grid of the tokens at run time (the build grid when not given). Only the
         configurations the op's `runtime_grid` admits ever get another grid than the build one."""
         grid = self.grid if grid is None else tuple(grid)
+        padded, mask = self._windows(grid)
         b, n = x.shape[:2]
         c = self.heads * self.head_dim
         x_in = x
         if self.messengers:  # one prefix token per window: it joins its window
             msg, x = x[:, :self.extra], x[:, self.extra:]
         if self.partition in ("window", "grid"):
-            x = x.reshape(b, *self.grid, x.shape[-1])
-            if self.padded != self.grid:  # zero tokens at the end of every dim (Twins, Swin)
-                x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
-            if self.shift:
+            x = x.reshape(b, *grid, x.shape[-1])
+            pad_first = self.__dict__.get("pad_first", False)  # see the op's `build`
+            if self.shift and not pad_first:
                 x = self._roll(x, -self.shift)
-            x = partition_windows(x, self.padded, self.size, self.partition)
+            if padded is not grid:  # zero tokens at the end of every dim (Twins, Swin)
+                x = F.pad(x, [0, 0] + [a for g, p in zip(grid[::-1], padded[::-1]) for a in (0, p - g)])
+            if self.shift and pad_first:
+                x = self._roll(x, -self.shift)
+            x = partition_windows(x, padded, self.size, self.partition)
             if self.messengers:
                 x = torch.cat([msg.reshape(-1, 1, msg.shape[-1]), x], 1)  # (B * nW, 1 + N, C)
         q, k, v = self._project(x, grid)
@@ -498,7 +528,7 @@ class Attention(nn.Module):
         if self.agents:
             y = self._agents(q, k, v)
         else:
-            y, v = self._attention(q, k, v, b, extra)
+            y, v = self._attention(q, k, v, b, extra, mask)
         if hasattr(self, "lepe"):  # LePE: a depthwise conv added to the output
             if self.lepe_source == "input":
                 y = y + _to_tokens(self.lepe(_to_map(x_in, grid)))
@@ -507,19 +537,22 @@ class Attention(nn.Module):
         if self.messengers:
             msg, y = y[:, 0].reshape(b, -1, c), y[:, 1:]
         if self.partition in ("window", "grid"):
-            y = unpartition_windows(y, self.padded, self.size, b, self.partition)
-            if self.shift:
-                y = self._roll(y.view(b, *self.padded, c), self.shift).reshape(b, -1, c)
-            if self.padded != self.grid:
-                y = y.view(b, *self.padded, c)[(slice(None), *[slice(0, g) for g in self.grid])].reshape(b, n, c)
+            y = unpartition_windows(y, padded, self.size, b, self.partition)
+            if self.shift and pad_first:
+                y = self._roll(y.view(b, *padded, c), self.shift).reshape(b, -1, c)
+            if padded is not grid:
+                y = y.view(b, *padded, c)[(slice(None), *[slice(0, g) for g in grid])].reshape(b, -1, c)
+            if self.shift and not pad_first:
+                y = self._roll(y.view(b, *grid, c), self.shift).reshape(b, -1, c)
         if self.messengers:
             y = torch.cat([msg, y], 1)
         if self.value_skip:  # T2T: y = v + proj(attention)
             return self.proj(y) + v_skip
         return self.proj(y)
 
-    def _attention(self, q, k, v, b, extra=None):
-        """(y tokens (B', L, C), v tokens for LePE); `extra`: the extra source's keys and values."""
+    def _attention(self, q, k, v, b, extra=None, mask=None):
+        """(y tokens (B', L, C), v tokens for LePE); `extra`: the extra source's keys and values;
+        `mask`: the shifted windows' mask for the grid at hand."""
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         v_tokens = v
         if self.performer:
@@ -543,15 +576,15 @@ class Attention(nn.Module):
                 k, v = self._with_kv_tokens(k, v)
             if extra is not None:  # extra keys from a source: more keys, the same softmax
                 k, v = torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2)
-            pb = self._bias()
+            pb = self._bias(mask)
             if pb is not None:
                 bias = pb if bias is None else bias + pb
             sb = self.__dict__.pop("_source_bias", None)  # from the key source (deformable(bias = true))
             if sb is not None:
                 bias = sb if bias is None else bias + sb
             bw, nw = q.shape[0], q.shape[2]
-            if self.attn_mask is not None:
-                nwin = self.attn_mask.shape[0]
+            if mask is not None:
+                nwin = mask.shape[0]
                 q, k, v = (t.reshape(t.shape[0] // nwin, nwin, self.heads, t.shape[2], self.head_dim)
                            for t in (q, k, v))  # bias (nW, 1|heads, N, N)
             y = self._attend(q, k, v, bias).reshape(bw, self.heads, nw, self.head_dim)

@@ -158,7 +158,7 @@ class PosEmbed(nn.Module):
 
     def table(self, grid) -> torch.Tensor:
         grid = self.grid if grid is None else tuple(grid)
-        if grid == self.grid:
+        if all(type(g) is int for g in grid) and grid == self.grid:  # (traced with symbolic sizes: resampled)
             return self.pos
         prefix = self.pos.shape[1] - math.prod(self.grid)
         head, body = self.pos[:, :prefix], self.pos[:, prefix:]
@@ -187,10 +187,9 @@ def sinusoid_table(tokens: int, channels: int) -> torch.Tensor:
 
 
 class PatchMerging(nn.Module):
-    """Swin's 2x downsampling of tokens on a grid; given the grid at run time, it returns the new one."""
+    """Swin's 2x downsampling of tokens on a grid (given at run time; `out_grid` tells the new one)."""
 
     takes_grid = True
-    returns_grid = True
 
     def __init__(self, grid, norm, cin, cout):
         super().__init__()
@@ -207,7 +206,11 @@ class PatchMerging(nn.Module):
             h, w = grid
             # concatenation order (0,0), (1,0), (0,1), (1,1): the row offset changes fastest, as in Swin
             x = x.reshape(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h * w // 4, 4 * c)
-        return self.reduction(self.norm(x)), tuple(g // 2 for g in grid)
+        return self.reduction(self.norm(x))
+
+    @staticmethod
+    def out_grid(grid):
+        return tuple(g // 2 for g in grid)
 
 
 class Stack(nn.Module):

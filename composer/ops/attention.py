@@ -530,14 +530,35 @@ class Attention(Op):
     def _first(self) -> Optional[First]:
         return self.query if isinstance(self.query, First) else None
 
+    def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
+        """Window and grid attention keep the window, shift and tables of the build grid (timm's
+        Swin does the same): another grid must be a multiple of the window, or is padded up to one
+        (`window(pad = true)`, or any window under dynamic_img_size)."""
+        if self.partition is None or not self.runtime_grid(built):
+            return super().admits_grid(built, got, dynamic)
+        size, _ = self.partition.effective(built.spatial)
+        pads = isinstance(self.partition, Window) and (self.partition.pad or dynamic)
+        if not pads and any(g % size for g in got.spatial):
+            return (f"keeps its {self.partition.mode} of {size} from the build grid {built}, which does not "
+                    f"divide the grid {got}" + (" (build it with dynamic_img_size=True to pad it)"
+                                                   if isinstance(self.partition, Window) else ""))
+        return None
+
     def runtime_grid(self, x: Shape) -> bool:
-        """Global attention over the tokens it gets, keys from them or a `reduce` of their map,
-        position none or LePE, runs at any grid (its module is given the grid at run time); the
-        other parts hold tables, masks or counts sized by the build grid (for now)."""
-        return (self.partition is None and self.agents is None and self.query is None and self.extra_kv is None
-                and (self.position is None or isinstance(self.position, LePE))
-                and (self.kv is None or isinstance(self.kv, Reduce))
-                and not (isinstance(self.score, Cosine) and self.score.length_scale))
+        """Whether the module runs at another grid than `x`'s (it is given the grid at run time):
+        global attention with keys from the tokens or a `reduce` of their map, position none or
+        LePE; window (not messengers) and grid attention with position parts sized by the window,
+        the shifted windows' mask made for each grid (padded up to a multiple of the window). Other
+        parts hold tables, masks or counts sized by the build grid (for now)."""
+        if self.agents is not None or self.query is not None or self.extra_kv is not None \
+                or not (self.kv is None or isinstance(self.kv, Reduce)):
+            return False
+        if self.partition is None:
+            return (self.position is None or isinstance(self.position, LePE)) \
+                and not (isinstance(self.score, Cosine) and self.score.length_scale)
+        if isinstance(self.partition, Window) and not self.partition.messengers or isinstance(self.partition, Grid):
+            return self.position is None or isinstance(self.position, (RelativeBias, LePE, ContinuousBias))
+        return False
 
     def _x(self, x: Shape) -> Shape:
         """The shape the attention works in: the token half of the channels with `query=given`."""
@@ -931,7 +952,11 @@ class Attention(Op):
         cfg.update(value_skip=self.value_skip, messengers=self._messengers())
         if self.agents is not None:
             cfg.update(agents=(self.agents.count, self.agents.kernel, self.agents.table))
-        return Module(**cfg)
+        module = Module(**cfg)
+        # a window the blueprint pads (`pad = true`) pads, then rolls, as the official Swin; a grid
+        # padded only because the model runs at another size rolls, then pads, as timm's
+        module.pad_first = isinstance(self.partition, Window) and self.partition.pad
+        return module
 
 
 # ------------------------------------------------------------------------------ cascaded group attention
