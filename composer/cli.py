@@ -146,12 +146,13 @@ def cmd_info(args) -> int:
     from .analyse import counted_params, render
     from .builder import build_module
 
-    from .sizes import rule_text
+    from .sizes import rule_texts
 
     model = build_module(plan, seed=None, device="meta")
     print(render(plan, counted_params(model)))
-    print(f"input sizes: {rule_text(plan)} (built at {'x'.join(map(str, plan.input.spatial))}; "
-          f"with dynamic_img_size: {rule_text(plan, dynamic=True)})")
+    plain, dynamic = rule_texts(plan)
+    print(f"input sizes: {plain} (built at {'x'.join(map(str, plan.input.spatial))}"
+          + (f"; with dynamic_img_size: {dynamic})" if dynamic != plain else ")"))
     print("(built on the meta device: no weights allocated)")
     return EXIT_OK
 

@@ -6,7 +6,7 @@ has a path (its state_dict path), the shape it reads (`x`) and gives (`y`), and 
 construct it comes from; `children()` gives its nested step lists, so `walk`, `params` and `macs`
 are generic. A step reads the one tensor flowing through its list. A step with several named
 tensor inputs (a later `attend(q, k, v)`) adds its own field naming them, `inputs: dict[str, str]`
-(role -> saved tensor), as `LoadStep.tensor` names one today; the graph (`plan_graph`) and the
+(role -> saved tensor), as `LoadStep.tensor` names one today; the graph (`Plan.to_networkx`) and the
 builder then read that field for that class.
 """
 

@@ -133,16 +133,27 @@ class AxisRule:
         return f"{self.low} plus multiples of {self.step}"
 
 
-def axis_rule(plan: Plan, axis: int, dynamic: bool = False, limit: int | None = None) -> AxisRule:
-    """Probe every size 1..limit (default: twice the build size, at least 64) along `axis`."""
-    build = plan.input.spatial[axis]
-    limit = limit or max(2 * build, 64)
+def _probe(plan: Plan, axis: int, dynamic: bool, sizes, known: frozenset = frozenset()) -> list[int]:
+    """The sizes of `sizes` admitted along `axis` (the other axes at the build size); `known`:
+    sizes already known to be admitted (dynamic_img_size only admits more)."""
     base = list(plan.input.spatial)
-    ok = []
-    for n in range(1, limit + 1):
-        size = base[:axis] + [n] + base[axis + 1:]
-        if admits(plan, tuple(size), dynamic) is None:
-            ok.append(n)
+    return [n for n in sizes if n in known or admits(plan, tuple(base[:axis] + [n] + base[axis + 1:]), dynamic) is None]
+
+
+def _admitted(plan: Plan, axis: int, dynamic: bool, limit: int, known: frozenset, like: list | None) -> list[int]:
+    """Every admitted size 1..limit along `axis`. `like`: the sizes admitted along another axis of
+    the same build size, checked on a sample around each change instead of probed one by one
+    (probed in full when the sample disagrees)."""
+    every = range(1, limit + 1)
+    if like is not None:
+        marks = {n for k in like for n in (k - 1, k, k + 1)} | set(range(1, 9)) | {limit}
+        sample = sorted(n for n in marks if 1 <= n <= limit)
+        if _probe(plan, axis, dynamic, sample, known) == [n for n in sample if n in set(like)]:
+            return list(like)
+    return _probe(plan, axis, dynamic, every, known)
+
+
+def _rule(build: int, ok: list[int], limit: int) -> AxisRule:
     if ok == [build]:
         return AxisRule(build, True, build, 1, limit)
     low = ok[0]
@@ -155,18 +166,45 @@ def axis_rule(plan: Plan, axis: int, dynamic: bool = False, limit: int | None = 
     return AxisRule(build, False, low, 1, limit, tuple(ok[:8]))
 
 
-def rule_text(plan: Plan, dynamic: bool = False) -> str:
+def axis_rules(plan: Plan, dynamic: bool = False, known: dict | None = None) -> list[AxisRule]:
+    """The admitted sizes of every spatial axis, probing every size 1..limit (twice the build size,
+    at least 64); `known`: axis -> sizes already known to be admitted (filled in)."""
+    known = {} if known is None else known
+    out, seen = [], {}
+    for axis, build in enumerate(plan.input.spatial):
+        limit = max(2 * build, 64)
+        ok = _admitted(plan, axis, dynamic, limit, frozenset(known.get(axis, ())), seen.get(build))
+        known[axis], seen[build] = ok, ok
+        out.append(_rule(build, ok, limit))
+    return out
+
+
+def axis_rule(plan: Plan, axis: int, dynamic: bool = False) -> AxisRule:
+    """The admitted sizes along one axis (the others at the build size)."""
+    limit = max(2 * plan.input.spatial[axis], 64)
+    return _rule(plan.input.spatial[axis], _probe(plan, axis, dynamic, range(1, limit + 1)), limit)
+
+
+def rule_text(plan: Plan, dynamic: bool = False, rules: list | None = None) -> str:
     """The admitted input sizes in words, e.g. "H and W: multiples of 32 from 32"."""
     nd = len(plan.input.spatial)
     if not nd:
         return "no spatial size"
-    rules = [axis_rule(plan, a, dynamic) for a in range(nd)]
+    rules = rules if rules is not None else axis_rules(plan, dynamic)
     names = {1: ["length"], 2: ["H", "W"], 3: ["D", "H", "W"]}.get(nd, [f"axis {a}" for a in range(nd)])
     texts = [r.text() for r in rules]
     if len(set(texts)) == 1:
         who = names[0] if nd == 1 else " and ".join([", ".join(names[:-1]), names[-1]])
         return f"{who}: {texts[0]}"
     return "; ".join(f"{n}: {t}" for n, t in zip(names, texts))
+
+
+def rule_texts(plan: Plan) -> tuple[str, str]:
+    """(the admitted sizes, those admitted with dynamic_img_size), probing each size once where
+    the first answer already settles the second."""
+    known: dict = {}
+    plain = rule_text(plan, rules=axis_rules(plan, False, known))
+    return plain, rule_text(plan, rules=axis_rules(plan, True, known))
 
 
 def check_input(plan: Plan, spatial: tuple, channels: int, dynamic: bool = False) -> None:
