@@ -1,6 +1,7 @@
 """torch.export with dynamic input sizes (issue 13, item 6): one program for every admitted size,
 checked against eager at two sizes, for a convnet, a reduced-attention model and a ViT whose
-position table is resampled (small depths so the test stays quick). Windowed attention does not
+position table is resampled (small depths so the test stays quick), and one ONNX file (the dynamo
+exporter) with dynamic batch, height and width run by onnxruntime. Windowed attention does not
 export with dynamic sizes yet (its padding and shift mask specialise on the example's grid)."""
 
 from __future__ import annotations
@@ -34,3 +35,20 @@ def test_export_with_dynamic_height_and_width(name):
             got = exported(x)
         assert got.shape == expected.shape == (2, 10)
         assert (got - expected).abs().max().item() < 1e-4, size
+
+
+def test_onnx_with_dynamic_axes(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = composer.build("resnet18", num_classes=10).eval()
+    b, h, w = Dim("b", min=1, max=64), Dim("h", min=2, max=32), Dim("w", min=2, max=32)
+    program = torch.onnx.export(model, (torch.randn(2, 3, 128, 96),), dynamo=True,
+                                dynamic_shapes={"x": {0: b, 2: 32 * h, 3: 32 * w}})
+    program.save(str(tmp_path / "resnet18.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "resnet18.onnx"), providers=["CPUExecutionProvider"])
+    for size in ((128, 96), (224, 160)):
+        x = torch.randn(3, 3, *size)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert got.shape == expected.shape == (3, 10)
+        assert abs(got - expected).max() < 1e-4, size
