@@ -14,10 +14,19 @@ BUILD_KEYS = ("num_classes", "img_size", "in_chans")
 
 
 def blueprint_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """The .arch and YAML blueprints of a folder; `*.port.yaml` files are weight maps, not blueprints."""
+    """The .arch and YAML blueprints of a folder; `*.port.yaml` files are weight maps, not blueprints.
+    A link that leads out of the folder is left out (checking a folder reads nothing outside it);
+    a FIFO or device with a blueprint's name is listed, and refused when read."""
     find = folder.rglob if recursive else folder.glob
-    arch = sorted(find("*.arch"))
-    yaml = sorted(p for pattern in ("*.yaml", "*.yml") for p in find(pattern) if not p.name.endswith(".port.yaml"))
+    root = folder.resolve()
+
+    def inside(p: Path) -> bool:
+        real = p.resolve()
+        return real == root or root in real.parents
+
+    arch = sorted(p for p in find("*.arch") if inside(p))
+    yaml = sorted(p for pattern in ("*.yaml", "*.yml") for p in find(pattern)
+                  if not p.name.endswith(".port.yaml") and inside(p))
     return arch + yaml
 
 
@@ -39,7 +48,7 @@ def resolve_target(target: str) -> tuple[Path, str | None]:
     path, _, model = target.partition(":") if not Path(target).exists() else (target, "", "")
     if Path(path).suffix in (".arch", ".yaml", ".yml") or Path(path).exists():
         if not Path(path).is_file():
-            raise error("io", f"no such file: {path}")
+            raise error("io", f"cannot read {path}: not a regular file" if Path(path).exists() else f"no such file: {path}")
         return Path(path), model or None
     index = zoo_index()
     if target not in index:

@@ -54,7 +54,10 @@ def cmd_check(args) -> int:
     for t in args.targets:
         p = Path(t)
         if p.is_dir():
-            targets += [(f, None) for f in sorted(api.blueprint_files(p, recursive=True))]
+            found = api.blueprint_files(p, recursive=True)
+            if not found:
+                raise error("io", f"no blueprint in {t}", None, "blueprints are .arch, .yaml or .yml files")
+            targets += [(f, None) for f in found]
         else:
             targets.append(api.resolve_target(t))
     for path, name in targets:

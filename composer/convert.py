@@ -41,6 +41,7 @@ from pathlib import Path
 from . import ast
 from .comments import END, Comment, Layout, end_of, start_of, yaml_comments
 from .diagnostics import error
+from .files import read_source
 from .format import Printer
 from .pretty import render
 from .yaml_write import Entry, Y, plain_ok, write_yaml, ystr
@@ -554,8 +555,4 @@ def convert_file(path: Path, to: str) -> str:
         raise error("io", f"{path}: not a blueprint (.arch, .yaml or .yml)")
     if not path.is_file():
         raise error("io", f"no such file: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error("io", f"cannot read {path}: {exc}") from None
-    return convert_text(text, str(path), source, to)
+    return convert_text(read_source(path), str(path), source, to)

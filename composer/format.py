@@ -42,6 +42,7 @@ from . import ast
 from .ast import shape
 from .comments import END, Layout, end_of, scan_comments, start_of
 from .diagnostics import error
+from .files import read_source
 from .pretty import BREAK, HARD, LINE, SOFT, group, ifbreak, join, nest, render, suffix
 
 # ---- the printer --------------------------------------------------------------------------------
@@ -485,10 +486,7 @@ def format_paths(paths) -> tuple[list[Path], list[tuple[Path, str, str]]]:
     files = arch_files(paths)
     changed = []
     for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise error("io", f"cannot read {path}: {exc}") from None
+        text = read_source(path)
         new = format_text(text, str(path))
         if new != text:
             changed.append((path, text, new))

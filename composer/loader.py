@@ -10,6 +10,7 @@ from pathlib import Path
 from . import ast
 from .diagnostics import did_you_mean, error
 from .expr import Namespace
+from .files import read_source
 from .locate import BLUEPRINTS_DIR
 from .ops import OPS
 from .parse import parse_text
@@ -19,10 +20,7 @@ from .speed import gc_paused
 def read_blueprint(path: str | Path) -> ast.File:
     """Parse one blueprint file with the front end its suffix names (.yaml, .yml; else .arch)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error("io", f"cannot read {path}: {exc.strerror if isinstance(exc, OSError) else exc}") from None
+    text = read_source(path)
     if path.suffix in (".yaml", ".yml"):
         from .yaml_read import parse_yaml  # here: checking .arch files never pays for PyYAML
 
@@ -80,11 +78,33 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
     return unit
 
 
+MAX_IMPORT_PATH = 256
+
+
 def _find_import(imp: ast.Import, here: Path) -> Path:
+    """The file an `import` names: relative to the importing file's folder, or to the standard
+    library (the zoo's folder). It must stay inside that folder's tree (no absolute path, no `..`
+    out of it, no symlink leading out) and be a regular file: a blueprint never reads a file its
+    user did not name or put beside it."""
     rel = imp.path if imp.path.endswith((".arch", ".yaml", ".yml")) else imp.path + ".arch"
+    parts = Path(rel).parts
+    if len(imp.path) > MAX_IMPORT_PATH or not parts or Path(rel).is_absolute() or ".." in parts \
+            or "\\" in rel or "\0" in rel:
+        raise error("bad-import", f"cannot import '{_short(imp.path)}': an import names a file relative to "
+                    "the importing file's folder, inside it", imp.span,
+                    'e.g. import "blocks" (blocks.arch beside this file) or import "lib/metaformer"')
     for base in (here, BLUEPRINTS_DIR):
-        if (base / rel).is_file():
-            return base / rel
+        target = base / rel
+        if target.is_file():
+            root, real = base.resolve(), target.resolve()
+            if root != real and root not in real.parents:
+                raise error("bad-import", f"cannot import '{imp.path}': it leads out of {base} (a symlink)",
+                            imp.span, "copy the file beside the blueprint instead of linking to it")
+            return target
     lib = [f"lib/{p.stem}" for p in (BLUEPRINTS_DIR / "lib").glob("*.arch")]
     raise error("bad-import", f"cannot find '{imp.path}' (looked in {here} and the standard library)", imp.span,
                 did_you_mean(imp.path, lib) or "standard library files: " + ", ".join(sorted(lib)))
+
+
+def _short(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width] + "..."
