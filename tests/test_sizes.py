@@ -161,3 +161,22 @@ def test_features_at_dense_prediction_sizes(name):
             feats = model(torch.randn(1, 3, *size))
         expected = [st.y for st in replan(plan, size).stages]
         assert [tuple(f.shape[1:]) for f in feats] == [(y.channels, *y.spatial) for y in expected]
+
+
+def test_maxvit_runs_where_its_window_and_grid_divide_every_stage_as_timm():
+    """MaxViT keeps its window and grid of 7 and their relative-bias maps (sized by the window) at
+    every input size; timm's MaxxVit asserts that both divide each stage's grid, so 448x224 (grids
+    112x56 ... 14x7) runs and 256 (a 64 grid) is refused by both."""
+    torch.manual_seed(0)
+    ref = timm.create_model("maxvit_tiny_tf_224", pretrained=False, num_classes=10).eval()
+    perturb(ref)
+    ours = composer.build("maxvit_t", num_classes=10).eval()
+    assert from_timm(ours, ref.state_dict()).ok
+    x = torch.randn(1, 3, 448, 224)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+    x = torch.randn(1, 3, 256, 256)
+    with pytest.raises(AssertionError), torch.no_grad():
+        ref(x)
+    with pytest.raises(composer.InputSizeError, match="does not divide"):
+        ours(x)

@@ -557,7 +557,7 @@ class Attention(Op):
             return (self.position is None or isinstance(self.position, LePE)) \
                 and not (isinstance(self.score, Cosine) and self.score.length_scale)
         if isinstance(self.partition, Window) and not self.partition.messengers or isinstance(self.partition, Grid):
-            return self.position is None or isinstance(self.position, (RelativeBias, LePE, ContinuousBias))
+            return self.position is None or isinstance(self.position, (RelativeBias, RelativeBiasMap, LePE, ContinuousBias))
         return False
 
     def _x(self, x: Shape) -> Shape:
