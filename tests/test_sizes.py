@@ -180,3 +180,21 @@ def test_maxvit_runs_where_its_window_and_grid_divide_every_stage_as_timm():
         ref(x)
     with pytest.raises(composer.InputSizeError, match="does not divide"):
         ours(x)
+
+
+def test_gcvit_is_fixed_size_as_timm():
+    """GC-ViT's global queries are pooled by a number of levels fixed at the build (down to the
+    window), then shared by every window as its queries: at another grid they no longer are one
+    window's worth. timm's GlobalContextVit fails at 448, 448x224 and 280 (a reshape), and 256
+    (windows of 7 on a 64 grid); ours refuses them at the entry and admits only the sizes that
+    give the build's grids."""
+    torch.manual_seed(0)
+    ref = timm.create_model("gcvit_xxtiny", pretrained=False, num_classes=10).eval()
+    ours = composer.build("gcvit_xxt", num_classes=10).eval()
+    for size in ((448, 448), (448, 224), (280, 280), (256, 256)):
+        x = torch.randn(1, 3, *size)
+        with pytest.raises(RuntimeError), torch.no_grad():
+            ref(x)
+        with pytest.raises(composer.InputSizeError, match="gcvit_xxt"):
+            ours(x)
+    assert rule_text(composer.load("gcvit_xxt")) == "H and W: 221 to 224"
