@@ -26,6 +26,7 @@ ROWS = {
     "pvt_v2_b0": {}, "twins_pcpvt_small": {}, "repvgg_a0": {}, "shufflenet_v2_x1_0": {},
     "vit_ti": DYNAMIC, "deit_ti_distilled": DYNAMIC,
     "swin_t": {"strict_img_size": False},  # timm pads the windows and makes the shift mask per size
+    "efficientvit_m0": {},  # windows and bias tables of the build grid, the map padded to the window
 }
 
 
