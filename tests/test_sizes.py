@@ -27,6 +27,7 @@ ROWS = {
     "vit_ti": DYNAMIC, "deit_ti_distilled": DYNAMIC,
     "swin_t": {"strict_img_size": False},  # timm pads the windows and makes the shift mask per size
     "efficientvit_m0": {},  # windows and bias tables of the build grid, the map padded to the window
+    "crossvit_tiny": {},  # each branch's image scaled (bicubic) to its build size first, as timm
 }
 
 
