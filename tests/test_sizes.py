@@ -26,6 +26,8 @@ ROWS = {
     "pvt_v2_b0": {}, "twins_pcpvt_small": {}, "repvgg_a0": {}, "shufflenet_v2_x1_0": {},
     "vit_ti": DYNAMIC, "deit_ti_distilled": DYNAMIC,
     "swin_t": {"strict_img_size": False},  # timm pads the windows and makes the shift mask per size
+    "efficientvit_m0": {},  # windows and bias tables of the build grid, the map padded to the window
+    "crossvit_tiny": {},  # each branch's image scaled (bicubic) to its build size first, as timm
 }
 
 
@@ -161,3 +163,40 @@ def test_features_at_dense_prediction_sizes(name):
             feats = model(torch.randn(1, 3, *size))
         expected = [st.y for st in replan(plan, size).stages]
         assert [tuple(f.shape[1:]) for f in feats] == [(y.channels, *y.spatial) for y in expected]
+
+
+def test_maxvit_runs_where_its_window_and_grid_divide_every_stage_as_timm():
+    """MaxViT keeps its window and grid of 7 and their relative-bias maps (sized by the window) at
+    every input size; timm's MaxxVit asserts that both divide each stage's grid, so 448x224 (grids
+    112x56 ... 14x7) runs and 256 (a 64 grid) is refused by both."""
+    torch.manual_seed(0)
+    ref = timm.create_model("maxvit_tiny_tf_224", pretrained=False, num_classes=10).eval()
+    perturb(ref)
+    ours = composer.build("maxvit_t", num_classes=10).eval()
+    assert from_timm(ours, ref.state_dict()).ok
+    x = torch.randn(1, 3, 448, 224)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+    x = torch.randn(1, 3, 256, 256)
+    with pytest.raises(AssertionError), torch.no_grad():
+        ref(x)
+    with pytest.raises(composer.InputSizeError, match="does not divide"):
+        ours(x)
+
+
+def test_gcvit_is_fixed_size_as_timm():
+    """GC-ViT's global queries are pooled by a number of levels fixed at the build (down to the
+    window), then shared by every window as its queries: at another grid they no longer are one
+    window's worth. timm's GlobalContextVit fails at 448, 448x224 and 280 (a reshape), and 256
+    (windows of 7 on a 64 grid); ours refuses them at the entry and admits only the sizes that
+    give the build's grids."""
+    torch.manual_seed(0)
+    ref = timm.create_model("gcvit_xxtiny", pretrained=False, num_classes=10).eval()
+    ours = composer.build("gcvit_xxt", num_classes=10).eval()
+    for size in ((448, 448), (448, 224), (280, 280), (256, 256)):
+        x = torch.randn(1, 3, *size)
+        with pytest.raises(RuntimeError), torch.no_grad():
+            ref(x)
+        with pytest.raises(composer.InputSizeError, match="gcvit_xxt"):
+            ours(x)
+    assert rule_text(composer.load("gcvit_xxt")) == "H and W: 221 to 224"

@@ -709,27 +709,35 @@ class CascadedAttention(nn.Module):
             self.attention_biases = nn.Parameter(torch.zeros(heads, n))
             self.register_buffer("attention_bias_idxs", _offset_index(self.group), persistent=False)
 
-    def _windows(self, x):
+    def _padded(self, grid):
+        """The grid the windows tile for a map on `grid`: the build's, or at another grid (another
+        input size) padded up to a multiple of the build's window (timm's LocalWindowAttention)."""
+        if grid == self.grid:
+            return self.padded
+        return tuple(-(-g // self.size) * self.size for g in grid)
+
+    def _windows(self, x, grid, padded):
         b, c = x.shape[:2]
         x = x.movedim(1, -1)
-        if self.padded != self.grid:  # zeros at the end of every dim
-            x = F.pad(x, [0, 0] + [a for g, p in zip(self.grid[::-1], self.padded[::-1]) for a in (0, p - g)])
-        x = partition_windows(x, self.padded, self.size)  # (B * nW, N, C)
+        if padded != grid:  # zeros at the end of every dim
+            x = F.pad(x, [0, 0] + [a for g, p in zip(grid[::-1], padded[::-1]) for a in (0, p - g)])
+        x = partition_windows(x, padded, self.size)  # (B * nW, N, C)
         return x.transpose(1, 2).reshape(x.shape[0], c, *self.group)
 
-    def _unwindows(self, y, b):
+    def _unwindows(self, y, b, grid, padded):
         c = y.shape[1]
-        y = unpartition_windows(y.flatten(2).transpose(1, 2), self.padded, self.size, b)  # (B, prod(padded), C)
-        y = y.view(b, *self.padded, c)
-        if self.padded != self.grid:
-            y = y[(slice(None), *[slice(0, g) for g in self.grid])]
+        y = unpartition_windows(y.flatten(2).transpose(1, 2), padded, self.size, b)  # (B, prod(padded), C)
+        y = y.view(b, *padded, c)
+        if padded != grid:
+            y = y[(slice(None), *[slice(0, g) for g in grid])]
         return y.movedim(-1, 1).contiguous()
 
     def forward(self, x):
-        b = x.shape[0]
-        windowed = self.size and self.group != self.grid
+        b, grid = x.shape[0], tuple(x.shape[2:])  # the grid at run time (the op admits others with windows)
+        windowed = self.size and self.group != grid
         if windowed:
-            x = self._windows(x)
+            padded = self._padded(grid)
+            x = self._windows(x, grid, padded)
         bias = None
         if hasattr(self, "attention_biases"):
             bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
@@ -748,4 +756,4 @@ class CascadedAttention(nn.Module):
             feat = (v @ scores.softmax(-1).transpose(1, 2)).reshape(bw, self.val_dim, *spatial)
             outs.append(feat)
         y = torch.cat(outs, 1)
-        return self._unwindows(y, b) if windowed else y
+        return self._unwindows(y, b, grid, padded) if windowed else y

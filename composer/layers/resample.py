@@ -1,7 +1,8 @@
-"""Pixel (un)shuffle in any rank and channel shuffle."""
+"""Pixel (un)shuffle in any rank, channel shuffle and resizing to a fixed size."""
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -54,3 +55,20 @@ class ChannelShuffle(nn.Module):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}"
+
+
+class Resize(nn.Module):
+    """(B, C, *S) -> (B, C, *size) with `F.interpolate`, whatever S is (the `resize` op); an input
+    that already has the size passes unchanged (as timm's CrossViT scales its branches' images)."""
+
+    def __init__(self, size, mode: str, align_corners: bool | None = None):
+        super().__init__()
+        self.size, self.mode, self.align_corners = tuple(size), mode, align_corners
+
+    def forward(self, x):
+        if tuple(x.shape[2:]) == self.size:
+            return x
+        return F.interpolate(x, size=self.size, mode=self.mode, align_corners=self.align_corners)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, mode={self.mode!r}"

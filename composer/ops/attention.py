@@ -557,7 +557,7 @@ class Attention(Op):
             return (self.position is None or isinstance(self.position, LePE)) \
                 and not (isinstance(self.score, Cosine) and self.score.length_scale)
         if isinstance(self.partition, Window) and not self.partition.messengers or isinstance(self.partition, Grid):
-            return self.position is None or isinstance(self.position, (RelativeBias, LePE, ContinuousBias))
+            return self.position is None or isinstance(self.position, (RelativeBias, RelativeBiasMap, LePE, ContinuousBias))
         return False
 
     def _x(self, x: Shape) -> Shape:
@@ -980,9 +980,12 @@ class CascadedAttention(Op):
     attends with scores scaled by key_dim^-0.5 (or `scale`) plus the head's `position` bias. The
     output is the heads' outputs concatenated (the input's channels); the output projection is left
     to the blueprint. `partition=window(size, pad=...)` runs it in windows (no shift; the query's
-    depthwise conv sees one window). `position=offset_bias`."""
+    depthwise conv sees one window). `position=offset_bias`.
 
-    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    At another grid (another input size) windowed attention keeps the window of the build grid and
+    its bias table (timm's LocalWindowAttention keeps its resolution too), and the map is padded up
+    to a multiple of it (`pad=true`, or any window under dynamic_img_size); without a partition
+    the table is sized by the grid and the op is tied to it."""
 
     heads: int
     key_dim: int
@@ -990,6 +993,18 @@ class CascadedAttention(Op):
     partition: Optional[Window] = None
     position: Optional[OffsetBias] = None
     scale: Optional[float] = None
+
+    def runtime_grid(self, x: Shape) -> bool:
+        return self.partition is not None
+
+    def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
+        if not self.runtime_grid(built):
+            return super().admits_grid(built, got, dynamic)
+        size, _ = self.partition.effective(built.spatial)
+        if not (self.partition.pad or dynamic) and any(g % size for g in got.spatial):
+            return (f"keeps its window of {size} from the build grid {built}, which does not divide the grid "
+                    f"{got} (build it with dynamic_img_size=True to pad it)")
+        return None
 
     def kernels(self) -> list[int]:
         k = self.q_kernel

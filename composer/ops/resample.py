@@ -64,9 +64,9 @@ class Resize(Op):
     """Resample a map to a fixed spatial `size` (an int for every dim, or one per dim) with
     `F.interpolate`: `mode="nearest"`, `"linear"` (linear, bilinear or trilinear by the input's
     rank), `"bicubic"` (2-D only) or `"area"`; `align_corners` as in PyTorch (false by default).
-    CrossViT's second branch sees the image resized to 224 this way (bicubic)."""
-
-    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    CrossViT's branches see the image resized to 240 and 224 this way (bicubic). The output has
+    `size` whatever the input's size (an input that has it passes unchanged), so the op follows
+    any input grid."""
 
     size: Union[int, list[int]]
     mode: Literal["nearest", "linear", "bicubic", "area"] = "bicubic"
@@ -83,11 +83,10 @@ class Resize(Op):
         return x.with_(spatial=tuple(size))
 
     def build(self, x, y):
-        from torch import nn
+        from ..layers.resample import Resize as Module
 
         mode = ("linear", "bilinear", "trilinear")[x.ndim - 1] if self.mode == "linear" else self.mode
-        extra = {"align_corners": self.align_corners} if self.mode in ("linear", "bicubic") else {}
-        return nn.Upsample(size=y.spatial, mode=mode, **extra)
+        return Module(y.spatial, mode, self.align_corners if self.mode in ("linear", "bicubic") else None)
 
 
 @op("pixel_shuffle", category="resample", layout="map")
