@@ -153,8 +153,15 @@ def _admitted(plan: Plan, axis: int, dynamic: bool, limit: int, known: frozenset
     return _probe(plan, axis, dynamic, every, known)
 
 
+PROBE_LIMIT = 1024  # the sizes probed per axis: 1 .. min(2 x the build size, this), the pattern extrapolated
+
+
+def _limit(build: int) -> int:
+    return min(max(2 * build, 64), PROBE_LIMIT)
+
+
 def _rule(build: int, ok: list[int], limit: int) -> AxisRule:
-    if ok == [build]:
+    if ok == [build] or not ok:  # (a build size beyond the probed range is admitted by construction)
         return AxisRule(build, True, build, 1, limit)
     low = ok[0]
     steps = {b - a for a, b in zip(ok, ok[1:])}
@@ -168,11 +175,11 @@ def _rule(build: int, ok: list[int], limit: int) -> AxisRule:
 
 def axis_rules(plan: Plan, dynamic: bool = False, known: dict | None = None) -> list[AxisRule]:
     """The admitted sizes of every spatial axis, probing every size 1..limit (twice the build size,
-    at least 64); `known`: axis -> sizes already known to be admitted (filled in)."""
+    at least 64, at most PROBE_LIMIT); `known`: axis -> sizes already known to be admitted."""
     known = {} if known is None else known
     out, seen = [], {}
     for axis, build in enumerate(plan.input.spatial):
-        limit = max(2 * build, 64)
+        limit = _limit(build)
         ok = _admitted(plan, axis, dynamic, limit, frozenset(known.get(axis, ())), seen.get(build))
         known[axis], seen[build] = ok, ok
         out.append(_rule(build, ok, limit))
@@ -181,7 +188,7 @@ def axis_rules(plan: Plan, dynamic: bool = False, known: dict | None = None) -> 
 
 def axis_rule(plan: Plan, axis: int, dynamic: bool = False) -> AxisRule:
     """The admitted sizes along one axis (the others at the build size)."""
-    limit = max(2 * plan.input.spatial[axis], 64)
+    limit = _limit(plan.input.spatial[axis])
     return _rule(plan.input.spatial[axis], _probe(plan, axis, dynamic, range(1, limit + 1)), limit)
 
 

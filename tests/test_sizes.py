@@ -11,7 +11,7 @@ import torch
 import composer
 from composer.port import from_timm, from_torchvision
 from composer.sizes import admits, rule_text
-from helpers import perturb, write
+from helpers import REPO, perturb, write
 
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
@@ -200,3 +200,22 @@ def test_gcvit_is_fixed_size_as_timm():
         with pytest.raises(composer.InputSizeError, match="gcvit_xxt"):
             ours(x)
     assert rule_text(composer.load("gcvit_xxt")) == "H and W: 221 to 224"
+
+
+@pytest.mark.parametrize("name,lengths", [("ecg_caformer", (2500, 3001)), ("ecg_convnext", (2048, 7500)),
+                                          ("ecg_1d", (1000, 2990))])
+def test_one_dimensional_models_at_other_lengths(name, lengths):
+    """12-lead ECG backbones built for 10 s at 500 Hz run at other recording lengths their strides
+    admit; each feature has the length inferred at that size."""
+    from composer.sizes import replan
+
+    target = f"{REPO / 'examples' / name}.arch:{name}"
+    model = composer.build(target, features_only=True).eval()
+    plan = composer.load(target)
+    for n in lengths:
+        assert admits(plan, (n,)) is None
+        with torch.no_grad():
+            feats = model(torch.randn(1, 12, n))
+        assert [tuple(f.shape[1:]) for f in feats] == [(st.y.channels, *st.y.spatial) for st in replan(plan, (n,)).stages]
+    with pytest.raises(composer.InputSizeError, match=name):
+        model(torch.randn(1, 12, 1))
