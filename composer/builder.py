@@ -393,7 +393,8 @@ def _op_instructions(s: OpStep, module) -> list:
     x, y = s.x, s.y
     on_grid = y.layout == "tokens" and bool(y.spatial) and not regrid
     from_map = on_grid and x.layout == "map" and y.spatial == x.spatial
-    out = [MapGrid()] if from_map else []
+    # a module that takes the grid and gets a map gets the map's own grid
+    out = [MapGrid()] if from_map or (takes and x.layout == "map") else []
     out.append(GridCall(s.name, regrid) if takes else Call(s.name))
     if on_grid and not from_map and (x.layout != "tokens" or x.spatial != y.spatial):
         out.append(StaticGrid(tuple(y.spatial)))

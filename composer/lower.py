@@ -86,30 +86,37 @@ class _Lowering:
     def _folds_closed(self, path, depth: int) -> None:
         """A patches_to_batch opened in a section, residual body or parallel branch closes there."""
         if len(self.folds) > depth:
-            op, span, _ = self.folds[-1]
+            op, span = self.folds[-1][:2]
             raise _shape_error(path, span, ShapeError(
                 f"{op.name}({op.size}) is not closed by batch_to_patches({op.size}) in the same body",
                 "unfold and fold back within one block (and within one residual or parallel branch)"))
 
     def _batch(self) -> int:
         n = 1
-        for _, _, factor in self.folds:
+        for _, _, factor, _ in self.folds:
             n *= factor
         return n
 
-    def _fold(self, path, item, x: Shape) -> None:
-        """Track patches_to_batch (opens: the batch grows by size^d) and batch_to_patches (closes it)."""
+    def _fold(self, path, item, x: Shape) -> Shape | None:
+        """Track patches_to_batch (opens: the batch grows by size^d) and batch_to_patches (closes it);
+        a close returns the map its opener unfolded."""
         kind = fold_kind(item.op)
         if kind is None:
             return
         if kind == "open":
-            self.folds.append((item.op, item.span, item.op.size ** x.ndim))
+            self.folds.append((item.op, item.span, item.op.size ** x.ndim, x))
         elif kind == "close":
             if not self.folds or self.folds[-1][0].size != item.op.size:
                 raise _shape_error(path, item.span, ShapeError(
                     f"{item.op.name}({item.op.size}) has no matching patches_to_batch({item.op.size}) before it",
                     "fold back what patches_to_batch unfolded earlier in the same block, with the same size"))
-            self.folds.pop()
+            opener = self.folds[-1][0]
+            if getattr(opener, "fit", None) != getattr(item.op, "fit", None):
+                raise _shape_error(path, item.span, ShapeError(
+                    f"{item.op.name}(fit = {item.op.fit!r}) closes {opener.name}(fit = {opener.fit!r})",
+                    "give the pair the same fit"))
+            return self.folds.pop()[3]
+        return None
 
     def _seq(self, path: str, items: list, x: Shape) -> tuple[list, Shape]:
         steps = []
@@ -154,7 +161,9 @@ class _Lowering:
                     raise _shape_error(node, item.span, exc, x) from None
                 self.inferred[key] = (op, y)
             batch = self._batch() if self.folds else 1
-            self._fold(node, item, x)
+            opened = self._fold(node, item, x)
+            if opened is not None:  # a fold back: its map lies on the grid its opener unfolded
+                y = op.closed(y, opened)
             step = OpStep(node, x, y, item.span, item.name, op, batch)
             if op.tied:
                 self._tie(step)

@@ -14,10 +14,17 @@ that a tensor with a multiplied batch never leaks out.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from ..shapes import Shape, ShapeError
 from .registry import Op, op
+
+# How the pair meets a grid at run time (the input size the model gets, not the one it was built at):
+# "divide": every spatial size must be a multiple of `size`; "interpolate": the map is resized
+# (linear, align_corners=false) up to the next multiple of `size` and the folded map back to its own
+# grid (timm's MobileViT block); "fixed": the grid the model was built for only (when `size` was
+# derived from the input size, as EMO's windows are, another grid would change what it means).
+Fit = Literal["divide", "interpolate", "fixed"]
 
 
 def _check_size(name: str, size: int) -> None:
@@ -32,17 +39,26 @@ class PatchesToBatch(Op):
     patch, row-major) holds the pixel at offset p of every patch, patches in row-major order; so
     attention mixes the same position across patches (MobileViT's unfold). The shape shown is one
     sequence: tokens on the patch grid. Must be closed by `batch_to_patches(size)` in the same
-    block; every spatial size must be a multiple of `size`."""
-
-    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    block, with the same `fit`. `fit="divide"`: every spatial size must be a multiple of `size`;
+    `"interpolate"`: a map that is not is resized (linear, `align_corners=false`) up to the next
+    multiple, and `batch_to_patches` resizes the folded map back to the grid it came from (timm's
+    MobileViT block); `"fixed"`: as "divide", and the module runs only at the grid it was built for
+    (for a `size` derived from the input size)."""
 
     size: int = 2
+    fit: Fit = "divide"
     batch_fold: ClassVar[str] = "open"
+    regrids: ClassVar[bool] = True  # its module tells the patch grid it puts the tokens on
+
+    def runtime_grid(self, x: Shape) -> bool:
+        return self.fit != "fixed"
 
     def infer(self, x: Shape) -> Shape:
         _check_size("patches_to_batch", self.size)
         if not x.spatial:
             raise ShapeError("patches_to_batch needs a map with a spatial grid")
+        if self.fit == "interpolate":
+            return Shape(x.channels, tuple(-(-s // self.size) for s in x.spatial), "tokens")
         if any(s % self.size for s in x.spatial):
             raise ShapeError(f"patch size {self.size} does not divide the feature size "
                              f"{'x'.join(map(str, x.spatial))}",
@@ -52,19 +68,27 @@ class PatchesToBatch(Op):
     def build(self, x, y):
         from ..layers.patches import PatchesToBatch as Module
 
-        return Module(self.size, x.spatial)
+        return Module(self.size, x.spatial, self.fit)
 
 
 @op("batch_to_patches", category="layout", layout="tokens")
 class BatchToPatches(Op):
     """Fold `size`^d token sequences stacked along the batch, (B * size^d, N, C) with N tokens on
     the patch grid, back into a map (B, C, *grid * size): the inverse of
-    `patches_to_batch(size)`, which must open it earlier in the same block."""
-
-    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    `patches_to_batch(size)`, which must open it earlier in the same block with the same `fit`.
+    Under `fit="interpolate"` the map comes back on the grid the opener unfolded (the lowering
+    gives this op's output that grid; the module resizes to it when it differs from n * size)."""
 
     size: int = 2
+    fit: Fit = "divide"
     batch_fold: ClassVar[str] = "close"
+
+    def runtime_grid(self, x: Shape) -> bool:
+        return self.fit != "fixed"
+
+    def closed(self, y: Shape, opened: Shape) -> Shape:
+        """The output once the lowering knows the map its opener unfolded (`opened`)."""
+        return y.with_(spatial=opened.spatial) if self.fit == "interpolate" else y
 
     def infer(self, x: Shape) -> Shape:
         _check_size("batch_to_patches", self.size)
@@ -77,4 +101,4 @@ class BatchToPatches(Op):
     def build(self, x, y):
         from ..layers.patches import BatchToPatches as Module
 
-        return Module(self.size, x.spatial)
+        return Module(self.size, x.spatial, self.fit, y.spatial)
