@@ -186,9 +186,9 @@ def axis_rules(plan: Plan, dynamic: bool = False, known: dict | None = None) -> 
     return out
 
 
-def axis_rule(plan: Plan, axis: int, dynamic: bool = False) -> AxisRule:
-    """The admitted sizes along one axis (the others at the build size)."""
-    limit = _limit(plan.input.spatial[axis])
+def axis_rule(plan: Plan, axis: int, dynamic: bool = False, limit: int | None = None) -> AxisRule:
+    """The admitted sizes along one axis (the others at the build size), probed up to `limit`."""
+    limit = limit or _limit(plan.input.spatial[axis])
     return _rule(plan.input.spatial[axis], _probe(plan, axis, dynamic, range(1, limit + 1)), limit)
 
 

@@ -137,12 +137,7 @@ def _calls(model):
 
 # admitted by composer.sizes but failing when run: the plan at that size is valid, the module is not
 # (found by these tests; each needs its op to refuse the size or to follow the grid)
-BROKEN = {
-    "conformer_speech_s": "length 63 (built 64): a rearrange module keeps its build sizes (layers/rearrange.py)",
-    "fat_b0": "1x1 and 512x384: a layers/dynamic.py module gets an empty batch matrix",
-    "mobile_former_26m": "1x1 and 512x384: a residual sums tensors of 0 and 3 tokens",
-    "shunted_t": "31x31 and 512x384: tokens concatenated from branches on different grids",
-}
+BROKEN: dict = {}  # families the size check admits at a size where they then fail (none now)
 
 
 def _cases(names, ids=None):
@@ -197,13 +192,25 @@ DENSE_CASES = _cases(SAMPLE, lambda name: f"{name}-{_dense_case(name)[0]}")
 
 @pytest.mark.parametrize("name", DENSE_CASES)
 def test_family_features_at_dense_prediction_sizes(name):
+    """Features at dense-prediction sizes have the shapes inferred there (stage outputs, or the
+    model's named outputs); a family whose rule does not admit them refuses them at the entry."""
     why, sizes = _dense_case(name)
-    if sizes is None:
-        pytest.skip(why)
     kwargs, plan, _ = _rules(name)
+    if sizes is None:
+        if why == "not an image model":
+            assert len(plan.input.spatial) != 2
+            return
+        _, _, rule = _rules(name)
+        near = [tuple(_nearest(rule, n) for n in size) for size in DENSE] if not rule.fixed else []
+        bad = next(s for s in DENSE + near if admits(plan, s) is not None)
+        model = composer.build(name, features_only=True, **kwargs).eval()
+        with pytest.raises(composer.InputSizeError), torch.no_grad():
+            model(torch.randn(1, plan.input.channels, *bad))
+        return
     model = composer.build(name, features_only=True, **kwargs).eval()
     for size in sizes:
         with torch.no_grad():
             feats = model(torch.randn(1, plan.input.channels, *size))
-        expected = [st.y for st in replan(plan, size).stages]
+        other = replan(plan, size)
+        expected = [other.saved[n] for n in plan.outputs] if plan.outputs else [st.y for st in other.stages]
         assert [tuple(f.shape[1:]) for f in feats] == [(y.channels, *y.spatial) for y in expected]

@@ -106,12 +106,16 @@ class ToTokens(nn.Module):
 
 
 class ToMap(nn.Module):
+    """The `to_map` op written in a blueprint: tokens folded on the grid they lie on at run time."""
+
+    takes_grid = True
+
     def __init__(self, grid):
         super().__init__()
         self.grid = tuple(grid)
 
-    def forward(self, x):
-        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *self.grid)
+    def forward(self, x, grid=None):
+        return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], *(self.grid if grid is None else grid))
 
 
 class GlobalPool(nn.Module):

@@ -3,6 +3,8 @@ attention from grid tokens to prefix tokens. Inputs are token tensors (B, N, C).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -38,18 +40,22 @@ class DynamicReLU(nn.Module):
 
 
 class Attend(nn.Module):
-    """(B, P + N, C) -> (B, N, C): the N grid tokens attend to the P prefix tokens, no projections."""
+    """(B, P + N, C) -> (B, N, C): the N grid tokens attend to the P prefix tokens, no projections.
+    P follows the grid at run time (a prefix may hold a whole map's tokens: P = all but N)."""
+
+    takes_grid = True
 
     def __init__(self, heads: int, prefix: int, split: bool, scale=None):
         super().__init__()
         self.heads, self.prefix, self.split, self.scale = heads, prefix, split, scale
 
-    def forward(self, x):
-        b, _, c = x.shape
+    def forward(self, x, grid=None):
+        b, n, c = x.shape
         h = self.heads
-        pre, q = x[:, : self.prefix], x[:, self.prefix:]
+        prefix = self.prefix if grid is None else n - math.prod(grid)
+        pre, q = x[:, :prefix], x[:, prefix:]
         if self.split:
-            k, v = pre[:, : self.prefix // 2], pre[:, self.prefix // 2:]
+            k, v = pre[:, : prefix // 2], pre[:, prefix // 2:]
         else:
             k = v = pre
         q, k, v = (t.reshape(b, t.shape[1], h, c // h).transpose(1, 2) for t in (q, k, v))

@@ -153,6 +153,8 @@ class Rearrange(Op):
     order allows, otherwise one copy). No parameters, no MACs. Errors (unknown or repeated axis, a
     group whose sizes do not multiply to its input axis, the wrong number of axes) point at the op."""
 
+    grid_bound = True  # its module reshapes to the sizes of the build grid (composer.sizes refuses others)
+
     pattern: str
     sizes: list[list[Union[str, int]]] = []
 
