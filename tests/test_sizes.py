@@ -219,3 +219,19 @@ def test_one_dimensional_models_at_other_lengths(name, lengths):
         assert [tuple(f.shape[1:]) for f in feats] == [(st.y.channels, *st.y.spatial) for st in replan(plan, (n,)).stages]
     with pytest.raises(composer.InputSizeError, match=name):
         model(torch.randn(1, 12, 1))
+
+
+def test_fastvit_at_other_sizes_and_mixer_refused_as_timm():
+    """FastViT (built at 256) gives timm's logits at 224 and 192x320; MLP-Mixer's token MLP is
+    sized by the token count, so timm asserts the size and ours refuses it at the entry."""
+    ours, ref = _pair("fastvit_t8")
+    for size in ((224, 224), (192, 320)):
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            assert (ours(x) - ref(x)).abs().max().item() < 1e-4, size
+    ours, ref = _pair("mixer_s16")
+    x = torch.randn(1, 3, 256, 256)
+    with pytest.raises(AssertionError):
+        ref(x)
+    with pytest.raises(composer.InputSizeError, match="token_mlp"):
+        ours(x)
