@@ -19,6 +19,7 @@ from .ops.attention import Window
 from .plan import OpStep, Plan
 from .resolved import OpNode, ParallelNode, ResidualNode, SubSeq
 from .shapes import Shape
+from .speed import blocks_forgotten
 
 
 class InputSizeError(ValueError):
@@ -178,11 +179,12 @@ def axis_rules(plan: Plan, dynamic: bool = False, known: dict | None = None) -> 
     at least 64, at most PROBE_LIMIT); `known`: axis -> sizes already known to be admitted."""
     known = {} if known is None else known
     out, seen = [], {}
-    for axis, build in enumerate(plan.input.spatial):
-        limit = _limit(build)
-        ok = _admitted(plan, axis, dynamic, limit, frozenset(known.get(axis, ())), seen.get(build))
-        known[axis], seen[build] = ok, ok
-        out.append(_rule(build, ok, limit))
+    with blocks_forgotten():
+        for axis, build in enumerate(plan.input.spatial):
+            limit = _limit(build)
+            ok = _admitted(plan, axis, dynamic, limit, frozenset(known.get(axis, ())), seen.get(build))
+            known[axis], seen[build] = ok, ok
+            out.append(_rule(build, ok, limit))
     return out
 
 

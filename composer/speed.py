@@ -158,6 +158,18 @@ _LOWERED: dict = {}
 _LOWERED_MAX = 4096
 
 
+@contextlib.contextmanager
+def blocks_forgotten():
+    """Blocks lowered inside are not kept: probing hundreds of input sizes (composer.sizes) would
+    fill the cache with sections no later check asks for."""
+    before = set(_LOWERED)
+    try:
+        yield
+    finally:
+        for key in [k for k in _LOWERED if k not in before]:
+            del _LOWERED[key]
+
+
 def lowered_block(lower, path: str, block, x):
     """The Section of stage block `block` at `path` with input shape `x`: `lower()` lowers it, or
     an equal block lowered before is replayed."""
