@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from .diagnostics import ComposerError
 from .lower import plan as lower_plan
-from .ops.attention import Window
 from .plan import OpStep, Plan
 from .resolved import OpNode, ParallelNode, ResidualNode, SubSeq
 from .shapes import Shape
@@ -28,31 +27,26 @@ class InputSizeError(ValueError):
 
 def replan(plan: Plan, spatial: tuple, channels: int | None = None, dynamic: bool = False) -> Plan:
     """`plan`'s resolved model planned again for an input grid `spatial` (raises ComposerError).
-    `dynamic`: window attention pads the grid up to a multiple of its window, as timm's Swin with
-    `strict_img_size=False` does (the built module pads whenever the grid needs it)."""
+    `dynamic`: every op in the form it runs in under dynamic_img_size (`Op.dynamic_form`: window
+    attention pads, as timm's Swin with `strict_img_size=False` does)."""
     model = plan.source
     inp = model.input
     model = dataclasses.replace(model, input=type(inp)(inp.kind, channels or inp.channels, tuple(spatial), inp.span))
     if dynamic:
-        model = _padded_windows(model)
+        model = _dynamic(model)
     return lower_plan(model)
 
 
-def _padded_windows(model):
-    """The resolved model with every window partition that does not pad made to pad."""
-    def op(o):
-        part = getattr(o, "partition", None)
-        if isinstance(part, Window) and not part.pad and not part.messengers:
-            return o.model_copy(update={"partition": part.model_copy(update={"pad": True})})
-        return o
-
+def _dynamic(model):
+    """The resolved model with every op in the form it runs in under dynamic_img_size
+    (`Op.dynamic_form`)."""
     def items(xs):
         return [item(x) for x in xs] if xs is not None else None
 
     def item(x):
         cls = x.__class__
         if cls is OpNode:
-            return OpNode(x.name, op(x.op), x.span)
+            return OpNode(x.name, x.op.dynamic_form(), x.span)
         if cls is SubSeq:
             return dataclasses.replace(x, items=items(x.items))
         if cls is ResidualNode:

@@ -530,6 +530,14 @@ class Attention(Op):
     def _first(self) -> Optional[First]:
         return self.query if isinstance(self.query, First) else None
 
+    def dynamic_form(self) -> "Attention":
+        """Under dynamic_img_size window attention pads the grid up to a multiple of its window (timm's
+        Swin with strict_img_size=False); the built module pads whenever the grid needs it."""
+        part = self.partition
+        if isinstance(part, Window) and not part.pad and not part.messengers:
+            return self.model_copy(update={"partition": part.model_copy(update={"pad": True})})
+        return self
+
     def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
         """Window and grid attention keep the window, shift and tables of the build grid (timm's
         Swin does the same): another grid must be a multiple of the window, or is padded up to one

@@ -61,6 +61,11 @@ class Op(BaseModel):
             return f"has parameters sized for input {built}, and would get {got}"
         return None
 
+    def dynamic_form(self) -> "Op":
+        """This op as a model built with dynamic_img_size runs it at other input sizes (for shape
+        inference there): itself, unless its module then behaves otherwise (window attention pads)."""
+        return self
+
     def infer(self, x: Shape) -> Shape:
         return x
 
