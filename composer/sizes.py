@@ -77,7 +77,7 @@ def admits(plan: Plan, spatial: tuple, dynamic: bool = False) -> str | None:
         where = next((n for n in d.notes if n.startswith("at ")), "")
         why = d.message + (f" ({where})" if where else "")
         if not dynamic and admits(plan, spatial, dynamic=True) is None:
-            why += " (build it with dynamic_img_size=True to pad its windows and resample its tables)"
+            why += " (build it with dynamic_img_size=True to pad its windows and resample its position embeddings)"
         return why
     for a, b in zip(_op_steps(plan), _op_steps(other)):
         if a.x == b.x:
