@@ -3,7 +3,7 @@
 A model is planned (shape-checked) at the size it is built for. At another input size the same
 resolved model is planned again (`replan`); the size is admitted when that plan is valid and no op
 whose module is tied to the grid it was built for (`Op.runtime_grid`, a table or buffer sized by
-the grid, a parameter count that depends on it) would see another grid. `rule` probes sizes along
+the grid, a parameter count that depends on it) would see another grid. `rule_text` probes sizes along
 each spatial axis and states the admitted ones in words ("multiples of 32 from 32", "fixed at
 224"), so the admissible sizes are never written by hand per model.
 """
@@ -17,7 +17,6 @@ from .diagnostics import ComposerError
 from .lower import plan as lower_plan
 from .plan import OpStep, Plan
 from .resolved import OpNode, ParallelNode, ResidualNode, SubSeq
-from .shapes import Shape
 from .speed import blocks_forgotten
 
 
@@ -220,7 +219,3 @@ def check_input(plan: Plan, spatial: tuple, channels: int, dynamic: bool = False
         built = "x".join(map(str, plan.input.spatial))
         raise InputSizeError(f"{plan.name} (built for {built}) cannot run at {got}: {why}. "
                              f"Admitted sizes: {rule_text(plan, dynamic)}")
-
-
-def describe(shape: Shape) -> str:
-    return "x".join(map(str, shape.spatial))

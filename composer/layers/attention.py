@@ -83,6 +83,11 @@ def _split(grid, size, mode):
     return [s for g, w in zip(grid, _sizes(grid, size)) for s in ((g // w, w) if mode == "window" else (w, g // w))]
 
 
+def padded_grid(grid, size: int) -> tuple:
+    """`grid` padded at the end of every dim up to a multiple of the window `size`."""
+    return tuple(-(-g // size) * size for g in grid)
+
+
 def partition_windows(x: torch.Tensor, grid, size, mode: str = "window") -> torch.Tensor:
     """(B, *grid, C) -> (B * groups, size**ndim, C). `window`: contiguous size^d windows (Swin);
     `grid`: each group holds the size^d tokens at stride grid/size (MaxViT grid attention)."""
@@ -393,7 +398,7 @@ class Attention(nn.Module):
             return (grid if self.padded == self.grid else self.padded), self.attn_mask  # tests identity)
         if self.partition != "window":
             return grid, None
-        padded = tuple(-(-g // self.size) * self.size for g in grid)
+        padded = padded_grid(grid, self.size)
         if not symbolic and padded == grid:
             padded = grid
         if not self.shift:
@@ -714,7 +719,7 @@ class CascadedAttention(nn.Module):
         input size) padded up to a multiple of the build's window (timm's LocalWindowAttention)."""
         if grid == self.grid:
             return self.padded
-        return tuple(-(-g // self.size) * self.size for g in grid)
+        return padded_grid(grid, self.size)
 
     def _windows(self, x, grid, padded):
         b, c = x.shape[:2]
