@@ -151,6 +151,19 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Bind:
+    """`q = linear(64)`: apply `expr` (or the statements of `body`) to the running tensor and name
+    the result a tensor `q`; the running tensor stays what it was. Several names,
+    `q, k, v = split_heads(4)`: one per part of a splitting op."""
+
+    names: tuple
+    expr: Expr | None
+    alias: str | None
+    body: tuple | None
+    span: Span
+
+
+@dataclass(frozen=True)
 class Reuse:
     """`reuse stages.0`: run the module at that state_dict path again, with the same weights."""
 
@@ -173,7 +186,7 @@ class ParallelFor:
     span: Span
 
 
-Body = Union[Let, Apply, Residual, Parallel, ParallelFor, Save, Load, Reuse]
+Body = Union[Let, Apply, Residual, Parallel, ParallelFor, Save, Load, Reuse, Bind]
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .chains import fuse_attention
 from .diagnostics import error
 from .fuse import fuse_model
 from .layers.core import ChannelScale, Scale, tie_scope
@@ -12,8 +13,8 @@ from .layers.reparam import RepConv
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
                    Step)
 from .sizes import check_input
-from .program import (Call, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid, ToMap,
-                      ToTokens)
+from .program import (Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
+                      TensorCall, ToMap, ToTokens)
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
 
@@ -39,6 +40,9 @@ class Sequence(nn.Module):
         super().__init__()
         self.call = call
         self.program = self._compile(steps)
+        local = _own_tensors(steps)
+        if local:
+            self.program.append(Forget(local))
         self._inplace_activations()
 
     def _compile(self, steps) -> list:
@@ -69,11 +73,11 @@ class Sequence(nn.Module):
             elif cls is ParallelStep:
                 # channel axes from the layouts inference knows: tokens (B, N, C) keep channels last;
                 # maps of any rank (a 1-D map is 3-D too) and vectors have them at 1
-                axes = (-1 if s.x.layout == "tokens" else 1, -1 if s.y.layout == "tokens" else 1)
+                axes = (1 if s.x.layout in ("map", "vector") else -1, 1 if s.y.layout in ("map", "vector") else -1)
                 prog.append(Parallel(s.merge, [self._compile(b) for b in s.branches], s.split, axes))
             else:
                 raise AssertionError(f"no instruction for {s!r}")
-        return prog
+        return fuse_attention(prog, self._modules)  # an attention chain runs as one call
 
     # ops whose output is a tensor of their own (never their input, nor memory their input shares)
     # that autograd does not save for the backward pass (a conv, a norm, a linear, `x * scale` keep
@@ -89,6 +93,8 @@ class Sequence(nn.Module):
         """Whether the last instruction of `prog` leaves a fresh, unsaved tensor (see `_FRESH`): such
         an op, a composite ending in one, a residual (its sum) or a merge of 2+ parallel branches.
         Never a `save`/`from`/`reuse`/layout conversion (a tensor kept, or a view)."""
+        if prog and prog[-1].__class__ is Forget:
+            prog = prog[:-1]
         if not prog:
             return False
         ins = prog[-1]
@@ -149,6 +155,22 @@ class Sequence(nn.Module):
             elif cls is Save:
                 env[ins.name] = x
                 env[GRID + ins.name] = env.get(GRID)
+            elif cls is TensorCall:
+                mod = mods[ins.name]
+                args = [env[k] for k in ins.keys]
+                if ins.grids:
+                    grids = (env.get(GRID), *[env.get(GRID + k) for k in ins.keys])
+                    x = mod(x, *args, grids=grids)
+                    if ins.regrid:
+                        env[GRID] = mod.out_grid(grids)
+                else:
+                    x = mod(x, *args)
+            elif cls is Attend:
+                x = self._attend(ins, x, env)
+            elif cls is Forget:
+                for k in ins.keys:
+                    env.pop(k, None)
+                    env.pop(GRID + k, None)
             elif cls is Shared:  # `reuse`: a module registered elsewhere in the model
                 mod = self._shared[ins.name]
                 x = mod(x, env) if isinstance(mod, (Sequence, StageModule)) else mod(x)
@@ -184,6 +206,22 @@ class Sequence(nn.Module):
             else:
                 x = self._parallel(ins, x, env)
         return x
+
+    def _attend(self, ins: Attend, x, env):
+        """An attention chain as one SDPA call (composer/chains.py): the score terms are its mask."""
+        mods = self._modules
+        scores = mods[ins.scores]
+        k, v = env[ins.k], env[ins.v]
+        grids = (env.get(GRID), env.get(GRID + ins.k))
+        mask = None
+        for name, takes in ins.biases:
+            term = mods[name].score_bias(scores.out_grid(grids) if takes else None)
+            mask = term if mask is None else mask + term
+        drop = mods[ins.dropout].p if ins.dropout is not None and self.training else 0.0
+        if mask is not None and mask.dtype != x.dtype:
+            mask = mask.to(x.dtype)
+        return nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=mask, dropout_p=drop, scale=scores.scale,
+                                              enable_gqa=scores.group > 1)
 
     def _parallel(self, ins: Parallel, x, env):
         merge, branches, split, (split_dim, cat_dim) = ins
@@ -390,15 +428,32 @@ def _op_instructions(s: OpStep, module) -> list:
     # check admits other grids for it only with dynamic_img_size)
     takes = getattr(module, "takes_grid", False) and (s.op.runtime_grid(s.x) or getattr(s.op, "resamples", False))
     regrid = takes and hasattr(module, "out_grid")
+    if s.op.tensor_args:  # named tensors in: the input one is loaded before (lowering), the others passed
+        keys = tuple(getattr(s.op, a).key for a in s.op.tensor_args if a != s.op.input_arg and getattr(s.op, a))
+        return [TensorCall(s.name, keys, takes, regrid)]
     x, y = s.x, s.y
     on_grid = y.layout == "tokens" and bool(y.spatial) and not regrid
     from_map = on_grid and x.layout == "map" and y.spatial == x.spatial
     # a module that takes the grid and gets a map gets the map's own grid
     out = [MapGrid()] if from_map or (takes and x.layout == "map") else []
     out.append(GridCall(s.name, regrid) if takes else Call(s.name))
-    if on_grid and not from_map and (x.layout != "tokens" or x.spatial != y.spatial):
+    if on_grid and not from_map and (x.layout not in ("tokens", "heads") or x.spatial != y.spatial):
         out.append(StaticGrid(tuple(y.spatial)))
     return out
+
+
+def _own_tensors(steps) -> tuple:
+    """The keys of the tensors a body keeps for itself: a binding's (`q = ...` in a composite,
+    keyed `NAME@DEPTH.q`) and the running tensor a binding holds (`~...`); not nested composites'."""
+    keys, todo = [], list(steps)
+    while todo:
+        s = todo.pop()
+        if s.__class__ is SaveStep and (s.tensor.startswith("~") or "@" in s.tensor) and s.tensor not in keys:
+            keys.append(s.tensor)
+        elif s.__class__ is not SeqStep:
+            for child in s.children():
+                todo += child
+    return tuple(keys)
 
 
 def _reuse_targets(plan: Plan) -> set:

@@ -149,6 +149,13 @@ class _ToYaml(ast.NodeVisitor):
     def visit_Reuse(self, s: ast.Reuse) -> Y:
         return Y("map", [Entry("reuse", ystr(s.path))])
 
+    def visit_Bind(self, s: ast.Bind) -> Y:
+        names = ystr(s.names[0]) if len(s.names) == 1 else Y("seq", [Entry(None, ystr(n)) for n in s.names])
+        if s.body is not None:
+            body = self.with_open(Entry("body", self.stmts(s, s.body)))
+            return Y("map", [Entry("bind", names), Entry("body", body.node, trail=body.trail)])
+        return Y("map", [Entry("bind", names), Entry("value", self.expr_string(s.expr, s.alias))])
+
     def visit_Residual(self, s: ast.Residual) -> Y:
         if s.args:
             raise _not_yaml("a positional argument of residual", s.args[0].span)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from . import ast
 from .diagnostics import did_you_mean, error
+from .shapes import TensorRef
 from .source import Span
 
 
@@ -101,6 +102,8 @@ def type_name(value: Any) -> str:
         return "none"
     if isinstance(value, Ref):
         return f"{value.kind} '{value.name}'"
+    if isinstance(value, TensorRef):
+        return f"tensor '{value.name}'"
     if isinstance(value, (list, tuple)):
         return "list"
     return {int: "int", float: "float", str: "string"}.get(type(value), type(value).__name__)

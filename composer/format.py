@@ -284,6 +284,12 @@ class Printer(ast.NodeVisitor):
     def visit_Reuse(self, s: ast.Reuse):
         return ["reuse ", s.path]
 
+    def visit_Bind(self, s: ast.Bind):
+        lhs = ", ".join(s.names) + " = "
+        if s.body is not None:
+            return [lhs, self.block_of(s, s.body)]
+        return [lhs, self.expr(s.expr)] + ([" as ", s.alias] if s.alias else [])
+
     def visit_Residual(self, s: ast.Residual):
         return ["residual", self._kw_args(s, s.args, s.kwargs), " ", self.block_of(s, s.body)]
 

@@ -12,7 +12,7 @@ from .diagnostics import did_you_mean, error
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep,
                    Section, SeqStep, StagePlan)
 from .resolved import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
-from .shapes import Shape, ShapeError
+from .shapes import Shape, ShapeError, TensorRef
 from .speed import fold_kind, gc_paused, lowered_block
 
 
@@ -25,7 +25,8 @@ def plan(model: Model) -> Plan:
 class _Lowering:
     def __init__(self, model: Model):
         self.model = model
-        self.saved: dict = {}  # tensor name -> Shape
+        self.saved: dict = {}  # tensor key -> Shape
+        self.fold_of: dict = {"input": 0}  # tensor key -> how many patches_to_batch were open where it was saved
         self.folds: list = []  # open patches_to_batch ops: (op, span, batch factor), innermost last
         # (id(op), input shape) -> (op, output shape): ops are frozen, and repeated blocks share them
         self.inferred: dict = {}
@@ -64,6 +65,9 @@ class _Lowering:
             if name not in self.saved:
                 raise error("unknown-tensor", f"output '{name}' is never saved", None,
                             did_you_mean(name, self.saved) or "name a tensor with `save NAME` in a block")
+            if self.fold_of[name]:
+                raise error("shape", f"output '{name}' is saved between patches_to_batch and batch_to_patches",
+                            None, "save it where the batch is the model's")
         m = self.model
         out = Plan(m.name, m.file, Shape(inp.channels, tuple(inp.size), "map"), inp.kind, stem, stages, head,
                    arguments=m.params, chain=m.chain, overrides=m.overrides, drop_path=m.drop_path,
@@ -128,6 +132,12 @@ class _Lowering:
     def _convert(self, path: str, x: Shape, need: str, span) -> tuple[list, Shape]:
         if need in ("any", x.layout):
             return [], x
+        if need in _ATTENTION_LAYOUTS or x.layout in _ATTENTION_LAYOUTS:
+            hint = {"heads": "split the channels into heads first: split_heads(heads)",
+                    "scores": "make scores first: scores(q, k)"}.get(need) or (
+                "merge the heads first: merge_heads" if x.layout == "heads" else
+                "weigh values by the scores first: weighted_sum(v)")
+            raise _shape_error(path, span, ShapeError(f"this op needs a {need} but gets {x.layout} {x}", hint))
         if need == "vector" or x.layout == "vector":
             raise _shape_error(path, span, ShapeError(
                 f"this op needs a {need} but gets a {x.layout} {x}",
@@ -145,6 +155,11 @@ class _Lowering:
         if isinstance(item, OpNode):
             op = item.op
             node = f"{path}.{item.name}"
+            load = None
+            if op.tensor_args:
+                op, load = self._tensor_args(node, op)
+                if load is not None:
+                    x = load.y
             need = op.layout
             if need == "any" or need == x.layout:
                 pre = None
@@ -161,13 +176,16 @@ class _Lowering:
                     raise _shape_error(node, item.span, exc, x) from None
                 self.inferred[key] = (op, y)
             batch = self._batch() if self.folds else 1
+            if x.heads and need == "any" and op.per_head:  # an op of any layout runs on every head alike
+                batch *= x.heads
             opened = self._fold(node, item, x)
             if opened is not None:  # a fold back: its map lies on the grid its opener unfolded
                 y = op.closed(y, opened)
             step = OpStep(node, x, y, item.span, item.name, op, batch)
             if op.tied:
                 self._tie(step)
-            return (pre + [step] if pre else [step]), y
+            steps = pre + [step] if pre else [step]
+            return ([load] + steps if load is not None else steps), y
         if isinstance(item, SubSeq):
             steps, y = self._seq(f"{path}.{item.name}", item.items, x)
             return [SeqStep(f"{path}.{item.name}", x, y, item.span, item.name, steps, item.call)], y
@@ -190,18 +208,39 @@ class _Lowering:
         if isinstance(item, ReuseNode):
             return self._reuse(path, item, x)
         if isinstance(item, NamedTensor):
-            if self.folds:
-                raise error("shape", f"`{'save' if item.action == 'save' else 'from'} {item.tensor}` between "
-                            "patches_to_batch and batch_to_patches: the batch is multiplied there", item.span,
-                            "save or load named tensors outside the unfolded part")
             if item.action == "save":
                 self.saved[item.tensor] = x
+                self.fold_of[item.tensor] = len(self.folds)
                 return [SaveStep(path, x, x, item.span, item.tensor)], x
-            if item.tensor not in self.saved:
-                raise error("unknown-tensor", f"no tensor named '{item.tensor}' is saved before this point", item.span,
-                            did_you_mean(item.tensor, self.saved) or "name a tensor with `save NAME` first")
-            return [LoadStep(path, x, self.saved[item.tensor], item.span, item.tensor)], self.saved[item.tensor]
+            y = self._saved(item.tensor, item.span)
+            return [LoadStep(path, x, y, item.span, item.tensor)], y
         raise AssertionError(f"unknown item {item!r}")
+
+    def _saved(self, key: str, span) -> Shape:
+        """The shape of the tensor saved under `key`, which must be reachable from here."""
+        if key not in self.saved:
+            name = key.rpartition(".")[2]
+            raise error("unknown-tensor", f"no tensor named '{name}' is saved before this point", span,
+                        did_you_mean(name, self.saved) or "name a tensor with `save NAME` or `NAME = ...` first")
+        if self.fold_of[key] != len(self.folds):
+            raise error("shape", f"tensor '{key.rpartition('.')[2]}' is used across patches_to_batch or "
+                        "batch_to_patches: the batch is multiplied on one side only", span,
+                        "use named tensors on one side of the unfolded part")
+        return self.saved[key]
+
+    def _tensor_args(self, node: str, op):
+        """`op` with the shapes of the named tensors it takes filled in, and the load of its input
+        tensor (`input_arg`, when given), else None."""
+        updates, load = {}, None
+        for name in op.tensor_args:
+            ref = getattr(op, name)
+            if ref is None:
+                continue
+            shape = self._saved(ref.key, ref.span)
+            updates[name] = TensorRef(ref.name, ref.key, ref.span, shape)
+            if name == op.input_arg:
+                load = LoadStep(node, shape, shape, ref.span, ref.key)
+        return op.model_copy(update=updates), load
 
     def _tie(self, step: OpStep) -> None:
         tie = step.op.tie_key(step.x)
@@ -368,6 +407,9 @@ def _named(items: list, name: str):
         if found is not None:
             return found
     return None
+
+
+_ATTENTION_LAYOUTS = ("heads", "scores")
 
 
 def _is_gate(s: Shape) -> bool:

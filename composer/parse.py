@@ -321,6 +321,15 @@ class _Callbacks:
     def from_stmt(self, c):  # "from" NAME
         return self._node(c, ast.Load, str(c[1]))
 
+    def bind_stmt(self, c):  # NAME ("," NAME)* "=" (expr ["as" NAME] | seq)
+        names = tuple(str(x) for x in c if x.__class__ is Token and x.type == "NAME" and x is not _after(c, "AS"))
+        value = next(x.v for x in c if x.__class__ is _V)
+        if value.__class__ is tuple:
+            return self._node(c, ast.Bind, names, None, None, value)
+        alias = _after(c, "AS")
+        self._place(value)
+        return self._node(c, ast.Bind, names, value, str(alias) if alias is not None else None, None)
+
     def reuse_stmt(self, c):  # "reuse" MODULE_PATH
         return self._node(c, ast.Reuse, str(c[1]))
 

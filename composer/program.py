@@ -21,6 +21,36 @@ class GridCall(NamedTuple):
     regrid: bool = False
 
 
+class TensorCall(NamedTuple):
+    """Run the module `name` on the flowing tensor and the named tensors `keys`:
+    `module(x, *tensors)`; with `grids`, also `grids=(grid of x, grid of each tensor)`, and
+    `regrid`: the output lies on `module.out_grid(grids)`."""
+
+    name: str
+    keys: tuple
+    grids: bool = False
+    regrid: bool = False
+
+
+class Attend(NamedTuple):
+    """`scores` (on the flowing queries and the keys `k`), the additive score terms `biases`
+    ((name, takes the grid) each), softmax, `dropout` (a name or None) and `weights` (on the
+    values `v`), run as one scaled-dot-product attention call (composer/chains.py)."""
+
+    scores: str
+    biases: tuple
+    dropout: str | None
+    weights: str
+    k: str
+    v: str
+
+
+class Forget(NamedTuple):
+    """At the end of a composite: drop the named tensors it kept for itself (its bindings)."""
+
+    keys: tuple
+
+
 class MapGrid(NamedTuple):
     """Before an op that turns a map into tokens on the same grid: the grid of the flowing map is
     the grid of the tokens to come."""

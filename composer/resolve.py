@@ -20,7 +20,7 @@ from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it reso
 from .naming import Names, Numbered
 from .ops import OPS, Op
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
-from .shapes import ShapeError
+from .shapes import ShapeError, TensorRef
 from .source import Span
 from .speed import PER_BLOCK, gc_paused, instance_key, keep_instance, reused_instance
 
@@ -246,9 +246,43 @@ class _Resolver(ast.NodeVisitor):
 
     def visit_Save(self, stmt: ast.Save, scope, ctx, names, out) -> None:
         out.append(NamedTensor("save", stmt.name, stmt.span))
+        ref = TensorRef(stmt.name, stmt.name, stmt.span)  # a saved name is global: the key is the name
+        _bind_tensor(scope, ref)
+        if not ctx.depth:  # saved at model level: later blocks may pass it as an argument
+            _bind_tensor(self.scope, ref)
 
     def visit_Load(self, stmt: ast.Load, scope, ctx, names, out) -> None:
-        out.append(NamedTensor("load", stmt.name, stmt.span))
+        bound = _find_tensor(scope, stmt.name)
+        out.append(NamedTensor("load", bound.key if bound is not None else stmt.name, stmt.span))
+
+    def visit_Bind(self, stmt: ast.Bind, scope, ctx, names, out) -> None:
+        """`q = X`: X applied to the running tensor, its result kept as tensor `q`, and the running
+        tensor restored; `q, k, v = X`: X made once per name, each with its own `part`."""
+        where = f"{stmt.span.line}:{stmt.span.column}"
+        hold = f"~{ctx.scope}{where}"  # the running tensor, kept while the binding runs
+        refs = [TensorRef(n, f"{ctx.scope}{n}" if ctx.scope else n, stmt.span) for n in stmt.names]
+        if len(set(stmt.names)) != len(refs):
+            raise error("redefinition", "a tensor is named twice in one binding", stmt.span)
+        out.append(NamedTensor("save", hold, stmt.span))
+        if stmt.body is not None:
+            if len(refs) != 1:
+                raise error("type", f"a body gives one tensor, but {len(refs)} names are bound", stmt.span,
+                            "bind the parts of a splitting op instead: `q, k, v = split_heads(heads)`")
+            out += self._items(stmt.body, scope, ctx, names, finish=False)
+            out.append(NamedTensor("save", refs[0].key, stmt.span))
+        else:
+            value = concretize(layer_value(stmt.expr, scope), ctx, stmt.expr.span)
+            parts = [value] if len(refs) == 1 else _parts(value, len(refs), stmt.expr.span)
+            for i, (part, ref) in enumerate(zip(parts, refs)):
+                if i:
+                    out.append(NamedTensor("load", hold, stmt.span))
+                # a single layer is named after its tensor (`q = linear(64)`: `q`) unless `as` names it
+                fallback = ref.name if len(refs) == 1 and isinstance(part, Ref) else None
+                out += self._apply(part, stmt.alias, ctx, names, stmt.span, stmt.expr, fallback)
+                out.append(NamedTensor("save", ref.key, stmt.span))
+        out.append(NamedTensor("load", hold, stmt.span))
+        for ref in refs:
+            _bind_tensor(scope, ref, stmt.span)
 
     def visit_Reuse(self, stmt: ast.Reuse, scope, ctx, names, out) -> None:
         out.append(ReuseNode(stmt.path, stmt.span))
@@ -327,7 +361,7 @@ class _Resolver(ast.NodeVisitor):
         branches = [self._items(stmt.body, scope.child({stmt.var: v}), ctx, shared, finish=False) for v in values]
         return ParallelNode(stmt.merge, branches, split, stmt.span)
 
-    def _apply(self, value, alias, ctx, names: "Names", span: Span, expr) -> list:
+    def _apply(self, value, alias, ctx, names: "Names", span: Span, expr, fallback: str | None = None) -> list:
         """Turn a value used as a statement into items: an op, a composite instance, or nothing."""
         if value is None:
             return []
@@ -344,7 +378,7 @@ class _Resolver(ast.NodeVisitor):
             return self._apply(inner, value.alias, ctx, names, value.span, None)
         if not isinstance(value, Ref):
             raise error("type", f"a statement must be an op or a block, got {type_name(value)}", span)
-        base = alias or _name_of(expr) or value.name
+        base = alias or fallback or _name_of(expr) or value.name
         if value.kind == "part":
             raise error("type", f"'{value.name}' configures another op (e.g. attention's partition) and cannot be "
                         "applied to a tensor", span)
@@ -387,7 +421,8 @@ class _Resolver(ast.NodeVisitor):
                 raise error("missing-argument", f"{comp.kind} '{comp.name}' needs argument '{p.name}'", ref.span,
                             f"call it as {comp.name}({', '.join(q.name for q in comp.params if q.default is None)})")
         try:
-            return self._items(comp.body, scope, Ctx(ctx.stage_block, ctx.block, ctx.total, ctx.drop_path, depth), Names())
+            inner = Ctx(ctx.stage_block, ctx.block, ctx.total, ctx.drop_path, depth, f"{comp.name}@{depth}.")
+            return self._items(comp.body, scope, inner, Names())
         except ComposerError as exc:
             exc.diagnostics[0].notes.append(f"in {comp.kind} '{comp.name}' used at {ref.span}")
             raise
@@ -554,6 +589,7 @@ class Ctx:
     total: int = 0
     drop_path: float = 0.0
     depth: int = 0
+    scope: str = ""  # inside a composite: the prefix that keys its own tensors apart from its caller's
 
 
 def concretize(value, ctx: Ctx, span: Span):
@@ -586,6 +622,46 @@ def concretize(value, ctx: Ctx, span: Span):
 
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
+
+
+def _bind_tensor(scope: Scope, ref: TensorRef, span: Span | None = None) -> None:
+    """Make tensor `ref` a value of `scope` by its name; a name a value already holds (a parameter, a
+    `let`) keeps it for `save` (older files), and is an error for a binding (`span` given)."""
+    held, inner = ref, scope
+    while inner is not None:
+        if ref.name in inner.values:
+            held = inner.values[ref.name]
+            break
+        inner = inner.parent
+    if isinstance(held, TensorRef):
+        scope.values[ref.name] = ref
+    elif span is not None:
+        raise error("redefinition", f"'{ref.name}' is already a value here ({type_name(held)}), not a tensor",
+                    span, "choose another name for the tensor")
+
+
+def _find_tensor(scope: Scope, name: str) -> TensorRef | None:
+    while scope is not None:
+        if name in scope.values:
+            value = scope.values[name]
+            return value if isinstance(value, TensorRef) else None
+        scope = scope.parent
+    return None
+
+
+def _parts(value, n: int, span: Span) -> list:
+    """`a, b, c = op(...)`: the op once per name, with `part` = 0, 1, ... and `parts` = n."""
+    cls = value.target if isinstance(value, Ref) and value.kind == "op" else None
+    if cls is None or "part" not in cls.model_fields or "parts" not in cls.model_fields:
+        raise error("type", f"{n} names are bound, but {type_name(value)} gives one tensor", span,
+                    "several names take the parts of a splitting op, e.g. `q, k, v = split_heads(heads)`")
+    args = dict(value.args)
+    if "part" in args:
+        raise error("arguments", "`part` is given by the names bound: leave it out", value.arg_span("part"))
+    if args.get("parts") not in (None, n):
+        raise error("value", f"parts = {args['parts']} but {n} names are bound", value.arg_span("parts"))
+    return [Ref(value.name, value.kind, cls, tuple({**args, "parts": n, "part": i}.items()), value.spans, value.span)
+            for i in range(n)]
 
 
 def to_op(ref: Ref) -> Op:
@@ -629,7 +705,8 @@ def _short(value) -> str:
 
 
 def _type_words(annotation) -> str:
-    text = str(annotation).replace("typing.", "").replace("composer.ops.registry.", "").replace("<class '", "").replace("'>", "")
+    text = str(annotation).replace("typing.", "").replace("composer.ops.registry.", "").replace("composer.shapes.", "").replace("<class '", "").replace("'>", "")
     text = text.replace("Optional[", "").replace("]", "").replace("Literal[", "one of ")
-    words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op"}
+    words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op",
+             "TensorRef": "a tensor (a name bound by `name = ...` or `save name`)"}
     return words.get(text, text)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
 class Shape:
-    """`map` is (B, C, *spatial); `tokens` is (B, extra + prod(spatial), C); `vector` is (B, C)."""
+    """`map` is (B, C, *spatial); `tokens` is (B, extra + prod(spatial), C); `vector` is (B, C);
+    `heads` is (B, heads, extra + prod(spatial), C), C the width of one head; `scores` is
+    (B, heads, extra + prod(spatial), C) too, a score per query token and key: C is the number of
+    keys and `keys` = (key grid, key prefix tokens) says where they lie. The last axis is always C."""
 
     channels: int
     spatial: tuple[int, ...] = ()
     layout: str = "map"
     extra: int = 0  # prefix tokens (class, distillation) ahead of the grid tokens
+    heads: int = 0  # layouts `heads` and `scores`: the heads axis
+    keys: tuple | None = None  # layout `scores`: (key grid, key prefix tokens)
 
     @property
     def ndim(self) -> int:
@@ -25,7 +30,7 @@ class Shape:
 
     @property
     def numel(self) -> int:
-        return self.channels * (self.tokens if self.layout != "vector" else 1)
+        return self.channels * (self.tokens if self.layout != "vector" else 1) * (self.heads or 1)
 
     def with_(self, **changes) -> "Shape":
         return replace(self, **changes)
@@ -37,6 +42,12 @@ class Shape:
         if self.layout == "map":
             return f"({self.channels}, {grid})"
         extra = f"{self.extra}+" if self.extra else ""
+        if self.layout == "heads":
+            return f"({self.heads} heads, {extra}{grid} tokens, {self.channels})"
+        if self.layout == "scores":
+            kgrid, kextra = self.keys
+            keys = (f"{kextra}+" if kextra else "") + ("x".join(str(s) for s in kgrid) or "")
+            return f"({self.heads} heads, {extra}{grid} queries, {keys or self.channels} keys)"
         return f"({extra}{grid} tokens, {self.channels})"
 
 
@@ -47,3 +58,18 @@ class ShapeError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A named tensor used as a value: `k` in `scores(q, k)`, or a composite's argument
+    `context = z`. `name` is what the blueprint wrote, `key` the name the forward pass keeps it
+    under (a composite's own tensors are keyed apart from its caller's); lowering fills in `shape`."""
+
+    name: str
+    key: str
+    span: object = field(default=None, compare=False)
+    shape: Shape | None = None
+
+    def __str__(self) -> str:
+        return self.name

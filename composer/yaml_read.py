@@ -398,6 +398,8 @@ class _Front:
                 out.append((ast.Save if key == "save" else ast.Load)(v.value, self.span(item)))
             elif key == "reuse":
                 out.append(ast.Reuse(v.value, self.span(item)))
+            elif key == "bind":
+                out.append(self._bind(item, v))
             else:
                 out.append(self._parallel(item, v))
         return tuple(out)
@@ -412,6 +414,14 @@ class _Front:
 
     def _kwargs(self, node, names) -> tuple:
         return tuple((k, self.value(v), self.span(kn)) for k, kn, v in self.pairs(node) if k in names)
+
+    def _bind(self, item, v) -> ast.Bind:
+        names = tuple(n.value for n in v.value) if isinstance(v, yaml.SequenceNode) else (v.value,)
+        body = self.get(item, "body")
+        if body is not None:
+            return ast.Bind(names, None, None, self.stmts(body), self.span(item))
+        value = self.apply(self.get(item, "value"))
+        return ast.Bind(names, value.expr, value.alias, None, self.span(item))
 
     def _residual(self, item, v) -> ast.Residual:
         if isinstance(v, yaml.SequenceNode):

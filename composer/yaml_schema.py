@@ -41,7 +41,7 @@ def _tagged(choices: dict, noun: str, what: str, pick):
         custom_error_context={"noun": noun, "allowed": [k for k in choices if k != "expr"]})])
 
 
-STMT_KEYS = ("let", "residual", "parallel", "save", "from", "reuse")
+STMT_KEYS = ("let", "residual", "parallel", "save", "from", "reuse", "bind")
 # `repeat` first: it also has a `block` or `body` key; a lone `body` is an inline `block { ... }`
 STAGE_KEYS = ("repeat", "let", "downsample", "after", "block", "body", "reuse")
 
@@ -108,14 +108,26 @@ class _From(_Strict):
     from_: Name = Field(alias="from")
 
 
+class _Bind(_Strict):
+    bind: Union[Name, Annotated[List[Name], Field(min_length=1)]]
+    value: StrictStr = None
+    body: List["Stmt"] = None
+
+    @model_validator(mode="after")
+    def _one_value(self):
+        if ("value" in self.model_fields_set) == ("body" in self.model_fields_set):
+            raise PydanticCustomError("bind_value", "a binding has a `value` (an expression) or a `body` (statements)")
+        return self
+
+
 class _Reuse(_Strict):
     reuse: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
 
 
 Stmt = _tagged({"expr": StrictStr, "let": _Let, "residual": _Residual, "parallel": _Parallel, "save": _Save,
-                "from": _From, "reuse": _Reuse}, "statement",
+                "from": _From, "reuse": _Reuse, "bind": _Bind}, "statement",
                "a statement is an expression string or a mapping with one of: let, residual, parallel, save, from, "
-               "reuse",
+               "reuse, bind",
                _by_key(*STMT_KEYS))
 Section = Union[StrictStr, List[Stmt]]
 

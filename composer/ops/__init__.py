@@ -9,6 +9,7 @@ from . import window_tokens  # noqa: F401, E402  (registration: per-window prefi
 from . import rearrange, indexed_linear, member_attention, unused  # noqa: F401, E402  (registration: einops-style reshape of maps; per-index/generated linears; attention in channel-held sets; parameter-only layers)
 from . import series  # noqa: F401, E402  (registration: moving-average trend, Fourier season, moments/destandardize)
 from . import level_embed  # noqa: F401, E402  (registration: a learned vector per level of a multi-level sequence)
+from . import heads  # noqa: F401, E402  (registration: attention primitives: heads, scores, weights)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]

@@ -8,11 +8,12 @@ only method that imports torch). Ops are registered by name with `@op("name")`.
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ..shapes import Shape, ShapeError
+from ..shapes import Shape, ShapeError, TensorRef
 
 OPS: dict[str, type["Op"]] = {}
 
@@ -31,6 +32,14 @@ class Op(BaseModel):
     grid_bound: ClassVar[bool] = False
     resamples: ClassVar[bool] = False  # a grid-bound table the module resamples under dynamic_img_size
     regrids: ClassVar[bool] = False  # tokens in, tokens on a new grid out, the module telling it at run time
+    # the fields that take named tensors (typed `Tensor`), set by `@op`: lowering fills in their
+    # shapes (`TensorRef.shape`) and the built module gets the tensors after the running one
+    tensor_args: ClassVar[tuple] = ()
+    # a tensor field that, when given, is the op's input instead of the running tensor (`scores(q, k)`)
+    input_arg: ClassVar[str] = ""
+    # an op of any layout given heads or scores runs on every head alike: its MACs count once per
+    # head; False where `macs` counts the heads itself
+    per_head: ClassVar[bool] = True
 
     def ties(self) -> bool:
         """Whether this instance shares a parameter (`tie_key` then gives its key)."""
@@ -111,10 +120,20 @@ def op(name: str, *, kind: str = "op", category: str = "misc", layout: str = "an
         if name in OPS:
             raise RuntimeError(f"op '{name}' registered twice")
         cls.name, cls.kind, cls.category, cls.layout, cls.classifier = name, kind, category, layout, classifier
+        cls.tensor_args = tuple(k for k, f in cls.model_fields.items() if TensorRef in _types(f.annotation))
         OPS[name] = cls
         return cls
 
     return register
+
+
+def _types(annotation) -> tuple:
+    """The classes an annotation admits (`Optional[Tensor]` -> (TensorRef, NoneType))."""
+    args = typing.get_args(annotation)
+    return tuple(t for a in args for t in _types(a)) if args else (annotation,)
+
+
+Tensor = TensorRef  # the annotation of a field that takes a named tensor: `k: Tensor`
 
 
 def spatial_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:

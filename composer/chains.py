@@ -1,0 +1,62 @@
+"""Chains of instructions the builder runs as one call.
+
+`scores(q, k)` -> additive score terms (position biases) -> `softmax` -> [`dropout`] ->
+`weighted_sum(v)`, written one after the other in a body, is attention as the papers write it;
+run as written it materialises the score matrix four times. `fuse_attention` finds such chains
+in a compiled program and puts an `Attend` instruction in their place, which runs them as one
+`torch.nn.functional.scaled_dot_product_attention` call (the score terms summed into its mask).
+The modules stay where they are (their parameters and state_dict keys do not move); the chain
+is only read differently. Any other chain runs as written.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers.heads import Scores, Softmax, WeightedSum
+from .program import Attend, Call, GridCall, TensorCall
+
+
+def fuse_attention(prog: list, modules) -> list:
+    """`prog` with every fusable attention chain replaced by one `Attend` instruction."""
+    out, i = [], 0
+    while i < len(prog):
+        found = _chain(prog, i, modules)
+        if found is None:
+            out.append(prog[i])
+            i += 1
+        else:
+            ins, i = found
+            out.append(ins)
+    return out
+
+
+def _chain(prog: list, i: int, modules):
+    """(Attend, index after the chain) when an attention chain starts at `prog[i]`, else None."""
+    first = prog[i]
+    if first.__class__ is not TensorCall:
+        return None
+    scores = modules[first.name]
+    if not isinstance(scores, Scores) or scores.over_channels or len(first.keys) != 1:
+        return None
+    j, biases = i + 1, []
+    while j < len(prog) and prog[j].__class__ in (Call, GridCall) and hasattr(modules[prog[j].name], "score_bias"):
+        biases.append((prog[j].name, prog[j].__class__ is GridCall))
+        j += 1
+    if j >= len(prog) or prog[j].__class__ is not Call or not _is(modules[prog[j].name], Softmax, -1):
+        return None
+    j += 1
+    dropout = None
+    if j < len(prog) and prog[j].__class__ is Call and isinstance(modules[prog[j].name], nn.Dropout):
+        dropout = prog[j].name
+        j += 1
+    if j >= len(prog) or prog[j].__class__ is not TensorCall:
+        return None
+    weights = modules[prog[j].name]
+    if not isinstance(weights, WeightedSum) or weights.over_channels or weights.group != scores.group:
+        return None
+    return Attend(first.name, tuple(biases), dropout, prog[j].name, first.keys[0], prog[j].keys[0]), j + 1
+
+
+def _is(module, cls, dim) -> bool:
+    return isinstance(module, cls) and module.dim == dim
