@@ -10,8 +10,8 @@
 from __future__ import annotations
 
 from .api import build, build_loss, check, diff, load, resolve_target
-from .diagnostics import ComposerError
+from .diagnostics import ComposerError, ComposerWarning
 from .sizes import InputSizeError
 
-__all__ = ["build", "build_loss", "check", "diff", "load", "resolve_target", "ComposerError", "InputSizeError"]
+__all__ = ["build", "build_loss", "check", "diff", "load", "resolve_target", "ComposerError", "ComposerWarning", "InputSizeError"]
 __version__ = "0.1.0"

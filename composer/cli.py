@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
-from .diagnostics import ComposerError, error
+from .diagnostics import ComposerError, ComposerWarning, error
 
 EXIT_OK, EXIT_DIFFERS, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -360,9 +361,18 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=warnings.showwarning):
+    """A blueprint's warnings as the compiler's: their located text, nothing about Python."""
+    if issubclass(category, ComposerWarning):
+        print(str(message), file=sys.stderr)
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except ComposerError as exc:

@@ -77,3 +77,18 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
         return None
     close.sort(key=lambda c: (_edits(name, c), abs(len(c) - len(name))))  # fewest edits, then same length
     return "did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+
+
+class ComposerWarning(UserWarning):
+    """A located warning about a blueprint that still works (a deprecated spelling): its text is
+    the rendered diagnostic, `file:line:col: warning: ...` with the source line and the new spelling."""
+
+
+def deprecated(message: str, span: Span | None, hint: str) -> None:
+    """Warn that a spelling is deprecated (it keeps working); `hint` gives the new one."""
+    import warnings
+
+    text = Diagnostic("deprecated", message, span, hint).render().replace(": error: ", ": warning: ", 1)
+    if span is None:
+        text = text.replace("error: ", "warning: ", 1)
+    warnings.warn(ComposerWarning(text), stacklevel=2)

@@ -355,6 +355,12 @@ def _require(node, condition, message):
     return True
 
 
+def _saved(node, name):
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError("needs the name of a saved tensor, as a string")
+    return TensorRef(name, name, node.span)
+
+
 def _input(kind: str, ndim: int):
     def make(node, channels, size):
         if isinstance(channels, bool) or not isinstance(channels, int) or channels <= 0:
@@ -383,6 +389,8 @@ BUILTINS: dict[str, Callable] = {
     "linspace": _builtin(_linspace, (2, 2), "A schedule over all blocks of the model: linspace(0, 0.1)."),
     "require": _builtin(_require, (2, 2), "Fail with a located error and `message` unless `condition` holds: "
                         "let ok = require(img_size == 160, \"CMT-Ti is defined at 160 px\")."),
+    "saved": _builtin(_saved, (1, 1), "The tensor saved as NAME at model level, as a value: a tensor "
+                      "parameter's default, e.g. `tokens = saved(\"z\")`."),
     "image": _builtin(_input("image", 2), (2, 2), "A 2-D input: image(channels, size or [h, w])."),
     "signal": _builtin(_input("signal", 1), (2, 2), "A 1-D input: signal(channels, length)."),
     "volume": _builtin(_input("volume", 3), (2, 2), "A 3-D input: volume(channels, size or [d, h, w])."),

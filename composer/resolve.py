@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from . import ast
-from .diagnostics import ComposerError, did_you_mean, error
+from .diagnostics import ComposerError, deprecated, did_you_mean, error
 from .expr import Cycle, InputSpec, Ref, Schedule, Scope, evaluate, type_name
 from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
 from .naming import Names, Numbered
@@ -245,6 +245,10 @@ class _Resolver(ast.NodeVisitor):
         out.append(self._parallel_for(stmt, scope, ctx, names))
 
     def visit_Save(self, stmt: ast.Save, scope, ctx, names, out) -> None:
+        bound = _find_tensor(scope, stmt.name)
+        if bound is not None and bound.key != stmt.name:  # a tensor parameter or binding: update that tensor
+            out.append(NamedTensor("save", bound.key, stmt.span))
+            return
         out.append(NamedTensor("save", stmt.name, stmt.span))
         ref = TensorRef(stmt.name, stmt.name, stmt.span)  # a saved name is global: the key is the name
         _bind_tensor(scope, ref)
@@ -676,9 +680,13 @@ def to_op(ref: Ref) -> Op:
             v = to_op(v)
         args[k] = v
     try:
-        return cls.model_validate(args)
+        op = cls.model_validate(args)
     except ValidationError as exc:
         raise _validation_error(ref, exc) from None
+    old = op.deprecation()
+    if old is not None:
+        deprecated(old[0], ref.span, old[1])
+    return op
 
 
 def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:

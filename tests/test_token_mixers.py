@@ -217,3 +217,62 @@ def test_named_tensor_errors_are_located(tmp_path, body, message, where):
     if where is not None:
         line, col = where.split(":")
         assert f"m.arch:{int(line) + 1}:{col}:" in text, text
+
+
+def test_dynamic_relu_takes_its_coefficients_by_name():
+    """Mobile-Former's DyReLU with the coefficients as a named tensor (issue 14 item 1):
+    a1 = (c1 - 0.5) * 2 + 1, a2 = (c2 - 0.5) * 2, y = max(x a1, x a2)."""
+    from composer.ops import OPS
+    from composer.shapes import Shape, TensorRef
+
+    coeffs = TensorRef("c", "c", None, Shape(6, (2,), "tokens"))
+    op = OPS["dynamic_relu"](pieces=2, scale=2.0, coeffs=coeffs)
+    x = Shape(6, (3, 4), "tokens")
+    assert op.infer(x) == x and op.deprecation() is None
+    m = op.build(x, x)
+    coef, feat = torch.rand(2, 2, 6), torch.randn(2, 12, 6)
+    a1, a2 = (coef[:, :1] - 0.5) * 2 + 1, (coef[:, 1:] - 0.5) * 2
+    torch.testing.assert_close(m(feat, coef), torch.maximum(feat * a1, feat * a2))
+    bad = OPS["dynamic_relu"](pieces=3, coeffs=coeffs)
+    with pytest.raises(Exception, match="3 tokens of 6 channels"):
+        bad.infer(x)
+
+
+def test_old_spellings_warn_and_keep_working(tmp_path):
+    """`attend` with keys and values packed as prefix tokens still builds, with a located warning
+    that names the new spelling; the same attention written with named tensors, same weights,
+    gives the same output."""
+    text = """
+mixer packed(dim) {
+    parallel tokens { linear(dim) as k; linear(dim) as v; identity }
+    attend(2, values = "split")
+}
+mixer named(dim) {
+    k = { linear(dim) as k; split_heads(2) }
+    v = { linear(dim) as v; split_heads(2) }
+    split_heads(2)
+    scores(k = k)
+    softmax
+    weighted_sum(v)
+    merge_heads
+}
+model m(mixer = packed(16)) {
+    input image(3, 16)
+    stem patch_embed(16, 4)
+    stage { block { to_tokens; mixer as mix } }
+    head { global_pool("avg"); classifier(4) }
+}
+model m2 : m { mixer = named(16) }
+"""
+    path = write(tmp_path, text)
+    with pytest.warns(composer.ComposerWarning) as caught:
+        old = composer.build(path + ":m").eval()
+    message = str(caught[0].message)
+    assert "m.arch:4:5: warning: attend, which reads its keys and values from prefix tokens" in message
+    assert "scores(q, k), softmax, weighted_sum(v)" in message
+    new = composer.build(path + ":m2").eval()
+    assert list(new.state_dict()) == list(old.state_dict())
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (new(x) - old(x)).abs().max() < 1e-5

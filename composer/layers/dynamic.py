@@ -20,15 +20,16 @@ class LearnedTokens(nn.Module):
 
 
 class DynamicReLU(nn.Module):
-    """(B, pieces + N, C) -> (B, N, C): max_k(((c_k - 0.5) * scale + offset_k) * x)."""
+    """(B, N, C) features and (B, pieces, C) coefficients -> (B, N, C): max_k(((c_k - 0.5) * scale +
+    offset_k) * x); `given = False`: both in one sequence (B, pieces + N, C), coefficients first."""
 
-    def __init__(self, pieces: int, scale: float, offsets: list[float]):
+    def __init__(self, pieces: int, scale: float, offsets: list[float], given: bool = False):
         super().__init__()
-        self.pieces, self.scale = pieces, scale
+        self.pieces, self.scale, self.given = pieces, scale, given
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.float32).view(1, pieces, 1), persistent=False)
 
-    def forward(self, x):
-        coef, feat = x[:, : self.pieces], x[:, self.pieces:]
+    def forward(self, x, coeffs=None):
+        coef, feat = (coeffs, x) if self.given else (x[:, : self.pieces], x[:, self.pieces:])
         slopes = (coef - 0.5) * self.scale + self.offsets.to(coef.dtype)  # (B, pieces, C)
         out = feat * slopes[:, :1]
         for k in range(1, self.pieces):

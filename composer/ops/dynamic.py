@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal, Optional, Union
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import Op, Tensor, op, prod
 
 
 def _grid_of(x: Shape, what: str) -> None:
@@ -73,6 +73,13 @@ class DynamicReLU(Op):
     pieces: int = 2
     scale: float = 2.0
     offsets: Optional[list[float]] = None
+    coeffs: Optional[Tensor] = None
+
+    def deprecation(self):
+        if self.coeffs is None:
+            return ("dynamic_relu reading its coefficients from prefix tokens of a joined sequence is deprecated",
+                    "pass them by name: `c = ...` (tokens, one per piece), then dynamic_relu(coeffs = c)")
+        return None
 
     def slopes(self) -> list[float]:
         if self.offsets is not None:
@@ -85,6 +92,14 @@ class DynamicReLU(Op):
             raise ShapeError(f"dynamic_relu pieces must be 1 or more, got {self.pieces}")
         if len(self.slopes()) != self.pieces:
             raise ShapeError(f"dynamic_relu has {self.pieces} pieces but {len(self.slopes())} offsets")
+        if self.coeffs is not None:
+            c = self.coeffs.shape
+            if c.layout != "tokens" or c.tokens != self.pieces or c.channels != x.channels:
+                raise ShapeError(f"dynamic_relu({self.pieces}) needs coefficients of {self.pieces} tokens of "
+                                 f"{x.channels} channels (one per piece), got {c}")
+            if x.extra or not x.ndim:
+                raise ShapeError(f"dynamic_relu needs a grid of feature tokens, got {x}")
+            return x
         if x.extra != self.pieces or not x.ndim:
             raise ShapeError(
                 f"dynamic_relu({self.pieces}) needs {self.pieces} coefficient tokens ahead of a grid of "
@@ -95,7 +110,7 @@ class DynamicReLU(Op):
     def build(self, x, y):
         from ..layers.dynamic import DynamicReLU as Module
 
-        return Module(self.pieces, self.scale, self.slopes())
+        return Module(self.pieces, self.scale, self.slopes(), given=self.coeffs is not None)
 
 
 @op("attend", category="attention", layout="tokens")
@@ -116,6 +131,11 @@ class Attend(Op):
     heads: int = 1
     values: Literal["same", "split"] = "same"
     scale: Optional[float] = None
+
+    def deprecation(self):
+        return ("attend, which reads its keys and values from prefix tokens of a joined sequence, is deprecated",
+                "write the attention with named tensors: q = ...; k = ...; v = ...; then split_heads, "
+                "scores(q, k), softmax, weighted_sum(v), merge_heads (docs/language.md, section 15)")
 
     def keys(self, x: Shape) -> int:
         return x.extra // 2 if self.values == "split" else x.extra

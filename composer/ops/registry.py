@@ -50,6 +50,11 @@ class Op(BaseModel):
         first in forward order owns it; the others' counts leave it out); None when it does not."""
         return None
 
+    def deprecation(self) -> tuple[str, str] | None:
+        """(what is deprecated, the new spelling) when this instance is written in a spelling kept
+        only for older files; the resolver warns at the call."""
+        return None
+
     def runtime_grid(self, x: Shape) -> bool:
         """Whether the module built for input `x` also runs at another grid (the grid it gets at
         run time); `composer.sizes` refuses input sizes that would change the grid of an op that
