@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .chains import fuse_attention
+from .chains import attend, fuse_attention
 from .diagnostics import error
 from .fuse import fuse_model
 from .layers.core import ChannelScale, Scale, tie_scope
@@ -13,15 +13,11 @@ from .layers.reparam import RepConv
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
                    Step)
 from .sizes import check_input
-from .program import (Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
+from .program import (GRID, Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
                       TensorCall, ToMap, ToTokens)
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
 
-# The grid the flowing tokens lie on is kept in the forward pass's named tensors under this key
-# (never a tensor name: those are identifiers), and a saved tensor's grid under GRID + name, so a
-# model built at one size folds tokens back into maps at the size it actually gets.
-GRID = " grid"
 
 
 def _drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -166,7 +162,7 @@ class Sequence(nn.Module):
                 else:
                     x = mod(x, *args)
             elif cls is Attend:
-                x = self._attend(ins, x, env)
+                x = attend(self._modules, ins, x, env, self.training)
             elif cls is Forget:
                 for k in ins.keys:
                     env.pop(k, None)
@@ -206,22 +202,6 @@ class Sequence(nn.Module):
             else:
                 x = self._parallel(ins, x, env)
         return x
-
-    def _attend(self, ins: Attend, x, env):
-        """An attention chain as one SDPA call (composer/chains.py): the score terms are its mask."""
-        mods = self._modules
-        scores = mods[ins.scores]
-        k, v = env[ins.k], env[ins.v]
-        grids = (env.get(GRID), env.get(GRID + ins.k))
-        mask = None
-        for name, takes in ins.biases:
-            term = mods[name].score_bias(scores.out_grid(grids) if takes else None)
-            mask = term if mask is None else mask + term
-        drop = mods[ins.dropout].p if ins.dropout is not None and self.training else 0.0
-        if mask is not None and mask.dtype != x.dtype:
-            mask = mask.to(x.dtype)
-        return nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=mask, dropout_p=drop, scale=scores.scale,
-                                              enable_gqa=scores.group > 1)
 
     def _parallel(self, ins: Parallel, x, env):
         merge, branches, split, (split_dim, cat_dim) = ins

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from .layers.heads import Scores, Softmax, WeightedSum
-from .program import Attend, Call, GridCall, TensorCall
+from .program import GRID, Attend, Call, GridCall, TensorCall
 
 
 def fuse_attention(prog: list, modules) -> list:
@@ -60,3 +60,19 @@ def _chain(prog: list, i: int, modules):
 
 def _is(module, cls, dim) -> bool:
     return isinstance(module, cls) and module.dim == dim
+
+
+def attend(modules, ins: Attend, x, env: dict, training: bool):
+    """Run an `Attend` instruction on the flowing queries `x`: the score terms summed are the mask."""
+    scores = modules[ins.scores]
+    k, v = env[ins.k], env[ins.v]
+    grids = (env.get(GRID), env.get(GRID + ins.k))
+    mask = None
+    for name, takes in ins.biases:
+        term = modules[name].score_bias(scores.out_grid(grids) if takes else None)
+        mask = term if mask is None else mask + term
+    drop = modules[ins.dropout].p if ins.dropout is not None and training else 0.0
+    if mask is not None and mask.dtype != x.dtype:
+        mask = mask.to(x.dtype)
+    return nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=mask, dropout_p=drop, scale=scores.scale,
+                                                      enable_gqa=scores.group > 1)

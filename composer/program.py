@@ -6,6 +6,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+# The grid the flowing tokens lie on is kept in the forward pass's named tensors under this key
+# (never a tensor name: those are identifiers), and a saved tensor's grid under GRID + name, so a
+# model built at one size folds tokens back into maps at the size it actually gets.
+GRID = " grid"
+
 
 class Call(NamedTuple):
     """Run the submodule registered under `name` (an op, or a composite's own Sequence)."""

@@ -18,6 +18,7 @@ from .diagnostics import ComposerError, deprecated, did_you_mean, error
 from .expr import Cycle, InputSpec, Ref, Schedule, Scope, evaluate, type_name
 from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
 from .naming import Names, Numbered
+from .tensors import bind_tensor, find_tensor, split_parts
 from .ops import OPS, Op
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import ShapeError, TensorRef
@@ -245,18 +246,18 @@ class _Resolver(ast.NodeVisitor):
         out.append(self._parallel_for(stmt, scope, ctx, names))
 
     def visit_Save(self, stmt: ast.Save, scope, ctx, names, out) -> None:
-        bound = _find_tensor(scope, stmt.name)
+        bound = find_tensor(scope, stmt.name)
         if bound is not None and bound.key != stmt.name:  # a tensor parameter or binding: update that tensor
             out.append(NamedTensor("save", bound.key, stmt.span))
             return
         out.append(NamedTensor("save", stmt.name, stmt.span))
         ref = TensorRef(stmt.name, stmt.name, stmt.span)  # a saved name is global: the key is the name
-        _bind_tensor(scope, ref)
+        bind_tensor(scope, ref)
         if not ctx.depth:  # saved at model level: later blocks may pass it as an argument
-            _bind_tensor(self.scope, ref)
+            bind_tensor(self.scope, ref)
 
     def visit_Load(self, stmt: ast.Load, scope, ctx, names, out) -> None:
-        bound = _find_tensor(scope, stmt.name)
+        bound = find_tensor(scope, stmt.name)
         out.append(NamedTensor("load", bound.key if bound is not None else stmt.name, stmt.span))
 
     def visit_Bind(self, stmt: ast.Bind, scope, ctx, names, out) -> None:
@@ -276,7 +277,7 @@ class _Resolver(ast.NodeVisitor):
             out.append(NamedTensor("save", refs[0].key, stmt.span))
         else:
             value = concretize(layer_value(stmt.expr, scope), ctx, stmt.expr.span)
-            parts = [value] if len(refs) == 1 else _parts(value, len(refs), stmt.expr.span)
+            parts = [value] if len(refs) == 1 else split_parts(value, len(refs), stmt.expr.span)
             for i, (part, ref) in enumerate(zip(parts, refs)):
                 if i:
                     out.append(NamedTensor("load", hold, stmt.span))
@@ -286,7 +287,7 @@ class _Resolver(ast.NodeVisitor):
                 out.append(NamedTensor("save", ref.key, stmt.span))
         out.append(NamedTensor("load", hold, stmt.span))
         for ref in refs:
-            _bind_tensor(scope, ref, stmt.span)
+            bind_tensor(scope, ref, stmt.span)
 
     def visit_Reuse(self, stmt: ast.Reuse, scope, ctx, names, out) -> None:
         out.append(ReuseNode(stmt.path, stmt.span))
@@ -626,46 +627,6 @@ def concretize(value, ctx: Ctx, span: Span):
 
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
-
-
-def _bind_tensor(scope: Scope, ref: TensorRef, span: Span | None = None) -> None:
-    """Make tensor `ref` a value of `scope` by its name; a name a value already holds (a parameter, a
-    `let`) keeps it for `save` (older files), and is an error for a binding (`span` given)."""
-    held, inner = ref, scope
-    while inner is not None:
-        if ref.name in inner.values:
-            held = inner.values[ref.name]
-            break
-        inner = inner.parent
-    if isinstance(held, TensorRef):
-        scope.values[ref.name] = ref
-    elif span is not None:
-        raise error("redefinition", f"'{ref.name}' is already a value here ({type_name(held)}), not a tensor",
-                    span, "choose another name for the tensor")
-
-
-def _find_tensor(scope: Scope, name: str) -> TensorRef | None:
-    while scope is not None:
-        if name in scope.values:
-            value = scope.values[name]
-            return value if isinstance(value, TensorRef) else None
-        scope = scope.parent
-    return None
-
-
-def _parts(value, n: int, span: Span) -> list:
-    """`a, b, c = op(...)`: the op once per name, with `part` = 0, 1, ... and `parts` = n."""
-    cls = value.target if isinstance(value, Ref) and value.kind == "op" else None
-    if cls is None or "part" not in cls.model_fields or "parts" not in cls.model_fields:
-        raise error("type", f"{n} names are bound, but {type_name(value)} gives one tensor", span,
-                    "several names take the parts of a splitting op, e.g. `q, k, v = split_heads(heads)`")
-    args = dict(value.args)
-    if "part" in args:
-        raise error("arguments", "`part` is given by the names bound: leave it out", value.arg_span("part"))
-    if args.get("parts") not in (None, n):
-        raise error("value", f"parts = {args['parts']} but {n} names are bound", value.arg_span("parts"))
-    return [Ref(value.name, value.kind, cls, tuple({**args, "parts": n, "part": i}.items()), value.spans, value.span)
-            for i in range(n)]
 
 
 def to_op(ref: Ref) -> Op:
