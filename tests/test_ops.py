@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from composer.ops import OPS
-from composer.shapes import Shape, ShapeError
+from composer.shapes import Shape, ShapeError, TensorRef
 
 # attention is tested with its parts in tests/test_attention.py; the unfold pair multiplies the real batch
 # (B * patch area), which the generic shape check cannot see: tests/test_crossvit_mobilevit.py covers them
@@ -374,6 +374,8 @@ def test_every_op_has_a_strategy():
 
 
 def concrete(s: Shape, batch: int = BATCH) -> tuple[int, ...]:
+    if s.layout in ("heads", "scores"):
+        return (batch, s.heads, s.tokens, s.channels)
     if s.layout == "map":
         return (batch, s.channels, *s.spatial)
     if s.layout == "tokens":
@@ -386,9 +388,68 @@ def _run(op, x: Shape):
     torch.manual_seed(0)
     module = op.build(x, y).eval()
     inp = torch.randn(concrete(x))
+    args = [torch.randn(concrete(getattr(op, a).shape)) for a in op.tensor_args if getattr(op, a) is not None]
+    kwargs = {"grids": (None,) * (1 + len(args))} if args and getattr(module, "takes_grid", False) else {}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = module(inp)
+        out = module(inp, *args, **kwargs)
     return y, module, out, counter.get_total_flops()
+
+
+# heads.py: the attention primitives; q/k/v-style arguments are named tensors (TensorRef with a shape)
+def _heads(heads, channels, tokens):
+    return Shape(channels, (tokens,), "heads", heads=heads)
+
+
+@st.composite
+def _scores_case(draw):
+    h, g = draw(st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2)]))
+    d, n, m = draw(st.integers(1, 6)), draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    over = draw(st.sampled_from(["tokens", "channels"]))
+    if over == "channels":
+        m = n
+    k = TensorRef("k", "k", None, _heads(g, draw(st.integers(1, 6)) if over == "channels" else d, m))
+    op = OPS["scores"](k=k, over=over, scale=draw(st.none() | st.floats(0.1, 2.0)))
+    return op, _heads(h, d, n)
+
+
+@st.composite
+def _weighted_sum_case(draw):
+    h, g = draw(st.sampled_from([(1, 1), (2, 1), (4, 2)]))
+    n, m, dv = draw(st.integers(1, 7)), draw(st.integers(1, 7)), draw(st.integers(1, 6))
+    if draw(st.booleans()):  # over tokens: scores (h, n, m), v (g, m, dv)
+        v = TensorRef("v", "v", None, _heads(g, dv, m))
+        return OPS["weighted_sum"](v=v), Shape(m, (n,), "scores", heads=h, keys=((m,), 0))
+    v = TensorRef("v", "v", None, _heads(g, dv, m))  # over channels: scores (h, dq, dv), v (g, m, dv)
+    return OPS["weighted_sum"](v=v, over="channels"), Shape(dv, (n,), "scores", heads=h, keys=((dv,), 0))
+
+
+def _attention_shape():
+    return st.one_of(
+        st.builds(_heads, st.integers(1, 4), st.integers(1, 6), st.integers(1, 7)),
+        st.builds(lambda h, n, m: Shape(m, (n,), "scores", heads=h, keys=((m,), 0)),
+                  st.integers(1, 4), st.integers(1, 6), st.integers(1, 7)))
+
+
+STRATEGIES.update({
+    "split_heads": st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.sampled_from(["parts", "heads"]))
+    .flatmap(lambda hpwo: st.integers(0, hpwo[1] - 1).map(lambda part: (
+        OPS["split_heads"](heads=hpwo[0], parts=hpwo[1], part=part, order=hpwo[3]),
+        Shape(hpwo[0] * hpwo[1] * hpwo[2], (3,), "tokens", 1)))),
+    "merge_heads": kw("merge_heads", st.builds(_heads, st.integers(1, 4), st.integers(1, 6), st.integers(1, 7)),
+                      order=st.sampled_from(["heads", "channels"])),
+    "scores": _scores_case(),
+    "weighted_sum": _weighted_sum_case(),
+    "softmax": st.one_of(kw("softmax", _attention_shape()),
+                         kw("softmax", token_shape(), axis=st.just("tokens"))),
+    "normalize_sum": kw("normalize_sum", _attention_shape(), eps=st.floats(0.0, 1.0)),
+    "l2norm": st.one_of(kw("l2norm", _attention_shape()),
+                        kw("l2norm", st.builds(_heads, st.integers(1, 4), st.integers(1, 6), st.integers(1, 7)),
+                           axis=st.just("tokens"))),
+    "mix_heads": kw("mix_heads", _attention_shape(), heads=st.none() | st.integers(1, 4), bias=st.booleans()),
+    "add_bias": kw("add_bias", st.one_of(_attention_shape(), token_shape(), map_shape())),
+    "head_scale": kw("head_scale", _attention_shape(), init=st.floats(0.5, 4.0), log=st.booleans(),
+                     max=st.none() | st.floats(1.0, 100.0)),
+})
 
 
 @pytest.mark.parametrize("name", [n for n in _tested_ops() if n in STRATEGIES])

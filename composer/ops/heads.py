@@ -119,7 +119,8 @@ class Scores(Op):
         if self.over == "channels":
             if x.tokens != k.tokens:
                 raise ShapeError(f"scores over channels need as many query tokens as key tokens, got {x} and {k}")
-            return Shape(k.channels, (), "scores", x.channels, heads=x.heads, keys=((), k.channels))
+            # channel scores lie on the query channels as a 1-D "grid", by the key channels
+            return Shape(k.channels, (x.channels,), "scores", heads=x.heads, keys=((k.channels,), 0))
         if x.channels != k.channels:
             raise ShapeError(f"scores: queries of width {x.channels} and keys of width {k.channels} per head",
                              "q and k need the same width per head (v may differ)")
@@ -149,10 +150,10 @@ class WeightedSum(Op):
         _need("weighted_sum", "values", v, "heads")
         _grouped("weighted_sum", x.heads, v.heads)
         if self.over == "channels":
-            if x.keys != ((), v.channels):
+            if x.keys != ((v.channels,), 0) or x.ndim != 1 or x.extra:
                 raise ShapeError(f"weighted_sum over channels needs scores over channels of width {v.channels}, "
                                  f"got {x}", "make them with scores(q, k, over = \"channels\")")
-            return Shape(x.extra, v.spatial, "heads", v.extra, heads=x.heads)
+            return Shape(x.spatial[0], v.spatial, "heads", v.extra, heads=x.heads)
         if x.channels != v.tokens:
             raise ShapeError(f"weighted_sum: {x.channels} keys per query but {v.tokens} value tokens",
                              "values come from the tokens the keys came from")
