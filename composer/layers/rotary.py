@@ -38,33 +38,38 @@ class Rotary(nn.Module):
             coords = coords[:, [1, 0, *range(2, len(ts))]]
         return coords
 
-    def angles(self, grid: tuple, device):
+    def tables(self, grid: tuple, device):
+        """(C, S), each (prefix + N, d): `rotate(x) = x * C + swap(x) * S`, swap(x) exchanging the two
+        channels of every pair; the prefix rows are C = 1, S = 0 (prefix tokens stay as they are)."""
         key = (grid, device)
         hit = self._cache.get(key)
         if hit is None:
             theta = (self.coordinates(grid, device)[:, :, None] * self.bands(device)).flatten(1)  # (N, d/2)
-            hit = self._cache[key] = (theta.cos(), theta.sin())
+            cos, sin = theta.cos(), theta.sin()
+            if self.half:  # pair j is (j, j + d/2)
+                c, s = torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)
+            else:  # pair j is (2j, 2j + 1)
+                c, s = torch.stack([cos, cos], -1).flatten(1), torch.stack([-sin, sin], -1).flatten(1)
+            if self.prefix:
+                c = torch.cat([c.new_ones(self.prefix, self.width), c])
+                s = torch.cat([s.new_zeros(self.prefix, self.width), s])
+            hit = self._cache[key] = (c, s)
         return hit
 
-    def rotate(self, x, cos, sin):
+    def swap(self, x):
         if self.half:
-            a, b = x.chunk(2, dim=-1)
-            return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
-        a, b = x[..., 0::2], x[..., 1::2]
-        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+            return x.roll(self.width // 2, dims=-1)  # [b, a] for x = [a, b]
+        return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (b, a) in every pair (a, b)
 
     def forward(self, x, grid=None):
-        p = self.prefix
-        n = x.shape[-2] - p
+        n = x.shape[-2] - self.prefix
         grid = tuple(grid) if grid is not None else self.grid
         if self.axes == 1:
             grid = (n,)
         elif math.prod(grid) != n:
             raise RuntimeError(f"rotary: {n} grid tokens do not lie on the grid {grid}")
-        cos, sin = self.angles(grid, x.device)
-        body = x[..., p:, :] if p else x
-        out = self.rotate(body, cos, sin).to(x.dtype)
-        return torch.cat([x[..., :p, :], out], dim=-2) if p else out
+        c, s = self.tables(grid, x.device)
+        return (x * c + self.swap(x) * s).to(x.dtype)
 
     def extra_repr(self) -> str:
         ref = f", reference={list(self.reference)}" if self.reference else ""
