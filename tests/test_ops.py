@@ -364,6 +364,12 @@ STRATEGIES.update({
 })
 
 
+# rotary.py: rotary position embeddings (numerics against the equation and timm: tests/test_rotary.py)
+STRATEGIES["rotary"] = paired(lambda x: st.builds(
+    lambda a, p, r: OPS["rotary"](axes=a, pairs=p, reference=[r] * a if r else None),
+    st.sampled_from([1, x.ndim]), st.sampled_from(["interleaved", "halves"]), st.sampled_from([None, 7])),
+    token_shape(st.sampled_from([4, 8, 12]), dims=(1, 2)))
+
 def _tested_ops() -> list[str]:
     return sorted(n for n, cls in OPS.items() if cls.kind == "op" and n not in EXCLUDED)  # not parts or losses
 

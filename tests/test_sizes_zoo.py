@@ -212,5 +212,10 @@ def test_family_features_at_dense_prediction_sizes(name):
         with torch.no_grad():
             feats = model(torch.randn(1, plan.input.channels, *size))
         other = replan(plan, size)
-        expected = [other.saved[n] for n in plan.outputs] if plan.outputs else [st.y for st in other.stages]
+        if plan.outputs:
+            expected = [other.saved[n] for n in plan.outputs]
+        elif plan.features == "blocks":  # `feature_points = "blocks"`: every block's output (plain transformers)
+            expected = [b.y for st in other.stages for b in st.blocks]
+        else:
+            expected = [st.y for st in other.stages]
         assert [tuple(f.shape[1:]) for f in feats] == [(y.channels, *y.spatial) for y in expected]
