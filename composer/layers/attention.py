@@ -119,6 +119,18 @@ def _shift_mask(grid, window, shift) -> torch.Tensor:
     return torch.where(diff != 0, -100.0, 0.0)
 
 
+def _crop(x: torch.Tensor, grid) -> torch.Tensor:
+    """(B, *padded, C) -> (B, *grid, C): the first `grid` positions of every dim. Traced with
+    symbolic sizes (torch.export with dynamic height and width), gathered with `index_select`: a
+    slice's strides would make the tracer guess whether anything was padded (a guard true only at
+    the example's size)."""
+    if all(type(g) is int for g in grid):
+        return x[(slice(None), *[slice(0, g) for g in grid])]
+    for d, g in enumerate(grid):
+        x = x.index_select(d + 1, torch.arange(g, device=x.device))
+    return x
+
+
 def _conv_cls(ndim: int):
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
 
@@ -546,7 +558,7 @@ class Attention(nn.Module):
             if self.shift and pad_first:
                 y = self._roll(y.view(b, *padded, c), self.shift).reshape(b, -1, c)
             if padded is not grid:
-                y = y.view(b, *padded, c)[(slice(None), *[slice(0, g) for g in grid])].reshape(b, -1, c)
+                y = _crop(y.view(b, *padded, c), grid).reshape(b, -1, c)
             if self.shift and not pad_first:
                 y = self._roll(y.view(b, *grid, c), self.shift).reshape(b, -1, c)
         if self.messengers:
