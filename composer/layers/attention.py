@@ -119,6 +119,18 @@ def _shift_mask(grid, window, shift) -> torch.Tensor:
     return torch.where(diff != 0, -100.0, 0.0)
 
 
+def _crop(x: torch.Tensor, grid) -> torch.Tensor:
+    """(B, *padded, C) -> (B, *grid, C): the first `grid` positions of every dim. Traced with
+    symbolic sizes (torch.export with dynamic height and width), gathered with `index_select`: a
+    slice's strides would make the tracer guess whether anything was padded (a guard true only at
+    the example's size)."""
+    if all(type(g) is int for g in grid):
+        return x[(slice(None), *[slice(0, g) for g in grid])]
+    for d, g in enumerate(grid):
+        x = x.index_select(d + 1, torch.arange(g, device=x.device))
+    return x
+
+
 def _conv_cls(ndim: int):
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
 
@@ -411,6 +423,23 @@ class Attention(nn.Module):
             mask = cache[padded] = _shift_mask(padded, self.size, self.shift)[:, None].to(self.attn_mask)
         return padded, mask
 
+    def _xl_tables(self, length):
+        """relative_xl's sinusoid table (2T-1, C) and offset index (T, T) for T tokens: the buffers at
+        the build length, else made for T (once per length; in the traced program when symbolic)."""
+        dev = self.pos_table.device
+        if type(length) is not int:
+            return parts.sinusoid_relative(length, self.pos_table.shape[1]).to(dev), \
+                parts.relative_offset_index(length).to(dev)
+        if length == self.pos_index.shape[0]:
+            return self.pos_table, self.pos_index
+        cache = self.__dict__.setdefault("_xl", {})
+        made = cache.get(length)
+        if made is None or made[0].device != dev:
+            with torch.device(dev):
+                made = cache[length] = (parts.sinusoid_relative(length, self.pos_table.shape[1]),
+                                        parts.relative_offset_index(length))
+        return made
+
     def _roll(self, x, shift):
         nd = x.dim() - 2
         return torch.roll(x, [shift] * nd, dims=list(range(1, nd + 1)))
@@ -546,7 +575,7 @@ class Attention(nn.Module):
             if self.shift and pad_first:
                 y = self._roll(y.view(b, *padded, c), self.shift).reshape(b, -1, c)
             if padded is not grid:
-                y = y.view(b, *padded, c)[(slice(None), *[slice(0, g) for g in grid])].reshape(b, -1, c)
+                y = _crop(y.view(b, *padded, c), grid).reshape(b, -1, c)
             if self.shift and not pad_first:
                 y = self._roll(y.view(b, *grid, c), self.shift).reshape(b, -1, c)
         if self.messengers:
@@ -565,9 +594,10 @@ class Attention(nn.Module):
         q_unit = F.normalize(q, dim=-1) if hasattr(self, "learnable_tokens") else None
         bias = None
         if self.relative_xl:  # ((q + u) k^T + (q + v') P_{i-j}^T) * scale
-            p = self.linear_pos(self.pos_table).view(-1, self.heads, self.head_dim).transpose(0, 1)  # (h, 2T-1, d)
+            table, index = self._xl_tables(q.shape[2])
+            p = self.linear_pos(table).view(-1, self.heads, self.head_dim).transpose(0, 1)  # (h, 2T-1, d)
             pos = (q + self.pos_bias_v[:, None]) @ p.transpose(-2, -1)  # (B, h, T, 2T-1)
-            pos = pos.gather(-1, self.pos_index.expand(*pos.shape[:2], -1, -1))
+            pos = pos.gather(-1, index.expand(*pos.shape[:2], -1, -1))
             q = q + self.pos_bias_u[:, None]
             bias = pos * self.qk_scale
         if self.cosine:

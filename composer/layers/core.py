@@ -148,17 +148,19 @@ class PosEmbed(nn.Module):
     """An absolute position table (1, prefix + prod(grid), C) added to the tokens; `skip` prefix
     tokens pass without one. At another grid than the one it was built for, the table's grid part is
     resampled to the grid the tokens lie on (timm's `resample_abs_pos_embed`: bicubic with
-    antialiasing in 2-D, linear in 1-D, trilinear in 3-D; the prefix rows unchanged)."""
+    antialiasing in 2-D, linear in 1-D, trilinear in 3-D; the prefix rows unchanged). `antialias=False`:
+    plain bicubic in 2-D (ViT-Adapter's `_get_pos_embed`)."""
 
     takes_grid = True
 
-    def __init__(self, tokens, channels, std, skip, init="trunc_normal", trainable=True, grid=()):
+    def __init__(self, tokens, channels, std, skip, init="trunc_normal", trainable=True, grid=(), antialias=True):
         super().__init__()
         table = sinusoid_table(tokens, channels) if init == "sinusoid" else \
             trunc_normal_(torch.empty(1, tokens, channels), std)
         self.pos = nn.Parameter(table, requires_grad=trainable)
         self.skip = skip
         self.grid = tuple(grid)
+        self.antialias = antialias
 
     def table(self, grid) -> torch.Tensor:
         grid = self.grid if grid is None else tuple(grid)
@@ -169,7 +171,7 @@ class PosEmbed(nn.Module):
         c, nd = body.shape[-1], len(self.grid)
         body = body.float().reshape(1, *self.grid, c).movedim(-1, 1)
         mode = {1: "linear", 2: "bicubic", 3: "trilinear"}[nd]
-        body = F.interpolate(body, size=grid, mode=mode, antialias=nd == 2)
+        body = F.interpolate(body, size=grid, mode=mode, antialias=nd == 2 and self.antialias)
         body = body.movedim(1, -1).reshape(1, -1, c).to(self.pos.dtype)
         return torch.cat([head, body], dim=1) if prefix else body
 

@@ -323,7 +323,9 @@ class RelativeXL(Op):
     `linear_pos` (no bias); learned per-head biases `pos_bias_u`, `pos_bias_v` (heads, head_dim,
     xavier-uniform). score = ((q + u) k^T + rel_shift((q + v) P^T)) * scale, where rel_shift (the
     pad-reshape-slice trick) reads the embedding of offset i - j for query i, key j; here it is a
-    gather with an index built once. Self-attention over the tokens only (no kv, partition)."""
+    gather with an index built once. Self-attention over the tokens only (no kv, partition). At
+    another length T' (another input size) the table and the index are made for T' (as ESPnet's
+    `extend_pe` and the reference's positional encoding do for the length they see)."""
 
 
 @op("kv_tokens", kind="part", category="attention part")
@@ -554,15 +556,15 @@ class Attention(Op):
 
     def runtime_grid(self, x: Shape) -> bool:
         """Whether the module runs at another grid than `x`'s (it is given the grid at run time):
-        global attention with keys from the tokens or a `reduce` of their map, position none or
-        LePE; window (not messengers) and grid attention with position parts sized by the window,
+        global attention with keys from the tokens or a `reduce` of their map, position none, LePE
+        or relative_xl (its sinusoidal table made for the length it gets); window (not messengers) and grid attention with position parts sized by the window,
         the shifted windows' mask made for each grid (padded up to a multiple of the window). Other
         parts hold tables, masks or counts sized by the build grid (for now)."""
         if self.agents is not None or self.query is not None or self.extra_kv is not None \
                 or not (self.kv is None or isinstance(self.kv, Reduce)):
             return False
         if self.partition is None:
-            return (self.position is None or isinstance(self.position, LePE)) \
+            return (self.position is None or isinstance(self.position, (LePE, RelativeXL))) \
                 and not (isinstance(self.score, Cosine) and self.score.length_scale)
         if isinstance(self.partition, Window) and not self.partition.messengers or isinstance(self.partition, Grid):
             return self.position is None or isinstance(self.position, (RelativeBias, RelativeBiasMap, LePE, ContinuousBias))

@@ -7,10 +7,14 @@ grid and the earlier levels are its prefix tokens. The ops here are told the lev
 relative to that grid (the last level): `[4, 2, 1]` for maps at 1/8, 1/16 and 1/32 of the input,
 the grid being the 1/32 one; a scale may be fractional (`0.5`) when the level is coarser than the
 grid. Every level's size (grid x scale) must be a whole number. ViT-Adapter (Chen et al., ICLR
-2023) is written with them: `blueprints/vit_adapter.arch`.
+2023) is written with them: `blueprints/vit_adapter.arch`. The modules follow the grid they get at
+run time (the levels are that grid times the scales), so a model runs at every input size whose
+levels are whole.
 """
 
 from __future__ import annotations
+
+from fractions import Fraction
 
 from ..shapes import Shape, ShapeError
 from .registry import Op, op, prod
@@ -28,6 +32,16 @@ def level_grids(grid: tuple[int, ...], scales: list[float], what: str) -> list[t
                                  "choose an input size whose grid gives every level a whole number of tokens")
             g.append(int(round(v)))
         out.append(tuple(g))
+    return out
+
+
+def level_ratios(scales: list[float]) -> list[tuple[int, int]]:
+    """Each scale as an exact ratio (numerator, denominator): the modules compute the level grids
+    from the grid they get at run time with integer arithmetic (grid * num // den)."""
+    out = []
+    for s in scales:
+        f = Fraction(s).limit_denominator(10 ** 6)
+        out.append((f.numerator, f.denominator))
     return out
 
 
@@ -64,7 +78,9 @@ class DeformableAttention(Op):
     levels * points, softmax over levels x points) from the queries, `output_proj` (C * ratio -> C).
     Init as the reference: offsets weight 0 and bias pointing every head in its own direction
     (cos, sin of 2 pi h / heads, scaled to max-norm 1) times point index + 1; attention weights 0;
-    value and output projections Xavier-uniform with zero bias. 2-D grids. MACs: the four linears
+    value and output projections Xavier-uniform with zero bias. 2-D grids. The module follows the grid
+    it gets at run time: the levels, reference points and normalisers are made for it (the
+    reference's `deform_inputs` from the actual feature sizes). MACs: the four linears
     (the sampling and the weighted sum are not counted, as `torch.utils.flop_counter` does not see
     `grid_sample`)."""
 
@@ -123,7 +139,8 @@ class DeformableAttention(Op):
         from ..layers.deform_attn import DeformableAttention as Module
 
         vals, qs = self.geometry(x)
-        return Module(x.channels, self.value_dim(x), self.heads, self.points, vals, qs)
+        return Module(x.channels, self.value_dim(x), self.heads, self.points, vals, qs, x.spatial,
+                      level_ratios(self.values), level_ratios(self.queries))
 
 
 @op("per_level", category="layout", layout="tokens")
@@ -136,15 +153,19 @@ class PerLevel(Op):
     sequence with the same `levels`. ViT-Adapter's ConvFFN runs one depthwise conv over its three
     levels: `per_level(conv(48, 3, groups = 48), levels = [4, 2, 1])`; MSG-Transformer downsamples
     its patch map and its messenger map with one conv: `per_level(conv(2 * c, 3, stride = 2),
-    levels = [1 / 7, 1])`. Parameters: the op's; MACs summed over the levels. The submodule is `op`."""
-
-    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    levels = [1 / 7, 1])`. Parameters: the op's; MACs summed over the levels. The submodule is `op`.
+    An op that keeps the grid (a stride-1 conv) follows the grid at run time; one that changes it is
+    tied to the build grid (other input sizes are refused)."""
 
     op: Op
     levels: list[float]
 
     def grids(self, x: Shape) -> list[tuple[int, ...]]:
         return level_grids(x.spatial, self.levels, self.name)
+
+    def runtime_grid(self, x: Shape) -> bool:
+        m, out = self._outs(x)[-1]
+        return out.spatial == m.spatial and self.op.runtime_grid(m)
 
     def _outs(self, x: Shape) -> list[tuple[Shape, Shape]]:
         """(input map, output map) of every level."""
@@ -182,16 +203,17 @@ class PerLevel(Op):
         from ..layers.deform_attn import PerLevel as Module
 
         m, out = self._outs(x)[-1]
-        return Module(self.op.build(m, out), self.grids(x))
+        return Module(self.op.build(m, out), self.grids(x), level_ratios(self.levels), x.spatial)
 
 
 @op("select_level", category="layout", layout="tokens")
 class SelectLevel(Op):
     """Take level `index` of a multi-level token sequence (scales `levels` relative to its grid, the
     last one 1) as tokens on that level's own grid, so it can be folded back into a map:
-    `select_level(0, levels = [4, 2, 1])` is the finest of three levels (ViT-Adapter's c2)."""
+    `select_level(0, levels = [4, 2, 1])` is the finest of three levels (ViT-Adapter's c2). Follows
+    the grid at run time (the level's grid is the sequence's grid times its scale)."""
 
-    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    regrids = True  # its module tells the level's grid at run time
 
     index: int
     levels: list[float]
@@ -203,7 +225,6 @@ class SelectLevel(Op):
         return Shape(x.channels, grids[self.index], "tokens")
 
     def build(self, x, y):
-        from ..layers.tokens_extra import SelectTokens as Module
+        from ..layers.deform_attn import SelectLevel as Module
 
-        grids = level_grids(x.spatial, self.levels, self.name)
-        return Module(sum(prod(g) for g in grids[: self.index]), prod(grids[self.index]))
+        return Module(self.index, level_ratios(self.levels), x.spatial)

@@ -4,7 +4,7 @@ how such a sequence is laid out). The module is in composer/layers/level_embed.p
 from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
-from .deform_attn import level_grids
+from .deform_attn import level_grids, level_ratios
 from .registry import Op, op, prod
 
 
@@ -17,9 +17,7 @@ class LevelEmbed(Op):
     c2, c3 and c4 before joining them, the same as adding it after
     `parallel tokens { from c2; from c3; from c4 }` with `level_embed(levels = [4, 2, 1])`).
     Init: normal(0, `std`) (the references' `normal_`, std 1). Parameters: levels x channels; no MACs
-    (an addition)."""
-
-    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+    (an addition). The level sizes follow the grid at run time."""
 
     levels: list[float]
     std: float = 1.0
@@ -48,4 +46,4 @@ class LevelEmbed(Op):
     def build(self, x, y):
         from ..layers.level_embed import LevelEmbed as Module
 
-        return Module(x.channels, [prod(g) for g in self.grids(x)], self.std)
+        return Module(x.channels, [prod(g) for g in self.grids(x)], self.std, level_ratios(self.levels), x.spatial)

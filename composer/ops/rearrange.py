@@ -151,9 +151,9 @@ class Rearrange(Op):
     (B, N, C) is folded into its map first like for every map op (tokens with class tokens cannot
     be), and a vector is refused. Built as reshape -> permute -> reshape (views where the memory
     order allows, otherwise one copy). No parameters, no MACs. Errors (unknown or repeated axis, a
-    group whose sizes do not multiply to its input axis, the wrong number of axes) point at the op."""
-
-    grid_bound = True  # its module reshapes to the sizes of the build grid (composer.sizes refuses others)
+    group whose sizes do not multiply to its input axis, the wrong number of axes) point at the op.
+    The module solves the sizes for the input it gets at run time, as the shape rule does (the
+    axes of `sizes` keep theirs), so a model runs at other input sizes where the ops after it do."""
 
     pattern: str
     sizes: list[list[Union[str, int]]] = []
@@ -195,4 +195,7 @@ class Rearrange(Op):
         names = pattern.names
         split = tuple(known[a] for a in names)
         order = tuple(names.index(a) for group in pattern.right for a in group if a != "1")
-        return Module(split, order, out)
+        left = [[names.index(a) for a in group if a != "1"] for group in pattern.left]
+        right = [[names.index(a) for a in group if a != "1"] for group in pattern.right]
+        given = {names.index(a): n for a, n in self._sizes().items()}
+        return Module(split, order, out, (x.channels, *x.spatial), left, right, given)

@@ -65,7 +65,10 @@ class PosEmbed(Op):
     cos; T2T-ViT). `trainable=false` keeps it out of training (requires_grad off; still a parameter,
     as T2T's, so it is counted and saved). The table is sized by the build grid: a model built with
     `dynamic_img_size=True` resamples its grid part to the grid it gets (bicubic, as timm); other
-    models refuse input sizes that change it."""
+    models refuse input sizes that change it, unless `resample = true`: the grid part is then
+    resampled to the grid the tokens lie on at every input size, with or without dynamic_img_size
+    (bicubic without antialiasing in 2-D, as ViT-Adapter's `_get_pos_embed`, `F.interpolate(...,
+    mode="bicubic", align_corners=False)`; unchanged at the build grid)."""
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
     resamples = True  # ... unless the model is built with dynamic_img_size
@@ -74,6 +77,13 @@ class PosEmbed(Op):
     cover_extra: bool = True
     init: Literal["trunc_normal", "sinusoid"] = "trunc_normal"
     trainable: bool = True
+    resample: bool = False
+
+    def runtime_grid(self, x: Shape) -> bool:
+        return self.resample
+
+    def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
+        return None if self.resample else super().admits_grid(built, got, dynamic)
 
     def params(self, x, y):
         return (x.tokens if self.cover_extra else prod(x.spatial)) * x.channels
@@ -83,7 +93,7 @@ class PosEmbed(Op):
 
         n = x.tokens if self.cover_extra else prod(x.spatial)
         return Module(n, x.channels, self.std, 0 if self.cover_extra else x.extra, self.init, self.trainable,
-                      x.spatial)
+                      x.spatial, antialias=not self.resample)
 
 
 @op("patch_merging", category="embed", layout="tokens")
