@@ -289,6 +289,8 @@ def _ported(name, ref_name, **kwargs):
 def test_beit_logits_equal_timm_after_port():
     """Two blocks of beit_base_patch16_224 (the full model's count is checked above)."""
     ours, ref = _ported("beit_b", "beit_base_patch16_224", depth=2)
+    mixers = [m for n, m in ours.named_modules() if n.endswith(".token_mixer")]
+    assert len(mixers) == 2 and all(any(i.__class__ is Attend for i in m.program) for m in mixers)  # one SDPA call
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max().item() < 1e-4
