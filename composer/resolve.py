@@ -59,6 +59,7 @@ class _Resolver(ast.NodeVisitor):
     def __init__(self, unit: Unit, chain: list, overrides: dict):
         self.unit, self.chain, self.user = unit, chain, overrides
         self.model = chain[-1]
+        self.binding = 0  # bindings open around the statement being resolved (`q = { k = {...} }`)
 
     # -- flatten inheritance: base first, each variant overriding by name
     def _flatten(self):
@@ -263,8 +264,9 @@ class _Resolver(ast.NodeVisitor):
     def visit_Bind(self, stmt: ast.Bind, scope, ctx, names, out) -> None:
         """`q = X`: X applied to the running tensor, its result kept as tensor `q`, and the running
         tensor restored; `q, k, v = X`: X made once per name, each with its own `part`."""
-        where = f"{stmt.span.line}:{stmt.span.column}"
-        hold = f"~{ctx.scope}{where}"  # the running tensor, kept while the binding runs
+        # the running tensor, kept while the binding runs: keyed by the names bound and how deep the
+        # binding is nested, not by where it is written (a reformatted file resolves the same)
+        hold = f"~{ctx.scope}{','.join(stmt.names)}#{self.binding}"
         refs = [TensorRef(n, f"{ctx.scope}{n}" if ctx.scope else n, stmt.span) for n in stmt.names]
         if len(set(stmt.names)) != len(refs):
             raise error("redefinition", "a tensor is named twice in one binding", stmt.span)
@@ -273,7 +275,11 @@ class _Resolver(ast.NodeVisitor):
             if len(refs) != 1:
                 raise error("type", f"a body gives one tensor, but {len(refs)} names are bound", stmt.span,
                             "bind the parts of a splitting op instead: `q, k, v = split_heads(heads)`")
-            out += self._items(stmt.body, scope, ctx, names, finish=False)
+            self.binding += 1
+            try:
+                out += self._items(stmt.body, scope, ctx, names, finish=False)
+            finally:
+                self.binding -= 1
             out.append(NamedTensor("save", refs[0].key, stmt.span))
         else:
             value = concretize(layer_value(stmt.expr, scope), ctx, stmt.expr.span)

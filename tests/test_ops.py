@@ -30,6 +30,8 @@ EXCLUDED = {"attention", "cascaded_attention", "patches_to_batch", "batch_to_pat
             "cluster", "deform_conv", "unfold",  # tests/test_cluster.py, tests/test_sampling.py
             "window_tokens", "shuffle_window_tokens"}  # tests/test_attention.py (messenger configs)
 BATCH = 2
+# ops that compute once per forward and broadcast over the batch (their rule counts one image)
+SHARED_BY_THE_BATCH = {"position_scores"}
 
 
 # ----------------------------------------------------------------------------- input shapes
@@ -395,7 +397,12 @@ def _run(op, x: Shape):
     module = op.build(x, y).eval()
     inp = torch.randn(concrete(x))
     args = [torch.randn(concrete(getattr(op, a).shape)) for a in op.tensor_args if getattr(op, a) is not None]
-    kwargs = {"grids": (None,) * (1 + len(args))} if args and getattr(module, "takes_grid", False) else {}
+    shapes = [x] + [getattr(op, a).shape for a in op.tensor_args if getattr(op, a) is not None]
+    grids = tuple((torch.Size(s.spatial), torch.Size(s.keys[0])) if s.layout == "scores" else torch.Size(s.spatial)
+                  for s in shapes)
+    kwargs = {"grids": grids} if args and getattr(module, "takes_grid", False) else {}
+    if not args and getattr(module, "takes_grid", False) and x.layout == "scores":
+        kwargs = {"grid": grids[0]}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = module(inp, *args, **kwargs)
     return y, module, out, counter.get_total_flops()
@@ -455,6 +462,16 @@ STRATEGIES.update({
     "add_bias": kw("add_bias", st.one_of(_attention_shape(), token_shape(), map_shape())),
     "head_scale": kw("head_scale", _attention_shape(), init=st.floats(0.5, 4.0), log=st.booleans(),
                      max=st.none() | st.floats(1.0, 100.0)),
+    "blend": st.builds(lambda h, n, m, i: (OPS["blend"](other=TensorRef("o", "o", None, Shape(
+        m, (n,), "scores", heads=h, keys=((m,), 0))), init=i), Shape(m, (n,), "scores", heads=h, keys=((m,), 0))),
+        st.integers(1, 4), st.integers(1, 6), st.integers(1, 6), st.floats(-2.0, 2.0)),
+    "position_scores": st.tuples(st.integers(1, 4), grid((1, 2), 1, 5), grid((1, 2), 1, 5)).filter(
+        lambda t: len(t[1]) == len(t[2])).map(lambda t: (
+            OPS["position_scores"](k=TensorRef("k", "k", None, Shape(3, t[2], "heads", heads=t[0]))),
+            Shape(3, t[1], "heads", heads=t[0]))),
+    "relative_position_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 5), st.booleans()).map(lambda t: (
+        OPS["relative_position_bias"](prefix=t[2]),
+        Shape(math.prod(t[1]) + t[2], t[1], "scores", int(t[2]), heads=t[0], keys=(t[1], int(t[2]))))),
 })
 
 
@@ -468,7 +485,7 @@ def test_op_rules_match_module(name, data):
     assert tuple(out.shape) == concrete(y), f"{op.describe()} on {x}: shape rule says {y}"
     assert op.params(x, y) == sum(p.numel() for p in module.parameters()), f"{op.describe()} on {x}"
     macs = op.macs(x, y)
-    seen = flops / 2 / BATCH
+    seen = flops / 2 / (1 if name in SHARED_BY_THE_BATCH else BATCH)
     if seen > 0:
         assert macs == pytest.approx(seen, rel=0.05), f"{op.describe()} on {x}: counter {seen}, rule {macs}"
     else:

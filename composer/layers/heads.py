@@ -157,3 +157,15 @@ class HeadScale(nn.Module):
         elif self.max_value is not None:
             s = s.clamp(max=self.max_value)
         return x * s
+
+
+class Blend(nn.Module):
+    """(1 - σ(g)) x + σ(g) other, a gate g per head (dim 1)."""
+
+    def __init__(self, heads: int, init: float):
+        super().__init__()
+        self.gate = nn.Parameter(torch.full((heads,), float(init)))
+
+    def forward(self, x, other):
+        g = torch.sigmoid(self.gate.view(1, -1, 1, 1))
+        return (1.0 - g) * x + g * other

@@ -11,6 +11,7 @@ from . import series  # noqa: F401, E402  (registration: moving-average trend, F
 from . import level_embed  # noqa: F401, E402  (registration: a learned vector per level of a multi-level sequence)
 from . import heads  # noqa: F401, E402  (registration: attention primitives: heads, scores, weights)
 from . import rotary  # noqa: F401, E402  (registration: rotary position embeddings on q and k)
+from . import positions  # noqa: F401, E402  (registration: position terms on scores: relative bias table, position scores)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]

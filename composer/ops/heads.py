@@ -288,3 +288,32 @@ class HeadScale(Op):
         from ..layers.heads import HeadScale as Module
 
         return Module(x.heads, self.init, self.log, self.max)
+
+
+@op("blend", category="attention")
+class Blend(Op):
+    """A learned per-head mix of the running heads or scores x and another tensor of the same shape:
+    `(1 - σ(g)) · x + σ(g) · other`, one gate g per head (parameter `gate` (heads,), initialised
+    to `init`). Two soft-maxed score tensors mixed this way stay a distribution over the keys
+    (content and position attention gated per head)."""
+
+    other: Tensor
+    init: float = 1.0
+    per_head = False
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout not in ("heads", "scores"):
+            raise ShapeError(f"blend needs heads or scores, got {x.layout} {x}")
+        o = self.other.shape
+        if o != x:
+            raise ShapeError(f"blend: the other tensor is {o.layout} {o}, the running one {x.layout} {x}",
+                             "both must have the same shape")
+        return x
+
+    def params(self, x, y):
+        return x.heads
+
+    def build(self, x, y):
+        from ..layers.heads import Blend as Module
+
+        return Module(x.heads, self.init)
