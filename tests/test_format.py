@@ -1,6 +1,7 @@
 """`composer fmt`: the canonical .arch layout, idempotent, meaning- and comment-preserving."""
 
 import dataclasses
+import re
 import shutil
 import textwrap
 
@@ -50,7 +51,9 @@ def _own_fields(step) -> list:
         v = getattr(step, f.name)
         if f.name in ("path", "x", "y", "span", "body", "shortcut", "branches", "reused"):
             continue
-        out.append((f.name, repr(v) if f.name == "op" else round(v, 9) if isinstance(v, float) else v))
+        if f.name == "op":  # a tensor argument's source span (file, line) is where it was written, not what it is
+            v = re.sub(r"span=Span\([^)]*\), ", "", repr(v))
+        out.append((f.name, v if f.name == "op" else round(v, 9) if isinstance(v, float) else v))
     return out
 
 

@@ -61,14 +61,16 @@ class DynamicReLU(Op):
     """Dynamic ReLU (Chen et al., ECCV 2020, "Dynamic ReLU"; the spatially shared, per-channel
     form): `y = max_k(a_k * x)` with slopes computed per sample from another stream.
 
-    The input is a joined sequence `parallel tokens { coefficients; features }`: its first
-    `pieces` prefix tokens are the coefficient sets c_1 .. c_pieces (one value per channel each,
-    usually from a hard sigmoid), the grid tokens are the features x. The slopes are
-    `a_k = (c_k - 0.5) * scale + offsets[k]` (offsets default to [1, 0, 0, ...]: the identity-like
-    start of the paper, a_1 in [0, 2] and the others in [-1, 1] for scale 2), and the output is the
-    feature tokens only (the input's grid, no prefix). The hyper-network that makes the
-    coefficients (Mobile-Former: linear, ReLU, linear, hard sigmoid on the first global token) is
-    written in the blueprint. No parameters; MACs 0 (element-wise)."""
+    The running tensor is the features x (a grid of tokens or a map); `coeffs` names the
+    coefficient sets c_1 .. c_pieces, a tensor of `pieces` tokens of x's channels (one value per
+    channel each, usually from a hard sigmoid): `c = { from tokens; ...; hardsigmoid }`, then
+    `dynamic_relu(2, coeffs = c)`. The slopes are `a_k = (c_k - 0.5) * scale + offsets[k]`
+    (offsets default to [1, 0, 0, ...]: the identity-like start of the paper, a_1 in [0, 2] and the
+    others in [-1, 1] for scale 2); the output has x's shape. The hyper-network that makes the
+    coefficients (Mobile-Former: linear, ReLU, linear, hard sigmoid on the first global token,
+    `dyrelu` in lib/streams.arch) is written in the blueprint. No parameters; MACs 0 (element-wise).
+    Deprecated: without `coeffs`, the coefficients are read from the first `pieces` prefix tokens of
+    a joined sequence `parallel tokens { coefficients; features }`."""
 
     pieces: int = 2
     scale: float = 2.0
@@ -115,18 +117,14 @@ class DynamicReLU(Op):
 
 @op("attend", category="attention", layout="tokens")
 class Attend(Op):
-    """Parameter-free multi-head attention from the grid tokens of a joined sequence to its prefix
-    tokens: q = the grid tokens, as they are; k and v from the prefix tokens, as they are
-    (`values="same"`: k = v = all prefix tokens; `values="split"`: the first half of the prefix are
-    the keys, the second half the values). Heads split the channels into `heads` contiguous groups;
-    scores are scaled by `scale` (default head_dim^-0.5) and softmax-ed over the keys. The output is
-    the grid tokens (the input's grid, no prefix), with the input's channels.
-
-    Every projection is a `linear` written in the blueprint before the join, which is how
-    cross-attention without key/value projections reads (Mobile-Former's bridges: the tokens
-    attend to the unprojected feature map, `parallel tokens { identity; { from z; linear(C) as q } }`;
-    the map attends to projected tokens, `parallel tokens { { from z; linear(C) as k };
-    { from z; linear(C) as v }; identity }` with `values = "split"`). MACs: q k^T and attn v."""
+    """Deprecated: write the attention with named tensors and the primitives instead,
+    `q = ...; k = ...; v = ...`, then `split_heads`, `scores(q, k)`, `softmax`, `weighted_sum(v)`,
+    `merge_heads` (docs/language.md, "Writing a token mixer"; lib/streams.arch's Mobile-Former
+    bridges are examples of cross-attention without projections). Kept for older files:
+    parameter-free multi-head attention from the grid tokens of a joined sequence to its prefix
+    tokens (`values="same"`: k = v = all prefix tokens; `values="split"`: the first half of the
+    prefix are the keys, the second half the values), heads = contiguous channel groups, scores
+    scaled by `scale` (default head_dim^-0.5); the output is the grid tokens. MACs: q k^T and attn v."""
 
     heads: int = 1
     values: Literal["same", "split"] = "same"
