@@ -112,7 +112,9 @@ model m {
     ("patches_to_batch(2); linear(8)", "is not closed"),
     ("linear(8); batch_to_patches(2)", "no matching patches_to_batch"),
     ("patches_to_batch(2); batch_to_patches(4)", "no matching patches_to_batch"),
-    ("patches_to_batch(2); save t; batch_to_patches(2)", "between patches_to_batch"),
+    # a tensor named inside the unfolded part (its batch multiplied) is used only there
+    ("patches_to_batch(2); save t; batch_to_patches(2); from t", "used across patches_to_batch"),
+    ("save t; patches_to_batch(2); from t; batch_to_patches(2)", "used across patches_to_batch"),
     ("patches_to_batch(3); batch_to_patches(3)", "does not divide"),
 ])
 def test_unfold_errors(tmp_path, body, message):
