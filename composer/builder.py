@@ -216,10 +216,13 @@ class Sequence(nn.Module):
         mask = None
         for name, takes in ins.biases:
             term = mods[name].score_bias(scores.out_grid(grids) if takes else None)
-            mask = term if mask is None else mask + term
+            if term is not None:  # None: the term adds nothing here (unshifted windows)
+                mask = term if mask is None else mask + term
         drop = mods[ins.dropout].p if ins.dropout is not None and self.training else 0.0
         if mask is not None and mask.dtype != x.dtype:
             mask = mask.to(x.dtype)
+        if mask is not None and mask.ndim == 4 and mask.shape[0] not in (1, x.shape[0]):
+            mask = mask.repeat(x.shape[0] // mask.shape[0], 1, 1, 1)  # one entry per window of an image
         return nn.functional.scaled_dot_product_attention(x, k, v, attn_mask=mask, dropout_p=drop, scale=scores.scale,
                                               enable_gqa=scores.group > 1)
 

@@ -108,12 +108,17 @@ class _Lowering:
         if kind is None:
             return
         if kind == "open":
-            self.folds.append((item.op, item.span, item.op.size ** x.ndim, x))
+            try:
+                factor = item.op.fold_factor(x)
+            except ShapeError as exc:
+                raise _shape_error(path, item.span, exc, x) from None
+            self.folds.append((item.op, item.span, factor, x))
         elif kind == "close":
-            if not self.folds or self.folds[-1][0].size != item.op.size:
+            why = item.op.closes(self.folds[-1][0]) if self.folds else "nothing is open"
+            if why is not None:
                 raise _shape_error(path, item.span, ShapeError(
-                    f"{item.op.name}({item.op.size}) has no matching patches_to_batch({item.op.size}) before it",
-                    "fold back what patches_to_batch unfolded earlier in the same block, with the same size"))
+                    f"{item.op.name}({item.op.size}) has no matching opener before it: {why}",
+                    "fold back what was unfolded earlier in the same block, with the same arguments"))
             opener = self.folds[-1][0]
             if getattr(opener, "fit", None) != getattr(item.op, "fit", None):
                 raise _shape_error(path, item.span, ShapeError(

@@ -10,6 +10,7 @@ from . import rearrange, indexed_linear, member_attention, unused  # noqa: F401,
 from . import series  # noqa: F401, E402  (registration: moving-average trend, Fourier season, moments/destandardize)
 from . import level_embed  # noqa: F401, E402  (registration: a learned vector per level of a multi-level sequence)
 from . import heads  # noqa: F401, E402  (registration: attention primitives: heads, scores, weights)
+from . import windows  # noqa: F401, E402  (registration: windows into the batch and back; window score terms)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]
