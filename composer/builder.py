@@ -214,8 +214,8 @@ class Sequence(nn.Module):
         k, v = env[ins.k], env[ins.v]
         grids = (env.get(GRID), env.get(GRID + ins.k))
         mask = None
-        for name, takes in ins.biases:
-            term = mods[name].score_bias(scores.out_grid(grids) if takes else None)
+        for name, takes, keys in ins.biases:
+            term = mods[name].score_bias(scores.out_grid(grids) if takes else None, *[env[k] for k in keys])
             if term is not None:  # None: the term adds nothing here (unshifted windows)
                 mask = term if mask is None else mask + term
         drop = mods[ins.dropout].p if ins.dropout is not None and self.training else 0.0

@@ -40,8 +40,11 @@ def _chain(prog: list, i: int, modules):
     if not isinstance(scores, Scores) or scores.over_channels or len(first.keys) != 1:
         return None
     j, biases = i + 1, []
-    while j < len(prog) and prog[j].__class__ in (Call, GridCall) and hasattr(modules[prog[j].name], "score_bias"):
-        biases.append((prog[j].name, prog[j].__class__ is GridCall))
+    while j < len(prog) and prog[j].__class__ in (Call, GridCall, TensorCall) \
+            and hasattr(modules[prog[j].name], "score_bias"):
+        ins = prog[j]  # a term may take named tensors (the queries): `score_bias(grids, *tensors)`
+        keys = ins.keys if ins.__class__ is TensorCall else ()
+        biases.append((ins.name, ins.__class__ is GridCall or (bool(keys) and ins.grids), keys))
         j += 1
     if j >= len(prog) or prog[j].__class__ is not Call or not _is(modules[prog[j].name], Softmax, -1):
         return None

@@ -185,3 +185,72 @@ class PositionMlpBias(nn.Module):
 
     def forward(self, x, grids=None):
         return x + self.score_bias(grids).to(x.dtype)
+
+
+class HaloWindowsToBatch(nn.Module):
+    """(B, N, C) on a grid -> (B * blocks, (block + 2 halo)^d, C): every block with its halo,
+    zero-padded at the borders, blocks and tokens row-major."""
+
+    takes_grid = True
+
+    def __init__(self, block: int, halo: int, ndim: int):
+        super().__init__()
+        self.block, self.halo, self.win = block, halo, block + 2 * halo
+        self.window = (self.win,) * ndim
+
+    def out_grid(self, grids):
+        return self.window
+
+    def forward(self, x, grids=None):
+        grid = tuple(grids[0])
+        b, _, c = x.shape
+        d = len(grid)
+        x = x.reshape(b, *grid, c)
+        if self.halo:
+            x = F.pad(x, [0, 0] + [self.halo] * (2 * d))
+        for a in range(d):
+            x = x.unfold(1 + a, self.win, self.block)  # (B, n_1.., C, w_1..)
+        order = [0] + [1 + a for a in range(d)] + [2 + d + a for a in range(d)] + [1 + d]
+        return x.permute(order).reshape(-1, self.win ** d, c)
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}, halo={self.halo}"
+
+
+class AxisRelativeLogits(nn.Module):
+    """Σ_a q · R_a[k_a - x_a + K_a - 1] for queries (B, h, Q, d) on a grid and keys on `keys`."""
+
+    takes_grid = True
+
+    def __init__(self, keys, width: int, std: float):
+        super().__init__()
+        self.keys = tuple(keys)
+        for a, k in enumerate(self.keys):
+            self.register_parameter(f"rel_{a}", nn.Parameter(torch.randn(2 * k - 1, width) * std))
+        self._cache: dict = {}
+
+    def _index(self, qgrid, device):
+        key = (qgrid, device)
+        found = self._cache.get(key)
+        if found is None:  # per axis (Q_a, K_a): k - x + K - 1
+            found = self._cache[key] = [
+                (torch.arange(k)[None, :] - torch.arange(n)[:, None] + k - 1).to(device)
+                for n, k in zip(qgrid, self.keys)]
+        return found
+
+    def score_bias(self, grids, q):
+        qgrid = tuple(int(g) for g in (grids[0] if grids is not None else ()))
+        b, h, _, _ = q.shape
+        d = len(self.keys)
+        out = 0
+        for a, (index, n, k) in enumerate(zip(self._index(qgrid, q.device), qgrid, self.keys)):
+            logits = (q @ getattr(self, f"rel_{a}").t()).reshape(b, h, *qgrid, 2 * k - 1)
+            shape = [1] * (2 + d) + [k]
+            shape[2 + a] = n
+            idx = index.view(shape).expand(b, h, *qgrid, k)
+            term = logits.gather(-1, idx)  # (B, h, *Q, K_a)
+            out = out + term.reshape(b, h, *qgrid, *[k if j == a else 1 for j in range(d)])
+        return out.reshape(b, h, math.prod(qgrid), math.prod(self.keys))
+
+    def forward(self, x, q, grids=None):
+        return x + self.score_bias(grids[0] if grids is not None else None, q)

@@ -19,10 +19,10 @@ of an image along its first axis is repeated over the images of the batch.
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import Op, Tensor, op, prod
 
 
 def window_layout(grid: tuple, size: int, shift: int) -> tuple[tuple, tuple]:
@@ -178,3 +178,79 @@ class PositionMlpBias(Op):
         from ..layers.windows import PositionMlpBias as Module
 
         return Module(len(x.spatial), self.hidden, x.heads, self.coords, self.drop)
+
+
+@op("halo_windows_to_batch", category="layout", layout="tokens")
+class HaloWindowsToBatch(Op):
+    """The keys and values of blocked local attention (HaloNet): for every `block`-wide block of
+    the grid of `source` (tokens, B, N, C), the block and `halo` positions around it, zeros outside
+    the grid, (block + 2 halo)^d tokens row-major, stacked along the batch: (B * blocks, (block +
+    2 halo)^d, C), blocks row-major (as `nn.Unfold` with kernel block + 2 halo, stride block and
+    padding halo). The blocks join the windows already in the batch: it takes `source` from
+    outside the innermost open `windows_to_batch` (the queries' blocks, closed by its
+    `batch_to_windows`), and must give as many blocks as that gives windows. The grid must be a
+    multiple of `block`."""
+
+    source: Tensor
+    block: int
+    halo: int = 0
+    input_arg = "source"
+    batch_fold: ClassVar[str] = "join"
+    regrids: ClassVar[bool] = True
+
+    def fold_factor(self, x: Shape) -> int:
+        return prod(g // self.block for g in x.spatial)
+
+    def infer(self, x: Shape) -> Shape:
+        if self.block < 1 or self.halo < 0:
+            raise ShapeError(f"halo_windows_to_batch needs block >= 1 and halo >= 0, got {self.block}, {self.halo}")
+        if not x.spatial or x.extra:
+            raise ShapeError(f"halo_windows_to_batch needs tokens on a grid without prefix tokens, got {x}")
+        if any(g % self.block for g in x.spatial):
+            raise ShapeError(f"halo_windows_to_batch: block {self.block} does not divide the grid "
+                             f"{'x'.join(map(str, x.spatial))}",
+                             f"choose an input size whose grid here is a multiple of {self.block}")
+        return Shape(x.channels, (self.block + 2 * self.halo,) * x.ndim, "tokens")
+
+    def build(self, x, y):
+        from ..layers.windows import HaloWindowsToBatch as Module
+
+        return Module(self.block, self.halo, x.ndim)
+
+
+@op("axis_relative_logits", category="attention", layout="scores")
+class AxisRelativeLogits(Op):
+    """A score term (add it between `scores` and `softmax`) that depends on the queries: per axis
+    a of the grids, a learned table R_a of 2 K_a - 1 vectors of the queries' width (K_a: the keys
+    along the axis), and for the query at position x and the key at position k,
+    `Σ_a q · R_a[k_a - x_a + K_a - 1]` (relative position logits per axis: HaloNet's, Bello et
+    al.'s). `q`: the queries (heads), no more of them than keys along any axis. Tables drawn from
+    normal(0, `std`, default: the queries' width^-0.5); for a 2-D grid `rel_0` is the height's and
+    `rel_1` the width's."""
+
+    q: Tensor
+    std: Optional[float] = None
+    per_head = False
+
+    def infer(self, x: Shape) -> Shape:
+        q = self.q.shape
+        keys = x.keys[0] if x.keys else ()
+        if q.layout != "heads" or not q.spatial or not keys or len(keys) != len(q.spatial) or x.extra or x.keys[1]:
+            raise ShapeError(f"axis_relative_logits needs queries (heads) and keys on grids of the same rank "
+                             f"without prefix tokens, got queries {q} and scores {x}")
+        if any(a > b for a, b in zip(q.spatial, keys)):
+            raise ShapeError(f"axis_relative_logits: queries on {q.spatial} outnumber the keys on {keys} along an axis")
+        return x
+
+    def params(self, x, y):
+        return sum(2 * k - 1 for k in x.keys[0]) * self.q.shape.channels
+
+    def macs(self, x, y):
+        q = self.q.shape
+        return q.heads * q.tokens * q.channels * sum(2 * k - 1 for k in x.keys[0])
+
+    def build(self, x, y):
+        from ..layers.windows import AxisRelativeLogits as Module
+
+        q = self.q.shape
+        return Module(tuple(x.keys[0]), q.channels, self.std if self.std is not None else q.channels ** -0.5)
