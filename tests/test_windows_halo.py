@@ -1,7 +1,9 @@
-"""Windowed local attention written with the primitives (issue 14): `windows_to_batch` /
-`batch_to_windows` against the window partition written out here, `shifted_window_mask` against
-Swin's region rule, `position_mlp_bias` against its equation, the Swin V2 composite against timm's
-block, and the Swin V2 family against timm (parameters, logits after porting, other input sizes)."""
+"""Windowed and blocked local attention written with the primitives (issue 14):
+`windows_to_batch` / `batch_to_windows` against the window partition written out here,
+`shifted_window_mask` against Swin's region rule, `position_mlp_bias` against its equation,
+`halo_windows_to_batch` against `F.unfold`, `axis_relative_logits` against its equation; the
+composites against timm's Swin V2 block and HaloAttn; the Swin V2 and HaloNet families against
+timm (parameters, logits after porting)."""
 
 from __future__ import annotations
 
@@ -202,3 +204,91 @@ def test_swinv2_ported_gives_timms_logits_at_other_sizes_too():
         x = torch.randn(1, 3, *size)
         with torch.no_grad():
             assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+
+
+def test_halo_windows_to_batch_is_unfold(tmp_path):
+    grid, block, halo, dim = (8, 12), 4, 1, 16
+    mods, _ = block_model(tmp_path, f"""to_map
+        kv = conv(16, 1)
+        to_tokens
+        windows_to_batch({block})
+        halo_windows_to_batch(kv, {block}, {halo}) as gather
+        batch_to_windows({block})""", grid)
+    x = torch.randn(2, grid[0] * grid[1], dim)
+    got = mods["b.gather"](x, grids=(grid,))
+    win = block + 2 * halo
+    cols = torch.nn.functional.unfold(x.transpose(1, 2).reshape(2, dim, *grid), win, padding=halo, stride=block)
+    want = cols.reshape(2, dim, win * win, -1).permute(0, 3, 2, 1).reshape(-1, win * win, dim)  # (B * blocks, win², C)
+    assert torch.equal(got, want)
+
+
+def test_axis_relative_logits_equation(tmp_path):
+    mods, _ = block_model(tmp_path, """to_map
+        kv = conv(32, 1)
+        to_tokens
+        windows_to_batch(2)
+        q = split_heads(2)
+        halo_windows_to_batch(kv, 2, 1)
+        k, v = split_heads(2)
+        scores(q, k)
+        axis_relative_logits(q) as rel
+        softmax
+        weighted_sum(v)
+        merge_heads
+        batch_to_windows(2)""", (4, 6))
+    rel = mods["b.rel"]
+    q = torch.randn(3, 2, 4, 8)  # queries of 2x2 blocks, keys of 4x4 windows
+    got = rel.score_bias(((2, 2), (4, 4)), q)
+    want = torch.empty(3, 2, 4, 16)
+    for i, (x0, x1) in enumerate((a, b) for a in range(2) for b in range(2)):
+        for j, (k0, k1) in enumerate((a, b) for a in range(4) for b in range(4)):
+            want[:, :, i, j] = q[:, :, i] @ rel.rel_0[k0 - x0 + 3] + q[:, :, i] @ rel.rel_1[k1 - x1 + 3]
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("grid,stride,block,halo", [((16, 16), 1, 8, 2), ((16, 16), 2, 8, 2), ((8, 8), 1, 8, 2),
+                                                    ((8, 12), 1, 4, 1)])
+def test_halo_attention_equals_timms_halo_attn(tmp_path, grid, stride, block, halo):
+    from timm.layers.halo_attn import HaloAttn
+
+    dim = 32
+    text = f"""import "lib/window_mixers"
+model m {{
+    input image(3, [{4 * grid[0]}, {4 * grid[1]}])
+    stem conv({dim}, 4, stride = 4)
+    stage {{ block {{ halo_attention({dim}, 4, {block}, {halo}, stride = {stride}) as attn }} }}
+    head {{ global_pool("avg"); classifier(10) }}
+}}
+"""
+    ours = composer.build(write(tmp_path, text, f"h{next(_FILES)}.arch")).eval().stages[0].blocks[0].attn
+    ref = HaloAttn(dim, dim, stride=stride, num_heads=4, block_size=block, halo_size=halo).eval()
+    perturb(ref)
+    ours.load_state_dict({"q.weight": ref.q.weight, "kv.weight": ref.kv.weight,
+                          "pos_embed.rel_0": ref.pos_embed.height_rel, "pos_embed.rel_1": ref.pos_embed.width_rel})
+    assert any(isinstance(i, Attend) and len(i.biases) == 1 for i in ours.program)  # the q-dependent term fuses
+    x = torch.randn(2, dim, *grid)
+    with torch.no_grad():
+        assert (ours(x, {}) - ref(x)).abs().max().item() < 1e-5
+
+
+def test_halo_blocks_must_pair_with_open_windows(tmp_path):
+    with pytest.raises(ComposerError, match="none is open"):
+        block_model(tmp_path, "kv = linear(16); halo_windows_to_batch(kv, 4, 1)", (8, 8))
+    with pytest.raises(ComposerError, match="must pair up"):
+        block_model(tmp_path, "kv = linear(16); windows_to_batch(2); halo_windows_to_batch(kv, 4, 1); "
+                              "batch_to_windows(2)", (8, 8))
+
+
+def test_halonet_parameters_and_ported_logits_equal_timm():
+    from composer.port import from_timm
+
+    ref = timm.create_model("halonet26t", pretrained=False)
+    assert composer.load("halonet26t").params == sum(p.numel() for p in ref.parameters()) == 12_480_288
+    torch.manual_seed(0)
+    ref = timm.create_model("halonet26t", pretrained=False, num_classes=10).eval()
+    perturb(ref)
+    ours = composer.build("halonet26t", num_classes=10).eval()
+    assert from_timm(ours, ref.state_dict()).ok
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert (ours(x) - ref(x)).abs().max().item() < 1e-4
