@@ -7,6 +7,12 @@ in a compiled program and puts an `Attend` instruction in their place, which run
 `torch.nn.functional.scaled_dot_product_attention` call (the score terms summed into its mask).
 The modules stay where they are (their parameters and state_dict keys do not move); the chain
 is only read differently. Any other chain runs as written.
+
+A score term is a module with `score_bias(grid_pair, *tensors)`: the additive term for the
+scores' (query grid, key grid) seen at run time, given the named tensors the op takes (the
+queries, for relative logits); None when it adds nothing there (unshifted windows). A term is
+broadcastable to (B, heads, N, M), or has one entry per window of an image along its first axis
+(windows moved into the batch, image-major): it is then repeated over the images.
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ class TensorRef:
 
     name: str
     key: str
-    span: object = field(default=None, compare=False)
+    span: object = field(default=None, compare=False, repr=False)  # where it was written: not part of the op
     shape: Shape | None = None
 
     def __str__(self) -> str:
