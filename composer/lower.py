@@ -114,11 +114,13 @@ class _Lowering:
                 raise _shape_error(path, item.span, exc, x) from None
             self.folds.append((item.op, item.span, factor, x))
         elif kind == "close":
-            why = item.op.closes(self.folds[-1][0]) if self.folds else "nothing is open"
-            if why is not None:
+            why = item.op.closes(self.folds[-1][0]) if self.folds else None
+            if why is not None or not self.folds:
+                op = item.op
+                said = f"{op.name}({op.size}) has no matching {op.opener}({op.size}) before it"
                 raise _shape_error(path, item.span, ShapeError(
-                    f"{item.op.name}({item.op.size}) has no matching opener before it: {why}",
-                    "fold back what was unfolded earlier in the same block, with the same arguments"))
+                    said + (f": {why}" if why else ""),
+                    f"fold back what {op.opener} unfolded earlier in the same block, with the same arguments"))
             opener = self.folds[-1][0]
             if getattr(opener, "fit", None) != getattr(item.op, "fit", None):
                 raise _shape_error(path, item.span, ShapeError(

@@ -143,7 +143,8 @@ class ShiftedWindowMask(nn.Module):
             order = [2 * a for a in range(d)] + [2 * a + 1 for a in range(d)]
             wins = labels.reshape(split).permute(order).reshape(-1, math.prod(window))  # (nW, N)
             diff = wins[:, :, None] != wins[:, None, :]
-            mask = torch.zeros(diff.shape).masked_fill_(diff, self.value)[:, None].to(self.anchor.device)  # (nW, 1, N, N)
+            mask = torch.zeros(diff.shape).masked_fill_(diff, self.value)[:, None]  # (nW, 1, N, N)
+            mask = mask.to(self.anchor.device)
             self._cache[key] = mask
         return mask
 

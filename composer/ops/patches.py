@@ -86,6 +86,7 @@ class BatchToPatches(Op):
     size: int = 2
     fit: Fit = "divide"
     batch_fold: ClassVar[str] = "close"
+    opener: ClassVar[str] = "patches_to_batch"  # the op whose fold it closes
 
     def runtime_grid(self, x: Shape) -> bool:
         return self.fit != "fixed"
@@ -93,7 +94,7 @@ class BatchToPatches(Op):
     def closes(self, opener) -> str | None:
         """None when this closes `opener`; else why not."""
         if opener.name != "patches_to_batch" or opener.size != self.size:
-            return f"patches_to_batch({self.size}) is not the innermost open fold ({opener.describe()} is)"
+            return f"the innermost open fold is {opener.describe()}"
         return None
 
     def closed(self, y: Shape, opened: Shape) -> Shape:

@@ -89,6 +89,7 @@ class BatchToWindows(Op):
     size: int
     shift: int = 0
     batch_fold: ClassVar[str] = "close"
+    opener: ClassVar[str] = "windows_to_batch"  # the op whose fold it closes
     regrids: ClassVar[bool] = True
 
     def closes(self, opener) -> str | None:
