@@ -118,6 +118,10 @@ def test_shifted_window_mask_is_swins_rule(tmp_path, grid, size, shift):
     got = mods["b.mask"].score_bias((window_grid, window_grid))
     padded = tuple(math.ceil(g / size) * size for g in grid)
     assert torch.equal(got[:, 0], swin_mask(padded, (size, size), (shift, shift)))
+    # run as written (not fused): added to the scores of every image's windows
+    scores = torch.zeros(2 * got.shape[0], 2, size * size, size * size)
+    added = mods["b.mask"](scores, (window_grid, window_grid))
+    assert torch.equal(added, got.expand(-1, 2, -1, -1).repeat(2, 1, 1, 1))
     # unshifted windows: no term
     plain = mods["b.cut"].__class__((size, size), (0, 0)).out_grid(grid)
     assert mods["b.mask"].score_bias((plain, plain)) is None
@@ -244,6 +248,8 @@ def test_axis_relative_logits_equation(tmp_path):
         for j, (k0, k1) in enumerate((a, b) for a in range(4) for b in range(4)):
             want[:, :, i, j] = q[:, :, i] @ rel.rel_0[k0 - x0 + 3] + q[:, :, i] @ rel.rel_1[k1 - x1 + 3]
     assert torch.allclose(got, want, atol=1e-5)
+    scores = torch.randn(3, 2, 4, 16)  # run as written (not fused): added to the scores
+    assert torch.allclose(rel(scores, q, grids=(((2, 2), (4, 4)), (2, 2))), scores + want, atol=1e-5)
 
 
 @pytest.mark.parametrize("grid,stride,block,halo", [((16, 16), 1, 8, 2), ((16, 16), 2, 8, 2), ((8, 8), 1, 8, 2),
