@@ -298,3 +298,23 @@ def test_halonet_parameters_and_ported_logits_equal_timm():
     x = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         assert (ours(x) - ref(x)).abs().max().item() < 1e-4
+
+
+def test_window_attention_is_attention_inside_shifted_windows(tmp_path):
+    grid, size, shift, dim, heads = (8, 10), 4, 2, 16, 2
+    mods, _ = block_model(tmp_path, f"window_attention({dim}, {heads}, {size}, shift = {shift}) as attn", grid, dim)
+    attn = mods["b.attn"]
+    x = torch.randn(2, grid[0] * grid[1], dim)
+    with torch.no_grad():
+        got = attn(x, {" grid": grid})
+        w = partition(x, grid, (size, size), (shift, shift))  # (B * nW, N, C)
+        q, k, v = (attn.qkv(w).reshape(w.shape[0], -1, 3, heads, dim // heads).permute(2, 0, 3, 1, 4))
+        padded = tuple(math.ceil(g / size) * size for g in grid)
+        mask = swin_mask(padded, (size, size), (shift, shift)).repeat(2, 1, 1)[:, None]
+        a = ((q @ k.transpose(-2, -1)) * (dim // heads) ** -0.5 + mask).softmax(-1)
+        out = attn.proj((a @ v).transpose(1, 2).reshape(w.shape[0], -1, dim))
+        # back on the grid: window (i, j) token (r, c) is rolled position (i * size + r, j * size + c)
+        nh, nw = padded[0] // size, padded[1] // size
+        full = out.reshape(2, nh, nw, size, size, dim).permute(0, 1, 3, 2, 4, 5).reshape(2, *padded, dim)
+        want = torch.roll(full[:, :grid[0], :grid[1]], (shift, shift), (1, 2)).reshape(2, -1, dim)
+    assert (got - want).abs().max().item() < 1e-5
