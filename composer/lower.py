@@ -108,18 +108,31 @@ class _Lowering:
         if kind is None:
             return
         if kind == "open":
-            self.folds.append((item.op, item.span, item.op.size ** x.ndim, x))
+            try:
+                factor = item.op.fold_factor(x)
+            except ShapeError as exc:
+                raise _shape_error(path, item.span, exc, x) from None
+            self.folds.append((item.op, item.span, factor, x))
         elif kind == "close":
-            if not self.folds or self.folds[-1][0].size != item.op.size:
+            why = item.op.closes(self.folds[-1][0]) if self.folds else None
+            if why is not None or not self.folds:
+                op = item.op
+                said = f"{op.name}({op.size}) has no matching {op.opener}({op.size}) before it"
                 raise _shape_error(path, item.span, ShapeError(
-                    f"{item.op.name}({item.op.size}) has no matching patches_to_batch({item.op.size}) before it",
-                    "fold back what patches_to_batch unfolded earlier in the same block, with the same size"))
+                    said + (f": {why}" if why else ""),
+                    f"fold back what {op.opener} unfolded earlier in the same block, with the same arguments"))
             opener = self.folds[-1][0]
             if getattr(opener, "fit", None) != getattr(item.op, "fit", None):
                 raise _shape_error(path, item.span, ShapeError(
                     f"{item.op.name}(fit = {item.op.fit!r}) closes {opener.name}(fit = {opener.fit!r})",
                     "give the pair the same fit"))
             return self.folds.pop()[3]
+        elif kind == "join":  # a tensor from outside the innermost fold cut into as many pieces
+            factor = item.op.fold_factor(x)
+            if factor != self.folds[-1][2]:
+                raise _shape_error(path, item.span, ShapeError(
+                    f"{item.op.name} cuts {factor} pieces per image, but the open {self.folds[-1][0].name} "
+                    f"puts {self.folds[-1][2]} in the batch", "the queries' windows and the keys' blocks must pair up"))
         return None
 
     def _seq(self, path: str, items: list, x: Shape) -> tuple[list, Shape]:
@@ -216,13 +229,13 @@ class _Lowering:
             return [LoadStep(path, x, y, item.span, item.tensor)], y
         raise AssertionError(f"unknown item {item!r}")
 
-    def _saved(self, key: str, span) -> Shape:
+    def _saved(self, key: str, span, outer: bool = False) -> Shape:
         """The shape of the tensor saved under `key`, which must be reachable from here."""
         if key not in self.saved:
             name = key.rpartition(".")[2]
             raise error("unknown-tensor", f"no tensor named '{name}' is saved before this point", span,
                         did_you_mean(name, self.saved) or "name a tensor with `save NAME` or `NAME = ...` first")
-        if self.fold_of[key] != len(self.folds):
+        if self.fold_of[key] != len(self.folds) - outer:
             raise error("shape", f"tensor '{key.rpartition('.')[2]}' is used across patches_to_batch or "
                         "batch_to_patches: the batch is multiplied on one side only", span,
                         "use named tensors on one side of the unfolded part")
@@ -236,7 +249,11 @@ class _Lowering:
             ref = getattr(op, name)
             if ref is None:
                 continue
-            shape = self._saved(ref.key, ref.span)
+            outer = name == op.input_arg and fold_kind(op) == "join"  # joins the fold: taken from outside it
+            if outer and not self.folds:
+                raise error("shape", f"{op.name} joins the windows of an open windows_to_batch, and none is open",
+                            ref.span, "cut the queries into windows with windows_to_batch first")
+            shape = self._saved(ref.key, ref.span, outer)
             updates[name] = TensorRef(ref.name, ref.key, ref.span, shape)
             if name == op.input_arg:
                 load = LoadStep(node, shape, shape, ref.span, ref.key)

@@ -39,8 +39,9 @@ class TensorCall(NamedTuple):
 
 class Attend(NamedTuple):
     """`scores` (on the flowing queries and the keys `k`), the additive score terms `biases`
-    ((name, takes the grid) each), softmax, `dropout` (a name or None) and `weights` (on the
-    values `v`), run as one scaled-dot-product attention call (composer/chains.py)."""
+    ((name, takes the grid, the keys of the named tensors it takes) each), softmax, `dropout` (a
+    name or None) and `weights` (on the values `v`), run as one scaled-dot-product attention call
+    (composer/chains.py)."""
 
     scores: str
     biases: tuple

@@ -28,10 +28,13 @@ from composer.shapes import Shape, ShapeError, TensorRef
 # (B * patch area), which the generic shape check cannot see: tests/test_crossvit_mobilevit.py covers them
 EXCLUDED = {"attention", "cascaded_attention", "patches_to_batch", "batch_to_patches",  # + own test files:
             "cluster", "deform_conv", "unfold",  # tests/test_cluster.py, tests/test_sampling.py
-            "window_tokens", "shuffle_window_tokens"}  # tests/test_attention.py (messenger configs)
+            "window_tokens", "shuffle_window_tokens",  # tests/test_attention.py (messenger configs)
+            # windows into the batch (the real batch multiplied) and the mask that reads where each
+            # window lies: tests/test_windows_halo.py
+            "windows_to_batch", "batch_to_windows", "halo_windows_to_batch", "shifted_window_mask"}
 BATCH = 2
 # ops that compute once per forward and broadcast over the batch (their rule counts one image)
-SHARED_BY_THE_BATCH = {"position_scores"}
+SHARED_BY_THE_BATCH = {"position_scores", "position_mlp_bias"}
 
 
 # ----------------------------------------------------------------------------- input shapes
@@ -402,7 +405,7 @@ def _run(op, x: Shape):
                   for s in shapes)
     kwargs = {"grids": grids} if args and getattr(module, "takes_grid", False) else {}
     if not args and getattr(module, "takes_grid", False) and x.layout == "scores":
-        kwargs = {"grid": grids[0]}
+        args = [grids[0]]  # a score term's grid: (query grid, key grid)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         out = module(inp, *args, **kwargs)
     return y, module, out, counter.get_total_flops()
@@ -469,6 +472,12 @@ STRATEGIES.update({
         lambda t: len(t[1]) == len(t[2])).map(lambda t: (
             OPS["position_scores"](k=TensorRef("k", "k", None, Shape(3, t[2], "heads", heads=t[0]))),
             Shape(3, t[1], "heads", heads=t[0]))),
+    "position_mlp_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 4), st.integers(1, 8)).map(lambda t: (
+        OPS["position_mlp_bias"](hidden=t[2]),
+        Shape(math.prod(t[1]), t[1], "scores", heads=t[0], keys=(t[1], 0)))),
+    "axis_relative_logits": st.tuples(st.integers(1, 3), grid((1, 2), 1, 4), st.integers(1, 4)).map(lambda t: (
+        OPS["axis_relative_logits"](q=TensorRef("q", "q", None, Shape(t[2], t[1], "heads", heads=t[0]))),
+        Shape(math.prod(t[1]), t[1], "scores", heads=t[0], keys=(t[1], 0)))),
     "relative_position_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 5), st.booleans()).map(lambda t: (
         OPS["relative_position_bias"](prefix=t[2]),
         Shape(math.prod(t[1]) + t[2], t[1], "scores", int(t[2]), heads=t[0], keys=(t[1], int(t[2]))))),

@@ -12,6 +12,7 @@ from . import level_embed  # noqa: F401, E402  (registration: a learned vector p
 from . import heads  # noqa: F401, E402  (registration: attention primitives: heads, scores, weights)
 from . import rotary  # noqa: F401, E402  (registration: rotary position embeddings on q and k)
 from . import positions  # noqa: F401, E402  (registration: position terms on scores: relative bias table, position scores)
+from . import windows  # noqa: F401, E402  (registration: windows into the batch and back; window score terms)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]

@@ -53,6 +53,10 @@ class PatchesToBatch(Op):
     def runtime_grid(self, x: Shape) -> bool:
         return self.fit != "fixed"
 
+    def fold_factor(self, x: Shape) -> int:
+        """How many sequences one image gives (the batch factor the lowering carries)."""
+        return self.size ** x.ndim
+
     def infer(self, x: Shape) -> Shape:
         _check_size("patches_to_batch", self.size)
         if not x.spatial:
@@ -82,9 +86,16 @@ class BatchToPatches(Op):
     size: int = 2
     fit: Fit = "divide"
     batch_fold: ClassVar[str] = "close"
+    opener: ClassVar[str] = "patches_to_batch"  # the op whose fold it closes
 
     def runtime_grid(self, x: Shape) -> bool:
         return self.fit != "fixed"
+
+    def closes(self, opener) -> str | None:
+        """None when this closes `opener`; else why not."""
+        if opener.name != "patches_to_batch" or opener.size != self.size:
+            return f"the innermost open fold is {opener.describe()}"
+        return None
 
     def closed(self, y: Shape, opened: Shape) -> Shape:
         """The output once the lowering knows the map its opener unfolded (`opened`)."""
