@@ -86,12 +86,17 @@ def test_every_model_admits_its_build_size(name):
 # ---- one model per family: smallest admitted size, just outside, dense prediction
 
 def _small_kwargs(name) -> dict:
-    """img_size=64 where the model has the parameter and is valid there (as tests/test_zoo.py)."""
-    try:
-        composer.load(name, img_size=64)
-        return {"img_size": 64}
-    except composer.ComposerError:
-        return {}
+    """img_size=64 where the model has the parameter and is valid there (as tests/test_zoo.py), and
+    2 blocks for a plain transformer with a `depth` parameter (its rule and features are per block
+    alike; a base-size model at 800x608 is slow on CPU)."""
+    out = {}
+    for extra in ({"img_size": 64}, {"depth": 2}):
+        try:
+            composer.load(name, **out, **extra)
+            out.update(extra)
+        except composer.ComposerError:
+            pass
+    return out
 
 
 @functools.cache
