@@ -92,7 +92,7 @@ class _Lowering:
         if len(self.folds) > depth:
             op, span = self.folds[-1][:2]
             raise _shape_error(path, span, ShapeError(
-                f"{op.name}({op.size}) is not closed by batch_to_patches({op.size}) in the same body",
+                f"{_fold_call(op)} is not closed by {_closer_of(op)} in the same body",
                 "unfold and fold back within one block (and within one residual or parallel branch)"))
 
     def _batch(self) -> int:
@@ -117,7 +117,7 @@ class _Lowering:
             why = item.op.closes(self.folds[-1][0]) if self.folds else None
             if why is not None or not self.folds:
                 op = item.op
-                said = f"{op.name}({op.size}) has no matching {op.opener}({op.size}) before it"
+                said = f"{_fold_call(op)} has no matching {_fold_call(op, op.opener)} before it"
                 raise _shape_error(path, item.span, ShapeError(
                     said + (f": {why}" if why else ""),
                     f"fold back what {op.opener} unfolded earlier in the same block, with the same arguments"))
@@ -427,6 +427,18 @@ def _named(items: list, name: str):
 
 
 _ATTENTION_LAYOUTS = ("heads", "scores")
+
+
+def _fold_call(op, name: str | None = None) -> str:
+    """How a fold op (or, by `name`, its partner) is written in a message: with its size if it has one."""
+    size = getattr(op, "size", None)
+    return f"{name or op.name}({size})" if size is not None else (name or op.name)
+
+
+def _closer_of(op) -> str:
+    """The op that closes the fold `op` opens, written as a call."""
+    closer = next((n for n, cls in OPS.items() if getattr(cls, "opener", None) == op.name), "its closer")
+    return _fold_call(op, closer)
 
 
 def _is_gate(s: Shape) -> bool:

@@ -31,7 +31,8 @@ EXCLUDED = {"attention", "cascaded_attention", "patches_to_batch", "batch_to_pat
             "window_tokens", "shuffle_window_tokens",  # tests/test_attention.py (messenger configs)
             # windows into the batch (the real batch multiplied) and the mask that reads where each
             # window lies: tests/test_windows_halo.py
-            "windows_to_batch", "batch_to_windows", "halo_windows_to_batch", "shifted_window_mask"}
+            "windows_to_batch", "batch_to_windows", "halo_windows_to_batch", "shifted_window_mask",
+            "heads_to_batch", "batch_to_heads"}  # heads into the batch as maps: tests/test_mvitv2.py
 BATCH = 2
 # ops that compute once per forward and broadcast over the batch (their rule counts one image)
 SHARED_BY_THE_BATCH = {"position_scores", "position_mlp_bias"}
@@ -475,9 +476,13 @@ STRATEGIES.update({
     "position_mlp_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 4), st.integers(1, 8)).map(lambda t: (
         OPS["position_mlp_bias"](hidden=t[2]),
         Shape(math.prod(t[1]), t[1], "scores", heads=t[0], keys=(t[1], 0)))),
-    "axis_relative_logits": st.tuples(st.integers(1, 3), grid((1, 2), 1, 4), st.integers(1, 4)).map(lambda t: (
-        OPS["axis_relative_logits"](q=TensorRef("q", "q", None, Shape(t[2], t[1], "heads", heads=t[0]))),
-        Shape(math.prod(t[1]), t[1], "scores", heads=t[0], keys=(t[1], 0)))),
+    # queries on one grid, keys on another of the same rank (more keys per axis unless scaled)
+    "axis_relative_logits": st.tuples(st.integers(1, 3), grid((1, 2), 1, 4), st.integers(1, 4), grid((1, 2), 1, 5),
+                                      st.sampled_from(["key-query", "query-key"]), st.booleans()).filter(
+        lambda t: len(t[1]) == len(t[3]) and (t[5] or all(a <= b for a, b in zip(t[1], t[3])))).map(lambda t: (
+            OPS["axis_relative_logits"](q=TensorRef("q", "q", None, Shape(t[2], t[1], "heads", heads=t[0])),
+                                        offset=t[4], scaled=t[5]),
+            Shape(math.prod(t[3]), t[1], "scores", heads=t[0], keys=(t[3], 0)))),
     "relative_position_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 5), st.booleans()).map(lambda t: (
         OPS["relative_position_bias"](prefix=t[2]),
         Shape(math.prod(t[1]) + t[2], t[1], "scores", int(t[2]), heads=t[0], keys=(t[1], int(t[2]))))),

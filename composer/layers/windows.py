@@ -218,40 +218,55 @@ class HaloWindowsToBatch(nn.Module):
         return f"block={self.block}, halo={self.halo}"
 
 
+def axis_offsets(n: int, k: int, offset: str, scaled: bool) -> torch.Tensor:
+    """(n, k) table rows for n queries and k keys along one axis (see `axis_relative_logits`)."""
+    x, j = torch.arange(n)[:, None], torch.arange(k)[None, :]
+    if not scaled:
+        return j - x + k - 1 if offset == "key-query" else x - j + k - 1
+    qr, kr = max(k / n, 1.0), max(n / k, 1.0)  # float32 arithmetic, truncated (MViTv2's)
+    if offset == "key-query":
+        dist = j * kr - x * qr
+        dist += (n - 1) * qr
+    else:
+        dist = x * qr - j * kr
+        dist += (k - 1) * kr
+    return dist.long()
+
+
 class AxisRelativeLogits(nn.Module):
-    """Σ_a q · R_a[k_a - x_a + K_a - 1] for queries (B, h, Q, d) on a grid and keys on `keys`."""
+    """Σ_a q · R_a[i_a(x_a, k_a)] for queries (B, h, Q, d) on a grid and keys on the scores' key grid."""
 
     takes_grid = True
 
-    def __init__(self, keys, width: int, std: float):
+    def __init__(self, rows, width: int, std: float, offset: str = "key-query", scaled: bool = False):
         super().__init__()
-        self.keys = tuple(keys)
-        for a, k in enumerate(self.keys):
-            self.register_parameter(f"rel_{a}", nn.Parameter(torch.randn(2 * k - 1, width) * std))
+        self.offset, self.scaled = offset, scaled
+        for a, n in enumerate(rows):
+            self.register_parameter(f"rel_{a}", nn.Parameter(torch.randn(n, width) * std))
         self._cache: dict = {}
 
-    def _index(self, qgrid, device):
-        key = (qgrid, device)
+    def _index(self, qgrid, kgrid, device):
+        key = (qgrid, kgrid, device)
         found = self._cache.get(key)
-        if found is None:  # per axis (Q_a, K_a): k - x + K - 1
-            found = self._cache[key] = [
-                (torch.arange(k)[None, :] - torch.arange(n)[:, None] + k - 1).to(device)
-                for n, k in zip(qgrid, self.keys)]
+        if found is None:
+            found = self._cache[key] = [axis_offsets(n, k, self.offset, self.scaled).to(device)
+                                        for n, k in zip(qgrid, kgrid)]
         return found
 
     def score_bias(self, grids, q):
-        qgrid = tuple(int(g) for g in (grids[0] if grids is not None else ()))
+        qgrid, kgrid = (tuple(int(g) for g in grid) for grid in grids)
         b, h, _, _ = q.shape
-        d = len(self.keys)
+        d = len(qgrid)
         out = 0
-        for a, (index, n, k) in enumerate(zip(self._index(qgrid, q.device), qgrid, self.keys)):
-            logits = (q @ getattr(self, f"rel_{a}").t()).reshape(b, h, *qgrid, 2 * k - 1)
+        for a, (index, n, k) in enumerate(zip(self._index(qgrid, kgrid, q.device), qgrid, kgrid)):
+            table = getattr(self, f"rel_{a}")
+            logits = (q @ table.t()).reshape(b, h, *qgrid, table.shape[0])
             shape = [1] * (2 + d) + [k]
             shape[2 + a] = n
             idx = index.view(shape).expand(b, h, *qgrid, k)
             term = logits.gather(-1, idx)  # (B, h, *Q, K_a)
             out = out + term.reshape(b, h, *qgrid, *[k if j == a else 1 for j in range(d)])
-        return out.reshape(b, h, math.prod(qgrid), math.prod(self.keys))
+        return out.reshape(b, h, math.prod(qgrid), math.prod(kgrid))
 
     def forward(self, x, q, grids=None):
-        return x + self.score_bias(grids[0] if grids is not None else None, q)
+        return x + self.score_bias(grids[0], q)

@@ -13,6 +13,7 @@ from . import heads  # noqa: F401, E402  (registration: attention primitives: he
 from . import rotary  # noqa: F401, E402  (registration: rotary position embeddings on q and k)
 from . import positions  # noqa: F401, E402  (registration: position terms on scores: relative bias table, position scores)
 from . import windows  # noqa: F401, E402  (registration: windows into the batch and back; window score terms)
+from . import head_maps  # noqa: F401, E402  (registration: heads into the batch as maps and back)
 from .registry import OPS, Op, op
 
 __all__ = ["OPS", "Op", "op"]

@@ -222,16 +222,27 @@ class HaloWindowsToBatch(Op):
 @op("axis_relative_logits", category="attention", layout="scores")
 class AxisRelativeLogits(Op):
     """A score term (add it between `scores` and `softmax`) that depends on the queries: per axis
-    a of the grids, a learned table R_a of 2 K_a - 1 vectors of the queries' width (K_a: the keys
-    along the axis), and for the query at position x and the key at position k,
-    `Σ_a q · R_a[k_a - x_a + K_a - 1]` (relative position logits per axis: HaloNet's, Bello et
-    al.'s). `q`: the queries (heads), no more of them than keys along any axis. Tables drawn from
-    normal(0, `std`, default: the queries' width^-0.5); for a 2-D grid `rel_0` is the height's and
-    `rel_1` the width's."""
+    a of the grids, a learned table R_a of vectors of the queries' width, and for the query at
+    position x and the key at position k, `Σ_a q · R_a[i_a(x_a, k_a)]` (relative position logits
+    per axis: HaloNet's, Bello et al.'s, MViTv2's). With Q_a queries and K_a keys along the axis,
+    `offset = "key-query"`: i = k - x + K - 1; `"query-key"`: i = x - k + K - 1; the queries may
+    not outnumber the keys along an axis, and R_a holds 2 K_a - 1 rows. `scaled = true`: the
+    positions of the coarser grid are first stretched onto the finer one, x' = x · max(K/Q, 1)
+    and k' = k · max(Q/K, 1), and i = k' - x' + (Q - 1) · max(K/Q, 1) (resp. x' - k' + (K - 1) ·
+    max(Q/K, 1)) truncated to an integer (MViTv2's rule for pooled queries or keys); R_a then
+    holds 2 max(Q_a, K_a) - 1 rows. `q`: the queries (heads). The tables are sized by the grids at
+    the build size. Tables drawn from normal(0, `std`, default: the queries' width^-0.5); for a
+    2-D grid `rel_0` is the height's and `rel_1` the width's."""
 
     q: Tensor
+    offset: Literal["key-query", "query-key"] = "key-query"
+    scaled: bool = False
     std: Optional[float] = None
     per_head = False
+
+    def rows(self, x: Shape) -> list[int]:
+        """The rows of each axis's table."""
+        return [2 * max(n, k) - 1 for n, k in zip(self.q.shape.spatial, x.keys[0])]
 
     def infer(self, x: Shape) -> Shape:
         q = self.q.shape
@@ -239,19 +250,21 @@ class AxisRelativeLogits(Op):
         if q.layout != "heads" or not q.spatial or not keys or len(keys) != len(q.spatial) or x.extra or x.keys[1]:
             raise ShapeError(f"axis_relative_logits needs queries (heads) and keys on grids of the same rank "
                              f"without prefix tokens, got queries {q} and scores {x}")
-        if any(a > b for a, b in zip(q.spatial, keys)):
-            raise ShapeError(f"axis_relative_logits: queries on {q.spatial} outnumber the keys on {keys} along an axis")
+        if not self.scaled and any(a > b for a, b in zip(q.spatial, keys)):
+            raise ShapeError(f"axis_relative_logits: queries on {q.spatial} outnumber the keys on {keys} along an axis",
+                             "scaled = true stretches the coarser grid onto the finer one")
         return x
 
     def params(self, x, y):
-        return sum(2 * k - 1 for k in x.keys[0]) * self.q.shape.channels
+        return sum(self.rows(x)) * self.q.shape.channels
 
     def macs(self, x, y):
         q = self.q.shape
-        return q.heads * q.tokens * q.channels * sum(2 * k - 1 for k in x.keys[0])
+        return q.heads * q.tokens * q.channels * sum(self.rows(x))
 
     def build(self, x, y):
         from ..layers.windows import AxisRelativeLogits as Module
 
         q = self.q.shape
-        return Module(tuple(x.keys[0]), q.channels, self.std if self.std is not None else q.channels ** -0.5)
+        return Module(self.rows(x), q.channels, self.std if self.std is not None else q.channels ** -0.5,
+                      self.offset, self.scaled)
