@@ -169,7 +169,10 @@ class Sequence(nn.Module):
                     env.pop(GRID + k, None)
             elif cls is Shared:  # `reuse`: a module registered elsewhere in the model
                 mod = self._shared[ins.name]
-                x = mod(x, env) if isinstance(mod, (Sequence, StageModule)) else mod(x)
+                if isinstance(mod, (Sequence, StageModule)):
+                    x = mod(x, env)
+                else:  # one op: given the grid of its input as where it is defined (a GridCall there)
+                    x = mod(x, env.get(GRID)) if getattr(mod, "takes_grid", False) else mod(x)
             elif cls is Load:
                 x = env[ins.name]
                 env[GRID] = env.get(GRID + ins.name)

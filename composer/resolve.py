@@ -181,7 +181,7 @@ class _Resolver(ast.NodeVisitor):
         evaluated = {}  # the block expression of a `repeat` without `as`: the same value for every block
         for item, k in blocks:
             if isinstance(item, ast.Reuse):  # not a block of the drop-path schedule: the reused one has its rate
-                out_blocks.append(Block([ReuseNode(item.path, item.span)], 0.0, self.next_block, item.span,
+                out_blocks.append(Block([ReuseNode(reuse_path(item, sscope), item.span)], 0.0, self.next_block, item.span,
                                         f"reuse {item.path}"))
                 in_stage += 1
                 continue
@@ -296,7 +296,7 @@ class _Resolver(ast.NodeVisitor):
             bind_tensor(scope, ref, stmt.span)
 
     def visit_Reuse(self, stmt: ast.Reuse, scope, ctx, names, out) -> None:
-        out.append(ReuseNode(stmt.path, stmt.span))
+        out.append(ReuseNode(reuse_path(stmt, scope), stmt.span))
 
     def _residual(self, stmt: ast.Residual, scope, ctx, names) -> list:
         """A residual node; with `when = false` just its body (MobileNet's blocks that change shape)."""
@@ -685,3 +685,21 @@ def _type_words(annotation) -> str:
     words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op",
              "TensorRef": "a tensor (a name bound by `name = ...` or `save name`)"}
     return words.get(text, text)
+
+
+def reuse_path(stmt: ast.Reuse, scope: Scope) -> str:
+    """The module path of `reuse`, each part `{NAME}` replaced by the value of that int variable
+    (`reuse stages.{i}.blocks.0.cpe` in a composite that takes `i`)."""
+    def value(part: str) -> str:
+        if not part.startswith("{"):
+            return part
+        name = part[1:-1]
+        try:
+            v = scope.lookup(name)
+        except KeyError:
+            raise error("undefined", f"`reuse {stmt.path}`: no variable '{name}' here", stmt.span,
+                        "a part {NAME} of a reuse path names an int parameter or let") from None
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise error("type", f"`reuse {stmt.path}`: '{name}' is {v!r}, not an index (an int >= 0)", stmt.span)
+        return str(v)
+    return ".".join(value(p) for p in stmt.path.split("."))

@@ -115,10 +115,16 @@ class AxisRule:
     limit: int = 0
     irregular: tuple = ()
     high: int = 0
+    period: int = 0  # with `irregular`: the admitted sizes repeat every `period` (0: no pattern found)
 
     def text(self) -> str:
         if self.fixed:
             return f"fixed at {self.build}"
+        if self.irregular and self.period:
+            first = self.irregular
+            run = f"{first[0]} to {first[-1]}" if list(first) == list(range(first[0], first[-1] + 1)) \
+                else ", ".join(map(str, first))
+            return f"{run} plus multiples of {self.period}"
         if self.irregular:
             return "only " + ", ".join(map(str, self.irregular)) + " (up to " + str(self.limit) + ")"
         if self.high:
@@ -168,7 +174,22 @@ def _rule(build: int, ok: list[int], limit: int) -> AxisRule:
         if ok[-1] + step > limit:  # the pattern reaches the probed limit
             return AxisRule(build, False, low, step, limit)
         return AxisRule(build, False, low, step, limit, high=ok[-1])  # sizes that give the same grids
+    period = _period(ok, limit)
+    if period:  # sizes in a window that repeats (patch sizes that must divide every stage's grid)
+        return AxisRule(build, False, low, 1, limit, tuple(s for s in ok if s < low + period), period=period)
     return AxisRule(build, False, low, 1, limit, tuple(ok[:8]))
+
+
+def _period(ok: list[int], limit: int) -> int:
+    """The smallest period P (seen at least twice within the probed sizes) such that the admitted
+    sizes are exactly those from ok[0] to `limit` whose offset from ok[0] modulo P is one of the
+    first window's; 0 when there is none."""
+    low, admitted = ok[0], set(ok)
+    for period in range(2, (limit - low) // 2 + 1):
+        window = {s - low for s in ok if s < low + period}
+        if len(window) <= 8 and all((s in admitted) == ((s - low) % period in window) for s in range(low, limit + 1)):
+            return period
+    return 0
 
 
 def axis_rules(plan: Plan, dynamic: bool = False, known: dict | None = None) -> list[AxisRule]:

@@ -121,7 +121,7 @@ class _Bind(_Strict):
 
 
 class _Reuse(_Strict):
-    reuse: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
+    reuse: Annotated[StrictStr, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.([A-Za-z0-9_]+|\{[A-Za-z_][A-Za-z0-9_]*\}))*$")]
 
 
 Stmt = _tagged({"expr": StrictStr, "let": _Let, "residual": _Residual, "parallel": _Parallel, "save": _Save,

@@ -447,6 +447,14 @@ def _attention_shape():
                   st.integers(1, 4), st.integers(1, 6), st.integers(1, 7)))
 
 
+@st.composite
+def _weighted_pool_case(draw):
+    x = draw(st.one_of(map_shape(dims=(1, 2, 3)), token_shape(dims=(1, 2))))
+    layout = "tokens" if x.extra else draw(st.sampled_from(["map", "tokens"]))  # weights: a map or tokens
+    w = Shape(1, x.spatial, layout, x.extra)
+    return OPS["weighted_pool"](weights=TensorRef("w", "w", None, w)), x
+
+
 STRATEGIES.update({
     "split_heads": st.tuples(st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.sampled_from(["parts", "heads"]))
     .flatmap(lambda hpwo: st.integers(0, hpwo[1] - 1).map(lambda part: (
@@ -456,6 +464,7 @@ STRATEGIES.update({
                       order=st.sampled_from(["heads", "channels"])),
     "scores": _scores_case(),
     "weighted_sum": _weighted_sum_case(),
+    "weighted_pool": _weighted_pool_case(),
     "softmax": st.one_of(kw("softmax", _attention_shape()),
                          kw("softmax", token_shape(), axis=st.just("tokens"))),
     "normalize_sum": kw("normalize_sum", _attention_shape(), eps=st.floats(0.0, 1.0)),

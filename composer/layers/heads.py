@@ -93,6 +93,19 @@ class Softmax(nn.Module):
         return x.softmax(self.dim)
 
 
+class WeightedPool(nn.Module):
+    """Σ_n w_n x_n over the tokens, as a (B, C, 1, ..., 1) map."""
+
+    def __init__(self, tokens: bool, weight_tokens: bool, ndim: int):
+        super().__init__()
+        self.tokens, self.weight_tokens, self.ndim = tokens, weight_tokens, ndim
+
+    def forward(self, x, w):
+        x = x.transpose(1, 2) if self.tokens else x.flatten(2)  # (B, C, N)
+        w = w if self.weight_tokens else w.flatten(2).transpose(1, 2)  # (B, N, 1)
+        return (x @ w).reshape(x.shape[0], x.shape[1], *([1] * self.ndim))
+
+
 class NormalizeSum(nn.Module):
     def __init__(self, eps: float):
         super().__init__()

@@ -187,6 +187,39 @@ class Softmax(Op):
         return Module(-1 if self.axis == "last" else (1 if x.layout == "tokens" else 2))
 
 
+@op("weighted_pool", category="attention")
+class WeightedPool(Op):
+    """Pool the tokens of the running tensor x (a map or tokens) into one vector per sample, each
+    token weighted by a one-channel tensor `weights` on the same tokens: `Σ_n w_n · x_n`. With
+    weights soft-maxed over the tokens (`softmax(axis = "tokens")`) it is attention with a single
+    query that scores each token by its own projection (separable self-attention's context
+    vector). The output is a map of size 1 along every spatial axis, (B, C, 1, ..., 1), which
+    `parallel mul` broadcasts over a map as a gate. MACs: one per channel and token."""
+
+    weights: Tensor
+
+    def infer(self, x: Shape) -> Shape:
+        w = self.weights.shape
+        if x.layout not in ("map", "tokens") or w.layout not in ("map", "tokens"):
+            raise ShapeError(f"weighted_pool needs a map or tokens and weights of either, got {x.layout} {x} "
+                             f"and {w.layout} {w}")
+        if w.channels != 1:
+            raise ShapeError(f"weighted_pool: the weights have {w.channels} channels, not one",
+                             "project them to one channel first, e.g. linear(1)")
+        if (w.spatial, w.extra) != (x.spatial, x.extra) or not x.spatial:
+            raise ShapeError(f"weighted_pool: weights {w} do not lie on the tokens of {x}",
+                             "both must have the same grid and prefix tokens")
+        return Shape(x.channels, (1,) * x.ndim, "map")
+
+    def macs(self, x, y):
+        return x.channels * x.tokens
+
+    def build(self, x, y):
+        from ..layers.heads import WeightedPool as Module
+
+        return Module(x.layout == "tokens", self.weights.shape.layout == "tokens", x.ndim)
+
+
 @op("normalize_sum", category="attention")
 class NormalizeSum(Op):
     """Divide by the sum over the last axis (plus `eps`): the normalisation of linear attention,

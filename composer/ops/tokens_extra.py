@@ -40,4 +40,5 @@ class SelectTokens(Op):
     def build(self, x, y):
         from ..layers.tokens_extra import SelectTokens as Module
 
-        return Module(self.start, y.tokens)
+        # to the end: the grid's tokens at run time, however many there are
+        return Module(self.start, None if self.count is None else y.tokens)
