@@ -260,3 +260,19 @@ def test_mobilevitv2_refuses_sizes_the_patches_do_not_tile():
     with pytest.raises(composer.InputSizeError) as info, torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
     assert "57 to 64 plus multiples of 64" in str(info.value)
+
+
+def test_factorized_attention_refuses_tokens_without_a_class_token(tmp_path):
+    """The composite splits class tokens from the grid by what they are (prefix_tokens/grid_tokens):
+    a sequence without one is a located error, not a silently shifted grid."""
+    path = tmp_path / "m.arch"
+    path.write_text("""import "lib/factorized_mixers"
+model m {
+    input image(3, 32)
+    stem patch_embed(64, 4)
+    stage { block { to_tokens; factorized_attention(64) as attn } }
+    head { global_pool("avg"); classifier(10) }
+}
+""")
+    with pytest.raises(composer.ComposerError, match="prefix_tokens: the tokens .* have no prefix"):
+        composer.check(str(path))

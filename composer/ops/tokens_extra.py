@@ -26,6 +26,39 @@ def _slice(x: Shape, start: int, count: Optional[int], what: str) -> Shape:
     return Shape(x.channels, (end - start,), "tokens")
 
 
+@op("prefix_tokens", category="layout", layout="tokens")
+class PrefixTokens(Op):
+    """The prefix (class, distillation, register) tokens alone, as a plain sequence; an error when
+    the tokens have none. With `grid_tokens`, the two parts of a sequence by what they are, not by
+    index: a composite written for one class token refuses a sequence without one."""
+
+    def infer(self, x: Shape) -> Shape:
+        if not x.extra:
+            raise ShapeError(f"prefix_tokens: the tokens {x} have no prefix (class) tokens",
+                             "add class_token() before, or take the grid alone with grid_tokens")
+        return Shape(x.channels, (x.extra,), "tokens")
+
+    def build(self, x, y):
+        from ..layers.tokens_extra import SelectTokens as Module
+
+        return Module(0, x.extra)
+
+
+@op("grid_tokens", category="layout", layout="tokens")
+class GridTokens(Op):
+    """The tokens of the grid, the prefix (class) tokens dropped: the grid as it is at run time."""
+
+    def infer(self, x: Shape) -> Shape:
+        if not x.spatial:
+            raise ShapeError(f"grid_tokens: the tokens {x} lie on no grid")
+        return x.with_(extra=0)
+
+    def build(self, x, y):
+        from ..layers.tokens_extra import SelectTokens as Module
+
+        return Module(x.extra, None)
+
+
 @op("select_tokens", category="layout", layout="tokens")
 class SelectTokens(Op):
     """Keep `count` tokens from index `start` (`count=none`: to the end). `select_tokens(0, 1)` is
