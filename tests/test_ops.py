@@ -482,6 +482,8 @@ STRATEGIES.update({
         lambda t: len(t[1]) == len(t[2])).map(lambda t: (
             OPS["position_scores"](k=TensorRef("k", "k", None, Shape(3, t[2], "heads", heads=t[0]))),
             Shape(3, t[1], "heads", heads=t[0]))),
+    "distance_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 5)).map(lambda t: (
+        OPS["distance_bias"](), Shape(math.prod(t[1]), t[1], "scores", heads=t[0], keys=(t[1], 0)))),
     "prefix_tokens": fixed("prefix_tokens", token_shape(extra=st.integers(1, 3))),
     "grid_tokens": fixed("grid_tokens", token_shape()),
     "position_mlp_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 4), st.integers(1, 8)).map(lambda t: (

@@ -276,3 +276,53 @@ model m2 : m { mixer = named(16) }
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert (new(x) - old(x)).abs().max() < 1e-5
+
+
+def test_conv_projection_attention_equation(tmp_path):
+    """CvT's convolutional projections (Wu et al., eq. 2): q = W_q BN(DWConv(x)), k and v the same
+    with stride 2, on the token grid."""
+    ours, _ = mixer(tmp_path, "conv_projection_attention(32, 4, kv_stride = 2)")
+    with torch.no_grad():
+        for name in ("bn_q", "bn_k", "bn_v"):
+            bn = getattr(ours, name)
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 1.5)
+            bn.weight.normal_()
+            bn.bias.normal_()
+    x = tokens()
+    grid = x.transpose(1, 2).reshape(2, DIM, *GRID)
+    with torch.no_grad():
+        def proj(which, stride):
+            conv, bn, lin = (getattr(ours, f"{p}_{which}") for p in ("conv", "bn", "proj"))
+            m = bn(torch.nn.functional.conv2d(grid, conv.weight, stride=stride, padding=1, groups=DIM))
+            return split_heads(lin(m).flatten(2).transpose(1, 2), 4)  # the linear acts on the map's channels
+        q, k, v = proj("q", 1), proj("k", 2), proj("v", 2)
+        assert k.shape[2] == 2 * 3  # the keys lie on the 2x3 grid
+        a = (q @ k.transpose(-2, -1) * 8 ** -0.5).softmax(-1)
+        expected = ours.proj(_merge(a @ v))
+    assert (run(ours, x) - expected).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_distance_bias_equation(tmp_path, window):
+    """LeViT's attention bias: B[h, i, j] = t[h, |y_i - y_j| * W + |x_i - x_j|] over the whole grid,
+    or inside each window (W the window's width); zero-initialised."""
+    call = "distance_bias_attention(32, 4)" if window is None else f"distance_bias_attention(32, 4, window = {window})"
+    ours, _ = mixer(tmp_path, call, extra='import "lib/position_mixers"')
+    assert not ours.bias.attention_biases.any()
+    with torch.no_grad():
+        ours.bias.attention_biases.normal_()
+    x = tokens()
+    gh, gw = GRID if window is None else (window, window)
+    ys, xs = torch.meshgrid(torch.arange(gh), torch.arange(gw), indexing="ij")
+    ys, xs = ys.flatten(), xs.flatten()
+    index = (ys[:, None] - ys[None, :]).abs() * gw + (xs[:, None] - xs[None, :]).abs()
+    bias = ours.bias.attention_biases[:, index]  # (heads, n, n)
+    with torch.no_grad():
+        t = x if window is None else (  # (B * windows, window^2, C), windows row-major
+            x.reshape(2, GRID[0] // 2, 2, GRID[1] // 2, 2, DIM).permute(0, 1, 3, 2, 4, 5).reshape(-1, 4, DIM))
+        q, k, v = _qkv(ours, t, 4)
+        out = ours.proj(_merge((q @ k.transpose(-2, -1) * 8 ** -0.5 + bias).softmax(-1) @ v))
+        if window is not None:
+            out = out.reshape(2, GRID[0] // 2, GRID[1] // 2, 2, 2, DIM).permute(0, 1, 3, 2, 4, 5).reshape(2, -1, DIM)
+    assert (run(ours, x) - out).abs().max() < 1e-5

@@ -113,3 +113,25 @@ class PositionScores(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.weight.shape[0]}, features={self.weight.shape[1]}"
+
+
+class DistanceBias(nn.Module):
+    """A score term: `x + attention_biases[:, index]`, index the mixed-radix |offset| of every pair."""
+
+    takes_grid = True
+
+    def __init__(self, grid: tuple, heads: int):
+        super().__init__()
+        c = _coords(grid)
+        rel = (c[:, None, :] - c[None, :, :]).abs()
+        index = torch.zeros(rel.shape[:2], dtype=torch.long)
+        for axis, g in enumerate(grid):
+            index = index * int(g) + rel[..., axis]
+        self.attention_biases = nn.Parameter(torch.zeros(heads, math.prod(int(g) for g in grid)))
+        self.register_buffer("index", index, persistent=False)
+
+    def score_bias(self, grid_pair=None):
+        return self.attention_biases[:, self.index].unsqueeze(0)
+
+    def forward(self, x, grid=None):
+        return x + self.score_bias(grid)

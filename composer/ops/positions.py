@@ -7,6 +7,7 @@ composer/ops/heads.py and is written as a statement in a token mixer's body:
     softmax
 
     p = position_scores(q, k)                 # scores from the offsets alone (no q·k)
+    distance_bias                             # + a learned bias per head and |offset| (a score term)
 """
 
 from __future__ import annotations
@@ -97,3 +98,31 @@ class PositionScores(Op):
         from ..layers.positions import PositionScores as Module
 
         return Module(x.ndim, x.heads)
+
+
+@op("distance_bias", category="attention")
+class DistanceBias(Op):
+    """Add to the scores a learned bias per head for the absolute offset (|d1|, |d2|, ...) between
+    the query and the key on the grid (LeViT's and EfficientViT's attention biases): a table of
+    heads x prod(grid) entries, entry `|d1| · g2 + |d2|` in 2-D (mixed radix, the last axis the
+    fastest). A score term (it runs inside the one SDPA call of an attention chain); zero-initialised;
+    parameter `attention_biases` (heads, entries). Inside windows (`windows_to_batch`) the grid is
+    the window's, so the model runs at every size the windows allow; on a whole grid the table is
+    sized by it, and the model refuses other input sizes."""
+
+    grid_bound = True  # a table sized by the grid it sees (a window's is the same at every input size)
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout != "scores":
+            raise ShapeError(f"distance_bias needs scores, got {x.layout} {x}", "make them with scores(q, k)")
+        if tuple(x.keys[0]) != tuple(x.spatial) or not x.spatial or x.extra or x.keys[1]:
+            raise ShapeError(f"distance_bias needs queries and keys on one grid without prefix tokens, got {x}")
+        return x
+
+    def params(self, x, y):
+        return prod(x.spatial) * x.heads
+
+    def build(self, x, y):
+        from ..layers.positions import DistanceBias as Module
+
+        return Module(tuple(x.spatial), x.heads)
