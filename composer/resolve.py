@@ -8,6 +8,7 @@ composer/loader.py's, module names composer/naming.py's, the instance cache comp
 
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 
@@ -681,7 +682,8 @@ def _short(value) -> str:
 
 def _type_words(annotation) -> str:
     text = str(annotation).replace("typing.", "").replace("composer.ops.registry.", "").replace("composer.shapes.", "").replace("<class '", "").replace("'>", "")
-    text = text.replace("Optional[", "").replace("]", "").replace("Literal[", "one of ")
+    text = text.replace("Optional[", "").replace("Literal[", "one of ")
+    text = re.sub(r"list\[(\w+)\]", lambda m: f"a list of {m.group(1)}s", text).replace("]", "")
     words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op",
              "TensorRef": "a tensor (a name bound by `name = ...` or `save name`)"}
     return words.get(text, text)

@@ -484,6 +484,9 @@ STRATEGIES.update({
             Shape(3, t[1], "heads", heads=t[0]))),
     "distance_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 5)).map(lambda t: (
         OPS["distance_bias"](), Shape(math.prod(t[1]), t[1], "scores", heads=t[0], keys=(t[1], 0)))),
+    "fourier_features": paired(lambda x: st.sampled_from([2, 4, 6]).map(
+        lambda k: OPS["fourier_features"](channels=k * 2 * x.ndim)), st.one_of(map_shape(dims=(1, 2)),
+                                                                                token_shape(extra=st.just(0)))),
     "prefix_tokens": fixed("prefix_tokens", token_shape(extra=st.integers(1, 3))),
     "grid_tokens": fixed("grid_tokens", token_shape()),
     "position_mlp_bias": st.tuples(st.integers(1, 3), grid((1, 2), 1, 4), st.integers(1, 8)).map(lambda t: (
@@ -606,6 +609,25 @@ def test_sinusoidal_pos_matches_timm_and_skips_class_tokens():
     out = module(t)
     assert torch.equal(out[:, 0], t[:, 0])
     torch.testing.assert_close(out[:, 1:] - t[:, 1:], build_sincos2d_pos_embed([3, 5], 16)[None].expand(2, -1, -1))
+
+
+@pytest.mark.parametrize("grid", [(4, 6), (7, 3)])
+def test_fourier_features_project_to_timm_xcit_position_encoding(grid):
+    """timm's PositionalEncodingFourier (XCiT) is `token_projection(fourier_features(64))`, on a map
+    and on tokens, at any grid (the features are made for the grid seen)."""
+    from timm.models.xcit import PositionalEncodingFourier
+
+    ref = PositionalEncodingFourier(hidden_dim=32, dim=24).eval()
+    op = OPS["fourier_features"](channels=64)
+    built = Shape(5, (2, 2), "map")  # built at another grid: the module follows the one it gets
+    module = op.build(built, op.infer(built))
+    with torch.no_grad():
+        expected = ref(2, *grid)
+        feats = module(torch.randn(2, 5, *grid))
+        torch.testing.assert_close(ref.token_projection(feats), expected)
+        tokens = OPS["fourier_features"](channels=64).build(Shape(5, (2, 2), "tokens"), Shape(64, (2, 2), "tokens"))
+        t = tokens(torch.randn(2, grid[0] * grid[1], 5), torch.Size(grid))
+        torch.testing.assert_close(t.transpose(1, 2).reshape(2, 64, *grid), feats)
 
 
 def test_conv_pos_is_residual_depthwise_conv_and_skips_class_tokens():

@@ -28,6 +28,46 @@ class SinusoidalPos(nn.Module):
         return x + self.pos.to(x.dtype)
 
 
+class FourierFeatures(nn.Module):
+    """(B, channels, *grid) or (B, N, channels): sin/cos features of the positions of the grid it
+    gets (cached per grid)."""
+
+    takes_grid = True
+
+    def __init__(self, channels, ndim, temperature, normalize, scale, eps, channel_first, grid):
+        super().__init__()
+        self.channels, self.ndim, self.temperature = channels, ndim, temperature
+        self.normalize, self.scale, self.eps, self.channel_first = normalize, scale, eps, channel_first
+        self.grid, self._cache = tuple(grid), {}
+
+    def table(self, grid, like) -> torch.Tensor:
+        key = (tuple(int(g) for g in grid), like.device, like.dtype)
+        found = self._cache.get(key)
+        if found is None:
+            per = self.channels // self.ndim
+            j = torch.arange(per, dtype=torch.float32)
+            freq = self.temperature ** (2 * torch.div(j, 2, rounding_mode="floor") / per)
+            axes = []
+            for a, g in enumerate(key[0]):
+                p = torch.arange(1, g + 1, dtype=torch.float32)
+                if self.normalize:
+                    p = p / (g + self.eps) * self.scale
+                angle = p[:, None] / freq  # (g, per)
+                f = torch.where(j.long() % 2 == 0, angle.sin(), angle.cos())
+                shape = [1] * self.ndim + [per]
+                shape[a] = g
+                axes.append(f.view(shape).expand(*key[0], per))
+            found = self._cache[key] = torch.cat(axes, -1).to(like.device, like.dtype)  # (*grid, channels)
+        return found
+
+    def forward(self, x, grid=None):
+        grid = tuple(x.shape[2:]) if self.channel_first else (self.grid if grid is None else grid)
+        t = self.table(grid, x)
+        if self.channel_first:
+            return t.movedim(-1, 0).unsqueeze(0).expand(x.shape[0], *t.movedim(-1, 0).shape)
+        return t.reshape(1, -1, self.channels).expand(x.shape[0], -1, -1)
+
+
 class ConvPos(nn.Module):
     """`x + proj(x)` with `proj` a depthwise conv; on tokens the grid (given at run time) is folded,
     the prefix passes."""

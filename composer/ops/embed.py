@@ -37,6 +37,38 @@ class SinusoidalPos(Op):
         return Module(x.spatial, x.channels, self.temperature, x.extra)
 
 
+@op("fourier_features", category="embed")
+class FourierFeatures(Op):
+    """The Fourier features of the grid positions, in place of the input's values (the output has
+    `channels` channels on the input's grid; add it to the tokens with `parallel add`, usually after
+    a projection). Per axis, `channels / d` channels: the position p = 1 .. G along the axis
+    (`normalize`: p / (G + eps) · `scale`), divided by `temperature^(2 ⌊j / 2⌋ / (channels / d))` and
+    passed through sin for even j and cos for odd j (sin and cos of one frequency side by side);
+    the first axis's channels first (XCiT's Fourier position encoding). No parameters; made for the
+    grid seen at run time. Prefix (class) tokens have no position: add the features before them."""
+
+    channels: int
+    temperature: float = 10000.0
+    normalize: bool = True
+    scale: float = 6.283185307179586
+    eps: float = 1e-6
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout not in ("map", "tokens") or not x.spatial or x.extra:
+            raise ShapeError(f"fourier_features needs a map or tokens on a grid without prefix tokens, got {x}",
+                             "add the features before the class token")
+        if self.channels <= 0 or self.channels % (2 * x.ndim):
+            raise ShapeError(f"fourier_features: {self.channels} channels are not a positive multiple of "
+                             f"{2 * x.ndim} (sin and cos for each of {x.ndim} axes)")
+        return x.with_(channels=self.channels)
+
+    def build(self, x, y):
+        from ..layers.embed import FourierFeatures as Module
+
+        return Module(self.channels, x.ndim, self.temperature, self.normalize, self.scale, self.eps,
+                      x.layout == "map", tuple(x.spatial))
+
+
 @op("conv_pos", category="embed")
 class ConvPos(Op):
     """Conditional position encoding: `x + dwconv(x)`, a depthwise `kernel`-sized convolution with

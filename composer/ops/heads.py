@@ -255,7 +255,8 @@ class L2Norm(Op):
 @op("mix_heads", category="attention")
 class MixHeads(Op):
     """A linear map across the heads axis of heads or scores (talking heads): every output head
-    is a learned sum of the input heads. `heads`: the number out (default: as many as in)."""
+    is a learned sum of the input heads. `heads`: the number out (default: as many as in).
+    Parameters `weight` (heads out, heads in) and `bias`."""
 
     heads: Optional[int] = None
     bias: bool = True
@@ -284,7 +285,7 @@ class MixHeads(Op):
 class AddBias(Op):
     """Add a learned bias per channel, initialised to `init` (a bias on q and v only: BEiT's
     `q_bias`, `v_bias`). On heads it is one vector of heads x width, head-major, as a fused
-    projection's bias would be."""
+    projection's bias would be. Parameter `bias`."""
 
     init: float = 0.0
 
@@ -301,7 +302,8 @@ class AddBias(Op):
 class HeadScale(Op):
     """Multiply each head by a learned scale (a temperature), initialised to `init`. With
     `log = true` the parameter holds the scale's logarithm and the scale is `exp` of it, at most
-    `max` if given (Swin V2's logit scale: `head_scale(10, log = true, max = 100)`)."""
+    `max` if given (Swin V2's logit scale: `head_scale(10, log = true, max = 100)`). Parameter
+    `scale` (heads, 1, 1)."""
 
     init: float = 1.0
     log: bool = False

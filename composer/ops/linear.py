@@ -35,7 +35,8 @@ class Linear(Op):
 
 @op("layer_scale", category="linear")
 class LayerScale(Op):
-    """Multiply every channel by a learned scale initialised to `init` (CaiT, ConvNeXt, MetaFormer)."""
+    """Multiply every channel by a learned scale initialised to `init` (CaiT, ConvNeXt, MetaFormer).
+    Parameter `scale` (channels)."""
 
     init: float = 1e-5
 
@@ -60,8 +61,12 @@ class GlobalPool(Op):
         if x.layout == "vector":
             raise ShapeError("global_pool needs a map or tokens, but the input is already a vector")
         if self.mode == "token" and (x.layout != "tokens" or x.extra <= self.index):
-            raise ShapeError(f"global_pool(\"token\", index = {self.index}) needs {self.index + 1} class token(s)",
-                             "add class_token() after the stem")
+            plain = x.layout == "tokens" and not x.extra and x.tokens > self.index
+            raise ShapeError(f"global_pool(\"token\", index = {self.index}) needs {self.index + 1} class token(s) "
+                             f"ahead of a grid, got {x}",
+                             "these tokens are a plain sequence (select_tokens(0, 1) takes the class token out of "
+                             "its sequence): pool it with global_pool(\"avg\")" if plain
+                             else "add class_token() after the stem")
         return Shape(x.channels, (), "vector")
 
     def build(self, x, y):

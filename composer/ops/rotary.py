@@ -26,8 +26,9 @@ class Rotary(Op):
     by the token's coordinate on that axis; the pairs of the first axis (rows) come first, then the
     next (`indexing = "xy"`: columns before rows). `pairs = "interleaved"`: pair j is channels
     (2j, 2j+1); `"halves"`: channels (j, j + d/2). `offset` is added to every coordinate; with
-    `reference` (a grid, one size per axis) the coordinates along an axis of size s are scaled by
-    reference / s, so a grid of another size spans the same range of angles (EVA's fine-tuning at
+    `reference` (a grid, one size per axis; any positive numbers) the coordinates along an axis of
+    size s are scaled by reference / s, after the offset, `(p + offset) · reference / s`, so a grid
+    of another size spans the same range of angles (EVA's fine-tuning at
     new sizes). Prefix (class, register) tokens are not rotated. No parameters; the angles are
     computed for the grid seen at run time (cached per grid)."""
 
@@ -36,7 +37,7 @@ class Rotary(Op):
     pairs: Literal["interleaved", "halves"] = "interleaved"
     indexing: Literal["ij", "xy"] = "ij"
     offset: float = 0.0
-    reference: Optional[list[int]] = None
+    reference: Optional[list[float]] = None
 
     def infer(self, x: Shape) -> Shape:
         if x.layout not in ("heads", "tokens"):

@@ -39,7 +39,7 @@ class ToMap(Op):
 @op("class_token", category="embed", layout="tokens")
 class ClassToken(Op):
     """Prepend `count` learned tokens (class; with 2, class and distillation). Init: zeros, or
-    normal(std) when `std > 0` (timm ViT: 1e-6)."""
+    normal(std) when `std > 0` (timm ViT: 1e-6). Parameter `token` (1, count, channels)."""
 
     count: int = 1
     std: float = 1e-6
