@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 from . import api
 from .ops import OPS
@@ -36,9 +37,9 @@ def _ops(kind_filter=None) -> list[dict]:
 
 def _type(annotation) -> str:
     text = str(annotation)
-    for junk in ("typing.", "composer.ops.registry.", "composer.ops.attention.", "<class '", "'>"):
+    for junk in ("typing.", "composer.ops.registry.", "<class '", "'>"):
         text = text.replace(junk, "")
-    return text
+    return re.sub(r"composer\.ops\.attention\.(\w+\.)?", "", text)
 
 
 def _composites(kind: str) -> list[dict]:
