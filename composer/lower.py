@@ -26,7 +26,8 @@ class _Lowering:
     def __init__(self, model: Model):
         self.model = model
         self.saved: dict = {}  # tensor key -> Shape
-        self.fold_of: dict = {"input": 0}  # tensor key -> how many patches_to_batch were open where it was saved
+        # tensor key -> (how many folds were open where it was saved, the innermost one's opener)
+        self.fold_of: dict = {"input": (0, None)}
         self.folds: list = []  # open patches_to_batch ops: (op, span, batch factor), innermost last
         # (id(op), input shape) -> (op, output shape): ops are frozen, and repeated blocks share them
         self.inferred: dict = {}
@@ -65,7 +66,7 @@ class _Lowering:
             if name not in self.saved:
                 raise error("unknown-tensor", f"output '{name}' is never saved", None,
                             did_you_mean(name, self.saved) or "name a tensor with `save NAME` in a block")
-            if self.fold_of[name]:
+            if self.fold_of[name][0]:
                 raise error("shape", f"output '{name}' is saved between patches_to_batch and batch_to_patches",
                             None, "save it where the batch is the model's")
         m = self.model
@@ -223,7 +224,7 @@ class _Lowering:
         if isinstance(item, NamedTensor):
             if item.action == "save":
                 self.saved[item.tensor] = x
-                self.fold_of[item.tensor] = len(self.folds)
+                self.fold_of[item.tensor] = (len(self.folds), self.folds[-1][0].name if self.folds else None)
                 return [SaveStep(path, x, x, item.span, item.tensor)], x
             y = self._saved(item.tensor, item.span)
             return [LoadStep(path, x, y, item.span, item.tensor)], y
@@ -235,9 +236,11 @@ class _Lowering:
             name = key.rpartition(".")[2]
             raise error("unknown-tensor", f"no tensor named '{name}' is saved before this point", span,
                         did_you_mean(name, self.saved) or "name a tensor with `save NAME` or `NAME = ...` first")
-        if self.fold_of[key] != len(self.folds) - outer:
-            raise error("shape", f"tensor '{key.rpartition('.')[2]}' is used across patches_to_batch or "
-                        "batch_to_patches: the batch is multiplied on one side only", span,
+        depth, opener = self.fold_of[key]
+        if depth != len(self.folds) - outer:
+            fold = self.folds[-1][0].name if len(self.folds) > depth else opener
+            raise error("shape", f"tensor '{key.rpartition('.')[2]}' is used across {fold} and its closing op: "
+                        "the batch is multiplied on one side only", span,
                         "use named tensors on one side of the unfolded part")
         return self.saved[key]
 
