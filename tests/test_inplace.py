@@ -202,7 +202,10 @@ def test_every_family_trains_with_in_place_ops(name):
         kwargs = {}
     model = composer.build(name, num_classes=3, **kwargs).train()
     plan = model.plan
-    _assert_same_grads(model, torch.randn(2, plan.input.channels, *plan.input.spatial))
+    # relative 5e-6: an in-place add changes the order in which autograd sums a tensor's gradients,
+    # which moves the last bits (1.7e-6 relative in MobileViTv2's stem conv, deterministic); a wrong
+    # in-place op is off by far more
+    _assert_same_grads(model, torch.randn(2, plan.input.channels, *plan.input.spatial), atol=5e-6)
 
 
 def test_gradient_checkpointing_recomputes_the_in_place_blocks():
