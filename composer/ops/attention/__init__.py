@@ -4,11 +4,11 @@ conv_proj, kv_tokens, given, first), positions.py (relative_bias, relative_bias_
 relative_xl, continuous_bias, lepe), scores.py (dot, cosine, performer, agents), op.py (the op),
 cascaded.py (cascaded_attention and offset_bias). The module is composer.layers.attention."""
 
-from .protocol import Geometry, Part, Requirement, check_groups as _check_groups, evaluate, rule  # noqa: F401
+from .protocol import Geometry, Part, Requirement, check_groups, evaluate, rule  # noqa: F401
 from .partitions import Dilated, Grid, LocalPartition, Neighbourhood, Partition, Routed, Window  # noqa: F401
 from .sources import ConvProj, First, Given, KeySource, KvTokens, Reduce  # noqa: F401
 from .positions import ContinuousBias, LePE, LearnedBias, Position, RelativeBias, RelativeBiasMap, RelativeXL  # noqa: F401
 from .positions import cpb_centres, cpb_counts  # noqa: F401
 from .scores import Agents, Cosine, Dot, Performer  # noqa: F401
-from .op import Attention, _is_local  # noqa: F401
+from .op import Attention  # noqa: F401
 from .cascaded import CascadedAttention, OffsetBias  # noqa: F401

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ...shapes import Shape, ShapeError
 from ..registry import op, prod
-from .protocol import Part, check_groups as _check_groups, rule
+from .protocol import Part, check_groups, rule
 
 PARTITION_ROWS = (
     rule("{partition} attention cannot take class tokens", excludes={"class_tokens"}),
@@ -96,7 +96,7 @@ class Window(LocalPartition):
 
     def check(self, grid: tuple[int, ...]) -> None:
         size, shift = self.effective(grid)
-        _check_groups("window", size, self.padded(grid))
+        check_groups("window", size, self.padded(grid))
         if not 0 <= shift < size:
             raise ShapeError(f"window shift {shift} must be in [0, {size})")
 
@@ -159,7 +159,7 @@ class Grid(LocalPartition):
         return grid
 
     def check(self, grid: tuple[int, ...]) -> None:
-        _check_groups("grid", self.size, grid)
+        check_groups("grid", self.size, grid)
 
     def provides(self, x, role):
         return {"partition", "local", "grid_groups"}
@@ -239,7 +239,7 @@ class Routed(Partition):
         return tuple(g // self.regions for g in grid)
 
     def check(self, grid: tuple[int, ...]) -> None:
-        _check_groups("routed regions", self.regions, grid)
+        check_groups("routed regions", self.regions, grid)
         count = self.regions ** len(grid)
         if not 0 < self.topk <= count:
             raise ShapeError(f"routed topk {self.topk} must be in [1, {count}] (the number of regions)")
