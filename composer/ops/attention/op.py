@@ -262,10 +262,10 @@ class Attention(Op):
         elif isinstance(p, Routed):
             cfg.update(partition="routed", regions=p.regions, topk=p.topk)
         pos = self.position
-        if isinstance(pos, RelativeBias):
-            cfg.update(relative_bias=True)
-        elif isinstance(pos, RelativeBiasMap):
+        if isinstance(pos, RelativeBiasMap):  # before its base class
             cfg.update(relative_bias="map")
+        elif isinstance(pos, RelativeBias):
+            cfg.update(relative_bias=True)
         elif isinstance(pos, LearnedBias):
             cfg.update(learned_bias=(self._queries(xs), self._keys(xs), pos.std),
                        tie=None if pos.tie is None else self.tie_key(x)[0])

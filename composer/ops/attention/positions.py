@@ -44,25 +44,11 @@ class RelativeBias(Position):
 
 
 @op("relative_bias_map", kind="part", category="attention part")
-class RelativeBiasMap(Position):
+class RelativeBiasMap(RelativeBias):
     """A learned relative-position bias stored as one (2w-1)^d map per head, read at the
     key-minus-query offset (TensorFlow MaxViT's layout, timm's `RelPosBiasTf`): the table is
     `relative_position_bias_table` of shape (heads, 2w-1, ..., 2w-1), normal(std 0.02)
     initialised. The same number of parameters as `relative_bias`. Needs a partition."""
-
-    std: float = 0.02
-
-    def requirements(self, role):
-        return (rule("{position} needs a window or grid partition", needs={"local"}),)
-
-    def add_params(self, att, g):
-        n = (2 * g.group[0] - 1) ** g.ndim * g.heads
-        if self.name == "relative_bias" and "messengers" in g.features:
-            n += 2 * g.heads  # rel_pos_msg
-        return n
-
-    def part_runtime_grid(self, att, x, features):
-        return True
 
 
 @op("learned_bias", kind="part", category="attention part")
