@@ -50,3 +50,21 @@ def split_heads(t, heads):
     """(B, N, C) -> (B, heads, N, C / heads), heads as contiguous channel groups."""
     b, n, c = t.shape
     return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
+def one_block_mixer(tmp_path: Path, call: str, imports: list, dim: int, grid=(4, 6), cls: bool = True):
+    """(the module of `call`, the model): a one-block model whose block is `call as attn`, run on
+    `dim`-wide tokens on `grid` (8-pixel patches), with a class token ahead when `cls`."""
+    import composer
+
+    lines = "\n".join(f'import "{name}"' for name in imports)
+    text = f"""{lines}
+model m {{
+    input image(3, [{8 * grid[0]}, {8 * grid[1]}])
+    stem {{ patch_embed({dim}, 8); to_tokens{'; class_token()' if cls else ''} }}
+    stage {{ block {{ {call} as attn }} }}
+    head {{ global_pool("avg"); classifier(10) }}
+}}
+"""
+    model = composer.build(write(tmp_path, text)).eval()
+    return dict(model.named_modules())["stages.0.blocks.0.attn"], model

@@ -16,7 +16,7 @@ from composer.ops import OPS
 from composer.port import from_timm
 from composer.program import Attend
 from composer.shapes import Shape, ShapeError, TensorRef
-from tests.helpers import perturb, split_heads, write
+from tests.helpers import one_block_mixer, perturb, split_heads
 
 timm = pytest.importorskip("timm")
 
@@ -24,19 +24,8 @@ DIM, HEADS = 32, 4
 
 
 def mixer(tmp_path, call: str, grid=(4, 6), cls: bool = True):
-    """The module of `call` (a composite of lib/position_mixers), in a one-block model whose tokens
-    lie on `grid` (with a class token ahead when `cls`)."""
-    text = f"""import "lib/token_mixers"
-import "lib/position_mixers"
-model m {{
-    input image(3, [{8 * grid[0]}, {8 * grid[1]}])
-    stem {{ patch_embed({DIM}, 8); to_tokens{'; class_token()' if cls else ''} }}
-    stage {{ block {{ {call} as attn }} }}
-    head {{ global_pool("avg"); classifier(10) }}
-}}
-"""
-    model = composer.build(write(tmp_path, text)).eval()
-    return dict(model.named_modules())["stages.0.blocks.0.attn"], model
+    """The module of `call` (a composite of lib/position_mixers) in a one-block model."""
+    return one_block_mixer(tmp_path, call, ["lib/token_mixers", "lib/position_mixers"], DIM, grid, cls)
 
 
 def run(module, x, grid):

@@ -15,7 +15,7 @@ from composer.diagnostics import ComposerError
 from composer.ops import OPS
 from composer.port import from_timm
 from composer.shapes import Shape, ShapeError, TensorRef
-from tests.helpers import n_params, perturb, split_heads, write
+from tests.helpers import n_params, one_block_mixer, perturb, split_heads, write
 
 timm = pytest.importorskip("timm")
 
@@ -28,19 +28,9 @@ def _merge(t):
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
-def _module(tmp_path, call: str, grid, cls: bool, path="stages.0.blocks.0.attn"):
-    """The module `path` of a one-block model running `call` (a composite of lib/factorized_mixers)
-    on tokens on `grid` (with a class token ahead when `cls`)."""
-    text = f"""import "lib/factorized_mixers"
-model m {{
-    input image(3, [{8 * grid[0]}, {8 * grid[1]}])
-    stem {{ patch_embed({DIM}, 8); to_tokens{'; class_token()' if cls else ''} }}
-    stage {{ block {{ {call} as attn }} }}
-    head {{ global_pool("avg"); classifier(10) }}
-}}
-"""
-    model = composer.build(write(tmp_path, text)).eval()
-    return dict(model.named_modules())[path], model
+def _module(tmp_path, call: str, grid, cls: bool):
+    """The module of `call` (a composite of lib/factorized_mixers) in a one-block model."""
+    return one_block_mixer(tmp_path, call, ["lib/factorized_mixers"], DIM, grid, cls)
 
 
 def _run(module, x, grid):
