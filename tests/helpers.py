@@ -68,3 +68,19 @@ model m {{
 """
     model = composer.build(write(tmp_path, text)).eval()
     return dict(model.named_modules())["stages.0.blocks.0.attn"], model
+
+
+def count_of_timm(ours: str, name: str) -> int:
+    """Our model's parameter count (from the plan, no weights), after checking that its blueprint names
+    timm's `name` as its reference, and timm's count (built on the meta device), asserted equal."""
+    import timm
+    import torch
+
+    import composer
+
+    with torch.device("meta"):
+        ref = timm.create_model(name, pretrained=False)
+    assert composer.load(ours).reference == f"timm:{name}"
+    count = composer.check(ours).params
+    assert count == n_params(ref)
+    return count
