@@ -84,3 +84,8 @@ def count_of_timm(ours: str, name: str) -> int:
     count = composer.check(ours).params
     assert count == n_params(ref)
     return count
+
+
+def attention_piece(module, cls):
+    """The piece of class `cls` (composer/layers/attention/) an attention module was assembled from."""
+    return next(p for p in module.pieces if isinstance(p, cls))

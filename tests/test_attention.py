@@ -678,7 +678,7 @@ def test_key_source_protocol_accepts_a_new_source():
     op = Attention(heads=2, kv=EverySecond())
     mod, y = build(op, x_shape)
     assert op.params(x_shape, y) == sum(t.numel() for t in mod.parameters())
-    assert op._keys(x_shape) == prod((3, 2))
+    assert op.sizes(x_shape).keys == prod((3, 2))
     x = torch.randn(2, 20, 8, dtype=torch.float64)
     src = x.view(2, 5, 4, 8)[:, ::2, ::2].reshape(2, 6, 8)
     ref = torch.stack([sdpa(linear(x[b], mod, "q"), *linear(src[b], mod, "kv").split(8, -1), 2) for b in range(2)])
@@ -1081,7 +1081,7 @@ def test_zoo2_part_rules_match_module(config):
     if isinstance(op.position, ContinuousBias):
         hid, h, d = op.position.hidden, op.geometry(x)[0], x.ndim
         from composer.ops.attention import cpb_counts
-        mlp = math.prod(cpb_counts(x.spatial, op._bias_grid(x))) * (d * hid + hid * h)
+        mlp = math.prod(cpb_counts(x.spatial, op.position.key_grid(op, op.sizes(x)))) * (d * hid + hid * h)
         counted += mlp / 2  # the MLP runs once for the batch of 2
     assert abs(op.macs(x, y) - counted) <= 0.05 * counted
     with torch.no_grad():
@@ -1117,3 +1117,14 @@ def test_zoo2_parts_in_the_language(tmp_path):
     assert plan.params == sum(t.numel() for t in model.parameters())
     with torch.no_grad():
         assert model.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 4 + 64, 16)
+
+
+def test_relative_bias_std_sets_the_initialisation():
+    """`relative_bias(std)` initialises the table with that std (DAT's 0.01); it was ignored before."""
+    x = Shape(32, (16, 16), "tokens")
+    for std in (0.01, 0.05):
+        op = Attention(heads=2, partition=Window(size=16), position=RelativeBias(std=std))
+        torch.manual_seed(0)
+        table = op.build(x, op.infer(x)).relative_position_bias_table
+        # trunc-normal(std) cut at +-2 (absolute): for these small stds the sample std is the std
+        assert abs(table.std().item() - std) < 0.15 * std, (std, table.std().item())

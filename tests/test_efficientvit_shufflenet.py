@@ -99,7 +99,7 @@ def test_from_torchvision_refuses_a_timm_mapping():
 
 
 def test_offset_bias_index_by_hand():
-    from composer.layers.attention import _offset_index
+    from composer.layers.attention import offset_index as _offset_index
 
     # a 2x2 group, positions (0,0) (0,1) (1,0) (1,1): offset (|dy|, |dx|) -> |dy| * 2 + |dx|
     assert _offset_index((2, 2)).tolist() == [[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]]

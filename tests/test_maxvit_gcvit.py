@@ -4,6 +4,8 @@ the pieces they need (TF-SAME padding, the per-head relative-bias map, tiling, g
 import pytest
 import torch
 
+from composer.layers.attention import Run
+
 import composer
 import composer.port
 from helpers import REPO, n_params
@@ -102,7 +104,7 @@ def test_relative_bias_map_reads_key_minus_query_offsets(tmp_path):
     assert tuple(attn.relative_position_bias_table.shape) == (2, 3, 3)
     with torch.no_grad():
         attn.relative_position_bias_table.copy_(torch.arange(18.0).view(2, 3, 3))
-    bias = attn._bias()
+    bias = attn.score_bias(Run(attn.grid, torch.zeros(1, 4, 4)))
     coords = [(0, 0), (0, 1), (1, 0), (1, 1)]
     for h in range(2):
         for qi, (qy, qx) in enumerate(coords):
@@ -119,7 +121,7 @@ def test_tile_and_input_query(tmp_path):
     plan = composer.load(str(path))
     assert plan.stages[0].y.channels == 8 and plan.params == 8 * 16 + 16 + 8 * 8 + 8  # kv and proj only
     model = composer.build(str(path)).eval()
-    attn = [m for m in model.modules() if hasattr(m, "input_query")][0]
+    attn = [m for m in model.modules() if hasattr(m, "qkv")][0]
     x = torch.randn(1, 8, 4, 4)
     with torch.no_grad():
         y = model.forward_features(x)

@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import composer
+from composer.layers.attention.positions import RelativeXL
 from composer.ops import OPS
 from composer.shapes import Shape
 from composer.sizes import admits, replan, rule_text
+from helpers import attention_piece
 
 NAME = "conformer_speech_s"
 
@@ -89,10 +91,11 @@ def test_relative_xl_table_follows_the_length_and_keeps_the_build_one():
     op = OPS["attention"](heads=2, position=OPS["relative_xl"]())
     x = Shape(8, (5,), "tokens")
     m = op.build(x, op.infer(x)).eval()
-    table, index = m._xl_tables(5)
+    xl = attention_piece(m, RelativeXL)
+    table, index = xl.tables_for(m, 5)
     assert table is m.pos_table and index is m.pos_index
     for t in (3, 9):
-        table, index = m._xl_tables(t)
+        table, index = xl.tables_for(m, t)
         torch.testing.assert_close(table, _espnet_pe(t, 8), atol=1e-6, rtol=0)
         # query i, key j reads the row of offset i - j (row T-1-(i-j)), as rel_shift does
         rows = torch.arange(2 * t - 1, dtype=torch.float32).expand(1, 1, t, -1)

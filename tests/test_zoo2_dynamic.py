@@ -17,8 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import composer
+from composer.layers.attention.positions import ContinuousBias as ContinuousBiasPiece
 from composer.ops import OPS
 from composer.shapes import Shape
+from helpers import attention_piece
 
 BP = "blueprints/"
 
@@ -101,7 +103,7 @@ def test_scopevit_gsda_matches_reference():
     coords = torch.sign(r) * torch.log(1 + r.abs())
     h = torch.relu(coords @ mod.cpb_fc1.weight.t() + mod.cpb_fc1.bias) @ mod.cpb_fc2.weight.t() + mod.cpb_fc2.bias
     with torch.no_grad():
-        assert (mod._continuous_bias() - h.t().reshape(heads, d * d, d * d)).abs().max() < 1e-6
+        assert (attention_piece(mod, ContinuousBiasPiece).table(mod) - h.t().reshape(heads, d * d, d * d)).abs().max() < 1e-6
 
 
 def test_stvit_r_swin_s_params():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import composer
-from helpers import n_params, split_heads
+from composer.layers.attention.positions import LearnedTable
+from helpers import attention_piece, n_params, split_heads
 
 # (model, img_size, the official code's count): every row is exact
 ROWS = [
@@ -153,7 +154,7 @@ def test_cmt_shares_one_position_bias_per_stage():
         owner = stage.blocks[0].attn.relative_pos
         assert tuple(owner.shape) == (heads[i], n, n // sr[i] ** 2)
         for block in stage.blocks:
-            assert block.attn._learned_bias() is owner
+            assert attention_piece(block.attn, LearnedTable).table(block.attn) is owner
     # keys/values: a depthwise sr x sr stride-sr conv with bias, then batch norm (official `sr`, `norm`)
     attn = model.stages[0].blocks[0].attn
     assert tuple(attn.sr.weight.shape) == (46, 1, 8, 8) and attn.sr.bias is not None

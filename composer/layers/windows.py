@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention_parts import continuous_table
+from .attention.tables import continuous_table
 
 
 class WindowGrid(tuple):

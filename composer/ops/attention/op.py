@@ -22,10 +22,6 @@ OWN_ROWS = (
 )
 
 
-def _is_local(partition) -> bool:
-    return isinstance(partition, (Window, Grid))
-
-
 @op("attention", category="attention", layout="tokens")
 class Attention(Op):
     """Multi-head attention over tokens, with pluggable parts.
@@ -157,32 +153,6 @@ class Attention(Op):
             raise ShapeError(f"head_dim {self.head_dim} does not divide the {x.channels} channels")
         return x.channels // self.head_dim, self.head_dim
 
-    # old helpers, kept for the module's build and for callers
-    def _tokens_kv(self) -> int:
-        return self.extra_kv.count if isinstance(self.extra_kv, KvTokens) else 0
-
-    def _source(self) -> Optional[KeySource]:
-        return self.extra_kv if isinstance(self.extra_kv, KeySource) else None
-
-    def _messengers(self) -> bool:
-        return isinstance(self.partition, Window) and self.partition.messengers
-
-    def _first(self) -> Optional[First]:
-        return self.query if isinstance(self.query, First) else None
-
-    def _group(self, x: Shape) -> tuple[int, ...]:
-        return self.sizes(x).group
-
-    def _queries(self, x: Shape) -> int:
-        return self.sizes(x).queries
-
-    def _keys(self, x: Shape) -> int:
-        return self.sizes(x).keys
-
-    def _bias_grid(self, x: Shape) -> tuple[int, ...]:
-        g = self.sizes(x)
-        return self.position.key_grid(self, g) if hasattr(self.position, "key_grid") else g.kv_grid
-
     # -------------------------------------------------------------- shape rule
     def infer(self, x: Shape) -> Shape:
         xs = self._x(x)
@@ -216,9 +186,8 @@ class Attention(Op):
         """(key, parameters) of a table shared with other attentions (`learned_bias(tie = ...)`)."""
         if not self.ties():
             return None
-        g = self.sizes(x)
-        shape = (g.heads, g.queries, g.keys)
-        return ("learned_bias", self.position.tie, shape), prod(shape)
+        key = self.position.tie_key(self.sizes(x))
+        return key, prod(key[2])
 
     def params(self, x, y):
         g = self.sizes(x)
@@ -245,63 +214,15 @@ class Attention(Op):
 
     # -------------------------------------------------------------- module
     def build(self, x, y):
+        """The module from the parts' pieces (composer/layers/attention/): each part's `layer`, in
+        the order of the roles, then the default projection (one `qkv` linear) when no part projects,
+        and the output projection."""
         from ...layers.attention import Attention as Module
+        from ...layers.attention.projections import FusedQKV, Output
 
-        heads, _ = self.geometry(x)
-        xs = self._x(x)
-        p = self.partition
-        cfg = dict(
-            dim=self.inner(x), cin=xs.channels, out=y.channels if self.proj else 0, heads=heads, grid=x.spatial, extra=x.extra, qkv_bias=self.qkv_bias,
-            proj_bias=self.proj_bias, scale=self.scale, input_query=self._given(),
-        )
-        if _is_local(p):
-            size, shift = p.effective(x.spatial)
-            cfg.update(partition=p.mode, size=size, shift=shift, padded=p.padded(x.spatial))
-        elif isinstance(p, Neighbourhood):
-            cfg.update(partition="neighbourhood", size=p.size, dilation=p.dilation, pad_mask=p.mask)
-        elif isinstance(p, Routed):
-            cfg.update(partition="routed", regions=p.regions, topk=p.topk)
-        pos = self.position
-        if isinstance(pos, RelativeBiasMap):  # before its base class
-            cfg.update(relative_bias="map")
-        elif isinstance(pos, RelativeBias):
-            cfg.update(relative_bias=True)
-        elif isinstance(pos, LearnedBias):
-            cfg.update(learned_bias=(self._queries(xs), self._keys(xs), pos.std),
-                       tie=None if pos.tie is None else self.tie_key(x)[0])
-        elif isinstance(pos, RelativeXL):
-            cfg.update(relative_xl=True)
-        elif isinstance(pos, LePE):
-            cfg.update(lepe=pos.kernel, lepe_source=pos.source)
-        if self.kv is not None:
-            cfg.update(key_source=self.kv.build(xs, heads=heads) if self.kv.score_bias() else self.kv.build(xs),
-                       key_source_name=self.kv.module_name,
-                       key_source_query=self.kv.needs_query, kv_grid=self.kv.grid(xs))
-        if self.projection is not None:
-            cfg.update(conv_proj=(self.projection.kernel, self.projection.stride_kv))
-        first = self._first()
-        if first is not None:
-            cfg.update(queries=first.count, keys_rest=first.keys == "rest")
-        if isinstance(self.score, Cosine):
-            cfg.update(cosine=(self.score.init, self.score.query_embedding, self.score.length_scale))
-        if isinstance(self.extra_kv, KvTokens):
-            cfg.update(kv_tokens=(self.extra_kv.count, self.extra_kv.std))
-        src = self._source()
-        if src is not None:
-            cfg.update(extra_source=src.build(xs), extra_source_name=src.module_name, extra_grid=src.grid(xs))
-        if isinstance(self.score, Performer):
-            cfg.update(performer=(self.score.features, self.score.eps))
-        if isinstance(pos, ContinuousBias):
-            cfg.update(continuous_bias=(pos.hidden, self._bias_grid(xs), pos.coords, pos.drop))
-        if isinstance(p, Neighbourhood):
-            cfg.update(local_bias=p.bias, local_tokens=p.tokens)
-        cfg.update(value_skip=self.value_skip, messengers=self._messengers())
-        if self.agents is not None:
-            cfg.update(agents=(self.agents.count, self.agents.kernel, self.agents.table))
-        module = Module(**cfg)
-        # a window the blueprint pads (`pad = true`) pads, then rolls, as the official Swin; a grid
-        # padded only because the model runs at another size rolls, then pads, as timm's
-        module.pad_first = isinstance(self.partition, Window) and self.partition.pad
-        return module
-
-
+        g = self.sizes(x)
+        pieces = [piece for _, part in self.parts() if (piece := part.layer(self, g)) is not None]
+        if not any(hasattr(p, "project") for p in pieces):
+            pieces.insert(0, FusedQKV(g.channels, g.inner, self.qkv_bias))
+        pieces.append(Output(g.inner, y.channels if self.proj else 0, self.proj_bias, self.value_skip))
+        return Module(g.inner, g.heads, x.spatial, x.extra, self.scale, pieces)

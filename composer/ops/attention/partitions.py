@@ -48,6 +48,14 @@ class LocalPartition(Partition):
     def part_runtime_grid(self, att, x, features):
         return True
 
+    def layer(self, att, g):
+        from ...layers.attention.partitions import Windows
+
+        grid = g.x.spatial
+        size, shift = self.effective(grid)
+        return Windows(grid, self.mode, size, shift, self.padded(grid), pad_first=getattr(self, "pad", False),
+                       messengers=getattr(self, "messengers", False))
+
     def admits(self, built: Shape, got: Shape, dynamic: bool):
         """Window and grid attention keep the window, shift and tables of the build grid (timm's
         Swin does the same): another grid must be a multiple of the window, or is padded up to one
@@ -210,6 +218,11 @@ class Neighbourhood(Partition):
     def add_macs(self, att, g):
         return g.tokens * g.inner * self.size ** g.ndim if self.tokens else 0  # l2norm(q) @ learnable_tokens
 
+    def layer(self, att, g):
+        from ...layers.attention.partitions import Neighbourhood as Piece
+
+        return Piece(g.x.spatial, self.size, self.dilation, self.mask, self.bias, self.tokens, g.heads, g.head_dim)
+
 
 @op("dilated", kind="part", category="attention part")
 class Dilated(Neighbourhood):
@@ -256,3 +269,8 @@ class Routed(Partition):
 
     def add_macs(self, att, g):
         return self.regions ** (2 * g.ndim) * g.inner  # region affinity
+
+    def layer(self, att, g):
+        from ...layers.attention.partitions import Routed as Piece
+
+        return Piece(g.x.spatial, self.regions, self.topk)

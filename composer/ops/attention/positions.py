@@ -22,7 +22,7 @@ class Position(Part):
 @op("relative_bias", kind="part", category="attention part")
 class RelativeBias(Position):
     """A learned bias per head for every relative offset inside a window or grid group (Swin,
-    MaxViT): a table of (2w-1)^d x heads entries, trunc-normal(std 0.02) initialised, gathered by a
+    MaxViT): a table of (2w-1)^d x heads entries, trunc-normal(`std`) initialised, gathered by a
     fixed index. Needs a partition."""
 
     std: float = 0.02
@@ -39,6 +39,12 @@ class RelativeBias(Position):
             n += 2 * g.heads  # rel_pos_msg
         return n
 
+    def layer(self, att, g):
+        from ...layers.attention.positions import RelativeTable
+
+        return RelativeTable(g.heads, g.group[0], g.ndim, std=self.std, as_map=self.name == "relative_bias_map",
+                             messengers=self.name == "relative_bias" and "messengers" in g.features)
+
     def part_runtime_grid(self, att, x, features):
         return True
 
@@ -47,7 +53,7 @@ class RelativeBias(Position):
 class RelativeBiasMap(RelativeBias):
     """A learned relative-position bias stored as one (2w-1)^d map per head, read at the
     key-minus-query offset (TensorFlow MaxViT's layout, timm's `RelPosBiasTf`): the table is
-    `relative_position_bias_table` of shape (heads, 2w-1, ..., 2w-1), normal(std 0.02)
+    `relative_position_bias_table` of shape (heads, 2w-1, ..., 2w-1), normal(`std`)
     initialised. The same number of parameters as `relative_bias`. Needs a partition."""
 
 
@@ -69,6 +75,14 @@ class LearnedBias(Position):
 
     def add_params(self, att, g):
         return g.heads * g.queries * g.keys
+
+    def tie_key(self, g) -> tuple | None:
+        return None if self.tie is None else ("learned_bias", self.tie, (g.heads, g.queries, g.keys))
+
+    def layer(self, att, g):
+        from ...layers.attention.positions import LearnedTable
+
+        return LearnedTable(g.heads, g.queries, g.keys, self.std, self.tie_key(g))
 
 
 @op("relative_xl", kind="part", category="attention part")
@@ -94,6 +108,11 @@ class RelativeXL(Position):
     def add_macs(self, att, g):
         n, cd = g.tokens, g.inner
         return (2 * n - 1) * cd * cd + n * (2 * n - 1) * cd  # linear_pos and (q + v) P^T
+
+    def layer(self, att, g):
+        from ...layers.attention.positions import RelativeXL as Piece
+
+        return Piece(g.inner, g.heads, g.tokens)
 
     def part_runtime_grid(self, att, x, features):
         return "partition" not in features
@@ -153,6 +172,11 @@ class ContinuousBias(Position):
         hid, d = self.hidden, g.ndim
         return prod(cpb_counts(g.group, self.key_grid(att, g))) * (d * hid + hid * g.heads)  # the bias MLP
 
+    def layer(self, att, g):
+        from ...layers.attention.positions import ContinuousBias as Piece
+
+        return Piece(g.heads, self.hidden, g.group, self.key_grid(att, g), self.coords, self.drop)
+
     def part_runtime_grid(self, att, x, features):
         return "local" in features
 
@@ -189,6 +213,11 @@ class LePE(Position):
 
     def add_macs(self, att, g):
         return g.tokens * g.inner * self.kernel ** g.ndim  # over the (padded) groups or the map
+
+    def layer(self, att, g):
+        from ...layers.attention.positions import LePE as Piece
+
+        return Piece(g.inner, g.ndim, self.kernel, self.source, g.group if "partition" in g.features else None)
 
     def part_runtime_grid(self, att, x, features):
         return True

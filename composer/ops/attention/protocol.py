@@ -24,9 +24,12 @@ softmax) or `agents`. It owns, besides its settings (pure Python, no torch at mo
   agents) gives `core_macs(att, g)` (None: the default 2 n keys d).
 * Geometry, for the parts that shape the attention groups (partitions, query and key parts):
   `group(x)`, `queries(x)`, `keys(x)`, `tokens(x)` (see `Geometry`).
-* `layer(att, g)`: its piece of the torch module, an object of `composer.layers.attention_parts`
+* `layer(att, g)`: its piece of the torch module (None: none), a `composer.layers.attention.Piece`
   that installs its parameters, buffers and submodules on the attention module under their
-  state_dict names and sets what the forward reads (None: nothing to install).
+  state_dict names and takes some steps of its forward (composer/layers/attention/module.py lists
+  them: regroup the tokens, project, add keys or score terms, replace the dense product, add to
+  the output). The op's `build` only collects the pieces: a new part adds a piece class and its
+  `layer`, and neither the op nor the module is edited.
 """
 
 from __future__ import annotations

@@ -43,6 +43,11 @@ class Cosine(Part):
     def add_params(self, att, g):
         return g.heads + (g.inner if self.query_embedding else 0)
 
+    def layer(self, att, g):
+        from ...layers.attention.scores import Cosine as Piece
+
+        return Piece(g.heads, g.head_dim, self.init, self.query_embedding, self.length_scale, g.keys)
+
     def part_runtime_grid(self, att, x, features):
         return "partition" in features or not self.length_scale
 
@@ -78,6 +83,11 @@ class Performer(Part):
         f, n, m = self.features, g.tokens, g.kv_tokens
         # phi(q), phi(k), phi(K)^T V, phi(q) (phi(K)^T V) and the normaliser phi(q) . sum phi(k)
         return (2 * n + 2 * m) * f * g.inner + n * f * g.heads
+
+    def layer(self, att, g):
+        from ...layers.attention.scores import Performer as Piece
+
+        return Piece(self.features, self.eps, g.head_dim)
 
     def part_runtime_grid(self, att, x, features):
         return True
@@ -118,6 +128,11 @@ class Agents(Part):
 
     def check_part(self, att, g):
         self.side(g.ndim)
+
+    def layer(self, att, g):
+        from ...layers.attention.scores import Agents as Piece
+
+        return Piece(g.heads, g.inner, self.count, self.kernel, self.table, g.group, g.kv_grid)
         if self.count <= 0 or self.kernel <= 0 or self.kernel % 2 == 0 or self.table <= 0:
             raise ShapeError("agents count, table and (odd) kernel must be positive")
 

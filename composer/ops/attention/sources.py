@@ -109,6 +109,13 @@ class KeySource(Part):
             return self.macs(g.x)
         return 2 * self.tokens(g.x) * g.channels * g.inner + self.macs(g.x)  # the extra keys, values, source
 
+    def layer(self, att, g):
+        from ...layers.attention.projections import SourcedQKV
+
+        module = self.build(g.x, heads=g.heads) if self is att.kv and self.score_bias() else self.build(g.x)
+        return SourcedQKV(g.channels, g.inner, att.qkv_bias, module, self.module_name, query=self.needs_query,
+                          extra=self is not att.kv)
+
     def build(self, x: Shape, y: Optional[Shape] = None):
         from ...layers.attention import TokensOf
 
@@ -215,6 +222,11 @@ class ConvProj(Part):
         x, k = g.x, self.kernel ** g.ndim
         return (prod(x.spatial) + 2 * prod(self.grid(x))) * x.channels * k
 
+    def layer(self, att, g):
+        from ...layers.attention.projections import ConvQKV
+
+        return ConvQKV(g.channels, g.inner, att.qkv_bias, self.kernel, self.stride_kv, g.ndim)
+
     def part_runtime_grid(self, att, x, features):
         return True
 
@@ -243,6 +255,11 @@ class KvTokens(Part):
     def add_params(self, att, g):
         return 2 * self.count * g.inner
 
+    def layer(self, att, g):
+        from ...layers.attention.scores import KvTokens as Piece
+
+        return Piece(self.count, self.std, g.inner)
+
 
 @op("given", kind="part", category="attention part")
 class Given(Part):
@@ -270,6 +287,11 @@ class Given(Part):
             raise ShapeError(f"query=given needs [tokens, queries] channels of equal size, got {x.channels}")
         return x.with_(channels=x.channels // 2)
 
+    def layer(self, att, g):
+        from ...layers.attention.projections import FusedQKV
+
+        return FusedQKV(g.channels, g.inner, att.qkv_bias, given=True)
+
 
 @op("first", kind="part", category="attention part")
 class First(Part):
@@ -295,6 +317,11 @@ class First(Part):
 
     def out_tokens(self, x):
         return self.count
+
+    def layer(self, att, g):
+        from ...layers.attention.projections import FirstQKV
+
+        return FirstQKV(g.channels, g.inner, att.qkv_bias, self.count, self.keys == "rest")
 
     def check_part(self, att, g):
         x = g.x

@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import built_on_cpu
+from ..core import built_on_cpu
 
 
 def neighbourhood_index(grid, size: int, dilation: int) -> tuple[torch.Tensor, torch.Tensor]:
