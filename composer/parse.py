@@ -11,6 +11,7 @@ import threading
 from lark import Lark, Token
 
 from . import ast, lalr
+from .budget import MAX_DIGITS, MAX_NUMBER, too_big
 from .comments import comment_block
 from .diagnostics import ComposerError, error
 from .locate import GRAMMAR_DIR
@@ -238,18 +239,31 @@ class _Callbacks:
                 if seen_kw:
                     self._fail(error("syntax", "positional argument after keyword argument", item.span))
                 args.append(item)
-        names = [k[0] for k in kwargs]
-        for i, (kname, _, span) in enumerate(kwargs):
-            if kname in names[:i]:
+        seen = set()
+        for kname, _, span in kwargs:
+            if kname in seen:
                 self._fail(error("duplicate-argument", f"argument '{kname}' given twice", span))
+            seen.add(kname)
         return tuple(args), tuple(kwargs)
 
     # ---- expressions
     def expr__int_lit(self, c):
-        return self._node(c, ast.Literal, int(str(c[0]).replace("_", "")))
+        digits = str(c[0]).replace("_", "")
+        if len(digits) > MAX_DIGITS:  # Python's int() refuses over 4,300 digits: say what is wrong first
+            self._fail(error("too-large", f"too large: an integer of {len(digits):,} digits", self._tok_span(c[0]),
+                             f"numbers must stay below {MAX_NUMBER:.3g} in magnitude"))
+            return self._node(c, ast.Literal, 0)
+        return self._literal(c, int(digits))
 
     def expr__float_lit(self, c):
-        return self._node(c, ast.Literal, float(str(c[0]).replace("_", "")))
+        return self._literal(c, float(str(c[0]).replace("_", "")))
+
+    def _literal(self, c, value):
+        try:
+            too_big(value, self._tok_span(c[0]))
+        except ComposerError as exc:
+            self._fail(exc)
+        return self._node(c, ast.Literal, value)
 
     def expr__str_lit(self, c):
         return self._node(c, ast.Literal, str(c[0])[1:-1])

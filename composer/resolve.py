@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from . import ast
+from . import ast, budget
 from .diagnostics import ComposerError, deprecated, did_you_mean, error
 from .expr import Cycle, InputSpec, Ref, Schedule, Scope, evaluate, type_name
 from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
@@ -24,8 +24,9 @@ from .ops import OPS, Op
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import ShapeError, TensorRef
 from .source import Span
-from .speed import PER_BLOCK, gc_paused, instance_key, keep_instance, reused_instance
+from .speed import PER_BLOCK, gc_paused, instance_key, item_count, keep_instance, reused_instance
 
+STATEMENT_UNITS = 100  # work units per statement expanded or layer copied (as much work as about 100 expression nodes)
 SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss")
 MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
 
@@ -50,7 +51,7 @@ def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model
             raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span,
                         did_you_mean(cur.base, defs) or f"models in this file: {', '.join(defs)}")
         cur = defs[cur.base]
-    with gc_paused():
+    with gc_paused(), budget.opened():  # one work budget per model checked (composer/budget.py)
         return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
 
 
@@ -224,7 +225,11 @@ class _Resolver(ast.NodeVisitor):
         out = []
         scope = scope.child()
         methods = self._methods  # `self.visit(stmt, ...)` inlined: this loop is the hot path of `check`
+        work = budget.STATE
         for stmt in body:
+            work.left -= STATEMENT_UNITS  # each statement expanded draws on the check's work budget
+            if work.left < 0:
+                raise budget.exhausted(stmt.span, "expanding this")
             (methods.get(stmt.__class__) or self._method_for(stmt.__class__))(self, stmt, scope, ctx, names, out)
         if finish:
             names.finish()
@@ -411,10 +416,12 @@ class _Resolver(ast.NodeVisitor):
         comp: ast.CompositeDef = ref.target
         depth = ctx.depth + 1
         if depth > 32:
-            raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span)
+            raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span,
+                        "give the recursion an end: a condition on an argument that stops it")
         key = instance_key(comp, ref.args, depth)
         items = reused_instance(self.unit.instances, key, comp, ctx.drop_path)
-        if items is not None:
+        if items is not None:  # a copy: as much work as the items copied
+            budget.charge(STATEMENT_UNITS * item_count(items), ref.span, f"expanding '{comp.name}'")
             return items
         mark = PER_BLOCK.n
         items = self._expand(ref, comp, ctx, depth)
@@ -436,7 +443,10 @@ class _Resolver(ast.NodeVisitor):
             inner = Ctx(ctx.stage_block, ctx.block, ctx.total, ctx.drop_path, depth, f"{comp.name}@{depth}.")
             return self._items(comp.body, scope, inner, Names())
         except ComposerError as exc:
-            exc.diagnostics[0].notes.append(f"in {comp.kind} '{comp.name}' used at {ref.span}")
+            notes = exc.diagnostics[0].notes
+            note = f"in {comp.kind} '{comp.name}' used at {ref.span}"
+            if note not in notes:  # a block expanding into itself: each use of the cycle once
+                notes.append(note)
             raise
 
 
@@ -503,6 +513,7 @@ class _StageBlocks(ast.NodeVisitor):
         count = 1 if item.count is None else evaluate(item.count, sscope)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10_000:
             raise error("type", f"repeat count must be an int from 0 to 10000, got {count!r}", item.count.span)
+        budget.charge(count, item.count.span if item.count is not None else item.span, "this repeat")
         blocks += [(item, k) for k in range(count)]
 
     def visit_Reuse(self, item: ast.Reuse, sscope: Scope, blocks: list) -> None:
