@@ -237,6 +237,8 @@ class _Resolver(ast.NodeVisitor):
 
     # each statement of a body adds its items to `out`
     def visit_Let(self, stmt: ast.Let, scope, ctx, names, out) -> None:
+        if stmt.name in scope.values:  # `scope`: this body's own (see `_items`)
+            raise twice(stmt)
         scope.values[stmt.name] = evaluate(stmt.value, scope)
 
     def visit_Apply(self, stmt: ast.Apply, scope, ctx, names, out) -> None:
@@ -457,6 +459,7 @@ class _Inherited(ast.NodeVisitor):
     def __init__(self):
         self.params: dict[str, ast.Param] = {}
         self.lets: dict[str, ast.Expr] = {}
+        self.let_depth: dict[str, int] = {}  # name -> the depth in the chain of the model that defines it
         self.settings: dict[str, ast.Assign] = {}
         self.sections: dict[str, tuple] = {}  # key -> (depth, statement)
         self.stages: list = []
@@ -464,10 +467,13 @@ class _Inherited(ast.NodeVisitor):
         self.model, self.depth = None, 0
 
     def visit_Let(self, stmt: ast.Let) -> None:
-        if self.depth and stmt.name in self.lets:
+        if stmt.name in self.lets:
+            if self.let_depth[stmt.name] == self.depth:
+                raise twice(stmt)
             raise error("redefinition", f"'{stmt.name}' is already defined by the base model", stmt.span,
                         f"write `{stmt.name} = ...` to override it")
         self.lets[stmt.name] = stmt.value
+        self.let_depth[stmt.name] = self.depth
 
     def visit_Assign(self, stmt: ast.Assign) -> None:
         depth, params, lets = self.depth, self.params, self.lets
@@ -507,6 +513,8 @@ class _StageBlocks(ast.NodeVisitor):
     the stage's scope, and its blocks, (item, index in its repeat), repeat counts evaluated."""
 
     def visit_Let(self, item: ast.Let, sscope: Scope, blocks: list) -> None:
+        if item.name in sscope.values:
+            raise twice(item)
         sscope.values[item.name] = evaluate(item.value, sscope)
 
     def visit_Repeat(self, item: ast.Repeat, sscope: Scope, blocks: list) -> None:
@@ -666,6 +674,12 @@ def to_op(ref: Ref) -> Op:
     if old is not None:
         deprecated(old[0], ref.span, old[1])
     return op
+
+
+def twice(stmt: ast.Let) -> ComposerError:
+    """A second `let` of one name in one scope: the first would be silently lost."""
+    return error("redefinition", f"'{stmt.name}' is already defined here", stmt.span,
+                 "a name holds one value in a block or model: give the second value another name")
 
 
 def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
