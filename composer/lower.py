@@ -62,13 +62,15 @@ class _Lowering:
                 x = norm.y
             stages.append(StagePlan(st.index, down, st.downsample_last, blocks, x0, x, norm))
         head = self._section("head", self.model.head, x)
-        for name in self.model.outputs or []:
+        spans = self.model.outputs_spans
+        for i, name in enumerate(self.model.outputs or []):
+            where = spans[i] if i < len(spans) else None  # where the name is written in `outputs = [...]`
             if name not in self.saved:
-                raise error("unknown-tensor", f"output '{name}' is never saved", None,
+                raise error("unknown-tensor", f"output '{name}' is never saved", where,
                             did_you_mean(name, self.saved) or "name a tensor with `save NAME` in a block")
             if self.fold_of[name][0]:
                 raise error("shape", f"output '{name}' is saved between patches_to_batch and batch_to_patches",
-                            None, "save it where the batch is the model's")
+                            where, "save it where the batch is the model's")
         m = self.model
         out = Plan(m.name, m.file, Shape(inp.channels, tuple(inp.size), "map"), inp.kind, stem, stages, head,
                    arguments=m.params, chain=m.chain, overrides=m.overrides, drop_path=m.drop_path,

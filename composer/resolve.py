@@ -123,6 +123,9 @@ class _Resolver(ast.NodeVisitor):
             raise error("type", f"outputs must be a list of saved tensor names, got {type_name(outputs)}",
                         settings["outputs"].value.span, 'e.g. outputs = ["c3", "c4"] with `save c3` in a block')
         self.outputs_span = settings["outputs"].value.span if outputs is not None else None
+        written = settings["outputs"].value if outputs is not None else None
+        outputs_spans = [item.span for item in written.items] if isinstance(written, ast.ListExpr) \
+            and len(written.items) == len(outputs) else [self.outputs_span] * len(outputs or [])
         features = evaluate(settings["feature_points"].value, scope) if "feature_points" in settings else "stages"
         if features not in ("stages", "blocks"):
             raise error("value", f'feature_points must be "stages" or "blocks", got {features!r}',
@@ -139,7 +142,7 @@ class _Resolver(ast.NodeVisitor):
         return Model(
             self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
             overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
-            features, loss, [m.name for m in reversed(self.chain)],
+            features, loss, [m.name for m in reversed(self.chain)], outputs_spans,
         )
 
     def _loss(self, expr, scope) -> Op:
@@ -694,8 +697,8 @@ def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
                      f"required arguments: {', '.join(required)}")
     field = ref.target.model_fields.get(loc)
     want = _type_words(field.annotation) if field is not None else "another value"
-    return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}",
-                 span)
+    return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}"
+                 .rstrip(), span)
 
 
 def _short(value) -> str:
@@ -706,12 +709,36 @@ def _short(value) -> str:
 
 
 def _type_words(annotation) -> str:
+    parts = _part_words(annotation)
+    if parts:
+        return parts
     text = str(annotation).replace("typing.", "").replace("composer.ops.registry.", "").replace("composer.shapes.", "").replace("<class '", "").replace("'>", "")
     text = text.replace("Optional[", "").replace("Literal[", "one of ")
     text = re.sub(r"list\[(\w+)\]", lambda m: f"a list of {m.group(1)}s", text).replace("]", "")
     words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op",
              "TensorRef": "a tensor (a name bound by `name = ...` or `save name`)"}
     return words.get(text, text)
+
+
+def _part_words(annotation) -> str | None:
+    """For a field that takes ops or parts (`position`, `partition`, `kv`): the names users write,
+    `relative_bias(...) or ... or none`; None for another annotation."""
+    def flat(a):
+        args = typing.get_args(a)
+        return [t for x in args for t in flat(x)] if args else [a]
+
+    kinds = flat(annotation)
+    classes = [c for c in kinds if isinstance(c, type) and issubclass(c, Op)]
+    if not classes or len(classes) + (type(None) in kinds) != len(kinds):
+        return None
+    names = []
+    for cls in classes:  # a registered class by its name, a base class by the registered ones under it
+        found = [c.name for c in OPS.values() if issubclass(c, cls)]
+        names += [n for n in found if n not in names]
+    if not names:
+        return None
+    words = [f"{n}(...)" for n in names] + (["none"] if type(None) in kinds else [])
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
 def reuse_path(stmt: ast.Reuse, scope: Scope) -> str:
