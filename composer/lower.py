@@ -6,6 +6,7 @@ step is inserted, before a residual when its body needs it so the shortcut follo
 
 from __future__ import annotations
 
+from .budget import MAX_NUMBER
 from .diagnostics import ComposerError, Diagnostic
 from .ops import OPS
 from .diagnostics import did_you_mean, error
@@ -78,6 +79,10 @@ class _Lowering:
                    doc=m.doc, span=m.span, saved=dict(self.saved), source=m)
         if self.reuses:
             _check_reuses(out, self.reuses)
+        for what, count in (("parameters", out.params), ("MACs", out.macs)):  # a summary prints them as floats
+            if count > MAX_NUMBER:
+                raise error("too-large", f"too large: the model has about 10**{int(count.bit_length() * 0.30103)} {what}",
+                            m.span, f"counts must stay below {MAX_NUMBER:.3g}: make the layers smaller")
         return out
 
     def _section(self, path, items, x, drop_path=0.0, call="") -> Section:

@@ -56,6 +56,8 @@ CASES = {  # name: (lets, stem, words of the message)
     "long sum": ("let a = " + "1 + " * 600 + "1", "conv(8, 3)", "too deeply nested"),
     "deep lists": ("let a = " + "[" * 500 + "1" + "]" * 500, "conv(8, 3)", "too deeply nested"),
     "deep residuals": ("", "residual { " * 500 + "identity" + " }" * 500, "too deeply nested"),
+    "summary overflow": ("let c = (10 ** 50) ** 4", "conv(c, 3, padding = 1); conv(c, 3, padding = 1)",
+                         "too large: the model has about 10**"),
     "second let": ("let a = 8\n    let a = 16", "conv(a, 3)", "'a' is already defined here"),
 }
 
