@@ -358,6 +358,9 @@ def make_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=["yaml", "arch"], required=True)
     cv.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
     cv.set_defaults(func=cmd_convert)
+    for command in sub.choices.values():  # `composer check x.arch --debug` as well as `composer --debug check ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show Python tracebacks for internal errors")
     return p
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import ast
 from .comments import END, Comment, Layout, end_of, start_of, yaml_comments
-from .diagnostics import error
+from .diagnostics import ComposerError, error
 from .files import read_source
 from .format import Printer
 from .pretty import render
@@ -527,6 +527,11 @@ def _check(tree, reparse, name: str, what: str) -> None:
     with _sources_kept():
         try:
             again = reparse()
+        except ComposerError as exc:
+            if exc.code != "yaml-size":
+                raise RuntimeError(f"convert produced {what} that does not read back for {name}: {exc}") from None
+            raise error("too-deep", f"{name} is nested too deeply to write as {what}", getattr(tree, "span", None),
+                        "blocks (`block name { ... }`) make the nesting shallower") from None
         except Exception as exc:  # a converter bug: never hand back text that does not read back
             raise RuntimeError(f"convert produced {what} that does not read back for {name}: {exc}") from None
     if _canon(again) != _canon(tree):

@@ -24,21 +24,38 @@ class Diagnostic:
         where = f"{self.span}: " if self.span else ""
         out = [f"{where}error: {self.message}"]
         if self.span and self.span.file in SOURCES:
-            text = SOURCES[self.span.file].line(self.span.line)
+            text = SOURCES[self.span.file].line(self.span.line).rstrip()
             if text:
                 width = (
                     self.span.end_column - self.span.column
                     if self.span.end_line == self.span.line
                     else len(text) - self.span.column + 1
                 )
+                text, column, width = _cut(text, self.span.column, max(1, width))
                 gutter = f"{self.span.line:>4} | "
-                out.append(gutter + text.rstrip())
-                out.append(" " * (len(gutter) + self.span.column - 1) + "^" * max(1, width))
+                out.append(gutter + text)
+                out.append(" " * (len(gutter) + column - 1) + "^" * width)
         for note in self.notes:
             out.append(f"  note: {note}")
         if self.hint:
             out.append(f"  hint: {self.hint}")
         return "\n".join(out)
+
+
+QUOTE_WIDTH = 120  # the most characters of a source line a diagnostic quotes
+
+
+def _cut(text: str, column: int, width: int) -> tuple[str, int, int]:
+    """A long source line cut to about QUOTE_WIDTH characters around the caret, `...` marking
+    each cut; returns the text to quote, the caret's column in it and the caret's width."""
+    if len(text) <= QUOTE_WIDTH:
+        return text, column, width
+    start = max(0, min(column - 1 - QUOTE_WIDTH // 3, len(text) - QUOTE_WIDTH))
+    end = start + QUOTE_WIDTH
+    head, tail = ("..." if start else ""), ("..." if end < len(text) else "")
+    column = column - start + len(head)
+    width = max(1, min(width, QUOTE_WIDTH - (column - len(head) - 1)))
+    return head + text[start:end] + tail, column, width
 
 
 class ComposerError(Exception):

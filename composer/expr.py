@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import ast
+from .budget import MAX_BITS, STATE as _BUDGET, charge, exhausted, product_bits, too_big
 from .diagnostics import did_you_mean, error
 from .shapes import TensorRef
 from .source import Span
@@ -139,6 +140,11 @@ def evaluate(node: ast.Expr, scope: Scope) -> Any:
     except KeyError:  # a node class without one (a `Named` is the parser's to reject): fail here, naming it
         raise NotImplementedError(f"evaluate cannot walk a {node.__class__.__name__} node: "
                                   f"_EVAL has no function for it") from None
+    budget = _BUDGET  # one unit of the check's work budget per node evaluated (composer/budget.py)
+    budget.left -= 1
+    if budget.left < 0:
+        budget.left = 0
+        raise exhausted(node.span, "evaluating this")
     return method(node, scope)
 
 
@@ -182,6 +188,7 @@ def _eval_list_comp(node: ast.ListComp, scope: Scope):
     items = evaluate(node.items, scope)
     if not isinstance(items, list):
         raise error("type", f"a list comprehension needs a list, got {type_name(items)}", node.items.span)
+    charge(6 * len(items), node.span, "this list comprehension")  # a scope per item, as much work as 6 nodes
     return [evaluate(node.expr, scope.child({node.var: item})) for item in items]
 
 
@@ -206,24 +213,34 @@ def _eval_binop(node: ast.BinOp, scope):
     left, right = evaluate(node.left, scope), evaluate(node.right, scope)
     if node.op in _COMPARE:
         if node.op in ("==", "!="):
+            if isinstance(left, (list, str)):  # a comparison walks the list
+                charge(len(left), node.span, "this comparison")
             return _COMPARE[node.op](left, right)
         _num(left, node.left.span, f"'{node.op}'")
         _num(right, node.right.span, f"'{node.op}'")
         return _COMPARE[node.op](left, right)
-    if node.op == "+" and isinstance(left, list) and isinstance(right, list):
-        return left + right
-    if node.op == "+" and isinstance(left, str) and isinstance(right, str):
+    if node.op == "+" and (isinstance(left, list) and isinstance(right, list)
+                           or isinstance(left, str) and isinstance(right, str)):
+        charge(len(left) + len(right), node.span, "the list or string made here")
         return left + right
     if node.op == "*" and isinstance(left, list) and isinstance(right, int) and not isinstance(right, bool):
+        charge(len(left) * max(right, 0), node.span, "the list made here")  # before it is made
         return left * right
     _num(left, node.left.span, f"'{node.op}'")
     _num(right, node.right.span, f"'{node.op}'")
     if node.op == "**" and abs(right) > 64:
         raise error("value", f"exponent {right} is too large", node.right.span)
+    if left.__class__ is int and right.__class__ is int:  # refuse a huge product or power before computing it
+        if node.op == "*" and product_bits(left, right) > MAX_BITS + 1 or \
+                node.op == "**" and right > 0 and (abs(left).bit_length() - 1) * right > MAX_BITS:
+            raise error("too-large", "too large: this number", node.span, "numbers must stay below 1.8e+308 in magnitude")
     try:
-        return _ARITH[node.op](left, right)
+        return too_big(_ARITH[node.op](left, right), node.span)
     except ZeroDivisionError:
         raise error("value", "division by zero", node.span) from None
+    except OverflowError:  # a float power beyond the float range
+        raise error("too-large", "too large: this number", node.span, "numbers must stay below 1.8e+308 in magnitude")
+
 
 
 def _eval_unary(node: ast.UnaryOp, scope):
@@ -316,12 +333,30 @@ def _builtin(fn: Callable, arity: tuple[int, int], doc: str):
             want = str(arity[0]) if arity[0] == arity[1] else f"{arity[0]} to {arity[1]}"
             raise error("arguments", f"{name}() takes {want} argument(s), got {len(args)}", node.span)
         try:
-            return fn(node, *args)
+            return too_big(fn(node, *args), node.span)
         except (TypeError, ValueError) as exc:
             raise error("type", f"{name}(): {exc}", node.span) from None
+        except OverflowError:  # int(1e308 * 10), round(inf)
+            raise error("too-large", f"{name}(): too large a number", node.span,
+                        "numbers must stay below 1.8e+308 in magnitude") from None
 
     call.__doc__ = doc
     return call
+
+
+def _walked(node, value):
+    """A list a built-in walks, its length charged to the work budget."""
+    if isinstance(value, (list, str)):
+        charge(len(value), node.span, "the list walked here")
+    return value
+
+
+def _range(node, *bounds):
+    if any(isinstance(b, bool) or not isinstance(b, int) for b in bounds):
+        raise TypeError("needs int bounds")
+    numbers = range(*bounds)
+    charge(len(numbers), node.span, f"a range of {len(numbers):,} numbers")  # before it is made
+    return list(numbers)
 
 
 def _alternate(node, *values):
@@ -375,14 +410,16 @@ def _input(kind: str, ndim: int):
 
 
 BUILTINS: dict[str, Callable] = {
-    "min": _builtin(lambda n, *a: min(a[0]) if len(a) == 1 else min(a), (1, 8), "Smallest of the arguments or of a list."),
-    "max": _builtin(lambda n, *a: max(a[0]) if len(a) == 1 else max(a), (1, 8), "Largest of the arguments or of a list."),
+    "min": _builtin(lambda n, *a: min(_walked(n, a[0])) if len(a) == 1 else min(a), (1, 8),
+                    "Smallest of the arguments or of a list."),
+    "max": _builtin(lambda n, *a: max(_walked(n, a[0])) if len(a) == 1 else max(a), (1, 8),
+                    "Largest of the arguments or of a list."),
     "round": _builtin(lambda n, x: round(x), (1, 1), "Round to the nearest int."),
     "int": _builtin(lambda n, x: int(x), (1, 1), "Truncate to an int."),
     "float": _builtin(lambda n, x: float(x), (1, 1), "Convert to a float."),
     "len": _builtin(lambda n, x: len(x), (1, 1), "Length of a list."),
-    "sum": _builtin(lambda n, x: sum(x), (1, 1), "Sum of a list."),
-    "range": _builtin(lambda n, *a: list(range(*a)) if max(map(abs, a)) < 1_000_000 else [], (1, 3), "A list of ints."),
+    "sum": _builtin(lambda n, x: sum(_walked(n, x)), (1, 1), "Sum of a list."),
+    "range": _builtin(_range, (1, 3), "A list of ints."),
     "make_divisible": _builtin(_make_divisible, (1, 2), "Round a channel count to a multiple of 8 (MobileNet)."),
     "alternate": _builtin(_alternate, (1, 16), "A value cycling over the blocks of a stage: alternate(0, 3)."),
     "cycle": _builtin(_cycle, (1, 1), "Like alternate, from a list."),

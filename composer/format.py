@@ -353,8 +353,9 @@ class Printer(ast.NodeVisitor):
         return self.braced(items, region, oneline)
 
     def _branch(self, stmts, brace):
-        if brace is None or brace not in self.L.match:
-            if len(stmts) == 1 and isinstance(stmts[0], (ast.Apply, ast.Load)):
+        if brace is None or brace not in self.L.match:  # written bare: one statement
+            if len(stmts) == 1 and isinstance(stmts[0], (ast.Apply, ast.Load, ast.Residual, ast.Parallel,
+                                                         ast.ParallelFor)):
                 return self.stmt(stmts[0])
             region = (start_of(stmts[0]), end_of(stmts[-1]))
             items = [(start_of(x), end_of(x), (lambda x=x: self.stmt(x))) for x in stmts]

@@ -61,18 +61,20 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
                         "move the shared definitions into a third file")
         unit = _load(target, _stack + (key,))
         names.composites.update(unit.names.composites)
+    local: set[str] = set()  # names seen so far in this file: one pass, linear in the definitions
     for comp in file.composites:
         if comp.name in names.ops:
             raise error("redefinition", f"'{comp.name}' is already an op of the library", comp.span,
                         "choose another name for the definition")
-        local = [c for c in file.composites if c.name == comp.name]
-        if local[0] is not comp:
+        if comp.name in local:
             raise error("redefinition", f"'{comp.name}' is defined twice in this file", comp.span)
+        local.add(comp.name)
         names.composites[comp.name] = comp
-    models = [m.name for m in file.models]
+    models: set[str] = set()
     for m in file.models:
-        if models.count(m.name) > 1 and models.index(m.name) != file.models.index(m):
+        if m.name in models:
             raise error("redefinition", f"model '{m.name}' is defined twice in this file", m.span)
+        models.add(m.name)
     unit = Unit(file, names)
     _CACHE[key] = unit
     return unit

@@ -6,6 +6,7 @@ step is inserted, before a residual when its body needs it so the shortcut follo
 
 from __future__ import annotations
 
+from .budget import MAX_NUMBER
 from .diagnostics import ComposerError, Diagnostic
 from .ops import OPS
 from .diagnostics import did_you_mean, error
@@ -62,13 +63,15 @@ class _Lowering:
                 x = norm.y
             stages.append(StagePlan(st.index, down, st.downsample_last, blocks, x0, x, norm))
         head = self._section("head", self.model.head, x)
-        for name in self.model.outputs or []:
+        spans = self.model.outputs_spans
+        for i, name in enumerate(self.model.outputs or []):
+            where = spans[i] if i < len(spans) else None  # where the name is written in `outputs = [...]`
             if name not in self.saved:
-                raise error("unknown-tensor", f"output '{name}' is never saved", None,
+                raise error("unknown-tensor", f"output '{name}' is never saved", where,
                             did_you_mean(name, self.saved) or "name a tensor with `save NAME` in a block")
             if self.fold_of[name][0]:
                 raise error("shape", f"output '{name}' is saved between patches_to_batch and batch_to_patches",
-                            None, "save it where the batch is the model's")
+                            where, "save it where the batch is the model's")
         m = self.model
         out = Plan(m.name, m.file, Shape(inp.channels, tuple(inp.size), "map"), inp.kind, stem, stages, head,
                    arguments=m.params, chain=m.chain, overrides=m.overrides, drop_path=m.drop_path,
@@ -76,6 +79,10 @@ class _Lowering:
                    doc=m.doc, span=m.span, saved=dict(self.saved), source=m)
         if self.reuses:
             _check_reuses(out, self.reuses)
+        for what, count in (("parameters", out.params), ("MACs", out.macs)):  # a summary prints them as floats
+            if count > MAX_NUMBER:
+                raise error("too-large", f"too large: the model has about 10**{int(count.bit_length() * 0.30103)} {what}",
+                            m.span, f"counts must stay below {MAX_NUMBER:.3g}: make the layers smaller")
         return out
 
     def _section(self, path, items, x, drop_path=0.0, call="") -> Section:

@@ -11,6 +11,7 @@ import threading
 from lark import Lark, Token
 
 from . import ast, lalr
+from .budget import MAX_DIGITS, MAX_NUMBER, too_big
 from .comments import comment_block
 from .diagnostics import ComposerError, error
 from .locate import GRAMMAR_DIR
@@ -37,6 +38,7 @@ class _Newlines:
     def process(self, stream):
         depth, held, last = 0, None, None
         kinds = _KINDS
+        runs, nesting = [0], 0  # see `_nested`
         for tok in stream:
             kind = kinds.get(tok.type)
             if kind is None:
@@ -47,13 +49,46 @@ class _Newlines:
                 continue
             if held is not None and kind not in _JOINS:
                 yield held
+                nesting -= runs[-1]
+                runs[-1] = 0
             held = None
             depth += kind in _OPEN
             depth -= kind in _CLOSE and depth > 0
             last = kind
+            if kind in _NESTING:  # how deep the tree of what is open here can be
+                step = _NESTING[kind]
+                if step > 0:
+                    runs[-1] += 1
+                    nesting += 1
+                    if step == 2:
+                        runs.append(0)
+                        nesting += 1
+                    if nesting > MAX_NESTING:
+                        raise _nested(tok)
+                elif step < 0 and len(runs) > 1:
+                    nesting -= runs.pop() + 1
+                elif step == 0:
+                    nesting -= runs[-1]
+                    runs[-1] = 0
             yield tok
         if held is not None:
             yield held
+
+
+# Nesting: every walker of the tree (the evaluator, the formatter, lowering) recurses once or a few
+# times a level, so the parser refuses a tree deeper than MAX_NESTING, counted on the tokens: an
+# opening bracket or brace (2: a level of its own and a step of the run it is in), an operator (1:
+# `1 + 1 + ... + 1` and `- - 1` are as deep as they are long), a separator (0: a new run at the
+# same level), a closing bracket (-1: back to the level it opened from).
+MAX_NESTING = 100
+_NESTING = {"LPAR": 2, "LSQB": 2, "LBRACE": 2, "RPAR": -1, "RSQB": -1, "RBRACE": -1, "COMMA": 0, "SEMICOLON": 0,
+            "ADD": 1, "MUL": 1, "POW": 1, "COMPARE": 1, "AND": 1, "OR": 1, "NOT": 1, "QMARK": 1}
+
+
+def _nested(tok) -> ComposerError:
+    span = Span(_CALLBACKS.file if _CALLBACKS else "<string>", tok.line, tok.column, tok.end_line, tok.end_column)
+    return error("too-deep", f"too deeply nested: more than {MAX_NESTING} levels of brackets, blocks or operators",
+                 span, "split the expression with `let`, or the body into blocks")
 
 
 _CALLBACKS = None  # the `_Callbacks` the cached parser was made with
@@ -238,18 +273,31 @@ class _Callbacks:
                 if seen_kw:
                     self._fail(error("syntax", "positional argument after keyword argument", item.span))
                 args.append(item)
-        names = [k[0] for k in kwargs]
-        for i, (kname, _, span) in enumerate(kwargs):
-            if kname in names[:i]:
+        seen = set()
+        for kname, _, span in kwargs:
+            if kname in seen:
                 self._fail(error("duplicate-argument", f"argument '{kname}' given twice", span))
+            seen.add(kname)
         return tuple(args), tuple(kwargs)
 
     # ---- expressions
     def expr__int_lit(self, c):
-        return self._node(c, ast.Literal, int(str(c[0]).replace("_", "")))
+        digits = str(c[0]).replace("_", "")
+        if len(digits) > MAX_DIGITS:  # Python's int() refuses over 4,300 digits: say what is wrong first
+            self._fail(error("too-large", f"too large: an integer of {len(digits):,} digits", self._tok_span(c[0]),
+                             f"numbers must stay below {MAX_NUMBER:.3g} in magnitude"))
+            return self._node(c, ast.Literal, 0)
+        return self._literal(c, int(digits))
 
     def expr__float_lit(self, c):
-        return self._node(c, ast.Literal, float(str(c[0]).replace("_", "")))
+        return self._literal(c, float(str(c[0]).replace("_", "")))
+
+    def _literal(self, c, value):
+        try:
+            too_big(value, self._tok_span(c[0]))
+        except ComposerError as exc:
+            self._fail(exc)
+        return self._node(c, ast.Literal, value)
 
     def expr__str_lit(self, c):
         return self._node(c, ast.Literal, str(c[0])[1:-1])

@@ -51,6 +51,12 @@ def _end_of_file(text: str, name: str) -> Span:
     return Span(name, len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
 
 
+def _line_before(text: str, tok) -> str:
+    """The text of the token's line before it."""
+    start = text.rfind("\n", 0, tok.start_pos) + 1 if tok.start_pos is not None else 0
+    return text[start:tok.start_pos] if tok.start_pos is not None else ""
+
+
 def syntax_error(exc: Exception, text: str, name: str) -> ComposerError:
     """The diagnostic for Lark's `exc` (one of `SYNTAX_ERRORS`), raised parsing `text` of file `name`."""
     if isinstance(exc, UnexpectedEOF):
@@ -78,7 +84,18 @@ def syntax_error(exc: Exception, text: str, name: str) -> ComposerError:
         kind = "NAME"
     is_value = kind in ("NAME", "INT", "FLOAT", "STRING")
     closer = next((c for c in ("RPAR", "RSQB", "RBRACE") if c in want), None)
-    if closer and kind.isalpha() and kind.isupper() and not is_value:  # a keyword: a bracket left open
+    before = _line_before(text, tok)
+    block_of = re.search(r"\b(block|repeat\b.*?)\s+(parallel|residual)\s*$", before)
+    if block_of and kind in ("NAME", "LPAR", "LBRACE"):  # `block parallel concat {...}`: a statement, not a value
+        word = block_of.group(2)
+        hint = f"a block is a value or a body in braces: write `{block_of.group(1).split()[0]} {{ {word} ... }}`" \
+            if block_of.group(1) == "block" else f"write the {word} in braces: `repeat N {{ {word} ... }}`"
+    elif kind in ("PARALLEL", "RESIDUAL") and re.search(r"\b(block|repeat\b.*)\s*$", before):
+        hint = f"a block is a value or a body in braces: write {{ {kind.lower()} ... }} after `{before.split()[0]}`"
+    elif kind == "COMMA" and "RSQB" in want and re.match(r"\s*repeat\s[^\[]*\[", before) \
+            and before.count("[") == before.count("]") + 1:
+        hint = "`repeat N [a, b]` reads as indexing `N[...]`: write `repeat N: [a, b]`"
+    elif closer and kind.isalpha() and kind.isupper() and not is_value:  # a keyword: a bracket left open
         hint = f"is a {_TOKEN_WORDS[closer]} missing before it? ({hint})"
     elif "REPEAT" in want and kind == "NAME":
         hint = f"write `block {tok}` or `repeat N {tok}`: a stage holds blocks, `downsample`, `after` and `let`"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from . import ast
+from . import ast, budget
 from .diagnostics import ComposerError, deprecated, did_you_mean, error
 from .expr import Cycle, InputSpec, Ref, Schedule, Scope, evaluate, type_name
 from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
@@ -24,8 +24,9 @@ from .ops import OPS, Op
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import ShapeError, TensorRef
 from .source import Span
-from .speed import PER_BLOCK, gc_paused, instance_key, keep_instance, reused_instance
+from .speed import PER_BLOCK, gc_paused, instance_key, item_count, keep_instance, reused_instance
 
+STATEMENT_UNITS = 100  # work units per statement expanded or layer copied (as much work as about 100 expression nodes)
 SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss")
 MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
 
@@ -50,7 +51,7 @@ def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model
             raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span,
                         did_you_mean(cur.base, defs) or f"models in this file: {', '.join(defs)}")
         cur = defs[cur.base]
-    with gc_paused():
+    with gc_paused(), budget.opened():  # one work budget per model checked (composer/budget.py)
         return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
 
 
@@ -122,6 +123,9 @@ class _Resolver(ast.NodeVisitor):
             raise error("type", f"outputs must be a list of saved tensor names, got {type_name(outputs)}",
                         settings["outputs"].value.span, 'e.g. outputs = ["c3", "c4"] with `save c3` in a block')
         self.outputs_span = settings["outputs"].value.span if outputs is not None else None
+        written = settings["outputs"].value if outputs is not None else None
+        outputs_spans = [item.span for item in written.items] if isinstance(written, ast.ListExpr) \
+            and len(written.items) == len(outputs) else [self.outputs_span] * len(outputs or [])
         features = evaluate(settings["feature_points"].value, scope) if "feature_points" in settings else "stages"
         if features not in ("stages", "blocks"):
             raise error("value", f'feature_points must be "stages" or "blocks", got {features!r}',
@@ -138,7 +142,7 @@ class _Resolver(ast.NodeVisitor):
         return Model(
             self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
             overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
-            features, loss, [m.name for m in reversed(self.chain)],
+            features, loss, [m.name for m in reversed(self.chain)], outputs_spans,
         )
 
     def _loss(self, expr, scope) -> Op:
@@ -224,7 +228,11 @@ class _Resolver(ast.NodeVisitor):
         out = []
         scope = scope.child()
         methods = self._methods  # `self.visit(stmt, ...)` inlined: this loop is the hot path of `check`
+        work = budget.STATE
         for stmt in body:
+            work.left -= STATEMENT_UNITS  # each statement expanded draws on the check's work budget
+            if work.left < 0:
+                raise budget.exhausted(stmt.span, "expanding this")
             (methods.get(stmt.__class__) or self._method_for(stmt.__class__))(self, stmt, scope, ctx, names, out)
         if finish:
             names.finish()
@@ -232,6 +240,8 @@ class _Resolver(ast.NodeVisitor):
 
     # each statement of a body adds its items to `out`
     def visit_Let(self, stmt: ast.Let, scope, ctx, names, out) -> None:
+        if stmt.name in scope.values:  # `scope`: this body's own (see `_items`)
+            raise twice(stmt)
         scope.values[stmt.name] = evaluate(stmt.value, scope)
 
     def visit_Apply(self, stmt: ast.Apply, scope, ctx, names, out) -> None:
@@ -411,10 +421,12 @@ class _Resolver(ast.NodeVisitor):
         comp: ast.CompositeDef = ref.target
         depth = ctx.depth + 1
         if depth > 32:
-            raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span)
+            raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span,
+                        "give the recursion an end: a condition on an argument that stops it")
         key = instance_key(comp, ref.args, depth)
         items = reused_instance(self.unit.instances, key, comp, ctx.drop_path)
-        if items is not None:
+        if items is not None:  # a copy: as much work as the items copied
+            budget.charge(STATEMENT_UNITS * item_count(items), ref.span, f"expanding '{comp.name}'")
             return items
         mark = PER_BLOCK.n
         items = self._expand(ref, comp, ctx, depth)
@@ -436,7 +448,10 @@ class _Resolver(ast.NodeVisitor):
             inner = Ctx(ctx.stage_block, ctx.block, ctx.total, ctx.drop_path, depth, f"{comp.name}@{depth}.")
             return self._items(comp.body, scope, inner, Names())
         except ComposerError as exc:
-            exc.diagnostics[0].notes.append(f"in {comp.kind} '{comp.name}' used at {ref.span}")
+            notes = exc.diagnostics[0].notes
+            note = f"in {comp.kind} '{comp.name}' used at {ref.span}"
+            if note not in notes:  # a block expanding into itself: each use of the cycle once
+                notes.append(note)
             raise
 
 
@@ -447,6 +462,7 @@ class _Inherited(ast.NodeVisitor):
     def __init__(self):
         self.params: dict[str, ast.Param] = {}
         self.lets: dict[str, ast.Expr] = {}
+        self.let_depth: dict[str, int] = {}  # name -> the depth in the chain of the model that defines it
         self.settings: dict[str, ast.Assign] = {}
         self.sections: dict[str, tuple] = {}  # key -> (depth, statement)
         self.stages: list = []
@@ -454,10 +470,13 @@ class _Inherited(ast.NodeVisitor):
         self.model, self.depth = None, 0
 
     def visit_Let(self, stmt: ast.Let) -> None:
-        if self.depth and stmt.name in self.lets:
+        if stmt.name in self.lets:
+            if self.let_depth[stmt.name] == self.depth:
+                raise twice(stmt)
             raise error("redefinition", f"'{stmt.name}' is already defined by the base model", stmt.span,
                         f"write `{stmt.name} = ...` to override it")
         self.lets[stmt.name] = stmt.value
+        self.let_depth[stmt.name] = self.depth
 
     def visit_Assign(self, stmt: ast.Assign) -> None:
         depth, params, lets = self.depth, self.params, self.lets
@@ -497,12 +516,15 @@ class _StageBlocks(ast.NodeVisitor):
     the stage's scope, and its blocks, (item, index in its repeat), repeat counts evaluated."""
 
     def visit_Let(self, item: ast.Let, sscope: Scope, blocks: list) -> None:
+        if item.name in sscope.values:
+            raise twice(item)
         sscope.values[item.name] = evaluate(item.value, sscope)
 
     def visit_Repeat(self, item: ast.Repeat, sscope: Scope, blocks: list) -> None:
         count = 1 if item.count is None else evaluate(item.count, sscope)
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 10_000:
             raise error("type", f"repeat count must be an int from 0 to 10000, got {count!r}", item.count.span)
+        budget.charge(count, item.count.span if item.count is not None else item.span, "this repeat")
         blocks += [(item, k) for k in range(count)]
 
     def visit_Reuse(self, item: ast.Reuse, sscope: Scope, blocks: list) -> None:
@@ -657,6 +679,12 @@ def to_op(ref: Ref) -> Op:
     return op
 
 
+def twice(stmt: ast.Let) -> ComposerError:
+    """A second `let` of one name in one scope: the first would be silently lost."""
+    return error("redefinition", f"'{stmt.name}' is already defined here", stmt.span,
+                 "a name holds one value in a block or model: give the second value another name")
+
+
 def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
     first = exc.errors()[0]
     loc = str(first["loc"][0]) if first["loc"] else ""
@@ -669,8 +697,8 @@ def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
                      f"required arguments: {', '.join(required)}")
     field = ref.target.model_fields.get(loc)
     want = _type_words(field.annotation) if field is not None else "another value"
-    return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}",
-                 span)
+    return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}"
+                 .rstrip(), span)
 
 
 def _short(value) -> str:
@@ -681,12 +709,36 @@ def _short(value) -> str:
 
 
 def _type_words(annotation) -> str:
+    parts = _part_words(annotation)
+    if parts:
+        return parts
     text = str(annotation).replace("typing.", "").replace("composer.ops.registry.", "").replace("composer.shapes.", "").replace("<class '", "").replace("'>", "")
     text = text.replace("Optional[", "").replace("Literal[", "one of ")
     text = re.sub(r"list\[(\w+)\]", lambda m: f"a list of {m.group(1)}s", text).replace("]", "")
     words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op",
              "TensorRef": "a tensor (a name bound by `name = ...` or `save name`)"}
     return words.get(text, text)
+
+
+def _part_words(annotation) -> str | None:
+    """For a field that takes ops or parts (`position`, `partition`, `kv`): the names users write,
+    `relative_bias(...) or ... or none`; None for another annotation."""
+    def flat(a):
+        args = typing.get_args(a)
+        return [t for x in args for t in flat(x)] if args else [a]
+
+    kinds = flat(annotation)
+    classes = [c for c in kinds if isinstance(c, type) and issubclass(c, Op)]
+    if not classes or len(classes) + (type(None) in kinds) != len(kinds):
+        return None
+    names = []
+    for cls in classes:  # a registered class by its name, a base class by the registered ones under it
+        found = [c.name for c in OPS.values() if issubclass(c, cls)]
+        names += [n for n in found if n not in names]
+    if not names:
+        return None
+    words = [f"{n}(...)" for n in names] + (["none"] if type(None) in kinds else [])
+    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
 
 
 def reuse_path(stmt: ast.Reuse, scope: Scope) -> str:

@@ -100,3 +100,4 @@ class Model:
     features: str = "stages"  # feature points of features_only: every stage's output, or every block's
     loss: Op | None = None  # the training objective the blueprint names (`loss = focal(...)`), a kind="loss" op
     chain: list = field(default_factory=list)  # the model's name, then its base's, up to the root of the chain
+    outputs_spans: list = field(default_factory=list)  # where each name of `outputs` is written

@@ -27,8 +27,10 @@ class Source:
     text: str
 
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
-        return lines[number - 1] if 0 < number <= len(lines) else ""
+        """Line `number` (1-based) as the parser counts lines: split at newlines only. A form feed
+        or another separator `str.splitlines` would also split at is part of its line."""
+        lines = self.text.split("\n")
+        return lines[number - 1].rstrip("\r") if 0 < number <= len(lines) else ""
 
 
 # Every source read in this process, by name: diagnostics quote lines from it.

@@ -118,6 +118,21 @@ def _freeze_args(args: tuple) -> tuple:
     return tuple((k, _freeze(v)) for k, v in args)
 
 
+def item_count(items: list) -> int:
+    """How many resolved items `items` holds, nested ones included."""
+    n = 0
+    for it in items:
+        n += 1
+        cls = it.__class__
+        if cls is SubSeq:
+            n += item_count(it.items)
+        elif cls is ResidualNode:
+            n += item_count(it.body) + item_count(it.shortcut)
+        elif cls is ParallelNode:
+            n += sum(item_count(b) for b in it.branches)
+    return n
+
+
 def _copy_items(items: list, drop_path: float) -> list:
     """A fresh copy of resolved items (ops are frozen and shared), every residual at `drop_path`."""
     out = []
