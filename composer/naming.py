@@ -27,7 +27,8 @@ RESERVED = frozenset("""
 def check_layer_name(name: str, explicit: bool, span: Span) -> None:
     """A located error when `name` would clash with an attribute of the module holding the layer."""
     if name in RESERVED or name.startswith("_"):
-        what = "starts with '_'" if name.startswith("_") else "names an attribute of the torch module that holds the layer"
+        what = "starts with '_'" if name.startswith("_") else \
+            "names an attribute of the torch module that holds the layer"
         how = f"rename it: `as {name.lstrip('_') or 'layer'}_`" if explicit else \
             f"name the layer with `as NAME` (e.g. `as {name.lstrip('_') or 'layer'}_`)"
         raise error("name", f"the layer name '{name}' cannot be used: it {what}", span, how)

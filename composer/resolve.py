@@ -21,7 +21,7 @@ from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it reso
 from .naming import Names, Numbered
 from .tensors import bind_tensor, find_tensor, split_parts
 from .ops import OPS, Op
-from .ops.registry import bounds_of, plain_annotation
+from .ops.registry import plain_annotation, range_problem
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import ShapeError, TensorRef
 from .source import Span
@@ -117,7 +117,8 @@ class _Resolver(ast.NodeVisitor):
         rates = (self.drop_setting.start, self.drop_setting.end) if isinstance(self.drop_setting, Schedule) \
             else (self.drop_setting,)
         if not all(0 <= r < 1 for r in rates):  # a rate of 1 or more drops every residual branch (or NaN)
-            raise error("value", f"drop_path must be at least 0 and below 1, got {_show(self.drop_setting) if len(rates) == 1 else 'linspace' + str(rates)}",
+            shown = rates[0] if len(rates) == 1 else f"linspace{rates}"
+            raise error("value", f"drop_path must be at least 0 and below 1, got {shown}",
                         settings["drop_path"].value.span, "a rate of stochastic depth, e.g. 0.1 or linspace(0, 0.1)")
         meta = {k: evaluate(settings[k].value, scope) for k in ("reference", "paper") if k in settings}
         for k, v in meta.items():
@@ -666,9 +667,10 @@ def to_op(ref: Ref) -> Op:
 def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
     first = exc.errors()[0]
     loc = str(first["loc"][0]) if first["loc"] else ""
-    out_of_range = _range_error(ref, loc, exc.errors())
-    if out_of_range is not None:
-        return out_of_range
+    out_of_range = range_problem(ref.target, loc, exc.errors(), dict(ref.args).get(loc))
+    if out_of_range is not None:  # a value of the right type out of its range: `conv(-1, 3)`
+        return error(out_of_range[0], f"'{ref.name}' argument '{loc}' {out_of_range[1]}", ref.arg_span(loc),
+                     out_of_range[2])
     span = ref.arg_span(loc) if loc else ref.span
     given = dict(ref.args).get(loc)
     kind = first["type"]
@@ -680,36 +682,6 @@ def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
     want = _type_words(plain_annotation(field.annotation)) if field is not None else "another value"
     return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}",
                  span)
-
-
-_RANGE_WORDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
-                "less_than": ("<", "lt")}
-
-
-def _range_error(ref: Ref, loc: str, errors: list) -> ComposerError | None:
-    """The located error of a value of the right type out of its parameter's range (`conv(-1, 3)`:
-    "'conv' argument 'out' must be >= 1, got -1"), or an infinite number; None for other errors.
-    Of a union's errors (`kernel`: an int or a list of ints) the range error is the one that counts."""
-    for e in errors:
-        if not e["loc"] or str(e["loc"][0]) != loc:
-            continue
-        index = next((i for i in e["loc"][1:] if isinstance(i, int)), None)
-        where = f" (entry {index} of {_show(dict(ref.args).get(loc))})" if index is not None else ""
-        if e["type"] == "finite_number":
-            return error("type", f"'{ref.name}' argument '{loc}' must be a finite number, got {e['input']}{where}",
-                         ref.arg_span(loc))
-        if e["type"] in _RANGE_WORDS:
-            sign, key = _RANGE_WORDS[e["type"]]
-            bounds = bounds_of(ref.target.model_fields[loc].annotation, ref.target.model_fields[loc].metadata)
-            return error("value", f"'{ref.name}' argument '{loc}' must be {sign} {e['ctx'][key]}, got "
-                         f"{_show(e['input'])}{where}", ref.arg_span(loc),
-                         f"'{loc}' of '{ref.name}' takes {bounds}" if " or " in bounds or " and " in bounds else None)
-    return None
-
-
-def _show(value) -> str:
-    text = repr(value)
-    return text if len(text) < 40 else text[:37] + "..."
 
 
 def _short(value) -> str:

@@ -176,6 +176,35 @@ def bounds_of(annotation, metadata=()) -> str:
     return "; or ".join(groups)
 
 
+_RANGE_WORDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+                "less_than": ("<", "lt")}
+
+
+def range_problem(cls: type["Op"], field: str, errors: list, given: Any) -> tuple[str, str, str | None] | None:
+    """(code, what is wrong, hint) when pydantic's `errors` for op `cls` say that the value `given`
+    to `field` has the right type but is out of the field's range ("must be >= 1, got 0") or is
+    infinite; None for any other error. Of a union's errors (`kernel`: an int or a list of ints)
+    the range error is the one that counts."""
+    for e in errors:
+        if not e["loc"] or str(e["loc"][0]) != field:
+            continue
+        index = next((i for i in e["loc"][1:] if isinstance(i, int)), None)
+        where = f" (entry {index} of {_cut(given)})" if index is not None else ""
+        if e["type"] == "finite_number":
+            return "type", f"must be a finite number, got {e['input']}{where}", None
+        if e["type"] in _RANGE_WORDS:
+            sign, key = _RANGE_WORDS[e["type"]]
+            bounds = bounds_of(cls.model_fields[field].annotation, cls.model_fields[field].metadata)
+            hint = f"'{field}' of '{cls.name}' takes {bounds}" if " or " in bounds or " and " in bounds else None
+            return "value", f"must be {sign} {e['ctx'][key]}, got {_cut(e['input'])}{where}", hint
+    return None
+
+
+def _cut(value) -> str:
+    text = repr(value)
+    return text if len(text) < 40 else text[:37] + "..."
+
+
 def plain_annotation(annotation):
     """`annotation` without its constraints (`Union[Annotated[int, Ge(1)], list[...]]` ->
     `Union[int, list[int]]`), for messages that name a field's type."""
