@@ -85,12 +85,22 @@ def load(target: str, **overrides) -> Plan:
         overrides.pop("img_size")
     else:
         img_size = None
+    _positive("in_chans", in_chans)
+    for size in img_size if isinstance(img_size, (list, tuple)) else [img_size]:
+        _positive("img_size", size)
     model = _resolve.resolve_model(unit, name, overrides)
     if in_chans is not None or img_size is not None:
         inp = model.input
         size = inp.size if img_size is None else tuple([img_size] * len(inp.size) if isinstance(img_size, int) else img_size)
-        model.input = type(inp)(inp.kind, in_chans or inp.channels, size, inp.span)
+        model.input = type(inp)(inp.kind, inp.channels if in_chans is None else in_chans, size, inp.span)
     return plan(model)
+
+
+def _positive(what: str, value) -> None:
+    """`in_chans` and `img_size` given to a model without such a parameter go to its input: a
+    positive int or nothing (0 is never "the model's own")."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise error("value", f"{what} must be a positive int, got {value!r}")
 
 
 def check(target: str, **overrides) -> Plan:

@@ -7,6 +7,7 @@ import re
 
 from . import api
 from .ops import OPS
+from .ops.registry import bounds_of, plain_annotation
 from .resolve import load
 
 
@@ -27,7 +28,8 @@ def _ops(kind_filter=None) -> list[dict]:
             "category": cls.category,
             "layout": cls.layout,
             "params": [
-                {"name": k, "type": _type(f.annotation), "default": _show_default(f), "required": f.is_required()}
+                {"name": k, "type": _type(plain_annotation(f.annotation)), "default": _show_default(f),
+                 "required": f.is_required(), "range": bounds_of(f.annotation, f.metadata)}
                 for k, f in cls.model_fields.items()
             ],
             "doc": inspect.cleandoc(cls.__doc__ or ""),
@@ -109,10 +111,12 @@ def render_markdown(what: str, items: list[dict]) -> str:
         kind = f" ({it['kind']}, {it['category']}, input: {it['layout']})" if what == "ops" else f" (`{it['file']}`)"
         lines += [f"## `{it['name']}`{kind}", "", it["doc"] or "(undocumented)", ""]
         if it["params"]:
-            lines += ["| parameter | default |", "|---|---|"]
+            ranged = what == "ops" and any(p["range"] for p in it["params"])
+            lines += ["| parameter | default |" + " range |" * ranged, "|---|---|" + "---|" * ranged]
             for p in it["params"]:
                 default = "required" if p.get("default") is None and p.get("required", True) else p.get("default")
-                lines.append(f"| `{p['name']}` | `{default}` |" if default != "required" else f"| `{p['name']}` | required |")
+                row = f"| `{p['name']}` | `{default}` |" if default != "required" else f"| `{p['name']}` | required |"
+                lines.append(row + (f" {p['range']} |" if ranged else ""))
             lines.append("")
     return "\n".join(lines)
 

@@ -21,6 +21,25 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USER)
 
 
+MAX_SET_CHARS = 1000  # a --set value is a short expression; a million-digit number is a mistake
+MAX_SEED = 2**63 - 1
+
+
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an int from `low` (to `high`), refused with a usage error (exit 2) otherwise."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int, got '{text[:40]}'") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"must be {'at least ' + str(low) if high is None else f'from {low} to {high}'}, got {value}")
+        return value
+
+    return convert
+
+
 def _sets(values: list[str]) -> dict:
     """`--set key=value` pairs; values are expressions of the language (parsed, not eval'd)."""
     from .parse import parse_expr
@@ -30,7 +49,10 @@ def _sets(values: list[str]) -> dict:
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key.isidentifier():
-            raise error("usage", f"--set expects key=value, got '{item}'")
+            raise error("usage", f"--set expects key=value, got '{item[:60]}'")
+        if len(text) > MAX_SET_CHARS:
+            raise error("usage", f"--set {key}: the value is {len(text):,} characters long; the limit is "
+                        f"{MAX_SET_CHARS:,}", None, "--set takes a short expression: 10, [2, 2, 6, 2], \"avg\"")
         out[key] = parse_expr(text, f"--set {key}")
     return out
 
@@ -79,7 +101,10 @@ def cmd_check(args) -> int:
 
 def cmd_build(args) -> int:
     from . import api
+    from .files import check_writable
 
+    if args.output:
+        check_writable(args.output)  # before the build, not after it
     plan = api.load(args.target, **_overrides(args))
     import torch
 
@@ -116,7 +141,10 @@ def _save(model, path: Path) -> None:
 def cmd_port(args) -> int:
     from . import api
 
+    from .files import check_writable
+
     source = args.source
+    check_writable(args.output)
     plan = api.load(args.target, **_overrides(args))
     if source is None:
         source = plan.reference
@@ -201,7 +229,7 @@ def cmd_diff(args) -> int:
 
 def cmd_graph(args) -> int:
     from . import api
-    from .files import write_atomic
+    from .files import check_writable, write_atomic
     from .render import FORMATS, render
 
     out = Path(args.output)
@@ -209,8 +237,7 @@ def cmd_graph(args) -> int:
     if fmt not in FORMATS:
         raise error("usage", f"cannot tell the format of '{args.output}' from its suffix '{out.suffix}'", None,
                     "name the output OUT.svg, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html")
-    if out.is_dir():
-        raise error("io", f"'{args.output}' is a directory; name a file")
+    check_writable(out)
     plan = api.load(args.target, **_overrides(args))
     write_atomic(out, render(plan, fmt, expand=getattr(args, "expand", False)))
     print(f"wrote {out}")
@@ -264,10 +291,10 @@ def make_parser() -> argparse.ArgumentParser:
     def target_opts(sp, with_build=True):
         sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a model parameter (the value is an expression: 10, [2, 2, 6, 2], \"avg\")")
-        sp.add_argument("--num-classes", dest="num_classes", type=int, help="classifier size (0: no classifier)")
-        sp.add_argument("--img-size", dest="img_size", type=int, nargs="+", metavar="SIZE",
+        sp.add_argument("--num-classes", dest="num_classes", type=_int_in(0), help="classifier size (0: no classifier)")
+        sp.add_argument("--img-size", dest="img_size", type=_int_in(1), nargs="+", metavar="SIZE",
                         help="input resolution: one size, or one per spatial axis (H W)")
-        sp.add_argument("--in-chans", dest="in_chans", type=int, help="input channels")
+        sp.add_argument("--in-chans", dest="in_chans", type=_int_in(1), help="input channels")
 
     c = sub.add_parser("check", help="parse, validate and infer every shape (no torch)",
                        description="Parse, validate and shape-check blueprints without importing torch. "
@@ -283,7 +310,7 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("target", metavar="TARGET")
     target_opts(b)
     b.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the initial weights (atomically)")
-    b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    b.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="initialisation seed (default 0)")
     b.add_argument("--fuse", action="store_true",
                    help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
     b.set_defaults(func=cmd_build)
@@ -311,7 +338,7 @@ def make_parser() -> argparse.ArgumentParser:
     po.add_argument("-o", "--output", metavar="OUT.safetensors", required=True,
                     help="where to write the ported weights (atomically)")
     target_opts(po)
-    po.add_argument("--seed", type=int, default=0, help="initialisation seed for the tensors left re-initialised "
+    po.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="initialisation seed for the tensors left re-initialised "
                     "(default 0)")
     po.set_defaults(func=cmd_port)
 

@@ -6,6 +6,8 @@ located `ComposerError`.
 
 from __future__ import annotations
 
+import math
+
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -376,7 +378,10 @@ def _linspace(node, start, end):
 
 
 def _make_divisible(node, value, divisor=8):
-    value, divisor = _num(value, node.span, "make_divisible"), int(divisor)
+    value, divisor = _num(value, node.span, "make_divisible"), _num(divisor, node.span, "make_divisible")
+    if not 1 <= divisor < math.inf or divisor != int(divisor):
+        raise ValueError(f"the divisor must be a positive int, got {divisor!r}")
+    divisor = int(divisor)
     out = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return out + divisor if out < 0.9 * value else out
 

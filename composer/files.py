@@ -5,8 +5,10 @@ rename), so a reader or an interrupted run never sees a partial file."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 from .diagnostics import error
@@ -47,13 +49,52 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: str | Path) -> None:
+    """A user error now, before any work, when `path` cannot be a file we write: a folder, below
+    something that is not a folder, or in a folder we may not write."""
+    path = Path(path)
+    if path.is_dir():
+        raise error("io", f"cannot write {path}: it is a folder", None, "name a file")
+    folder = next((p for p in path.parents if p.exists()), Path("."))
+    if not folder.is_dir():
+        raise error("io", f"cannot write {path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise error("io", f"cannot write {path}: {folder} is not writable")
+
+
+class _Terminated(SystemExit):
+    """SIGTERM (or SIGHUP) while a file is written: unwinds like Ctrl-C, so the temporary file is
+    removed, then exits with the signal's status (128 + signal)."""
+
+
+def _on_signal(signum, frame):
+    raise _Terminated(128 + signum)
+
+
 def write_atomic(path: str | Path, data: str | bytes | None = None, *, writer=None) -> None:
     """Write `data` (text is UTF-8, newlines as given) to `path` through a temporary file in the
     same folder, then rename it over `path`. `writer(tmp_path)` writes the file instead of `data`
     (safetensors' `save_file`). The file keeps the mode of the file it replaces; a new file gets
     the mode the umask allows (mkstemp alone would leave 0600). The temporary file is removed on
-    any failure, KeyboardInterrupt included."""
+    any failure, on Ctrl-C (KeyboardInterrupt) and on SIGTERM or SIGHUP (their handlers raise
+    while the file is written). A path that cannot be written is a user error (exit 2)."""
     path = Path(path)
+    check_writable(path)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                handlers[sig] = signal.signal(sig, _on_signal)
+    try:
+        _write(path, data, writer)
+    except OSError as exc:
+        raise error("io", f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
+def _write(path: Path, data, writer) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     folder.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(folder))

@@ -21,6 +21,7 @@ from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it reso
 from .naming import Names, Numbered
 from .tensors import bind_tensor, find_tensor, split_parts
 from .ops import OPS, Op
+from .ops.registry import plain_annotation, range_problem
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import ShapeError, TensorRef
 from .source import Span
@@ -114,6 +115,12 @@ class _Resolver(ast.NodeVisitor):
         if not isinstance(self.drop_setting, (int, float, Schedule)) or isinstance(self.drop_setting, bool):
             raise error("type", f"drop_path must be a number or linspace(a, b), got {type_name(self.drop_setting)}",
                         settings["drop_path"].value.span)
+        rates = (self.drop_setting.start, self.drop_setting.end) if isinstance(self.drop_setting, Schedule) \
+            else (self.drop_setting,)
+        if not all(0 <= r < 1 for r in rates):  # a rate of 1 or more drops every residual branch (or NaN)
+            shown = rates[0] if len(rates) == 1 else f"linspace{rates}"
+            raise error("value", f"drop_path must be at least 0 and below 1, got {shown}",
+                        settings["drop_path"].value.span, "a rate of stochastic depth, e.g. 0.1 or linspace(0, 0.1)")
         meta = {k: evaluate(settings[k].value, scope) for k in ("reference", "paper") if k in settings}
         for k, v in meta.items():
             if not isinstance(v, str):
@@ -688,6 +695,10 @@ def twice(stmt: ast.Let) -> ComposerError:
 def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
     first = exc.errors()[0]
     loc = str(first["loc"][0]) if first["loc"] else ""
+    out_of_range = range_problem(ref.target, loc, exc.errors(), dict(ref.args).get(loc))
+    if out_of_range is not None:  # a value of the right type out of its range: `conv(-1, 3)`
+        return error(out_of_range[0], f"'{ref.name}' argument '{loc}' {out_of_range[1]}", ref.arg_span(loc),
+                     out_of_range[2])
     span = ref.arg_span(loc) if loc else ref.span
     given = dict(ref.args).get(loc)
     kind = first["type"]
@@ -696,7 +707,7 @@ def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
         return error("missing-argument", f"'{ref.name}' needs argument '{loc}'", ref.span,
                      f"required arguments: {', '.join(required)}")
     field = ref.target.model_fields.get(loc)
-    want = _type_words(field.annotation) if field is not None else "another value"
+    want = _type_words(plain_annotation(field.annotation)) if field is not None else "another value"
     return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}"
                  .rstrip(), span)
 

@@ -32,6 +32,25 @@ _STRINGS_LITERAL = ("reference", "paper")  # settings that are plain strings, no
 _EXPR_FILE = "<yaml-expression>"
 
 
+class CoreLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading plain scalars as YAML 1.2's core schema does: only
+    true/false (any case as written: true, True, TRUE) are booleans, so YAML 1.1's yes, no, on
+    and off stay strings (an expression naming `yes`: a located error where a value is needed);
+    no sexagesimal numbers (`1:30` is a string, not 90) and no octal by a leading zero (`017`)."""
+
+
+CoreLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in {_CORE + "bool", _CORE + "int", _CORE + "float"}]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+CoreLoader.add_implicit_resolver(_CORE + "bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+CoreLoader.add_implicit_resolver(_CORE + "int", re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0x[0-9a-fA-F_]+|[-+]?(?:0|[1-9][0-9_]{0,3999}))$"), list("-+0123456789"))
+CoreLoader.add_implicit_resolver(_CORE + "float", re.compile(
+    r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+
+
 def parse_yaml(text: str, name: str = "<yaml>") -> ast.File:
     """Parse a YAML blueprint into an `ast.File`; raise a located `ComposerError` on any mistake."""
     register(name, text)
@@ -85,7 +104,7 @@ class _Front:
     # -- load and validate
     def file(self) -> ast.File:
         try:
-            root = yaml.compose(self.text, Loader=yaml.SafeLoader)
+            root = yaml.compose(self.text, Loader=CoreLoader)
         except yaml.MarkedYAMLError as exc:
             mark = exc.problem_mark or exc.context_mark
             at = min(mark.index, len(self.text.rstrip())) if mark else 0  # not past the last line

@@ -124,4 +124,4 @@ def test_a_layer_named_like_a_module_method_is_a_located_error(tmp_path, capsys)
     path = write(tmp_path, "model m {\n    input image(3, 16)\n    stem { conv(8, 3) as half; relu }\n}\n")
     assert main(["build", path]) == 2
     err = capsys.readouterr().err
-    assert "m.arch:3:12: error: 'half' cannot name a layer" in err and "internal error" not in err
+    assert "m.arch:3:12: error: the layer name 'half' cannot be used" in err and "internal error" not in err

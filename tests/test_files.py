@@ -8,6 +8,7 @@ import stat
 import pytest
 
 from composer import files
+from composer.diagnostics import ComposerError
 
 
 def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
@@ -15,7 +16,7 @@ def test_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(files.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(ComposerError, match="cannot write .*m.svg: disk full"):  # a user error, exit 2
         files.write_atomic(tmp_path / "m.svg", "<svg/>")
     assert os.listdir(tmp_path) == []
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .registry import Op, op
+from .registry import Op, Probability, op
 
 
 def _simple(name: str, torch_name: str, doc: str) -> None:
@@ -76,7 +76,7 @@ class Scale(Op):
 class Dropout(Op):
     """Dropout with probability `p` (training only)."""
 
-    p: float = 0.0
+    p: Probability = 0.0
 
     def build(self, x, y):
         from torch import nn

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import Op, Pos, PosFloat, op, prod
 
 
 @op("cluster", category="attention")
@@ -34,11 +34,11 @@ class Cluster(Op):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    slots: int = 8
+    slots: Pos = 8
     mixer: Optional[Op] = None
     init: Literal["pool", "learned"] = "pool"
     paired: bool = False
-    scale: Optional[float] = None
+    scale: Optional[PosFloat] = None
     learnable_scale: bool = True
 
     def _features(self, x: Shape) -> Shape:

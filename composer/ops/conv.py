@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import Literal, Optional, Union
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, check_divides, op, prod, spatial_out
+from .registry import NonNeg, Op, Pos, check_divides, op, prod, spatial_out
 
 IntOrList = Union[int, list[int]]
+PosOrList = Union[Pos, list[Pos]]  # a size >= 1 for every spatial dim, or one per dim
+NonNegOrList = Union[NonNeg, list[NonNeg]]  # a padding >= 0
 
 
 def per_dim(value, ndim: int, what: str) -> tuple[int, ...]:
@@ -50,12 +52,12 @@ class Conv(Op):
     leaves most convs; `init="kaiming_out"` draws them from kaiming-normal with fan-out and ReLU
     gain, bias zero (ResNet's and torchvision's convention)."""
 
-    out: int
-    kernel: IntOrList = 1
-    stride: IntOrList = 1
-    padding: Optional[Union[IntOrList, Literal["same"]]] = None
-    dilation: IntOrList = 1
-    groups: int = 1
+    out: Pos
+    kernel: PosOrList = 1
+    stride: PosOrList = 1
+    padding: Optional[Union[NonNegOrList, Literal["same"]]] = None
+    dilation: PosOrList = 1
+    groups: Pos = 1
     bias: bool = True
     init: Literal["default", "kaiming_out"] = "default"
 
@@ -123,13 +125,13 @@ class ConvTranspose(Op):
     defaults to `stride`, so `conv_transpose(c, stride = 4)` is a 4x upsampling without overlap
     (EdgeViT's local propagation uses a depthwise one: `groups = channels`). PyTorch's default init."""
 
-    out: int
-    stride: IntOrList = 2
-    kernel: Optional[IntOrList] = None
-    padding: IntOrList = 0
-    output_padding: IntOrList = 0
-    dilation: IntOrList = 1
-    groups: int = 1
+    out: Pos
+    stride: PosOrList = 2
+    kernel: Optional[PosOrList] = None
+    padding: NonNegOrList = 0
+    output_padding: NonNegOrList = 0
+    dilation: PosOrList = 1
+    groups: Pos = 1
     bias: bool = True
 
     def _dims(self, n: int):
@@ -172,13 +174,16 @@ class Pool(Op):
 
     `count_include_pad=false` averages over the real pixels only (PoolFormer's pooling)."""
 
-    kernel: int
-    stride: Optional[int] = None
-    padding: int = 0
+    kernel: Pos
+    stride: Optional[Pos] = None
+    padding: NonNeg = 0
     mode: Literal["avg", "max"] = "avg"
     count_include_pad: bool = True
 
     def infer(self, x: Shape) -> Shape:
+        if self.padding > self.kernel // 2:  # PyTorch's pooling layers refuse it
+            raise ShapeError(f"pool padding {self.padding} is more than half the kernel {self.kernel}",
+                             f"a kernel of {self.kernel} takes a padding of at most {self.kernel // 2}")
         return x.with_(spatial=_out_grid(x, self.kernel, self.stride or self.kernel, self.padding))
 
     def build(self, x, y):
@@ -197,10 +202,10 @@ class PatchEmbed(Op):
     optional norm. Overlapping when `stride < patch` (PVT v2: patch 7, stride 4, padding 3).
     Submodules: `proj`, `norm`."""
 
-    out: int
-    patch: int
-    stride: Optional[int] = None
-    padding: int = 0
+    out: Pos
+    patch: Pos
+    stride: Optional[Pos] = None
+    padding: NonNeg = 0
     bias: bool = True
     norm: Optional[Op] = None
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import NonNeg, Op, Pos, PosFloat, op, prod
 
 
 def level_grids(grid: tuple[int, ...], scales: list[float], what: str) -> list[tuple[int, ...]]:
@@ -84,11 +84,11 @@ class DeformableAttention(Op):
     (the sampling and the weighted sum are not counted, as `torch.utils.flop_counter` does not see
     `grid_sample`)."""
 
-    heads: int
-    points: int = 4
-    values: list[float]
-    queries: list[float] = [1.0]
-    ratio: float = 1.0
+    heads: Pos
+    points: Pos = 4
+    values: list[PosFloat]
+    queries: list[PosFloat] = [1.0]
+    ratio: PosFloat = 1.0
 
     def value_dim(self, x: Shape) -> int:
         return int(x.channels * self.ratio)
@@ -158,7 +158,7 @@ class PerLevel(Op):
     tied to the build grid (other input sizes are refused)."""
 
     op: Op
-    levels: list[float]
+    levels: list[PosFloat]
 
     def grids(self, x: Shape) -> list[tuple[int, ...]]:
         return level_grids(x.spatial, self.levels, self.name)
@@ -215,8 +215,8 @@ class SelectLevel(Op):
 
     regrids = True  # its module tells the level's grid at run time
 
-    index: int
-    levels: list[float]
+    index: NonNeg
+    levels: list[PosFloat]
 
     def infer(self, x: Shape) -> Shape:
         grids = checked_levels(x, self.levels, self.name)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal, Optional, Union
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, Tensor, op, prod
+from .registry import NonNegFloat, Op, Pos, PosFloat, Tensor, op, prod
 
 
 def _grid_of(x: Shape, what: str) -> None:
@@ -33,9 +33,9 @@ class LearnedTokens(Op):
     Perceiver's latents, Mobile-Former's global tokens). Init: normal(0, `std`) (`nn.Embedding`'s
     default is std 1)."""
 
-    dim: int
-    count: Union[int, list[int]]
-    std: float = 0.02
+    dim: Pos
+    count: Union[Pos, list[Pos]]
+    std: NonNegFloat = 0.02
 
     def grid(self) -> tuple[int, ...]:
         return tuple(self.count) if isinstance(self.count, list) else (self.count,)
@@ -72,7 +72,7 @@ class DynamicReLU(Op):
     Deprecated: without `coeffs`, the coefficients are read from the first `pieces` prefix tokens of
     a joined sequence `parallel tokens { coefficients; features }`."""
 
-    pieces: int = 2
+    pieces: Pos = 2
     scale: float = 2.0
     offsets: Optional[list[float]] = None
     coeffs: Optional[Tensor] = None
@@ -126,9 +126,9 @@ class Attend(Op):
     prefix are the keys, the second half the values), heads = contiguous channel groups, scores
     scaled by `scale` (default head_dim^-0.5); the output is the grid tokens. MACs: q k^T and attn v."""
 
-    heads: int = 1
+    heads: Pos = 1
     values: Literal["same", "split"] = "same"
-    scale: Optional[float] = None
+    scale: Optional[PosFloat] = None
 
     def deprecation(self):
         return ("attend, which reads its keys and values from prefix tokens of a joined sequence, is deprecated",

@@ -4,7 +4,7 @@ conditional (convolutional) one."""
 from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import NonNegFloat, Op, Pos, PosFloat, op, prod
 
 
 @op("sinusoidal_pos", category="embed", layout="tokens")
@@ -18,7 +18,7 @@ class SinusoidalPos(Op):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    temperature: float = 10000.0
+    temperature: PosFloat = 10000.0
 
     def infer(self, x: Shape) -> Shape:
         if not x.spatial:
@@ -47,11 +47,11 @@ class FourierFeatures(Op):
     the first axis's channels first (XCiT's Fourier position encoding). No parameters; made for the
     grid seen at run time. Prefix (class) tokens have no position: add the features before them."""
 
-    channels: int
-    temperature: float = 10000.0
+    channels: Pos
+    temperature: PosFloat = 10000.0
     normalize: bool = True
     scale: float = 6.283185307179586
-    eps: float = 1e-6
+    eps: NonNegFloat = 1e-6
 
     def infer(self, x: Shape) -> Shape:
         if x.layout not in ("map", "tokens") or not x.spatial or x.extra:
@@ -76,7 +76,7 @@ class ConvPos(Op):
     class tokens pass through unchanged; maps are convolved directly. Submodule: `proj`."""
 
 
-    kernel: int = 3
+    kernel: Pos = 3
 
     def infer(self, x: Shape) -> Shape:
         if x.layout == "vector" or not x.spatial:

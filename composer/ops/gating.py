@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..shapes import Shape, ShapeError
 from . import act as _act  # noqa: F401  (the default activations below must be registered first)
-from .registry import OPS, Op, op
+from .registry import NonNegFloat, OPS, Op, Pos, PosFloat, op
 
 
 def make_divisible(v: float, divisor: int) -> int:
@@ -29,11 +29,11 @@ class SqueezeExcite(Op):
     `make_divisible(..., round_limit=0)`; at least `divisor`). Submodules: `fc1`, `act`, `fc2`, `gate`.
     Weights: PyTorch's default conv init."""
 
-    ratio: float = 0.25
-    hidden: Optional[int] = None
+    ratio: PosFloat = 0.25
+    hidden: Optional[Pos] = None
     act: Op = OPS["relu"]()
     gate: Op = OPS["sigmoid"]()
-    divisor: int = 1
+    divisor: Pos = 1
 
     def width(self, x: Shape) -> int:
         if self.hidden is not None:
@@ -75,7 +75,7 @@ class GRN(Op):
     class tokens included). Per-channel `gamma` and `beta`, initialised to zero (so it starts as the
     identity). Works on maps and tokens."""
 
-    eps: float = 1e-6
+    eps: NonNegFloat = 1e-6
 
     def infer(self, x: Shape) -> Shape:
         if x.layout == "vector":

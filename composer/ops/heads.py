@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, Tensor, op
+from .registry import NonNeg, NonNegFloat, Op, Pos, PosFloat, Tensor, op
 
 
 def _need(name: str, what: str, s: Shape, layout: str) -> None:
@@ -40,10 +40,10 @@ class SplitHeads(Op):
     part 1 of every head, ...] (timm's fused qkv); `order = "heads"`: [every part of head 0,
     every part of head 1, ...] (LeViT's). Prefix (class) tokens stay ahead of the grid."""
 
-    heads: int
-    part: int = 0
-    parts: Optional[int] = None
-    widths: Optional[list[int]] = None
+    heads: Pos
+    part: NonNeg = 0
+    parts: Optional[Pos] = None
+    widths: Optional[list[Pos]] = None
     order: Literal["parts", "heads"] = "parts"
 
     def split(self, channels: int) -> list[int]:
@@ -102,7 +102,7 @@ class Scores(Op):
 
     q: Optional[Tensor] = None
     k: Tensor
-    scale: Optional[float] = None
+    scale: Optional[PosFloat] = None
     over: Literal["tokens", "channels"] = "tokens"
     input_arg = "q"
 
@@ -225,7 +225,7 @@ class NormalizeSum(Op):
     """Divide by the sum over the last axis (plus `eps`): the normalisation of linear attention,
     `φ(q)φ(k)ᵀ / Σ φ(q)φ(k)ᵀ`, for non-negative scores (after `relu` or another kernel)."""
 
-    eps: float = 0.0
+    eps: NonNegFloat = 0.0
 
     def build(self, x, y):
         from ..layers.heads import NormalizeSum as Module
@@ -239,7 +239,7 @@ class L2Norm(Op):
     the tokens (`axis = "tokens"`: cross-covariance attention). `eps` bounds the norm from below."""
 
     axis: Literal["last", "tokens"] = "last"
-    eps: float = 1e-12
+    eps: NonNegFloat = 1e-12
 
     def infer(self, x: Shape) -> Shape:
         if self.axis == "tokens" and x.layout not in ("tokens", "heads"):
@@ -258,7 +258,7 @@ class MixHeads(Op):
     is a learned sum of the input heads. `heads`: the number out (default: as many as in).
     Parameters `weight` (heads out, heads in) and `bias`."""
 
-    heads: Optional[int] = None
+    heads: Optional[Pos] = None
     bias: bool = True
     per_head = False
 
@@ -307,7 +307,7 @@ class HeadScale(Op):
 
     init: float = 1.0
     log: bool = False
-    max: Optional[float] = None
+    max: Optional[PosFloat] = None
 
     def infer(self, x: Shape) -> Shape:
         if x.layout not in ("heads", "scores"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
 from .deform_attn import level_grids, level_ratios
-from .registry import Op, op, prod
+from .registry import NonNegFloat, Op, PosFloat, op, prod
 
 
 @op("level_embed", category="embed", layout="tokens")
@@ -19,8 +19,8 @@ class LevelEmbed(Op):
     Init: normal(0, `std`) (the references' `normal_`, std 1). Parameters: levels x channels; no MACs
     (an addition). The level sizes follow the grid at run time."""
 
-    levels: list[float]
-    std: float = 1.0
+    levels: list[PosFloat]
+    std: NonNegFloat = 1.0
 
     def grids(self, x: Shape) -> list[tuple[int, ...]]:
         if x.layout != "tokens" or not x.ndim:

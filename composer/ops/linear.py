@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import NonNeg, NonNegFloat, Op, Pos, op, prod
 
 
 @op("linear", category="linear")
@@ -14,9 +14,9 @@ class Linear(Op):
 
     Init: trunc-normal(std 0.02) weight, zero bias (timm's ViT/Swin convention)."""
 
-    out: int
+    out: Pos
     bias: bool = True
-    init_std: float = 0.02
+    init_std: NonNegFloat = 0.02
 
     def infer(self, x: Shape) -> Shape:
         return x.with_(channels=self.out)
@@ -55,7 +55,7 @@ class GlobalPool(Op):
     or `token` to take the class token at `index` (0: the first; DeiT's distillation token is 1)."""
 
     mode: Literal["avg", "max", "token"] = "avg"
-    index: int = 0
+    index: NonNeg = 0
 
     def infer(self, x: Shape) -> Shape:
         if x.layout == "vector":
@@ -80,9 +80,9 @@ class Classifier(Op):
     """The final linear layer to `num_classes` logits; `num_classes=0` makes it the identity
     (a feature extractor). `reset_classifier(n)` replaces it."""
 
-    num_classes: int
+    num_classes: NonNeg
     bias: bool = True
-    init_std: float = 0.02
+    init_std: NonNegFloat = 0.02
 
     def infer(self, x: Shape) -> Shape:
         if self.num_classes < 0:
@@ -112,7 +112,7 @@ class TokenMLP(Op):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    hidden: int
+    hidden: Pos
     act: Optional[Op] = None
     bias: bool = True
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..shapes import ShapeError
-from .registry import Op, op
+from .registry import NonNegFloat, Op, PosFloat, Probability, op
 
 
 class Loss(Op):
@@ -26,7 +26,7 @@ class CrossEntropy(Loss):
     `smoothing` in [0, 1): the target becomes (1 - s) one-hot + s / classes, as
     `F.cross_entropy(label_smoothing=s)`. The default objective of a model that names none."""
 
-    smoothing: float = 0.0
+    smoothing: Probability = 0.0
 
     def check(self) -> None:
         if not 0.0 <= self.smoothing < 1.0:
@@ -44,7 +44,7 @@ class BinaryCrossEntropy(Loss):
     the logits' shape, -[y log p + (1 - y) log(1 - p)] averaged over every element, computed from
     logits (`F.binary_cross_entropy_with_logits`). `pos_weight` scales the positive term."""
 
-    pos_weight: Optional[float] = None
+    pos_weight: Optional[PosFloat] = None
 
     def check(self) -> None:
         if self.pos_weight is not None and self.pos_weight <= 0:
@@ -66,8 +66,8 @@ class Focal(Loss):
     the batch (single-label) or over every element (multi-label). gamma = 0 and alpha = none give
     cross-entropy."""
 
-    alpha: Optional[float] = 0.25
-    gamma: float = 2.0
+    alpha: Optional[Probability] = 0.25
+    gamma: NonNegFloat = 2.0
     multi_label: bool = False
 
     def check(self) -> None:
@@ -89,7 +89,7 @@ class HardDistillation(Loss):
     CE(distillation logits, argmax of the teacher's logits). Called as
     `loss((cls_logits, dist_logits), labels, teacher_logits)`; DeiT uses alpha = 0.5."""
 
-    alpha: float = 0.5
+    alpha: Probability = 0.5
 
     def check(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -109,8 +109,8 @@ class CoarseToFine(Loss):
     Called as `loss((coarse_logits, fine_logits), labels)`; `smoothing` is the label smoothing of
     the CE term."""
 
-    weight: float = 1.0
-    smoothing: float = 0.0
+    weight: NonNegFloat = 1.0
+    smoothing: Probability = 0.0
 
     def check(self) -> None:
         if self.weight < 0 or not 0.0 <= self.smoothing < 1.0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import Op, Pos, PosFloat, op
 
 
 @op("member_attention", category="attention")
@@ -23,9 +23,9 @@ class MemberAttention(Op):
     patch's steps are the members, with per-variable key/value weights (`indexed_linear`).
     No parameters; MACs 2 * members * C per position."""
 
-    heads: int = 1
-    members: int = 2
-    scale: Optional[float] = None
+    heads: Pos = 1
+    members: Pos = 2
+    scale: Optional[PosFloat] = None
 
     def width(self, x: Shape) -> int:
         if self.members < 1:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import NonNeg, Op, Pos, op, prod
 
 
 @op("multilevel_attention", category="attention", layout="tokens")
@@ -43,10 +43,10 @@ class MultilevelAttention(Op):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    heads: int
-    window: int = 7
-    expand: int = 3
-    pooled: int = 0
+    heads: Pos
+    window: Pos = 7
+    expand: NonNeg = 3
+    pooled: NonNeg = 0
     qkv_bias: bool = True
     pool: Literal["fc"] = "fc"
 

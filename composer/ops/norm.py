@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from ..shapes import Shape
-from .registry import Op, check_divides, op
+from .registry import NonNegFloat, Op, Pos, Probability, check_divides, op
 
 
 @op("layernorm", category="norm")
@@ -12,7 +12,7 @@ class LayerNorm(Op):
     """Layer norm over the channels (the last dim of tokens, dim 1 of a map). Weight 1, bias 0;
     `bias=false` keeps the weight only (MetaFormer), `affine=false` neither."""
 
-    eps: float = 1e-5
+    eps: NonNegFloat = 1e-5
     affine: bool = True
     bias: bool = True
 
@@ -29,7 +29,7 @@ class LayerNorm(Op):
 class RMSNorm(Op):
     """RMS norm over the channels (no mean subtraction, no bias)."""
 
-    eps: float = 1e-6
+    eps: NonNegFloat = 1e-6
 
     def params(self, x, y):
         return x.channels
@@ -46,8 +46,8 @@ class BatchNorm(Op):
     scale at zero, so a residual branch ending in it starts as the identity (the last BN of ResNet's
     blocks, timm's `zero_init_last`)."""
 
-    eps: float = 1e-5
-    momentum: float = 0.1
+    eps: NonNegFloat = 1e-5
+    momentum: Probability = 0.1
     zero_init: bool = False
 
     def params(self, x, y):
@@ -66,8 +66,8 @@ class BatchNorm(Op):
 class GroupNorm(Op):
     """Group norm; `groups=1` normalises over channels and space together (PoolFormer's norm)."""
 
-    groups: int = 1
-    eps: float = 1e-5
+    groups: Pos = 1
+    eps: NonNegFloat = 1e-5
 
     def infer(self, x: Shape) -> Shape:
         check_divides(f"groupnorm groups ({self.groups}) must divide the channels", x.channels, self.groups)
@@ -86,7 +86,7 @@ class GroupNorm(Op):
 class InstanceNorm(Op):
     """Instance norm, with a learned affine transform when `affine`."""
 
-    eps: float = 1e-5
+    eps: NonNegFloat = 1e-5
     affine: bool = False
 
     def params(self, x, y):

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import Op, Pos, op
 
 # How the pair meets a grid at run time (the input size the model gets, not the one it was built at):
 # "divide": every spatial size must be a multiple of `size`; "interpolate": the map is resized
@@ -45,7 +45,7 @@ class PatchesToBatch(Op):
     MobileViT block); `"fixed"`: as "divide", and the module runs only at the grid it was built for
     (for a `size` derived from the input size)."""
 
-    size: int = 2
+    size: Pos = 2
     fit: Fit = "divide"
     batch_fold: ClassVar[str] = "open"
     regrids: ClassVar[bool] = True  # its module tells the patch grid it puts the tokens on
@@ -83,7 +83,7 @@ class BatchToPatches(Op):
     Under `fit="interpolate"` the map comes back on the grid the opener unfolded (the lowering
     gives this op's output that grid; the module resizes to it when it differs from n * size)."""
 
-    size: int = 2
+    size: Pos = 2
     fit: Fit = "divide"
     batch_fold: ClassVar[str] = "close"
     opener: ClassVar[str] = "patches_to_batch"  # the op whose fold it closes

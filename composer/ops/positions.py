@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, Tensor, op, prod
+from .registry import NonNegFloat, Op, Tensor, op, prod
 
 
 @op("relative_position_bias", category="attention")
@@ -30,7 +30,7 @@ class RelativePositionBias(Op):
     trunc-normal(`std`) when `std > 0`. Parameter `table` (entries, heads)."""
 
     prefix: bool = False
-    std: float = 0.0
+    std: NonNegFloat = 0.0
     grid_bound = True  # a table sized by the build grid
     per_head = False
 

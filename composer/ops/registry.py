@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..shapes import Shape, ShapeError, TensorRef
 
 OPS: dict[str, type["Op"]] = {}
 
+# The ranges of op parameters, checked when an op is validated (at check time, before any build):
+# a field typed `Pos` refuses 0 and negative numbers with a located error naming the parameter.
+Pos = Annotated[int, Field(ge=1)]  # a count or a size: channels, kernel, stride, dilation, heads, groups
+NonNeg = Annotated[int, Field(ge=0)]  # a padding, a shift, an offset, an index from the start
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]  # a dropout rate, a smoothing, a mixing weight
+PosFloat = Annotated[float, Field(gt=0.0)]  # a scale, a temperature, a base
+NonNegFloat = Annotated[float, Field(ge=0.0)]  # an epsilon, a standard deviation
+
 
 class Op(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+    # allow_inf_nan=False: `1e309` (inf) or nan is never a parameter value
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True,
+                              allow_inf_nan=False)
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "op"  # "op" applies to a tensor; "part" only configures another op
@@ -130,6 +140,82 @@ def op(name: str, *, kind: str = "op", category: str = "misc", layout: str = "an
         return cls
 
     return register
+
+
+_BOUNDS = (("ge", ">= {}"), ("gt", "> {}"), ("le", "<= {}"), ("lt", "< {}"))
+
+
+def bounds_of(annotation, metadata=()) -> str:
+    """The range a field admits, in words (">= 1", ">= 0.0 and <= 1.0"), from its constraints
+    (those of the field, and of the ints or floats inside a union or list: ">= 1; or > 0.0 and
+    < 1.0" for a count or a fraction); "" when it has none."""
+    groups: list[str] = []
+
+    def own(meta) -> list[str]:
+        words = []
+        for m in meta:
+            if hasattr(m, "metadata"):  # a Field(...) inside an annotation holds its constraints
+                words += own(m.metadata)
+            for key, text in _BOUNDS:
+                value = getattr(m, key, None)
+                if value is not None:
+                    words.append(text.format(value))
+        return words
+
+    def walk(ann, meta):
+        words = " and ".join(own(meta))
+        if words and words not in groups:
+            groups.append(words)
+        if typing.get_origin(ann) is Annotated:
+            walk(typing.get_args(ann)[0], typing.get_args(ann)[1:])
+        else:
+            for a in typing.get_args(ann):
+                walk(a, ())
+
+    walk(annotation, metadata)
+    return "; or ".join(groups)
+
+
+_RANGE_WORDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"), "less_than_equal": ("<=", "le"),
+                "less_than": ("<", "lt")}
+
+
+def range_problem(cls: type["Op"], field: str, errors: list, given: Any) -> tuple[str, str, str | None] | None:
+    """(code, what is wrong, hint) when pydantic's `errors` for op `cls` say that the value `given`
+    to `field` has the right type but is out of the field's range ("must be >= 1, got 0") or is
+    infinite; None for any other error. Of a union's errors (`kernel`: an int or a list of ints)
+    the range error is the one that counts."""
+    for e in errors:
+        if not e["loc"] or str(e["loc"][0]) != field:
+            continue
+        index = next((i for i in e["loc"][1:] if isinstance(i, int)), None)
+        where = f" (entry {index} of {_cut(given)})" if index is not None else ""
+        if e["type"] == "finite_number":
+            return "type", f"must be a finite number, got {e['input']}{where}", None
+        if e["type"] in _RANGE_WORDS:
+            sign, key = _RANGE_WORDS[e["type"]]
+            bounds = bounds_of(cls.model_fields[field].annotation, cls.model_fields[field].metadata)
+            hint = f"'{field}' of '{cls.name}' takes {bounds}" if " or " in bounds or " and " in bounds else None
+            return "value", f"must be {sign} {e['ctx'][key]}, got {_cut(e['input'])}{where}", hint
+    return None
+
+
+def _cut(value) -> str:
+    text = repr(value)
+    return text if len(text) < 40 else text[:37] + "..."
+
+
+def plain_annotation(annotation):
+    """`annotation` without its constraints (`Union[Annotated[int, Ge(1)], list[...]]` ->
+    `Union[int, list[int]]`), for messages that name a field's type."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return plain_annotation(args[0])
+    if origin is typing.Union:
+        return typing.Union[tuple(plain_annotation(a) for a in args)]
+    if origin is list:
+        return list[plain_annotation(args[0])]
+    return annotation
 
 
 def _types(annotation) -> tuple:

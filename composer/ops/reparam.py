@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, check_divides, op, prod, spatial_out
+from .registry import NonNeg, NonNegFloat, Op, Pos, check_divides, op, prod, spatial_out
 
 
 def _rep_check(x: Shape, out: int, kernel: int, stride: int, groups: int, small: Optional[int]) -> Shape:
@@ -85,14 +85,14 @@ class RepConvOp(_Rep):
     folds linear structures around the fused convs (see `fuse_model`). Kernels must be odd
     (padding `kernel // 2`). MACs and params count the training form (all branches)."""
 
-    out: int
-    kernel: int
-    stride: int = 1
-    groups: int = 1
+    out: Pos
+    kernel: Pos
+    stride: Pos = 1
+    groups: Pos = 1
     identity: bool = True
     scale_branch: bool = False
-    small_kernel: Optional[int] = None
-    branches: int = 1
+    small_kernel: Optional[Pos] = None
+    branches: NonNeg = 1
 
     def geometry(self, x: Shape) -> tuple[int, int]:
         return self.out, self.groups
@@ -104,12 +104,12 @@ class RepDwConv(_Rep):
     depthwise stage, RepLKNet's large-kernel conv with `small_kernel`). Same branches, submodules
     and `fuse()` as `rep_conv`."""
 
-    kernel: int
-    stride: int = 1
+    kernel: Pos
+    stride: Pos = 1
     identity: bool = True
     scale_branch: bool = False
-    small_kernel: Optional[int] = None
-    branches: int = 1
+    small_kernel: Optional[Pos] = None
+    branches: NonNeg = 1
 
     def geometry(self, x: Shape) -> tuple[int, int]:
         return x.channels, x.channels
@@ -125,10 +125,10 @@ class NormClassifier(Op):
     `reset_classifier(n)` replaces it, as `classifier`. `model.fuse()` folds the norms and the heads
     into one `nn.Linear` (eval mode); params count the training form."""
 
-    num_classes: int
-    heads: int = 1
+    num_classes: NonNeg
+    heads: Pos = 1
     bias: bool = True
-    init_std: float = 0.02
+    init_std: NonNegFloat = 0.02
 
     def infer(self, x: Shape) -> Shape:
         if self.num_classes < 0:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal, Union
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, check_divides, op
+from .registry import Op, Pos, check_divides, op
 
 
 def _grid(x: Shape) -> str:
@@ -19,7 +19,7 @@ class AdaptivePool(Op):
     (`AdaptiveAvgPool1d/2d/3d`, `AdaptiveMaxPool1d/2d/3d`); `size=1` is a global pool that keeps
     the map layout (the squeeze of squeeze-and-excitation, pyramid pooling)."""
 
-    size: int
+    size: Pos
     mode: Literal["avg", "max"] = "avg"
 
     def infer(self, x: Shape) -> Shape:
@@ -43,7 +43,7 @@ class Upsample(Op):
     repeats pixels; `mode="linear"` interpolates (linear, bilinear or trilinear by the input's rank,
     `align_corners=false`)."""
 
-    scale: int = 2
+    scale: Pos = 2
     mode: Literal["nearest", "linear"] = "nearest"
 
     def infer(self, x: Shape) -> Shape:
@@ -68,7 +68,7 @@ class Resize(Op):
     `size` whatever the input's size (an input that has it passes unchanged), so the op follows
     any input grid."""
 
-    size: Union[int, list[int]]
+    size: Union[Pos, list[Pos]]
     mode: Literal["nearest", "linear", "bicubic", "area"] = "bicubic"
     align_corners: bool = False
 
@@ -95,7 +95,7 @@ class PixelShuffle(Op):
     Same element order as `nn.PixelShuffle` in 2-D (channel c*f*f + i*f + j goes to offset (i, j)
     of pixel group c), generalised to 1-D and 3-D."""
 
-    factor: int = 2
+    factor: Pos = 2
 
     def infer(self, x: Shape) -> Shape:
         if self.factor < 1:
@@ -116,7 +116,7 @@ class PixelUnshuffle(Op):
     """Space to depth, the inverse of `pixel_shuffle`: (C, *grid) -> (C * f^d, *grid / f). Every
     spatial size must be a multiple of `factor`."""
 
-    factor: int = 2
+    factor: Pos = 2
 
     def infer(self, x: Shape) -> Shape:
         if self.factor < 1:
@@ -137,7 +137,7 @@ class ChannelShuffle(Op):
     """Interleave the channels of `groups` groups (ShuffleNet): view the channels as
     (groups, C / groups), transpose, flatten. `groups` must divide the channels."""
 
-    groups: int
+    groups: Pos
 
     def infer(self, x: Shape) -> Shape:
         check_divides(f"channel_shuffle groups ({self.groups}) must divide the channels", x.channels, self.groups)

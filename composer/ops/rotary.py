@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import Op, Pos, PosFloat, op
 
 
 @op("rotary", category="attention")
@@ -32,12 +32,12 @@ class Rotary(Op):
     new sizes). Prefix (class, register) tokens are not rotated. No parameters; the angles are
     computed for the grid seen at run time (cached per grid)."""
 
-    axes: int = 1
-    base: float = 10000.0
+    axes: Pos = 1
+    base: PosFloat = 10000.0
     pairs: Literal["interleaved", "halves"] = "interleaved"
     indexing: Literal["ij", "xy"] = "ij"
     offset: float = 0.0
-    reference: Optional[list[float]] = None
+    reference: Optional[list[PosFloat]] = None
 
     def infer(self, x: Shape) -> Shape:
         if x.layout not in ("heads", "tokens"):

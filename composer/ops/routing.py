@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import NonNegFloat, Op, Pos, op
 
 
 @op("top_k_mixture", category="gating")
@@ -34,12 +34,12 @@ class TopKMixture(Op):
     training and k < experts the smooth estimate P(expert in the top k) under the noise), for the
     training loop to add. No parameters (the router's and experts' are their branches')."""
 
-    experts: int
-    k: int = 1
+    experts: Pos
+    k: Pos = 1
     noisy: bool = True
     combine: Literal["sum", "log_exp"] = "sum"
-    noise_eps: float = 1e-2
-    loss_coef: float = 1e-2
+    noise_eps: NonNegFloat = 1e-2
+    loss_coef: NonNegFloat = 1e-2
 
     def gate_channels(self) -> int:
         return self.experts * (2 if self.noisy else 1)

@@ -13,8 +13,8 @@ from typing import ClassVar, Optional
 
 from ..shapes import Shape, ShapeError
 from .attention import KeySource
-from .conv import Conv, IntOrList, per_dim
-from .registry import Op, check_divides, op, prod, spatial_out
+from .conv import Conv, NonNegOrList, PosOrList, per_dim
+from .registry import NonNegFloat, Op, Pos, check_divides, op, prod, spatial_out
 
 
 @op("deform_conv", category="conv", layout="map")
@@ -34,13 +34,13 @@ class DeformConv(Op):
     (same-size for odd kernels, 0 for even ones). Computed in plain PyTorch with `grid_sample`
     and a grouped matrix product; MACs: the main and the offset convolutions."""
 
-    out: int
-    kernel: IntOrList
-    stride: IntOrList = 1
-    padding: Optional[IntOrList] = None
-    dilation: IntOrList = 1
-    groups: int = 1
-    offset_groups: int = 1
+    out: Pos
+    kernel: PosOrList
+    stride: PosOrList = 1
+    padding: Optional[NonNegOrList] = None
+    dilation: PosOrList = 1
+    groups: Pos = 1
+    offset_groups: Pos = 1
     bias: bool = True
 
     def _conv(self) -> Conv:
@@ -102,12 +102,12 @@ class Deformable(KeySource):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    groups: int = 1
-    offset_range_factor: float = 2.0
-    kernel: int = 5
-    stride: int = 1
+    groups: Pos = 1
+    offset_range_factor: NonNegFloat = 2.0
+    kernel: Pos = 5
+    stride: Pos = 1
     bias: bool = False
-    bias_std: float = 0.01
+    bias_std: NonNegFloat = 0.01
 
     needs_query: ClassVar[bool] = True
     module_name: ClassVar[Optional[str]] = None

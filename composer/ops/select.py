@@ -11,10 +11,14 @@ computed to the end (the dense form of an early exit).
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import Field
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import Op, Pos, op, prod
+
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]  # a share of the regions, in (0, 1)
 
 
 @op("topk_tokens", category="layout", layout="tokens")
@@ -43,10 +47,10 @@ class TopkTokens(Op):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    k: Union[int, float]
+    k: Union[Pos, Fraction]
     score: Literal["norm", "value", "class"] = "norm"
-    score_channels: Optional[int] = None
-    region: int = 1
+    score_channels: Optional[Pos] = None
+    region: Pos = 1
     largest: bool = True
 
     def regions(self, x: Shape) -> int:

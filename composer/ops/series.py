@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, spatial_axis
+from .registry import NonNeg, NonNegFloat, Op, Pos, op, spatial_axis
 
 
 @op("series_decomposition", category="series", layout="map")
@@ -24,8 +24,8 @@ class SeriesDecomposition(Op):
     seasonal part). Parameters: 2K with K > 1 kernels, none with one. MACs: K per element (the
     weights' linear; the averages, like pooling, are not counted)."""
 
-    kernels: list[int] = [25]
-    axis: int = 0
+    kernels: list[Pos] = [25]
+    axis: NonNeg = 0
     output: Literal["trend", "residual"] = "trend"
 
     def infer(self, x: Shape) -> Shape:
@@ -56,9 +56,9 @@ class FourierSeason(Op):
     and the rest are zeroed: y_t = sum over kept f of 2 |X_f| / T cos(2 pi f t / T + angle(X_f)), an
     inverse rFFT of the kept bins. No parameters; no MACs (FFTs are not counted, like pooling)."""
 
-    k: int = 3
-    axis: int = 0
-    low: int = 1
+    k: Pos = 3
+    axis: NonNeg = 0
+    low: NonNeg = 1
 
     def _bins(self, t: int) -> int:
         return t // 2 + 1 - (1 if t % 2 == 0 else 0) - self.low
@@ -91,8 +91,8 @@ class Moments(Op):
     `from`, `rearrange` and `parallel concat` to wherever the output lives (another layout, another
     axis), and no module keeps hidden state between calls. No parameters, no MACs."""
 
-    axis: int = 0
-    eps: float = 1e-5
+    axis: NonNeg = 0
+    eps: NonNegFloat = 1e-5
 
     def infer(self, x: Shape) -> Shape:
         spatial_axis("moments", self.axis, x)

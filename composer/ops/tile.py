@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import Op, Pos, op
 
 
 @op("tile", category="resample", layout="map")
@@ -13,7 +13,7 @@ class Tile(Op):
     per-channel vector over a grid; with a w x w input and w-wide windows every window sees the
     same map (GC-ViT's global query tokens, shared by all windows)."""
 
-    times: int = 2
+    times: Pos = 2
 
     def infer(self, x: Shape) -> Shape:
         if self.times < 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import NonNegFloat, Op, Pos, op, prod
 
 
 @op("to_tokens", category="layout", layout="map")
@@ -41,8 +41,8 @@ class ClassToken(Op):
     """Prepend `count` learned tokens (class; with 2, class and distillation). Init: zeros, or
     normal(std) when `std > 0` (timm ViT: 1e-6). Parameter `token` (1, count, channels)."""
 
-    count: int = 1
-    std: float = 1e-6
+    count: Pos = 1
+    std: NonNegFloat = 1e-6
 
     def infer(self, x: Shape) -> Shape:
         return x.with_(extra=x.extra + self.count)
@@ -73,7 +73,7 @@ class PosEmbed(Op):
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
     resamples = True  # ... unless the model is built with dynamic_img_size
 
-    std: float = 0.02
+    std: NonNegFloat = 0.02
     cover_extra: bool = True
     init: Literal["trunc_normal", "sinusoid"] = "trunc_normal"
     trainable: bool = True
@@ -103,7 +103,7 @@ class PatchMerging(Op):
 
     regrids = True  # its module gives the new grid at run time
 
-    out: int
+    out: Pos
     norm: Optional[Op] = None
 
     def infer(self, x: Shape) -> Shape:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import NonNeg, Op, Pos, op
 
 
 def _slice(x: Shape, start: int, count: Optional[int], what: str) -> Shape:
@@ -64,8 +64,8 @@ class SelectTokens(Op):
     """Keep `count` tokens from index `start` (`count=none`: to the end). `select_tokens(0, 1)` is
     the class token alone, `select_tokens(1)` drops one class token and keeps the grid."""
 
-    start: int = 0
-    count: Optional[int] = None
+    start: NonNeg = 0
+    count: Optional[Pos] = None
 
     def infer(self, x: Shape) -> Shape:
         return _slice(x, self.start, self.count, "select_tokens")

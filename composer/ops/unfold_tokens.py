@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, spatial_out
+from .registry import NonNeg, Op, Pos, op, spatial_out
 
 
 @op("unfold", category="layout", layout="map")
@@ -18,9 +18,9 @@ class Unfold(Op):
     patches, so neighbouring tokens share pixels. `stride` defaults to `kernel` (non-overlapping).
     No parameters and no MACs (a copy)."""
 
-    kernel: int
-    stride: Optional[int] = None
-    padding: int = 0
+    kernel: Pos
+    stride: Optional[Pos] = None
+    padding: NonNeg = 0
 
     def infer(self, x: Shape) -> Shape:
         if not x.spatial:

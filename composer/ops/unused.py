@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import Op, Pos, op
 
 
 @op("unused", category="misc")
@@ -17,7 +17,7 @@ class Unused(Op):
     `channels` channels (default: the input's). Parameters: those of `op`; no MACs."""
 
     op: Op
-    channels: Optional[int] = None
+    channels: Optional[Pos] = None
 
     def inner(self, x: Shape) -> tuple[Shape, Shape]:
         if self.channels is not None and self.channels < 1:

@@ -6,7 +6,7 @@ of a region. The modules are in composer/layers/window_tokens.py."""
 from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op, prod
+from .registry import NonNeg, NonNegFloat, Op, Pos, op, prod
 
 
 def window_grid(grid: tuple[int, ...], size: int, what: str) -> tuple[int, ...]:
@@ -36,9 +36,9 @@ class WindowTokens(Op):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    size: int
-    period: int = 0
-    std: float = 0.02
+    size: Pos
+    period: NonNeg = 0
+    std: NonNegFloat = 0.02
 
     def _count(self, x: Shape) -> int:
         grid = window_grid(x.spatial, self.size, self.name)
@@ -79,8 +79,8 @@ class ShuffleWindowTokens(Op):
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
-    size: int
-    region: int
+    size: Pos
+    region: Pos
 
     def _grid(self, x: Shape) -> tuple[int, ...]:
         grid = window_grid(x.spatial, self.size, self.name)

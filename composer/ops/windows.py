@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, Tensor, op, prod
+from .registry import NonNeg, NonNegFloat, Op, Pos, Probability, Tensor, op, prod
 
 
 def window_layout(grid: tuple, size: int, shift: int) -> tuple[tuple, tuple]:
@@ -50,8 +50,8 @@ class WindowsToBatch(Op):
     the shift are decided there. The shape shown is one window: tokens on the window's grid.
     Must be closed by `batch_to_windows(size, shift)` in the same block."""
 
-    size: int
-    shift: int = 0
+    size: Pos
+    shift: NonNeg = 0
     batch_fold: ClassVar[str] = "open"
     regrids: ClassVar[bool] = True  # its module tells the window grid it puts the tokens on
 
@@ -86,8 +86,8 @@ class BatchToWindows(Op):
     same block with the same `size` and `shift`: the padding is cropped and the shift rolled back.
     The output lies on the grid the opener cut (the one seen at run time)."""
 
-    size: int
-    shift: int = 0
+    size: Pos
+    shift: NonNeg = 0
     batch_fold: ClassVar[str] = "close"
     opener: ClassVar[str] = "windows_to_batch"  # the op whose fold it closes
     regrids: ClassVar[bool] = True
@@ -151,9 +151,9 @@ class PositionMlpBias(Op):
     smaller grid sit at the centres of their average-pooling cells. Made for the grids seen at run
     time (the MLP's input table cached per grid)."""
 
-    hidden: int = 512
+    hidden: Pos = 512
     coords: Literal["raw", "normalized"] = "raw"
-    drop: float = 0.0
+    drop: Probability = 0.0
     per_head = False
 
     def infer(self, x: Shape) -> Shape:
@@ -193,8 +193,8 @@ class HaloWindowsToBatch(Op):
     multiple of `block`."""
 
     source: Tensor
-    block: int
-    halo: int = 0
+    block: Pos
+    halo: NonNeg = 0
     input_arg = "source"
     batch_fold: ClassVar[str] = "join"
     regrids: ClassVar[bool] = True
@@ -237,7 +237,7 @@ class AxisRelativeLogits(Op):
     q: Tensor
     offset: Literal["key-query", "query-key"] = "key-query"
     scaled: bool = False
-    std: Optional[float] = None
+    std: Optional[NonNegFloat] = None
     per_head = False
 
     def rows(self, x: Shape) -> list[int]:

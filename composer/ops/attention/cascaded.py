@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from ...shapes import Shape, ShapeError
-from ..registry import Op, op, prod
+from ..registry import Op, Pos, PosFloat, op, prod
 from .partitions import Window
 
 
@@ -37,12 +37,12 @@ class CascadedAttention(Op):
     to a multiple of it (`pad=true`, or any window under dynamic_img_size); without a partition
     the table is sized by the grid and the op is tied to it."""
 
-    heads: int
-    key_dim: int
-    q_kernel: Union[int, list[int]] = 5
+    heads: Pos
+    key_dim: Pos
+    q_kernel: Union[Pos, list[Pos]] = 5
     partition: Optional[Window] = None
     position: Optional[OffsetBias] = None
-    scale: Optional[float] = None
+    scale: Optional[PosFloat] = None
 
     def runtime_grid(self, x: Shape) -> bool:
         return self.partition is not None

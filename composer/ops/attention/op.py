@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import ClassVar, Optional, Union
 
 from ...shapes import Shape, ShapeError
-from ..registry import Op, op, prod
+from ..registry import Op, Pos, PosFloat, op, prod
 from .partitions import Dilated, Grid, Neighbourhood, Routed, Window
 from .positions import ContinuousBias, LePE, LearnedBias, RelativeBias, RelativeBiasMap, RelativeXL
 from .protocol import ROLES, Geometry, evaluate, rule
@@ -49,21 +49,21 @@ class Attention(Op):
     Computed with `F.scaled_dot_product_attention` where it applies;
     masks and index tables are built once. Linear weights trunc-normal(0.02), biases zero."""
 
-    heads: Optional[int] = None
-    head_dim: Optional[int] = None
+    heads: Optional[Pos] = None
+    head_dim: Optional[Pos] = None
     qkv_bias: bool = True
     proj_bias: bool = True
-    out: Optional[int] = None
+    out: Optional[Pos] = None
     partition: Optional[Union[Window, Grid, Dilated, Neighbourhood, Routed]] = None
     kv: Optional[KeySource] = None
     projection: Optional[ConvProj] = None
     position: Optional[Union[RelativeBias, RelativeBiasMap, LearnedBias, RelativeXL, LePE, ContinuousBias]] = None
-    scale: Optional[float] = None
+    scale: Optional[PosFloat] = None
     query: Optional[Union[Given, First]] = None
     score: Optional[Union[Dot, Cosine, Performer]] = None
     extra_kv: Optional[Union[KvTokens, KeySource]] = None
     agents: Optional[Agents] = None
-    dim: Optional[int] = None
+    dim: Optional[Pos] = None
     proj: bool = True
     value_skip: bool = False
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ...shapes import Shape, ShapeError
-from ..registry import op, prod
+from ..registry import NonNeg, Pos, op, prod
 from .protocol import Part, check_groups, rule
 
 PARTITION_ROWS = (
@@ -84,8 +84,8 @@ class Window(LocalPartition):
     `rel_pos_msg` (heads, 2, 1, 1), trunc-normal(0.02): [1] on every score of a messenger query,
     [0] on the scores of grid queries for the messenger key. Not with `shift` or `pad`."""
 
-    size: int
-    shift: int = 0
+    size: Pos
+    shift: NonNeg = 0
     pad: bool = False
     messengers: bool = False
     mode: ClassVar[str] = "window"
@@ -157,7 +157,7 @@ class Grid(LocalPartition):
     """Partition the token grid into groups of `size`^d tokens taken at stride grid/size, so every
     group spans the whole map (MaxViT's grid attention; `size` must divide the grid)."""
 
-    size: int
+    size: Pos
     mode: ClassVar[str] = "grid"
 
     def effective(self, grid: tuple[int, ...]) -> tuple[int, int]:
@@ -189,8 +189,8 @@ class Neighbourhood(Partition):
     With `extra_kv = reduce(...)` every query also sees the pooled keys, under the same softmax
     (TransNeXt's aggregated attention)."""
 
-    size: int
-    dilation: int = 1
+    size: Pos
+    dilation: Pos = 1
     mask: bool = False
     bias: bool = False
     tokens: bool = False
@@ -230,8 +230,8 @@ class Dilated(Neighbourhood):
     spacing `dilation`, zero-padded (DilateFormer's dilated attention; its multi-scale form is a
     `parallel concat` of dilated attentions over head groups)."""
 
-    size: int
-    dilation: int
+    size: Pos
+    dilation: Pos
     mask: bool = False
     bias: bool = False
     tokens: bool = False
@@ -244,8 +244,8 @@ class Routed(Partition):
     `topk` regions of highest affinity (q_region . k_region) and its queries attend to the tokens
     of those regions (topk * region tokens keys each). `regions` must divide the grid."""
 
-    regions: int
-    topk: int
+    regions: Pos
+    topk: Pos
     mode: ClassVar[str] = "routed"
 
     def region(self, grid: tuple[int, ...]) -> tuple[int, ...]:

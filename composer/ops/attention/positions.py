@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal, Optional, Union
 
 from ...shapes import ShapeError
-from ..registry import op, prod
+from ..registry import NonNegFloat, Pos, Probability, op, prod
 from .protocol import Part, rule
 
 GRID = rule("this attention needs tokens on a spatial grid", needs={"grid"})
@@ -25,7 +25,7 @@ class RelativeBias(Position):
     MaxViT): a table of (2w-1)^d x heads entries, trunc-normal(`std`) initialised, gathered by a
     fixed index. Needs a partition."""
 
-    std: float = 0.02
+    std: NonNegFloat = 0.02
 
     def provides(self, x, role):
         return {"position", self.name} | ({"messenger_position"} if self.name == "relative_bias" else set())
@@ -66,7 +66,7 @@ class LearnedBias(Position):
     one table (CMT: one per stage, `tie = i`); the first in forward order owns the parameter, so
     the state_dict holds it once and the parameter count counts it once."""
 
-    std: float = 0.02
+    std: NonNegFloat = 0.02
     tie: Optional[Union[int, str]] = None
 
     def requirements(self, role):
@@ -133,9 +133,9 @@ class ContinuousBias(Position):
     table of distinct coordinates and the (queries, keys) index are buffers, built once for the
     input size."""
 
-    hidden: int = 512
+    hidden: Pos = 512
     coords: Literal["normalized", "raw"] = "normalized"
-    drop: float = 0.0
+    drop: Probability = 0.0
 
     def requirements(self, role):
         msg = ("continuous_bias needs tokens on a grid without class tokens, and no routed "
@@ -189,7 +189,7 @@ class LePE(Position):
     `source="input"`: over the attention's input tokens as a map (BiFormer's global stage). Needs
     keys on the query grid (no reduction) and no prefix tokens."""
 
-    kernel: int = 3
+    kernel: Pos = 3
     source: Literal["v", "input"] = "v"
 
     def provides(self, x, role):

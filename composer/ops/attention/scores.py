@@ -4,7 +4,7 @@ attention. See protocol.py for what a part owns."""
 from __future__ import annotations
 
 from ...shapes import ShapeError
-from ..registry import op, prod
+from ..registry import NonNegFloat, Pos, PosFloat, op, prod
 from .protocol import Part, rule
 
 
@@ -29,7 +29,7 @@ class Cosine(Part):
     (buffer `seq_length_scale`; with a masked neighbourhood the count of unpadded keys per query).
     The attention's `scale` is not used."""
 
-    init: float = 1 / 0.24
+    init: PosFloat = 1 / 0.24
     query_embedding: bool = True
     length_scale: bool = True
 
@@ -61,8 +61,8 @@ class Performer(Part):
     phi(q) (phi(K)^T V) / (phi(q) . sum_j phi(k_j) + `eps`), never forming the N x M scores.
     The attention's `scale` is not used; no partition, position, extra_kv or agents."""
 
-    features: int
-    eps: float = 1e-8
+    features: Pos
+    eps: NonNegFloat = 1e-8
 
     def provides(self, x, role):
         return {"score", "performer"}
@@ -104,9 +104,9 @@ class Agents(Part):
     (`dwc`; V resized to the query grid when keys are reduced) is added before `proj`. 1-D or 2-D;
     works with `kv = reduce(...)` and with unshifted windows."""
 
-    count: int
-    kernel: int = 3
-    table: int = 7
+    count: Pos
+    kernel: Pos = 3
+    table: Pos = 7
 
     def side(self, ndim: int) -> int:
         side = round(self.count ** (1 / ndim)) if ndim else 0

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import ClassVar, Literal, Optional
 
 from ...shapes import Shape, ShapeError
-from ..registry import Op, op, prod, spatial_out
+from ..registry import NonNegFloat, Op, Pos, op, prod, spatial_out
 from .protocol import Part, rule
 
 GRID = rule("this attention needs tokens on a spatial grid", needs={"grid"})
@@ -134,7 +134,7 @@ class Reduce(KeySource):
     `reduce(sr, "pool", pointwise = true, act = gelu, norm = layernorm(1e-6))`. Submodules are
     registered directly on the attention (no prefix)."""
 
-    ratio: int
+    ratio: Pos
     mode: Literal["conv", "depthwise", "pool"] = "conv"
     norm: Optional[Op] = None
     pointwise: bool = False
@@ -194,8 +194,8 @@ class ConvProj(Part):
     `k`, `v`). Prefix (class) tokens bypass the convolutions. CvT scales scores by channels^-0.5:
     pass `scale` to reproduce that."""
 
-    kernel: int = 3
-    stride_kv: int = 1
+    kernel: Pos = 3
+    stride_kv: Pos = 1
 
     def grid(self, x: Shape) -> tuple[int, ...]:
         if self.kernel <= 0 or self.stride_kv <= 0:
@@ -239,8 +239,8 @@ class KvTokens(Part):
     the keys under `cosine`. (TransNeXt's 'learnable tokens' are query-conditioned weights on the
     local values rather than keys; this part is the generic learnable-kv form.)"""
 
-    count: int
-    std: float = 0.02
+    count: Pos
+    std: NonNegFloat = 0.02
 
     def provides(self, x, role):
         return {"extra_kv", "kv_tokens"}
@@ -301,7 +301,7 @@ class First(Part):
     `parallel tokens { ... }` this is cross-attention: CrossViT's class token attending to the
     other branch (`first(1)`), or one stream's tokens attending to the other's (`keys="rest"`)."""
 
-    count: int = 1
+    count: Pos = 1
     keys: Literal["all", "rest"] = "all"
 
     def provides(self, x, role):
