@@ -86,7 +86,7 @@ def cmd_build(args) -> int:
     from .analyse import counted_params, render
     from .builder import build_module
 
-    model = build_module(plan, seed=args.seed)
+    model = build_module(plan, seed=args.seed, max_memory=args.max_memory)
     model.eval()
     if args.fuse:
         model.fuse()
@@ -126,11 +126,14 @@ def cmd_port(args) -> int:
     if kind not in ("timm", "torchvision") or not ref_name:
         raise error("usage", f"--from expects timm:MODEL_NAME or torchvision:MODEL_NAME, got '{source}'", None,
                     "timm and torchvision checkpoints are supported")
+    from .memory import check_memory
+
+    check_memory(plan, args.max_memory)  # before the checkpoint is read or anything allocated
     from .builder import build_module
     from .port import from_timm, from_torchvision, read_checkpoint
 
     state = read_checkpoint(args.checkpoint)
-    model = build_module(plan, seed=args.seed)
+    model = build_module(plan, seed=args.seed, max_memory=args.max_memory)
     port = from_timm if kind == "timm" else from_torchvision
     report = port(model, state, strict=False, source_name=source)
     print(report.render())
@@ -152,8 +155,11 @@ def cmd_info(args) -> int:
 
     from .sizes import rule_texts
 
+    from .memory import estimate
+
     model = build_module(plan, seed=None, device="meta")
     print(render(plan, counted_params(model)))
+    print(estimate(plan).render())
     plain, dynamic = rule_texts(plan)
     print(f"input sizes: {plain} (built at {'x'.join(map(str, plan.input.spatial))}"
           + (f"; with dynamic_img_size: {dynamic})" if dynamic != plain else ")"))
@@ -269,6 +275,11 @@ def make_parser() -> argparse.ArgumentParser:
                         help="input resolution: one size, or one per spatial axis (H W)")
         sp.add_argument("--in-chans", dest="in_chans", type=int, help="input channels")
 
+    def memory_opt(sp):
+        sp.add_argument("--max-memory", dest="max_memory", metavar="SIZE",
+                        help="refuse a model whose parameters, buffers and largest activation need more (8G, "
+                        "512M; default: 80%% of the available memory)")
+
     c = sub.add_parser("check", help="parse, validate and infer every shape (no torch)",
                        description="Parse, validate and shape-check blueprints without importing torch. "
                        "TARGET is a file, a directory (every .arch/.yaml in it), file:model, or a zoo model name.")
@@ -284,6 +295,7 @@ def make_parser() -> argparse.ArgumentParser:
     target_opts(b)
     b.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the initial weights (atomically)")
     b.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    memory_opt(b)
     b.add_argument("--fuse", action="store_true",
                    help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
     b.set_defaults(func=cmd_build)
@@ -311,6 +323,7 @@ def make_parser() -> argparse.ArgumentParser:
     po.add_argument("-o", "--output", metavar="OUT.safetensors", required=True,
                     help="where to write the ported weights (atomically)")
     target_opts(po)
+    memory_opt(po)
     po.add_argument("--seed", type=int, default=0, help="initialisation seed for the tensors left re-initialised "
                     "(default 0)")
     po.set_defaults(func=cmd_port)
