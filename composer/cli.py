@@ -130,13 +130,24 @@ def cmd_port(args) -> int:
 
     check_memory(plan, args.max_memory)  # before the checkpoint is read or anything allocated
     from .builder import build_module
-    from .port import from_timm, from_torchvision, read_checkpoint
+    from .port import from_timm, from_torchvision, mapping_path, read_checkpoint, refuse_reorders
+
+    if not args.tolerance >= 0:
+        raise error("usage", f"--tolerance must be a number >= 0, got {args.tolerance}")
 
     state = read_checkpoint(args.checkpoint)
     model = build_module(plan, seed=args.seed, max_memory=args.max_memory)
-    port = from_timm if kind == "timm" else from_torchvision
-    report = port(model, state, strict=False, source_name=source)
+    if kind == "timm":
+        report = from_timm(model, state, strict=False, source_name=source, compare=not args.no_compare,
+                           tolerance=args.tolerance)
+    else:
+        report = from_torchvision(model, state, strict=False, source_name=source)
     print(report.render())
+    refuse_reorders(plan, report, mapping_path(model))
+    if report.disagrees:
+        from .port_verify import refuse_disagreement
+
+        raise refuse_disagreement(plan, report, source)
     if not report.ok:
         raise error("port-incomplete", f"not written: {args.checkpoint} does not account for every tensor of "
                     f"{plan.name} (see the report above)", None,
@@ -311,7 +322,8 @@ def make_parser() -> argparse.ArgumentParser:
                         description="Map a local reference checkpoint onto a blueprint's model with the family's "
                         "<family>.port.yaml rename rules, print the report (matched, reshaped, skipped, missing, "
                         "unexpected) and write the weights as safetensors. Nothing is written (exit 2) when any "
-                        "tensor is unaccounted for. A classifier of a different size (--num-classes) is skipped "
+                        "tensor is unaccounted for, or when (timm installed) timm's model loaded with the checkpoint "
+                        "and the ported model disagree on a random input. A classifier of a different size (--num-classes) is skipped "
                         "and left initialised; the input conv is adapted to --in-chans as timm does. "
                         "TARGET: FILE[:MODEL] or a zoo model name.")
     po.add_argument("target", metavar="TARGET", help="FILE[:MODEL] or a zoo model name")
@@ -324,6 +336,10 @@ def make_parser() -> argparse.ArgumentParser:
                     help="where to write the ported weights (atomically)")
     target_opts(po)
     memory_opt(po)
+    po.add_argument("--tolerance", type=float, default=1e-4, help="the largest difference of the outputs of the "
+                    "ported model and timm's, relative to max(1, max |timm's output|) (default 1e-4)")
+    po.add_argument("--no-compare", dest="no_compare", action="store_true",
+                    help="write without running timm's model to compare the outputs")
     po.add_argument("--seed", type=int, default=0, help="initialisation seed for the tensors left re-initialised "
                     "(default 0)")
     po.set_defaults(func=cmd_port)
