@@ -116,15 +116,17 @@ def diff(a: Plan, b: Plan):
 
 
 def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,
-          dynamic_img_size: bool = False, **overrides):
+          dynamic_img_size: bool = False, max_memory=None, **overrides):
     """Build a model as a plain `nn.Module` (timm-style API). The model runs at every input size its
     architecture admits (`composer info` states them) and refuses others with
     `composer.InputSizeError`; `dynamic_img_size=True` resamples absolute position embeddings to
-    the grid it gets, as timm's option of that name does."""
+    the grid it gets, as timm's option of that name does. `max_memory` (bytes, or a size such as
+    "8G"; default: 80% of the available memory): a model whose parameters, buffers and largest
+    activation at batch 1 need more is refused (a ComposerError) before anything is allocated."""
     from .builder import build_module
 
     return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
-                        out_indices=out_indices, dynamic_img_size=dynamic_img_size)
+                        out_indices=out_indices, dynamic_img_size=dynamic_img_size, max_memory=max_memory)
 
 
 def build_loss(target: str, **overrides):

@@ -8,6 +8,7 @@ from torch import nn
 from .chains import attend, fuse_attention
 from .diagnostics import error
 from .fuse import fuse_model
+from .memory import check_memory
 from .layers.core import ChannelScale, Scale, tie_scope
 from .layers.reparam import RepConv
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
@@ -499,14 +500,18 @@ def _classifier_out(steps) -> int:
 
 
 def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only=False, out_indices=None,
-                 dynamic_img_size: bool = False):
+                 dynamic_img_size: bool = False, max_memory=None):
     """Instantiate `plan` as a `ComposedModel`, deterministically when `seed` is given.
     `dynamic_img_size`: absolute position embeddings are resampled to the grid the model gets at
     run time (timm's option of that name); without it other input sizes that change their grid
-    are refused."""
+    are refused. `max_memory` (bytes or a size such as "8G"; None: a fraction of the available
+    memory): a model whose parameters, buffers and largest activation at batch 1 would take more
+    is refused before anything is allocated (composer.memory)."""
     if plan.params > MAX_PARAMS and str(device) != "meta":
         raise error("too-large", f"the model has {plan.params:,} parameters; refusing to allocate more than "
                     f"{MAX_PARAMS:,}", plan.span, "use `composer info`, which allocates nothing")
+    if str(device) != "meta":
+        check_memory(plan, max_memory)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)

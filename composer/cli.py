@@ -111,7 +111,7 @@ def cmd_build(args) -> int:
     from .analyse import counted_params, render
     from .builder import build_module
 
-    model = build_module(plan, seed=args.seed)
+    model = build_module(plan, seed=args.seed, max_memory=args.max_memory)
     model.eval()
     if args.fuse:
         model.fuse()
@@ -154,14 +154,28 @@ def cmd_port(args) -> int:
     if kind not in ("timm", "torchvision") or not ref_name:
         raise error("usage", f"--from expects timm:MODEL_NAME or torchvision:MODEL_NAME, got '{source}'", None,
                     "timm and torchvision checkpoints are supported")
+    from .memory import check_memory
+
+    check_memory(plan, args.max_memory)  # before the checkpoint is read or anything allocated
     from .builder import build_module
-    from .port import from_timm, from_torchvision, read_checkpoint
+    from .port import from_timm, from_torchvision, mapping_path, read_checkpoint, refuse_reorders
+
+    if not args.tolerance >= 0:
+        raise error("usage", f"--tolerance must be a number >= 0, got {args.tolerance}")
 
     state = read_checkpoint(args.checkpoint)
-    model = build_module(plan, seed=args.seed)
-    port = from_timm if kind == "timm" else from_torchvision
-    report = port(model, state, strict=False, source_name=source)
+    model = build_module(plan, seed=args.seed, max_memory=args.max_memory)
+    if kind == "timm":
+        report = from_timm(model, state, strict=False, source_name=source, compare=not args.no_compare,
+                           tolerance=args.tolerance)
+    else:
+        report = from_torchvision(model, state, strict=False, source_name=source)
     print(report.render())
+    refuse_reorders(plan, report, mapping_path(model))
+    if report.disagrees:
+        from .port_verify import refuse_disagreement
+
+        raise refuse_disagreement(plan, report, source)
     if not report.ok:
         raise error("port-incomplete", f"not written: {args.checkpoint} does not account for every tensor of "
                     f"{plan.name} (see the report above)", None,
@@ -180,8 +194,11 @@ def cmd_info(args) -> int:
 
     from .sizes import rule_texts
 
+    from .memory import estimate
+
     model = build_module(plan, seed=None, device="meta")
     print(render(plan, counted_params(model)))
+    print(estimate(plan).render())
     plain, dynamic = rule_texts(plan)
     print(f"input sizes: {plain} (built at {'x'.join(map(str, plan.input.spatial))}"
           + (f"; with dynamic_img_size: {dynamic})" if dynamic != plain else ")"))
@@ -296,6 +313,11 @@ def make_parser() -> argparse.ArgumentParser:
                         help="input resolution: one size, or one per spatial axis (H W)")
         sp.add_argument("--in-chans", dest="in_chans", type=_int_in(1), help="input channels")
 
+    def memory_opt(sp):
+        sp.add_argument("--max-memory", dest="max_memory", metavar="SIZE",
+                        help="refuse a model whose parameters, buffers and largest activation need more (8G, "
+                        "512M; default: 80%% of the available memory)")
+
     c = sub.add_parser("check", help="parse, validate and infer every shape (no torch)",
                        description="Parse, validate and shape-check blueprints without importing torch. "
                        "TARGET is a file, a directory (every .arch/.yaml in it), file:model, or a zoo model name.")
@@ -311,6 +333,7 @@ def make_parser() -> argparse.ArgumentParser:
     target_opts(b)
     b.add_argument("-o", "--output", metavar="OUT.safetensors", help="write the initial weights (atomically)")
     b.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="initialisation seed (default 0)")
+    memory_opt(b)
     b.add_argument("--fuse", action="store_true",
                    help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
     b.set_defaults(func=cmd_build)
@@ -326,7 +349,8 @@ def make_parser() -> argparse.ArgumentParser:
                         description="Map a local reference checkpoint onto a blueprint's model with the family's "
                         "<family>.port.yaml rename rules, print the report (matched, reshaped, skipped, missing, "
                         "unexpected) and write the weights as safetensors. Nothing is written (exit 2) when any "
-                        "tensor is unaccounted for. A classifier of a different size (--num-classes) is skipped "
+                        "tensor is unaccounted for, or when (timm installed) timm's model loaded with the checkpoint "
+                        "and the ported model disagree on a random input. A classifier of a different size (--num-classes) is skipped "
                         "and left initialised; the input conv is adapted to --in-chans as timm does. "
                         "TARGET: FILE[:MODEL] or a zoo model name.")
     po.add_argument("target", metavar="TARGET", help="FILE[:MODEL] or a zoo model name")
@@ -338,6 +362,11 @@ def make_parser() -> argparse.ArgumentParser:
     po.add_argument("-o", "--output", metavar="OUT.safetensors", required=True,
                     help="where to write the ported weights (atomically)")
     target_opts(po)
+    memory_opt(po)
+    po.add_argument("--tolerance", type=float, default=1e-4, help="the largest difference of the outputs of the "
+                    "ported model and timm's, relative to max(1, max |timm's output|) (default 1e-4)")
+    po.add_argument("--no-compare", dest="no_compare", action="store_true",
+                    help="write without running timm's model to compare the outputs")
     po.add_argument("--seed", type=_int_in(0, MAX_SEED), default=0, help="initialisation seed for the tensors left re-initialised "
                     "(default 0)")
     po.set_defaults(func=cmd_port)

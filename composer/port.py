@@ -22,10 +22,13 @@ import yaml
 
 from .diagnostics import error
 from .plan import OpStep
+from .port_order import keeps_axis_order, refuse_reorders, rule_to_write
+from .port_report import PortReport
+from .port_verify import DEFAULT_TOLERANCE, compare_outputs, refuse_disagreement, timm_reference
 
 SOURCES = ("timm", "torchvision")
-_TOP_KEYS = {"source", "rules", "split", "join", "ignore", "reshape", "models"}
-_SECTION_KEYS = {"match", "rules", "split", "join", "ignore"}
+_TOP_KEYS = {"source", "rules", "split", "join", "ignore", "reshape", "models", "permute", "transpose", "view"}
+_SECTION_KEYS = {"match", "rules", "split", "join", "ignore", "permute", "transpose", "view"}
 
 
 # ----------------------------------------------------------------------------------------------- the mapping
@@ -56,6 +59,20 @@ class Join:
 
 
 @dataclass
+class Reorder:
+    """An explicit change of element order for the reference tensors whose key matches `pattern`:
+    `permute` (dims: the new order of the axes), `transpose` (dims: the two axes swapped), or
+    `view` (a row-major reshape into our shape, whatever it does to the axes). A reshape into
+    our shape follows a permute or transpose."""
+    pattern: re.Pattern
+    kind: str
+    dims: list[int]
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.dims}" if self.kind != "view" else "view"
+
+
+@dataclass
 class Mapping:
     source: str = "timm"
     rules: list[Rule] = field(default_factory=list)
@@ -64,6 +81,10 @@ class Mapping:
     reshape: bool = True
     path: str = "<mapping>"
     joins: list[Join] = field(default_factory=list)
+    reorders: list[Reorder] = field(default_factory=list)
+
+    def reorder(self, ref_key: str) -> Reorder | None:
+        return next((r for r in self.reorders if r.pattern.search(ref_key)), None)
 
     def our_to_ref(self, key: str) -> str:
         for r in self.rules:
@@ -127,6 +148,26 @@ def _joins(path, items, where):
     return out
 
 
+def _reorders(path, sec, where):
+    out = []
+    for kind, size in (("permute", None), ("transpose", 2)):
+        items = sec.get(kind) or {}
+        if not isinstance(items, dict):
+            raise _bad(path, f"{where} {kind} must be a mapping {{REGEX: [axes]}}, got {items!r}")
+        for pattern, dims in items.items():
+            ok = isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+            if kind == "permute":
+                ok = ok and sorted(dims) == list(range(len(dims))) and len(dims) >= 2
+            else:
+                ok = ok and len(dims) == 2 and dims[0] != dims[1]
+            if not ok:
+                want = "a permutation of 0 .. n-1 (e.g. [0, 2, 3, 1])" if kind == "permute" else "two axes, e.g. [0, 1]"
+                raise _bad(path, f"{where} {kind} '{pattern}': the axes must be {want}, got {dims!r}")
+            out.append(Reorder(_regex(path, pattern, f"{where} {kind}"), kind, list(dims)))
+    out += [Reorder(_regex(path, t, f"{where} view"), "view", []) for t in _names(sec.get("view"))]
+    return out
+
+
 def _names(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value or [])
 
@@ -152,11 +193,11 @@ def read_mapping(source, model_names=()) -> Mapping:
     src = data.get("source", "timm")
     if src not in SOURCES:
         raise _bad(path, f"unsupported source '{src}'", f"supported: {', '.join(SOURCES)}")
-    rules, splits, ignore, joins = [], [], [], []
+    rules, splits, ignore, joins, reorders = [], [], [], [], []
     for j, sec in enumerate(data.get("models") or []):
         if not isinstance(sec, dict) or "match" not in sec or set(sec) - _SECTION_KEYS:
             raise _bad(path, f"models section {j + 1} must be {{match: PATTERN(S), rules: [...], split: [...], "
-                       f"ignore: [...]}}, got {sec!r}")
+                       f"join: [...], ignore: [...], permute: {{...}}, transpose: {{...}}, view: [...]}}, got {sec!r}")
         pats = _names(sec["match"])
         if any(fnmatch.fnmatchcase(n, p) for n in model_names if n for p in pats):
             where = f"models[{j + 1}]"
@@ -164,65 +205,19 @@ def read_mapping(source, model_names=()) -> Mapping:
             splits += _splits(path, sec.get("split"), where)
             joins += _joins(path, sec.get("join"), where)
             ignore += [_regex(path, t, f"{where} ignore") for t in _names(sec.get("ignore"))]
+            reorders += _reorders(path, sec, where)
     rules += _rules(path, data.get("rules"), "top-level")
     splits += _splits(path, data.get("split"), "top-level")
     joins += _joins(path, data.get("join"), "top-level")
     ignore += [_regex(path, t, "ignore") for t in _names(data.get("ignore"))]
-    return Mapping(src, rules, splits, ignore, bool(data.get("reshape", True)), path, joins)
+    reorders += _reorders(path, data, "top-level")
+    return Mapping(src, rules, splits, ignore, bool(data.get("reshape", True)), path, joins, reorders)
 
 
 def mapping_path(model) -> Path:
     """The `.port.yaml` declared next to the model's blueprint file."""
     file = Path(model.plan.file)
     return file.with_name(file.name.rsplit(".", 1)[0] + ".port.yaml")
-
-
-# ------------------------------------------------------------------------------------------------ the report
-@dataclass
-class PortReport:
-    model: str
-    source: str
-    matched: list[tuple[str, str]] = field(default_factory=list)            # (ours, reference)
-    reshaped: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)  # (ours, ref, from, to)
-    split: list[tuple[str, str]] = field(default_factory=list)              # (ours, fused reference key)
-    joined: list[tuple[str, list[str]]] = field(default_factory=list)       # (ours, the reference keys joined)
-    adapted: list[tuple[str, str, str]] = field(default_factory=list)       # (ours, ref, how)
-    skipped: list[tuple[str, str]] = field(default_factory=list)            # (key, why): left re-initialised
-    ignored: list[str] = field(default_factory=list)                        # reference keys the mapping ignores
-    mismatched: list[tuple[str, str, tuple, tuple]] = field(default_factory=list)
-    missing: list[tuple[str, str]] = field(default_factory=list)            # (ours, the reference key looked for)
-    unexpected: list[str] = field(default_factory=list)                     # reference keys nothing used
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    @property
-    def loaded(self) -> int:
-        return len(self.matched) + len(self.reshaped) + len(self.split) + len(self.adapted) + len(self.joined)
-
-    def render(self, limit: int = 20) -> str:
-        lines = [f"port {self.source} -> {self.model}: {self.loaded} tensors loaded "
-                 f"({len(self.matched)} matched, {len(self.reshaped)} reshaped, {len(self.split)} split, "
-                 f"{len(self.adapted)} adapted" + (f", {len(self.joined)} joined" if self.joined else "")
-                 + f"), {len(self.skipped)} skipped, {len(self.ignored)} ignored"]
-
-        def section(title, items, fmt):
-            if items:
-                lines.append(f"{title} ({len(items)}):")
-                lines.extend(f"  {fmt(i)}" for i in items[:limit])
-                if len(items) > limit:
-                    lines.append(f"  ... and {len(items) - limit} more")
-
-        section("joined", self.joined, lambda r: f"{r[0]} <- {' + '.join(r[1])}")
-        section("reshaped", self.reshaped, lambda r: f"{r[0]} <- {r[1]}  {list(r[2])} -> {list(r[3])}")
-        section("adapted", self.adapted, lambda r: f"{r[0]} <- {r[1]}  ({r[2]})")
-        section("skipped", self.skipped, lambda r: f"{r[0]}  ({r[1]})")
-        section("shape mismatch", self.mismatched, lambda r: f"{r[0]} {list(r[2])} <- {r[1]} {list(r[3])}")
-        section("missing (ours without source)", self.missing, lambda r: f"{r[0]}  (looked for {r[1]})")
-        section("unexpected (source unused)", self.unexpected, lambda r: r)
-        lines.append("ok: every tensor is accounted for" if self.ok else "NOT OK: some tensors are unaccounted for")
-        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ the port
@@ -241,8 +236,15 @@ def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
     return w.to(dtype)
 
 
-def _split_source(state: dict, splits: list[Split]) -> tuple[dict, dict]:
-    """Reference tensors with fused ones cut into their named parts -> (tensors, part -> fused key)."""
+def _collision(path, what: str, made: str, key: str, other: str):
+    return _bad(path, f"{what} makes '{made}' from '{key}', but '{made}' is already {other}",
+                "anchor the pattern so that it matches only the fused tensors (e.g. '\\.qkv\\.weight$'), "
+                "or name the parts apart")
+
+
+def _split_source(state: dict, splits: list[Split], path: str = "<mapping>") -> tuple[dict, dict]:
+    """Reference tensors with fused ones cut into their named parts -> (tensors, part -> fused key).
+    A part named like another reference tensor or another part is an error (nothing overwritten)."""
     out, origin = dict(state), {}
     for key, value in state.items():
         for s in splits:
@@ -255,17 +257,24 @@ def _split_source(state: dict, splits: list[Split]) -> tuple[dict, dict]:
                 raise error("port-mapping", f"split '{s.pattern.pattern}': {key} has {n} along dim {s.dim}, not a "
                             f"multiple of {total} (sizes {s.sizes})")
             parts = torch.split(value, [n // total * k for k in s.sizes], dim=s.dim)
+            del out[key]
             for name, part in zip(s.into, parts):
                 part_key = key[:m.start()] + m.expand(name) + key[m.end():]
+                if part_key in origin:
+                    raise _collision(path, f"split '{s.pattern.pattern}'", part_key, key,
+                                     f"a part of '{origin[part_key]}'")
+                if part_key in state:
+                    raise _collision(path, f"split '{s.pattern.pattern}'", part_key, key,
+                                     "the tensor it cuts" if part_key == key else "a checkpoint tensor")
                 out[part_key] = part
                 origin[part_key] = key
-            del out[key]
             break
     return out, origin
 
 
-def _join_source(state: dict, joins: list[Join]) -> tuple[dict, dict]:
-    """Reference tensors with the parts of each join concatenated -> (tensors, joined key -> part keys)."""
+def _join_source(state: dict, joins: list[Join], path: str = "<mapping>") -> tuple[dict, dict]:
+    """Reference tensors with the parts of each join concatenated -> (tensors, joined key -> part keys).
+    A joined name that another tensor has is an error (nothing overwritten)."""
     out, parts_of = dict(state), {}
     for j in joins:
         found = []                                   # per part: {(text before, text after): (key, match)}
@@ -286,6 +295,12 @@ def _join_source(state: dict, joins: list[Join]) -> tuple[dict, dict]:
                 raise error("port-mapping", f"join {[p.pattern for p in j.parts]}: cannot concatenate "
                             f"{', '.join(keys)} along dim {j.dim}: {exc}") from None
             joined = around[0] + m0.expand(j.into) + around[1]
+            if joined in out and joined not in keys:
+                raise _collision(path, f"join {[p.pattern for p in j.parts]}", joined, " + ".join(keys),
+                                 "a checkpoint tensor" if joined not in parts_of else "another join's result")
+            if len(set(keys)) < len(keys):
+                raise _bad(path, f"join {[p.pattern for p in j.parts]}: two of its patterns match the same tensor "
+                           f"'{keys[0]}'", "make each pattern match one part")
             for k in keys:
                 del out[k]
             out[joined] = value
@@ -338,8 +353,8 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
         if any(p.search(k) for p in mapping.ignore):
             report.ignored.append(k)
             del state[k]
-    source, origin = _split_source(state, mapping.splits)
-    source, joined_from = _join_source(source, mapping.joins)
+    source, origin = _split_source(state, mapping.splits, mapping.path)
+    source, joined_from = _join_source(source, mapping.joins, mapping.path)
     used: set[str] = set()
 
     ours = model.state_dict()
@@ -357,7 +372,12 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
             report.skipped.append((key, f"classifier: checkpoint {list(value.shape)}, model {list(target.shape)}; "
                                        "left as initialised"))
             continue
-        if value.shape == target.shape and ref in joined_from:
+        rule = mapping.reorder(ref)
+        if rule is not None:
+            value = _reordered(mapping, rule, key, ref, value, target, report)
+            if value is None:
+                continue
+        elif value.shape == target.shape and ref in joined_from:
             report.joined.append((key, joined_from[ref]))
         elif value.shape == target.shape:
             (report.split if ref in origin else report.matched).append((key, origin.get(ref, ref)))
@@ -365,9 +385,13 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
               and value.shape[2:] == target.shape[2:] and target.shape[1] == in_chans):
             value = adapt_input_conv(in_chans, value)
             report.adapted.append((key, ref, f"in_chans {source[ref].shape[1]} -> {in_chans}"))
-        elif mapping.reshape and value.numel() == target.numel():
+        elif mapping.reshape and value.numel() == target.numel() and keeps_axis_order(value.shape, target.shape):
             report.reshaped.append((key, ref, tuple(value.shape), tuple(target.shape)))
             value = value.reshape(target.shape)
+        elif mapping.reshape and value.numel() == target.numel():
+            report.reordered.append((key, ref, tuple(target.shape), tuple(value.shape),
+                                     rule_to_write(ref, tuple(value.shape), tuple(target.shape))))
+            continue
         else:
             report.mismatched.append((key, ref, tuple(target.shape), tuple(value.shape)))
             continue
@@ -386,6 +410,8 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
         else:
             report.unexpected.append(origin.get(ref, ref))
     report.unexpected = sorted(set(report.unexpected))
+    if strict:
+        refuse_reorders(plan, report, mapping.path)
     if strict and not report.ok:
         raise error("port-incomplete", f"cannot port {report.source} into {plan.name}: "
                     f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
@@ -397,12 +423,45 @@ def port(model, state_dict: dict, mapping=None, *, strict: bool = True, source_n
     return report
 
 
-def from_timm(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None
-              ) -> PortReport:
-    """Load a timm model's `state_dict` into `model` (a ComposedModel). See `port`."""
+def _reordered(mapping, rule, key, ref, value, target, report):
+    """`value` reordered by `rule` into `target`'s shape (recorded in the report), or None (a mismatch)."""
+    before = tuple(value.shape)
+    if rule.kind != "view":
+        if max(rule.dims) >= value.ndim or (rule.kind == "permute" and len(rule.dims) != value.ndim):
+            raise error("port-mapping", f"{mapping.path}: {rule.kind} '{rule.pattern.pattern}' {rule.dims} does not fit "
+                        f"{ref} {list(before)} ({value.ndim} axes)", None, "give one entry per axis of the tensor")
+        value = value.permute(rule.dims) if rule.kind == "permute" else value.transpose(*rule.dims)
+    if value.numel() != target.numel() or (rule.kind != "view" and not keeps_axis_order(value.shape, target.shape)):
+        report.mismatched.append((key, ref, tuple(target.shape), tuple(value.shape)))
+        return None
+    report.permuted.append((key, ref, rule.describe(), before, tuple(target.shape)))
+    return value.reshape(target.shape)
+
+
+def from_timm(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None,
+              compare: bool | None = None, tolerance: float = DEFAULT_TOLERANCE, reference=None) -> PortReport:
+    """Load a timm model's `state_dict` into `model` (a ComposedModel). See `port`. Then, with
+    `compare`, the outputs are checked: timm's model named by `source_name` (`timm:NAME` or NAME) is
+    built and loaded with `state_dict` (or `reference`, such a module, is used), both run on one
+    fixed random input, and the largest difference goes into the report; over `tolerance`
+    (relative to max(1, max |reference output|)) it is an error with `strict` (else `report.ok` is
+    False). `compare` defaults to True when `reference` or `source_name` is given; without timm
+    installed nothing is compared (the report says so)."""
     if isinstance(mapping, Mapping) and mapping.source != "timm":
         raise error("port-mapping", f"{mapping.path} maps from '{mapping.source}', not timm")
-    return port(model, state_dict, mapping, strict=strict, source_name=source_name)
+    report = port(model, state_dict, mapping, strict=strict, source_name=source_name)
+    if compare is None:
+        compare = reference is not None or source_name is not None
+    name = (source_name or model.plan.reference or "").split(":", 1)[-1]
+    if compare and report.ok:
+        ref = reference if reference is not None else timm_reference(name, state_dict) if name else None
+        if ref is None:
+            report.compared = "outputs not compared: " + ("timm is not installed" if name else "no reference named")
+        elif not compare_outputs(model, ref, report, tolerance=tolerance):
+            report.disagrees = True
+            if strict:
+                raise refuse_disagreement(model.plan, report, f"timm:{name}")
+    return report
 
 
 def from_torchvision(model, state_dict: dict, mapping=None, *, strict: bool = True, source_name: str | None = None

@@ -31,6 +31,9 @@ class SinusoidalPos(Op):
             )
         return x
 
+    def buffer_elements(self, x, y):
+        return prod(x.spatial) * x.channels  # pos: (1, N, C)
+
     def build(self, x, y):
         from ..layers.embed import SinusoidalPos as Module
 

@@ -54,6 +54,9 @@ class RelativePositionBias(Op):
     def params(self, x, y):
         return self.entries(x.spatial) * x.heads
 
+    def buffer_elements(self, x, y):
+        return x.tokens * x.channels  # index: (queries, keys)
+
     def build(self, x, y):
         from ..layers.positions import RelativePositionBias as Module
 
@@ -121,6 +124,9 @@ class DistanceBias(Op):
 
     def params(self, x, y):
         return prod(x.spatial) * x.heads
+
+    def buffer_elements(self, x, y):
+        return prod(x.spatial) ** 2  # index: (N, N)
 
     def build(self, x, y):
         from ..layers.positions import DistanceBias as Module

@@ -99,6 +99,12 @@ class Op(BaseModel):
     def macs(self, x: Shape, y: Shape) -> int:
         return 0
 
+    def buffer_elements(self, x: Shape, y: Shape) -> int:
+        """Elements of the buffers the built module registers (index tables, masks, fixed tables):
+        composer.memory counts them before anything is allocated. 0 by default; an op whose
+        buffers grow with its grid or window says how many."""
+        return 0
+
     def build(self, x: Shape, y: Shape):
         from torch import nn
 

@@ -199,6 +199,10 @@ class Attention(Op):
             n += cd * y.channels + (y.channels if self.proj_bias else 0)
         return n
 
+    def buffer_elements(self, x, y):
+        g = self.sizes(x)
+        return sum(part.add_buffers(self, g) for _, part in self.parts())
+
     def macs(self, x, y):
         """Linear and conv multiply-accumulates plus q k^T and attn v (and what the parts add: the
         routing product, the relative_xl position product, the agents' two products, ...); norms,

@@ -122,6 +122,10 @@ class Window(LocalPartition):
     def requirements(self, role):
         return (MESSENGER_ROWS if self.messengers else ()) + PARTITION_ROWS
 
+    def add_buffers(self, att, g):
+        """A shifted window's mask: (windows, 1, N, N) scores, N the tokens of a window."""
+        return self.windows(g.x) * prod(g.group) ** 2 if self.effective(g.x.spatial)[1] else 0
+
     def windows(self, x: Shape) -> int:
         """The number of windows (messengers)."""
         size, _ = self.effective(x.spatial)
@@ -210,6 +214,10 @@ class Neighbourhood(Partition):
 
     def check_part(self, att, g):
         self.check(g.x.spatial)
+
+    def add_buffers(self, att, g):
+        # neighbour_index (N, K), and neighbour_mask (N, 1, K) with mask=true
+        return prod(g.x.spatial) * self.size ** g.ndim * (2 if self.mask else 1)
 
     def add_params(self, att, g):
         h, k = g.heads, self.size ** g.ndim

@@ -45,6 +45,9 @@ class RelativeBias(Position):
         return RelativeTable(g.heads, g.group[0], g.ndim, std=self.std, as_map=self.name == "relative_bias_map",
                              messengers=self.name == "relative_bias" and "messengers" in g.features)
 
+    def add_buffers(self, att, g):
+        return prod(g.group) ** 2  # relative_position_index: (N, N) for the N tokens of a group
+
     def part_runtime_grid(self, att, x, features):
         return True
 
@@ -104,6 +107,9 @@ class RelativeXL(Position):
 
     def add_params(self, att, g):
         return g.inner * g.inner + 2 * g.inner
+
+    def add_buffers(self, att, g):
+        return (2 * g.tokens - 1) * g.inner + g.tokens ** 2  # pos_table (2T-1, dim), pos_index (T, T)
 
     def add_macs(self, att, g):
         n, cd = g.tokens, g.inner
@@ -167,6 +173,13 @@ class ContinuousBias(Position):
     def add_params(self, att, g):
         hid, d = self.hidden, g.ndim
         return (d + 1) * hid + (hid + 1) * g.heads
+
+    def add_buffers(self, att, g):
+        # cpb_index: one per (query, key) pair of a group; cpb_table: at most the distinct
+        # per-axis offsets, ndim coordinates each
+        keys = self.key_grid(att, g)
+        pairs = prod(g.group) * prod(keys)
+        return pairs + min(pairs, prod(q * k for q, k in zip(g.group, keys))) * g.ndim
 
     def add_macs(self, att, g):
         hid, d = self.hidden, g.ndim

@@ -83,6 +83,10 @@ class Part(Op):
     def add_macs(self, att, g: "Geometry") -> int:
         return 0
 
+    def add_buffers(self, att, g: "Geometry") -> int:
+        """Elements of the buffers this part makes the module register (`Op.buffer_elements`)."""
+        return 0
+
     def core_macs(self, att, g: "Geometry") -> Optional[int]:
         return None
 
