@@ -412,7 +412,7 @@ def _op_instructions(s: OpStep, module) -> list:
     # check admits other grids for it only with dynamic_img_size)
     takes = getattr(module, "takes_grid", False) and (s.op.runtime_grid(s.x) or getattr(s.op, "resamples", False))
     regrid = takes and hasattr(module, "out_grid")
-    if s.op.tensor_args:  # named tensors in: the input one is loaded before (lowering), the others passed
+    if s.op.takes_tensors():  # named tensors in: the input one is loaded before (lowering), the others passed
         keys = tuple(getattr(s.op, a).key for a in s.op.tensor_args if a != s.op.input_arg and getattr(s.op, a))
         return [TensorCall(s.name, keys, takes, regrid)]
     x, y = s.x, s.y

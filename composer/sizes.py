@@ -81,7 +81,7 @@ def admits(plan: Plan, spatial: tuple, dynamic: bool = False) -> str | None:
     for a, b in zip(_op_steps(plan), _op_steps(other)):
         if a.x == b.x:
             continue
-        if a.op.tensor_args:  # bound to the named tensors of each size: compare the two steps
+        if a.op.takes_tensors():  # bound to the named tensors of each size: compare the two steps
             same = a.op.runtime_grid(a.x) and a.op.params(a.x, a.y) == b.op.params(b.x, b.y)
             why = None if same else f"is built for input {a.x} and would get {b.x}"
         else:

@@ -1,13 +1,15 @@
 """MaxViT (TF variant) and GC-ViT: parameter counts, logits after the weight port, features, and
 the pieces they need (TF-SAME padding, the per-head relative-bias map, tiling, given queries)."""
 
+import warnings
+
 import pytest
 import torch
 
-from composer.layers.attention import Run
-
 import composer
 import composer.port
+from composer import ComposerWarning
+from composer.layers.attention import Run
 from helpers import REPO, n_params
 
 timm = pytest.importorskip("timm")
@@ -112,15 +114,28 @@ def test_relative_bias_map_reads_key_minus_query_offsets(tmp_path):
                 assert bias[h, qi, ki].item() == h * 9 + (ky - qy + 1) * 3 + (kx - qx + 1)
 
 
-def test_tile_and_input_query(tmp_path):
+GIVEN = {
+    # the queries named (`q = NAME`), and the deprecated spelling: packed after the tokens' channels
+    "named": " stage { block { q = { from query; tile(2) }\n   attention(2, partition = window(2), q = q) as attn } }\n",
+    "packed": (" stage { block { parallel concat { identity; { from query; tile(2) } }\n"
+               "   attention(2, partition = window(2), query = given) as attn } }\n"),
+}
+
+
+@pytest.mark.parametrize("spelling", ["named", "packed"])
+def test_tile_and_input_query(tmp_path, spelling):
     path = tmp_path / "gq.arch"
-    path.write_text(
-        "model gq {\n input image(8, 4)\n stem { pool(2); save query; from input }\n"
-        " stage { block { parallel concat { identity; { from query; tile(2) } }\n"
-        "   attention(2, partition = window(2), query = given) as attn } }\n}\n")
-    plan = composer.load(str(path))
+    path.write_text("model gq {\n input image(8, 4)\n stem { pool(2); save query; from input }\n"
+                    + GIVEN[spelling] + "}\n")
+    if spelling == "packed":
+        with pytest.warns(ComposerWarning, match="query = given"):
+            plan = composer.load(str(path))
+    else:
+        plan = composer.load(str(path))
     assert plan.stages[0].y.channels == 8 and plan.params == 8 * 16 + 16 + 8 * 8 + 8  # kv and proj only
-    model = composer.build(str(path)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ComposerWarning)
+        model = composer.build(str(path)).eval()
     attn = [m for m in model.modules() if hasattr(m, "qkv")][0]
     x = torch.randn(1, 8, 4, 4)
     with torch.no_grad():
@@ -137,3 +152,20 @@ def test_tile_and_input_query(tmp_path):
     if y.ndim == 3:  # tokens (B, N, C) -> map
         y = y.transpose(1, 2).reshape(a.shape)
     assert torch.allclose(y, a, atol=1e-5)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("q = { from query; tile(2); linear(4) }\n attention(2, partition = window(2), q = q)",
+     "the queries `q` must lie like the tokens"),
+    ("q = { from query; tile(2) }\n attention(2, query = first(1), q = q)", "`q` gives the queries"),
+    ("attention(2, partition = window(2), q = nothing)", "nothing"),
+])
+def test_named_queries_errors_are_located(tmp_path, capsys, body, message):
+    path = tmp_path / "gq.arch"
+    path.write_text("model gq {\n input image(8, 4)\n stem { pool(2); save query; from input }\n"
+                    f" stage {{ block {{ {body} }} }}\n}}\n")
+    from composer.cli import main
+
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}:" in err and message in err, err

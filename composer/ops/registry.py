@@ -60,6 +60,10 @@ class Op(BaseModel):
         first in forward order owns it; the others' counts leave it out); None when it does not."""
         return None
 
+    def takes_tensors(self) -> bool:
+        """Whether this instance is given named tensors (a field typed `Tensor` that is set)."""
+        return any(getattr(self, a) is not None for a in self.tensor_args)
+
     def deprecation(self) -> tuple[str, str] | None:
         """(what is deprecated, the new spelling) when this instance is written in a spelling kept
         only for older files; the resolver warns at the call."""

@@ -45,13 +45,13 @@ class Piece:
 
 class Run:
     """The state of one forward call: `grid` (the tokens' grid at run time), `b` (the batch),
-    `x` (the input tokens), `v` (the values' tokens), `extra` (extra keys and values, heads split),
+    `x` (the input tokens), `tensors` (the tensors given by name, regrouped as the tokens), `v` (the values' tokens), `extra` (extra keys and values, heads split),
     `prepended` (keys prepended by `keys` pieces), `gathered` (keys gathered per query: score
     terms are (..., N, 1, K)), `unit_keys` (keys are unit vectors), `mask` (a windows' mask: q, k, v grouped per window), `kv_bias` (a
     score bias that came with the keys)."""
 
-    def __init__(self, grid, x):
-        self.grid, self.x, self.b = grid, x, x.shape[0]
+    def __init__(self, grid, x, tensors=()):
+        self.grid, self.x, self.b, self.tensors = grid, x, x.shape[0], tensors
         self.v = self.extra = self.mask = self.kv_bias = None
         self.prepended, self.gathered, self.unit_keys = 0, False, False
 
@@ -153,10 +153,18 @@ class Attention(nn.Module):
         return self.merge_heads(y)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x, grid=None):
-        """`grid`: the grid of the tokens at run time (the build grid when not given). Only the
-        configurations the op's `runtime_grid` admits ever get another grid than the build one."""
-        run = Run(self.grid if grid is None else tuple(grid), x)
+    def forward(self, x, *args, grids=None):
+        """`forward(x, grid)` or `forward(x, *tensors, grids=...)`: `tensors` are the tensors given by
+        name (the queries of `q = NAME`) on the tokens' grid; the grid (or the first of `grids`) is
+        the tokens' grid at run time (the build grid when not given). Only the configurations the
+        op's `runtime_grid` admits get another grid."""
+        if grids is not None:
+            grid, tensors = grids[0], args
+        elif args and not isinstance(args[0], torch.Tensor):
+            grid, tensors = args[0], ()
+        else:
+            grid, tensors = None, args
+        run = Run(self.grid if grid is None else tuple(grid), x, tensors)
         for piece in self._enter:
             x = piece.enter(self, x, run)
         q, k, v = self._project.project(self, x, run)

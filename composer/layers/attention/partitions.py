@@ -56,10 +56,17 @@ class Windows(Piece):
         return padded, mask
 
     def enter(self, m, x, run):
-        grid = run.grid
-        run.padded, run.mask = self._windows(m, grid)
+        run.padded, run.mask = self._windows(m, run.grid)
         if self.messengers:
             run.messengers, x = x[:, :m.extra], x[:, m.extra:]
+        x = self._group(x, run)
+        run.tensors = [self._group(t, run) for t in run.tensors]  # given queries: the same windows
+        if self.messengers:
+            x = torch.cat([run.messengers.reshape(-1, 1, run.messengers.shape[-1]), x], 1)  # (B * nW, 1 + N, C)
+        return x
+
+    def _group(self, x, run):
+        grid = run.grid
         x = x.reshape(run.b, *grid, x.shape[-1])
         if self.shift and not self.pad_first:
             x = roll(x, -self.shift)
@@ -67,10 +74,7 @@ class Windows(Piece):
             x = pad_to(x, grid, run.padded)
         if self.shift and self.pad_first:
             x = roll(x, -self.shift)
-        x = partition_windows(x, run.padded, self.size, self.mode)
-        if self.messengers:
-            x = torch.cat([run.messengers.reshape(-1, 1, run.messengers.shape[-1]), x], 1)  # (B * nW, 1 + N, C)
-        return x
+        return partition_windows(x, run.padded, self.size, self.mode)
 
     def bias(self, m, run):
         return run.mask

@@ -14,23 +14,44 @@ from .module import Piece
 
 
 class FusedQKV(Piece):
-    """One linear `qkv` to q, k and v; `given`: the queries come with the input, which carries
-    [tokens, queries] in its channels, and `qkv` gives k and v only."""
+    """One linear `qkv` to q, k and v; `given`: the queries are given, not projected, and `qkv` gives
+    k and v only: the first tensor given by name (`named`), else packed after the tokens in the
+    input's channels (the deprecated `query = given`)."""
 
     rank = 10
 
-    def __init__(self, cin, dim, bias=True, given=False):
-        self.cin, self.dim, self.has_bias, self.given = cin, dim, bias, given
+    def __init__(self, cin, dim, bias=True, given=False, named=False):
+        self.cin, self.dim, self.has_bias, self.given, self.named = cin, dim, bias, given, named
 
     def install(self, m):
         m.qkv = ChannelLinear(self.cin, (2 if self.given else 3) * self.dim, self.has_bias)
 
     def project(self, m, x, run):
+        if self.named:
+            k, v = m.qkv(x).split(self.dim, dim=-1)
+            return run.tensors[0], k, v
         if self.given:
             x, q = x.split(self.dim, dim=-1)
             k, v = m.qkv(x).split(self.dim, dim=-1)
             return q, k, v
         return m.qkv(x).split(self.dim, dim=-1)
+
+
+class NamedQKV(FusedQKV):
+    """`qkv` to k and v; the queries are the first tensor given by name (`q = NAME`), tokens or a
+    map (`is_map`) on the tokens' grid."""
+
+    def __init__(self, cin, dim, bias=True, is_map=False):
+        super().__init__(cin, dim, bias, given=True, named=True)
+        self.is_map = is_map
+
+    def enter(self, m, x, run):
+        if self.is_map:  # (B, C, *grid) -> (B, N, C), before any regrouping of the tokens
+            run.tensors = [to_tokens(t) for t in run.tensors]
+        return x
+
+    def leave(self, m, y, run):
+        return y
 
 
 def register_source(m, source, name):

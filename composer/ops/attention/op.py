@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import ClassVar, Optional, Union
 
 from ...shapes import Shape, ShapeError
-from ..registry import Op, Pos, PosFloat, op, prod
+from ..registry import Op, Pos, PosFloat, Tensor, op, prod
 from .partitions import Dilated, Grid, Neighbourhood, Routed, Window
 from .positions import ContinuousBias, LePE, LearnedBias, RelativeBias, RelativeBiasMap, RelativeXL
 from .protocol import ROLES, Geometry, evaluate, rule
 from .scores import Agents, Cosine, Dot, Performer
-from .sources import ConvProj, First, Given, KeySource, KvTokens
+from .sources import ConvProj, First, Given, KeySource, KvTokens, NamedQueries
 
 OWN_ROWS = (
     rule("value_skip needs the values of the tokens themselves: no partition, kv, projection, query, agents or "
@@ -32,7 +32,8 @@ class Attention(Op):
     channels. Which keys a query sees: `partition=window(...)|grid(...)|neighbourhood(k)|
     dilated(k, r)|routed(regions, topk)`. Position: `position=relative_bias|relative_bias_map|
     learned_bias|relative_xl|lepe(...)`. Extra keys: `extra_kv=kv_tokens(n)`. Queries:
-    `query=given` (queries come with the input) or `first(n, keys="all"|"rest")`. Scores:
+    `q = NAME` (a named tensor on the tokens' grid: the queries, not projected; the old `query=given`,
+    the queries packed after the tokens in the channels, is deprecated) or `first(n, keys="all"|"rest")`. Scores:
     `score=dot` (default; `scale` defaults to head_dim^-0.5) or `cosine(...)`. `agents=agents(n)`
     turns it into agent attention. `dim` sets the width of q, k and v (default: the input's; heads
     divide it) and `proj=false` drops the output projection (the output then has `dim` channels):
@@ -66,18 +67,34 @@ class Attention(Op):
     dim: Optional[Pos] = None
     proj: bool = True
     value_skip: bool = False
+    q: Optional[Tensor] = None
 
     # -------------------------------------------------------------- the parts
+    def role(self, role: str):
+        """The part in `role`: the field's, or for the queries given by name (`q = NAME`) theirs."""
+        if role == "query" and self.q is not None:
+            return NamedQueries()
+        return getattr(self, role)
+
     def parts(self) -> list:
         """(role, part) of every role that is set, in the table's order."""
-        return [(role, getattr(self, role)) for role in ROLES if getattr(self, role) is not None]
+        return [(role, self.role(role)) for role in ROLES if self.role(role) is not None]
 
     def _given(self) -> bool:
-        return self.query is not None and not self.query.projects_query
+        query = self.role("query")
+        return query is not None and not query.projects_query
 
     def _x(self, x: Shape) -> Shape:
         """The shape the attention works in (the query part's say: the token half with query=given)."""
-        return self.query.working_shape(x) if self.query is not None else x
+        query = self.role("query")
+        return query.working_shape(x) if query is not None else x
+
+    def deprecation(self):
+        if isinstance(self.query, Given):
+            return ("`query = given` (the queries packed after the tokens in the input's channels) is deprecated",
+                    "name the queries instead: `attention(..., q = NAME)` with NAME a tensor on the tokens' grid "
+                    "(for example `q = { from query; tile(n) }`)")
+        return None
 
     def features(self, x: Shape) -> set:
         """The configuration's features (protocol.py): the input's, the parts', the op's own."""
@@ -171,7 +188,10 @@ class Attention(Op):
         if not self.proj and self.out is not None:
             raise ShapeError("`out` sets the output projection's width: it cannot be given with proj=false")
         channels = (self.out or xs.channels) if self.proj else self.inner(x)
-        count = self.query.out_tokens(xs) if self.query is not None else None
+        if self.q is not None and self.query is not None:
+            raise ShapeError("`q` gives the queries: the attention takes no `query` part with it")
+        query = self.role("query")
+        count = query.out_tokens(xs) if query is not None else None
         if count is not None:
             return Shape(channels, (count,), "tokens")
         return xs.with_(channels=channels)
@@ -192,7 +212,7 @@ class Attention(Op):
     def params(self, x, y):
         g = self.sizes(x)
         c, cd = g.channels, g.inner
-        linears = 3 if self.query is None or self.query.projects_query else 2  # q, k, v (given queries: k, v)
+        linears = 2 if self._given() else 3  # q, k, v (given queries: k, v)
         n = linears * (c * cd + (cd if self.qkv_bias else 0))
         n += sum(part.add_params(self, g) for _, part in self.parts())
         if self.proj:

@@ -263,7 +263,8 @@ class KvTokens(Part):
 
 @op("given", kind="part", category="attention part")
 class Given(Part):
-    """The queries come with the input: its channels are [tokens (C), queries (C)]. Keys and values
+    """Deprecated: give the queries by name, `attention(..., q = NAME)`. The queries come with the
+    input: its channels are [tokens (C), queries (C)]. Keys and values
     are projected from the tokens by `qkv` (a C -> 2C linear); the queries are used as given, not
     projected (GC-ViT's global query: a map of query tokens from elsewhere, `tile`d to the grid and
     concatenated in a `parallel concat`, so that every window sees the same queries). The
@@ -291,6 +292,28 @@ class Given(Part):
         from ...layers.attention.projections import FusedQKV
 
         return FusedQKV(g.channels, g.inner, att.qkv_bias, given=True)
+
+
+class NamedQueries(Given):
+    """The queries given by name (`attention(..., q = NAME)`): a tensor (tokens or a map) with the
+    tokens' grid and channels, not projected; keys and values come from the tokens (`qkv`, C -> 2C). Not a part
+    users write: the op's `q` argument puts it in the query role."""
+
+    def working_shape(self, x):
+        return x
+
+    def check_part(self, att, g):
+        q = att.q.shape
+        if q is None:
+            return
+        if q.layout not in ("tokens", "map") or q.spatial != g.x.spatial or q.extra != g.x.extra or q.channels != g.inner:
+            raise ShapeError(f"the queries `{att.q.name}` must lie like the tokens ({g.x}), got {q}",
+                             "tile or pool the queries to the tokens' grid, with as many channels")
+
+    def layer(self, att, g):
+        from ...layers.attention.projections import NamedQKV
+
+        return NamedQKV(g.channels, g.inner, att.qkv_bias, is_map=att.q.shape.layout == "map")
 
 
 @op("first", kind="part", category="attention part")
