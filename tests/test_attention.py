@@ -1128,3 +1128,45 @@ def test_relative_bias_std_sets_the_initialisation():
         table = op.build(x, op.infer(x)).relative_position_bias_table
         # trunc-normal(std) cut at +-2 (absolute): for these small stds the sample std is the std
         assert abs(table.std().item() - std) < 0.15 * std, (std, table.std().item())
+
+
+def test_a_new_part_needs_no_edit_of_the_op_or_the_module():
+    """A position part written outside composer (a linear distance penalty per head on 1-D tokens,
+    ALiBi's form) plugs into `attention`: its rules, parameters and its piece of the module are its
+    own; the output equals the equation written here."""
+    from composer.layers.attention import Piece
+    from composer.ops.attention import Position
+
+    class DistancePiece(Piece):
+        def __init__(self, heads):
+            self.heads = heads
+
+        def install(self, m):
+            m.slopes = torch.nn.Parameter(torch.linspace(0.1, 0.5, self.heads))
+
+        def bias(self, m, run):
+            n = run.x.shape[1]
+            i = torch.arange(n, dtype=run.x.dtype)
+            return -m.slopes.to(run.x.dtype)[:, None, None] * (i[:, None] - i[None, :]).abs()
+
+    class DistancePenalty(Position):
+        def add_params(self, att, g):
+            return g.heads
+
+        def layer(self, att, g):
+            return DistancePiece(g.heads)
+
+    op = Attention(heads=2, position=DistancePenalty())
+    x = Shape(8, (6,), "tokens")
+    y = op.infer(x)
+    mod = op.build(x, y).double().eval()
+    assert op.params(x, y) == sum(p.numel() for p in mod.parameters())
+    t = torch.randn(2, 6, 8, dtype=torch.float64)
+    q, k, v = mod.qkv(t).split(8, -1)
+    heads = lambda a: a.view(2, 6, 2, 4).transpose(1, 2)  # noqa: E731
+    i = torch.arange(6.0, dtype=torch.float64)
+    penalty = -mod.slopes[:, None, None] * (i[:, None] - i[None, :]).abs()
+    a = torch.softmax(heads(q) @ heads(k).transpose(-1, -2) / 2.0 + penalty, -1) @ heads(v)
+    expected = mod.proj(a.transpose(1, 2).reshape(2, 6, 8))
+    with torch.no_grad():
+        assert (mod(t) - expected).abs().max() < 1e-10

@@ -6,9 +6,9 @@ cascaded.py (cascaded_attention and offset_bias). The module is composer.layers.
 
 from .protocol import Geometry, Part, Requirement, check_groups, evaluate, rule  # noqa: F401
 from .partitions import Dilated, Grid, LocalPartition, Neighbourhood, Partition, Routed, Window  # noqa: F401
-from .sources import ConvProj, First, Given, KeySource, KvTokens, Reduce  # noqa: F401
+from .sources import ConvProj, ExtraKeys, First, Given, KeySource, KvTokens, Projection, Query, Reduce  # noqa: F401
 from .positions import ContinuousBias, LePE, LearnedBias, Position, RelativeBias, RelativeBiasMap, RelativeXL  # noqa: F401
 from .positions import cpb_centres, cpb_counts  # noqa: F401
-from .scores import Agents, Cosine, Dot, Performer  # noqa: F401
+from .scores import Agents, Cosine, Dot, Performer, Score  # noqa: F401
 from .op import Attention  # noqa: F401
 from .cascaded import CascadedAttention, OffsetBias  # noqa: F401

@@ -10,11 +10,11 @@ from typing import ClassVar, Optional, Union
 
 from ...shapes import Shape, ShapeError
 from ..registry import Op, Pos, PosFloat, Tensor, op, prod
-from .partitions import Dilated, Grid, Neighbourhood, Routed, Window
-from .positions import ContinuousBias, LePE, LearnedBias, RelativeBias, RelativeBiasMap, RelativeXL
+from .partitions import Partition
+from .positions import Position
 from .protocol import ROLES, Geometry, evaluate, rule
-from .scores import Agents, Cosine, Dot, Performer
-from .sources import ConvProj, First, Given, KeySource, KvTokens, NamedQueries
+from .scores import Agents, Score
+from .sources import ExtraKeys, Given, KeySource, NamedQueries, Projection, Query
 
 OWN_ROWS = (
     rule("value_skip needs the values of the tokens themselves: no partition, kv, projection, query, agents or "
@@ -55,14 +55,14 @@ class Attention(Op):
     qkv_bias: bool = True
     proj_bias: bool = True
     out: Optional[Pos] = None
-    partition: Optional[Union[Window, Grid, Dilated, Neighbourhood, Routed]] = None
+    partition: Optional[Partition] = None
     kv: Optional[KeySource] = None
-    projection: Optional[ConvProj] = None
-    position: Optional[Union[RelativeBias, RelativeBiasMap, LearnedBias, RelativeXL, LePE, ContinuousBias]] = None
+    projection: Optional[Projection] = None
+    position: Optional[Position] = None
     scale: Optional[PosFloat] = None
-    query: Optional[Union[Given, First]] = None
-    score: Optional[Union[Dot, Cosine, Performer]] = None
-    extra_kv: Optional[Union[KvTokens, KeySource]] = None
+    query: Optional[Query] = None
+    score: Optional[Score] = None
+    extra_kv: Optional[Union[ExtraKeys, KeySource]] = None
     agents: Optional[Agents] = None
     dim: Optional[Pos] = None
     proj: bool = True
@@ -199,14 +199,20 @@ class Attention(Op):
     # -------------------------------------------------------------- parameters and MACs
     tied: ClassVar[bool] = True
 
+    def _tied_part(self):
+        """The part whose table is shared with other attentions (a part with `tie` set and a
+        `tie_key(g)`: `learned_bias(tie = ...)`), else None."""
+        return next((p for _, p in self.parts() if getattr(p, "tie", None) is not None and hasattr(p, "tie_key")), None)
+
     def ties(self) -> bool:
-        return isinstance(self.position, LearnedBias) and self.position.tie is not None
+        return self._tied_part() is not None
 
     def tie_key(self, x) -> tuple | None:
         """(key, parameters) of a table shared with other attentions (`learned_bias(tie = ...)`)."""
-        if not self.ties():
+        part = self._tied_part()
+        if part is None:
             return None
-        key = self.position.tie_key(self.sizes(x))
+        key = part.tie_key(self.sizes(x))
         return key, prod(key[2])
 
     def params(self, x, y):

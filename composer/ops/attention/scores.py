@@ -8,8 +8,12 @@ from ..registry import NonNegFloat, Pos, PosFloat, op, prod
 from .protocol import Part, rule
 
 
+class Score(Part):
+    """Base of the `score` parts (the op's `score` field takes any of them)."""
+
+
 @op("dot", kind="part", category="attention part")
-class Dot(Part):
+class Dot(Score):
     """Scaled dot-product scores q k^T * scale (the default; scale head_dim^-0.5 unless given)."""
 
     def provides(self, x, role):
@@ -20,7 +24,7 @@ class Dot(Part):
 
 
 @op("cosine", kind="part", category="attention part")
-class Cosine(Part):
+class Cosine(Score):
     """Length-scaled cosine scores (TransNeXt): q and k are l2-normalised per head; with
     `query_embedding` a learned per-head vector `query_embedding` (heads, 1, head_dim,
     trunc-normal 0.02) is added to the normalised q; the scores are multiplied by
@@ -53,7 +57,7 @@ class Cosine(Part):
 
 
 @op("performer", kind="part", category="attention part")
-class Performer(Part):
+class Performer(Score):
     """Linear attention with positive random features (Performer's FAVOR+, T2T-ViT's T2T layers):
     phi(x) = exp(W x - |x|^2 / 2) / sqrt(m) for the un-scaled q and k of every head, W a frozen
     (m = `features`, head_dim) random matrix with orthogonal rows scaled by sqrt(m) (a parameter `w`

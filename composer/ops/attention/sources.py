@@ -186,8 +186,12 @@ class Reduce(KeySource):
                           pointwise=self.pointwise, act=act)
 
 
+class Projection(Part):
+    """Base of the `projection` parts (how q, k and v are projected)."""
+
+
 @op("conv_proj", kind="part", category="attention part")
-class ConvProj(Part):
+class ConvProj(Projection):
     """CvT's convolutional projection: q, k and v each come from a depthwise `kernel` conv (no
     bias, padding kernel//2; stride 1 for q and `stride_kv` for k and v) followed by batch norm
     (submodules `conv_q`, `conv_k`, `conv_v`, each `.conv` and `.bn`), then a linear each (`q`,
@@ -231,8 +235,12 @@ class ConvProj(Part):
         return True
 
 
+class ExtraKeys(Part):
+    """Base of the `extra_kv` parts other than key sources (more keys under the same softmax)."""
+
+
 @op("kv_tokens", kind="part", category="attention part")
-class KvTokens(Part):
+class KvTokens(ExtraKeys):
     """`count` learned key/value pairs prepended to the keys and values of every query (persistent
     memory / learnable kv): parameter `kv_tokens` (2, count, channels) in the projected space,
     trunc-normal(`std`). They are not projected, get zero relative/shift bias and are normalised with
@@ -261,8 +269,12 @@ class KvTokens(Part):
         return Piece(self.count, self.std, g.inner)
 
 
+class Query(Part):
+    """Base of the `query` parts (which tokens are the queries)."""
+
+
 @op("given", kind="part", category="attention part")
-class Given(Part):
+class Given(Query):
     """Deprecated: give the queries by name, `attention(..., q = NAME)`. The queries come with the
     input: its channels are [tokens (C), queries (C)]. Keys and values
     are projected from the tokens by `qkv` (a C -> 2C linear); the queries are used as given, not
@@ -317,7 +329,7 @@ class NamedQueries(Given):
 
 
 @op("first", kind="part", category="attention part")
-class First(Part):
+class First(Query):
     """Only the first `count` tokens are queries; keys and values come from all tokens
     (`keys="all"`) or only from the remaining ones (`keys="rest"`). The output is the `count` query
     tokens (a 1-D sequence). Separate linears `q`, `k`, `v`. With two streams joined by
