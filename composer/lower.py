@@ -196,7 +196,7 @@ class _Lowering:
                 except ShapeError as exc:
                     raise _shape_error(node, item.span, exc, x) from None
                 self.inferred[key] = (op, y)
-            batch = self._batch() if self.folds else 1
+            batch = self._batch() if self.folds and op.per_fold else 1
             if x.heads and need == "any" and op.per_head:  # an op of any layout runs on every head alike
                 batch *= x.heads
             opened = self._fold(node, item, x)

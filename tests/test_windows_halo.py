@@ -318,3 +318,20 @@ def test_window_attention_is_attention_inside_shifted_windows(tmp_path):
         full = out.reshape(2, nh, nw, size, size, dim).permute(0, 1, 3, 2, 4, 5).reshape(2, *padded, dim)
         want = torch.roll(full[:, :grid[0], :grid[1]], (shift, shift), (1, 2)).reshape(2, -1, dim)
     assert (got - want).abs().max().item() < 1e-5
+
+
+def test_position_mlp_bias_in_windows_counts_its_mlp_once(tmp_path):
+    """The bias MLP runs once per forward, not once per window: its MACs are the distinct relative
+    coordinates of one 4x4 window (7 x 7 = 49 rows) through 2 -> 32 -> heads, counted by hand,
+    whatever the number of windows (8 x 8 grid: 4 windows)."""
+    _, model = block_model(tmp_path, """windows_to_batch(4)
+        linear(48) as qkv
+        q, k, v = split_heads(2)
+        scores(q, k)
+        position_mlp_bias(32, coords = "raw") as cpb
+        softmax
+        weighted_sum(v)
+        merge_heads
+        batch_to_windows(4)""", (8, 8))
+    step = next(s for sec in model.plan.sections for st in sec.steps for s in st.walk() if s.path.endswith(".cpb"))
+    assert step.macs == 49 * 32 * (2 + 2)

@@ -50,6 +50,10 @@ class Op(BaseModel):
     # an op of any layout given heads or scores runs on every head alike: its MACs count once per
     # head; False where `macs` counts the heads itself
     per_head: ClassVar[bool] = True
+    # an op inside windows_to_batch (or another fold) runs on every piece of the batch: its MACs
+    # count once per piece; False where its work is done once per forward (a table made from the
+    # geometry alone and added to every window's scores)
+    per_fold: ClassVar[bool] = True
 
     def ties(self) -> bool:
         """Whether this instance shares a parameter (`tie_key` then gives its key)."""

@@ -169,6 +169,8 @@ class PositionMlpBias(Op):
         d = len(x.spatial)
         return d * self.hidden + self.hidden + self.hidden * x.heads + x.heads
 
+    per_fold = False  # the bias MLP runs once per forward, whatever the number of windows
+
     def macs(self, x, y):
         from .attention import cpb_counts
 
