@@ -169,7 +169,8 @@ class _Builder:
         out = []
         for s in steps:
             if s.kind == "convert":
-                self.shape = s.y
+                if not self.named:  # a named tensor's edge says what was saved, not its conversion
+                    self.shape = s.y
             elif s.kind == "save":
                 self.saved[s.tensor] = (self.cur, s.y)
             elif s.kind == "load":

@@ -173,3 +173,11 @@ def test_graph_without_torch(tmp_path):
                          check=False)
     assert run.returncode == 0, run.stderr
     assert ET.parse(out).getroot().tag == f"{SVG}svg"
+
+
+def test_a_named_edge_says_what_was_saved(tmp_path):
+    """Mobile-Former's head reads the tokens `z` (3 x 128, saved by the bridge) into a pool over a
+    map: the edge says `z: 3x128 tokens`, what the bridge saved, not the map it becomes."""
+    mmd = graph(tmp_path, "mobile_former_26m", ".mmd").read_text()
+    z_edges = [line for line in mmd.splitlines() if '==>|"z: ' in line]
+    assert len(z_edges) == 10 and all('"z: 3x128 tokens"' in e for e in z_edges), z_edges
