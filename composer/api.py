@@ -115,6 +115,9 @@ def diff(a: Plan, b: Plan):
     return compare(a, b)
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit int
+
+
 def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,
           dynamic_img_size: bool = False, max_memory=None, **overrides):
     """Build a model as a plain `nn.Module` (timm-style API). The model runs at every input size its
@@ -125,6 +128,8 @@ def build(target: str, *, features_only: bool = False, out_indices=None, seed: i
     activation at batch 1 need more is refused (a ComposerError) before anything is allocated."""
     from .builder import build_module
 
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise error("value", f"seed must be an int from 0 to 2^63 - 1 (or None), got {seed!r}")
     return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
                         out_indices=out_indices, dynamic_img_size=dynamic_img_size, max_memory=max_memory)
 

@@ -9,6 +9,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from .api import MAX_SEED
 from .diagnostics import ComposerError, ComposerWarning, error
 
 EXIT_OK, EXIT_DIFFERS, EXIT_USER, EXIT_INTERNAL = 0, 1, 2, 3
@@ -22,7 +23,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 MAX_SET_CHARS = 1000  # a --set value is a short expression; a million-digit number is a mistake
-MAX_SEED = 2**63 - 1
 
 
 def _int_in(low: int, high: int | None = None):

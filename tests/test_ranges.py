@@ -310,3 +310,9 @@ def test_yaml_core_values_still_read(tmp_path, capsys):
     assert main(["check", str(path)]) == 0, capsys.readouterr().err
     # 4 * 27 + 4 (bias) in the stem, 2 * 4 * 36 (no bias) in the stage
     assert "400 params" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 1.5, True])
+def test_python_build_refuses_a_seed_torch_cannot_take(seed):
+    with pytest.raises(ComposerError, match="seed must be an int from 0 to 2\\^63 - 1"):
+        api.build("resnet18", seed=seed)
