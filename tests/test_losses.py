@@ -112,9 +112,9 @@ def test_coarse_to_fine(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("loss = focal(gamma = -1)", "focal gamma must be >= 0"),
+    ("loss = focal(gamma = -1)", "'focal' argument 'gamma' must be >= 0.0"),
     ("loss = layernorm", "loss must be a loss, got op 'layernorm'"),
-    ("loss = cross_entropy(smoothing = 1.5)", "label smoothing must be in [0, 1)"),
+    ("loss = cross_entropy(smoothing = 1.5)", "'cross_entropy' argument 'smoothing'"),
     ("loss = focl", "did you mean"),
 ])
 def test_bad_losses_are_located_errors(tmp_path, capsys, text, message):

@@ -117,12 +117,14 @@ def test_relative_bias_map_reads_key_minus_query_offsets(tmp_path):
 GIVEN = {
     # the queries named (`q = NAME`), and the deprecated spelling: packed after the tokens' channels
     "named": " stage { block { q = { from query; tile(2) }\n   attention(2, partition = window(2), q = q) as attn } }\n",
+    # one window's queries, shared by every window (no tile)
+    "shared": " stage { block {\n   attention(2, partition = window(2), q = query) as attn } }\n",
     "packed": (" stage { block { parallel concat { identity; { from query; tile(2) } }\n"
                "   attention(2, partition = window(2), query = given) as attn } }\n"),
 }
 
 
-@pytest.mark.parametrize("spelling", ["named", "packed"])
+@pytest.mark.parametrize("spelling", ["named", "shared", "packed"])
 def test_tile_and_input_query(tmp_path, spelling):
     path = tmp_path / "gq.arch"
     path.write_text("model gq {\n input image(8, 4)\n stem { pool(2); save query; from input }\n"
@@ -159,6 +161,7 @@ def test_tile_and_input_query(tmp_path, spelling):
      "the queries `q` must lie like the tokens"),
     ("q = { from query; tile(2) }\n attention(2, query = first(1), q = q)", "`q` gives the queries"),
     ("attention(2, partition = window(2), q = nothing)", "nothing"),
+    ("attention(2, partition = window(2, shift = 1), q = query)", "cannot be shifted"),
 ])
 def test_named_queries_errors_are_located(tmp_path, capsys, body, message):
     path = tmp_path / "gq.arch"

@@ -39,19 +39,33 @@ class FusedQKV(Piece):
 
 class NamedQKV(FusedQKV):
     """`qkv` to k and v; the queries are the first tensor given by name (`q = NAME`), tokens or a
-    map (`is_map`) on the tokens' grid."""
+    map (`is_map`) on the tokens' grid, or on one window's (`shared`: the same queries for every
+    window of an image)."""
 
-    def __init__(self, cin, dim, bias=True, is_map=False):
+    def __init__(self, cin, dim, bias=True, is_map=False, shared=False):
         super().__init__(cin, dim, bias, given=True, named=True)
-        self.is_map = is_map
+        self.is_map, self.shared = is_map, shared
 
     def enter(self, m, x, run):
+        q = run.tensors[0]
         if self.is_map:  # (B, C, *grid) -> (B, N, C), before any regrouping of the tokens
-            run.tensors = [to_tokens(t) for t in run.tensors]
+            q = to_tokens(q)
+        if self.shared:  # kept apart from the tensors the windows regroup
+            run.shared_queries, run.tensors = q, []
+        else:
+            run.tensors = [q]
         return x
 
     def leave(self, m, y, run):
         return y
+
+    def project(self, m, x, run):
+        k, v = m.qkv(x).split(self.dim, dim=-1)
+        if not self.shared:
+            return run.tensors[0], k, v
+        q = run.shared_queries  # (B, N, C) -> every window of its image: (B * nW, N, C)
+        n = x.shape[0] // q.shape[0]
+        return q[:, None].expand(-1, n, -1, -1).reshape(-1, *q.shape[1:]), k, v
 
 
 def register_source(m, source, name):

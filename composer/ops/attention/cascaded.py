@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from ...shapes import Shape, ShapeError
-from ..registry import Op, Pos, PosFloat, op, prod
+from ..registry import NonNeg, Op, Pos, PosFloat, op, prod
 from .partitions import Window
 
 
@@ -39,7 +39,7 @@ class CascadedAttention(Op):
 
     heads: Pos
     key_dim: Pos
-    q_kernel: Union[Pos, list[Pos]] = 5
+    q_kernel: Union[NonNeg, list[NonNeg]] = 5
     partition: Optional[Window] = None
     position: Optional[OffsetBias] = None
     scale: Optional[PosFloat] = None

@@ -308,7 +308,8 @@ class Given(Query):
 
 class NamedQueries(Given):
     """The queries given by name (`attention(..., q = NAME)`): a tensor (tokens or a map) with the
-    tokens' grid and channels, not projected; keys and values come from the tokens (`qkv`, C -> 2C). Not a part
+    tokens' grid, or the grid of one window (the same queries for every window: GC-ViT's global
+    queries; unshifted windows), and the attention's channels, not projected; keys and values come from the tokens (`qkv`, C -> 2C). Not a part
     users write: the op's `q` argument puts it in the query role."""
 
     def working_shape(self, x):
@@ -318,14 +319,25 @@ class NamedQueries(Given):
         q = att.q.shape
         if q is None:
             return
-        if q.layout not in ("tokens", "map") or q.spatial != g.x.spatial or q.extra != g.x.extra or q.channels != g.inner:
-            raise ShapeError(f"the queries `{att.q.name}` must lie like the tokens ({g.x}), got {q}",
-                             "tile or pool the queries to the tokens' grid, with as many channels")
+        shared = self.shared(att, g)
+        if q.layout not in ("tokens", "map") or q.extra != g.x.extra or q.channels != g.inner or not (
+                shared or q.spatial == g.x.spatial):
+            raise ShapeError(f"the queries `{att.q.name}` must lie like the tokens ({g.x}) or like one window, "
+                             f"got {q}", "tile or pool the queries to the tokens' grid, with as many channels")
+        if shared and "shifted" in g.features:
+            raise ShapeError(f"the queries `{att.q.name}` of one window are shared by every window: the windows "
+                             "cannot be shifted")
+
+    def shared(self, att, g) -> bool:
+        """Whether the queries lie on one window's grid (shared by every window) rather than the tokens'."""
+        q = att.q.shape
+        return q is not None and "local" in g.features and q.spatial != g.x.spatial and q.spatial == g.group
 
     def layer(self, att, g):
         from ...layers.attention.projections import NamedQKV
 
-        return NamedQKV(g.channels, g.inner, att.qkv_bias, is_map=att.q.shape.layout == "map")
+        return NamedQKV(g.channels, g.inner, att.qkv_bias, is_map=att.q.shape.layout == "map",
+                        shared=self.shared(att, g))
 
 
 @op("first", kind="part", category="attention part")
