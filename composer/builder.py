@@ -14,6 +14,7 @@ from .layers.reparam import RepConv
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
                    Step)
 from .sizes import check_input
+from .shapes import TensorRef
 from .program import (GRID, Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
                       TensorCall, ToMap, ToTokens)
 
@@ -412,10 +413,16 @@ def _op_instructions(s: OpStep, module) -> list:
     # check admits other grids for it only with dynamic_img_size)
     takes = getattr(module, "takes_grid", False) and (s.op.runtime_grid(s.x) or getattr(s.op, "resamples", False))
     regrid = takes and hasattr(module, "out_grid")
-    if s.op.takes_tensors():  # named tensors in: the input one is loaded before (lowering), the others passed
-        keys = tuple(getattr(s.op, a).key for a in s.op.tensor_args if a != s.op.input_arg and getattr(s.op, a))
-        return [TensorCall(s.name, keys, takes, regrid)]
     x, y = s.x, s.y
+    if s.op.takes_tensors():  # named tensors in: the input one is loaded before (lowering), the others passed
+        given = [getattr(s.op, a) for a in s.op.tensor_args if a != s.op.input_arg]
+        keys = tuple(t.key for t in given if isinstance(t, TensorRef))  # a field may also take a mode
+        out = [TensorCall(s.name, keys, takes, regrid)]
+        # tokens put on a grid of the op's own (topk_tokens' kept tokens): the grid inferred here
+        if not (regrid or s.op.regrids) and y.layout == "tokens" and y.spatial and x.layout == "tokens" \
+                and x.spatial != y.spatial:
+            out.append(StaticGrid(tuple(y.spatial)))
+        return out
     on_grid = y.layout == "tokens" and bool(y.spatial) and not regrid
     from_map = on_grid and x.layout == "map" and y.spatial == x.spatial
     # a module that takes the grid and gets a map gets the map's own grid

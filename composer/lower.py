@@ -257,7 +257,7 @@ class _Lowering:
         updates, load = {}, None
         for name in op.tensor_args:
             ref = getattr(op, name)
-            if ref is None:
+            if not isinstance(ref, TensorRef):  # not given, or a field that also takes a value (a mode)
                 continue
             outer = name == op.input_arg and fold_kind(op) == "join"  # joins the fold: taken from outside it
             if outer and not self.folds:

@@ -124,3 +124,120 @@ def test_unpaired_and_learned_slots():
     learned = OPS["cluster"](slots=2, init="learned").build(Shape(c, grid), None)
     assert learned.init_slots.shape == (1, 4, c)
     assert learned(t.float()).shape == t.shape
+
+
+# ----------------------------------------------------------------------------- the slot source by name
+
+def _named_source(c, grid, layout):
+    from composer.shapes import TensorRef
+
+    return TensorRef("x", "x", None, Shape(c, grid, layout))
+
+
+@pytest.mark.parametrize("layout, source_layout", [("map", "map"), ("tokens", "tokens"), ("map", "tokens")])
+def test_cluster_source_by_name_matches_glmix_formula(layout, source_layout):
+    """`cluster(3, attention(2), source = x)`: the features are the running tensor alone, the slots
+    are pooled from `x` (either layout), GLMix's formula as above."""
+    c, heads, grid = 16, 2, (6, 5)
+    op = OPS["cluster"](slots=3, mixer=OPS["attention"](heads=heads), source=_named_source(c, grid, source_layout))
+    assert op.deprecation() is None
+    x = Shape(c, grid, layout)
+    plain = OPS["cluster"](slots=3, mixer=OPS["attention"](heads=heads))
+    assert op.infer(x) == x and op.params(x, x) == plain.params(x, x) and op.macs(x, x) == plain.macs(x, x)
+    torch.manual_seed(0)
+    mod = op.build(x, x).double()
+    mha = nn.MultiheadAttention(c, heads, batch_first=True).double().eval()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.3)
+        mha.in_proj_weight.copy_(mod.mixer.qkv.weight)
+        mha.in_proj_bias.copy_(mod.mixer.qkv.bias)
+        mha.out_proj.weight.copy_(mod.mixer.proj.weight)
+        mha.out_proj.bias.copy_(mod.mixer.proj.bias)
+    feats = torch.randn(2, c, *grid, dtype=torch.float64)
+    source = torch.randn(2, c, *grid, dtype=torch.float64)
+    ref = _glmix_reference(feats, source, mha, mod.slot_scale, 3)
+    tok = lambda t: t.flatten(2).transpose(1, 2)  # noqa: E731
+    src = source if source_layout == "map" else tok(source)
+    if layout == "map":
+        out = mod(feats, src)
+    else:
+        out = mod(tok(feats), src).transpose(1, 2).reshape(2, c, *grid)
+    torch.testing.assert_close(out, ref)
+
+
+def test_cluster_source_shape_errors():
+    x = Shape(16, (4, 4))
+    with pytest.raises(ShapeError, match="source has 8 channels, the features 16"):
+        OPS["cluster"](source=_named_source(8, (4, 4), "map")).infer(x)
+    with pytest.raises(ShapeError, match="on the features' grid 4x4"):
+        OPS["cluster"](source=_named_source(16, (2, 2), "map")).infer(x)
+    with pytest.raises(ShapeError, match="not both"):
+        OPS["cluster"](paired=True, source=_named_source(16, (4, 4), "map")).infer(Shape(32, (4, 4)))
+    with pytest.raises(ShapeError, match="init = \"pool\""):
+        OPS["cluster"](init="learned", source=_named_source(16, (4, 4), "map")).infer(x)
+
+
+GLMIX_FORMS = """
+mixer packed(dim) {
+    x = identity
+    conv_pos(3) as pos
+    layernorm as norm
+    parallel concat { identity; from x }
+    cluster(2, attention(2), paired = true) as mix
+}
+mixer named(dim) {
+    x = identity
+    conv_pos(3) as pos
+    layernorm as norm
+    cluster(2, attention(2), source = x) as mix
+}
+model m(mixer = packed(16)) {
+    input image(3, 32)
+    stem patch_embed(16, 4)
+    stage { block { mixer as glmix } }
+    head { global_pool("avg"); classifier(4) }
+}
+model m2 : m { mixer = named(16) }
+"""
+
+
+def test_cluster_paired_warns_and_equals_the_named_source(tmp_path):
+    """The packed spelling (`parallel concat { identity; from x }`, `paired = true`) still builds,
+    with a located warning naming the new one; `source = x` with the same weights gives the same
+    output."""
+    import composer
+    from helpers import write
+
+    path = write(tmp_path, GLMIX_FORMS)
+    with pytest.warns(composer.ComposerWarning) as caught:
+        old = composer.build(path + ":m").eval()
+    message = str(caught[0].message)
+    assert "m.arch:7:5: warning: cluster(paired = true), which reads its slot source packed" in message, message
+    assert "cluster(slots, mixer, source = x)" in message
+    new = composer.build(path + ":m2").eval()
+    assert list(new.state_dict()) == list(old.state_dict())
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_(0, 0.3)
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (new(x) - old(x)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("call, message, where", [
+    ("cluster(2, attention(2), source = y)", "unknown name 'y'", "4:39"),
+    ("cluster(2, attention(2), source = narrow)", "cluster source has 8 channels, the features 16", "4:5"),
+])
+def test_cluster_source_errors_are_located(tmp_path, call, message, where):
+    import composer
+    from composer.diagnostics import ComposerError
+    from helpers import write
+
+    text = ("model m {\n    input image(3, 32)\n    stem { patch_embed(16, 4); narrow = conv(8, 1)\n"
+            f"    {call} }}\n}}\n")
+    with pytest.raises(ComposerError) as info:
+        composer.check(write(tmp_path, text))
+    rendered = info.value.render()
+    assert message in rendered and f"m.arch:{where}:" in rendered, rendered

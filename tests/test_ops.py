@@ -293,9 +293,15 @@ STRATEGIES.update({
 def _topk_tokens(draw):
     region = draw(st.integers(1, 2))
     x = draw(token_shape(st.integers(2, 8), dims=(1, 2), extra=st.integers(0, 2), multiple=region))
-    score = draw(st.sampled_from(["norm", "value", "class"]))
+    score = draw(st.sampled_from(["norm", "value", "class", "tensor"]))
     sc = 1 if score == "value" else draw(st.none() | st.integers(1, x.channels - 1))
     n = math.prod(g // region for g in x.spatial)
+    if score == "tensor":  # by name: one channel per token or region, or one query's scores over the grid
+        grid = draw(st.sampled_from([x.spatial, tuple(g // region for g in x.spatial)]))
+        skip = draw(st.integers(0, 2))
+        shape = draw(st.sampled_from([Shape(1, grid, "tokens", skip), Shape(1, grid, "map"),
+                                      Shape(skip + math.prod(grid), (1,), "scores", heads=2, keys=(grid, skip))]))
+        score, sc = TensorRef("s", "s", None, shape), None
     k = draw(st.integers(1, n) | st.sampled_from([0.25, 0.5]))
     return OPS["topk_tokens"](k=k, score=score, score_channels=sc, region=region, largest=draw(st.booleans())), x
 
@@ -400,8 +406,9 @@ def _run(op, x: Shape):
     torch.manual_seed(0)
     module = op.build(x, y).eval()
     inp = torch.randn(concrete(x))
-    args = [torch.randn(concrete(getattr(op, a).shape)) for a in op.tensor_args if getattr(op, a) is not None]
-    shapes = [x] + [getattr(op, a).shape for a in op.tensor_args if getattr(op, a) is not None]
+    given = [getattr(op, a) for a in op.tensor_args if isinstance(getattr(op, a), TensorRef)]  # or a mode
+    args = [torch.randn(concrete(t.shape)) for t in given]
+    shapes = [x] + [t.shape for t in given]
     grids = tuple((torch.Size(s.spatial), torch.Size(s.keys[0])) if s.layout == "scores" else torch.Size(s.spatial)
                   for s in shapes)
     kwargs = {"grids": grids} if args and getattr(module, "takes_grid", False) else {}

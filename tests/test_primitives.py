@@ -765,19 +765,16 @@ CASES: list[Case] = [
          x2=(3, 16, 16), y2=(B, 16, 16), x1=(3, 32), y1=(B, 8, 16), imports=("lib/metaformer",)),
     Case(45, "coarse-to-fine re-tokenization of important regions",
          # coarse pass: patch 8 -> 2x2 tokens (1-D: 4) + class token, one block; fine embedding: patch 4
-         # -> 4x4 (1-D: 8) + class token. The coarse grid tokens, upsampled 2x to the fine grid, ride in
-         # front of the fine channels; the 2 best 2x2 (1-D: 2) regions by class-token score keep their
-         # fine tokens: 1 + 2 * 4 = 9 tokens (1-D: 1 + 2 * 2 = 5) of the 16 fine channels
+         # -> 4x4 (1-D: 8) + class token. The class token's scores over the coarse tokens (one per
+         # 2x2 region of the fine grid, 1-D: 2) pick the 2 best regions, which keep their fine
+         # tokens: 1 + 2 * 4 = 9 tokens (1-D: 1 + 2 * 2 = 5) of the 16 fine channels
          "    stem {\n"
          "        patch_embed(16, 8) as coarse_embed; class_token(); metaformer(16, attention(2)) as coarse\n"
-         "        save coarse_out\n"
+         "        cls = { select_tokens(0, 1); split_heads(1) }\n"
+         "        patches = { select_tokens(1); split_heads(1) }\n"
+         "        importance = scores(cls, patches)\n"
          "        from input; patch_embed(16, 4) as fine_embed; class_token() as cls_fine\n"
-         "        parallel concat {\n"
-         "            { from coarse_out\n"
-         "              parallel tokens { select_tokens(0, 1); { select_tokens(1); upsample(2, mode = \"nearest\") } } }\n"
-         "            identity\n"
-         "        }\n"
-         "        topk_tokens(2, score = \"class\", score_channels = 16, region = 2)\n"
+         "        topk_tokens(2, score = importance, region = 2)\n"
          "    }",
          x2=(3, 16, 16), y2=(B, 9, 16), x1=(3, 32), y1=(B, 5, 16), imports=("lib/metaformer",),
          check=_informative_regions),

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import composer
 from composer.layers.attention.positions import ContinuousBias as ContinuousBiasPiece
 from composer.ops import OPS
-from composer.shapes import Shape
+from composer.shapes import Shape, ShapeError
 from helpers import attention_piece
 
 BP = "blueprints/"
@@ -211,6 +211,140 @@ def test_topk_tokens_by_hand():
     grid = torch.tensor([[0.5, 1.0, 1.0], [2.0, -1.0, 2.0], [-1.0, 3.0, 3.0]])
     out = _topk(torch.cat([cls, grid])[None], (3,), 1, k=1, score="class", score_channels=2)
     assert out[0].tolist() == [[7.0], [2.0]]
+
+
+def _ref(name, shape):
+    from composer.shapes import TensorRef
+
+    return TensorRef(name, name, None, shape)
+
+
+def test_topk_tokens_scores_by_name_by_hand():
+    """`topk_tokens(k, score = s)`: one score per token (tokens of one channel, their prefix
+    skipped), per region (a map on the grid of regions), or one query's scores over keys on the
+    grid (averaged over the heads, the key prefix skipped); the output keeps every channel."""
+    x = torch.arange(5 * 3, dtype=torch.float).reshape(1, 5, 3)  # 1 class token + a 2x2 grid
+    shape = Shape(3, (2, 2), "tokens", 1)
+
+    def run(score, s, **kw):
+        op = OPS["topk_tokens"](score=_ref("s", score), **kw)
+        assert op.deprecation() is None
+        y = op.infer(shape)
+        assert (y.channels, y.tokens) == (shape.channels, shape.extra + kw["k"] * kw.get("region", 1) ** 2)
+        return op.build(shape, y)(x, s)
+
+    # tokens: scores 9 (prefix, skipped), 1, 5, 0, 3 -> tokens 2 then 4
+    out = run(Shape(1, (2, 2), "tokens", 1), torch.tensor([9.0, 1, 5, 0, 3]).reshape(1, 5, 1), k=2)
+    assert torch.equal(out, x[:, [0, 2, 4]])
+    # scores of one query over 1 + 2x2 keys, 2 heads: means -1, 2, 0.5, 3 (the key prefix skipped) -> 4, 2
+    a = torch.tensor([[9.0, -2, 4, 1, 6], [9.0, 0, 0, 0, 0]]).reshape(1, 2, 1, 5)
+    out = run(Shape(5, (1,), "scores", heads=2, keys=((2, 2), 1)), a, k=2)
+    assert torch.equal(out, x[:, [0, 4, 2]])
+    out = run(Shape(5, (1,), "scores", heads=2, keys=((2, 2), 1)), a, k=1, largest=False)
+    assert torch.equal(out, x[:, [0, 1]])
+    # one score per 2x2 region of a 4x4 grid, as a 2x2 map: 0, 3, 1, 2 -> regions 1 then 3
+    x = torch.arange(16, dtype=torch.float).reshape(1, 16, 1)
+    shape = Shape(1, (4, 4), "tokens")
+    out = run(Shape(1, (2, 2)), torch.tensor([[0.0, 3], [1, 2]]).reshape(1, 1, 2, 2), k=2, region=2)
+    assert out[0, :, 0].tolist() == [2, 3, 6, 7, 10, 11, 14, 15]
+
+
+def test_topk_tokens_score_tensor_errors():
+    x = Shape(16, (4, 4), "tokens", 1)
+    with pytest.raises(ShapeError, match="has 16 channels, not one score per token"):
+        OPS["topk_tokens"](k=2, score=_ref("s", Shape(16, (4, 4), "tokens", 1))).infer(x)
+    with pytest.raises(ShapeError, match="have 2 queries, not one"):
+        OPS["topk_tokens"](k=2, score=_ref("s", Shape(16, (2,), "scores", heads=1, keys=((4, 4), 0)))).infer(x)
+    with pytest.raises(ShapeError, match="lie on 2x2, not on the input's 4x4 grid"):
+        OPS["topk_tokens"](k=2, score=_ref("s", Shape(1, (2, 2), "tokens"))).infer(x)
+    with pytest.raises(ShapeError, match="not both"):
+        OPS["topk_tokens"](k=2, score=_ref("s", Shape(1, (4, 4), "tokens")), score_channels=1).infer(x)
+
+
+TOPK_FORMS = """
+import "lib/metaformer"
+model packed {
+    input image(3, 32)
+    stem {
+        patch_embed(16, 8) as coarse_embed; class_token() as cls_coarse; metaformer(16, attention(2)) as coarse
+        save coarse_out
+        from input; patch_embed(16, 4) as fine_embed; class_token() as cls_fine
+        parallel concat {
+            { from coarse_out
+              parallel tokens { select_tokens(0, 1); { select_tokens(1); upsample(2, mode = "nearest") } } }
+            identity
+        }
+        topk_tokens(3, score = "class", score_channels = 16, region = 2)
+        save informative
+        from coarse_out
+        parallel concat { identity; identity }
+        topk_tokens(2, score = "class", score_channels = 16, largest = false)
+        parallel tokens { from informative; identity }
+    }
+}
+model named {
+    input image(3, 32)
+    stem {
+        patch_embed(16, 8) as coarse_embed; class_token() as cls_coarse; metaformer(16, attention(2)) as coarse
+        save coarse_out
+        cls = { select_tokens(0, 1); split_heads(1) }
+        patches = { select_tokens(1); split_heads(1) }
+        importance = scores(cls, patches)
+        from input; patch_embed(16, 4) as fine_embed; class_token() as cls_fine
+        topk_tokens(3, score = importance, region = 2)
+        save informative
+        from coarse_out
+        topk_tokens(2, score = importance, largest = false)
+        parallel tokens { from informative; identity }
+    }
+}
+"""
+
+
+def test_topk_tokens_packed_scores_warn_and_equal_the_named_ones(tmp_path):
+    """CF-ViT's selection, packed (the class token and the upsampled coarse tokens ride in front of
+    the fine channels, `score_channels`) and by name (`score = scores(cls, patches)`, on the grid
+    of the regions, then on the coarse grid for the complement): same weights, same tokens, and the
+    packed spelling warns at each call."""
+    from helpers import write
+
+    path = write(tmp_path, TOPK_FORMS)
+    with pytest.warns(composer.ComposerWarning) as caught:
+        old = composer.build(path + ":packed").eval()
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and "m.arch:14:9: warning: topk_tokens(score_channels = ...)" in messages[0], messages
+    assert "topk_tokens(k, score = s)" in messages[0]
+    new = composer.build(path + ":named").eval()
+    assert list(new.state_dict()) == list(old.state_dict())
+    with torch.no_grad():
+        for p in old.parameters():
+            p.normal_(0, 0.5)
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        a, b = old(x), new(x)
+    assert a.shape == (4, 1 + 12 + 1 + 2, 16)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("call, message, where", [
+    ("topk_tokens(2, score = importanc)", "unknown name 'importanc'", "8:28"),
+    ("topk_tokens(2, score = wide)", "has 8 channels, not one score per token", "8:5"),
+    ("topk_tokens(2, score = importance)", "the scores lie on 2x2, not on the input's 4x4 grid", "8:5"),
+])
+def test_topk_tokens_score_errors_are_located(tmp_path, call, message, where):
+    from composer.diagnostics import ComposerError
+    from helpers import write
+
+    text = ("model m {\n    input image(3, 32)\n    stem {\n        patch_embed(16, 16); class_token()\n"
+            "        wide = linear(8); cls = { select_tokens(0, 1); split_heads(1) }\n"
+            "        patches = { select_tokens(1); split_heads(1) }; importance = scores(cls, patches)\n"
+            "        from input; patch_embed(16, 8) as fine; class_token() as cls_fine\n"
+            f"    {call}\n    }}\n}}\n")
+    with pytest.raises(ComposerError) as info:
+        composer.check(write(tmp_path, text))
+    rendered = info.value.render()
+    assert message in rendered and f"m.arch:{where}:" in rendered, rendered
 
 
 @settings(max_examples=25, deadline=None)

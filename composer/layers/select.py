@@ -10,12 +10,15 @@ from torch import nn
 
 class TopkTokens(nn.Module):
     """(B, extra + N, C) -> (B, extra + k * r^d, C - score_channels): the prefix tokens, then the
-    tokens of the k best regions (by mean score), gathered with a fixed region-to-token table."""
+    tokens of the k best regions (by mean score), gathered with a fixed region-to-token table.
+    `score = "given"`: the scores are a tensor passed after the input, `forward(x, scores)`, and
+    `given` = (its layout, prefix tokens or keys to skip, whether it holds one score per region)."""
 
-    def __init__(self, grid, extra, k, score="norm", score_channels=0, region=1, largest=True):
+    def __init__(self, grid, extra, k, score="norm", score_channels=0, region=1, largest=True, given=None):
         super().__init__()
         self.grid, self.extra, self.k = tuple(grid), extra, k
         self.score, self.score_channels, self.largest = score, score_channels, largest
+        self.given = given
         self.region = region
         # token index of every (region, member): regions row-major, members row-major inside them
         ndim = len(self.grid)
@@ -37,9 +40,21 @@ class TopkTokens(nn.Module):
             s = (src * cls).sum(-1) * src.shape[-1] ** -0.5
         return s[:, self.region_index].mean(-1)  # (B, regions)
 
-    def forward(self, x):
+    def given_scores(self, t):
+        """(B, regions) from the score tensor `t` (see `given`)."""
+        layout, skip, per_region = self.given
+        if layout == "scores":  # (B, heads, 1, keys): the one query's scores, averaged over the heads
+            s = t[:, :, 0, skip:].mean(1)
+        elif layout == "tokens":  # (B, skip + N, 1)
+            s = t[:, skip:, 0]
+        else:  # map (B, 1, *grid)
+            s = t.flatten(1)
+        return s if per_region else s[:, self.region_index].mean(-1)
+
+    def forward(self, x, scores=None):
         with torch.no_grad():
-            top = self.scores(x.detach()).topk(self.k, dim=1, largest=self.largest).indices  # (B, k)
+            s = self.given_scores(scores.detach()) if scores is not None else self.scores(x.detach())
+            top = s.topk(self.k, dim=1, largest=self.largest).indices  # (B, k)
         index = self.region_index[top].flatten(1) + self.extra  # (B, k * r^d)
         out = x[..., self.score_channels:] if self.score_channels else x
         picked = out.gather(1, index[..., None].expand(-1, -1, out.shape[-1]))

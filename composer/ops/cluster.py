@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, Pos, PosFloat, op, prod
+from .registry import Op, Pos, PosFloat, Tensor, op, prod
 
 
 @op("cluster", category="attention")
@@ -25,12 +25,13 @@ class Cluster(Op):
 
     `slots` is the side of the slot grid: K = slots^d. `init = "pool"` takes S0 by adaptive
     average pooling of the features to that grid; `init = "learned"` uses a parameter `init_slots`
-    (K x C, normal(std 0.02)) shared by every input. `paired = true` pools S0 from another tensor
-    given with the input: its channels are then [features (C), slot source (C)] (GLMix pools the
-    block's input, before its position encoding and norm:
-    `parallel concat { identity; from block_in }`), and the output has C channels. Parameters:
+    (K x C, normal(std 0.02)) shared by every input. `source = t` pools S0 from the named tensor
+    `t` instead of the features (a map or tokens on the features' grid, C channels, no prefix
+    tokens): GLMix pools the block's input, before its position encoding and norm, `x = identity`
+    at the block's start, then `cluster(8, attention(heads), source = x)`. Parameters:
     `slot_scale` (tau), `init_slots`, the mixer's (submodule `mixer`). MACs: the three K x N x C
-    products plus the mixer's."""
+    products plus the mixer's. Deprecated: `paired = true` reads the slot source packed along the
+    input's channels, [features (C), slot source (C)] (`parallel concat { identity; from x }`)."""
 
     grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
 
@@ -38,8 +39,17 @@ class Cluster(Op):
     mixer: Optional[Op] = None
     init: Literal["pool", "learned"] = "pool"
     paired: bool = False
+    source: Optional[Tensor] = None
     scale: Optional[PosFloat] = None
     learnable_scale: bool = True
+
+    def deprecation(self):
+        if self.paired:
+            return ("cluster(paired = true), which reads its slot source packed after the features along the "
+                    "channels, is deprecated",
+                    "pass the slot source by name: `x = identity` where it is made, then "
+                    "cluster(slots, mixer, source = x) on the features alone")
+        return None
 
     def _features(self, x: Shape) -> Shape:
         return x.with_(channels=x.channels // 2) if self.paired else x
@@ -54,6 +64,20 @@ class Cluster(Op):
             raise ShapeError(f"cluster cannot take {x.extra} class token(s)", "drop the class tokens first")
         if self.slots < 1:
             raise ShapeError(f"cluster needs at least 1 slot per dim, got {self.slots}")
+        if self.source is not None:
+            src = self.source.shape
+            if self.paired:
+                raise ShapeError("cluster takes its slot source either by name (source) or packed (paired = true), "
+                                 "not both", "drop paired = true")
+            if self.init != "pool":
+                raise ShapeError("cluster pools its slots from `source`: use init = \"pool\"")
+            if src.layout not in ("map", "tokens") or src.spatial != x.spatial or src.extra:
+                raise ShapeError(f"cluster source must be a map or tokens on the features' grid "
+                                 f"{'x'.join(map(str, x.spatial))} without prefix tokens, got {src.layout} {src}")
+            if src.channels != x.channels:
+                raise ShapeError(f"cluster source has {src.channels} channels, the features {x.channels}",
+                                 "the slots pooled from the source are compared with the features: "
+                                 "give them the same width")
         if self.paired:
             if x.channels % 2:
                 raise ShapeError(f"paired cluster needs [features, slot source] channels of equal size, "
@@ -88,5 +112,8 @@ class Cluster(Op):
         s = self._slot_shape(x)
         mixer = self.mixer.build(s, self.mixer.infer(s)) if self.mixer is not None else None
         scale = self.scale if self.scale is not None else s.channels ** -0.5
-        return SoftCluster(s.channels, self.slots, x.ndim, mixer, self.init, self.paired, scale,
+        source = "paired" if self.paired else None
+        if self.source is not None:
+            source = self.source.shape.layout  # "map" or "tokens": the layout of the given tensor
+        return SoftCluster(s.channels, self.slots, x.ndim, mixer, self.init, source, scale,
                            self.learnable_scale, tokens=x.layout == "tokens", grid=x.spatial)

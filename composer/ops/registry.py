@@ -65,8 +65,8 @@ class Op(BaseModel):
         return None
 
     def takes_tensors(self) -> bool:
-        """Whether this instance is given named tensors (a field typed `Tensor` that is set)."""
-        return any(getattr(self, a) is not None for a in self.tensor_args)
+        """Whether this instance is given named tensors (a field typed `Tensor` that holds one)."""
+        return any(isinstance(getattr(self, a), TensorRef) for a in self.tensor_args)
 
     def deprecation(self) -> tuple[str, str] | None:
         """(what is deprecated, the new spelling) when this instance is written in a spelling kept
