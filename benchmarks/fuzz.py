@@ -18,8 +18,9 @@ The target (issue 15): zero in the last four columns. The run is deterministic g
 with the command that replays it (DIR/case-I/command).
 
 The checks run in J worker processes (default 1: the machine's cores are shared), each checking
-its cases in-process (torch is never imported) and replaced every 200 cases, after a memory
-error, or when killed for time.
+its cases in-process (torch is never imported) and replaced every 200 cases, after any failing
+case (a memory error or the CPU timer's exception can leave its interpreter broken), or when
+killed for time.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ COLUMNS = {"accepted": "accepted", "located": "located exit 2", "unlocated": "un
 TIME_LIMIT_S = 1.0
 MEMORY_LIMIT = 300 * 2**20
 CHUNK = 200  # cases per worker process
+CLEAN = ("accepted", "located")  # after any other outcome the worker is replaced
 
 
 class CaseTimeout(BaseException):
@@ -121,8 +123,8 @@ def _worker(conn, corpus, seed: int, hard_cpu: float, scratch: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         conn.send(result)
         done += 1
-        if result["outcome"] == "memory":
-            return  # its heap may be in pieces: a fresh worker takes the next case
+        if result["outcome"] not in CLEAN:
+            return  # a memory error or a timer's exception inside C code can leave it broken: replace it
 
 
 class Pool:
@@ -166,7 +168,7 @@ class Pool:
                 if result is not None:
                     report(result)
                     s["index"], s["done"] = None, s["done"] + 1
-                    if s["done"] >= CHUNK or result["outcome"] == "memory":  # the worker ends: replace it
+                    if s["done"] >= CHUNK or result["outcome"] not in CLEAN:  # the worker ends: replace it
                         self._restart(s)
                     continue
                 late = time.perf_counter() - s["since"] > self.hard_limit
@@ -200,7 +202,7 @@ def summary(result: dict) -> tuple[str, str]:
     """The first error line of a failing case, and its class: the outcome, the error with its
     numbers left out, and for a traceback the innermost frame in composer."""
     lines = result["stderr"].splitlines()
-    first = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else "")
+    first = next((ln for ln in lines if "error" in ln.lower()), lines[-1] if lines else f"(exit {result['rc']})")
     what = re.sub(r"\d+", "N", first.split("error: ", 1)[-1].split(" (please report")[0])[:80]
     frames = FRAME.findall(result["stderr"])
     where = f" at {frames[-1][0]}:{frames[-1][2]}" if frames else ""
@@ -231,6 +233,11 @@ def main(argv=None) -> int:
     sys.modules.setdefault("torch", None)  # the check path never needs torch: prove it
     os.chdir(REPO)
     corpus = Corpus()
+    import composer.cli  # noqa: F401  (imported and the library parsed once, before the workers fork)
+    import composer.loader
+
+    for lib in sorted((REPO / "blueprints" / "lib").glob("*.arch")):
+        composer.loader.load(lib)
     indices = args.case or range(args.n)
     counts = dict.fromkeys(OUTCOMES, 0)
     classes: dict[str, int] = {}
