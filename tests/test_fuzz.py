@@ -19,20 +19,10 @@ SPEC = importlib.util.spec_from_file_location("fuzz_cases", REPO / "benchmarks" 
 fuzz_cases = sys.modules.setdefault("fuzz_cases", importlib.util.module_from_spec(SPEC))
 SPEC.loader.exec_module(fuzz_cases)
 
-SEED, CASES = 15, 300  # 300 cases: every source (113 files, each also as YAML) at least once
-# Cases of SEED that fail on this branch, left out (not run: some allocate gigabytes) until the
-# work on their class lands: each is a hostile pattern of issue 15, items 2 and 3 (evaluation
-# budgets, nesting depth, huge ints, float overflow). Empty this table when they pass.
-_DEPTH = "nesting depth: RecursionError (exit 3) in yaml_read.walk / expr.evaluate"
-_DIGITS = "an int literal over 4,300 digits: ValueError (exit 3) in parse.expr__int_lit"
-_SIZE = "no evaluation budget: MemoryError (over 300 MB) in expr"
-EXCLUDED: dict[int, str] = {
-    16: _DEPTH, 17: _DEPTH, 44: _DEPTH, 49: _DEPTH, 54: _DEPTH, 65: _DEPTH, 87: _DEPTH, 141: _DEPTH, 175: _DEPTH,
-    68: _DIGITS, 158: _DIGITS, 286: _DIGITS,
-    57: _SIZE, 108: _SIZE, 180: _SIZE, 231: _SIZE,
-    41: "float overflow: `1e300 ** 2` is an OverflowError (exit 3) in expr._eval_binop",
-    239: "`make_divisible(7, 0)`: ZeroDivisionError (exit 3) in expr._make_divisible",
-}
+SEED, CASES = 15, 300  # 300 cases: every source (82 files, each also as YAML) at least once
+# Cases of SEED left out (not run) while the defect they show is being fixed, each with its
+# reason: none now; a case that fails should be fixed, not listed here.
+EXCLUDED: dict[int, str] = {}
 
 
 @pytest.fixture(scope="module")
