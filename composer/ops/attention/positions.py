@@ -245,4 +245,15 @@ def cpb_centres(size: int, keys: int) -> list[float]:
 def cpb_counts(grid: tuple[int, ...], keys: tuple[int, ...]) -> list[int]:
     """Per axis, the number of distinct query-minus-key offsets of `continuous_bias` (the table has
     their product of rows)."""
-    return [len({q - k for q in range(g) for k in cpb_centres(g, m)}) for g, m in zip(grid, keys)]
+    return [_distinct_offsets(g, cpb_centres(g, m)) for g, m in zip(grid, keys)]
+
+
+def _distinct_offsets(size: int, centres: list[float]) -> int:
+    """len({q - c for q in range(size) for c in centres}) without enumerating the pairs (a grid of
+    thousands would take minutes): each centre gives the run of offsets -c .. size - 1 - c, and
+    runs of centres with the same fractional part overlap where the centres are closer than `size`."""
+    total = 0
+    for part in {c % 1 for c in centres}:
+        same = sorted({c for c in centres if c % 1 == part})
+        total += size + sum(min(size, int(b - a)) for a, b in zip(same, same[1:]))
+    return total
