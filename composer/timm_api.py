@@ -118,7 +118,7 @@ class TimmApi:
         shape (a ViT's blocks, a last stage); `stop_early`: stop after the last feature wanted.
         Returns the list (`intermediates_only`) or `(final features, list)`."""
         if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+            raise error("value", f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         take = _as_indices(indices, len(self.feature_points))
         self.check_input(x)
         env = {"input": x}
@@ -130,7 +130,9 @@ class TimmApi:
             for j in take:
                 feats[j] = (env[self.named_outputs[j]], env.get(GRID + self.named_outputs[j]))
         else:
-            x = self._run_to_points(x, env, take, feats, stop_early)
+            at = {}  # (stage, block) -> (tensor, grid): an index asked for twice is kept once
+            x = self._run_to_points(x, env, take, at, stop_early)
+            feats = {j: at[self.feature_points[j][:2]] for j in take}
         norms = self._head_norms() if norm else []
         out = []
         for j in take:
@@ -143,8 +145,8 @@ class TimmApi:
         return out if intermediates_only else (x, out)
 
     def _run_to_points(self, x, env, take, feats, stop_early):
-        """Run the stages, keeping (tensor, grid) of each wanted feature point in `feats`."""
-        wanted = {self.feature_points[j][:2]: j for j in take}
+        """Run the stages, keeping (tensor, grid) of each wanted (stage, block) point in `feats`."""
+        wanted = {self.feature_points[j][:2] for j in take}
         last_stage = max((self.feature_points[j][0] for j in take), default=-1)
         for i, stage in enumerate(self.stages):
             if stop_early and i > last_stage:
@@ -158,7 +160,7 @@ class TimmApi:
                         return x
                     x = block(x, env)
                     if (i, k) in wanted:
-                        feats[wanted[i, k]] = (x, env.get(GRID))
+                        feats[i, k] = (x, env.get(GRID))
                 if stage.downsample is not None and stage.downsample_last:
                     x = stage.downsample(x, env)
                 if stage.norm is not None:
@@ -166,7 +168,7 @@ class TimmApi:
             else:
                 x = stage(x, env)
                 if (i, None) in wanted:
-                    feats[wanted[i, None]] = (x, env.get(GRID))
+                    feats[i, None] = (x, env.get(GRID))
         return x
 
     def _head_norms(self) -> list:

@@ -198,8 +198,8 @@ def test_forward_intermediates_as_timm():
         assert [t.shape for t in inter] == [t.shape for t in theirs]
         last2 = m.forward_intermediates(x, indices=2, intermediates_only=True)
         assert [t.shape for t in last2] == [t.shape for t in theirs[2:]]
-        early = m.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
-        assert torch.equal(early[0], inter[1])
+        early = m.forward_intermediates(x, indices=[1, -3], stop_early=True, intermediates_only=True)
+        assert torch.equal(early[0], inter[1]) and torch.equal(early[1], inter[1])
         nlc = m.forward_intermediates(x, indices=[-1], output_fmt="NLC", intermediates_only=True)[0]
         assert torch.equal(nlc, inter[-1].flatten(2).transpose(1, 2))
         assert m.prune_intermediate_layers(indices=(1,)) == [1]
