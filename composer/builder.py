@@ -15,6 +15,7 @@ from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualSt
                    Step)
 from .sizes import check_input
 from .shapes import TensorRef
+from .timm_api import TimmApi
 from .program import (GRID, Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
                       TensorCall, ToMap, ToTokens)
 
@@ -257,8 +258,8 @@ class StageModule(nn.Module):
         return x
 
 
-class ComposedModel(nn.Module):
-    """A model built from a blueprint, with timm's backbone API."""
+class ComposedModel(TimmApi, nn.Module):
+    """A model built from a blueprint, with timm's backbone API (composer/timm_api.py)."""
 
     def __init__(self, plan: Plan, features_only: bool = False, out_indices=None, dynamic_img_size: bool = False):
         super().__init__()
@@ -269,27 +270,7 @@ class ComposedModel(nn.Module):
         self.stem = Sequence(plan.stem.steps)
         self.stages = nn.ModuleList(StageModule(s) for s in plan.stages)
         self.features_only = features_only
-        # feature points: every stage's output, or every block's (`features = "blocks"`: plain transformers)
-        by_blocks = plan.features == "blocks"
-        points = [(s.index, k, b.y) for s in plan.stages for k, b in enumerate(s.blocks)] if by_blocks else \
-            [(s.index, None, s.y) for s in plan.stages]
-        n = len(points)
-        self.out_indices = tuple(i % n for i in (out_indices if out_indices is not None else range(n)))
-        self._points = [(i, k, y.spatial, y.extra if y.layout == "tokens" else None)
-                        for i, k, y in (points[j] for j in self.out_indices)]
-        self.named_outputs = list(plan.outputs or [])
-        if not self.named_outputs:
-            reductions = _reductions(plan, [y for _, _, y in points])
-            self.feature_info = [
-                {"num_chs": points[j][2].channels, "reduction": reductions[j],
-                 "module": f"stages.{points[j][0]}" + (f".blocks.{points[j][1]}" if points[j][1] is not None else "")}
-                for j in self.out_indices]
-        else:
-            shapes = [plan.saved[n] for n in self.named_outputs]
-            self._named_maps = [(y.spatial, y.extra if y.layout == "tokens" else None) for y in shapes]
-            reductions = _reductions(plan, shapes, chain=False)
-            self.feature_info = [{"num_chs": y.channels, "reduction": r, "module": n}
-                                 for n, y, r in zip(self.named_outputs, shapes, reductions)]
+        self.init_feature_points(plan, out_indices)  # timm_api: feature_info, out_indices
         head_steps = plan.head.steps
         self.num_classes = _classifier_out(head_steps)
         self.num_features = plan.head.x.channels
@@ -335,40 +316,9 @@ class ComposedModel(nn.Module):
         names = {s.name for s in _classifier_steps(self.plan.head.steps)}
         return self.head._run(_without(self.head.program, names), x, env)
 
-    def forward_intermediates(self, x):
-        """The output of every stage in `out_indices` (or the model's named `outputs`), as maps
-        (B, C, *grid) where the grid allows."""
-        self.check_input(x)
-        env = {"input": x}
-        x = self.stem(x, env)
-        if self.named_outputs:
-            for stage in self.stages:
-                x = stage(x, env)
-            return [_as_map(env[name], env.get(GRID + name) or grid, extra)
-                    for name, (grid, extra) in zip(self.named_outputs, self._named_maps)]
-        wanted = {(i, k): (grid, extra) for i, k, grid, extra in self._points}
-        feats = {}
-        for i, stage in enumerate(self.stages):
-            if any(k is not None for (j, k) in wanted if j == i):  # block features: run the stage by hand
-                if stage.downsample is not None and not stage.downsample_last:
-                    x = stage.downsample(x, env)
-                for k, block in enumerate(stage.blocks):
-                    x = block(x, env)
-                    if (i, k) in wanted:
-                        feats[i, k] = _as_map(x, env.get(GRID) or wanted[i, k][0], wanted[i, k][1])
-                if stage.downsample is not None and stage.downsample_last:
-                    x = stage.downsample(x, env)
-                if stage.norm is not None:
-                    x = stage.norm(x, env)
-            else:
-                x = stage(x, env)
-                if (i, None) in wanted:
-                    feats[i, None] = _as_map(x, env.get(GRID) or wanted[i, None][0], wanted[i, None][1])
-        return [feats[i, k] for i, k, _, _ in self._points]
-
     def forward(self, x):
         if self.features_only:
-            return self.forward_intermediates(x)
+            return self.forward_intermediates(x, self.out_indices, intermediates_only=True)
         self.check_input(x)
         env = {"input": x}
         return self.forward_head(self.forward_features(x, env), env=env)
@@ -449,32 +399,6 @@ def _own_tensors(steps) -> tuple:
 
 def _reuse_targets(plan: Plan) -> set:
     return {s.target for sec in plan.sections for st in sec.steps for s in st.walk() if s.__class__ is ReuseStep}
-
-
-def _as_map(x, grid, extra):
-    """A feature as a map (B, C, *grid): tokens (`extra` is not None) lose their class tokens, as
-    timm's features do; maps and vectors pass unchanged. `grid`: the tokens' grid at run time."""
-    if extra is None or not grid:
-        return x
-    return x[:, extra:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *grid)
-
-
-def _reductions(plan: Plan, shapes, chain: bool = True) -> list[int]:
-    """The cumulative stride of each feature, as timm reports it. Stage outputs (`chain`): from the
-    largest grid to the smallest, each grid's reduction is the previous one times the rounded ratio
-    of the two grids, so a grid rounded up by padding (224 -> 14 -> 7 -> 4) still reports its
-    stride (16, 32, 64), not 224 / 4. Named outputs may come from parallel streams, so each is the
-    rounded ratio of input to grid. Vectors have none (0)."""
-    if not chain:
-        return [round(plan.input.spatial[0] / y.spatial[0]) if y.spatial else 0 for y in shapes]
-    out = {}
-    prev, red = plan.input.spatial[0] if plan.input.spatial else 0, 1
-    for j in sorted(range(len(shapes)), key=lambda j: -shapes[j].spatial[0] if shapes[j].spatial else 0):
-        g = shapes[j].spatial[0] if shapes[j].spatial else 0
-        if g:
-            red, prev = red * max(1, round(prev / g)), g
-        out[j] = red if g else 0
-    return [out[j] for j in range(len(shapes))]
 
 
 def _classifier_steps(steps):
