@@ -150,3 +150,13 @@ def test_the_estimate_imports_no_torch(tmp_path):
             f"print(estimate(api.load({str(path)!r})).buffers)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == str(512 ** 4), out.stderr
+
+
+def test_multilevel_attention_buffers_are_bounded_from_above(tmp_path):
+    """Focal attention's index tables and mask: the estimate is at least what the module holds."""
+    path = tmp_path / "focal.arch"
+    path.write_text("model f {\n    input image(16, 16)\n"
+                    "    stage { block multilevel_attention(2, window = 4, expand = 1, pooled = 3) }\n}\n")
+    est = estimate(api.load(str(path)))
+    real = sum(b.numel() for b in api.build(str(path)).buffers())
+    assert real > 4 ** 4 and real <= est.buffers <= 3 * real

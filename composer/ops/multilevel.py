@@ -100,6 +100,13 @@ class MultilevelAttention(Op):
             total += windows * (w * w * c + 3 * c * c)
         return total
 
+    def buffer_elements(self, x, y):
+        """relative_position_index (w^2, w^2), ring_index (w^2 x ring keys), pooled_index (w^2, k^2)
+        and pooled_mask (windows, k^2)."""
+        w, _, k = self.geometry(x)
+        _, ring, pooled = self.keys(x)
+        return w ** 4 + w * w * ring + (w * w * pooled + prod(x.spatial) // (w * w) * pooled if k else 0)
+
     def build(self, x, y):
         from ..layers.multilevel import MultilevelAttention as Module
 
