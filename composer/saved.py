@@ -74,7 +74,12 @@ def save(model, folder, load) -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(src.read_bytes())
         (Path(tmp) / CONFIG).write_text(json.dumps(config))
-        _same_tensors(model, load(tmp))
+        rebuilt = load(tmp)
+        _same_tensors(model, rebuilt)
+    if [round(r, 9) for r in rebuilt.drop_path] != [round(r, 9) for r in plan.drop_path]:
+        warnings.warn(ComposerWarning(f"{plan.name}: the drop-path schedule set after the build (timm's "
+                                      "drop_path_rate) is recorded in config.json but not rebuilt; "
+                                      "composer.build(folder) uses the blueprint's"), stacklevel=3)
     for rel, src in files.items():
         write_atomic(folder / BLUEPRINT_DIR / rel, src.read_bytes())
     from safetensors.torch import save_model
