@@ -9,9 +9,9 @@
 
 from __future__ import annotations
 
-from .api import build, build_loss, check, diff, load, resolve_target
+from .api import build, build_loss, check, diff, export, load, resolve_target, save
 from .diagnostics import ComposerError, ComposerWarning
 from .sizes import InputSizeError
 
-__all__ = ["build", "build_loss", "check", "diff", "load", "resolve_target", "ComposerError", "ComposerWarning", "InputSizeError"]
+__all__ = ["build", "build_loss", "check", "diff", "export", "load", "resolve_target", "save", "ComposerError", "ComposerWarning", "InputSizeError"]
 __version__ = "0.1.0"

@@ -64,6 +64,11 @@ def _models_of(path: Path) -> list[str]:
 def load(target: str, **overrides) -> Plan:
     """Resolve and shape-check one model (pure Python). `overrides`: model parameters, plus
     `num_classes`, `img_size` and `in_chans` as build-time overrides."""
+    if _saved_folder(target):  # a folder composer.save wrote: its blueprint and overrides
+        from .saved import saved_target
+
+        target, saved = saved_target(target)
+        return load(target, **{**saved, **overrides})
     path, name = resolve_target(target)
     unit = _resolve.load(path)
     if name is None:
@@ -94,6 +99,10 @@ def load(target: str, **overrides) -> Plan:
         size = inp.size if img_size is None else tuple([img_size] * len(inp.size) if isinstance(img_size, int) else img_size)
         model.input = type(inp)(inp.kind, inp.channels if in_chans is None else in_chans, size, inp.span)
     return plan(model)
+
+
+def _saved_folder(target) -> bool:
+    return Path(str(target)).is_dir() and Path(str(target), "config.json").is_file()
 
 
 def _positive(what: str, value) -> None:
@@ -130,6 +139,11 @@ def build(target: str, *, features_only: bool = False, out_indices=None, seed: i
 
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
         raise error("value", f"seed must be an int from 0 to 2^63 - 1 (or None), got {seed!r}")
+    if _saved_folder(target):  # its blueprint, build options and weights (composer/saved.py)
+        from .saved import build_saved
+
+        return build_saved(target, load(target, **overrides), seed=seed, device=device, max_memory=max_memory,
+                           features_only=features_only, out_indices=out_indices, dynamic_img_size=dynamic_img_size)
     return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
                         out_indices=out_indices, dynamic_img_size=dynamic_img_size, max_memory=max_memory)
 
@@ -140,3 +154,20 @@ def build_loss(target: str, **overrides):
     from .ops.loss import CrossEntropy
 
     return (load(target, **overrides).loss or CrossEntropy()).build_loss()
+
+
+def save(model, folder):
+    """Write a built model to `folder` as a Hugging Face-style repository (config.json,
+    model.safetensors, README.md and its blueprint files under blueprint/); `composer.build(folder)`
+    rebuilds it with its weights, with no zoo lookup (composer/saved.py)."""
+    from .saved import save as save_folder
+
+    return save_folder(model, folder, load)
+
+
+def export(model, to: str, path=None, **options):
+    """Export a model (built, or a target `build` takes) to "onnx" or "pt2", checked against eager
+    before it is written (composer/exporter.py: img_size, dynamic, tolerance, overrides)."""
+    from .exporter import export as export_file
+
+    return export_file(model, to, path, build=build, **options)

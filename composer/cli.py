@@ -1,4 +1,4 @@
-"""The command line: check, build, info, port, list, diff, graph, fmt, convert. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
+"""The command line: check, build, info, port, list, diff, graph, export, fmt, convert. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
 
 from __future__ import annotations
 
@@ -68,15 +68,21 @@ def _overrides(args) -> dict:
     return over
 
 
+SAVED = object()  # a check target that is a saved model's folder
+
+
 def cmd_check(args) -> int:
     from . import api
     from .resolve import load
+    from .saved import is_saved
 
     failures = 0
     targets = []
     for t in args.targets:
         p = Path(t)
-        if p.is_dir():
+        if is_saved(p):  # a folder composer.save wrote: its blueprint with the saved overrides
+            targets.append((p, SAVED))
+        elif p.is_dir():
             found = api.blueprint_files(p, recursive=True)
             if not found:
                 raise error("io", f"no blueprint in {t}", None, "blueprints are .arch, .yaml or .yml files")
@@ -85,6 +91,11 @@ def cmd_check(args) -> int:
             targets.append(api.resolve_target(t))
     for path, name in targets:
         try:
+            if name is SAVED:
+                plan = api.load(str(path), **_overrides(args))
+                if not args.quiet:
+                    print(f"ok  {path} (saved {plan.name})  {plan.params:,} params  {plan.macs / 1e9:.2f} GMACs")
+                continue
             unit = load(path)
             names = [name] if name else [m.name for m in unit.file.models]
             for n in names:
@@ -111,7 +122,12 @@ def cmd_build(args) -> int:
     from .analyse import counted_params, render
     from .builder import build_module
 
-    model = build_module(plan, seed=args.seed, max_memory=args.max_memory)
+    from .saved import is_saved
+
+    if is_saved(args.target):  # a folder composer.save wrote: built with its weights and build options
+        model = api.build(args.target, seed=args.seed, max_memory=args.max_memory, **_overrides(args))
+    else:
+        model = build_module(plan, seed=args.seed, max_memory=args.max_memory)
     model.eval()
     if args.fuse:
         model.fuse()
@@ -119,7 +135,8 @@ def cmd_build(args) -> int:
     with torch.no_grad():
         y = model(x)
     print(render(plan, counted_params(model)))
-    print(f"forward: input {tuple(x.shape)} -> output {tuple(y.shape)}")
+    shown = tuple(y.shape) if isinstance(y, torch.Tensor) else [tuple(t.shape) for t in y]  # features_only: a list
+    print(f"forward: input {tuple(x.shape)} -> output {shown}")
     if args.fuse:
         print("fused: re-parameterized into the inference form (parameters counted fused, MACs as trained)")
     if args.output:
@@ -261,6 +278,16 @@ def cmd_graph(args) -> int:
     return EXIT_OK
 
 
+def cmd_export(args) -> int:
+    """`composer export TARGET --to onnx|pt2 [-o FILE] [--dynamic]`: 0 written, 2 refused."""
+    from .api import export
+
+    over = _overrides(args)
+    result = export(args.target, args.to, args.output, dynamic=args.dynamic, tolerance=args.tolerance, **over)
+    print(result.render())
+    return EXIT_OK
+
+
 def cmd_fmt(args) -> int:
     """`composer fmt PATH... [--check]`: 0 formatted (or rewritten), 1 would change (--check), 2 error."""
     import difflib
@@ -399,6 +426,22 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--expand", action="store_true", help="draw every block instead of collapsing repeats")
     target_opts(g)
     g.set_defaults(func=cmd_graph)
+
+    ex = sub.add_parser("export", help="export to ONNX or a torch.export program, checked against eager",
+                        description="Export a model to ONNX (torch.onnx's dynamo exporter; checked with onnxruntime) "
+                        "or to a torch.export program (.pt2; checked with torch.export.load). The written file is run "
+                        "on a fixed random input and compared with the eager model first: when they differ by more "
+                        "than --tolerance nothing is written (exit 2). TARGET: FILE[:MODEL], a zoo model name or a "
+                        "folder composer.save wrote (with its weights).")
+    ex.add_argument("target", metavar="TARGET")
+    ex.add_argument("--to", choices=["onnx", "pt2"], required=True)
+    ex.add_argument("-o", "--output", metavar="FILE", help="where to write it (default: MODEL.onnx or MODEL.pt2 here)")
+    ex.add_argument("--dynamic", action="store_true", help="one program for every batch size and every admitted "
+                    "input size (checked at a second size too)")
+    ex.add_argument("--tolerance", type=float, default=1e-4, help="the largest difference from eager, relative to "
+                    "max(1, max |eager output|) (default 1e-4)")
+    target_opts(ex)
+    ex.set_defaults(func=cmd_export)
 
     f = sub.add_parser("fmt", help="rewrite .arch files in the one canonical layout (--check: only report)",
                        description="Format .arch files (files or directories) in place, keeping every comment. "

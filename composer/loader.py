@@ -54,7 +54,7 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
     file = read_blueprint(path)
     names = Namespace(ops=dict(OPS))
     for imp in file.imports:
-        target = _find_import(imp, Path(path).parent)
+        target = find_import(imp, Path(path).parent)
         tkey = str(target.resolve())
         if tkey in _stack or tkey == key:
             raise error("cyclic-import", f"import cycle: '{imp.path}' imports this file again", imp.span,
@@ -83,12 +83,18 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
 MAX_IMPORT_PATH = 256
 
 
-def _find_import(imp: ast.Import, here: Path) -> Path:
+def import_file_name(imp: ast.Import) -> str:
+    """The file name an `import` names, relative to the folder it is looked up in (`.arch` added
+    when it names no suffix)."""
+    return imp.path if imp.path.endswith((".arch", ".yaml", ".yml")) else imp.path + ".arch"
+
+
+def find_import(imp: ast.Import, here: Path) -> Path:
     """The file an `import` names: relative to the importing file's folder, or to the standard
     library (the zoo's folder). It must stay inside that folder's tree (no absolute path, no `..`
     out of it, no symlink leading out) and be a regular file: a blueprint never reads a file its
     user did not name or put beside it."""
-    rel = imp.path if imp.path.endswith((".arch", ".yaml", ".yml")) else imp.path + ".arch"
+    rel = import_file_name(imp)
     parts = Path(rel).parts
     if len(imp.path) > MAX_IMPORT_PATH or not parts or Path(rel).is_absolute() or ".." in parts \
             or "\\" in rel or "\0" in rel:
