@@ -22,8 +22,12 @@ from .speed import gc_paused
 
 def read_blueprint(path: str | Path) -> ast.File:
     """Parse one blueprint file with the front end its suffix names (.yaml, .yml; else .arch)."""
+    return parse_blueprint(read_source(path), path)
+
+
+def parse_blueprint(text: str, path: str | Path) -> ast.File:
+    """Parse the text of blueprint file `path` with the front end its suffix names."""
     path = Path(path)
-    text = read_source(path)
     if path.suffix in (".yaml", ".yml"):
         from .yaml_read import parse_yaml  # here: checking .arch files never pays for PyYAML
 
@@ -47,28 +51,17 @@ class Unit:
 
 @dataclass
 class _Entry:
-    """A cached unit, valid while its file has the same stamp and its imports the same units."""
+    """A cached unit, valid while its file has the same stamp (or, changed lately, the same text)
+    and its imports give the same units."""
 
     stamp: tuple | None
     imports: tuple  # the units of its imports it was made from
     unit: Unit
+    text: str | None = None  # kept for a file changed lately, whose stamp is not trusted
 
 
 _CACHE: dict[str, _Entry] = {}
-RACY_NS = 2_000_000_000  # a file changed this recently may change again within its clock tick: parse it again
-
-
-def _stamp(path, now: int) -> tuple | None:
-    """What tells an edited file apart: (modification time, size, inode, change time). None, so
-    never trusted, when the file cannot be stat'ed or was changed in the last RACY_NS (an edit of
-    the same size within one tick of the file system's clock would keep the same stamp)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if now - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS:
-        return None
-    return st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns
+RACY_NS = 2_000_000_000  # a file changed this recently may change again within its clock's tick
 
 
 def load(path: str | Path, _stack: tuple = ()) -> Unit:
@@ -79,12 +72,23 @@ def load(path: str | Path, _stack: tuple = ()) -> Unit:
 
 
 def _load(path: str | Path, _stack: tuple) -> Unit:
+    """A file's stamp (modification time, size, inode, change time) tells an edit; a file changed in
+    the last RACY_NS is compared by its text instead (an edit of the same size within one tick of
+    the file system's clock keeps the stamp)."""
     key = str(Path(path).resolve())
-    stamp = _stamp(key, time.time_ns())
+    try:
+        st = os.stat(key)
+    except OSError:
+        st = None
+    racy = st is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS
+    stamp = None if st is None or racy else (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
     entry = _CACHE.get(key)
-    file = entry.unit.file if entry is not None and stamp is not None and entry.stamp == stamp else None
-    if file is None:
-        file = read_blueprint(path)
+    text = read_source(path) if racy else None
+    if entry is not None and ((stamp is not None and entry.stamp == stamp) or
+                              (text is not None and entry.text == text)):
+        file = entry.unit.file
+    else:
+        file = parse_blueprint(text, path) if racy else read_blueprint(path)
     imported = []
     for imp in file.imports:
         target = _find_import(imp, Path(path).parent)
@@ -95,9 +99,11 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
         imported.append(_load(target, _stack + (key,)))
     if entry is not None and file is entry.unit.file and len(imported) == len(entry.imports) \
             and all(a is b for a, b in zip(imported, entry.imports)):
+        if entry.stamp != stamp or entry.text != text:
+            _CACHE[key] = _Entry(stamp, entry.imports, entry.unit, text)
         return entry.unit
     unit = _unit(file, imported)
-    _CACHE[key] = _Entry(stamp, tuple(imported), unit)
+    _CACHE[key] = _Entry(stamp, tuple(imported), unit, text)
     return unit
 
 

@@ -158,6 +158,7 @@ MODEL = "model m {{\n  input image(3, 16)\n  stem conv({w}, 3)\n  head {{ global
 def test_the_cache_notices_edits_of_a_file_and_of_its_imports(tmp_path):
     path = write(tmp_path, MODEL.format(w=8))
     assert composer.load(path).arguments == {} and composer.load(path).stem.y.channels == 8
+    assert loader.load(path) is loader.load(path)  # just written: compared by its text, not parsed again
     write(tmp_path, MODEL.format(w=9))  # the same size, written within the same clock tick maybe
     assert composer.load(path).stem.y.channels == 9
     write(tmp_path, "block b(w) {\n  conv(w, 3)\n}\n", "blocks.arch")
