@@ -6,6 +6,7 @@ from pathlib import Path
 
 from . import resolve as _resolve
 from .diagnostics import did_you_mean, error
+from .expr import Schedule, from_python
 from .lower import plan
 from .plan import Plan
 from .locate import BLUEPRINTS_DIR
@@ -62,8 +63,11 @@ def _models_of(path: Path) -> list[str]:
 
 
 def load(target: str, **overrides) -> Plan:
-    """Resolve and shape-check one model (pure Python). `overrides`: model parameters, plus
-    `num_classes`, `img_size` and `in_chans` as build-time overrides."""
+    """Resolve and shape-check one model (pure Python). `overrides`: model parameters and
+    model-level settings (`drop_path`, `crop_pct`, ...), plus `num_classes`, `img_size` and
+    `in_chans` as build-time overrides and `drop_path_rate` (timm's: `drop_path = linspace(0, rate)`).
+    Values are the language's or Python's (any sequence, mapping, numpy number)."""
+    overrides = {k: from_python(v) for k, v in overrides.items()}  # tuples, ListConfig, numpy ints ...
     if _saved_folder(target):  # a folder composer.save wrote: its blueprint and overrides
         from .saved import saved_target
 
@@ -77,13 +81,15 @@ def load(target: str, **overrides) -> Plan:
             raise error("ambiguous", f"{path} defines {len(names)} models; name one as {path}:MODEL", None,
                         f"models: {', '.join(names)}" if names else None)
         name = names[0]
-    defs = {m.name: m for m in unit.file.models}
+    defs = unit.models or {m.name: m for m in unit.file.models}  # bases in imported files too
     params = set()
     cur, seen = defs.get(name), set()
     while cur is not None and cur.name not in seen:  # a cyclic base chain is reported by resolve_model
         seen.add(cur.name)
         params |= {p.name for p in cur.params}
-        cur = defs.get(cur.base) if cur.base else None
+        cur = unit.homes.get(id(cur), defs).get(cur.base) if cur.base else None
+    if "drop_path_rate" in overrides and "drop_path_rate" not in params:  # timm's name: linspace(0, rate)
+        overrides["drop_path"] = drop_path_schedule(overrides.pop("drop_path_rate"))
     in_chans = overrides.pop("in_chans", None)
     img_size = overrides.get("img_size")
     if img_size is not None and "img_size" not in params:
@@ -103,6 +109,13 @@ def load(target: str, **overrides) -> Plan:
 
 def _saved_folder(target) -> bool:
     return Path(str(target)).is_dir() and Path(str(target), "config.json").is_file()
+
+
+def drop_path_schedule(rate) -> Schedule:
+    """timm's `drop_path_rate`: stochastic depth `linspace(0, rate)` over all blocks."""
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise error("value", f"drop_path_rate must be a number from 0 up to (not including) 1, got {rate!r}")
+    return Schedule(0.0, float(rate), None)
 
 
 def _positive(what: str, value) -> None:

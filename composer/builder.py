@@ -8,6 +8,7 @@ from torch import nn
 from .chains import attend, fuse_attention
 from .diagnostics import error
 from .fuse import fuse_model
+from .head_edits import with_global_pool
 from .memory import check_memory
 from .layers.core import ChannelScale, Scale, tie_scope
 from .layers.reparam import RepConv
@@ -336,7 +337,15 @@ class ComposedModel(TimmApi, nn.Module):
         self._link_shared()
         return self
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """timm's: new classifiers for `num_classes`; `global_pool` (avg, max, token) also sets the
+        pooling mode of the head's `global_pool` ops (None: as they are)."""
+        if global_pool is not None:
+            self.plan = with_global_pool(self.plan, global_pool)
+            for step in (t for s in self.plan.head.steps for t in s.walk()):
+                if step.__class__ is OpStep and step.op.name == "global_pool":
+                    parent, _, name = step.path.rpartition(".")
+                    setattr(self.get_submodule(parent), name, step.op.build(step.x, step.y))
         steps = list(_classifier_steps(self.plan.head.steps))
         if not steps:
             raise ValueError("this model's head has no classifier op")

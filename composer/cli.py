@@ -1,4 +1,4 @@
-"""The command line: check, build, info, port, list, diff, graph, export, fmt, convert. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
+"""The command line: check, build, info, port, list, diff, graph, show, export, fmt, convert. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
 
 from __future__ import annotations
 
@@ -325,6 +325,22 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    """`composer show NAME [-o FILE]`: the zoo's blueprint file of model NAME (or the zoo file NAME)."""
+    from .files import read_source, write_atomic
+    from .loader import zoo_source
+    from .locate import BLUEPRINTS_DIR
+
+    path = zoo_source(args.name)
+    text = read_source(path)
+    if args.output:
+        write_atomic(Path(args.output), text)
+        print(f"wrote {args.output} (the zoo's {path.relative_to(BLUEPRINTS_DIR)})")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="composer", description="Declarative architecture composer for deep-learning backbones.",
                 epilog="exit status: 0 ok, 1 differs, 2 user error, 3 internal error")
@@ -442,6 +458,14 @@ def make_parser() -> argparse.ArgumentParser:
                     "max(1, max |eager output|) (default 1e-4)")
     target_opts(ex)
     ex.set_defaults(func=cmd_export)
+
+    sh = sub.add_parser("show", help="print a zoo blueprint file to start from (no torch)",
+                        description="Print the zoo's blueprint file that defines model NAME (or the zoo file NAME: "
+                        "swin, lib/metaformer), or write it to FILE (atomically), to start a variant from. Its "
+                        "imports of the standard library work from anywhere. No torch.")
+    sh.add_argument("name", metavar="NAME", help="a zoo model (swin_t) or zoo file (swin, lib/metaformer)")
+    sh.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
+    sh.set_defaults(func=cmd_show)
 
     f = sub.add_parser("fmt", help="rewrite .arch files in the one canonical layout (--check: only report)",
                        description="Format .arch files (files or directories) in place, keeping every comment. "

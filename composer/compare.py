@@ -49,6 +49,7 @@ def describe(plan: Plan) -> dict:
         "params": {k: _text(v) for k, v in plan.arguments.items()},
         "drop_path": _rates(plan.drop_path),
         "reference": plan.reference,
+        "preprocess": {k: _text(list(v) if isinstance(v, tuple) else v) for k, v in plan.preprocess.items()} or None,
         "outputs": _text(plan.outputs) if plan.outputs is not None else None,
         "feature_points": plan.features if plan.features != "stages" else None,
         "stem": _seq(plan.stem.steps),

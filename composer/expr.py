@@ -7,8 +7,9 @@ located `ComposerError`.
 from __future__ import annotations
 
 import math
-
+import numbers
 import operator
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -96,6 +97,26 @@ class Namespace:
 
     def all_names(self) -> set[str]:
         return set(self.composites) | set(self.ops) | set(BUILTINS)
+
+
+def from_python(value: Any) -> Any:
+    """A value given from Python (`build(..., depths=...)`) as the language's: any sequence but a
+    string (tuple, OmegaConf's ListConfig, ...) as a list, any mapping (DictConfig, ...) as a dict,
+    integers and reals of other types (numpy's) as int and float, recursively; others as they are."""
+    if value is None or isinstance(value, (bool, str)) or type(value) in (int, float):
+        return value
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {from_python(k): from_python(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray)):
+        return [from_python(v) for v in value]
+    if hasattr(value, "__array__") and getattr(value, "shape", None) == ():  # a 0-d array (numpy.bool_ ...)
+        item = value.item()
+        return item if type(item) in (bool, int, float) else value
+    return value
 
 
 def type_name(value: Any) -> str:

@@ -4,6 +4,9 @@ its own definitions and those it can see, for `resolve` to expand."""
 
 from __future__ import annotations
 
+import os
+import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +22,12 @@ from .speed import gc_paused
 
 def read_blueprint(path: str | Path) -> ast.File:
     """Parse one blueprint file with the front end its suffix names (.yaml, .yml; else .arch)."""
+    return parse_blueprint(read_source(path), path)
+
+
+def parse_blueprint(text: str, path: str | Path) -> ast.File:
+    """Parse the text of blueprint file `path` with the front end its suffix names."""
     path = Path(path)
-    text = read_source(path)
     if path.suffix in (".yaml", ".yml"):
         from .yaml_read import parse_yaml  # here: checking .arch files never pays for PyYAML
 
@@ -30,37 +37,85 @@ def read_blueprint(path: str | Path) -> ast.File:
 
 @dataclass
 class Unit:
-    """A file with everything it can see: its own definitions and those of its imports."""
+    """A file with everything it can see: its own definitions and those of its imports (composites
+    in `names`, models in `models`: a model can inherit from one defined in an imported file)."""
 
     file: ast.File
     names: Namespace
     # composite instances by (definition, typed arguments, depth): see `_Resolver._instantiate`
     instances: dict = field(default_factory=dict, repr=False, compare=False)
+    models: dict = field(default_factory=dict, repr=False, compare=False)  # name -> ast.ModelDef
+    # id of each model in `models` -> the models its own file sees (where its base is looked up)
+    homes: dict = field(default_factory=dict, repr=False, compare=False)
 
 
-_CACHE: dict[str, Unit] = {}
+@dataclass
+class _Entry:
+    """A cached unit, valid while its file has the same stamp (or, changed lately, the same text)
+    and its imports give the same units."""
+
+    stamp: tuple | None
+    imports: tuple  # the units of its imports it was made from
+    unit: Unit
+    text: str | None = None  # kept for a file changed lately, whose stamp is not trusted
+
+
+_CACHE: dict[str, _Entry] = {}
+RACY_NS = 2_000_000_000  # a file changed this recently may change again within its clock's tick
 
 
 def load(path: str | Path, _stack: tuple = ()) -> Unit:
-    """Parse a file and its imports (cached per path)."""
+    """Parse a file and its imports. Cached per path; an edited file (or one whose imports were
+    edited) is read again, so a notebook that edits a blueprint builds the new model."""
     with gc_paused():
         return _load(path, _stack)
 
 
 def _load(path: str | Path, _stack: tuple) -> Unit:
+    """A file's stamp (modification time, size, inode, change time) tells an edit; a file changed in
+    the last RACY_NS is compared by its text instead (an edit of the same size within one tick of
+    the file system's clock keeps the stamp)."""
     key = str(Path(path).resolve())
-    if key in _CACHE:
-        return _CACHE[key]
-    file = read_blueprint(path)
-    names = Namespace(ops=dict(OPS))
+    try:
+        st = os.stat(key)
+    except OSError:
+        st = None
+    racy = st is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS
+    stamp = None if st is None or racy else (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+    entry = _CACHE.get(key)
+    text = read_source(path) if racy else None
+    if entry is not None and ((stamp is not None and entry.stamp == stamp) or
+                              (text is not None and entry.text == text)):
+        file = entry.unit.file
+    else:
+        file = parse_blueprint(text, path) if racy else read_blueprint(path)
+    imported = []
     for imp in file.imports:
         target = find_import(imp, Path(path).parent)
         tkey = str(target.resolve())
         if tkey in _stack or tkey == key:
             raise error("cyclic-import", f"import cycle: '{imp.path}' imports this file again", imp.span,
                         "move the shared definitions into a third file")
-        unit = _load(target, _stack + (key,))
+        imported.append(_load(target, _stack + (key,)))
+    if entry is not None and file is entry.unit.file and len(imported) == len(entry.imports) \
+            and all(a is b for a, b in zip(imported, entry.imports)):
+        if entry.stamp != stamp or entry.text != text:
+            _CACHE[key] = _Entry(stamp, entry.imports, entry.unit, text)
+        return entry.unit
+    unit = _unit(file, imported)
+    _CACHE[key] = _Entry(stamp, tuple(imported), unit, text)
+    return unit
+
+
+def _unit(file: ast.File, imported: list) -> Unit:
+    """The unit of `file`: its definitions over those of its imports (a later import over an earlier)."""
+    names = Namespace(ops=dict(OPS))
+    models: dict = {}
+    homes: dict = {}
+    for unit in imported:
         names.composites.update(unit.names.composites)
+        models.update(unit.models)
+        homes.update(unit.homes)
     local: set[str] = set()  # names seen so far in this file: one pass, linear in the definitions
     for comp in file.composites:
         if comp.name in names.ops:
@@ -70,14 +125,14 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
             raise error("redefinition", f"'{comp.name}' is defined twice in this file", comp.span)
         local.add(comp.name)
         names.composites[comp.name] = comp
-    models: set[str] = set()
+    own: set[str] = set()
     for m in file.models:
-        if m.name in models:
+        if m.name in own:
             raise error("redefinition", f"model '{m.name}' is defined twice in this file", m.span)
-        models.add(m.name)
-    unit = Unit(file, names)
-    _CACHE[key] = unit
-    return unit
+        own.add(m.name)
+        models[m.name] = m
+        homes[id(m)] = models
+    return Unit(file, names, models=models, homes=homes)
 
 
 MAX_IMPORT_PATH = 256
@@ -116,3 +171,40 @@ def find_import(imp: ast.Import, here: Path) -> Path:
 
 def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[:width] + "..."
+
+
+def zoo_file_of(model: str) -> Path | None:
+    """The zoo's family file that defines `model` (a textual search of the zoo's .arch files: no
+    parsing, for hints and `composer show`), or None."""
+    pattern = re.compile(rf"^[ \t]*model[ \t]+{re.escape(model)}\b", re.M)
+    for path in sorted(BLUEPRINTS_DIR.glob("*.arch")):
+        if pattern.search(read_source(path)):
+            return path
+    return None
+
+
+def base_hint(base: str, visible) -> str:
+    """The hint of an unknown base model: the zoo file to import, a near name, or the models in sight."""
+    home = zoo_file_of(base) if base.isidentifier() else None
+    if home is not None:
+        return f'\'{base}\' is a zoo model: add `import "{home.stem}"` to inherit from it'
+    return did_you_mean(base, visible) or f"models visible here: {', '.join(visible) or '(none)'}"
+
+
+def zoo_source(name: str) -> Path:
+    """The zoo file that `composer show NAME` prints: the family file defining model NAME
+    (`swin_t` -> swin.arch), or the zoo file NAME itself (`swin`, `lib/metaformer`)."""
+    home = zoo_file_of(name) if name.isidentifier() else None
+    if home is not None:
+        return home
+    rel = name if name.endswith(".arch") else name + ".arch"
+    if len(name) <= MAX_IMPORT_PATH and "\0" not in rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+        candidate = BLUEPRINTS_DIR / rel
+        root = BLUEPRINTS_DIR.resolve()
+        if candidate.is_file() and root in candidate.resolve().parents:
+            return candidate
+    files = sorted(BLUEPRINTS_DIR.glob("*.arch"))
+    known = [m for p in files for m in re.findall(r"^[ \t]*model[ \t]+(\w+)", read_source(p), re.M)]
+    known += [p.stem for p in files] + [f"lib/{p.stem}" for p in sorted((BLUEPRINTS_DIR / "lib").glob("*.arch"))]
+    raise error("unknown-model", f"no zoo model or zoo file '{_short(name)}'", None,
+                did_you_mean(name, known) or "`composer list models` shows the zoo's models")

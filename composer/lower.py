@@ -76,7 +76,8 @@ class _Lowering:
         out = Plan(m.name, m.file, Shape(inp.channels, tuple(inp.size), "map"), inp.kind, stem, stages, head,
                    arguments=m.params, chain=m.chain, overrides=m.overrides, drop_path=m.drop_path,
                    outputs=m.outputs, features=m.features, loss=m.loss, reference=m.reference, paper=m.paper,
-                   doc=m.doc, span=m.span, saved=dict(self.saved), source=m)
+                   doc=m.doc, span=m.span, saved=dict(self.saved), source=m,
+                   preprocess=dict(m.preprocess))
         if self.reuses:
             _check_reuses(out, self.reuses)
         for what, count in (("parameters", out.params), ("MACs", out.macs)):  # a summary prints them as floats

@@ -196,6 +196,7 @@ class Plan:
     doc: str = ""
     span: Span | None = None
     saved: dict = field(default_factory=dict)  # tensor name -> its Shape, of every `save` (and "input")
+    preprocess: dict = field(default_factory=dict)  # mean, std, crop_pct, interpolation the blueprint gives
     # the resolved model lowered into this plan, kept only to plan it again at another input size
     # (composer.sizes); consumers read the plan's own fields
     source: object = field(default=None, repr=False, compare=False)

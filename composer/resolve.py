@@ -17,8 +17,9 @@ from pydantic import ValidationError
 from . import ast, budget
 from .diagnostics import ComposerError, deprecated, did_you_mean, error
 from .expr import Cycle, InputSpec, Ref, Schedule, Scope, evaluate, type_name
-from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
+from .loader import Unit, base_hint, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
 from .naming import Names, Numbered
+from .preprocess import SETTINGS as PREPROCESS, preprocess_settings
 from .tensors import bind_tensor, find_tensor, split_parts
 from .ops import OPS, Op
 from .ops.registry import plain_annotation, range_problem
@@ -28,19 +29,28 @@ from .source import Span
 from .speed import PER_BLOCK, gc_paused, instance_key, item_count, keep_instance, reused_instance
 
 STATEMENT_UNITS = 100  # work units per statement expanded or layer copied (as much work as about 100 expression nodes)
-SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss")
+SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss", *PREPROCESS)
 MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
 
 # ---- models ----------------------------------------------------------------------
 
 
+def user_setting(key: str, value) -> ast.Assign:
+    """A setting given from outside (`--set drop_path=linspace(0, 0.1)`: an expression; `build(...,
+    drop_path=0.1)`: a Python value) as the statement `key = value` of the model."""
+    if not isinstance(value, typing.get_args(ast.Expr)):
+        value = ast.Literal(value, None)
+    return ast.Assign(key, value, value.span)
+
+
 def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model:
     """Resolve model `name` of `unit`; `overrides` maps parameter names to values or expression text."""
-    defs = {m.name: m for m in unit.file.models}
-    if name not in defs:
+    own = {m.name: m for m in unit.file.models}
+    if name not in own:
         raise error("unknown-model", f"no model '{name}' in {unit.file.path}", None,
-                    did_you_mean(name, defs) or f"models in this file: {', '.join(defs) or '(none)'}")
-    chain, cur = [], defs[name]
+                    did_you_mean(name, own) or f"models in this file: {', '.join(own) or '(none)'}")
+    defs = unit.models or own  # a base may be defined in an imported file (the zoo's included)
+    chain, cur = [], own[name]
     while True:
         if cur in chain:
             cycle = " : ".join(m.name for m in chain[chain.index(cur):] + [cur])
@@ -48,10 +58,10 @@ def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model
         chain.append(cur)
         if cur.base is None:
             break
-        if cur.base not in defs:
-            raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span,
-                        did_you_mean(cur.base, defs) or f"models in this file: {', '.join(defs)}")
-        cur = defs[cur.base]
+        seen = unit.homes.get(id(cur), defs)  # the models the file defining `cur` sees
+        if cur.base not in seen:
+            raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span, base_hint(cur.base, seen))
+        cur = seen[cur.base]
     with gc_paused(), budget.opened():  # one work budget per model checked (composer/budget.py)
         return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
 
@@ -82,11 +92,13 @@ class _Resolver(ast.NodeVisitor):
     def run(self) -> Model:
         params, lets, settings, sections, stages, overrides = self._flatten()
         for key, value in self.user.items():
-            if key not in params:
+            if key in SETTINGS and key not in params:  # a model-level setting, overridden like a parameter
+                settings[key] = user_setting(key, value)
+            elif key not in params:
                 src = str(getattr(getattr(value, "span", None), "file", ""))  # `--set key=...` names its source
                 raise error("unknown-parameter", (f"{src}: " if src.startswith("--set") else "") +
                             f"model '{self.model.name}' has no parameter '{key}'", None,
-                            did_you_mean(key, params) or f"its parameters are: {', '.join(params) or '(none)'}")
+                            did_you_mean(key, [*params, *SETTINGS]) or f"its parameters are: {', '.join(params) or '(none)'}; settings: {', '.join(SETTINGS)}")
         names = self.unit.names
         scope = Scope(names)
         values = {}
@@ -138,6 +150,7 @@ class _Resolver(ast.NodeVisitor):
             raise error("value", f'feature_points must be "stages" or "blocks", got {features!r}',
                         settings["feature_points"].value.span)
         loss = self._loss(settings["loss"].value, scope) if "loss" in settings else None
+        preprocess = preprocess_settings(settings, scope, inp.channels)
 
         expanded = [it for s in stages for it in self._expand_stages(s)]
         self.total = sum(not isinstance(item, ast.Reuse) for _, _, blocks in expanded for item, _ in blocks)
@@ -149,7 +162,7 @@ class _Resolver(ast.NodeVisitor):
         return Model(
             self.model.name, self.model.file, inp, stem, out_stages, head, self.rates, values,
             overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
-            features, loss, [m.name for m in reversed(self.chain)], outputs_spans,
+            features, loss, [m.name for m in reversed(self.chain)], outputs_spans, preprocess,
         )
 
     def _loss(self, expr, scope) -> Op:

@@ -101,3 +101,4 @@ class Model:
     loss: Op | None = None  # the training objective the blueprint names (`loss = focal(...)`), a kind="loss" op
     chain: list = field(default_factory=list)  # the model's name, then its base's, up to the root of the chain
     outputs_spans: list = field(default_factory=list)  # where each name of `outputs` is written
+    preprocess: dict = field(default_factory=dict)  # timm's data config the blueprint gives (composer/preprocess.py)

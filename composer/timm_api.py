@@ -220,9 +220,9 @@ class TimmApi:
 
     @property
     def pretrained_cfg(self) -> dict:
-        """timm's `pretrained_cfg`: the input size the model was built for, timm's default
-        preprocessing (ImageNet mean and std, crop 0.875, bicubic; composer models come without
-        weights), `num_classes`, `first_conv`, `classifier`, the paper."""
+        """timm's `pretrained_cfg`: the input size the model was built for, its preprocessing (the
+        blueprint's input_mean, input_std, crop_pct, interpolation; timm's defaults for those it
+        does not give: ImageNet mean and std, crop 0.875, bicubic), `num_classes`, `first_conv`, `classifier`, the paper."""
         cfg = self.__dict__.get("_timm_cfg")
         if cfg is None:
             cfg = self.__dict__["_timm_cfg"] = self.composed_cfg()
@@ -243,16 +243,23 @@ class TimmApi:
     def composed_cfg(self) -> dict:
         plan = self.plan
         c = plan.input.channels
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if c == 3 else \
-            ((round(sum(IMAGENET_MEAN) / 3, 4),) * c, (round(sum(IMAGENET_STD) / 3, 4),) * c)
+        given = plan.preprocess  # the blueprint's input_mean, input_std, crop_pct, interpolation
+        mean, std = (_per_channel(given.get("mean", IMAGENET_MEAN), c), _per_channel(given.get("std", IMAGENET_STD), c))
         classifiers = [s.path for s in plan.head.steps for s in s.walk() if s.__class__ is OpStep and s.op.classifier]
         first_conv = next((p for p, m in self.named_modules() if type(m).__name__ in ("Conv1d", "Conv2d", "Conv3d")),
                           None)
-        return {"architecture": plan.name, "input_size": (c, *plan.input.spatial), "interpolation": "bicubic",
-                "crop_pct": 0.875, "crop_mode": "center", "mean": mean, "std": std,
+        return {"architecture": plan.name, "input_size": (c, *plan.input.spatial), "interpolation": given.get("interpolation", "bicubic"),
+                "crop_pct": given.get("crop_pct", 0.875), "crop_mode": "center", "mean": mean, "std": std,
                 "num_classes": self.num_classes, "first_conv": first_conv,
                 "classifier": classifiers[0] if len(classifiers) == 1 else tuple(classifiers) or None,
                 "paper_name": plan.paper, "description": plan.doc or None, "license": None}
+
+
+def _per_channel(values: tuple, channels: int) -> tuple:
+    """Per-channel values for `channels` input channels: as given when they match, else their mean
+    for every channel (a model built with another `in_chans`)."""
+    values = tuple(values)
+    return values if len(values) == channels else (round(sum(values) / len(values), 4),) * channels
 
 
 def _formatted(t, grid, y, fmt: str):
