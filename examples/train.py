@@ -1,7 +1,7 @@
 """Train a composer model with DDP or FSDP2 under torchrun, or as one plain process.
 
 A realistic loop around one `composer.build(...)` call: a learnable synthetic dataset (the class
-is the pattern: stripes, checkerboards, blobs for images; sine, square, sawtooth, bursts for 1-D
+is the pattern: stripes, checkerboards, blobs for images; sine, square, sawtooth, pulses for 1-D
 signals) read through a DataLoader with a DistributedSampler; AdamW without weight decay on norms,
 biases and `model.no_weight_decay()`; a cosine schedule with linear warm-up; bf16 autocast;
 channels_last; optional `torch.compile`; an EMA of the weights; the blueprint's own loss
@@ -65,8 +65,8 @@ class Patterns(Dataset):
         axes = [torch.arange(s, dtype=torch.float32) for s in spatial]
         if len(spatial) == 1:
             t = (axes[0] / period + phase / (2 * math.pi)) % 1.0
-            pattern = [torch.sin(2 * math.pi * t), torch.sign(torch.sin(2 * math.pi * t)), 2 * t - 1,
-                       (torch.sin(2 * math.pi * t * 3) * (t < 0.3)) * 2 - 0.5][c]
+            pattern = [torch.sin(2 * math.pi * t), torch.where(t < 0.5, 1.0, -1.0), 2 * t - 1,
+                       torch.where(t < 0.15, 1.0, -1.0)][c]  # sine, square, sawtooth, pulses
         else:
             yy, xx = torch.meshgrid(*axes, indexing="ij")
             sy, sx = torch.sin(2 * math.pi * yy / period + phase), torch.sin(2 * math.pi * xx / period + phase)
@@ -78,7 +78,8 @@ class Patterns(Dataset):
                 pattern = 2 * torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r)) - 1
         mask = (pattern + 1) / 2
         view = (channels,) + (1,) * len(spatial)
-        fg, bg = torch.rand(view, generator=g), torch.rand(view, generator=g)
+        fg = torch.rand(view, generator=g)  # two colours at least 0.3 apart in every channel
+        bg = (fg + 0.3 + 0.4 * torch.rand(view, generator=g)) % 1.0
         x = fg * mask + bg * (1 - mask) + 0.1 * torch.randn(self.shape, generator=g)
         return (x - 0.5) / 0.25, c
 
@@ -239,7 +240,11 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *a, **k: None)
     start = time.time()
 
-    model = composer.build(args.model, seed=args.seed, **model_overrides(args))  # same weights in every process
+    try:
+        model = composer.build(args.model, seed=args.seed, **model_overrides(args))  # same weights everywhere
+    except composer.ComposerError as exc:  # a blueprint or size the model refuses: its located message
+        print(exc.render(), file=sys.stderr)
+        return 2
     shape = (model.plan.input.channels, *model.plan.input.spatial)
     torch.manual_seed(args.seed + rank)  # dropout and drop path differ between processes
     model.to(device)
