@@ -1,13 +1,9 @@
-"""The examples run: the training script trains (the loss goes down) and every blueprint in
-`examples/` checks, builds and runs a forward pass."""
+"""The examples run: every blueprint in `examples/` checks, builds and runs a forward pass (the
+training script is tested in tests/test_train.py)."""
 
 from __future__ import annotations
 
 import ast
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,22 +22,11 @@ def test_examples_are_listed_in_readme():
         assert path.name in readme, f"{path.name} is not in examples/README.md"
 
 
-def test_train_tiny_has_a_title_docstring():
-    doc = ast.get_docstring(ast.parse((EXAMPLES / "train_tiny.py").read_text()))
+@pytest.mark.parametrize("name", ["train.py", "train_ckpt.py"])
+def test_training_scripts_have_a_title_docstring(name):
+    """The scripts themselves run in tests/test_train.py (DDP, FSDP2, resume)."""
+    doc = ast.get_docstring(ast.parse((EXAMPLES / name).read_text()))
     assert doc and doc.splitlines()[0].strip()
-
-
-def test_train_tiny_loss_goes_down():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "train_tiny.py")], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    m = re.search(r"initial_loss=([0-9.eE+-]+) final_loss=([0-9.eE+-]+)", proc.stdout)
-    assert m, proc.stdout
-    initial, final = float(m.group(1)), float(m.group(2))
-    assert final < initial, proc.stdout
-    steps = [float(x) for x in re.findall(r"train loss ([0-9.]+)", proc.stdout)]
-    assert len(steps) >= 2
 
 
 @pytest.mark.parametrize("path", BLUEPRINTS, ids=lambda p: p.name)

@@ -14,7 +14,8 @@ class Unused(Op):
     through unchanged. For parity with a reference implementation that defines a layer its forward
     never calls (the parameters still count and appear in the state_dict, so weights port and the
     count matches). `op` is built for an input with the running tensor's layout and grid and
-    `channels` channels (default: the input's). Parameters: those of `op`; no MACs."""
+    `channels` channels (default: the input's). Parameters: those of `op`, frozen
+    (`requires_grad=False`: nothing trains them, and plain DDP accepts the model); no MACs."""
 
     op: Op
     channels: Optional[Pos] = None
