@@ -266,6 +266,8 @@ class _Resolver(ast.NodeVisitor):
 
     def visit_Apply(self, stmt: ast.Apply, scope, ctx, names, out) -> None:
         value = concretize(layer_value(stmt.expr, scope), ctx, stmt.expr.span)
+        if isinstance(value, list):  # a list of layers (`[conv, bn] * n`): each is a statement's work
+            budget.charge(STATEMENT_UNITS * len(value), stmt.expr.span, "applying this list of layers")
         out += self._apply(value, stmt.alias, ctx, names, stmt.span, stmt.expr)
 
     def visit_Residual(self, stmt: ast.Residual, scope, ctx, names, out) -> None:

@@ -45,6 +45,8 @@ CASES = {  # name: (lets, stem, words of the message)
     "string doubling": (_doubling("+", '"ab"'), "conv(8, 3)", "work budget"),
     "list doubling": (_doubling("+", "[0]"), "conv(8, 3)", "work budget"),
     "list repetition": ("let a = [0] * 10 ** 9", "conv(8, 3)", "work budget"),
+    # 65,536 x 3 layers from a list a fuzzed blueprint multiplied (found by benchmarks/fuzz.py)
+    "list of layers": ("let n = 2 ** 2 ** 2 ** 2", "[conv(8, 3), batchnorm, relu] * n", "applying this list of layers"),
     "float overflow": ("let a = 1e300 ** 2", "conv(8, 3)", "too large"),
     "float literal": ("let a = 1e309", "conv(8, 3)", "too large"),
     "int of infinity": ("let a = int(1e308 * 10)", "conv(8, 3)", "too large"),
