@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     ap.add_argument("--hard-limit", type=float, default=10.0,
                     help="kill a check after this many seconds (wall clock and CPU; default 10)")
     ap.add_argument("--quiet", action="store_true", help="no line per failing case")
+    ap.add_argument("--progress", type=int, default=0, metavar="K", help="print the counts every K cases")
     args = ap.parse_args(argv)
     sys.modules.setdefault("torch", None)  # the check path never needs torch: prove it
     os.chdir(REPO)
@@ -243,8 +244,14 @@ def main(argv=None) -> int:
     classes: dict[str, int] = {}
     t0 = time.perf_counter()
 
+    def line() -> str:
+        return "  ".join(f"{COLUMNS[k]}: {counts[k]}" for k in OUTCOMES)
+
     def report(result):
         counts[result["outcome"]] += 1
+        done = sum(counts.values())
+        if args.progress and done % args.progress == 0:
+            print(f"[{done} cases, {time.perf_counter() - t0:.0f} s] {line()}", flush=True)
         if result["outcome"] in ("accepted", "located"):
             return
         case = make_case(corpus, args.seed, result["index"])
@@ -258,13 +265,17 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="composer-fuzz-") as scratch:
         pool = Pool(max(1, args.jobs), corpus, args.seed, args.hard_limit, scratch)
+        interrupted = False
         try:
             pool.run(indices, report)
+        except KeyboardInterrupt:  # Ctrl-C: the counts of the cases done so far
+            interrupted = True
         finally:
             pool.close()
     total = sum(counts.values())
-    print(f"\n{total} cases, seed {args.seed}, {time.perf_counter() - t0:.0f} s")
-    print("  ".join(f"{COLUMNS[k]}: {counts[k]}" for k in OUTCOMES))
+    print(f"\n{total} cases{' (interrupted)' if interrupted else ''}, seed {args.seed}, "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(line())
     if classes:
         print("failures by first error line:")
         for key, n in sorted(classes.items(), key=lambda kv: -kv[1]):
