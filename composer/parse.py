@@ -39,7 +39,9 @@ class _Newlines:
         depth, held, last = 0, None, None
         kinds = _KINDS
         runs, nesting = [0], 0  # see `_nested`
-        for tok in stream:
+        for count, tok in enumerate(stream):
+            if count == MAX_TOKENS:
+                raise _too_long(tok)
             kind = kinds.get(tok.type)
             if kind is None:
                 kind = kinds[tok.type] = tok.type.split("__")[-1]
@@ -83,6 +85,17 @@ class _Newlines:
 MAX_NESTING = 100
 _NESTING = {"LPAR": 2, "LSQB": 2, "LBRACE": 2, "RPAR": -1, "RSQB": -1, "RBRACE": -1, "COMMA": 0, "SEMICOLON": 0,
             "ADD": 1, "MUL": 1, "POW": 1, "COMPARE": 1, "AND": 1, "OR": 1, "NOT": 1, "QMARK": 1}
+
+
+# Length: parsing costs about 10 us a token, so a file is limited to MAX_TOKENS (about half a second;
+# the zoo's longest file has about 2,200).
+MAX_TOKENS = 50_000
+
+
+def _too_long(tok) -> ComposerError:
+    span = Span(_CALLBACKS.file if _CALLBACKS else "<string>", tok.line, tok.column, tok.end_line, tok.end_column)
+    return error("too-large", f"too large: a blueprint file is limited to {MAX_TOKENS:,} tokens (words, numbers "
+                 "and symbols)", span, "split it into files that import each other")
 
 
 def _nested(tok) -> ComposerError:

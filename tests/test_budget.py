@@ -156,3 +156,13 @@ def test_debug_after_the_subcommand(tmp_path, capsys):
     assert cli.main(["check", str(path), "--debug"]) == 0
     assert cli.make_parser().parse_args(["check", str(path), "--debug"]).debug
     assert not cli.make_parser().parse_args(["check", str(path)]).debug
+
+
+def test_a_file_of_too_many_tokens_is_refused_where_it_passes_the_limit(tmp_path, capsys):
+    """15,000 one-line blocks (about 90,000 tokens; the zoo's longest file has about 2,200): the
+    parse stops at the 50,000th token with a located error instead of taking seconds."""
+    blocks = "".join(f"block b{i} {{ relu }}\n" for i in range(15000))
+    status, err = _check(tmp_path, MODEL.format(lets="", stem="conv(8, 3)") + blocks, capsys)
+    _located(status, err, "limited to 50,000 tokens")
+    line = int(err.split(":")[1])
+    assert 8000 < line < 9000  # about 6 tokens a block, after the model's own
