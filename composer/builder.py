@@ -18,7 +18,7 @@ from .sizes import check_input
 from .shapes import TensorRef
 from .timm_api import TimmApi
 from .program import (GRID, Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
-                      TensorCall, ToMap, ToTokens)
+                      TensorCall, ToMap, ToTokens, TrainCall)
 
 MAX_PARAMS = 20_000_000_000  # 80 GB of float32: refused before anything is allocated
 
@@ -116,7 +116,10 @@ class Sequence(nn.Module):
           when the body's last instruction left a fresh tensor; at run time only when shapes,
           dtypes and strides agree (a broadcasting gate, autocast's mixed dtypes, a channels-last
           body keep `short + body`, whose result could differ in dtype or memory layout);
-        * a parallel instruction's split becomes a tuple of ints (for `Tensor.split_with_sizes`)."""
+        * a parallel instruction's split becomes a tuple of ints (for `Tensor.split_with_sizes`);
+        * instructions that do nothing are compiled away: a call of an `nn.Identity` is dropped (the
+          module stays registered), a dropout runs only in training mode (`TrainCall`: in eval mode
+          it returns its input, so the call is skipped; its `p` is still read at run time)."""
         self.program = self._mark(self.program)
 
     def _mark(self, prog) -> list:
@@ -129,8 +132,14 @@ class Sequence(nn.Module):
             elif cls is Parallel:
                 split = tuple(int(n) for n in ins.split) if ins.split else None  # for Tensor.split_with_sizes
                 ins = ins._replace(branches=[self._mark(b) for b in ins.branches], split=split)
-            elif cls is Call and isinstance(self._modules[ins.name], self._INPLACE) and self._fresh(out):
-                self._modules[ins.name].inplace = True
+            elif cls is Call:
+                mod = self._modules[ins.name]
+                if type(mod) is nn.Identity:
+                    continue
+                if isinstance(mod, nn.modules.dropout._DropoutNd):
+                    ins = TrainCall(ins.name)
+                elif isinstance(mod, self._INPLACE) and self._fresh(out):
+                    mod.inplace = True
             out.append(ins)
         return out
 
@@ -152,6 +161,9 @@ class Sequence(nn.Module):
                 x = mod(x, grid)
                 if ins.regrid:
                     env[GRID] = mod.out_grid(grid)
+            elif cls is TrainCall:
+                if self.training:
+                    x = mods[ins.name](x)
             elif cls is Save:
                 env[ins.name] = x
                 env[GRID + ins.name] = env.get(GRID)

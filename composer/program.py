@@ -18,6 +18,13 @@ class Call(NamedTuple):
     name: str
 
 
+class TrainCall(NamedTuple):
+    """Run the module `name` in training mode only: a module that returns its input unchanged in
+    eval mode (dropout), skipped at inference without a call."""
+
+    name: str
+
+
 class GridCall(NamedTuple):
     """Run the module `name` on the flowing tokens and the grid they lie on (B, N, C), grid
     (a module with `takes_grid`); `regrid`: the tokens it returns lie on `module.out_grid(grid)`."""

@@ -43,8 +43,17 @@ class ChannelLinear(nn.Linear):
 
     def forward(self, x):
         if self.channel_first:
+            if x.shape[0] > 1 and 3 <= x.dim() <= 5 and x.is_contiguous():
+                # a batch with its channels first in memory: as a 1x1 conv, whose per-sample products
+                # read the map in place (channels-last, F.linear first copies the whole batch
+                # channels-last; 1.2-1.4x slower for a batch of 4-8 maps)
+                w = self.weight.view(*self.weight.shape, *([1] * (x.dim() - 2)))
+                return _CONVS[x.dim() - 3](x, w, self.bias)
             return F.linear(x.movedim(1, -1), self.weight, self.bias).movedim(-1, 1)
         return F.linear(x, self.weight, self.bias)
+
+
+_CONVS = (F.conv1d, F.conv2d, F.conv3d)
 
 
 class ChannelLayerNorm(nn.LayerNorm):

@@ -16,6 +16,8 @@ class SplitHeads(nn.Module):
         self.start = sum(widths[:part]) * (heads if order == "parts" else 1)
 
     def forward(self, x):
+        if self.heads == 1:  # either order: the part's channels, as one head (a view)
+            return x[..., self.start:self.start + self.width].unsqueeze(1)
         b, n, _ = x.shape
         h, w = self.heads, self.width
         if self.order == "parts":  # [part 0 of every head | part 1 of every head | ...]
@@ -33,6 +35,8 @@ class MergeHeads(nn.Module):
 
     def forward(self, x):
         b, h, n, d = x.shape
+        if h == 1:  # either order (a view)
+            return x.squeeze(1)
         if self.order == "heads":
             return x.transpose(1, 2).reshape(b, n, h * d)
         return x.permute(0, 2, 3, 1).reshape(b, n, d * h)
@@ -90,7 +94,12 @@ class Softmax(nn.Module):
         self.dim = dim
 
     def forward(self, x):
-        return x.softmax(self.dim)
+        d = self.dim
+        if d != -1 and d != x.dim() - 1 and x.numel() >= 1024 and all(n == 1 for n in x.shape[d + 1:]):
+            # over the tokens of one-channel tokens (B, N, 1): as rows, the CPU's fast last-axis kernel
+            # (below 1024 values the two transposes cost more than they save)
+            return x.transpose(d, -1).softmax(-1).transpose(d, -1)
+        return x.softmax(d)
 
 
 class WeightedPool(nn.Module):
@@ -101,9 +110,13 @@ class WeightedPool(nn.Module):
         self.tokens, self.weight_tokens, self.ndim = tokens, weight_tokens, ndim
 
     def forward(self, x, w):
-        x = x.transpose(1, 2) if self.tokens else x.flatten(2)  # (B, C, N)
-        w = w if self.weight_tokens else w.flatten(2).transpose(1, 2)  # (B, N, 1)
-        return (x @ w).reshape(x.shape[0], x.shape[1], *([1] * self.ndim))
+        # a product and a sum over the tokens: a batched matrix-vector product (bmm) is several
+        # times slower on the CPU for these shapes (C x N by N x 1)
+        if self.tokens:  # x (B, N, C), w as (B, N, 1)
+            pooled = (x * (w if self.weight_tokens else w.flatten(2).transpose(1, 2))).sum(1)
+        else:  # x (B, C, N), w as (B, 1, N)
+            pooled = (x.flatten(2) * (w.transpose(1, 2) if self.weight_tokens else w.flatten(2))).sum(2)
+        return pooled.view(*pooled.shape, *([1] * self.ndim))
 
 
 class NormalizeSum(nn.Module):

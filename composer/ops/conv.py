@@ -109,6 +109,9 @@ class Conv(Op):
 
             cls = same_conv(n)
             pad = 0
+        elif n == 2 and self.groups == 1 and not any(pad) and \
+                set(per_dim(self.kernel, n, "kernel") + per_dim(self.stride, n, "stride")) == {1}:
+            from ..layers.conv import PointwiseConv2d as cls  # runs channels-last input as a linear
         conv = cls(x.channels, self.out, per_dim(self.kernel, n, "kernel"), per_dim(self.stride, n, "stride"),
                    pad, per_dim(self.dilation, n, "dilation"), self.groups, self.bias)
         if self.init == "kaiming_out":
