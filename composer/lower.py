@@ -194,6 +194,11 @@ class _Lowering:
             else:
                 try:
                     y = op.infer(x)
+                    if any(g > MAX_SIDE for g in y.spatial) or y.tokens * y.channels > MAX_ELEMENTS:
+                        what = str(y) if len(str(y)) <= 60 else f"a tensor of about {float(y.tokens * y.channels):.1e} values"
+                        raise ShapeError(f"too large: {what} is beyond what any model runs (a side of at most "
+                                         f"{MAX_SIDE:,}, at most {MAX_ELEMENTS:,} values)",
+                                         "check the sizes, strides and paddings that lead here")
                 except ShapeError as exc:
                     raise _shape_error(node, item.span, exc, x) from None
                 self.inferred[key] = (op, y)
@@ -475,6 +480,12 @@ def _first_need(items) -> str:
             if need != "any":
                 return need
     return "any"
+
+
+# A tensor no model can hold: refused where it is made, before any rule does per-position work on it
+# (a padding of 2**62 made a grid whose continuous-bias table was counted for minutes)
+MAX_SIDE = 2 ** 20
+MAX_ELEMENTS = 2 ** 40
 
 
 def _shape_error(path: str, span, exc: ShapeError, x: Shape | None = None) -> ComposerError:

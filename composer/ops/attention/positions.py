@@ -3,6 +3,7 @@ positions, LePE, the continuous bias MLP). See protocol.py for what a part owns.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, Optional, Union
 
 from ...shapes import ShapeError
@@ -245,7 +246,13 @@ def cpb_centres(size: int, keys: int) -> list[float]:
 def cpb_counts(grid: tuple[int, ...], keys: tuple[int, ...]) -> list[int]:
     """Per axis, the number of distinct query-minus-key offsets of `continuous_bias` (the table has
     their product of rows)."""
-    return [_distinct_offsets(g, cpb_centres(g, m)) for g, m in zip(grid, keys)]
+    return list(_counts(tuple(grid), tuple(keys)))
+
+
+@functools.lru_cache(maxsize=256)
+def _counts(grid: tuple[int, ...], keys: tuple[int, ...]) -> tuple[int, ...]:
+    # every attention of a stage asks for the same grid's counts, each time its MACs are summed
+    return tuple(_distinct_offsets(g, cpb_centres(g, m)) for g, m in zip(grid, keys))
 
 
 def _distinct_offsets(size: int, centres: list[float]) -> int:
