@@ -43,6 +43,13 @@ class Sequence(nn.Module):
         local = _own_tensors(steps)
         if local:
             self.program.append(Forget(local))
+        self._unmarked = list(self.program)
+        self._inplace_activations()
+
+    def recompile(self) -> None:
+        """The program marked again after a module was replaced (an identity that was compiled away
+        may now be a layer: `reset_classifier` on a model built with 0 classes)."""
+        self.program = list(self._unmarked)
         self._inplace_activations()
 
     def _compile(self, steps) -> list:
@@ -352,6 +359,8 @@ class ComposedModel(TimmApi, nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """timm's: new classifiers for `num_classes`; `global_pool` (avg, max, token) also sets the
         pooling mode of the head's `global_pool` ops (None: as they are)."""
+        if not hasattr(self, "head"):
+            raise error("value", "this model has no head to reset (it was built with features_only)")
         if global_pool is not None:
             self.plan = with_global_pool(self.plan, global_pool)
             for step in (t for s in self.plan.head.steps for t in s.walk()):
@@ -360,13 +369,17 @@ class ComposedModel(TimmApi, nn.Module):
                     setattr(self.get_submodule(parent), name, step.op.build(step.x, step.y))
         steps = list(_classifier_steps(self.plan.head.steps))
         if not steps:
-            raise ValueError("this model's head has no classifier op")
+            raise error("value", "this model's head has no classifier op to reset")
         device = next((p.device for p in self.parameters()), None)
         for step in steps:
             new = step.op.model_copy(update={"num_classes": num_classes})
             module = new.build(step.x, new.infer(step.x))
             setattr(self.head, step.name, module.to(device) if device is not None else module)
+        self.head.recompile()
         self.num_classes = num_classes
+        cfg = self.__dict__.get("_timm_cfg")  # timm's pretrained_cfg, once read, follows
+        if cfg is not None:
+            cfg["num_classes"] = num_classes
         self._link_shared()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

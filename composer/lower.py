@@ -194,8 +194,8 @@ class _Lowering:
             else:
                 try:
                     y = op.infer(x)
-                    if any(g > MAX_SIDE for g in y.spatial) or y.tokens * y.channels > MAX_ELEMENTS:
-                        what = str(y) if len(str(y)) <= 60 else f"a tensor of about {float(y.tokens * y.channels):.1e} values"
+                    if any(g > MAX_SIDE for g in y.spatial) or y.numel > MAX_ELEMENTS:
+                        what = str(y) if len(str(y)) <= 60 else f"a tensor of about {float(y.numel):.1e} values"
                         raise ShapeError(f"too large: {what} is beyond what any model runs (a side of at most "
                                          f"{MAX_SIDE:,}, at most {MAX_ELEMENTS:,} values)",
                                          "check the sizes, strides and paddings that lead here")

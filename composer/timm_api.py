@@ -187,10 +187,15 @@ class TimmApi:
         whose norm is part of it). Returns the absolute indices."""
         take = _as_indices(indices, len(self.feature_points))
         if not self.named_outputs:
-            i, k, _ = self.feature_points[max(take)]
+            last = max(take)
+            i, k, _ = self.feature_points[last]
             del self.stages[i + 1:]
             if k is not None:
                 del self.stages[i].blocks[k + 1:]
+            # the points after the last one kept are gone with their layers
+            del self.feature_points[last + 1:]
+            self.out_indices = tuple(j for j in self.out_indices if j <= last)
+            self.feature_info = FeatureInfo(self.feature_info.info[:last + 1], self.out_indices)
         if prune_head:
             self.head = type(self.stem)([])  # an empty program: the identity
             self.num_classes = 0

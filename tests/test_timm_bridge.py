@@ -240,3 +240,34 @@ model tiny_b : tiny_a { img_size = 16 }
         ctimm.register(path)
     with pytest.raises(ComposerError, match="no model 'tiny_c'"):
         ctimm.register(f"{path}:tiny_c")
+
+
+def test_fine_tuning_from_no_classes():
+    """timm's fine-tuning pattern: built with num_classes=0 (the classifier an identity), then
+    reset_classifier(n): the new classifier runs, and pretrained_cfg says n."""
+    model = timm.create_model("composer_resnet18", num_classes=0, img_size=32).eval()
+    assert model.pretrained_cfg["num_classes"] == 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model(x)
+        model.reset_classifier(7)
+        logits = model(x)
+    assert features.shape == (2, 512) and logits.shape == (2, 7)
+    assert torch.allclose(logits, model.head.fc(features), atol=1e-6)
+    assert model.pretrained_cfg["num_classes"] == 7 == model.num_classes
+
+
+def test_pruned_model_gives_the_points_it_kept():
+    """After prune_intermediate_layers([0, 1]) the model has the first two stages' points only:
+    forward_intermediates() gives those, equal to the unpruned model's, and a dropped one is refused."""
+    full = composer.build("resnet18", img_size=64).eval()
+    pruned = composer.build("resnet18", img_size=64).eval()
+    pruned.load_state_dict(full.state_dict())
+    kept = pruned.prune_intermediate_layers([0, 1])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        got = pruned.forward_intermediates(x, intermediates_only=True)
+        want = full.forward_intermediates(x, indices=kept, intermediates_only=True)
+    assert len(got) == len(want) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ComposerError):
+        pruned.forward_intermediates(x, indices=[3])

@@ -48,7 +48,9 @@ class Run:
     `x` (the input tokens), `tensors` (the tensors given by name, regrouped as the tokens), `v` (the values' tokens), `extra` (extra keys and values, heads split),
     `prepended` (keys prepended by `keys` pieces), `gathered` (keys gathered per query: score
     terms are (..., N, 1, K)), `unit_keys` (keys are unit vectors), `mask` (a windows' mask: q, k, v grouped per window), `kv_bias` (a
-    score bias that came with the keys)."""
+    score bias that came with the keys). A piece may keep its own state of the call on it too
+    (Windows: `padded`, `messengers`; Neighbourhood: `q_unit`; RelativeXL: `xl_bias`; NamedQKV:
+    `shared_queries`)."""
 
     def __init__(self, grid, x, tensors=()):
         self.grid, self.x, self.b, self.tensors = grid, x, x.shape[0], tensors
@@ -82,14 +84,12 @@ class Attention(nn.Module):
         self._core = hooks["core"][0] if hooks["core"] else None
         self._enter, self._extra = hooks["enter"], hooks["extra"]
         self._prepare, self._keys, self._finish = hooks["prepare"], hooks["keys"], hooks["finish"]
+        self.extra_biases = [p for p in self.pieces if _takes(p, "extra_bias")]  # the extra keys' terms
+        self.prepares = bool(hooks["prepare"])
         self._bias_tokens = [p for p in hooks["bias"] if not p.covers_prepended]
         self._bias_all = [p for p in hooks["bias"] if p.covers_prepended]
 
     # ------------------------------------------------------------------ what the pieces call
-    def has(self, hook: str) -> bool:
-        """Whether any piece takes the step `hook`."""
-        return any(_takes(p, hook) for p in self.pieces)
-
     def split_heads(self, t):
         """(B, L, C) -> (B, heads, L, head_dim)."""
         return t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim).transpose(1, 2)

@@ -151,7 +151,7 @@ class Neighbourhood(Piece):
         if extra is None:
             a = logits.softmax(-1)
         else:  # the extra keys: one set for every query, one softmax with the neighbours
-            terms = [p.extra_bias(m, run) for p in m.pieces if hasattr(p, "extra_bias")]
+            terms = [p.extra_bias(m, run) for p in m.extra_biases]
             pooled = m.scores(q, extra[0], terms[0] if terms else None)  # (B, h, N, P)
             a = torch.cat([logits, pooled.unsqueeze(3)], -1).softmax(-1)
             a, a_pooled = a.split([logits.shape[-1], pooled.shape[-1]], -1)
@@ -176,7 +176,7 @@ class Routed(Piece):
 
     def core(self, m, q, k, v, run):
         b, region, c = q.shape[0], self.region, m.heads * m.head_dim
-        if m.has("prepare"):  # per-head changes of q and k first (cosine scores, ...)
+        if m.prepares:  # per-head changes of q and k first (cosine scores, ...)
             q, k = (m.merge_heads(t) for t in m.prepare(m.split_heads(q), m.split_heads(k), run))
         q, k, v = (partition_windows(t.view(b, *self.grid, -1), self.grid, region).view(
             b, -1, math.prod(region), c) for t in (q, k, v))  # (B, R, w, C)

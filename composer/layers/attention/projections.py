@@ -14,22 +14,18 @@ from .module import Piece
 
 
 class FusedQKV(Piece):
-    """One linear `qkv` to q, k and v; `given`: the queries are given, not projected, and `qkv` gives
-    k and v only: the first tensor given by name (`named`), else packed after the tokens in the
-    input's channels (the deprecated `query = given`)."""
+    """One linear `qkv` to q, k and v; `given`: the queries are given, not projected, packed after
+    the tokens in the input's channels (the deprecated `query = given`), and `qkv` gives k and v."""
 
     rank = 10
 
-    def __init__(self, cin, dim, bias=True, given=False, named=False):
-        self.cin, self.dim, self.has_bias, self.given, self.named = cin, dim, bias, given, named
+    def __init__(self, cin, dim, bias=True, given=False):
+        self.cin, self.dim, self.has_bias, self.given = cin, dim, bias, given
 
     def install(self, m):
         m.qkv = ChannelLinear(self.cin, (2 if self.given else 3) * self.dim, self.has_bias)
 
     def project(self, m, x, run):
-        if self.named:
-            k, v = m.qkv(x).split(self.dim, dim=-1)
-            return run.tensors[0], k, v
         if self.given:
             x, q = x.split(self.dim, dim=-1)
             k, v = m.qkv(x).split(self.dim, dim=-1)
@@ -43,7 +39,7 @@ class NamedQKV(FusedQKV):
     window of an image)."""
 
     def __init__(self, cin, dim, bias=True, is_map=False, shared=False):
-        super().__init__(cin, dim, bias, given=True, named=True)
+        super().__init__(cin, dim, bias, given=True)
         self.is_map, self.shared = is_map, shared
 
     def enter(self, m, x, run):

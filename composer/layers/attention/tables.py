@@ -1,6 +1,6 @@
 """Index tables and fixed tables of the attention parts (built once, at construction): the
 neighbourhood key index, Transformer-XL's sinusoidal relative embeddings and its offset index,
-the agents' bias resizing, and the continuous position bias's coordinate table. Used by composer/layers/attention.py."""
+the agents' bias resizing, and the continuous position bias's coordinate table. Used by the attention pieces."""
 
 from __future__ import annotations
 

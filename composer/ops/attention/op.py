@@ -172,6 +172,8 @@ class Attention(Op):
 
     # -------------------------------------------------------------- shape rule
     def infer(self, x: Shape) -> Shape:
+        if self.q is not None and self.query is not None:
+            raise ShapeError("`q` gives the queries: the attention takes no `query` part with it")
         xs = self._x(x)
         self.geometry(x)
         names = {role: part.name for role, part in self.parts()}
@@ -188,8 +190,6 @@ class Attention(Op):
         if not self.proj and self.out is not None:
             raise ShapeError("`out` sets the output projection's width: it cannot be given with proj=false")
         channels = (self.out or xs.channels) if self.proj else self.inner(x)
-        if self.q is not None and self.query is not None:
-            raise ShapeError("`q` gives the queries: the attention takes no `query` part with it")
         query = self.role("query")
         count = query.out_tokens(xs) if query is not None else None
         if count is not None:
