@@ -108,7 +108,10 @@ def load(target: str, **overrides) -> Plan:
 
 
 def _saved_folder(target) -> bool:
-    return Path(str(target)).is_dir() and Path(str(target), "config.json").is_file()
+    """A folder composer.save wrote (saved.is_saved: its config.json has a "composer" section)."""
+    from .saved import is_saved
+
+    return is_saved(str(target))
 
 
 def drop_path_schedule(rate) -> Schedule:

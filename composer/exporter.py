@@ -106,12 +106,14 @@ def _example_shape(model, img_size, input_size) -> tuple:
 
 def _export(model, to, path, shape, dynamic, tolerance, batch) -> Exported:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *shape, generator=gen)
+    first = next(model.parameters(), None)  # the inputs on the model's device, in its dtype
+    like = dict(device=first.device, dtype=first.dtype) if first is not None and first.is_floating_point() else {}
+    x = torch.randn(batch, *shape, generator=gen).to(**like)
     checks = [x]
     spec, words = None, []
     if dynamic:
         spec, words, other = dynamic_shapes(model, shape)
-        checks.append(torch.randn(batch + 1, *shape[:1], *other, generator=gen))
+        checks.append(torch.randn(batch + 1, *shape[:1], *other, generator=gen).to(**like))
     with torch.no_grad():
         expected = [flatten(model(c)) for c in checks]
     try:
@@ -181,7 +183,8 @@ def run_exported(to: str, path, inputs: list) -> list:
 
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        return [[torch.from_numpy(o) for o in session.run(None, {name: x.numpy()})] for x in inputs]
+        return [[torch.from_numpy(o).to(x.device) for o in session.run(None, {name: x.detach().cpu().float().numpy()})]
+                for x in inputs]
     program = torch.export.load(io.BytesIO(Path(path).read_bytes())).module()
     with torch.no_grad():
         return [flatten(program(x)) for x in inputs]

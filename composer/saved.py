@@ -236,6 +236,12 @@ def read_config(folder) -> dict:
         section["model"], section["blueprint"], section["overrides"]  # noqa: B018 (the keys we need)
     except (ValueError, KeyError, TypeError) as exc:
         raise error("io", f"{path}: not a composer config ({type(exc).__name__}: {exc})") from None
+    files = section.get("files") or {}
+    if not isinstance(section["model"], str) or not isinstance(section["overrides"], dict) \
+            or not isinstance(files, dict) or any(not isinstance(v, str) for v in files.values()) \
+            or any(isinstance(v, dict) and not isinstance(v.get("expr", ""), str) for v in section["overrides"].values()):
+        raise error("io", f"{path}: not a composer config (its composer section's model, overrides or files "
+                    "have the wrong types)", None, "composer.save(model, folder) writes one")
     if not isinstance(section.get("format"), int) or section["format"] > FORMAT:
         raise error("io", f"{path}: format {section.get('format')!r} is newer than this composer reads ({FORMAT})",
                     None, "upgrade composer")
@@ -260,7 +266,8 @@ def saved_target(folder) -> tuple[str, dict]:
     path = _blueprint_path(folder, section)
     for rel, digest in (section.get("files") or {}).items():
         f = folder / rel
-        if f.is_file() and ".." not in Path(rel).parts and _sha256(f.read_bytes()) != digest:
+        inside = not Path(rel).is_absolute() and ".." not in Path(rel).parts
+        if inside and f.is_file() and _sha256(f.read_bytes()) != digest:
             warnings.warn(ComposerWarning(f"{f}: warning: changed since the model was saved; the weights in "
                                           f"{WEIGHTS} were saved with the original"), stacklevel=3)
     given = {}

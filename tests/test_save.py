@@ -138,3 +138,19 @@ def test_check_reads_the_folder_without_torch(saved):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "(saved convnext_atto)" in out.stdout
+
+
+@pytest.mark.parametrize("section", [
+    {"model": "m", "blueprint": "blueprint/m.arch", "overrides": [], "format": 1},
+    {"model": "m", "blueprint": "blueprint/m.arch", "overrides": {"a": {"expr": 3}}, "format": 1},
+    {"model": "m", "blueprint": "blueprint/m.arch", "overrides": {}, "files": ["x"], "format": 1},
+])
+def test_a_damaged_config_is_a_user_error(tmp_path, capsys, section):
+    """A hand-edited config.json with the wrong types: exit 2 with a message, not a traceback."""
+    import json
+
+    from composer.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"composer": section}))
+    assert main(["check", str(tmp_path)]) == 2
+    assert "not a composer config" in capsys.readouterr().err
