@@ -7,9 +7,8 @@ step is inserted, before a residual when its body needs it so the shortcut follo
 from __future__ import annotations
 
 from .budget import MAX_NUMBER
-from .diagnostics import ComposerError, Diagnostic
+from .diagnostics import ComposerError, Diagnostic, did_you_mean, error
 from .ops import OPS
-from .diagnostics import did_you_mean, error
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep,
                    Section, SeqStep, StagePlan)
 from .resolved import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
@@ -82,7 +81,8 @@ class _Lowering:
             _check_reuses(out, self.reuses)
         for what, count in (("parameters", out.params), ("MACs", out.macs)):  # a summary prints them as floats
             if count > MAX_NUMBER:
-                raise error("too-large", f"too large: the model has about 10**{int(count.bit_length() * 0.30103)} {what}",
+                size = f"10**{int(count.bit_length() * 0.30103)}" if isinstance(count, int) else f"{count:.3g}"
+                raise error("too-large", f"too large: the model has about {size} {what}",
                             m.span, f"counts must stay below {MAX_NUMBER:.3g}: make the layers smaller")
         return out
 
