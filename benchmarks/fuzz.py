@@ -66,8 +66,7 @@ def _forget(folder: Path) -> None:
     import composer.source as source
 
     prefix = str(folder)
-    for key in [k for k in loader._CACHE if k.startswith(prefix)]:
-        del loader._CACHE[key]
+    loader.forget(prefix)
     for key in [k for k in source.SOURCES if k.startswith(prefix)]:
         del source.SOURCES[key]
 

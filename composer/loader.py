@@ -64,6 +64,12 @@ _CACHE: dict[str, _Entry] = {}
 RACY_NS = 2_000_000_000  # a file changed this recently may change again within its clock's tick
 
 
+def forget(prefix: str) -> None:
+    """Drop the cached units of the files under `prefix` (a long-running caller's finished folder)."""
+    for key in [k for k in _CACHE if k.startswith(prefix)]:
+        del _CACHE[key]
+
+
 def load(path: str | Path, _stack: tuple = ()) -> Unit:
     """Parse a file and its imports. Cached per path; an edited file (or one whose imports were
     edited) is read again, so a notebook that edits a blueprint builds the new model."""
