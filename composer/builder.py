@@ -46,7 +46,7 @@ class Sequence(nn.Module):
         self._unmarked = list(self.program)
         self._inplace_activations()
 
-    def recompile(self) -> None:
+    def _recompile(self) -> None:
         """The program marked again after a module was replaced (an identity that was compiled away
         may now be a layer: `reset_classifier` on a model built with 0 classes)."""
         self.program = list(self._unmarked)
@@ -375,7 +375,7 @@ class ComposedModel(TimmApi, nn.Module):
             new = step.op.model_copy(update={"num_classes": num_classes})
             module = new.build(step.x, new.infer(step.x))
             setattr(self.head, step.name, module.to(device) if device is not None else module)
-        self.head.recompile()
+        self.head._recompile()
         self.num_classes = num_classes
         cfg = self.__dict__.get("_timm_cfg")  # timm's pretrained_cfg, once read, follows
         if cfg is not None:

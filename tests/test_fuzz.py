@@ -19,7 +19,7 @@ SPEC = importlib.util.spec_from_file_location("fuzz_cases", REPO / "benchmarks" 
 fuzz_cases = sys.modules.setdefault("fuzz_cases", importlib.util.module_from_spec(SPEC))
 SPEC.loader.exec_module(fuzz_cases)
 
-SEED, CASES = 15, 300  # 300 cases: every source (82 files, each also as YAML) at least once
+SEED, CASES = 15, 200  # 200 cases: every source (82 files, each also as YAML) at least once
 # Cases of SEED left out (not run) while the defect they show is being fixed, each with its
 # reason: none now; a case that fails should be fixed, not listed here.
 EXCLUDED: dict[int, str] = {}
