@@ -15,6 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def conv_class(ndim: int):
+    """nn.Conv1d, Conv2d or Conv3d for a grid of `ndim` dims."""
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
+
+
+def bn_class(ndim: int):
+    """nn.BatchNorm1d, 2d or 3d for a grid of `ndim` dims."""
+    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1]
+
+
 def trunc_normal_(t: torch.Tensor, std: float) -> torch.Tensor:
     # timm's convention: the cut is at +-2 in absolute value. For std <= 0.2 that is 10 standard
     # deviations or more (a sample beyond it has probability 1.5e-23), so the plain normal is the

@@ -8,15 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Stack
-
-
-def conv_class(ndim: int):
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
-
-
-def _bn_cls(ndim: int):
-    return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1]
+from .core import Stack, bn_class, conv_class  # noqa: F401  (conv_class: callers import it from here)
 
 
 def fold_bn(weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +29,7 @@ class RepConv(nn.Module):
                  branches: int = 1):
         super().__init__()
         self.cin, self.cout, self.kernel, self.stride, self.groups, self.ndim = cin, cout, kernel, stride, groups, ndim
-        conv, bn = conv_class(ndim), _bn_cls(ndim)
+        conv, bn = conv_class(ndim), bn_class(ndim)
 
         def branch(k):
             return Stack(conv=conv(cin, cout, k, stride, k // 2, groups=groups, bias=False), bn=bn(cout))

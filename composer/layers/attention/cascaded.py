@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core import bn_class
 from .groups import conv_cls, padded_grid, partition_windows, unpartition_windows
 
 def offset_index(group) -> torch.Tensor:
@@ -23,7 +24,7 @@ def offset_index(group) -> torch.Tensor:
 
 def _conv_bn(ndim, cin, cout, kernel=1, groups=1):
     conv = conv_cls(ndim)(cin, cout, kernel, 1, kernel // 2, groups=groups, bias=False)
-    bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1](cout)
+    bn = bn_class(ndim)(cout)
     return nn.Sequential(OrderedDict(conv=conv, bn=bn))
 
 

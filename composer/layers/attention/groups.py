@@ -7,7 +7,8 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from ..core import conv_class as conv_cls  # noqa: F401  (the attention pieces' name)
 
 
 def _product(lists):
@@ -81,10 +82,6 @@ def crop(x: torch.Tensor, grid) -> torch.Tensor:
     for d, g in enumerate(grid):
         x = x.index_select(d + 1, torch.arange(g, device=x.device))
     return x
-
-
-def conv_cls(ndim: int):
-    return (nn.Conv1d, nn.Conv2d, nn.Conv3d)[ndim - 1]
 
 
 def to_map(t: torch.Tensor, grid) -> torch.Tensor:

@@ -8,7 +8,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from ..core import ChannelLinear
+from ..core import ChannelLinear, bn_class
 from .groups import conv_cls, to_map, to_tokens
 from .module import Piece
 
@@ -138,7 +138,7 @@ class ConvQKV(Piece):
         c, ndim = self.cin, self.ndim
         for name, stride in (("q", 1), ("k", self.stride), ("v", self.stride)):
             conv = conv_cls(ndim)(c, c, self.kernel, stride, self.kernel // 2, groups=c, bias=False)
-            bn = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[ndim - 1](c)
+            bn = bn_class(ndim)(c)
             m.add_module(f"conv_{name}", nn.Sequential(OrderedDict(conv=conv, bn=bn)))
         for name in "qkv":
             m.add_module(name, ChannelLinear(c, self.dim, self.has_bias))
