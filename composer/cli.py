@@ -279,7 +279,7 @@ def cmd_graph(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """`composer export TARGET --to onnx|pt2 [-o FILE] [--dynamic]`: 0 written, 2 refused."""
+    """`composer export TARGET --to onnx|pt2|python [-o FILE] [--dynamic]`: 0 written, 2 refused."""
     from .api import export
 
     over = _overrides(args)
@@ -443,15 +443,19 @@ def make_parser() -> argparse.ArgumentParser:
     target_opts(g)
     g.set_defaults(func=cmd_graph)
 
-    ex = sub.add_parser("export", help="export to ONNX or a torch.export program, checked against eager",
-                        description="Export a model to ONNX (torch.onnx's dynamo exporter; checked with onnxruntime) "
-                        "or to a torch.export program (.pt2; checked with torch.export.load). The written file is run "
+    ex = sub.add_parser("export", help="export to ONNX, a torch.export program or a standalone PyTorch file, "
+                        "checked against eager",
+                        description="Export a model to ONNX (torch.onnx's dynamo exporter; checked with onnxruntime), "
+                        "to a torch.export program (.pt2; checked with torch.export.load) or to one readable PyTorch "
+                        "file (.py: a class per block, flat forwards, no import of composer; imported back and given "
+                        "the model's weights, whose state_dict keys it shares). The written file is run "
                         "on a fixed random input and compared with the eager model first: when they differ by more "
                         "than --tolerance nothing is written (exit 2). TARGET: FILE[:MODEL], a zoo model name or a "
                         "folder composer.save wrote (with its weights).")
     ex.add_argument("target", metavar="TARGET")
-    ex.add_argument("--to", choices=["onnx", "pt2"], required=True)
-    ex.add_argument("-o", "--output", metavar="FILE", help="where to write it (default: MODEL.onnx or MODEL.pt2 here)")
+    ex.add_argument("--to", choices=["onnx", "pt2", "python"], required=True)
+    ex.add_argument("-o", "--output", metavar="FILE", help="where to write it (default: MODEL.onnx, MODEL.pt2 or "
+                    "MODEL.py here)")
     ex.add_argument("--dynamic", action="store_true", help="one program for every batch size and every admitted "
                     "input size (checked at a second size too)")
     ex.add_argument("--tolerance", type=float, default=1e-4, help="the largest difference from eager, relative to "

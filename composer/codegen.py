@@ -13,6 +13,7 @@ literals in the class."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 
@@ -62,17 +63,14 @@ class Writer:
         for st in m.stages:
             self.roles[id(st.downsample)] = "Downsample"
             self.roles[id(st.norm)] = "StageNorm"
-        live = _All()
-        for _ in range(6):  # until the state passed between functions is stable
-            self.infos = {}
-            self.instances = []
-            top = self.info(self.model)
-            needed = {k for inst in self.instances for k in inst.needs}
-            if not isinstance(live, _All) and needed == live:
-                return top
-            live = needed
-            self.live = live
-        return top
+        # first with every state a function sets returned; then only what some function reads from
+        # its caller, or reads after a call that set it (the same program: only unread returns go)
+        self.live, self.child_reads = _All(), set()
+        self.infos, self.instances = {}, []
+        self.info(self.model)
+        self.live = {k for inst in self.instances for k in inst.needs} | self.child_reads
+        self.infos, self.instances = {}, []
+        return self.info(self.model)
 
     def signature(self, module):
         inst = self.info(module)
@@ -81,7 +79,7 @@ class Writer:
     def info(self, module) -> Instance:
         if id(module) in self.infos:
             return self.infos[id(module)]
-        live = getattr(self, "live", _All())
+        live = self.live
         if isinstance(module, Sequence):
             inst = self.sequence(module, live)
         elif isinstance(module, StageModule):
@@ -111,7 +109,7 @@ class Writer:
         return pieces, needs, gives
 
     def sequence(self, seq, live) -> Instance:
-        body = Body(seq, self.signature, live)
+        body = Body(seq, self.signature, live, self.child_reads)
         x = Temp("x")
         env: dict = {}
         out = body.run(seq.program, x, env)
@@ -126,7 +124,7 @@ class Writer:
         return Instance(seq, "seq", base, _key(pieces), pieces, needs, gives)
 
     def stage(self, stage, live) -> Instance:
-        body = Body(stage, self.signature, live)
+        body = Body(stage, self.signature, live, self.child_reads)
         x = Temp("x")
         env: dict = {}
         y = x
@@ -148,7 +146,7 @@ class Writer:
         return Instance(stage, "stage", "Stage", _key(pieces), pieces, needs, gives)
 
     def top(self, model, live) -> Instance:
-        body = Body(model, self.signature, live)
+        body = Body(model, self.signature, live, self.child_reads)
         x = Temp("x")
         env = {"input": x}
         y = body.call_child("self.stem", model.stem, x, env)
@@ -388,17 +386,19 @@ def _param_name(slot, taken) -> str:
 
 
 def _params(cls) -> list:
+    return list(_signature(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(cls):
     try:
-        return list(inspect.signature(cls).parameters)
+        return inspect.signature(cls).parameters
     except (TypeError, ValueError):
-        return []
+        return {}
 
 
 def _defaults(cls) -> dict:
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return {}
+    params = _signature(cls)
     return {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
 
 
@@ -416,10 +416,7 @@ def _same(default, value) -> bool:
 
 def _arg_names(cls, args, kwargs) -> dict:
     """Positional index -> parameter name of `cls`'s constructor."""
-    try:
-        params = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        return {}
+    params = _signature(cls)
     names = []
     for p in params.values():
         if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
@@ -435,14 +432,19 @@ def _camel(name: str) -> str:
     return "".join(w[:1].upper() + w[1:] for w in re.split(r"[^0-9A-Za-z]+", name) if w) or "Block"
 
 
+def export_python(*args, **kwargs):
+    """composer/codegen_file.py's: write and check the file (composer/exporter.py calls it)."""
+    from .codegen_file import export_python as write
+
+    return write(*args, **kwargs)
+
+
 def generate(plan, *, dynamic_img_size: bool = False, settings: str = "") -> str:
     """The standalone Python source of the model `plan` describes."""
     from .codegen_file import assemble
 
     with recording() as records:
-        # on the CPU (the meta device's first use costs seconds); a large model on the meta device
-        model = build_module(plan, device="meta" if plan.params > 30_000_000 else None, seed=None,
-                             dynamic_img_size=dynamic_img_size)
+        model = build_module(plan, device="meta", seed=None, dynamic_img_size=dynamic_img_size)
     try:
         writer = Writer(model, records)
         writer.analyse()

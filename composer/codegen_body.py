@@ -91,8 +91,9 @@ class Body:
     """The statements of one function. `signature(child)` gives a called Sequence's (needs, gives)
     and its class; `live`: the state keys some function reads from its caller (returned when set)."""
 
-    def __init__(self, seq, signature, live, shared=None):
-        self.seq, self.signature, self.live = seq, signature, live
+    def __init__(self, seq, signature, live, child_reads):
+        self.seq, self.signature, self.live, self.child_reads = seq, signature, live, child_reads
+        self.from_child: dict = {}  # id(Temp) -> the state key a called function returned it as
         self.stmts: list[Stmt] = []
         self.params: dict = {}  # state key -> Temp
         self.pref = "x"
@@ -101,6 +102,8 @@ class Body:
     # ------------------------------------------------------------------ state
     def get(self, env, key):
         value = env.get(key, Need(key))
+        if id(value) in self.from_child:
+            self.child_reads.add(self.from_child[id(value)])
         if value.__class__ is Need:
             value = self.params.get(value.var) or self.params.setdefault(value.var, Temp(short_name(value.var)))
             env[key] = value
@@ -158,7 +161,7 @@ class Body:
         out = ["(", self.get(env, GRID)]
         for k in keys:
             out += [", ", self.get(env, GRID + k)]
-        return out + [")"]
+        return out + ([")"] if keys else [",)"])
 
     def on_Attend(self, ins, x, env):
         k, v = self.get(env, ins.k), self.get(env, ins.v)
@@ -294,6 +297,7 @@ class Body:
             self.emit(outs, *_commas(outs), f" = {ref}(", x, *args, ")")
         for k, t in zip(gives, outs[1:]):
             env[k] = t
+            self.from_child[id(t)] = k
         return outs[0]
 
     def finish(self, x, env, top=False):

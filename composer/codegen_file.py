@@ -76,7 +76,11 @@ def _model(writer, plan, name) -> str:
              if plan.doc.strip() else f'    """{plan.name}."""', "",
              "    def __init__(self):", "        super().__init__()"]
     ind = "        "
-    tie = "tie_scope" in writer.sources.names
+    tie = "tie_owner" in writer.sources.names
+    if tie:
+        from .layers.core import tie_scope
+
+        writer.sources.need(tie_scope)
     if tie:
         lines.append(ind + "with tie_scope():  # attention tables declared as one are one parameter")
         ind += "    "
@@ -129,3 +133,77 @@ def _rel(path) -> str:
         return "blueprints/" + str(p.resolve().relative_to(Path(BLUEPRINTS_DIR).resolve()))
     except (ValueError, ImportError):
         return p.name
+
+
+def _setting(value) -> str:
+    """A model argument as the blueprint would write it: numbers, strings, lists; a composite or op
+    by its name."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_setting(v) for v in value) + "]"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+    return str(getattr(value, "name", None) or type(value).__name__)
+
+
+def load_source(text: str, name: str = "exported"):
+    """The model class of a generated file, imported in a fresh module namespace (its last class)."""
+    import types
+
+    module = types.ModuleType(f"composer_export_{name}")
+    exec(compile(text, f"<{name}.py>", "exec"), module.__dict__)  # noqa: S102 - the file composer just wrote
+    last = [n.name for n in ast.parse(text).body if isinstance(n, ast.ClassDef)][-1]
+    return getattr(module, last)
+
+
+def export_python(model, path, shape, dynamic: bool, tolerance: float, batch: int):
+    """Write `model` (a built ComposedModel) as a standalone file at `path`, checked before it lands:
+    the file is imported, given the model's state_dict (strict: the same keys) and run on a fixed
+    random input (with `dynamic`, also at another batch and an admitted size); refused when the
+    logits differ by more than `tolerance` relative to max(1, max |logit|)."""
+    from pathlib import Path
+
+    import torch
+
+    from .codegen import generate
+    from .diagnostics import error
+    from .exporter import Exported, flatten, largest_difference
+    from .files import write_atomic
+
+    plan = getattr(model, "plan", None)
+    if plan is None:
+        raise error("usage", "only a model composer built (with its blueprint) can be written as Python")
+    settings = ", ".join(f"{k}={_setting(v)}" for k, v in plan.arguments.items())
+    dyn = bool(getattr(model, "dynamic_img_size", False))
+    text = generate(plan, dynamic_img_size=dyn, settings=f" ({settings})" if settings else "")
+    gen = torch.Generator().manual_seed(0)
+    first = next(model.parameters(), None)
+    like = dict(device=first.device, dtype=first.dtype) if first is not None and first.is_floating_point() else {}
+    checks = [torch.randn(batch, *shape, generator=gen).to(**like)]
+    if dynamic:
+        from .sizes import admits
+
+        other = next((s for d in (32, 16, 8) if admits(plan, s := tuple(n + d for n in shape[1:]), dyn) is None), None)
+        checks.append(torch.randn(batch + 1, shape[0], *(other or shape[1:]), generator=gen).to(**like))
+    result = Exported(Path(path), "python", dynamic=["batch", "every admitted size (grids follow the input)"])
+
+    def write_and_check(tmp):
+        Path(tmp).write_text(text, encoding="utf-8")
+        exported = load_source(Path(tmp).read_text(encoding="utf-8"), plan.name)()
+        try:
+            exported.load_state_dict(model.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise error("export-mismatch", f"not written: the model's state_dict does not match its blueprint's "
+                        f"({str(exc).splitlines()[0]})", None,
+                        "export the model as built (before fuse() or edits), or export its blueprint") from None
+        exported.to(**like).eval()
+        with torch.no_grad():
+            for x in checks:
+                diff = largest_difference(flatten(model(x)), flatten(exported(x)))
+                result.checked.append((tuple(x.shape), diff))
+                if not diff <= tolerance:
+                    raise error("export-mismatch", f"not written: {path} would differ from the built model by "
+                                f"{diff:.3g} at input {'x'.join(map(str, x.shape))} (tolerance {tolerance:g})", None,
+                                "report it with the model's name; a looser --tolerance writes it anyway")
+
+    write_atomic(Path(path), writer=write_and_check)
+    return result

@@ -13,8 +13,8 @@ else of composer a module needs is refused with a located error by the caller.""
 from __future__ import annotations
 
 import ast
-import builtins
 import contextlib
+import functools
 import importlib
 import inspect
 import math
@@ -26,6 +26,25 @@ import torch
 from torch import nn
 
 LAYERS = "composer.layers"
+
+
+@functools.lru_cache(maxsize=None)
+def _source(obj) -> str:
+    """The source of a class, function or module (cached: inspect's class finder parses the module)."""
+    return inspect.getsource(obj)
+
+
+@functools.lru_cache(maxsize=None)
+def _line(obj) -> int:
+    try:
+        return inspect.getsourcelines(obj)[1]
+    except (OSError, TypeError):
+        return 0
+
+
+@functools.lru_cache(maxsize=None)
+def _parse(text: str):
+    return ast.parse(text)
 
 
 def _layer_modules() -> list:
@@ -58,6 +77,7 @@ def recording():
 
 def _classes() -> list:
     """The classes whose construction is recorded: torch's modules and composer's layer classes."""
+    modules = _layer_modules()  # imported first: their classes are nn.Module's subclasses from then on
     out, todo, seen = [], [nn.Module], set()
     while todo:
         cls = todo.pop()
@@ -67,7 +87,7 @@ def _classes() -> list:
         todo += cls.__subclasses__()
         if cls.__module__.startswith(("torch.nn", LAYERS)):
             out.append(cls)
-    for mod in _layer_modules():
+    for mod in modules:
         for value in list(vars(mod).values()):
             if inspect.isclass(value) and value.__module__ == mod.__name__ and not issubclass(value, nn.Module) \
                     and not issubclass(value, BaseException):
@@ -91,6 +111,12 @@ def _copy(value):
     if isinstance(value, dict):
         return {k: _copy(v) for k, v in value.items()}
     return value
+
+
+def _allowed(module: str) -> bool:
+    """torch and the standard library: what a standalone file may import."""
+    top = module.split(".")[0]
+    return top == "torch" or top in sys.stdlib_module_names
 
 
 class Unsupported(Exception):
@@ -124,10 +150,11 @@ class Sources:
         if name and getattr(math, name, None) is obj:
             self.imports["import math"] = None
             return f"math.{name}"
-        if name and mod and getattr(sys.modules.get(mod), name, None) is obj:
+        if name and mod and _allowed(mod) and getattr(sys.modules.get(mod), name, None) is obj:
             self.imports[f"import {mod}"] = None
             return f"{mod}.{name}"
-        raise Unsupported(f"cannot name {obj!r} in Python source")
+        raise Unsupported(f"{mod}.{getattr(obj, '__qualname__', obj)} is neither torch, the standard library nor "
+                          "composer's layer code")
 
     def literal(self, value) -> str:
         if value is None or isinstance(value, (bool, str, int)):
@@ -158,7 +185,7 @@ class Sources:
             name = f"{name}_{obj.__module__.rsplit('.', 1)[-1]}"
         self.objects[id(obj)] = (obj, name, None)
         self.names[name] = obj
-        source = textwrap.dedent(inspect.getsource(obj))
+        source = textwrap.dedent(_source(obj))
         self.objects[id(obj)] = (obj, name, self._rewrite(source, sys.modules[obj.__module__], name, obj.__name__))
         return name
 
@@ -174,20 +201,18 @@ class Sources:
             if any(isinstance(t, ast.Name) and t.id == name for t in targets):
                 self.objects[key] = (None, name, None)
                 self.names.setdefault(name, key)
-                text = ast.get_source_segment(inspect.getsource(module), node)
+                text = ast.get_source_segment(_source(module), node)
                 self.objects[key] = (None, name, self._rewrite(text, module, name, name))
                 return name
         raise Unsupported(f"{module.__name__}.{name} is not a definition the file can copy")
 
     def _tree(self, module):
-        if module.__name__ not in self._module_ast:
-            self._module_ast[module.__name__] = ast.parse(inspect.getsource(module))
-        return self._module_ast[module.__name__]
+        return _parse(_source(module))
 
     def _rewrite(self, source: str, module, own: str, new_own: str) -> str:
         """`source` with every name it reads resolved: layer code included (and renamed where the
         file names it differently), imports of other packages collected, composer imports dropped."""
-        tree = ast.parse(source)
+        tree = _parse(source)
         edits = []  # (line, col, end line, end col, text)
         lines = source.splitlines(keepends=True)
         scope = vars(module)
@@ -204,13 +229,11 @@ class Sources:
                 sub = scope[node.value.id]
                 name = self._bind(node.attr, getattr(sub, node.attr), sub)
                 edits.append((node.lineno, node.col_offset, node.end_lineno, node.end_col_offset, name))
-            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id != own:
-                if node.id in scope:
-                    name = self._bind(node.id, scope[node.id], module)
-                    if name != node.id:
-                        edits.append((node.lineno, node.col_offset, node.end_lineno, node.end_col_offset, name))
-                elif not hasattr(builtins, node.id) and not _is_local(tree, node.id):
-                    pass  # a local name of a function (resolved at run time, as in the original)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and node.id != own \
+                    and node.id in scope:  # else a builtin or a local name of a function
+                name = self._bind(node.id, scope[node.id], module)
+                if name != node.id:
+                    edits.append((node.lineno, node.col_offset, node.end_lineno, node.end_col_offset, name))
         if new_own != own:
             head = tree.body[0]
             edits.append((head.lineno, 0, head.lineno, len(lines[head.lineno - 1].rstrip("\n")),
@@ -230,6 +253,8 @@ class Sources:
         if vmod and vmod.startswith("composer"):
             raise Unsupported(f"layer code reads {vmod}.{local}, which is composer code outside composer.layers")
         if vmod and (inspect.isclass(value) or inspect.isfunction(value) or inspect.isbuiltin(value)):
+            if not _allowed(vmod):
+                raise Unsupported(f"layer code reads {vmod}.{local}, which is neither torch nor the standard library")
             line = self._import_of(module, local)
             if line:
                 self.imports[line] = None
@@ -282,10 +307,7 @@ class Sources:
         obj = self.objects[key][0]
         if obj is None:
             return (key[0], 0)
-        try:
-            return (obj.__module__, inspect.getsourcelines(obj)[1])
-        except (OSError, TypeError):
-            return (obj.__module__, 0)
+        return (obj.__module__, _line(obj))
 
 
 def _absolute(package: str, node: ast.ImportFrom) -> str:
@@ -299,10 +321,6 @@ def _import_line(local: str, module) -> str:
         return f"import {name}"
     parent, _, leaf = name.rpartition(".")
     return f"from {parent} import {leaf}" if leaf == local and parent else f"import {name} as {local}"
-
-
-def _is_local(tree, name) -> bool:
-    return True
 
 
 def _apply(lines: list, edits: list) -> str:
@@ -321,7 +339,7 @@ def _apply(lines: list, edits: list) -> str:
 def _eager_names(text: str) -> set:
     """The names a definition reads when it runs (bases, decorators, class bodies, defaults), not
     inside function bodies."""
-    tree = ast.parse(text)
+    tree = _parse(text)
     names = set()
 
     def walk(node, lazy):

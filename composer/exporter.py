@@ -1,5 +1,6 @@
-"""Export a built model to ONNX (torch.onnx's dynamo exporter, run back with onnxruntime) or to a
-torch.export program (`.pt2`, loaded back with torch.export.load), each checked against the eager
+"""Export a built model to ONNX (torch.onnx's dynamo exporter, run back with onnxruntime), to a
+torch.export program (`.pt2`, loaded back with torch.export.load) or to a standalone PyTorch file
+(`.py`, composer/codegen.py: imported back, given the model's state_dict), each checked against the eager
 model on a fixed random input before it is written: a file whose outputs differ from eager by more
 than the tolerance is refused (a ComposerError, exit 2) and nothing is written. The file is
 written atomically (composer.files), and the check runs on the very file written (its temporary
@@ -22,7 +23,7 @@ import torch
 from .diagnostics import error
 from .files import check_writable, write_atomic
 
-FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "python": ".py"}
 TOLERANCE = 1e-4  # the largest difference, relative to max(1, max |eager output|)
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
 
@@ -58,8 +59,8 @@ def require_onnx() -> None:
 def export(model, to: str, path=None, *, img_size=None, dynamic: bool = False, tolerance: float = TOLERANCE,
            input_size=None, batch: int = 2, build=None, **overrides) -> Exported:
     """Export `model` (a built ComposedModel, or a target composer.build takes: a zoo name,
-    FILE[:MODEL] or a saved folder, with `img_size` and `overrides`) to `to` ("onnx" or "pt2") at
-    `path` (default: MODEL.onnx / MODEL.pt2 here). `input_size` (C, *spatial) for a module without a
+    FILE[:MODEL] or a saved folder, with `img_size` and `overrides`) to `to` ("onnx", "pt2" or
+    "python") at `path` (default: MODEL.onnx / MODEL.pt2 / MODEL.py here). `input_size` (C, *spatial) for a module without a
     blueprint. Refused (ComposerError, nothing written) when the file's outputs differ from eager by
     more than `tolerance` relative to max(1, max |eager|). `build`: composer.build, for a target
     (composer.export passes it; this module does not import the API)."""
@@ -105,6 +106,10 @@ def _example_shape(model, img_size, input_size) -> tuple:
 
 
 def _export(model, to, path, shape, dynamic, tolerance, batch) -> Exported:
+    if to == "python":
+        from .codegen import export_python
+
+        return export_python(model, path, shape, dynamic, tolerance, batch)
     gen = torch.Generator().manual_seed(0)
     first = next(model.parameters(), None)  # the inputs on the model's device, in its dtype
     like = dict(device=first.device, dtype=first.dtype) if first is not None and first.is_floating_point() else {}
