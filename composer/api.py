@@ -182,7 +182,7 @@ def save(model, folder):
 
 
 def export(model, to: str, path=None, **options):
-    """Export a model (built, or a target `build` takes) to "onnx" or "pt2", checked against eager
+    """Export a model (built, or a target `build` takes) to "onnx", "pt2" or "python", checked against eager
     before it is written (composer/exporter.py: img_size, dynamic, tolerance, overrides)."""
     from .exporter import export as export_file
 

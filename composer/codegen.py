@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
 
 from torch import nn
@@ -149,10 +150,15 @@ class Writer:
         body = Body(model, self.signature, live, self.child_reads)
         x = Temp("x")
         env = {"input": x}
+        plan = model.plan
+        size = "x".join(map(str, plan.input.spatial))
         y = body.call_child("self.stem", model.stem, x, env)
+        body.stmts[-1].pieces.append(f"  # {torch_shape(plan.stem.y)} at {size}")
         for i, st in enumerate(model.stages):
             y = body.call_child(f"self.stages[{i}]", st, y, env)
+            body.stmts[-1].pieces.append(f"  # {torch_shape(plan.stages[i].y)}")
         y = body.call_child("self.head", model.head, y, env)
+        body.stmts[-1].pieces.append(f"  # {torch_shape(plan.head.y)}")
         forward, needs, gives = self.function(body, x, y, env, "forward", top=True)
         return Instance(model, "model", "Model", None, forward, [], [])
 
@@ -428,27 +434,36 @@ def _arg_names(cls, args, kwargs) -> dict:
     return {i: n for i, n in enumerate(names[:len(args)]) if n is not None}
 
 
+def torch_shape(shape) -> str:
+    """A plan shape as the tensor's: (B, C, H, W) for a map, (B, N, C) for tokens, (B, C) a vector."""
+    if shape.layout == "vector":
+        return f"(B, {shape.channels})"
+    if shape.layout == "map":
+        return "(B, " + ", ".join(map(str, (shape.channels, *shape.spatial))) + ")"
+    n = shape.extra + math.prod(shape.spatial)
+    if shape.layout == "heads":
+        return f"(B, {shape.heads}, {n}, {shape.channels})"
+    return f"(B, {n}, {shape.channels})"
+
+
 def _camel(name: str) -> str:
     return "".join(w[:1].upper() + w[1:] for w in re.split(r"[^0-9A-Za-z]+", name) if w) or "Block"
 
 
-def export_python(*args, **kwargs):
-    """composer/codegen_file.py's: write and check the file (composer/exporter.py calls it)."""
-    from .codegen_file import export_python as write
-
-    return write(*args, **kwargs)
-
-
-def generate(plan, *, dynamic_img_size: bool = False, settings: str = "") -> str:
+def generate(plan, *, dynamic_img_size: bool = False) -> str:
     """The standalone Python source of the model `plan` describes."""
     from .codegen_file import assemble
 
-    with recording() as records:
-        model = build_module(plan, device="meta", seed=None, dynamic_img_size=dynamic_img_size)
+    for _ in range(2):  # again when the build imported a layer class after recording began
+        with recording() as records:
+            model = build_module(plan, device="meta", seed=None, dynamic_img_size=dynamic_img_size)
+        if all(id(m) in records for m in model.modules() if not isinstance(m, (Sequence, StageModule))
+               and m is not model):
+            break
     try:
         writer = Writer(model, records)
         writer.analyse()
         classes = writer.classes()
-        return assemble(writer, classes, plan, settings)
+        return assemble(writer, classes, plan)
     except Unsupported as exc:
         raise error("export-unsupported", f"cannot write {plan.name} as Python: {exc}", plan.span) from None

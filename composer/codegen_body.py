@@ -216,14 +216,14 @@ class Body:
     def on_ToTokens(self, ins, x, env):
         g, y = self.new("grid"), self.new()
         self.emit([g], g, " = ", x, ".shape[2:]", pure=True)
-        self.emit([y], y, " = ", x, ".flatten(2).transpose(1, 2)", pure=True)
+        self.emit([y], y, " = ", x, ".flatten(2).transpose(1, 2)  # (B, C, *grid) -> (B, N, C)", pure=True)
         env[GRID] = g
         return y
 
     def on_ToMap(self, ins, x, env):
         y = self.new()
         self.emit([y], y, " = ", x, ".transpose(1, 2).reshape(", x, ".shape[0], ", x, ".shape[2], *",
-                  self.get(env, GRID), ")", pure=True)
+                  self.get(env, GRID), ")  # (B, N, C) -> (B, C, *grid)", pure=True)
         return y
 
     def on_MapGrid(self, ins, x, env):

@@ -36,7 +36,9 @@ def attention_mask(q, *terms):
 }
 
 
-def assemble(writer, classes, plan, settings: str) -> str:
+def assemble(writer, classes, plan) -> str:
+    settings = ", ".join(f"{k}={_setting(v)}" for k, v in plan.arguments.items())
+    settings = f", with {settings}" if settings else ""
     model_cls = _camel_model(plan.name, {c.name for c in classes} | set(writer.sources.names))
     model_text = _model(writer, plan, model_cls)
     class_text = "\n\n".join(c.render(writer) for c in classes)
@@ -47,15 +49,18 @@ def assemble(writer, classes, plan, settings: str) -> str:
             imports.append(line)
     imports = sorted(set(imports), key=lambda s: (not s.startswith("import"), s))
     helpers = "".join(HELPERS[h] for h in sorted(writer.helpers))
-    size = "x".join(str(d) for d in (plan.input.channels, *plan.input.spatial))
-    head = (f'"""{plan.name}: a standalone PyTorch model written by composer {VERSION} '
-            f"(`composer export {plan.name} --to python`).\n\n"
-            f"Blueprint: {_rel(plan.file)}, model `{plan.name}`{settings}.\n"
-            f"Input: (B, {', '.join(map(str, (plan.input.channels, *plan.input.spatial)))}) as built "
-            f"({size}); other sizes the blueprint admits run too.\n"
-            f"Parameters: {plan.params:,}. The state_dict keys are those of `composer.build(...)`, so its "
-            "weights load\nwith `model.load_state_dict(state_dict)`. Needs torch only.\n\"\"\"\n\n"
-            "from __future__ import annotations\n\n")
+    import textwrap
+
+    shape = ", ".join(map(str, (plan.input.channels, *plan.input.spatial)))
+    lines = [f"{plan.name}: a standalone PyTorch model, written by composer {VERSION} "
+             f"(`composer export {plan.name} --to python`).", "",
+             *textwrap.wrap(f"Blueprint: {_rel(plan.file)}, model `{plan.name}`{settings}.", 99),
+             *textwrap.wrap(f"Input: (B, {shape}) as built; every other size the blueprint admits runs too "
+                            "(grids follow the input, as in the built model).", 99),
+             *textwrap.wrap(f"Parameters: {plan.params:,}. The state_dict keys are those of the model composer "
+                            "builds, so its weights load with `model.load_state_dict(state_dict)`. It needs "
+                            "torch only.", 99)]
+    head = '"""' + "\n".join(lines) + '\n"""\n\nfrom __future__ import annotations\n\n'
     parts = [head + "\n".join(imports) + "\n"]
     if layers:
         parts.append("# " + "-" * 40 + " layers (composer's layer classes this model uses)\n\n" + layers)
@@ -153,57 +158,3 @@ def load_source(text: str, name: str = "exported"):
     exec(compile(text, f"<{name}.py>", "exec"), module.__dict__)  # noqa: S102 - the file composer just wrote
     last = [n.name for n in ast.parse(text).body if isinstance(n, ast.ClassDef)][-1]
     return getattr(module, last)
-
-
-def export_python(model, path, shape, dynamic: bool, tolerance: float, batch: int):
-    """Write `model` (a built ComposedModel) as a standalone file at `path`, checked before it lands:
-    the file is imported, given the model's state_dict (strict: the same keys) and run on a fixed
-    random input (with `dynamic`, also at another batch and an admitted size); refused when the
-    logits differ by more than `tolerance` relative to max(1, max |logit|)."""
-    from pathlib import Path
-
-    import torch
-
-    from .codegen import generate
-    from .diagnostics import error
-    from .exporter import Exported, flatten, largest_difference
-    from .files import write_atomic
-
-    plan = getattr(model, "plan", None)
-    if plan is None:
-        raise error("usage", "only a model composer built (with its blueprint) can be written as Python")
-    settings = ", ".join(f"{k}={_setting(v)}" for k, v in plan.arguments.items())
-    dyn = bool(getattr(model, "dynamic_img_size", False))
-    text = generate(plan, dynamic_img_size=dyn, settings=f" ({settings})" if settings else "")
-    gen = torch.Generator().manual_seed(0)
-    first = next(model.parameters(), None)
-    like = dict(device=first.device, dtype=first.dtype) if first is not None and first.is_floating_point() else {}
-    checks = [torch.randn(batch, *shape, generator=gen).to(**like)]
-    if dynamic:
-        from .sizes import admits
-
-        other = next((s for d in (32, 16, 8) if admits(plan, s := tuple(n + d for n in shape[1:]), dyn) is None), None)
-        checks.append(torch.randn(batch + 1, shape[0], *(other or shape[1:]), generator=gen).to(**like))
-    result = Exported(Path(path), "python", dynamic=["batch", "every admitted size (grids follow the input)"])
-
-    def write_and_check(tmp):
-        Path(tmp).write_text(text, encoding="utf-8")
-        exported = load_source(Path(tmp).read_text(encoding="utf-8"), plan.name)()
-        try:
-            exported.load_state_dict(model.state_dict(), strict=True)
-        except RuntimeError as exc:
-            raise error("export-mismatch", f"not written: the model's state_dict does not match its blueprint's "
-                        f"({str(exc).splitlines()[0]})", None,
-                        "export the model as built (before fuse() or edits), or export its blueprint") from None
-        exported.to(**like).eval()
-        with torch.no_grad():
-            for x in checks:
-                diff = largest_difference(flatten(model(x)), flatten(exported(x)))
-                result.checked.append((tuple(x.shape), diff))
-                if not diff <= tolerance:
-                    raise error("export-mismatch", f"not written: {path} would differ from the built model by "
-                                f"{diff:.3g} at input {'x'.join(map(str, x.shape))} (tolerance {tolerance:g})", None,
-                                "report it with the model's name; a looser --tolerance writes it anyway")
-
-    write_atomic(Path(path), writer=write_and_check)
-    return result

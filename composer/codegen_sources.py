@@ -15,10 +15,8 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import importlib
 import inspect
 import math
-import pkgutil
 import sys
 import textwrap
 
@@ -48,9 +46,9 @@ def _parse(text: str):
 
 
 def _layer_modules() -> list:
-    import composer.layers as pkg
-
-    return [importlib.import_module(m.name) for m in pkgutil.walk_packages(pkg.__path__, LAYERS + ".")]
+    """The composer.layers modules imported so far (a build imports those it needs: the caller
+    builds again when the first build imported a class after recording began)."""
+    return [m for name, m in list(sys.modules.items()) if name.startswith(LAYERS) and m is not None]
 
 
 @contextlib.contextmanager
@@ -67,7 +65,7 @@ def recording():
     for cls in _classes():
         if "__init__" in vars(cls):
             patched.append((cls, cls.__init__))
-            cls.__init__ = _wrap_init(cls.__init__, remember)
+            cls.__init__ = _wrap_init(cls, cls.__init__, remember)
     try:
         yield records
     finally:
@@ -77,7 +75,7 @@ def recording():
 
 def _classes() -> list:
     """The classes whose construction is recorded: torch's modules and composer's layer classes."""
-    modules = _layer_modules()  # imported first: their classes are nn.Module's subclasses from then on
+    modules = _layer_modules()
     out, todo, seen = [], [nn.Module], set()
     while todo:
         cls = todo.pop()
@@ -95,9 +93,12 @@ def _classes() -> list:
     return out
 
 
-def _wrap_init(init, remember):
+def _wrap_init(cls, init, remember):
     def wrapper(self, *args, **kwargs):
-        remember(self, args, kwargs)
+        # the arguments of the object's own class's constructor (a class imported after recording
+        # began is not wrapped: its object gets no record, and the caller builds again)
+        if next(c for c in type(self).__mro__ if "__init__" in vars(c)) is cls:
+            remember(self, args, kwargs)
         init(self, *args, **kwargs)
 
     return wrapper
@@ -218,7 +219,9 @@ class Sources:
         scope = vars(module)
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.level:  # a function-local import of a sibling
-                target = importlib.import_module(_absolute(module.__name__, node), None)
+                target = sys.modules.get(_absolute(module.__name__, node))
+                if target is None:
+                    raise Unsupported(f"{module.__name__} imports {_absolute(module.__name__, node)}, not loaded")
                 for alias in node.names:
                     value = getattr(target, alias.name)
                     self._bind(alias.asname or alias.name, value, target, edits=None)

@@ -107,9 +107,7 @@ def _example_shape(model, img_size, input_size) -> tuple:
 
 def _export(model, to, path, shape, dynamic, tolerance, batch) -> Exported:
     if to == "python":
-        from .codegen import export_python
-
-        return export_python(model, path, shape, dynamic, tolerance, batch)
+        return _export_python(model, path, shape, dynamic, tolerance, batch)
     gen = torch.Generator().manual_seed(0)
     first = next(model.parameters(), None)  # the inputs on the model's device, in its dtype
     like = dict(device=first.device, dtype=first.dtype) if first is not None and first.is_floating_point() else {}
@@ -149,6 +147,53 @@ def _export(model, to, path, shape, dynamic, tolerance, batch) -> Exported:
                             "report it with the model's name; a looser --tolerance writes it anyway")
 
     write_atomic(path, writer=write_and_check)
+    return result
+
+
+def _export_python(model, path, shape, dynamic: bool, tolerance: float, batch: int):
+    """Write `model` (a built ComposedModel) as a standalone file at `path`, checked before it lands:
+    the file is imported, given the model's state_dict (strict: the same keys) and run on a fixed
+    random input (with `dynamic`, also at another batch and an admitted size); refused when the
+    logits differ by more than `tolerance` relative to max(1, max |logit|)."""
+    from .codegen import generate
+    from .codegen_file import load_source
+
+    plan = getattr(model, "plan", None)
+    if plan is None:
+        raise error("usage", "only a model composer built (with its blueprint) can be written as Python")
+    dyn = bool(getattr(model, "dynamic_img_size", False))
+    text = generate(plan, dynamic_img_size=dyn)
+    gen = torch.Generator().manual_seed(0)
+    first = next(model.parameters(), None)
+    like = dict(device=first.device, dtype=first.dtype) if first is not None and first.is_floating_point() else {}
+    checks = [torch.randn(batch, *shape, generator=gen).to(**like)]
+    if dynamic:
+        from .sizes import admits
+
+        other = next((s for d in (32, 16, 8) if admits(plan, s := tuple(n + d for n in shape[1:]), dyn) is None), None)
+        checks.append(torch.randn(batch + 1, shape[0], *(other or shape[1:]), generator=gen).to(**like))
+    result = Exported(Path(path), "python", dynamic=["batch", "every admitted size (grids follow the input)"])
+
+    def write_and_check(tmp):
+        Path(tmp).write_text(text, encoding="utf-8")
+        exported = load_source(Path(tmp).read_text(encoding="utf-8"), plan.name)()
+        try:
+            exported.load_state_dict(model.state_dict(), strict=True)
+        except RuntimeError as exc:
+            raise error("export-mismatch", f"not written: the model's state_dict does not match its blueprint's "
+                        f"({str(exc).splitlines()[0]})", None,
+                        "export the model as built (before fuse() or edits), or export its blueprint") from None
+        exported.to(**like).eval()
+        with torch.no_grad():
+            for x in checks:
+                diff = largest_difference(flatten(model(x)), flatten(exported(x)))
+                result.checked.append((tuple(x.shape), diff))
+                if not diff <= tolerance:
+                    raise error("export-mismatch", f"not written: {path} would differ from the built model by "
+                                f"{diff:.3g} at input {'x'.join(map(str, x.shape))} (tolerance {tolerance:g})", None,
+                                "report it with the model's name; a looser --tolerance writes it anyway")
+
+    write_atomic(Path(path), writer=write_and_check)
     return result
 
 
