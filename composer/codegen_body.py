@@ -302,9 +302,12 @@ class Body:
 
     def finish(self, x, env, top=False):
         """The function's needs and gives (state keys, in a fixed order), dead values dropped."""
-        defined = {id(t) for s in self.stmts for t in s.defs}
-        gives = [] if top else [k for k in sorted(env, key=_order) if env[k].__class__ is Temp and k in self.live
-                                and id(env[k]) in defined]
+        # a key this function set: to a value of its own, or to one it was given under another key
+        # (a `save` keeps the grid it got: ` grid` -> ` gridNAME`)
+        gives = [] if top else [k for k in sorted(env, key=_order) if k in self.live and env[k] is not self.params.get(k)
+                                and not (env[k].__class__ is Need and env[k].var == k)]
+        for k in gives:
+            self.get(env, k)
         results = [x] + [env[k] for k in gives]
         self.returns = results
         _drop_dead(self.stmts, results)
