@@ -2,7 +2,8 @@
 in a fresh module, given the built model's state_dict (strict: the same keys) and compared with it:
 logits in eval at the built size and at a second admitted size (batch 2), largest difference
 relative to max(1, max |logit|). Optionally (--time) the forward latency of both, side by side in
-one process (1 thread, batch 1, median of interleaved rounds).
+one process (1 thread, batch 1, eval, no_grad; interleaved rounds of a few calls each, the median
+round; CPU time of this process, which a loaded machine disturbs less than wall time).
 
 Run:  python benchmarks/export_python_all.py                 (the whole zoo)
       python benchmarks/export_python_all.py --models resnet18 vit_ti --time
@@ -78,17 +79,20 @@ def check(name: str, timing: bool, rounds: int) -> dict:
             diffs.append(relative(model(x), exported(x)))
     row["sizes"] = ["x".join(map(str, s)) for s in sizes]
     row["diff"] = max(diffs)
-    if timing:
+    if timing:  # interleaved rounds A/B/A/B, each a few calls (at least ~30 ms), the median round
         x = torch.randn(1, plan.input.channels, *plan.input.spatial, generator=gen)
         a, b = [], []
         with torch.no_grad():
+            t = time.process_time()
             for _ in range(2):
                 model(x), exported(x)
+            calls = max(1, int(0.03 / ((time.process_time() - t) / 4)))
             for _ in range(rounds):
                 for fn, acc in ((model, a), (exported, b)):
-                    t = time.perf_counter()
-                    fn(x)
-                    acc.append(time.perf_counter() - t)
+                    t = time.process_time()
+                    for _ in range(calls):
+                        fn(x)
+                    acc.append((time.process_time() - t) / calls)
         row["interp_ms"], row["python_ms"] = statistics.median(a) * 1e3, statistics.median(b) * 1e3
     return row
 

@@ -192,19 +192,23 @@ class Writer:
     def call(self, obj, cls, args, kwargs) -> list:
         kwargs = dict(kwargs)
         names = _arg_names(cls, args, kwargs)
-        args = list(args)
-        if isinstance(getattr(obj, "inplace", None), bool) and "inplace" in names.values():
-            if "inplace" in names.values() and list(names.values()).index("inplace") < len(args):
-                args[list(names.values()).index("inplace")] = obj.inplace
-            elif obj.inplace or "inplace" in kwargs:
-                kwargs["inplace"] = obj.inplace
-        elif isinstance(getattr(obj, "inplace", None), bool) and obj.inplace and "inplace" in _params(cls):
-            kwargs["inplace"] = True
-        out = [self.sources.ref(cls), "("]
         defaults = _defaults(cls)
+        args = list(args)
+        # the builder decides in-place activations after construction (builder.Sequence._mark)
+        if isinstance(getattr(obj, "inplace", None), bool) and "inplace" in names.values():
+            args[list(names.values()).index("inplace")] = obj.inplace
+        elif isinstance(getattr(obj, "inplace", None), bool) and (obj.inplace or "inplace" in kwargs) \
+                and "inplace" in _params(cls):
+            kwargs["inplace"] = obj.inplace
+        cut = len(args)
+        while cut > 1 and names.get(cut - 1) in defaults and _same(defaults[names[cut - 1]], args[cut - 1]):
+            cut -= 1
+        out = [self.sources.ref(cls), "("]
         items = []
         for i, a in enumerate(args):
             name = names.get(i)
+            if i >= cut:
+                continue  # trailing arguments at their defaults (`nn.BatchNorm2d(64, 1e-05, 0.1)`)
             if i < 2 or name is None:
                 items.append((None, a, name or f"arg{i}"))
             else:
