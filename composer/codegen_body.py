@@ -368,8 +368,13 @@ def name_temps(params: list, stmts: list, results: list) -> None:
         t.name = name
         holders[name] = t
 
-    for t in params:
-        give(t, -1)
+    for t in params:  # distinct, whether or not they are read
+        name, n = t.pref, 1
+        while name in holders:
+            n += 1
+            name = f"{t.pref}{n}"
+        t.name = name
+        holders[name] = t
     for i, s in enumerate(stmts):
         for new, old in s.ties:
             new.name = old.name

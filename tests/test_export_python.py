@@ -142,3 +142,15 @@ def test_a_module_the_file_cannot_write_is_a_located_error(monkeypatch):
         generate(composer.load("vit_ti", img_size=32))
     message = str(info.value)
     assert "vit.arch:" in message and "cannot write vit_ti as Python" in message and "Foreign" in message
+
+
+def test_dynamic_img_size_follows_the_input_grid():
+    """A ViT built with dynamic_img_size resamples its position table to the grid it gets: the file
+    does too (checked at a size other than the built one)."""
+    model = composer.build("vit_ti", img_size=32, num_classes=5, depth=1, dynamic_img_size=True).eval()
+    exported = load_source(generate(model.plan, dynamic_img_size=True), "vit_dyn")().eval()
+    exported.load_state_dict(model.state_dict(), strict=True)
+    x = torch.randn(1, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = model(x), exported(x)
+    assert (want - got).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
