@@ -111,7 +111,8 @@ def main() -> int:
         try:
             row = check(name, args.time, args.rounds)
         except Exception as exc:  # noqa: BLE001 - one model's failure is reported, the run goes on
-            failed.append((name, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"))
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failed.append((name, f"{type(exc).__name__}: {first}"))
             print(f"FAIL {name}: {failed[-1][1]}", flush=True)
             if len(names) <= 3:
                 traceback.print_exc()

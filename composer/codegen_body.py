@@ -292,7 +292,8 @@ class Body:
         outs = [self.new()] + [self.new(short_name(k)) for k in gives]
         if loop:  # `for block in self.blocks:` with the same variables in and out
             ties = [(outs[0], x)] + [(outs[1 + gives.index(k)], self.get(env, k)) for k in needs if k in gives]
-            self.emit(outs, f"for block in {loop}:\n            ", *_commas(outs), " = block(", x, *args, ")", ties=ties)
+            self.emit(outs, f"for block in {loop}:\n            ", *_commas(outs), " = block(", x, *args, ")",
+                      ties=ties)
         else:
             self.emit(outs, *_commas(outs), f" = {ref}(", x, *args, ")")
         for k, t in zip(gives, outs[1:]):
@@ -304,7 +305,8 @@ class Body:
         """The function's needs and gives (state keys, in a fixed order), dead values dropped."""
         # a key this function set: to a value of its own, or to one it was given under another key
         # (a `save` keeps the grid it got: ` grid` -> ` gridNAME`)
-        gives = [] if top else [k for k in sorted(env, key=_order) if k in self.live and env[k] is not self.params.get(k)
+        gives = [] if top else [k for k in sorted(env, key=_order)
+                                if k in self.live and env[k] is not self.params.get(k)
                                 and not (env[k].__class__ is Need and env[k].var == k)]
         for k in gives:
             self.get(env, k)

@@ -77,8 +77,8 @@ def _model(writer, plan, name) -> str:
     model = writer.model
     info = writer.infos
     lines = [f"class {name}(nn.Module):",
-             f'    """{plan.name} ({plan.doc.strip().splitlines()[0] if plan.doc.strip() else "from its blueprint"})."""'
-             if plan.doc.strip() else f'    """{plan.name}."""', "",
+             f'    """{plan.name} ({plan.doc.strip().splitlines()[0]})."""' if plan.doc.strip()
+             else f'    """{plan.name}."""', "",
              "    def __init__(self):", "        super().__init__()"]
     ind = "        "
     tie = "tie_owner" in writer.sources.names

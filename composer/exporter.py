@@ -60,7 +60,8 @@ def export(model, to: str, path=None, *, img_size=None, dynamic: bool = False, t
            input_size=None, batch: int = 2, build=None, **overrides) -> Exported:
     """Export `model` (a built ComposedModel, or a target composer.build takes: a zoo name,
     FILE[:MODEL] or a saved folder, with `img_size` and `overrides`) to `to` ("onnx", "pt2" or
-    "python") at `path` (default: MODEL.onnx / MODEL.pt2 / MODEL.py here). `input_size` (C, *spatial) for a module without a
+    "python") at `path` (default: MODEL.onnx / MODEL.pt2 / MODEL.py here). `input_size` (C, *spatial)
+    for a module without a
     blueprint. Refused (ComposerError, nothing written) when the file's outputs differ from eager by
     more than `tolerance` relative to max(1, max |eager|). `build`: composer.build, for a target
     (composer.export passes it; this module does not import the API)."""
