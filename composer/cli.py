@@ -1,4 +1,4 @@
-"""The command line: check, build, info, port, list, diff, graph, show, export, fmt, convert. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
+"""The command line: check, build, info, port, list, diff, graph, show, export, fmt, convert, lsp. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
 
 from __future__ import annotations
 
@@ -341,6 +341,12 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def cmd_lsp(args) -> int:
+    from .lsp import serve  # pygls only here: a missing pygls is a user error naming the extra
+
+    return serve()
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="composer", description="Declarative architecture composer for deep-learning backbones.",
                 epilog="exit status: 0 ok, 1 differs, 2 user error, 3 internal error")
@@ -481,6 +487,10 @@ def make_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=["yaml", "arch"], required=True)
     cv.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
     cv.set_defaults(func=cmd_convert)
+    lp = sub.add_parser("lsp", help="run the language server for .arch files on stdin/stdout (no torch)",
+                        description="A Language Server (LSP, over stdio) for editors: diagnostics, hovers with "
+                        "shapes, completion, definitions, symbols. Needs the extra `lsp` (pygls).")
+    lp.set_defaults(func=cmd_lsp)
     for command in sub.choices.values():  # `composer check x.arch --debug` as well as `composer --debug check ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show Python tracebacks for internal errors")

@@ -141,6 +141,12 @@ def _unit(file: ast.File, imported: list) -> Unit:
     return Unit(file, names, models=models, homes=homes)
 
 
+def make_unit(file: ast.File, imported: list) -> Unit:
+    """The unit of a file parsed from text that is not on disk (an editor's unsaved buffer, the
+    language server's) over the units of its imports: what `load` makes of a file it reads."""
+    return _unit(file, imported)
+
+
 MAX_IMPORT_PATH = 256
 
 

@@ -152,6 +152,7 @@ class Section:
     y: Shape
     drop_path: float = 0.0
     call: str = ""
+    span: Span | None = None  # a stage block's: where it is written (its `repeat` or `block`)
 
     @property
     def params(self) -> int:
