@@ -67,6 +67,9 @@ class Checker:
     def __init__(self):
         self.buffers: dict[str, str] = {}  # resolved path -> text of an open document
         self._units: dict[str, tuple] = {}  # resolved path -> (text, imported units, unit) of a buffer
+        # resolved path -> (imported units, composites, {model: (its chain, plan or None, problems)}) of
+        # the last check: a model whose definitions are all equal (spans included) is not planned again
+        self._models: dict[str, tuple] = {}
 
     def open(self, path: str, text: str) -> None:
         self.buffers[str(Path(path).resolve())] = _newlines(text)
@@ -75,6 +78,7 @@ class Checker:
         key = str(Path(path).resolve())
         self.buffers.pop(key, None)
         self._units.pop(key, None)
+        self._models.pop(key, None)
 
     def check(self, path: str, text: str) -> Analysis:
         """Check `text` as the contents of file `path` (an absolute path)."""
@@ -82,15 +86,12 @@ class Checker:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ComposerWarning)
             try:
-                self._check(out)
+                self._check(out, caught)
             except ComposerError as exc:
                 out.problems += self._place(exc.diagnostics, out, None)
             except RecursionError:  # hostile nesting the parser's limits missed: one problem, never a crash
                 out.problems.append(Problem(0, 0, 0, 0, "the file nests too deeply to check"))
-        for w in caught:
-            diag = getattr(w.message, "diagnostic", None)
-            if isinstance(w.message, ComposerWarning) and diag is not None:
-                out.problems += self._place([diag], out, None, WARNING)
+            out.problems += self._warnings(caught, out)
         seen, unique = set(), []
         for p in out.problems:  # an error inside a composite that several models use: once
             if p not in seen:
@@ -99,7 +100,17 @@ class Checker:
         out.problems = unique
         return out
 
-    def _check(self, out: Analysis) -> None:
+    def _warnings(self, caught: list, out: Analysis) -> list:
+        """The located ComposerWarnings among `caught`, as warning problems; `caught` is emptied."""
+        found = []
+        for w in caught:
+            diag = getattr(w.message, "diagnostic", None)
+            if isinstance(w.message, ComposerWarning) and diag is not None:
+                found += self._place([diag], out, None, WARNING)
+        del caught[:]
+        return found
+
+    def _check(self, out: Analysis, caught: list) -> None:
         out.file = parse_blueprint(out.text, out.path)
         key = str(Path(out.path).resolve())
         imported, failed = [], False
@@ -112,11 +123,29 @@ class Checker:
         if failed:  # the definitions an import would give are missing: checking the models only cascades
             return
         out.unit = make_unit(out.file, imported)
+        prev = self._models.get(key)
+        same = prev is not None and len(prev[0]) == len(imported) and all(a is b for a, b in zip(prev[0], imported)) \
+            and prev[1] == out.file.composites
+        done = {}
+        out.problems += self._warnings(caught, out)  # so that those caught below are the model's
         for m in out.file.models:
-            try:
-                out.plans[m.name] = plan(resolve_model(out.unit, m.name))
-            except ComposerError as exc:
-                out.problems += self._place(exc.diagnostics, out, m.span)
+            chain = _chain(out.unit, m)
+            old = prev[2].get(m.name) if same else None
+            if old is not None and chain is not None and old[0] == chain:
+                _, found, problems = old  # nothing it is made of changed
+            else:
+                found = None
+                try:
+                    found = plan(resolve_model(out.unit, m.name))
+                    problems = []
+                except ComposerError as exc:
+                    problems = self._place(exc.diagnostics, out, m.span)
+                problems += self._warnings(caught, out)
+            done[m.name] = (chain, found, problems)
+            out.problems += problems
+            if found is not None:
+                out.plans[m.name] = found
+        self._models[key] = (tuple(imported), list(out.file.composites), done)
 
     def _import(self, imp: ast.Import, here: Path, stack: tuple) -> Unit:
         """The unit an import gives: an open buffer's (its text), else the file's on disk."""
@@ -172,6 +201,18 @@ class Checker:
                 line, col = int(m.group(2)), int(m.group(3))
                 return Span(path, line, col, line, col)
         return None
+
+
+def _chain(unit: Unit, model: ast.ModelDef) -> tuple | None:
+    """The definitions a model is made of: itself and its bases (as resolve_model finds them), or
+    None when the chain is broken (an unknown base, a cycle: never reused)."""
+    chain, cur = [], model
+    while cur is not None and cur.base is not None:
+        chain.append(cur)
+        cur = unit.homes.get(id(cur), unit.models).get(cur.base)
+        if any(c is cur for c in chain):
+            return None
+    return tuple(chain + [cur]) if cur is not None else None
 
 
 def _newlines(text: str) -> str:

@@ -40,3 +40,23 @@ def test_load_without_torch():
               "assert 'torch' not in sys.modules or sys.modules['torch'] is None")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "26341656"
+
+
+# check-path modules that are imported on their own (not through the CLI's check): each must work
+# with torch made unimportable
+CHECK_PATH_MODULES = ["composer.lsp", "composer.lsp_check", "composer.lsp_facts", "composer.lsp_complete"]
+
+
+def test_check_path_modules_without_torch():
+    code = ("import importlib\n"
+            f"for m in {CHECK_PATH_MODULES!r}: importlib.import_module(m)\n"
+            "from composer.lsp import make_server\n"
+            "from composer.lsp_check import Checker\n"
+            "from composer.lsp_facts import hover\n"
+            "from composer.lsp_complete import complete\n"
+            "make_server()\n"
+            "a = Checker().check('/tmp/t.arch', 'model t { input image(3, 8); stem { conv(4, 3) } }')\n"
+            "print(a.problems, hover(a, 0, 44), len(complete(a.text, 0, 37, a.path, a.unit)) > 100)\n")
+    out = run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("[] **output** `(4, 8x8)`") and out.stdout.strip().endswith("True")
