@@ -53,7 +53,8 @@ def make_server():
         return codec.range_to_client_units(lines, T.Range(start=T.Position(line=r[0], character=r[1]),
                                                           end=T.Position(line=r[2], character=r[3])))
 
-    def analyse(uri: str) -> None:
+    def analyse(uri: str, dependents: bool = True) -> None:
+        """Check a document and publish its diagnostics; then the open documents importing it."""
         doc = server.workspace.get_text_document(uri)
         path, text = path_of(uri), doc.source
         checker.open(path, text)
@@ -71,6 +72,10 @@ def make_server():
             T.Diagnostic(range=to_range(lines, (p.line, p.character, p.end_line, p.end_character)), message=p.message,
                          severity=severity[p.severity], code=p.code or None, source="composer")
             for p in a.problems]))
+        if dependents:
+            for other, b in list(last.items()):
+                if other != uri and path in b.imports:
+                    analyse(other, dependents=False)
 
     def position(uri: str, pos) -> tuple[Analysis | None, int, int]:
         a = last.get(uri)

@@ -9,6 +9,7 @@ check FILE` does, so each model that fails gives its own problem."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class Analysis:
     unit: Unit | None = None
     problems: list = field(default_factory=list)
     plans: dict = field(default_factory=dict)  # model name -> Plan, in the file's order
+    imports: list = field(default_factory=list)  # the resolved paths of the files it imports
 
 
 def span_range(span: Span) -> tuple[int, int, int, int]:
@@ -100,13 +102,13 @@ class Checker:
         out.problems = unique
         return out
 
-    def _warnings(self, caught: list, out: Analysis) -> list:
+    def _warnings(self, caught: list, out: Analysis, fallback: Span | None = None) -> list:
         """The located ComposerWarnings among `caught`, as warning problems; `caught` is emptied."""
         found = []
         for w in caught:
             diag = getattr(w.message, "diagnostic", None)
             if isinstance(w.message, ComposerWarning) and diag is not None:
-                found += self._place([diag], out, None, WARNING)
+                found += self._place([diag], out, fallback, WARNING)
         del caught[:]
         return found
 
@@ -116,6 +118,8 @@ class Checker:
         imported, failed = [], False
         for imp in out.file.imports:
             try:
+                with contextlib.suppress(ComposerError):
+                    out.imports.append(str(find_import(imp, Path(out.path).parent).resolve()))
                 imported.append(self._import(imp, Path(out.path).parent, (key,)))
             except ComposerError as exc:
                 failed = True
@@ -140,7 +144,7 @@ class Checker:
                     problems = []
                 except ComposerError as exc:
                     problems = self._place(exc.diagnostics, out, m.span)
-                problems += self._warnings(caught, out)
+                problems += self._warnings(caught, out, m.span)
             done[m.name] = (chain, found, problems)
             out.problems += problems
             if found is not None:

@@ -57,7 +57,7 @@ def names(unit) -> list[Item]:
 def _op_item(name: str) -> Item:
     cls = OPS[name]
     params = ", ".join(k for k, f in cls.model_fields.items() if f.is_required())
-    return Item(name, cls.kind if cls.kind != "op" else "op", f"{cls.kind} {name}({params})", op_doc(name))
+    return Item(name, cls.kind, f"{cls.kind} {name}({params})", op_doc(name))
 
 
 def parameters(callee: str, unit) -> list[Item]:

@@ -131,11 +131,10 @@ def hover(analysis: Analysis, line: int, character: int, unit=None) -> str | Non
     parts = []
     word = word_at(analysis.text, line, character)
     file = analysis.file
-    header = None
-    if file is not None:
-        for m in file.models:
-            if name_range(analysis.text, m.span, m.name)[:2] == (line, word[1] if word else -1):
-                header = m
+    header = None  # the model whose name (in `model NAME`) is under the position
+    if file is not None and word is not None:
+        header = next((m for m in file.models if m.name == word[0]
+                       and name_range(analysis.text, m.span, m.name)[:2] == (line, word[1])), None)
     if header is not None and header.name in analysis.plans:
         parts.append(model_summary(analysis.plans[header.name]))
     elif file is not None and analysis.plans:
@@ -260,7 +259,7 @@ def _op_listing() -> dict:
 
 def op_doc(name: str) -> str:
     o = _op_listing()[name]
-    head = f"**{name}** ({o['kind'] if o['kind'] != 'op' else 'op'}, {o['category']}, layout {o['layout']})"
+    head = f"**{name}** ({o['kind']}, {o['category']}, layout {o['layout']})"
     rows = [head, "", o["doc"]]
     if o["params"]:
         rows.append("")

@@ -32,6 +32,8 @@ TINY = """model tiny {
 }
 """
 BROKEN = TINY.replace("stride = 2", "strid = 2")
+USER = ('import "parts"\nmodel u {\n    input image(3, 8)\n    stem { conv(4, 3); widen(6) }\n'
+        '    head { global_pool("avg"); classifier(2) }\n}\n')
 
 
 def _lsp_session(tmp_path: Path) -> dict:
@@ -65,6 +67,14 @@ def _lsp_session(tmp_path: Path) -> dict:
                 T.HoverParams(doc, T.Position(line=3, character=len("        conv(8, 3, str")))), STEP)
             got["completion"] = await asyncio.wait_for(client.text_document_completion_async(
                 T.CompletionParams(doc, T.Position(line=4, character=len("        re")))), STEP)
+            # user.arch imports parts.arch, whose file on disk lacks `widen`; opening parts.arch with
+            # it in the editor re-checks user.arch against the open text
+            (tmp_path / "parts.arch").write_text("# nothing yet\n")
+            for name, text in (("user.arch", USER), ("parts.arch", "block widen(n) { conv(n, 1) }\n")):
+                client.text_document_did_open(T.DidOpenTextDocumentParams(T.TextDocumentItem(
+                    uri=(tmp_path / name).as_uri(), language_id="arch", version=1, text=text)))
+            for key in ("user", "parts", "user again"):
+                got[key] = await asyncio.wait_for(diagnostics.get(), STEP)
             await asyncio.wait_for(client.shutdown_async(None), STEP)
             client.exit(None)
             await asyncio.wait_for(client.stop(), STEP)
@@ -94,6 +104,9 @@ def test_server_over_stdio(tmp_path):
     assert "`(8, 16x16)`" in text and "216 params" in text and "55.30 K" in text
     labels = {i.label for i in got["completion"].items}
     assert {"conv", "linear", "relu", "attention"} <= labels
+    assert got["user"].uri.endswith("user.arch") and [d.code for d in got["user"].diagnostics] == ["unknown-op"]
+    assert got["parts"].uri.endswith("parts.arch") and not got["parts"].diagnostics
+    assert got["user again"].uri.endswith("user.arch") and not got["user again"].diagnostics
 
 
 def test_missing_pygls_is_a_user_error(monkeypatch, capsys):
@@ -142,8 +155,7 @@ def test_several_errors_and_the_unsaved_text(tmp_path):
 def test_imports_come_from_open_buffers(tmp_path):
     (tmp_path / "parts.arch").write_text("# nothing yet\n")
     user = tmp_path / "user.arch"
-    text = ('import "parts"\nmodel u {\n    input image(3, 8)\n    stem { conv(4, 3); widen(6) }\n'
-            '    head { global_pool("avg"); classifier(2) }\n}\n')
+    text = USER
     checker = Checker()
     (p,) = checker.check(str(user), text).problems  # `widen` is not defined on disk
     start = text.split("\n")[3].index("widen")
@@ -183,6 +195,9 @@ def test_hover_in_a_composite_lists_each_model(tmp_path):
     text = hover(a, 5, TWO.split("\n")[5].index("repeat") + 1)
     assert "**a**" in text and "**b**" in text and "stages.0.blocks.1" in text
     assert "`(8, 4x4)` → `(8, 4x4)`" in text and "`(8, 8x8)` → `(8, 8x8)`" in text
+    # a model's name: its input and output (a classifier of 10: a vector of 10)
+    text = hover(a, 2, len("model a"))
+    assert "**model a**" in text and "`(3, 16x16)` → `(10)`" in text
     # an op's and a composite's documentation
     assert "Convolution over the spatial dims" in hover(a, 4, TWO.split("\n")[4].index("conv") + 1)
     doc = hover(a, 5, TWO.split("\n")[5].index("pooling") + 2)
