@@ -246,7 +246,8 @@ def name_doc(word: str, unit) -> str | None:
         return composite_doc(unit.names.composites[word])
     if unit is not None and word in unit.models:
         m = unit.models[word]
-        return f"**model {m.name}**{_signature(m.params)}" + (f" : {m.base}" if m.base else "") + f"  \n{_where(m.span)}"
+        base = f" : {m.base}" if m.base else ""
+        return f"**model {m.name}**{_signature(m.params)}{base}  \n{_where(m.span)}"
     return None
 
 
@@ -279,7 +280,8 @@ def composite_doc(c: ast.CompositeDef) -> str:
 
 
 def _signature(params) -> str:
-    return "(" + ", ".join(p.name + (f" = {source_of(p.default)}" if p.default is not None else "") for p in params) + ")"
+    return "(" + ", ".join(p.name + (f" = {source_of(p.default)}" if p.default is not None else "")
+                           for p in params) + ")"
 
 
 def _where(span: Span) -> str:
