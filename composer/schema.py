@@ -22,6 +22,8 @@ from typing import Any
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
 _NAME_PATTERN = "^[A-Za-z_][A-Za-z0-9_]*$"
+# keys whose strings are expressions (besides a Value's and a statement's strings)
+_EXPRESSION_KEYS = ("value", "stem", "head", "downsample", "after", "branches")
 
 # The keys' descriptions (docs/yaml.md), by (definition, key); "" is the file's top level.
 DESCRIPTIONS = {
@@ -96,21 +98,21 @@ def json_schema() -> dict:
     for name, text in DEFINITION_DESCRIPTIONS.items():
         defs[name]["description"] = text
     defs["expression"] = _expression()
-    # expression strings: a statement, a section, a branch, a value, a binding's value
+    # expression strings: a value, a statement, a section, a parallel branch, a binding's value
     _point_strings(defs["Value"], "anyOf")
     _point_strings(defs["statement"], "anyOf")
     for d in defs.values():
         for key, prop in d.get("properties", {}).items():
-            if key in ("value",) or (key in ("stem", "head", "downsample", "after", "branches") and isinstance(prop, dict)):
+            if key in _EXPRESSION_KEYS:
                 _point_strings(prop.get("items", prop), "anyOf")
                 if prop.get("type") == "string":
-                    prop.pop("type")
+                    del prop["type"]
                     prop["$ref"] = "#/definitions/expression"
     defs.update(_op_definitions())
     # an empty document is an empty blueprint: null
     return {"$schema": DRAFT, "title": "composer YAML blueprint",
-            "description": "A composer blueprint in YAML (docs/yaml.md); every string value is an expression of "
-                           "the .arch language.",
+            "description": "A composer blueprint in YAML (docs/yaml.md). Strings are expressions of the .arch "
+                           "language, except doc, imports, reference, paper and names.",
             "type": ["object", "null"], **{k: v for k, v in root.items() if k != "type"}, "definitions": defs}
 
 

@@ -117,6 +117,22 @@ def test_the_entry_point_names_the_lexer():
     assert ArchLexer.aliases == ["arch"] and any(fnmatch.fnmatch("swin.arch", p) for p in ArchLexer.filenames)
 
 
+def test_pygments_finds_the_lexer_through_the_entry_point(tmp_path, monkeypatch):
+    """pyproject's entry point, installed as pip would write it (a dist-info folder on the path):
+    Pygments' own look-ups find the lexer by name and by file name."""
+    tomllib = pytest.importorskip("tomllib")
+    from pygments.lexers import get_lexer_by_name, get_lexer_for_filename
+
+    points = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["pygments.lexers"]
+    info = tmp_path / "arch_composer_probe-0.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: arch-composer-probe\nVersion: 0.0\n")
+    (info / "entry_points.txt").write_text("[pygments.lexers]\n" + "".join(f"{k} = {v}\n" for k, v in points.items()))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert isinstance(get_lexer_by_name("arch"), ArchLexer)
+    assert isinstance(get_lexer_for_filename("swin.arch"), ArchLexer)
+
+
 def test_pygments_finds_the_lexer_when_installed():
     from importlib.metadata import entry_points
 
