@@ -341,6 +341,20 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args) -> int:
+    """`composer schema [-o FILE]`: the JSON Schema of the YAML form (no torch)."""
+    from .files import write_atomic
+    from .schema import render
+
+    text = render()
+    if args.output:
+        write_atomic(Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="composer", description="Declarative architecture composer for deep-learning backbones.",
                 epilog="exit status: 0 ok, 1 differs, 2 user error, 3 internal error")
@@ -481,6 +495,13 @@ def make_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=["yaml", "arch"], required=True)
     cv.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
     cv.set_defaults(func=cmd_convert)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of the YAML form, for YAML editors (no torch)",
+                        description="Print (or write) the JSON Schema (draft 7) of YAML blueprints: the keys of "
+                        "every mapping and the op names with their parameters, for the YAML extensions of "
+                        "VS Code and Neovim (docs/yaml.md). No torch.")
+    sc.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
+    sc.set_defaults(func=cmd_schema)
     for command in sub.choices.values():  # `composer check x.arch --debug` as well as `composer --debug check ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show Python tracebacks for internal errors")

@@ -40,3 +40,14 @@ def test_load_without_torch():
               "assert 'torch' not in sys.modules or sys.modules['torch'] is None")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "26341656"
+
+
+def test_schema_and_highlight_without_torch():
+    """`composer schema` (composer/schema.py) and the Pygments lexer (composer/highlight.py)."""
+    out = run("from composer.cli import main; sys.exit(main(['schema']))")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["definitions"]["op.conv"]["required"] == ["out"]
+    out = run("import composer.highlight, composer.schema; composer.schema.json_schema(); "
+              "print(sys.modules.get('torch'))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
