@@ -7,6 +7,7 @@ from pathlib import Path
 from . import resolve as _resolve
 from .diagnostics import did_you_mean, error
 from .expr import Schedule, from_python
+from .head_edits import with_head_edits
 from .lower import plan
 from .plan import Plan
 from .locate import BLUEPRINTS_DIR
@@ -71,8 +72,8 @@ def load(target: str, **overrides) -> Plan:
     if _saved_folder(target):  # a folder composer.save wrote: its blueprint and overrides
         from .saved import saved_target
 
-        target, saved = saved_target(target)
-        return load(target, **{**saved, **overrides})
+        target, saved, edits = saved_target(target)
+        return with_head_edits(load(target, **{**saved, **overrides}), edits)
     path, name = resolve_target(target)
     unit = _resolve.load(path)
     if name is None:

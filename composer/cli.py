@@ -341,6 +341,20 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args) -> int:
+    """`composer schema [-o FILE]`: the JSON Schema of the YAML form (no torch)."""
+    from .files import write_atomic
+    from .schema import render
+
+    text = render()
+    if args.output:
+        write_atomic(Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
 def cmd_lsp(args) -> int:
     from .lsp import serve  # pygls only here: a missing pygls is a user error naming the extra
 
@@ -487,6 +501,13 @@ def make_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=["yaml", "arch"], required=True)
     cv.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
     cv.set_defaults(func=cmd_convert)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of the YAML form, for YAML editors (no torch)",
+                        description="Print (or write) the JSON Schema (draft 7) of YAML blueprints: the keys of "
+                        "every mapping and the op names with their parameters, for the YAML extensions of "
+                        "VS Code and Neovim (docs/yaml.md). No torch.")
+    sc.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
+    sc.set_defaults(func=cmd_schema)
     lp = sub.add_parser("lsp", help="run the language server for .arch files on stdin/stdout (no torch)",
                         description="A Language Server (LSP, over stdio) for editors: diagnostics, hovers with "
                         "shapes, completion, definitions, symbols. Needs the extra `lsp` (pygls).")

@@ -198,6 +198,7 @@ class Plan:
     span: Span | None = None
     saved: dict = field(default_factory=dict)  # tensor name -> its Shape, of every `save` (and "input")
     preprocess: dict = field(default_factory=dict)  # mean, std, crop_pct, interpolation the blueprint gives
+    head_edits: dict = field(default_factory=dict)  # timm's drop_rate / global_pool applied (head_edits.py)
     # the resolved model lowered into this plan, kept only to plan it again at another input size
     # (composer.sizes); consumers read the plan's own fields
     source: object = field(default=None, repr=False, compare=False)

@@ -42,6 +42,17 @@ def test_load_without_torch():
     assert out.stdout.strip() == "26341656"
 
 
+def test_schema_and_highlight_without_torch():
+    """`composer schema` (composer/schema.py) and the Pygments lexer (composer/highlight.py)."""
+    out = run("from composer.cli import main; sys.exit(main(['schema']))")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["definitions"]["op.conv"]["required"] == ["out"]
+    out = run("import composer.highlight, composer.schema; composer.schema.json_schema(); "
+              "print(sys.modules.get('torch'))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+
+
 # check-path modules that are imported on their own (not through the CLI's check): each must work
 # with torch made unimportable
 CHECK_PATH_MODULES = ["composer.lsp", "composer.lsp_check", "composer.lsp_facts", "composer.lsp_complete"]
