@@ -271,14 +271,14 @@ class _Flow:
                 self.steps(s.shortcut)
                 short_end, self.last = self.last, start
                 self.steps(s.body)
-                self.node(_merge_node(s, "add"), [self.last, short_end], kind="merge", merge="add", y=s.y)
+                self.node(merge_node(s, "add"), [self.last, short_end], kind="merge", merge="add", y=s.y)
             elif cls is ParallelStep:
                 start, ends = self.last, []
                 for b in s.branches:
                     self.last = start
                     self.steps(b)
                     ends.append(self.last)
-                self.node(_merge_node(s, s.merge), ends, kind="merge", merge=s.merge, y=s.y)
+                self.node(merge_node(s, s.merge), ends, kind="merge", merge=s.merge, y=s.y)
             elif cls is SaveStep:
                 self.saved[s.tensor] = self.last
             elif cls is LoadStep:
@@ -286,8 +286,10 @@ class _Flow:
             elif cls is ReuseStep:
                 # the target's steps form a graph of their own, left out; their saves still count
                 _Flow(type(self.g)(), self.saved).steps(s.reused)
-                self.node(_merge_node(s, "reuse"), [self.last], kind="reuse", op=f"reuse {s.target}", x=s.x, y=s.y)
+                self.node(merge_node(s, "reuse"), [self.last], kind="reuse", op=f"reuse {s.target}", x=s.x, y=s.y)
 
 
-def _merge_node(step: Step, what: str) -> str:
+def merge_node(step: Step, what: str) -> str:
+    """The name of the graph node a residual's add, a parallel's merge or a reuse makes: unique, as
+    a residual shares its path with its block (`PATH.WHAT@LINE:COL`)."""
     return f"{step.path}.{what}@{step.span.line}:{step.span.column}"

@@ -101,7 +101,9 @@ def _key(step) -> bool:
     """Ops worth naming in a composite's summary (not norms, activations, pointwise layers)."""
     op = step.op
     if op.category == "conv":
-        return _big(op.kernel) or _big(getattr(op, "stride", 1))
+        stride = getattr(op, "stride", 1)
+        kernel = getattr(op, "kernel", None)  # conv_transpose's kernel defaults to its stride
+        return _big(stride if kernel is None else kernel) or _big(stride)
     return op.category not in TRIVIAL
 
 
