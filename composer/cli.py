@@ -268,12 +268,26 @@ def cmd_graph(args) -> int:
 
     out = Path(args.output)
     fmt = out.suffix.lower()
+    if args.format:
+        if fmt in FORMATS and fmt != "." + args.format:
+            raise error("usage", f"'{args.output}' names a {fmt[1:]} file, not {args.format}", None,
+                        f"name the output OUT.{args.format}, or leave --format out")
+        fmt = "." + args.format
     if fmt not in FORMATS:
         raise error("usage", f"cannot tell the format of '{args.output}' from its suffix '{out.suffix}'", None,
-                    "name the output OUT.svg, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html")
+                    "name the output OUT.svg, OUT.pdf, OUT.png, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html, "
+                    "or give --format")
+    if fmt in (".pdf", ".png"):
+        from .render_picture import check_available
+
+        check_available()
     check_writable(out)
     plan = api.load(args.target, **_overrides(args))
-    write_atomic(out, render(plan, fmt, expand=getattr(args, "expand", False)))
+    drawing = render(plan, fmt, expand=args.expand, opened=args.open or (), direction=args.direction)
+    if callable(drawing):
+        write_atomic(out, writer=drawing)
+    else:
+        write_atomic(out, drawing)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -453,13 +467,22 @@ def make_parser() -> argparse.ArgumentParser:
     target_opts(d)
     d.set_defaults(func=cmd_diff)
 
-    g = sub.add_parser("graph", help="draw the model as a block diagram (.svg, .dot, .mmd or .html)",
+    g = sub.add_parser("graph", help="draw the model as a block diagram (.svg, .pdf, .png, .dot, .mmd or .html)",
                        description="Draw a block diagram: stem, stages as groups, repeated blocks collapsed "
-                       "(6 x metaformer(...)), branches and merges, tensor shapes on edges. The format follows "
-                       "the output's suffix. SVG and HTML need no system program. No torch.")
+                       "(6 x metaformer(...)), branches and merges, tensor shapes on edges; every label whole. "
+                       "The format follows the output's suffix (or --format). SVG and HTML need no system program; "
+                       "PDF and PNG need matplotlib (pip install \"arch-composer[pictures]\"). No torch.")
     g.add_argument("target", metavar="TARGET")
-    g.add_argument("-o", "--output", metavar="OUT", required=True, help="OUT.svg, OUT.dot, OUT.mmd or OUT.html")
+    g.add_argument("-o", "--output", metavar="OUT", required=True,
+                   help="OUT.svg, OUT.pdf, OUT.png, OUT.dot, OUT.mmd or OUT.html")
+    g.add_argument("--format", choices=["svg", "pdf", "png", "dot", "mmd", "html"],
+                   help="the format, when the output's suffix does not say it")
+    g.add_argument("--direction", choices=["TB", "LR"], default="TB",
+                   help="the flow top to bottom (TB, the default) or left to right (LR)")
     g.add_argument("--expand", action="store_true", help="draw every block instead of collapsing repeats")
+    g.add_argument("--open", action="append", metavar="NAME",
+                   help="draw this stage, block or composite with its inside (its plan path: stages.2, "
+                   "stages.2.blocks.0, stages.2.blocks.0.mlp); repeatable")
     target_opts(g)
     g.set_defaults(func=cmd_graph)
 

@@ -80,8 +80,11 @@ MERGE_SYMBOL = {"add": "+", "mul": "×", "sub": "−", "mean": "mean", "concat":
 
 
 class _Builder:
-    def __init__(self, plan, expand: bool):
+    def __init__(self, plan, expand: bool, opened=()):
         self.plan, self.expand = plan, expand
+        self.open_named = set(opened)  # stages, blocks, parts and composites to draw with their inside
+        # ... and every block and composite they are in
+        self.opened = {p[:i] for p in self.open_named for i in range(len(p) + 1) if i == len(p) or p[i] == "."}
         self.nodes: dict[str, Node] = {}
         self.edges: list[Edge] = []
         self.cur: str | None = None
@@ -196,7 +199,8 @@ class _Builder:
                 out.append(n)
             elif s.kind == "seq":
                 drawable = [b for b in s.body if b.kind not in ("convert", "save", "load")]
-                if self.expand and depth < 2 and (len(drawable) > 1 or drawable and drawable[0].kind != "op"):
+                if s.path in self.opened or \
+                        self.expand and depth < 2 and (len(drawable) > 1 or drawable and drawable[0].kind != "op"):
                     body = self.grouped(f"g_{s.path}", lambda s=s: self.seq(s.body, depth + 1))
                     name = s.call or s.name
                     title = name if s.name in (name, "") else f"{s.name}: {name}"
@@ -261,7 +265,7 @@ class _Builder:
     def part(self, sec, name: str) -> list:
         """A stage's downsample or norm: drawn as its ops when short, else as one box."""
         drawable = [s for s in sec.steps if s.kind not in ("convert", "save", "load")]
-        if self.expand or len(drawable) <= 1:
+        if self.expand or len(drawable) <= 1 or sec.path in self.opened:
             return self.seq(sec.steps).items
         tip = f"{sec.path}\n{fmt_count(sec.params)} params, {fmt_count(sec.macs)} MACs"
         return [self.boxed(sec.steps, summary(name, sec.steps), category(sec.steps), tip=tip, y=sec.y, paths=sec.path)]
@@ -273,26 +277,18 @@ class _Builder:
         items = []
         if st.downsample is not None and not st.downsample_last:
             items += self.part(st.downsample, "downsample")
-        if self.expand:
-            for k, b in enumerate(st.blocks):
+        whole = self.expand or f"stages.{st.index}" in self.open_named
+        todo: list = []  # blocks drawn collapsed, in runs
+        for k, b in enumerate(st.blocks):
+            if whole or b.path in self.opened:
+                items += self.collapsed(todo)
+                todo = []
                 sub = f"drop path {b.drop_path:.3f}" if b.drop_path else ""
                 body = self.grouped(f"g_{b.path}", lambda b=b: self.seq(b.steps))
                 items.append(Group(f"g_{b.path}", "block", f"block {k}: {b.call}", sub, body))
-        else:
-            for group, note in runs(st.blocks):
-                b = group[0]
-                label = summary(b.call, b.steps)
-                if len(group) > 1:
-                    label = f"{len(group)} x {label}"
-                params = sum(g.params for g in group)
-                macs = sum(g.macs for g in group)
-                tip = (f"{b.path}" + (f" .. {group[-1].path}" if len(group) > 1 else "")
-                       + f"\n{fmt_count(params)} params, {fmt_count(macs)} MACs")
-                rates = [g.drop_path for g in group]
-                if max(rates) > 0:
-                    tip += f"\ndrop path {min(rates):.3f} .. {max(rates):.3f}"
-                items.append(self.boxed(b.steps, label, category(b.steps), note, "block", tip, len(group),
-                                        y=group[-1].y, paths=" ".join(g.path for g in group)))
+            else:
+                todo.append(b)
+        items += self.collapsed(todo)
         if st.downsample is not None and st.downsample_last:
             items += self.part(st.downsample, "downsample")
         if st.norm is not None:
@@ -303,6 +299,25 @@ class _Builder:
         sub = (f"{n} block{'s' if n != 1 else ''} · out {fmt_shape(st.y)}\n{fmt_count(params)} params · "
                f"{fmt_count(macs)} MACs")
         return Group(f"g_stages.{st.index}", "stage", f"stages.{st.index}", sub, Column(items))
+
+    def collapsed(self, blocks) -> list:
+        """Blocks as boxes, a run of one structure as one box (`6 x metaformer(...)`)."""
+        items = []
+        for group, note in runs(blocks):
+            b = group[0]
+            label = summary(b.call, b.steps)
+            if len(group) > 1:
+                label = f"{len(group)} x {label}"
+            params = sum(g.params for g in group)
+            macs = sum(g.macs for g in group)
+            tip = (f"{b.path}" + (f" .. {group[-1].path}" if len(group) > 1 else "")
+                   + f"\n{fmt_count(params)} params, {fmt_count(macs)} MACs")
+            rates = [g.drop_path for g in group]
+            if max(rates) > 0:
+                tip += f"\ndrop path {min(rates):.3f} .. {max(rates):.3f}"
+            items.append(self.boxed(b.steps, label, category(b.steps), note, "block", tip, len(group),
+                                    y=group[-1].y, paths=" ".join(g.path for g in group)))
+        return items
 
     def build(self) -> Diagram:
         p = self.plan
@@ -349,5 +364,33 @@ def _trace(steps, origin, local: dict, inputs: list, saves: list):
     return origin
 
 
-def diagram(plan, expand: bool = False) -> Diagram:
-    return _Builder(plan, expand).build()
+def diagram(plan, expand: bool = False, opened=()) -> Diagram:
+    """The diagram tree of `plan`: repeated blocks collapsed unless `expand`; `opened` names
+    stages, blocks, stage parts and composites (plan paths) drawn with their inside."""
+    return _Builder(plan, expand, opened).build()
+
+
+def openable(plan) -> dict[str, str]:
+    """The names `diagram(opened=...)` takes, each with the openable name it is in ("" for none):
+    stages, their blocks, downsample and norm, and every composite instance (by its plan path)."""
+    out: dict[str, str] = {}
+
+    def seqs(steps, parent: str) -> None:
+        for s in steps:
+            inner = parent
+            if s.kind == "seq" and s.path not in out:
+                out[s.path] = parent
+                inner = s.path
+            for sub in s.children():
+                seqs(sub, inner)
+
+    seqs(plan.stem.steps, "")
+    for st in plan.stages:
+        name = f"stages.{st.index}"
+        out[name] = ""
+        for sec in (st.downsample, *st.blocks, st.norm):
+            if sec is not None:
+                out.setdefault(sec.path, name)
+                seqs(sec.steps, sec.path)
+    seqs(plan.head.steps, "")
+    return out

@@ -146,7 +146,7 @@ def test_html_page(tmp_path):
 
 
 def test_unknown_suffix_and_no_partial_file(tmp_path, capsys):
-    out = tmp_path / "model.png"
+    out = tmp_path / "model.jpg"
     assert main(["graph", "swin_t", "-o", str(out)]) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()
     # a failing model leaves an existing file untouched and no temporary file behind
