@@ -264,27 +264,15 @@ def cmd_diff(args) -> int:
 def cmd_graph(args) -> int:
     from . import api
     from .files import check_writable, write_atomic
-    from .render import FORMATS, render
+    from .render import output_format, render
 
+    fmt = output_format(args.output, getattr(args, "format", None))
     out = Path(args.output)
-    fmt = out.suffix.lower()
-    if args.format:
-        if fmt in FORMATS and fmt != "." + args.format:
-            raise error("usage", f"'{args.output}' names a {fmt[1:]} file, not {args.format}", None,
-                        f"name the output OUT.{args.format}, or leave --format out")
-        fmt = "." + args.format
-    if fmt not in FORMATS:
-        raise error("usage", f"cannot tell the format of '{args.output}' from its suffix '{out.suffix}'", None,
-                    "name the output OUT.svg, OUT.pdf, OUT.png, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html, "
-                    "or give --format")
-    if fmt in (".pdf", ".png"):
-        from .render_picture import check_available
-
-        check_available()
     check_writable(out)
     plan = api.load(args.target, **_overrides(args))
-    drawing = render(plan, fmt, expand=args.expand, opened=args.open or (), direction=args.direction)
-    if callable(drawing):
+    drawing = render(plan, fmt, expand=getattr(args, "expand", False), opened=getattr(args, "open", None) or (),
+                     direction=getattr(args, "direction", "TB"))
+    if callable(drawing):  # PDF, PNG: written by matplotlib into the temporary file
         write_atomic(out, writer=drawing)
     else:
         write_atomic(out, drawing)

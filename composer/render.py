@@ -14,9 +14,33 @@ from where they were saved. Pure Python: no torch.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .diagnostics import did_you_mean, error
 
 FORMATS = (".svg", ".pdf", ".png", ".dot", ".mmd", ".html")
+
+
+def output_format(output: str, given: str | None = None) -> str:
+    """The format of the file `output` (".svg", ...): `given` (without the dot) or its suffix. A
+    usage error when neither says it or they disagree, or when a PDF or PNG is asked for and
+    matplotlib is missing (before any work)."""
+    suffix = Path(output).suffix.lower()
+    fmt = suffix
+    if given:
+        if suffix in FORMATS and suffix != "." + given:
+            raise error("usage", f"'{output}' names a {suffix[1:]} file, not {given}", None,
+                        f"name the output OUT.{given}, or leave --format out")
+        fmt = "." + given
+    if fmt not in FORMATS:
+        raise error("usage", f"cannot tell the format of '{output}' from its suffix '{Path(output).suffix}'", None,
+                    "name the output OUT.svg, OUT.pdf, OUT.png, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html, "
+                    "or give --format")
+    if fmt in (".pdf", ".png"):
+        from .render_picture import check_available
+
+        check_available()
+    return fmt
 
 
 def check_open(plan, names) -> None:
