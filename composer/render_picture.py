@@ -17,6 +17,7 @@ from .diagnostics import error
 
 PICTURES = (".pdf", ".png")
 PNG_SCALE = 2  # PNG pixels per SVG pixel: sharp on a page or a slide
+PNG_MAX = 32_000  # pixels along a side at most (Agg's limit is 2^16): a huge drawing gets a smaller scale
 _NS = "{http://www.w3.org/2000/svg}"
 _ANCHOR = {"start": "left", "middle": "center", "end": "right"}
 _MARKERS = {"url(#arrow)": "#4b5563", "url(#arrow-named)": "#7c3aed"}  # render_svg's <defs>
@@ -52,7 +53,8 @@ def write_picture(svg: str, path, fmt: str) -> None:
         ax.set_axis_off()
         _Painter(ax).draw(root)
         kind = fmt.lstrip(".")
-        options = {"metadata": {"CreationDate": None}} if kind == "pdf" else {"dpi": 72 * PNG_SCALE}
+        scale = min(PNG_SCALE, PNG_MAX / max(width, height))
+        options = {"metadata": {"CreationDate": None}} if kind == "pdf" else {"dpi": 72 * scale}
         fig.savefig(path, format=kind, **options)
 
 

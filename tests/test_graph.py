@@ -64,9 +64,12 @@ def wrong_edges(plan, svg: str) -> list:
     got = {e for e in edges if e[1] != out}
     into_output = [e[0] for e in edges if e[1] == out]
     sinks = {box_of(n) for n in g.nodes if g.out_degree(n) == 0}
-    bad = [("missing", e) for e in sorted(want - got)] + [("extra", e) for e in sorted(got - want)]
+    def say(e):  # an edge by the first step each end names
+        return " -> ".join(steps[b][0] if b in steps else str(b) for b in e)
+
+    bad = [("missing", say(e)) for e in sorted(want - got)] + [("extra", say(e)) for e in sorted(got - want)]
     if len(into_output) != 1 or into_output[0] not in sinks:
-        bad.append(("output from", into_output))
+        bad.append(("output from", [say((b,)) for b in into_output]))
     return bad
 
 
