@@ -94,14 +94,16 @@ def cmd_check(args) -> int:
             if name is SAVED:
                 plan = api.load(str(path), **_overrides(args))
                 if not args.quiet:
-                    print(f"ok  {path} (saved {plan.name})  {plan.params:,} params  {plan.macs / 1e9:.2f} GMACs")
+                    params, macs = plan.cost()
+                    print(f"ok  {path} (saved {plan.name})  {params:,} params  {macs / 1e9:.2f} GMACs")
                 continue
             unit = load(path)
             names = [name] if name else [m.name for m in unit.file.models]
             for n in names:
                 plan = api.load(f"{path}:{n}", **_overrides(args))
                 if not args.quiet:
-                    print(f"ok  {path}:{n}  {plan.params:,} params  {plan.macs / 1e9:.2f} GMACs")
+                    params, macs = plan.cost()
+                    print(f"ok  {path}:{n}  {params:,} params  {macs / 1e9:.2f} GMACs")
             if not names and not args.quiet:
                 print(f"ok  {path}  ({len(unit.file.composites)} definitions)")
         except ComposerError as exc:

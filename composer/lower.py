@@ -79,7 +79,7 @@ class _Lowering:
                    preprocess=dict(m.preprocess))
         if self.reuses:
             _check_reuses(out, self.reuses)
-        for what, count in (("parameters", out.params), ("MACs", out.macs)):  # a summary prints them as floats
+        for what, count in zip(("parameters", "MACs"), out.cost()):  # a summary prints them as floats
             if count > MAX_NUMBER:
                 size = f"10**{int(count.bit_length() * 0.30103)}" if isinstance(count, int) else f"{count:.3g}"
                 raise error("too-large", f"too large: the model has about {size} {what}",

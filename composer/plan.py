@@ -38,19 +38,54 @@ class Step:
             for s in steps:
                 yield from s.walk()
 
+    def cost(self) -> tuple[int, int]:
+        """(parameters, MACs) of this step and every step nested in it, in one pass."""
+        return steps_cost([self])
+
     def own_params(self) -> int:
         return 0
 
     def own_macs(self) -> int:
         return 0
 
+    def own_cost(self) -> tuple[int, int]:
+        return self.own_params(), self.own_macs()
+
     @property
     def params(self) -> int:
-        return sum(s.own_params() for s in self.walk())
+        return self.cost()[0]
 
     @property
     def macs(self) -> int:
-        return sum(s.own_macs() for s in self.walk())
+        return self.cost()[1]
+
+
+def steps_cost(steps: list) -> tuple[int, int]:
+    """(parameters, MACs) of `steps` and everything nested in them (`own_params`, `own_macs`): per
+    step the sum over `walk()` in its order, then the sum of those, as `sum(s.params for s in steps)`."""
+    params = macs = 0
+    for top in steps:
+        p = m = 0
+        todo = [top]
+        while todo:
+            s = todo.pop()
+            sp, sm = s.own_cost()
+            p += sp
+            m += sm
+            kids = s.children()
+            if kids:  # pushed last to first: popped in walk() order
+                for nested in reversed(kids):
+                    todo += reversed(nested)
+        params += p
+        macs += m
+    return params, macs
+
+
+# OpStep keeps its op's counts beside its fields (`_counts`, valid while op, x and y are the
+# same objects): a replayed block's steps are copies carrying them, and a plan's counts are read
+# more than once (the size check of lowering, then the caller). COUNTS_KEPT = False computes every
+# count afresh (tests/test_speed_invariants.py: the same counts).
+COUNTS_KEPT = True
 
 
 @dataclass
@@ -64,10 +99,25 @@ class OpStep(Step):
     kind: ClassVar[str] = "op"
 
     def own_params(self) -> int:
-        return self.op.params(self.x, self.y) - self.tied
+        return self.op_counts()[0] - self.tied
 
     def own_macs(self) -> int:
-        return self.op.macs(self.x, self.y) * self.batch
+        return self.op_counts()[1] * self.batch
+
+    def own_cost(self) -> tuple[int, int]:
+        params, macs = self.op_counts()
+        return params - self.tied, macs * self.batch
+
+    def op_counts(self) -> tuple[int, int]:
+        """(op.params(x, y), op.macs(x, y)), kept with the step while its op and shapes stay."""
+        op, x, y = self.op, self.x, self.y
+        kept = self.__dict__.get("_counts")
+        if kept is not None and kept[0] is op and kept[1] is x and kept[2] is y:
+            return kept[3], kept[4]
+        params, macs = op.params(x, y), op.macs(x, y)
+        if COUNTS_KEPT:
+            self.__dict__["_counts"] = (op, x, y, params, macs)
+        return params, macs
 
 
 @dataclass
@@ -154,13 +204,17 @@ class Section:
     call: str = ""
     span: Span | None = None  # a stage block's: where it is written (its `repeat` or `block`)
 
+    def cost(self) -> tuple[int, int]:
+        """(parameters, MACs) of the section, in one pass."""
+        return steps_cost(self.steps)
+
     @property
     def params(self) -> int:
-        return sum(s.params for s in self.steps)
+        return self.cost()[0]
 
     @property
     def macs(self) -> int:
-        return sum(s.macs for s in self.steps)
+        return self.cost()[1]
 
 
 @dataclass
@@ -236,13 +290,22 @@ class Plan:
                 yield st.norm
         yield self.head
 
+    def cost(self) -> tuple[int, int]:
+        """(parameters, MACs) of the whole model, in one pass."""
+        params = macs = 0
+        for sec in self.sections:
+            p, m = steps_cost(sec.steps)
+            params += p
+            macs += m
+        return params, macs
+
     @property
     def params(self) -> int:
-        return sum(s.params for s in self.sections)
+        return self.cost()[0]
 
     @property
     def macs(self) -> int:
-        return sum(s.macs for s in self.sections)
+        return self.cost()[1]
 
 
 class _Flow:

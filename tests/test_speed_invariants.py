@@ -23,6 +23,7 @@ import composer.lalr as LALR
 import composer.loader as Loader
 import composer.lower as Lower
 import composer.parse as P
+import composer.plan as Plan
 import composer.resolve as R
 import composer.speed as S
 from composer.diagnostics import ComposerError
@@ -59,7 +60,8 @@ def _steps(steps) -> list:
 def _plan_facts(plan, model) -> tuple:
     sections = [(s.path, s.x, s.y, s.drop_path, s.call, _steps(s.steps)) for s in plan.sections]
     g = plan.graph
-    return (repr(model), plan.params, plan.macs, sections, list(g.nodes(data=True)), list(g.edges), plan.saved)
+    costs = [s.cost() for s in plan.sections]  # kept counts of op steps (plan.COUNTS_KEPT) or fresh ones
+    return (repr(model), plan.params, plan.macs, costs, sections, list(g.nodes(data=True)), list(g.edges), plan.saved)
 
 
 def _resolved_and_plan(path, name):
@@ -91,6 +93,7 @@ def test_zoo_same_with_and_without_shortcuts(monkeypatch):
     monkeypatch.setattr(LALR, "FAST", False)  # Lark's own LALR loop
     monkeypatch.setattr(S, "_freeze_args", no_key)  # every composite instance expanded afresh
     monkeypatch.setattr(S, "_signature", lambda items: None)  # every block lowered afresh
+    monkeypatch.setattr(Plan, "COUNTS_KEPT", False)  # every op's parameters and MACs counted afresh
     plain = _zoo_facts()
     Loader._CACHE.clear()
     assert len(fast) == len(plain) > 100
