@@ -205,23 +205,27 @@ def cmd_port(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """The summary from the plan alone (no torch); `--build` counts the parameters of a model built
+    on the meta device instead (imports torch; the zoo's tests prove both counts equal)."""
     from . import api
-
-    plan = api.load(args.target, **_overrides(args))
-    from .analyse import counted_params, render
-    from .builder import build_module
-
+    from .analyse import render
+    from .memory import estimate
     from .sizes import rule_texts
 
-    from .memory import estimate
+    plan = api.load(args.target, **_overrides(args))
+    counted = None
+    if args.build:
+        from .analyse import counted_params
+        from .builder import build_module
 
-    model = build_module(plan, seed=None, device="meta")
-    print(render(plan, counted_params(model)))
+        counted = counted_params(build_module(plan, seed=None, device="meta"))
+    print(render(plan, counted))
     print(estimate(plan).render())
     plain, dynamic = rule_texts(plan)
     print(f"input sizes: {plain} (built at {'x'.join(map(str, plan.input.spatial))}"
           + (f"; with dynamic_img_size: {dynamic})" if dynamic != plain else ")"))
-    print("(built on the meta device: no weights allocated)")
+    print("(built on the meta device: no weights allocated)" if args.build else
+          "(counted from the plan: no model built; --build counts on a model built on the meta device)")
     return EXIT_OK
 
 
@@ -405,11 +409,14 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
     b.set_defaults(func=cmd_build)
 
-    i = sub.add_parser("info", help="the build summary on the meta device (no weights allocated)",
-                       description="Print the per-stage summary of a model built on the meta device: "
-                       "nothing is allocated, so any size works.")
+    i = sub.add_parser("info", help="the per-stage summary, memory estimate and input sizes (no torch)",
+                       description="Print the per-stage summary of a model (parameters and MACs from the plan, "
+                       "without torch: nothing is built or allocated, so any size works), the memory a build "
+                       "needs and the input sizes it admits.")
     i.add_argument("target", metavar="TARGET")
     target_opts(i)
+    i.add_argument("--build", action="store_true",
+                   help="count the parameters of the model built on the meta device (imports torch; slower)")
     i.set_defaults(func=cmd_info)
 
     po = sub.add_parser("port", help="convert a reference (timm) checkpoint into this model's weights",

@@ -1,4 +1,4 @@
-"""The check path (check, list, load) works with torch made unimportable."""
+"""The check path (check, list, load, info, diff, graph) works with torch made unimportable."""
 
 import json
 import subprocess
@@ -71,3 +71,17 @@ def test_check_path_modules_without_torch():
     out = run(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("[] **output** `(4, 8x8)`") and out.stdout.strip().endswith("True")
+
+
+def test_info_diff_graph_without_torch(tmp_path):
+    """`info` (unless --build), `diff` and `graph` read the plan only: torch is never imported."""
+    cases = [(["info", "swin_t"], 0), (["diff", "swin_t", "swin_s"], 1),
+             (["graph", "resnet18", "-o", str(tmp_path / "r.svg")], 0)]
+    for argv, status in cases:
+        out = run(f"from composer.cli import main; rc = main({argv!r}); "
+                  "assert 'torch' not in sys.modules or sys.modules['torch'] is None; sys.exit(rc)")
+        assert out.returncode == status, (argv, out.stderr)
+    out = run("from composer.cli import main; sys.exit(main(['info', 'swin_t']))")
+    assert "parameters: 28,288,354" in out.stdout and "counted from the plan" in out.stdout
+    out = run("from composer.cli import main; sys.exit(main(['info', 'swin_t', '--build']))")
+    assert out.returncode != 0  # a build needs torch
