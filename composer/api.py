@@ -10,6 +10,7 @@ from .expr import Schedule, from_python
 from .head_edits import with_head_edits
 from .lower import plan
 from .plan import Plan
+from .loader import zoo_file_of
 from .locate import BLUEPRINTS_DIR
 
 BUILD_KEYS = ("num_classes", "img_size", "in_chans")
@@ -45,6 +46,19 @@ def zoo_index() -> dict[str, Path]:
     return index
 
 
+def zoo_home(name: str) -> Path | None:
+    """The zoo file defining model `name`, without parsing the whole zoo as `zoo_index` does: the
+    file whose text declares it (`loader.zoo_file_of`), confirmed by parsing that file alone; None
+    when not found so (then `zoo_index` decides). tests/test_api.py: the same file as `zoo_index`
+    gives, for every zoo model."""
+    if not name.isidentifier():
+        return None
+    home = zoo_file_of(name)
+    if home is None or not any(m.name == name for m in _resolve.load(home).file.models):
+        return None
+    return home
+
+
 def resolve_target(target: str) -> tuple[Path, str | None]:
     """`file.arch[:model]`, or a zoo model name -> (file, model name or None)."""
     path, _, model = target.partition(":") if not Path(target).exists() else (target, "", "")
@@ -52,6 +66,9 @@ def resolve_target(target: str) -> tuple[Path, str | None]:
         if not Path(path).is_file():
             raise error("io", f"cannot read {path}: not a regular file" if Path(path).exists() else f"no such file: {path}")
         return Path(path), model or None
+    home = zoo_home(target)
+    if home is not None:
+        return home, target
     index = zoo_index()
     if target not in index:
         raise error("unknown-model", f"no zoo model '{target}'", None,
