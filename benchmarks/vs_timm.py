@@ -328,6 +328,10 @@ def main(argv=None) -> None:
     ap.add_argument("--optimize", action="store_true",
                     help="the optimised model (model.optimize()) vs timm's (and timm's reparameterize_model copy) "
                     "over the parity rows; prints a table (benchmarks/vs_timm_optimize.py)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="with --optimize: time calls by the thread's CPU time (a loaded machine), not the wall clock")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="with --optimize: model.optimize(channels_last=True)")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.build_rounds = args.build_rounds or (1 if args.quick else 3)

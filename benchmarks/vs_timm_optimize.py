@@ -10,7 +10,13 @@ at the reference resolution; warm-up, then interleaved rounds (the order rotates
 median round per variant. Ratios: optimised / timm's best form (the re-parameterised copy where
 there is one, else the model), optimised / plain timm, optimised / composer as built.
 
-Run:  python benchmarks/vs_timm.py --optimize [--models resnet50 ...] [--rounds 7]
+On a loaded machine, `--cpu-time` times each call by the CPU time of the calling thread
+(`time.thread_time`; with `--threads 1`, torch runs every op on it) instead of the wall clock:
+time spent waiting for a core other processes hold is then left out.
+
+`--channels-last` times `model.optimize(channels_last=True)` (timm's models as they are).
+
+Run:  python benchmarks/vs_timm.py --optimize [--models resnet50 ...] [--rounds 7] [--cpu-time] [--channels-last]
 Prints the per-model lines, the summary and a markdown table (for docs/benchmarks.md).
 """
 
@@ -40,17 +46,17 @@ def _timm_reparameterized(model):
     return reparameterize_model(copy.deepcopy(model)).eval()
 
 
-def _rotating(fns: list, rounds: int, calls: int) -> list[float]:
+def _rotating(fns: list, rounds: int, calls: int, clock=time.perf_counter) -> list[float]:
     """Median over `rounds` of the mean time of `calls` calls of each function; the order rotates
     every round, so none always runs right after another."""
     times = [[] for _ in fns]
     for r in range(rounds):
         for k in range(len(fns)):
             i = (k + r) % len(fns)
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(calls):
                 fns[i]()
-            times[i].append((time.perf_counter() - t0) / calls)
+            times[i].append((clock() - t0) / calls)
     return [statistics.median(t) for t in times]
 
 
@@ -58,7 +64,7 @@ def bench(name: str, ref: str, args, create, port) -> dict:
     theirs = create().eval()
     ours = composer.build(name).eval()
     port(ours, theirs.state_dict())
-    opt = copy.deepcopy(ours).optimize()
+    opt = copy.deepcopy(ours).optimize(channels_last=args.channels_last)
     rep = _timm_reparameterized(theirs)
     variants = {"built": ours, "optimized": opt, "timm": theirs}
     if rep is not None:
@@ -70,7 +76,7 @@ def bench(name: str, ref: str, args, create, port) -> dict:
         with torch.no_grad():
             if batch == 1:
                 want = theirs(x)
-                row["diff"] = ((opt(x) - want).abs().max() / want.abs().max()).item()
+                row["diff"] = ((opt(x) - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
             for _ in range(args.warmup):
                 for m in variants.values():
                     m(x)
@@ -78,7 +84,8 @@ def bench(name: str, ref: str, args, create, port) -> dict:
             theirs(x)
             calls = max(1, min(20, int(0.25 / max(time.perf_counter() - t0, 1e-6))))
             fns = [(lambda m=m: m(x)) for m in variants.values()]
-            for key, t in zip(variants, _rotating(fns, args.rounds, calls)):
+            clock = time.thread_time if args.cpu_time else time.perf_counter
+            for key, t in zip(variants, _rotating(fns, args.rounds, calls, clock)):
                 row[f"{key}{batch}"] = t
         best = row.get(f"timm_rep{batch}", row[f"timm{batch}"])
         row[f"best{batch}"] = row[f"optimized{batch}"] / best

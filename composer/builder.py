@@ -282,7 +282,7 @@ class StageModule(nn.Module):
 class ComposedModel(TimmApi, nn.Module):
     """A model built from a blueprint, with timm's backbone API (composer/timm_api.py)."""
 
-    inference_only = False  # True after `optimize()`: batch norms folded, dropout gone, `train()` refused
+    inference_only = False  # True after `optimize()`
 
     def __init__(self, plan: Plan, features_only: bool = False, out_indices=None, dynamic_img_size: bool = False):
         super().__init__()
@@ -359,20 +359,18 @@ class ComposedModel(TimmApi, nn.Module):
         self._link_shared()
         return self
 
-    def optimize(self) -> "ComposedModel":
-        """Switch to the inference form in place (composer/optimize.py): eval mode, `fuse()`, every
-        batch norm and layer scale folded into its conv or linear, dropout and identities removed.
-        The logits equal the eval-mode model's; the state_dict has other keys (load weights before
-        optimizing), and `train()` is refused from then on. Returns the model."""
-        optimize_model(self)
-        self._link_shared()
-        self.inference_only = True
-        return self
+    def optimize(self, channels_last: bool = False) -> "ComposedModel":
+        """The inference form, in place (composer/optimize.py: the same eval-mode logits, other
+        state_dict keys, `train()` refused); `channels_last`: conv weights (and so the maps) too."""
+        if not self.inference_only:
+            optimize_model(self)
+            self._link_shared()
+            self.inference_only = True
+        return self.to(memory_format=torch.channels_last) if channels_last else self
 
     def train(self, mode: bool = True) -> "ComposedModel":
         if mode and self.inference_only:
-            raise error("usage", f"{self.plan.name} was optimized for inference (batch norms folded into convs, "
-                        "dropout removed): it cannot be trained", None,
+            raise error("usage", f"{self.plan.name} was optimized for inference: it cannot be trained", None,
                         "train a model built without optimize=True, then call model.optimize()")
         return super().train(mode)
 
@@ -380,8 +378,7 @@ class ComposedModel(TimmApi, nn.Module):
         """timm's: new classifiers for `num_classes`; `global_pool` (avg, max, token) also sets the
         pooling mode of the head's `global_pool` ops (None: as they are)."""
         if self.inference_only:
-            raise error("usage", "reset_classifier on an optimized model", None,
-                        "reset the classifier first, then call model.optimize()")
+            raise error("usage", "reset_classifier on an optimized model", None, "reset first, then optimize()")
         if not hasattr(self, "head"):
             raise error("value", "this model has no head to reset (it was built with features_only)")
         if global_pool is not None:
