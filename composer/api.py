@@ -162,13 +162,16 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit int
 
 
 def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,
-          dynamic_img_size: bool = False, max_memory=None, **overrides):
+          dynamic_img_size: bool = False, max_memory=None, optimize: bool = False, **overrides):
     """Build a model as a plain `nn.Module` (timm-style API). The model runs at every input size its
     architecture admits (`composer info` states them) and refuses others with
     `composer.InputSizeError`; `dynamic_img_size=True` resamples absolute position embeddings to
     the grid it gets, as timm's option of that name does. `max_memory` (bytes, or a size such as
     "8G"; default: 80% of the available memory): a model whose parameters, buffers and largest
-    activation at batch 1 need more is refused (a ComposerError) before anything is allocated."""
+    activation at batch 1 need more is refused (a ComposerError) before anything is allocated.
+    `optimize=True`: the inference form, `model.optimize()` (batch norms and layer scales folded
+    into their convs and linears, re-parameterised branches fused, dropout removed; eval mode, and
+    `train()` is refused)."""
     from .builder import build_module
 
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
@@ -176,10 +179,12 @@ def build(target: str, *, features_only: bool = False, out_indices=None, seed: i
     if _saved_folder(target):  # its blueprint, build options and weights (composer/saved.py)
         from .saved import build_saved
 
-        return build_saved(target, load(target, **overrides), seed=seed, device=device, max_memory=max_memory,
-                           features_only=features_only, out_indices=out_indices, dynamic_img_size=dynamic_img_size)
-    return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
-                        out_indices=out_indices, dynamic_img_size=dynamic_img_size, max_memory=max_memory)
+        model = build_saved(target, load(target, **overrides), seed=seed, device=device, max_memory=max_memory,
+                            features_only=features_only, out_indices=out_indices, dynamic_img_size=dynamic_img_size)
+    else:
+        model = build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
+                             out_indices=out_indices, dynamic_img_size=dynamic_img_size, max_memory=max_memory)
+    return model.optimize() if optimize else model
 
 
 def build_loss(target: str, **overrides):

@@ -133,6 +133,8 @@ def cmd_build(args) -> int:
     model.eval()
     if args.fuse:
         model.fuse()
+    if args.optimize:
+        model.optimize()
     x = torch.randn(1, plan.input.channels, *plan.input.spatial)
     with torch.no_grad():
         y = model(x)
@@ -141,6 +143,9 @@ def cmd_build(args) -> int:
     print(f"forward: input {tuple(x.shape)} -> output {shown}")
     if args.fuse:
         print("fused: re-parameterized into the inference form (parameters counted fused, MACs as trained)")
+    if args.optimize:
+        print("optimized: the inference form, batch norms and layer scales folded into their convs and linears, "
+              "dropout removed (parameters counted optimized, MACs as trained; the state dict has other keys)")
     if args.output:
         _save(model, Path(args.output))
         print(f"wrote {args.output}")
@@ -407,6 +412,9 @@ def make_parser() -> argparse.ArgumentParser:
     memory_opt(b)
     b.add_argument("--fuse", action="store_true",
                    help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
+    b.add_argument("--optimize", action="store_true",
+                   help="the inference form (model.optimize()): --fuse, and batch norms and layer scales folded into "
+                   "their convs and linears, dropout removed; -o then writes its (other) state dict")
     b.set_defaults(func=cmd_build)
 
     i = sub.add_parser("info", help="the per-stage summary, memory estimate and input sizes (no torch)",
