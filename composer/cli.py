@@ -42,10 +42,10 @@ def _int_in(low: int, high: int | None = None):
 
 def _sets(values: list[str]) -> dict:
     """`--set key=value` pairs; values are expressions of the language (parsed, not eval'd)."""
-    from .parse import parse_expr
-
     out = {}
     for item in values or []:
+        from .parse import parse_expr  # here: a check without --set from cached files never imports Lark
+
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key.isidentifier():
