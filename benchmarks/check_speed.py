@@ -14,13 +14,21 @@ same machine. `--repo` times another checkout (e.g. the main branch, for a befor
 script. Python writes its bytecode caches as an installed package has them (the warm-up run writes
 them); `--no-bytecode-cache` keeps PYTHONDONTWRITEBYTECODE as the environment sets it, so that a
 checkout without caches compiles every module at every start.
+
+The parsed-file cache (composer/parse_cache.py) is timed three ways for the zoo's check: warm (the
+entries the warm-up run wrote), cold (an empty cache folder for every run: parse and write every
+file) and off (COMPOSER_NO_CACHE=1); the other commands run warm. `check blueprints` checks its
+files on the machine's cores (composer/check_jobs.py); the `one process` row sets COMPOSER_JOBS=1.
+Every run gets a cache folder of its own under a temporary folder, never the user's.
 """
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -48,11 +56,15 @@ CODE = textwrap.dedent("""
     print(f"total in process: {t2 - t0:.3f} s")
 """)
 
+# (label, argv, extra environment, a cold parsed-file cache at every run)
 COMMANDS = [
-    ["check", "blueprints"],
-    ["check", "blueprints/swin.arch"],
-    ["info", "swin_t"],
-    ["list", "ops"],
+    ("check blueprints", ["check", "blueprints"], {}, False),
+    ("check blueprints (cold cache)", ["check", "blueprints"], {}, True),
+    ("check blueprints (no cache)", ["check", "blueprints"], {"COMPOSER_NO_CACHE": "1"}, False),
+    ("check blueprints (one process)", ["check", "blueprints"], {"COMPOSER_JOBS": "1"}, False),
+    ("check blueprints/swin.arch", ["check", "blueprints/swin.arch"], {}, False),
+    ("info swin_t", ["info", "swin_t"], {}, False),
+    ("list ops", ["list", "ops"], {}, False),
 ]
 
 
@@ -68,12 +80,15 @@ def in_process(repo: Path, env: dict) -> None:
     print(f"best of 3: {best[0]:.3f} s")
 
 
-def whole_process(repo: Path, env: dict, argv: list[str], runs: int) -> tuple[float, float, float, float]:
+def whole_process(repo: Path, env: dict, argv: list[str], runs: int, cold: bool,
+                  scratch: Path) -> tuple[float, float, float, float]:
     """(median wall, min wall, median cpu, min cpu) of `python -m composer ARGV` run `runs` times."""
     cmd = [sys.executable, "-m", "composer", *argv]
     subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # warm-up
     wall, cpu = [], []
-    for _ in range(runs):
+    for k in range(runs):
+        if cold:
+            env = dict(env, COMPOSER_CACHE_DIR=str(scratch / f"cold-{' '.join(argv)}-{k}"))
         before, t = os.times(), time.perf_counter()
         done = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         wall.append(time.perf_counter() - t)
@@ -96,16 +111,19 @@ def main() -> None:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
     print(f"repo {args.repo.resolve()}; bytecode caches: "
           f"{'off' if env.get('PYTHONDONTWRITEBYTECODE') else 'on'}; load average {os.getloadavg()[0]:.1f}")
+    scratch = Path(tempfile.mkdtemp(prefix="check_speed."))
+    env["COMPOSER_CACHE_DIR"] = str(scratch / "warm")
     in_process(args.repo, env)
     print(f"\nwhole processes, {args.runs} runs each: wall median / min, cpu median / min (s)")
     results = {}
-    for argv in COMMANDS:
-        results[tuple(argv)] = r = whole_process(args.repo, env, argv, args.runs)
-        print(f"  composer {' '.join(argv):<30} wall {r[0]:.3f} / {r[1]:.3f}   cpu {r[2]:.3f} / {r[3]:.3f}")
-    info, check = results[("info", "swin_t")], results[("check", "blueprints/swin.arch")]
+    for label, argv, extra, cold in COMMANDS:
+        results[label] = r = whole_process(args.repo, dict(env, **extra), argv, args.runs, cold, scratch)
+        print(f"  composer {label:<36} wall {r[0]:.3f} / {r[1]:.3f}   cpu {r[2]:.3f} / {r[3]:.3f}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    info, check = results["info swin_t"], results["check blueprints/swin.arch"]
     print(f"info swin_t / check swin.arch: cpu median {info[2] / check[2]:.2f}, wall median "
           f"{info[0] / check[0]:.2f} (target <= 1.5)")
-    zoo = results[("check", "blueprints")]
+    zoo = results["check blueprints"]
     print(f"check blueprints: wall median {zoo[0]:.3f} s, cpu median {zoo[2]:.3f} s (target <= 0.6 s)")
 
 
