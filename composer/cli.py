@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -42,10 +43,10 @@ def _int_in(low: int, high: int | None = None):
 
 def _sets(values: list[str]) -> dict:
     """`--set key=value` pairs; values are expressions of the language (parsed, not eval'd)."""
-    from .parse import parse_expr
-
     out = {}
     for item in values or []:
+        from .parse import parse_expr  # here: a check without --set from cached files never imports Lark
+
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key.isidentifier():
@@ -73,10 +74,8 @@ SAVED = object()  # a check target that is a saved model's folder
 
 def cmd_check(args) -> int:
     from . import api
-    from .resolve import load
     from .saved import is_saved
 
-    failures = 0
     targets = []
     for t in args.targets:
         p = Path(t)
@@ -89,27 +88,48 @@ def cmd_check(args) -> int:
             targets += [(f, None) for f in found]
         else:
             targets.append(api.resolve_target(t))
-    for path, name in targets:
-        try:
-            if name is SAVED:
-                plan = api.load(str(path), **_overrides(args))
-                if not args.quiet:
-                    params, macs = plan.cost()
-                    print(f"ok  {path} (saved {plan.name})  {params:,} params  {macs / 1e9:.2f} GMACs")
-                continue
-            unit = load(path)
-            names = [name] if name else [m.name for m in unit.file.models]
-            for n in names:
-                plan = api.load(f"{path}:{n}", **_overrides(args))
-                if not args.quiet:
-                    params, macs = plan.cost()
-                    print(f"ok  {path}:{n}  {params:,} params  {macs / 1e9:.2f} GMACs")
-            if not names and not args.quiet:
-                print(f"ok  {path}  ({len(unit.file.composites)} definitions)")
-        except ComposerError as exc:
-            print(exc.render(), file=sys.stderr)
-            failures += 1
+    if any(name is SAVED for _, name in targets):
+        failures = sum(_check_target(args, t) for t in targets)
+    else:  # a folder's files: on several cores (composer/check_jobs.py), the output in the same order
+        from .check_jobs import run
+
+        failures = run(targets, lambda t: _check_target(args, t), [_size(path) for path, _ in targets])
     return EXIT_USER if failures else EXIT_OK
+
+
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _check_target(args, target) -> int:
+    """Check one target of `composer check`, printing its models' summaries; 1 if it failed."""
+    path, name = target
+    from . import api
+    from .resolve import load
+
+    try:
+        if name is SAVED:
+            plan = api.load(str(path), **_overrides(args))
+            if not args.quiet:
+                params, macs = plan.cost()
+                print(f"ok  {path} (saved {plan.name})  {params:,} params  {macs / 1e9:.2f} GMACs")
+            return 0
+        unit = load(path)
+        names = [name] if name else [m.name for m in unit.file.models]
+        for n in names:
+            plan = api.load(f"{path}:{n}", **_overrides(args))
+            if not args.quiet:
+                params, macs = plan.cost()
+                print(f"ok  {path}:{n}  {params:,} params  {macs / 1e9:.2f} GMACs")
+        if not names and not args.quiet:
+            print(f"ok  {path}  ({len(unit.file.composites)} definitions)")
+    except ComposerError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_build(args) -> int:
