@@ -17,6 +17,8 @@ self CPU time differs most are listed in the report.
 Run:  python benchmarks/vs_timm.py            (the whole zoo, writes docs/benchmarks.md)
       python benchmarks/vs_timm.py --quick    (a subset, fewer rounds, prints only)
       python benchmarks/vs_timm.py --models resnet18 vit_ti --rounds 5
+      python benchmarks/vs_timm.py --optimize  (model.optimize() vs timm over the parity rows, printed:
+                                                benchmarks/vs_timm_optimize.py)
 A torchvision reference is benchmarked the same way (created with `torchvision.models.get_model`,
 ported with `composer.port.from_torchvision`) when composer/port.py has that function.
 docs/benchmarks.md is regenerated above the `<!-- notes -->` marker; the hand-written notes
@@ -323,11 +325,22 @@ def main(argv=None) -> None:
     ap.add_argument("--no-profile", dest="profile", action="store_false")
     ap.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"),
                     help="the report (written by a full run only)")
+    ap.add_argument("--optimize", action="store_true",
+                    help="the optimised model (model.optimize()) vs timm's (and timm's reparameterize_model copy) "
+                    "over the parity rows; prints a table (benchmarks/vs_timm_optimize.py)")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="with --optimize: time calls by the thread's CPU time (a loaded machine), not the wall clock")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="with --optimize: model.optimize(channels_last=True)")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.build_rounds = args.build_rounds or (1 if args.quick else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.optimize:
+        from vs_timm_optimize import run
+
+        return run(args, _reference_factory)
     models, skipped = zoo_models()
     if args.models:
         models = [m for m in models if m[0] in args.models]

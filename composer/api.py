@@ -7,8 +7,10 @@ from pathlib import Path
 from . import resolve as _resolve
 from .diagnostics import did_you_mean, error
 from .expr import Schedule, from_python
+from .head_edits import with_head_edits
 from .lower import plan
 from .plan import Plan
+from .loader import zoo_file_of
 from .locate import BLUEPRINTS_DIR
 
 BUILD_KEYS = ("num_classes", "img_size", "in_chans")
@@ -44,6 +46,19 @@ def zoo_index() -> dict[str, Path]:
     return index
 
 
+def zoo_home(name: str) -> Path | None:
+    """The zoo file defining model `name`, without parsing the whole zoo as `zoo_index` does: the
+    file whose text declares it (`loader.zoo_file_of`), confirmed by parsing that file alone; None
+    when not found so (then `zoo_index` decides). tests/test_api.py: the same file as `zoo_index`
+    gives, for every zoo model."""
+    if not name.isidentifier():
+        return None
+    home = zoo_file_of(name)
+    if home is None or not any(m.name == name for m in _resolve.load(home).file.models):
+        return None
+    return home
+
+
 def resolve_target(target: str) -> tuple[Path, str | None]:
     """`file.arch[:model]`, or a zoo model name -> (file, model name or None)."""
     path, _, model = target.partition(":") if not Path(target).exists() else (target, "", "")
@@ -51,6 +66,9 @@ def resolve_target(target: str) -> tuple[Path, str | None]:
         if not Path(path).is_file():
             raise error("io", f"cannot read {path}: not a regular file" if Path(path).exists() else f"no such file: {path}")
         return Path(path), model or None
+    home = zoo_home(target)
+    if home is not None:
+        return home, target
     index = zoo_index()
     if target not in index:
         raise error("unknown-model", f"no zoo model '{target}'", None,
@@ -71,8 +89,8 @@ def load(target: str, **overrides) -> Plan:
     if _saved_folder(target):  # a folder composer.save wrote: its blueprint and overrides
         from .saved import saved_target
 
-        target, saved = saved_target(target)
-        return load(target, **{**saved, **overrides})
+        target, saved, edits = saved_target(target)
+        return with_head_edits(load(target, **{**saved, **overrides}), edits)
     path, name = resolve_target(target)
     unit = _resolve.load(path)
     if name is None:
@@ -144,13 +162,16 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit int
 
 
 def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,
-          dynamic_img_size: bool = False, max_memory=None, **overrides):
+          dynamic_img_size: bool = False, max_memory=None, optimize: bool = False, **overrides):
     """Build a model as a plain `nn.Module` (timm-style API). The model runs at every input size its
     architecture admits (`composer info` states them) and refuses others with
     `composer.InputSizeError`; `dynamic_img_size=True` resamples absolute position embeddings to
     the grid it gets, as timm's option of that name does. `max_memory` (bytes, or a size such as
     "8G"; default: 80% of the available memory): a model whose parameters, buffers and largest
-    activation at batch 1 need more is refused (a ComposerError) before anything is allocated."""
+    activation at batch 1 need more is refused (a ComposerError) before anything is allocated.
+    `optimize=True`: the inference form, `model.optimize()` (batch norms and layer scales folded
+    into their convs and linears, re-parameterised branches fused, dropout removed; eval mode, and
+    `train()` is refused)."""
     from .builder import build_module
 
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
@@ -158,10 +179,12 @@ def build(target: str, *, features_only: bool = False, out_indices=None, seed: i
     if _saved_folder(target):  # its blueprint, build options and weights (composer/saved.py)
         from .saved import build_saved
 
-        return build_saved(target, load(target, **overrides), seed=seed, device=device, max_memory=max_memory,
-                           features_only=features_only, out_indices=out_indices, dynamic_img_size=dynamic_img_size)
-    return build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
-                        out_indices=out_indices, dynamic_img_size=dynamic_img_size, max_memory=max_memory)
+        model = build_saved(target, load(target, **overrides), seed=seed, device=device, max_memory=max_memory,
+                            features_only=features_only, out_indices=out_indices, dynamic_img_size=dynamic_img_size)
+    else:
+        model = build_module(load(target, **overrides), seed=seed, device=device, features_only=features_only,
+                             out_indices=out_indices, dynamic_img_size=dynamic_img_size, max_memory=max_memory)
+    return model.optimize() if optimize else model
 
 
 def build_loss(target: str, **overrides):

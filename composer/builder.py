@@ -8,6 +8,7 @@ from torch import nn
 from .chains import attend, fuse_attention
 from .diagnostics import error
 from .fuse import fuse_model
+from .optimize import optimize_model
 from .head_edits import with_global_pool
 from .memory import check_memory
 from .layers.core import ChannelScale, Scale, tie_scope
@@ -281,6 +282,8 @@ class StageModule(nn.Module):
 class ComposedModel(TimmApi, nn.Module):
     """A model built from a blueprint, with timm's backbone API (composer/timm_api.py)."""
 
+    inference_only = False  # True after `optimize()`
+
     def __init__(self, plan: Plan, features_only: bool = False, out_indices=None, dynamic_img_size: bool = False):
         super().__init__()
         self.plan = plan
@@ -356,9 +359,26 @@ class ComposedModel(TimmApi, nn.Module):
         self._link_shared()
         return self
 
+    def optimize(self, channels_last: bool = False) -> "ComposedModel":
+        """The inference form, in place (composer/optimize.py: the same eval-mode logits, other
+        state_dict keys, `train()` refused); `channels_last`: conv weights (and so the maps) too."""
+        if not self.inference_only:
+            optimize_model(self)
+            self._link_shared()
+            self.inference_only = True
+        return self.to(memory_format=torch.channels_last) if channels_last else self
+
+    def train(self, mode: bool = True) -> "ComposedModel":
+        if mode and self.inference_only:
+            raise error("usage", f"{self.plan.name} was optimized for inference: it cannot be trained", None,
+                        "train a model built without optimize=True, then call model.optimize()")
+        return super().train(mode)
+
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """timm's: new classifiers for `num_classes`; `global_pool` (avg, max, token) also sets the
         pooling mode of the head's `global_pool` ops (None: as they are)."""
+        if self.inference_only:
+            raise error("usage", "reset_classifier on an optimized model", None, "reset first, then optimize()")
         if not hasattr(self, "head"):
             raise error("value", "this model has no head to reset (it was built with features_only)")
         if global_pool is not None:

@@ -1,9 +1,10 @@
-"""The command line: check, build, info, port, list, diff, graph, show, export, fmt, convert. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
+"""The command line: check, build, info, port, list, diff, graph, show, export, fmt, convert, lsp. Exit status 0 ok, 1 differs, 2 user error, 3 internal error."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -42,10 +43,10 @@ def _int_in(low: int, high: int | None = None):
 
 def _sets(values: list[str]) -> dict:
     """`--set key=value` pairs; values are expressions of the language (parsed, not eval'd)."""
-    from .parse import parse_expr
-
     out = {}
     for item in values or []:
+        from .parse import parse_expr  # here: a check without --set from cached files never imports Lark
+
         key, eq, text = item.partition("=")
         key = key.strip()
         if not eq or not key.isidentifier():
@@ -73,10 +74,8 @@ SAVED = object()  # a check target that is a saved model's folder
 
 def cmd_check(args) -> int:
     from . import api
-    from .resolve import load
     from .saved import is_saved
 
-    failures = 0
     targets = []
     for t in args.targets:
         p = Path(t)
@@ -89,25 +88,48 @@ def cmd_check(args) -> int:
             targets += [(f, None) for f in found]
         else:
             targets.append(api.resolve_target(t))
-    for path, name in targets:
-        try:
-            if name is SAVED:
-                plan = api.load(str(path), **_overrides(args))
-                if not args.quiet:
-                    print(f"ok  {path} (saved {plan.name})  {plan.params:,} params  {plan.macs / 1e9:.2f} GMACs")
-                continue
-            unit = load(path)
-            names = [name] if name else [m.name for m in unit.file.models]
-            for n in names:
-                plan = api.load(f"{path}:{n}", **_overrides(args))
-                if not args.quiet:
-                    print(f"ok  {path}:{n}  {plan.params:,} params  {plan.macs / 1e9:.2f} GMACs")
-            if not names and not args.quiet:
-                print(f"ok  {path}  ({len(unit.file.composites)} definitions)")
-        except ComposerError as exc:
-            print(exc.render(), file=sys.stderr)
-            failures += 1
+    if any(name is SAVED for _, name in targets):
+        failures = sum(_check_target(args, t) for t in targets)
+    else:  # a folder's files: on several cores (composer/check_jobs.py), the output in the same order
+        from .check_jobs import run
+
+        failures = run(targets, lambda t: _check_target(args, t), [_size(path) for path, _ in targets])
     return EXIT_USER if failures else EXIT_OK
+
+
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def _check_target(args, target) -> int:
+    """Check one target of `composer check`, printing its models' summaries; 1 if it failed."""
+    path, name = target
+    from . import api
+    from .resolve import load
+
+    try:
+        if name is SAVED:
+            plan = api.load(str(path), **_overrides(args))
+            if not args.quiet:
+                params, macs = plan.cost()
+                print(f"ok  {path} (saved {plan.name})  {params:,} params  {macs / 1e9:.2f} GMACs")
+            return 0
+        unit = load(path)
+        names = [name] if name else [m.name for m in unit.file.models]
+        for n in names:
+            plan = api.load(f"{path}:{n}", **_overrides(args))
+            if not args.quiet:
+                params, macs = plan.cost()
+                print(f"ok  {path}:{n}  {params:,} params  {macs / 1e9:.2f} GMACs")
+        if not names and not args.quiet:
+            print(f"ok  {path}  ({len(unit.file.composites)} definitions)")
+    except ComposerError as exc:
+        print(exc.render(), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -131,6 +153,8 @@ def cmd_build(args) -> int:
     model.eval()
     if args.fuse:
         model.fuse()
+    if args.optimize:
+        model.optimize()
     x = torch.randn(1, plan.input.channels, *plan.input.spatial)
     with torch.no_grad():
         y = model(x)
@@ -139,6 +163,9 @@ def cmd_build(args) -> int:
     print(f"forward: input {tuple(x.shape)} -> output {shown}")
     if args.fuse:
         print("fused: re-parameterized into the inference form (parameters counted fused, MACs as trained)")
+    if args.optimize:
+        print("optimized: the inference form, batch norms and layer scales folded into their convs and linears, "
+              "dropout removed (parameters counted optimized, MACs as trained; the state dict has other keys)")
     if args.output:
         _save(model, Path(args.output))
         print(f"wrote {args.output}")
@@ -203,23 +230,27 @@ def cmd_port(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """The summary from the plan alone (no torch); `--build` counts the parameters of a model built
+    on the meta device instead (imports torch; the zoo's tests prove both counts equal)."""
     from . import api
-
-    plan = api.load(args.target, **_overrides(args))
-    from .analyse import counted_params, render
-    from .builder import build_module
-
+    from .analyse import render
+    from .memory import estimate
     from .sizes import rule_texts
 
-    from .memory import estimate
+    plan = api.load(args.target, **_overrides(args))
+    counted = None
+    if args.build:
+        from .analyse import counted_params
+        from .builder import build_module
 
-    model = build_module(plan, seed=None, device="meta")
-    print(render(plan, counted_params(model)))
+        counted = counted_params(build_module(plan, seed=None, device="meta"))
+    print(render(plan, counted))
     print(estimate(plan).render())
     plain, dynamic = rule_texts(plan)
     print(f"input sizes: {plain} (built at {'x'.join(map(str, plan.input.spatial))}"
           + (f"; with dynamic_img_size: {dynamic})" if dynamic != plain else ")"))
-    print("(built on the meta device: no weights allocated)")
+    print("(built on the meta device: no weights allocated)" if args.build else
+          "(counted from the plan: no model built; --build counts on a model built on the meta device)")
     return EXIT_OK
 
 
@@ -264,16 +295,18 @@ def cmd_diff(args) -> int:
 def cmd_graph(args) -> int:
     from . import api
     from .files import check_writable, write_atomic
-    from .render import FORMATS, render
+    from .render import output_format, render
 
+    fmt = output_format(args.output, getattr(args, "format", None))
     out = Path(args.output)
-    fmt = out.suffix.lower()
-    if fmt not in FORMATS:
-        raise error("usage", f"cannot tell the format of '{args.output}' from its suffix '{out.suffix}'", None,
-                    "name the output OUT.svg, OUT.dot (Graphviz), OUT.mmd (Mermaid) or OUT.html")
     check_writable(out)
     plan = api.load(args.target, **_overrides(args))
-    write_atomic(out, render(plan, fmt, expand=getattr(args, "expand", False)))
+    drawing = render(plan, fmt, expand=getattr(args, "expand", False), opened=getattr(args, "open", None) or (),
+                     direction=getattr(args, "direction", "TB"))
+    if callable(drawing):  # PDF, PNG: written by matplotlib into the temporary file
+        write_atomic(out, writer=drawing)
+    else:
+        write_atomic(out, drawing)
     print(f"wrote {out}")
     return EXIT_OK
 
@@ -341,6 +374,26 @@ def cmd_show(args) -> int:
     return EXIT_OK
 
 
+def cmd_schema(args) -> int:
+    """`composer schema [-o FILE]`: the JSON Schema of the YAML form (no torch)."""
+    from .files import write_atomic
+    from .schema import render
+
+    text = render()
+    if args.output:
+        write_atomic(Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def cmd_lsp(args) -> int:
+    from .lsp import serve  # pygls only here: a missing pygls is a user error naming the extra
+
+    return serve()
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="composer", description="Declarative architecture composer for deep-learning backbones.",
                 epilog="exit status: 0 ok, 1 differs, 2 user error, 3 internal error")
@@ -379,13 +432,19 @@ def make_parser() -> argparse.ArgumentParser:
     memory_opt(b)
     b.add_argument("--fuse", action="store_true",
                    help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
+    b.add_argument("--optimize", action="store_true",
+                   help="the inference form (model.optimize()): --fuse, and batch norms and layer scales folded into "
+                   "their convs and linears, dropout removed; -o then writes its (other) state dict")
     b.set_defaults(func=cmd_build)
 
-    i = sub.add_parser("info", help="the build summary on the meta device (no weights allocated)",
-                       description="Print the per-stage summary of a model built on the meta device: "
-                       "nothing is allocated, so any size works.")
+    i = sub.add_parser("info", help="the per-stage summary, memory estimate and input sizes (no torch)",
+                       description="Print the per-stage summary of a model (parameters and MACs from the plan, "
+                       "without torch: nothing is built or allocated, so any size works), the memory a build "
+                       "needs and the input sizes it admits.")
     i.add_argument("target", metavar="TARGET")
     target_opts(i)
+    i.add_argument("--build", action="store_true",
+                   help="count the parameters of the model built on the meta device (imports torch; slower)")
     i.set_defaults(func=cmd_info)
 
     po = sub.add_parser("port", help="convert a reference (timm) checkpoint into this model's weights",
@@ -433,13 +492,22 @@ def make_parser() -> argparse.ArgumentParser:
     target_opts(d)
     d.set_defaults(func=cmd_diff)
 
-    g = sub.add_parser("graph", help="draw the model as a block diagram (.svg, .dot, .mmd or .html)",
+    g = sub.add_parser("graph", help="draw the model as a block diagram (.svg, .pdf, .png, .dot, .mmd or .html)",
                        description="Draw a block diagram: stem, stages as groups, repeated blocks collapsed "
-                       "(6 x metaformer(...)), branches and merges, tensor shapes on edges. The format follows "
-                       "the output's suffix. SVG and HTML need no system program. No torch.")
+                       "(6 x metaformer(...)), branches and merges, tensor shapes on edges; every label whole. "
+                       "The format follows the output's suffix (or --format). SVG and HTML need no system program; "
+                       "PDF and PNG need matplotlib (pip install \"arch-composer[pictures]\"). No torch.")
     g.add_argument("target", metavar="TARGET")
-    g.add_argument("-o", "--output", metavar="OUT", required=True, help="OUT.svg, OUT.dot, OUT.mmd or OUT.html")
+    g.add_argument("-o", "--output", metavar="OUT", required=True,
+                   help="OUT.svg, OUT.pdf, OUT.png, OUT.dot, OUT.mmd or OUT.html")
+    g.add_argument("--format", choices=["svg", "pdf", "png", "dot", "mmd", "html"],
+                   help="the format, when the output's suffix does not say it")
+    g.add_argument("--direction", choices=["TB", "LR"], default="TB",
+                   help="the flow top to bottom (TB, the default) or left to right (LR)")
     g.add_argument("--expand", action="store_true", help="draw every block instead of collapsing repeats")
+    g.add_argument("--open", action="append", metavar="NAME",
+                   help="draw this stage, block or composite with its inside (its plan path: stages.2, "
+                   "stages.2.blocks.0, stages.2.blocks.0.mlp); repeatable")
     target_opts(g)
     g.set_defaults(func=cmd_graph)
 
@@ -485,6 +553,17 @@ def make_parser() -> argparse.ArgumentParser:
     cv.add_argument("--to", choices=["yaml", "arch"], required=True)
     cv.add_argument("-o", "--output", metavar="OUT", help="output file (default: standard output)")
     cv.set_defaults(func=cmd_convert)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of the YAML form, for YAML editors (no torch)",
+                        description="Print (or write) the JSON Schema (draft 7) of YAML blueprints: the keys of "
+                        "every mapping and the op names with their parameters, for the YAML extensions of "
+                        "VS Code and Neovim (docs/yaml.md). No torch.")
+    sc.add_argument("-o", "--output", metavar="FILE", help="write it to FILE instead of standard output")
+    sc.set_defaults(func=cmd_schema)
+    lp = sub.add_parser("lsp", help="run the language server for .arch files on stdin/stdout (no torch)",
+                        description="A Language Server (LSP, over stdio) for editors: diagnostics, hovers with "
+                        "shapes, completion, definitions, symbols. Needs the extra `lsp` (pygls).")
+    lp.set_defaults(func=cmd_lsp)
     for command in sub.choices.values():  # `composer check x.arch --debug` as well as `composer --debug check ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="show Python tracebacks for internal errors")

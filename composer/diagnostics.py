@@ -108,4 +108,6 @@ def deprecated(message: str, span: Span | None, hint: str) -> None:
     text = Diagnostic("deprecated", message, span, hint).render().replace(": error: ", ": warning: ", 1)
     if span is None:
         text = text.replace("error: ", "warning: ", 1)
-    warnings.warn(ComposerWarning(text), stacklevel=2)
+    warning = ComposerWarning(text)
+    warning.diagnostic = Diagnostic("deprecated", message, span, hint)  # located for the language server
+    warnings.warn(warning, stacklevel=2)

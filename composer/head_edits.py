@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .diagnostics import error
+from .diagnostics import ComposerError, error
 from .ops.act import Dropout
 from .plan import OpStep, ParallelStep, Plan, ResidualStep, SeqStep
 from .shapes import ShapeError
 
 POOLS = ("avg", "max", "token")
+NO_TARGET = "head-edit"  # the code of "the head has no classifier / global_pool to edit"
 
 
 def _rate(what: str, value) -> float:
@@ -59,8 +60,8 @@ def with_head_dropout(plan: Plan, rate) -> Plan:
 
     head = replace(plan.head, steps=steps(plan.head.steps))
     if not found and rate:
-        raise error("value", f"drop_rate={rate}: the head of '{plan.name}' has no classifier to drop before")
-    return replace(plan, head=head)
+        raise error(NO_TARGET, f"drop_rate={rate}: the head of '{plan.name}' has no classifier to drop before")
+    return replace(plan, head=head, head_edits={**plan.head_edits, "drop_rate": rate})
 
 
 def with_global_pool(plan: Plan, mode) -> Plan:
@@ -87,5 +88,18 @@ def with_global_pool(plan: Plan, mode) -> Plan:
 
     head = replace(plan.head, steps=steps(plan.head.steps))
     if not found:
-        raise error("value", f"global_pool={mode!r}: the head of '{plan.name}' has no global_pool op to set")
-    return replace(plan, head=head)
+        raise error(NO_TARGET, f"global_pool={mode!r}: the head of '{plan.name}' has no global_pool op to set")
+    return replace(plan, head=head, head_edits={**plan.head_edits, "global_pool": mode})
+
+
+def with_head_edits(plan: Plan, edits: dict) -> Plan:
+    """The plan with the edits another plan recorded in `head_edits` (a saved model's). An edit
+    whose target is gone (overrides that removed the classifier or the pooling) has nothing to do."""
+    for key, edit in (("drop_rate", with_head_dropout), ("global_pool", with_global_pool)):
+        if key in edits:
+            try:
+                plan = edit(plan, edits[key])
+            except ComposerError as e:
+                if e.code != NO_TARGET:  # a bad value in config.json, not a missing target
+                    raise
+    return plan

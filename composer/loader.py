@@ -16,13 +16,27 @@ from .expr import Namespace
 from .files import read_source
 from .locate import BLUEPRINTS_DIR
 from .ops import OPS
-from .parse import parse_text
+from .parse_cache import parse_file
 from .speed import gc_paused
 
 
 def read_blueprint(path: str | Path) -> ast.File:
     """Parse one blueprint file with the front end its suffix names (.yaml, .yml; else .arch)."""
-    return parse_blueprint(read_source(path), path)
+    return parse_read(read_source(path), path)
+
+
+def parse_read(text: str, path: str | Path) -> ast.File:
+    """`parse_blueprint` for the text just read from file `path`: an .arch file's AST may come from
+    the parsed-file cache (composer/parse_cache.py)."""
+    if Path(path).suffix in (".yaml", ".yml"):
+        return parse_blueprint(text, path)
+    return parse_file(text, path, _parse_text)
+
+
+def _parse_text(text: str, name: str) -> ast.File:
+    from .parse import parse_text  # here: a check whose files all come from the cache never imports Lark
+
+    return parse_text(text, name)
 
 
 def parse_blueprint(text: str, path: str | Path) -> ast.File:
@@ -32,7 +46,7 @@ def parse_blueprint(text: str, path: str | Path) -> ast.File:
         from .yaml_read import parse_yaml  # here: checking .arch files never pays for PyYAML
 
         return parse_yaml(text, str(path))
-    return parse_text(text, str(path))
+    return _parse_text(text, str(path))
 
 
 @dataclass
@@ -94,7 +108,7 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
                               (text is not None and entry.text == text)):
         file = entry.unit.file
     else:
-        file = parse_blueprint(text, path) if racy else read_blueprint(path)
+        file = parse_read(text, path) if racy else read_blueprint(path)
     imported = []
     for imp in file.imports:
         target = find_import(imp, Path(path).parent)
@@ -139,6 +153,12 @@ def _unit(file: ast.File, imported: list) -> Unit:
         models[m.name] = m
         homes[id(m)] = models
     return Unit(file, names, models=models, homes=homes)
+
+
+def make_unit(file: ast.File, imported: list) -> Unit:
+    """The unit of a file parsed from text that is not on disk (an editor's unsaved buffer, the
+    language server's) over the units of its imports: what `load` makes of a file it reads."""
+    return _unit(file, imported)
 
 
 MAX_IMPORT_PATH = 256

@@ -79,21 +79,21 @@ class _Lowering:
                    preprocess=dict(m.preprocess))
         if self.reuses:
             _check_reuses(out, self.reuses)
-        for what, count in (("parameters", out.params), ("MACs", out.macs)):  # a summary prints them as floats
+        for what, count in zip(("parameters", "MACs"), out.cost()):  # a summary prints them as floats
             if count > MAX_NUMBER:
                 size = f"10**{int(count.bit_length() * 0.30103)}" if isinstance(count, int) else f"{count:.3g}"
                 raise error("too-large", f"too large: the model has about {size} {what}",
                             m.span, f"counts must stay below {MAX_NUMBER:.3g}: make the layers smaller")
         return out
 
-    def _section(self, path, items, x, drop_path=0.0, call="") -> Section:
+    def _section(self, path, items, x, drop_path=0.0, call="", span=None) -> Section:
         steps, y = self._seq(path, items, x)
         self._folds_closed(path, 0)
-        return Section(path, steps, x, y, drop_path, call)
+        return Section(path, steps, x, y, drop_path, call, span)
 
     def _block(self, path: str, block, x: Shape) -> Section:
         """A stage's block; an equal block may be replayed instead of lowered (`speed.lowered_block`)."""
-        return lowered_block(lambda: self._section(path, block.items, x, block.drop_path, block.call),
+        return lowered_block(lambda: self._section(path, block.items, x, block.drop_path, block.call, block.span),
                              path, block, x)
 
     def _folds_closed(self, path, depth: int) -> None:

@@ -38,19 +38,54 @@ class Step:
             for s in steps:
                 yield from s.walk()
 
+    def cost(self) -> tuple[int, int]:
+        """(parameters, MACs) of this step and every step nested in it, in one pass."""
+        return steps_cost([self])
+
     def own_params(self) -> int:
         return 0
 
     def own_macs(self) -> int:
         return 0
 
+    def own_cost(self) -> tuple[int, int]:
+        return self.own_params(), self.own_macs()
+
     @property
     def params(self) -> int:
-        return sum(s.own_params() for s in self.walk())
+        return self.cost()[0]
 
     @property
     def macs(self) -> int:
-        return sum(s.own_macs() for s in self.walk())
+        return self.cost()[1]
+
+
+def steps_cost(steps: list) -> tuple[int, int]:
+    """(parameters, MACs) of `steps` and everything nested in them (`own_params`, `own_macs`): per
+    step the sum over `walk()` in its order, then the sum of those, as `sum(s.params for s in steps)`."""
+    params = macs = 0
+    for top in steps:
+        p = m = 0
+        todo = [top]
+        while todo:
+            s = todo.pop()
+            sp, sm = s.own_cost()
+            p += sp
+            m += sm
+            kids = s.children()
+            if kids:  # pushed last to first: popped in walk() order
+                for nested in reversed(kids):
+                    todo += reversed(nested)
+        params += p
+        macs += m
+    return params, macs
+
+
+# OpStep keeps its op's counts beside its fields (`_counts`, valid while op, x and y are the
+# same objects): a replayed block's steps are copies carrying them, and a plan's counts are read
+# more than once (the size check of lowering, then the caller). COUNTS_KEPT = False computes every
+# count afresh (tests/test_speed_invariants.py: the same counts).
+COUNTS_KEPT = True
 
 
 @dataclass
@@ -64,10 +99,25 @@ class OpStep(Step):
     kind: ClassVar[str] = "op"
 
     def own_params(self) -> int:
-        return self.op.params(self.x, self.y) - self.tied
+        return self.op_counts()[0] - self.tied
 
     def own_macs(self) -> int:
-        return self.op.macs(self.x, self.y) * self.batch
+        return self.op_counts()[1] * self.batch
+
+    def own_cost(self) -> tuple[int, int]:
+        params, macs = self.op_counts()
+        return params - self.tied, macs * self.batch
+
+    def op_counts(self) -> tuple[int, int]:
+        """(op.params(x, y), op.macs(x, y)), kept with the step while its op and shapes stay."""
+        op, x, y = self.op, self.x, self.y
+        kept = self.__dict__.get("_counts")
+        if kept is not None and kept[0] is op and kept[1] is x and kept[2] is y:
+            return kept[3], kept[4]
+        params, macs = op.params(x, y), op.macs(x, y)
+        if COUNTS_KEPT:
+            self.__dict__["_counts"] = (op, x, y, params, macs)
+        return params, macs
 
 
 @dataclass
@@ -152,14 +202,19 @@ class Section:
     y: Shape
     drop_path: float = 0.0
     call: str = ""
+    span: Span | None = None  # a stage block's: where it is written (its `repeat` or `block`)
+
+    def cost(self) -> tuple[int, int]:
+        """(parameters, MACs) of the section, in one pass."""
+        return steps_cost(self.steps)
 
     @property
     def params(self) -> int:
-        return sum(s.params for s in self.steps)
+        return self.cost()[0]
 
     @property
     def macs(self) -> int:
-        return sum(s.macs for s in self.steps)
+        return self.cost()[1]
 
 
 @dataclass
@@ -197,6 +252,7 @@ class Plan:
     span: Span | None = None
     saved: dict = field(default_factory=dict)  # tensor name -> its Shape, of every `save` (and "input")
     preprocess: dict = field(default_factory=dict)  # mean, std, crop_pct, interpolation the blueprint gives
+    head_edits: dict = field(default_factory=dict)  # timm's drop_rate / global_pool applied (head_edits.py)
     # the resolved model lowered into this plan, kept only to plan it again at another input size
     # (composer.sizes); consumers read the plan's own fields
     source: object = field(default=None, repr=False, compare=False)
@@ -234,13 +290,22 @@ class Plan:
                 yield st.norm
         yield self.head
 
+    def cost(self) -> tuple[int, int]:
+        """(parameters, MACs) of the whole model, in one pass."""
+        params = macs = 0
+        for sec in self.sections:
+            p, m = steps_cost(sec.steps)
+            params += p
+            macs += m
+        return params, macs
+
     @property
     def params(self) -> int:
-        return sum(s.params for s in self.sections)
+        return self.cost()[0]
 
     @property
     def macs(self) -> int:
-        return sum(s.macs for s in self.sections)
+        return self.cost()[1]
 
 
 class _Flow:
@@ -269,14 +334,14 @@ class _Flow:
                 self.steps(s.shortcut)
                 short_end, self.last = self.last, start
                 self.steps(s.body)
-                self.node(_merge_node(s, "add"), [self.last, short_end], kind="merge", merge="add", y=s.y)
+                self.node(merge_node(s, "add"), [self.last, short_end], kind="merge", merge="add", y=s.y)
             elif cls is ParallelStep:
                 start, ends = self.last, []
                 for b in s.branches:
                     self.last = start
                     self.steps(b)
                     ends.append(self.last)
-                self.node(_merge_node(s, s.merge), ends, kind="merge", merge=s.merge, y=s.y)
+                self.node(merge_node(s, s.merge), ends, kind="merge", merge=s.merge, y=s.y)
             elif cls is SaveStep:
                 self.saved[s.tensor] = self.last
             elif cls is LoadStep:
@@ -284,8 +349,10 @@ class _Flow:
             elif cls is ReuseStep:
                 # the target's steps form a graph of their own, left out; their saves still count
                 _Flow(type(self.g)(), self.saved).steps(s.reused)
-                self.node(_merge_node(s, "reuse"), [self.last], kind="reuse", op=f"reuse {s.target}", x=s.x, y=s.y)
+                self.node(merge_node(s, "reuse"), [self.last], kind="reuse", op=f"reuse {s.target}", x=s.x, y=s.y)
 
 
-def _merge_node(step: Step, what: str) -> str:
+def merge_node(step: Step, what: str) -> str:
+    """The name of the graph node a residual's add, a parallel's merge or a reuse makes: unique, as
+    a residual shares its path with its block (`PATH.WHAT@LINE:COL`)."""
     return f"{step.path}.{what}@{step.span.line}:{step.span.column}"

@@ -89,8 +89,7 @@ def op_label(op, x: Shape | None = None) -> str:
         return f"resize {_pair(op.size)}"
     if op.category in ("norm", "activation"):
         return n
-    text = op.describe().removesuffix("()")
-    return text if len(text) <= 40 else text[:39] + "…"
+    return op.describe().removesuffix("()")  # whole: a long label is wrapped over lines, never cut
 
 
 TRIVIAL = {"norm", "activation", "linear", "layout", "misc"}
@@ -101,7 +100,9 @@ def _key(step) -> bool:
     """Ops worth naming in a composite's summary (not norms, activations, pointwise layers)."""
     op = step.op
     if op.category == "conv":
-        return _big(op.kernel) or _big(getattr(op, "stride", 1))
+        stride = getattr(op, "stride", 1)
+        kernel = getattr(op, "kernel", None)  # conv_transpose's kernel defaults to its stride
+        return _big(stride if kernel is None else kernel) or _big(stride)
     return op.category not in TRIVIAL
 
 
@@ -146,8 +147,7 @@ def _plain(steps) -> str:
 
 def summary(call: str, steps) -> str:
     parts = summary_parts(steps)
-    text = f"{call}({', '.join(parts)})" if parts else call
-    return text if len(text) <= 180 else text[:179] + "…"
+    return f"{call}({', '.join(parts)})" if parts else call
 
 
 def category(steps) -> str:
@@ -206,7 +206,8 @@ def _values(section) -> dict:
 
 
 def runs(blocks) -> list[tuple[list, str]]:
-    """Consecutive blocks of one structure -> [(blocks, note)], the note naming the values that vary."""
+    """Consecutive blocks of one structure -> [(blocks, note)], the note naming every value that
+    varies (all of them: a long note is wrapped over lines, never cut)."""
     groups: list[list] = []
     for b in blocks:
         if groups and _signature(groups[-1][0].steps) == _signature(b.steps) and groups[-1][0].call == b.call:
@@ -227,8 +228,8 @@ def runs(blocks) -> list[tuple[list, str]]:
                         seen.append(v.get(key))
                 if len(seen) > 1:
                     name = key.rsplit(".", 1)[-1]
-                    text = f"{name} {'/'.join(str(s) for s in seen[:4])}" + ("/…" if len(seen) > 4 else "")
+                    text = f"{name} {'/'.join(str(s) for s in seen)}"
                     if text not in notes:
                         notes.append(text)
-        out.append((g, ", ".join(notes[:3]) + (", …" if len(notes) > 3 else "")))
+        out.append((g, ", ".join(notes)))
     return out

@@ -35,14 +35,14 @@ def _node_text(n: Node) -> str:
     return n.label + (f"\n{n.note}" if n.note else "")
 
 
-def to_dot(d: Diagram) -> str:
+def to_dot(d: Diagram, direction: str = "TB") -> str:
     from .render_svg import PALETTE
 
     def q(text: str) -> str:
         return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
     lines = ["digraph model {", f"  label={q(d.title + chr(10) + d.subtitle)}; labelloc=t; fontname=monospace;",
-             "  rankdir=TB; nodesep=0.3; ranksep=0.35;",
+             f"  rankdir={direction}; nodesep=0.3; ranksep=0.35;",
              '  node [shape=box, style="rounded,filled", fontname=monospace, fontsize=11];',
              "  edge [fontname=monospace, fontsize=9, color=\"#555555\"];"]
     depth = [1]
@@ -74,11 +74,11 @@ def to_dot(d: Diagram) -> str:
     return "\n".join(lines) + "\n"
 
 
-def to_mermaid(d: Diagram) -> str:
+def to_mermaid(d: Diagram, direction: str = "TB") -> str:
     def q(text: str) -> str:
         return '"' + html.escape(text, quote=True).replace("\n", "<br/>") + '"'
 
-    lines = ["flowchart TD"]
+    lines = ["flowchart TD" if direction == "TB" else f"flowchart {direction}"]
     depth = [1]
 
     def visit(n: Node):
@@ -90,7 +90,7 @@ def to_mermaid(d: Diagram) -> str:
         gid = "".join(c if c.isalnum() else "_" for c in g.id)
         lines.append("    " * depth[0] + f"subgraph {gid}[{q(g.title + (chr(10) + g.subtitle if g.subtitle else ''))}]")
         depth[0] += 1
-        lines.append("    " * depth[0] + "direction TB")
+        lines.append("    " * depth[0] + f"direction {direction}")
 
     def close_g(g: Group):
         depth[0] -= 1

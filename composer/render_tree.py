@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .plan import merge_node
 from .render_labels import category, fmt_count, fmt_shape, op_label, runs, summary
 from .shapes import Shape
 
@@ -23,6 +24,7 @@ class Node:
     tip: str = ""  # tooltip: path, params, MACs
     repeat: int = 1
     scope: str = ""  # the innermost group
+    steps: str = ""  # the plan steps it stands for: paths (a box covers the steps under its path) or merge names
     x: float = 0
     y: float = 0
     w: float = 0
@@ -78,8 +80,11 @@ MERGE_SYMBOL = {"add": "+", "mul": "×", "sub": "−", "mean": "mean", "concat":
 
 
 class _Builder:
-    def __init__(self, plan, expand: bool):
+    def __init__(self, plan, expand: bool, opened=()):
         self.plan, self.expand = plan, expand
+        self.open_named = set(opened)  # stages, blocks, parts and composites to draw with their inside
+        # ... and every block and composite they are in
+        self.opened = {p[:i] for p in self.open_named for i in range(len(p) + 1) if i == len(p) or p[i] == "."}
         self.nodes: dict[str, Node] = {}
         self.edges: list[Edge] = []
         self.cur: str | None = None
@@ -90,9 +95,9 @@ class _Builder:
         self.scope: list[str] = []  # ids of the groups being built
         self.count = 0
 
-    def node(self, label, cat="misc", note="", klass="node", tip="", repeat=1, connect=True) -> Node:
+    def node(self, label, cat="misc", note="", klass="node", tip="", repeat=1, connect=True, steps="") -> Node:
         self.count += 1
-        n = Node(f"n{self.count}", label, note, cat, klass, tip, repeat, self.scope[-1] if self.scope else "")
+        n = Node(f"n{self.count}", label, note, cat, klass, tip, repeat, self.scope[-1] if self.scope else "", steps)
         self.nodes[n.id] = n
         if connect:
             self.link(n.id)
@@ -115,23 +120,34 @@ class _Builder:
     def go(self, node_id: str, shape: Shape) -> None:
         self.cur, self.shape = node_id, shape
 
-    # a composite drawn as one box: its outside inputs are the flow (when it reads it) and every
-    # tensor it loads before saving; what it saves comes from the box
-    def boxed(self, steps, label, cat, note="", klass="node", tip="", repeat=1, y=None) -> Node:
-        loads, saves = [], []
-        reads_flow = _reads_flow(steps)
-        _io(steps, set(), loads, saves)
-        n = self.node(label, cat, note, klass, tip, repeat, connect=reads_flow)
-        if not reads_flow:
+    # a composite drawn as one box: its inputs are what its ops and merges consume of the tensors it
+    # receives (the flow, tensors saved outside); what it saves comes from the box, unless it saves
+    # a tensor it received unchanged (then from where that came), and so does the flow after it
+    def boxed(self, steps, label, cat, note="", klass="node", tip="", repeat=1, y=None, paths="") -> Node:
+        inputs, saves = [], []
+        final = _trace(steps, "in", {}, inputs, saves)
+        before = (self.cur, self.shape)
+        n = self.node(label, cat, note, klass, tip, repeat, connect="in" in inputs, steps=paths)
+        if "in" not in inputs:
             self.named = ""
-        for name in loads:
-            if name in self.saved:
-                src, shape = self.saved[name]
-                self.edges.append(Edge(src, n.id, f"{name}: {fmt_shape(shape)}", "named"))
+        for o in inputs:
+            if o != "in" and o[1] in self.saved:
+                src, shape = self.saved[o[1]]
+                self.edges.append(Edge(src, n.id, f"{o[1]}: {fmt_shape(shape)}", "named"))
         out = y if y is not None else steps[-1].y if steps else self.shape
-        for name, shape in saves:
-            self.saved[name] = (n.id, shape)
-        self.go(n.id, out)
+
+        def origin(o, shape):
+            if o == "box":
+                return n.id, shape
+            if o == "in":
+                return before[0], shape
+            return self.saved.get(o[1], (None, shape))
+
+        for name, shape, o in saves:
+            self.saved[name] = origin(o, shape)
+        self.go(*origin(final, out))
+        if final not in ("box", "in"):
+            self.named = final[1]  # the flow goes on from a tensor the box loaded: name it
         return n
 
     def seq(self, steps, depth: int = 0) -> Column:
@@ -178,12 +194,13 @@ class _Builder:
                 self.named = s.tensor
             elif s.kind == "op":
                 tip = f"{s.path}: {s.op.describe()}\n{fmt_count(s.params)} params, {fmt_count(s.macs)} MACs"
-                n = self.node(op_label(s.op, s.x), s.op.category, tip=tip)
+                n = self.node(op_label(s.op, s.x), s.op.category, tip=tip, steps=s.path)
                 self.go(n.id, s.y)
                 out.append(n)
             elif s.kind == "seq":
                 drawable = [b for b in s.body if b.kind not in ("convert", "save", "load")]
-                if self.expand and depth < 2 and (len(drawable) > 1 or drawable and drawable[0].kind != "op"):
+                if s.path in self.opened or \
+                        self.expand and depth < 2 and (len(drawable) > 1 or drawable and drawable[0].kind != "op"):
                     body = self.grouped(f"g_{s.path}", lambda s=s: self.seq(s.body, depth + 1))
                     name = s.call or s.name
                     title = name if s.name in (name, "") else f"{s.name}: {name}"
@@ -191,39 +208,40 @@ class _Builder:
                 else:
                     tip = f"{s.path}\n{fmt_count(s.params)} params, {fmt_count(s.macs)} MACs"
                     out.append(self.boxed(s.body, summary(s.call or s.name, s.body), category(s.body), tip=tip,
-                                          y=s.y))
+                                          y=s.y, paths=s.path))
             elif s.kind == "reuse":  # the same module again: its weights are drawn where it is defined
                 tip = f"{s.path}: reuse {s.target} (shared weights)\n{fmt_count(s.macs)} MACs"
-                n = self.node(f"reuse {s.target}", category(s.reused), tip=tip)
+                n = self.node(f"reuse {s.target}", category(s.reused), tip=tip, steps=merge_node(s, "reuse"))
                 self.go(n.id, s.y)
                 out.append(n)
             elif s.kind == "residual":
                 out.append(self.residual(s, depth))
             elif s.kind == "parallel":
-                out.append(self.parallel(s.branches, s.merge, s.y, depth))
+                out.append(self.parallel(s.branches, s.merge, s.y, depth, merge_node(s, s.merge)))
         return out
 
     def residual(self, s, depth: int):
         start, shape = self.cur, self.shape
         drawable = [t for t in s.shortcut if t.kind != "convert"]
         if drawable:
-            return self.parallel([s.shortcut, s.body], "add", s.y, depth)
+            return self.parallel([s.shortcut, s.body], "add", s.y, depth, merge_node(s, "add"))
         body = self.seq(s.body, depth)
-        add = self.node("+", "merge", klass="merge", tip="residual add")
+        add = self.node("+", "merge", klass="merge", tip="residual add", steps=merge_node(s, "add"))
         if start is not None:
             self.edges.append(Edge(start, add.id, "", "skip"))
         self.go(add.id, s.y)
         del shape
         return Residual(body, add)
 
-    def parallel(self, branches, merge: str, y: Shape, depth: int) -> Lanes:
+    def parallel(self, branches, merge: str, y: Shape, depth: int, name: str) -> Lanes:
         start, shape, named = self.cur, self.shape, self.named
         lanes, ends = [], []
         for b in branches:
             self.cur, self.shape, self.named = start, shape, named
             lanes.append(self.seq(b, depth))
             ends.append((self.cur, self.shape, self.named))
-        m = self.node(MERGE_SYMBOL.get(merge, merge), "merge", klass="merge", tip=f"merge: {merge}", connect=False)
+        m = self.node(MERGE_SYMBOL.get(merge, merge), "merge", klass="merge", tip=f"merge: {merge}", connect=False,
+                      steps=name)
         for cur, sh, nm in ends:
             self.cur, self.shape, self.named = cur, sh, nm
             self.link(m.id)
@@ -247,10 +265,10 @@ class _Builder:
     def part(self, sec, name: str) -> list:
         """A stage's downsample or norm: drawn as its ops when short, else as one box."""
         drawable = [s for s in sec.steps if s.kind not in ("convert", "save", "load")]
-        if self.expand or len(drawable) <= 1:
+        if self.expand or len(drawable) <= 1 or sec.path in self.opened:
             return self.seq(sec.steps).items
         tip = f"{sec.path}\n{fmt_count(sec.params)} params, {fmt_count(sec.macs)} MACs"
-        return [self.boxed(sec.steps, summary(name, sec.steps), category(sec.steps), tip=tip, y=sec.y)]
+        return [self.boxed(sec.steps, summary(name, sec.steps), category(sec.steps), tip=tip, y=sec.y, paths=sec.path)]
 
     def stage(self, st) -> Group:
         return self.grouped(f"g_stages.{st.index}", lambda: self._stage(st))
@@ -259,26 +277,18 @@ class _Builder:
         items = []
         if st.downsample is not None and not st.downsample_last:
             items += self.part(st.downsample, "downsample")
-        if self.expand:
-            for k, b in enumerate(st.blocks):
+        whole = self.expand or f"stages.{st.index}" in self.open_named
+        todo: list = []  # blocks drawn collapsed, in runs
+        for k, b in enumerate(st.blocks):
+            if whole or b.path in self.opened:
+                items += self.collapsed(todo)
+                todo = []
                 sub = f"drop path {b.drop_path:.3f}" if b.drop_path else ""
                 body = self.grouped(f"g_{b.path}", lambda b=b: self.seq(b.steps))
                 items.append(Group(f"g_{b.path}", "block", f"block {k}: {b.call}", sub, body))
-        else:
-            for group, note in runs(st.blocks):
-                b = group[0]
-                label = summary(b.call, b.steps)
-                if len(group) > 1:
-                    label = f"{len(group)} x {label}"
-                params = sum(g.params for g in group)
-                macs = sum(g.macs for g in group)
-                tip = (f"{b.path}" + (f" .. {group[-1].path}" if len(group) > 1 else "")
-                       + f"\n{fmt_count(params)} params, {fmt_count(macs)} MACs")
-                rates = [g.drop_path for g in group]
-                if max(rates) > 0:
-                    tip += f"\ndrop path {min(rates):.3f} .. {max(rates):.3f}"
-                items.append(self.boxed(b.steps, label, category(b.steps), note, "block", tip, len(group),
-                                        y=group[-1].y))
+            else:
+                todo.append(b)
+        items += self.collapsed(todo)
         if st.downsample is not None and st.downsample_last:
             items += self.part(st.downsample, "downsample")
         if st.norm is not None:
@@ -290,45 +300,97 @@ class _Builder:
                f"{fmt_count(macs)} MACs")
         return Group(f"g_stages.{st.index}", "stage", f"stages.{st.index}", sub, Column(items))
 
+    def collapsed(self, blocks) -> list:
+        """Blocks as boxes, a run of one structure as one box (`6 x metaformer(...)`)."""
+        items = []
+        for group, note in runs(blocks):
+            b = group[0]
+            label = summary(b.call, b.steps)
+            if len(group) > 1:
+                label = f"{len(group)} x {label}"
+            params = sum(g.params for g in group)
+            macs = sum(g.macs for g in group)
+            tip = (f"{b.path}" + (f" .. {group[-1].path}" if len(group) > 1 else "")
+                   + f"\n{fmt_count(params)} params, {fmt_count(macs)} MACs")
+            rates = [g.drop_path for g in group]
+            if max(rates) > 0:
+                tip += f"\ndrop path {min(rates):.3f} .. {max(rates):.3f}"
+            items.append(self.boxed(b.steps, label, category(b.steps), note, "block", tip, len(group),
+                                    y=group[-1].y, paths=" ".join(g.path for g in group)))
+        return items
+
     def build(self) -> Diagram:
         p = self.plan
-        inp = self.node("input", "io", fmt_shape(p.input), klass="io", tip=f"{p.input_kind} input")
+        inp = self.node("input", "io", fmt_shape(p.input), klass="io", tip=f"{p.input_kind} input", steps="input")
         self.go(inp.id, p.input)
         self.saved["input"] = (inp.id, p.input)
         items = [inp, self.section(p.stem, "stem", "stem", "g_stem")]
         items += [self.stage(st) for st in p.stages]
         items.append(self.section(p.head, "head", "head", "g_head"))
         items = [it for it in items if not isinstance(it, Group) or it.body.items]  # an empty stem or head
-        items.append(self.node("output", "io", fmt_shape(p.head.y), klass="io"))
+        items.append(self.node("output", "io", fmt_shape(p.head.y), klass="io", steps="output"))
         sub = f"{fmt_count(p.params)} params · {fmt_count(p.macs)} MACs · input {fmt_shape(p.input)}"
         if p.reference:
             sub += f" · {p.reference}"
         return Diagram(p.name, sub, Column(items), self.edges, self.nodes)
 
 
-def _reads_flow(steps) -> bool:
-    """Whether a step list uses its incoming tensor (false when it starts with a `from`)."""
+def _trace(steps, origin, local: dict, inputs: list, saves: list):
+    """Where the flowing tensor comes from after a boxed step list: "in" (the tensor the box
+    received), "box" (made inside it) or ("load", name) (an outside tensor, unchanged). Collects the
+    box's inputs (the origins its ops and merges consume) and every save with the origin of what it
+    saves."""
+    def use(o):
+        if o != "box" and o not in inputs:
+            inputs.append(o)
+
     for s in steps:
-        if s.kind in ("convert", "save"):
-            continue
-        if s.kind == "load":
-            return False
-        if s.kind == "seq":
-            return _reads_flow(s.body)
-        return True
-    return True
+        if s.kind == "save":
+            local[s.tensor] = origin
+            saves.append((s.tensor, s.y, origin))
+        elif s.kind == "load":
+            origin = local.get(s.tensor, ("load", s.tensor))
+        elif s.kind == "seq":
+            origin = _trace(s.body, origin, local, inputs, saves)
+        elif s.kind in ("residual", "parallel"):
+            for sub in s.children():
+                use(_trace(sub, origin, local, inputs, saves))
+            origin = "box"
+        elif s.kind != "convert":  # an op or a reuse (the reused steps' saves count)
+            use(origin)
+            if s.kind == "reuse":
+                _trace(s.reused, origin, local, [], saves)
+            origin = "box"
+    return origin
 
 
-def _io(steps, local: set, loads: list, saves: list) -> None:
-    for s in steps:
-        if s.kind == "load" and s.tensor not in local and s.tensor not in loads:
-            loads.append(s.tensor)
-        elif s.kind == "save":
-            local.add(s.tensor)
-            saves.append((s.tensor, s.y))
-        for sub in s.children():
-            _io(sub, local, loads, saves)
+def diagram(plan, expand: bool = False, opened=()) -> Diagram:
+    """The diagram tree of `plan`: repeated blocks collapsed unless `expand`; `opened` names
+    stages, blocks, stage parts and composites (plan paths) drawn with their inside."""
+    return _Builder(plan, expand, opened).build()
 
 
-def diagram(plan, expand: bool = False) -> Diagram:
-    return _Builder(plan, expand).build()
+def openable(plan) -> dict[str, str]:
+    """The names `diagram(opened=...)` takes, each with the openable name it is in ("" for none):
+    stages, their blocks, downsample and norm, and every composite instance (by its plan path)."""
+    out: dict[str, str] = {}
+
+    def seqs(steps, parent: str) -> None:
+        for s in steps:
+            inner = parent
+            if s.kind == "seq" and s.path not in out:
+                out[s.path] = parent
+                inner = s.path
+            for sub in s.children():
+                seqs(sub, inner)
+
+    seqs(plan.stem.steps, "")
+    for st in plan.stages:
+        name = f"stages.{st.index}"
+        out[name] = ""
+        for sec in (st.downsample, *st.blocks, st.norm):
+            if sec is not None:
+                out.setdefault(sec.path, name)
+                seqs(sec.steps, sec.path)
+    seqs(plan.head.steps, "")
+    return out

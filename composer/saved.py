@@ -76,10 +76,9 @@ def save(model, folder, load) -> Path:
         (Path(tmp) / CONFIG).write_text(json.dumps(config))
         rebuilt = load(tmp)
         _same_tensors(model, rebuilt)
-    if [round(r, 9) for r in rebuilt.drop_path] != [round(r, 9) for r in plan.drop_path]:
-        warnings.warn(ComposerWarning(f"{plan.name}: the drop-path schedule set after the build (timm's "
-                                      "drop_path_rate) is recorded in config.json but not rebuilt; "
-                                      "composer.build(folder) uses the blueprint's"), stacklevel=3)
+    if not _same_rates(rebuilt.drop_path, plan.drop_path):  # a schedule the language cannot write
+        warnings.warn(ComposerWarning(f"{plan.name}: the model's drop-path schedule is recorded in config.json "
+                                      "but not rebuilt; composer.build(folder) uses the blueprint's"), stacklevel=3)
     for rel, src in files.items():
         write_atomic(folder / BLUEPRINT_DIR / rel, src.read_bytes())
     from safetensors.torch import save_model
@@ -138,7 +137,8 @@ def make_config(model, plan, files: dict, load) -> dict:
             "input": {"kind": plan.input_kind, "channels": plan.input.channels, "size": spatial},
             "build": {"features_only": bool(getattr(model, "features_only", False)),
                       "out_indices": list(model.out_indices) if getattr(model, "features_only", False) else None,
-                      "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False))},
+                      "dynamic_img_size": bool(getattr(model, "dynamic_img_size", False)),
+                      "head": dict(plan.head_edits)},  # timm's drop_rate / global_pool, reapplied on load
             "settings": {"drop_path": list(plan.drop_path), "reference": plan.reference, "paper": plan.paper},
             "params": plan.params,
         },
@@ -165,7 +165,17 @@ def _overrides(model, plan, load) -> dict:
             out["img_size"] = list(plan.input.spatial)
     if default is None or default.input.channels != plan.input.channels:
         out["in_chans"] = plan.input.channels
+    if default is not None and not _same_rates(default.drop_path, plan.drop_path):
+        rates = plan.drop_path  # set after the build's blueprint (timm's drop_path_rate, --set drop_path=...)
+        n = len(rates)
+        line = [rates[0] + (rates[-1] - rates[0]) * i / max(n - 1, 1) for i in range(n)] if n else []
+        if n and _same_rates(line, rates):  # the language writes a constant or linspace(a, b)
+            out["drop_path"] = to_json(rates[0] if rates[0] == rates[-1] else Schedule(rates[0], rates[-1], None))
     return out
+
+
+def _same_rates(a, b) -> bool:
+    return len(a) == len(b) and all(abs(x - y) < 1e-9 for x, y in zip(a, b))
 
 
 def to_json(value, name: str = "value"):
@@ -255,9 +265,9 @@ def _blueprint_path(folder: Path, section: dict) -> Path:
     return folder / rel
 
 
-def saved_target(folder) -> tuple[str, dict]:
+def saved_target(folder) -> tuple[str, dict, dict]:
     """What composer.load plans for a saved folder (no torch): its blueprint file and model
-    (FILE:MODEL) and the saved overrides. A blueprint file changed since it was saved is a warning
+    (FILE:MODEL), the saved overrides and the head edits (head_edits.with_head_edits). A blueprint file changed since it was saved is a warning
     (the weights then must still fit: `build_saved` checks)."""
     from .parse import parse_expr
 
@@ -274,7 +284,10 @@ def saved_target(folder) -> tuple[str, dict]:
     for k, v in section["overrides"].items():
         given[k] = parse_expr(v["expr"], f"{folder / CONFIG}: overrides.{k}") if isinstance(v, dict) and "expr" in v \
             else v
-    return f"{path}:{section['model']}", given
+    edits = (section.get("build") or {}).get("head") or {}
+    if not isinstance(edits, dict):
+        raise error("io", f"{folder / CONFIG}: not a composer config (build.head must be an object)")
+    return f"{path}:{section['model']}", given, edits
 
 
 def build_saved(folder, plan, *, seed=0, device=None, max_memory=None, features_only=None, out_indices=None,

@@ -10,7 +10,9 @@ each spatial axis and states the admitted ones in words ("multiples of 32 from 3
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from dataclasses import dataclass
 
 from .diagnostics import ComposerError
@@ -30,22 +32,68 @@ def replan(plan: Plan, spatial: tuple, channels: int | None = None, dynamic: boo
     attention pads, as timm's Swin with `strict_img_size=False` does)."""
     model = plan.source
     inp = model.input
-    model = dataclasses.replace(model, input=type(inp)(inp.kind, channels or inp.channels, tuple(spatial), inp.span))
     if dynamic:
-        model = _dynamic(model)
+        model = _dynamic_of(model)
+    model = dataclasses.replace(model, input=type(inp)(inp.kind, channels or inp.channels, tuple(spatial), inp.span))
     return lower_plan(model)
+
+
+class _Probing(threading.local):
+    """What `probing` keeps while sizes are probed (hundreds of replans of one model)."""
+
+    dynamic: dict | None = None  # id(resolved model) -> (it, its dynamic form)
+    answers: dict | None = None  # (id(plan), spatial, dynamic) -> (plan, `admits`'s answer)
+
+
+_PROBING = _Probing()
+
+
+@contextlib.contextmanager
+def probing():
+    """Inside, each resolved model's dynamic form is made once and each `admits` question answered
+    once (a refused size asks the dynamic question too, which the dynamic rules ask again). Nested
+    uses share the outermost's; the plans probed must not change meanwhile."""
+    if _PROBING.answers is not None:
+        yield
+        return
+    _PROBING.dynamic, _PROBING.answers = {}, {}
+    try:
+        with blocks_forgotten():
+            yield
+    finally:
+        _PROBING.dynamic = _PROBING.answers = None
+
+
+def _dynamic_of(model):
+    """`_dynamic(model)`, made once per model while `axis_rules` probes sizes (hundreds of replans)."""
+    known = _PROBING.dynamic
+    if known is None:
+        return _dynamic(model)
+    entry = known.get(id(model))
+    if entry is None or entry[0] is not model:
+        entry = known[id(model)] = (model, _dynamic(model))
+    return entry[1]
 
 
 def _dynamic(model):
     """The resolved model with every op in the form it runs in under dynamic_img_size
-    (`Op.dynamic_form`)."""
+    (`Op.dynamic_form`). An op shared by several blocks stays shared (its form is made once), so
+    that equal blocks are still lowered once (speed.lowered_block)."""
+    forms: dict = {}  # id(op) -> (op, its dynamic form)
+
+    def form(op):
+        known = forms.get(id(op))
+        if known is None:
+            known = forms[id(op)] = (op, op.dynamic_form())
+        return known[1]
+
     def items(xs):
         return [item(x) for x in xs] if xs is not None else None
 
     def item(x):
         cls = x.__class__
         if cls is OpNode:
-            return OpNode(x.name, x.op.dynamic_form(), x.span)
+            return OpNode(x.name, form(x.op), x.span)
         if cls is SubSeq:
             return dataclasses.replace(x, items=items(x.items))
         if cls is ResidualNode:
@@ -65,6 +113,17 @@ def admits(plan: Plan, spatial: tuple, dynamic: bool = False) -> str | None:
     `dynamic`: absolute position embeddings are resampled to the grid they get (timm's
     `dynamic_img_size`)."""
     spatial = tuple(spatial)
+    answers = _PROBING.answers
+    if answers is None:
+        return _admits(plan, spatial, dynamic)
+    key = (id(plan), spatial, dynamic)
+    known = answers.get(key)
+    if known is None or known[0] is not plan:
+        known = answers[key] = (plan, _admits(plan, spatial, dynamic))
+    return known[1]
+
+
+def _admits(plan: Plan, spatial: tuple, dynamic: bool) -> str | None:
     if spatial == tuple(plan.input.spatial):
         return None
     if len(spatial) != len(plan.input.spatial) or any(g <= 0 for g in spatial):
@@ -197,7 +256,7 @@ def axis_rules(plan: Plan, dynamic: bool = False, known: dict | None = None) -> 
     at least 64, at most PROBE_LIMIT); `known`: axis -> sizes already known to be admitted."""
     known = {} if known is None else known
     out, seen = [], {}
-    with blocks_forgotten():
+    with probing():
         for axis, build in enumerate(plan.input.spatial):
             limit = _limit(build)
             ok = _admitted(plan, axis, dynamic, limit, frozenset(known.get(axis, ())), seen.get(build))
@@ -230,8 +289,9 @@ def rule_texts(plan: Plan) -> tuple[str, str]:
     """(the admitted sizes, those admitted with dynamic_img_size), probing each size once where
     the first answer already settles the second."""
     known: dict = {}
-    plain = rule_text(plan, rules=axis_rules(plan, False, known))
-    return plain, rule_text(plan, rules=axis_rules(plan, True, known))
+    with probing():
+        plain = rule_text(plan, rules=axis_rules(plan, False, known))
+        return plain, rule_text(plan, rules=axis_rules(plan, True, known))
 
 
 def check_input(plan: Plan, spatial: tuple, channels: int, dynamic: bool = False) -> None:

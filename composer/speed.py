@@ -195,8 +195,9 @@ def lowered_block(lower, path: str, block, x):
     done = _LOWERED.get(key)
     if done is not None:
         old, sec = done
-        return Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path, block.call)
+        return Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path, block.call, block.span)
     sec = lower()
+    sec.cost()  # its op steps keep their counts (plan.COUNTS_KEPT): the replays copy them
     if len(_LOWERED) >= _LOWERED_MAX:
         _LOWERED.clear()
     _LOWERED[key] = (path, sec)

@@ -2,10 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+# The parsed-file cache (composer/parse_cache.py) of this test session: a folder of its own, never
+# the user's (commands the tests run inherit it); removed at the end.
+if "COMPOSER_CACHE_DIR" not in os.environ:
+    os.environ["COMPOSER_CACHE_DIR"] = _CACHE = tempfile.mkdtemp(prefix="composer-test-cache.")
+else:
+    _CACHE = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _CACHE is not None:
+        shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -143,3 +143,14 @@ def test_grad_checkpointing_gives_the_same_gradients():
         model(x).sum().backward()
         grads.append(model.stem.patch_embed.proj.weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_zoo_home_agrees_with_the_full_index():
+    """A zoo name is found by a textual search confirmed by parsing one file (`composer info swin_t`
+    parses swin.arch alone); every zoo model must land in the file the parsed index names."""
+    from composer.api import zoo_home, zoo_index
+
+    index = zoo_index()
+    assert len(index) > 150
+    assert {name: zoo_home(name) for name in index} == index
+    assert zoo_home("no_such_model") is None and zoo_home("lib/metaformer") is None

@@ -23,8 +23,18 @@ def test_build_swin_t_prints_timm_count(capsys):
 
 
 def test_info_prints_the_build_count(capsys):
-    status, out, _ = run(["info", "swin_t"], capsys)
-    assert status == 0 and "parameters: 28,288,354" in out and "meta device" in out
+    status, out, _ = run(["info", "swin_t"], capsys)  # timm's count, from the plan (no torch: test_torch_free)
+    assert status == 0 and "parameters: 28,288,354" in out and "counted from the plan" in out
+
+
+def test_info_build_counts_on_the_meta_device(capsys):
+    """`--build` counts a model built on the meta device: the same table, per section, as the plan's."""
+    status, planned, _ = run(["info", "resnet18", "--img-size", "64"], capsys)
+    assert status == 0
+    status, built, _ = run(["info", "resnet18", "--img-size", "64", "--build"], capsys)
+    assert status == 0 and "parameters: 11,689,512" in built  # torchvision's resnet18
+    assert built.splitlines()[-1] == "(built on the meta device: no weights allocated)"
+    assert built.splitlines()[:-1] == planned.splitlines()[:-1]
 
 
 def test_info_on_a_billion_parameters_allocates_nothing():

@@ -146,7 +146,7 @@ def test_html_page(tmp_path):
 
 
 def test_unknown_suffix_and_no_partial_file(tmp_path, capsys):
-    out = tmp_path / "model.png"
+    out = tmp_path / "model.jpg"
     assert main(["graph", "swin_t", "-o", str(out)]) == 2
     assert "error:" in capsys.readouterr().err and not out.exists()
     # a failing model leaves an existing file untouched and no temporary file behind
@@ -165,14 +165,17 @@ def test_overrides_reach_the_diagram(tmp_path):
 
 
 def test_graph_without_torch(tmp_path):
-    out = tmp_path / "m.svg"
+    """SVG, and PNG through matplotlib (which must not pull torch in either)."""
+    out, png = tmp_path / "m.svg", tmp_path / "m.png"
     code = ("import sys; sys.modules['torch'] = None\n"
             f"from composer.cli import main; rc = main(['graph', 'maxvit_t', '-o', {str(out)!r}])\n"
+            f"rc = rc or main(['graph', 'maxvit_t', '-o', {str(png)!r}, '--direction', 'LR'])\n"
             "assert sys.modules.get('torch') is None; sys.exit(rc)")
     run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
                          check=False)
     assert run.returncode == 0, run.stderr
     assert ET.parse(out).getroot().tag == f"{SVG}svg"
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_a_named_edge_says_what_was_saved(tmp_path):

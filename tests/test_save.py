@@ -72,6 +72,37 @@ def test_build_from_the_folder_gives_the_same_model(saved, offline, tmp_path):
     assert composer.load(str(moved)).params == model.plan.params  # the plan, without torch
 
 
+def test_timm_keywords_set_after_the_build_are_rebuilt(tmp_path):
+    """timm's drop_rate, global_pool and drop_path_rate (edits of the plan after the blueprint) come
+    back from the folder: the head's dropout and pooling mode, and the per-block drop-path rates."""
+    import composer.timm  # noqa: F401  (registers the zoo)
+    import timm
+
+    model = timm.create_model("composer_convnext_atto", num_classes=10, img_size=32, drop_rate=0.25,
+                              global_pool="max", drop_path_rate=0.1)
+    composer.save(model, tmp_path / "m")
+    again = composer.build(str(tmp_path / "m"))
+    p = again.plan
+    assert p.head_edits == {"drop_rate": 0.25, "global_pool": "max"}
+    drops = [m.p for m in again.head.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops == [0.25]
+    pools = [s.op.mode for s in _op_steps(p.head.steps) if s.op.name == "global_pool"]
+    assert pools == ["max"]
+    n = len(p.drop_path)  # linspace(0, 0.1) over the blocks, written out here
+    assert n == 12 and all(abs(r - 0.1 * i / (n - 1)) < 1e-9 for i, r in enumerate(p.drop_path))
+    x = torch.randn(1, 3, 32, 32)
+    _same(model, again, x)
+
+
+def _op_steps(steps):
+    for s in steps:
+        yield s
+        for attr in ("body", "shortcut"):
+            yield from _op_steps(getattr(s, attr, None) or [])
+        for b in getattr(s, "branches", None) or []:
+            yield from _op_steps(b)
+
+
 def test_cli_check_and_build_take_the_folder(saved, offline, capsys):
     model, folder = saved
     assert main(["check", str(folder)]) == 0

@@ -4,7 +4,8 @@
 tables, fed by a one-loop copy of Lark's contextual lexer (composer/lalr.py: `FAST` switches
 both off), equal composite instances are expanded once per file and copied
 (composer/speed.py), equal blocks are lowered once per model and replayed under their own path
-(composer/speed.py). Each shortcut can be switched off; with and without it, every zoo blueprint
+(composer/speed.py), an op step keeps its op's counts (composer/plan.py: `COUNTS_KEPT`) and an
+attention its geometry per input (composer/ops/attention/op.py: `GEOMETRY_KEPT`). Each shortcut can be switched off; with and without it, every zoo blueprint
 must give the same AST, model and plan, and the hand-made cases below pin what the shortcuts
 must not merge (per-block values, drop-path rates, 1 and 1.0).
 """
@@ -23,6 +24,8 @@ import composer.lalr as LALR
 import composer.loader as Loader
 import composer.lower as Lower
 import composer.parse as P
+import composer.ops.attention.op as Attention
+import composer.plan as Plan
 import composer.resolve as R
 import composer.speed as S
 from composer.diagnostics import ComposerError
@@ -59,7 +62,8 @@ def _steps(steps) -> list:
 def _plan_facts(plan, model) -> tuple:
     sections = [(s.path, s.x, s.y, s.drop_path, s.call, _steps(s.steps)) for s in plan.sections]
     g = plan.graph
-    return (repr(model), plan.params, plan.macs, sections, list(g.nodes(data=True)), list(g.edges), plan.saved)
+    costs = [s.cost() for s in plan.sections]  # kept counts of op steps (plan.COUNTS_KEPT) or fresh ones
+    return (repr(model), plan.params, plan.macs, costs, sections, list(g.nodes(data=True)), list(g.edges), plan.saved)
 
 
 def _resolved_and_plan(path, name):
@@ -91,6 +95,8 @@ def test_zoo_same_with_and_without_shortcuts(monkeypatch):
     monkeypatch.setattr(LALR, "FAST", False)  # Lark's own LALR loop
     monkeypatch.setattr(S, "_freeze_args", no_key)  # every composite instance expanded afresh
     monkeypatch.setattr(S, "_signature", lambda items: None)  # every block lowered afresh
+    monkeypatch.setattr(Plan, "COUNTS_KEPT", False)  # every op's parameters and MACs counted afresh
+    monkeypatch.setattr(Attention, "GEOMETRY_KEPT", False)  # every attention's geometry computed afresh
     plain = _zoo_facts()
     Loader._CACHE.clear()
     assert len(fast) == len(plain) > 100

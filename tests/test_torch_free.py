@@ -1,4 +1,4 @@
-"""The check path (check, list, load) works with torch made unimportable."""
+"""The check path (check, list, load, info, diff, graph) works with torch made unimportable."""
 
 import json
 import subprocess
@@ -40,3 +40,48 @@ def test_load_without_torch():
               "assert 'torch' not in sys.modules or sys.modules['torch'] is None")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "26341656"
+
+
+def test_schema_and_highlight_without_torch():
+    """`composer schema` (composer/schema.py) and the Pygments lexer (composer/highlight.py)."""
+    out = run("from composer.cli import main; sys.exit(main(['schema']))")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["definitions"]["op.conv"]["required"] == ["out"]
+    out = run("import composer.highlight, composer.schema; composer.schema.json_schema(); "
+              "print(sys.modules.get('torch'))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None"
+
+
+# check-path modules that are imported on their own (not through the CLI's check): each must work
+# with torch made unimportable
+CHECK_PATH_MODULES = ["composer.lsp", "composer.lsp_check", "composer.lsp_facts", "composer.lsp_complete"]
+
+
+def test_check_path_modules_without_torch():
+    code = ("import importlib\n"
+            f"for m in {CHECK_PATH_MODULES!r}: importlib.import_module(m)\n"
+            "from composer.lsp import make_server\n"
+            "from composer.lsp_check import Checker\n"
+            "from composer.lsp_facts import hover\n"
+            "from composer.lsp_complete import complete\n"
+            "make_server()\n"
+            "a = Checker().check('/tmp/t.arch', 'model t { input image(3, 8); stem { conv(4, 3) } }')\n"
+            "print(a.problems, hover(a, 0, 44), len(complete(a.text, 0, 37, a.path, a.unit)) > 100)\n")
+    out = run(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("[] **output** `(4, 8x8)`") and out.stdout.strip().endswith("True")
+
+
+def test_info_diff_graph_without_torch(tmp_path):
+    """`info` (unless --build), `diff` and `graph` read the plan only: torch is never imported."""
+    cases = [(["info", "swin_t"], 0), (["diff", "swin_t", "swin_s"], 1),
+             (["graph", "resnet18", "-o", str(tmp_path / "r.svg")], 0)]
+    for argv, status in cases:
+        out = run(f"from composer.cli import main; rc = main({argv!r}); "
+                  "assert 'torch' not in sys.modules or sys.modules['torch'] is None; sys.exit(rc)")
+        assert out.returncode == status, (argv, out.stderr)
+    out = run("from composer.cli import main; sys.exit(main(['info', 'swin_t']))")
+    assert "parameters: 28,288,354" in out.stdout and "counted from the plan" in out.stdout
+    out = run("from composer.cli import main; sys.exit(main(['info', 'swin_t', '--build']))")
+    assert out.returncode != 0  # a build needs torch

@@ -5,7 +5,8 @@ its rules: `infer(x) -> Shape` (pure Python), `macs(x, y)`, `params(x, y)` and `
 only method that imports torch). Ops are registered by name with `@op("name")`.
 """
 
-from __future__ import annotations
+# no `from __future__ import annotations` here: pydantic evaluates the annotations of this base
+# class again for every op class (about 130), and a string annotation costs a compile() each time
 
 import math
 import typing

@@ -61,13 +61,16 @@ def axis_tables(tables, heads: int, agents: int, grid, agents_last: bool) -> tor
     return total.reshape(1, heads, -1, agents) if agents_last else total.reshape(1, heads, agents, -1)
 
 
+@torch.compiler.assume_constant_result  # torch.compile runs it once and keeps its tables as constants
 @built_on_cpu
 def continuous_table(grid, keys, coords="normalized") -> tuple[torch.Tensor, torch.Tensor]:
     """The continuous-bias coordinates for queries on `grid` and keys on `keys` (the key axis is the
     query axis average-pooled to the key count). `coords="normalized"` (TransNeXt): per axis
     r = (q - k) / (g - 1) * 8, then sign(r) log2(1 + |r|) / log2(8); `coords="raw"` (timm's RelPosMlp
     'cr'): r = q - k, then sign(r) ln(1 + |r|). Returns the (N * M,) index into the (U, ndim) table
-    of the distinct coordinates (torch.unique's order)."""
+    of the distinct coordinates (torch.unique's order). A function of its arguments alone (Python ints
+    and a string): torch.compile calls it while tracing instead of tracing its data-dependent
+    torch.unique (a graph break)."""
     axes = []
     for g, m in zip(grid, keys):
         pos = torch.arange(g, dtype=torch.float64)

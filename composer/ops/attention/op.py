@@ -22,6 +22,14 @@ OWN_ROWS = (
 )
 
 
+# (id(op), input shape) -> (op, its Geometry): ops are frozen, the Geometry too; the entry holds the op
+# so its id cannot be reused while the entry lives. GEOMETRY_KEPT = False computes it every time
+# (tests/test_speed_invariants.py: the same plans).
+GEOMETRY_KEPT = True
+_GEOMETRY: dict = {}
+_GEOMETRY_MAX = 4096
+
+
 @op("attention", category="attention", layout="tokens")
 class Attention(Op):
     """Multi-head attention over tokens, with pluggable parts.
@@ -77,8 +85,14 @@ class Attention(Op):
         return getattr(self, role)
 
     def parts(self) -> list:
-        """(role, part) of every role that is set, in the table's order."""
-        return [(role, self.role(role)) for role in ROLES if self.role(role) is not None]
+        """(role, part) of every role that is set, in the table's order (`role` for each: the fields
+        read directly, as this runs for every count and shape of every attention)."""
+        fields = self.__dict__
+        out = [(role, fields[role]) for role in ROLES if fields[role] is not None]
+        if fields["q"] is not None:  # the queries given by name: their part in the query role
+            out = [(role, part) for role, part in out if role != "query"]
+            out.insert(0, ("query", NamedQueries()))
+        return out
 
     def _given(self) -> bool:
         query = self.role("query")
@@ -116,6 +130,21 @@ class Attention(Op):
         return f
 
     def sizes(self, x: Shape) -> Geometry:
+        """The geometry for input `x` (`_sizes`), kept per op and input while GEOMETRY_KEPT: the shape
+        rule, the parameter count and the MACs each ask for it, for every attention step."""
+        if not GEOMETRY_KEPT:
+            return self._sizes(x)
+        key = (id(self), x)
+        known = _GEOMETRY.get(key)
+        if known is not None and known[0] is self:
+            return known[1]
+        g = self._sizes(x)
+        if len(_GEOMETRY) >= _GEOMETRY_MAX:
+            _GEOMETRY.clear()
+        _GEOMETRY[key] = (self, g)
+        return g
+
+    def _sizes(self, x: Shape) -> Geometry:
         """The attention's `Geometry` for input `x` (before the query part's working shape)."""
         xs = self._x(x)
         heads, head_dim = self.geometry(x)

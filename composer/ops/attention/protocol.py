@@ -117,7 +117,7 @@ class Part(Op):
     projects_query: ClassVar[bool] = True  # False: the queries are not projected (given queries)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Geometry:
     """The sizes of one attention for an input: `x` the shape it works in (the token half with
     given queries), `heads`, `head_dim`, `inner` (the width of q, k and v), `group` (the grid of

@@ -1,0 +1,186 @@
+"""The parsed-file cache: a blueprint file's AST kept on disk between processes, as Python keeps a
+module's bytecode in a .pyc, so a `composer check` does not parse an unchanged file again.
+
+One entry per file (named by the hash of its resolved path) under the user's cache folder
+(`$COMPOSER_CACHE_DIR`, else `$XDG_CACHE_HOME/composer`, else `~/.cache/composer`; folder
+`parse/`). An entry holds a key and the pickled `ast.File`; the key is a hash of the file's text,
+the name its spans carry, the front end (grammar, composer's parsing modules, Lark's version) and
+Python's version, so an edit of any of them is a miss. Only .arch files read from disk use it;
+`COMPOSER_NO_CACHE=1` switches it off. A missing, stale, unreadable or corrupt entry is ignored
+(the file is parsed and the entry written again); a folder that cannot be written (read-only,
+full) costs the write, never the check. Entries are read with an unpickler that makes only the
+AST's own classes, so a planted entry cannot run code. Only successful parses are kept: a
+syntax error is found (and reported) by parsing each time. Resolving and lowering are never
+cached: every check still resolves every model and infers every shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import sys
+from pathlib import Path
+
+from . import ast
+from .locate import GRAMMAR_DIR
+from .source import Span, register
+
+FORMAT = b"composer-parse-1\n"
+MAX_ENTRY_BYTES = 64 * 1024 * 1024  # a 4 MB blueprint (files.MAX_SOURCE_BYTES) pickles to far less
+MAX_ENTRIES = 4096  # above this many entries, the oldest half are removed (once per process, on a write)
+# Composer's modules whose code decides the AST of a file (tests/test_parse_cache.py: every module
+# composer/parse.py imports, directly or not).
+FRONT_END = ("parse", "lalr", "ast", "comments", "source", "budget", "diagnostics", "locate", "parse_errors")
+_CLASSES = {("composer.source", "Span"): Span} | {
+    ("composer.ast", name): cls for name, cls in vars(ast).items()
+    if isinstance(cls, type) and cls.__module__ == "composer.ast" and "__dataclass_fields__" in vars(cls)
+}
+_state: dict = {}  # "front": the front end's hash; "pruned": the folder was pruned in this process
+
+
+def folder() -> Path | None:
+    """The cache's folder, or None when switched off (`COMPOSER_NO_CACHE` set to anything but 0)."""
+    if os.environ.get("COMPOSER_NO_CACHE", "") not in ("", "0"):
+        return None
+    base = os.environ.get("COMPOSER_CACHE_DIR")
+    if base:
+        return Path(base) / "parse"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
+    return root / "composer" / "parse"
+
+
+def _front_end() -> bytes:
+    """The hash of everything besides the text that decides the AST (once per process)."""
+    known = _state.get("front")
+    if known is None:
+        from . import __version__  # here: this module is imported while composer/__init__.py runs
+
+        h = hashlib.sha256(FORMAT)
+        h.update(f"{__version__}\0{sys.version}\0{pickle.HIGHEST_PROTOCOL}\0".encode())
+        here = Path(__file__).parent
+        files = [here / f"{name}.py" for name in FRONT_END] + sorted(GRAMMAR_DIR.glob("*.lark"))
+        try:
+            import importlib.util
+
+            spec = importlib.util.find_spec("lark")  # its version, without importing it
+            files.append(Path(spec.origin))
+        except (ImportError, AttributeError, TypeError, ValueError):
+            pass
+        for f in files:
+            h.update(f.name.encode() + b"\0")
+            try:
+                h.update(f.read_bytes())
+            except OSError:
+                h.update(b"\0missing\0")
+        known = _state["front"] = h.digest()
+    return known
+
+
+def _key(text: str, name: str) -> bytes:
+    h = hashlib.sha256(_front_end())
+    h.update(name.encode("utf-8", "surrogatepass") + b"\0")
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return h.digest()
+
+
+def _entry(where: Path, path: str | Path) -> Path:
+    try:
+        real = str(Path(path).resolve())
+    except (OSError, RuntimeError):
+        real = os.path.abspath(str(path))
+    return where / (hashlib.sha256(real.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".pickle")
+
+
+class _Unpickler(pickle.Unpickler):
+    """Makes the AST's dataclasses and the built-in containers and scalars, nothing else."""
+
+    def find_class(self, module, name):
+        cls = _CLASSES.get((module, name))
+        if cls is None:
+            raise pickle.UnpicklingError(f"not an AST class: {module}.{name}")
+        return cls
+
+
+def parse_file(text: str, path: str | Path, parse) -> ast.File:
+    """The AST of the .arch file `path` whose text is `text`: from the cache when an entry for this
+    text (and front end) is there, else `parse(text, str(path))`, whose result is then kept."""
+    where = folder()
+    if where is None:
+        return parse(text, str(path))
+    name = str(path)
+    key = _key(text, name)
+    entry = _entry(where, path)
+    found = _read(entry, key)
+    if found is not None:
+        register(name, text)  # as parsing does: diagnostics quote the file's lines
+        return found
+    file = parse(text, name)
+    _write(where, entry, key, file)
+    return file
+
+
+def _read(entry: Path, key: bytes) -> ast.File | None:
+    try:
+        with open(entry, "rb") as fh:
+            head = fh.read(len(FORMAT) + len(key))
+            if head != FORMAT + key:
+                return None
+            data = fh.read(MAX_ENTRY_BYTES + 1)
+        if len(data) > MAX_ENTRY_BYTES:
+            return None
+        file = _Unpickler(io.BytesIO(data)).load()
+    except Exception:  # noqa: BLE001 - missing, unreadable, truncated or corrupt: parsed again
+        return None
+    return file if isinstance(file, ast.File) else None
+
+
+def _write(where: Path, entry: Path, key: bytes, file: ast.File) -> None:
+    """Write the entry atomically (a temporary file, then a rename), with the mode the umask gives;
+    any failure (read-only or full disk, a file in the folder's place) leaves no entry behind."""
+    tmp = None
+    try:
+        data = pickle.dumps(file, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > MAX_ENTRY_BYTES:
+            return
+        where.mkdir(parents=True, exist_ok=True)
+        if not _state.get("pruned"):
+            _state["pruned"] = True
+            _prune(where)
+        tmp = where / f".{entry.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(FORMAT + key)
+            fh.write(data)
+        os.replace(tmp, entry)
+        tmp = None
+    except Exception:  # noqa: BLE001 - the cache is an optimisation: a failed write costs nothing else
+        pass
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _prune(where: Path) -> None:
+    """Keep the folder bounded: over MAX_ENTRIES entries, remove the least recently written half."""
+    with os.scandir(where) as it:
+        entries = [e for e in it if e.name.endswith(".pickle") or e.name.endswith(".tmp")]
+    if len(entries) <= MAX_ENTRIES:
+        return
+    dated = []
+    for e in entries:
+        try:
+            dated.append((e.stat().st_mtime_ns, e.path))
+        except OSError:
+            pass
+    dated.sort()
+    for _, p in dated[: len(dated) - MAX_ENTRIES // 2]:
+        try:
+            os.unlink(p)
+        except OSError:
+            pass
