@@ -93,7 +93,7 @@ def test_the_graph_sees_every_kind_of_import():
     """The reader itself: module-level, function-local and relative imports of several levels."""
     g = import_graph()
     assert ("composer.api", "composer.resolve") in g.edges  # module level, `from . import resolve`
-    assert ("composer.cli", "composer.builder") in g.edges  # function-local
+    assert ("composer.commands", "composer.builder") in g.edges  # function-local
     assert any(a.startswith("composer.ops.") and b == "composer.shapes" for a, b in g.edges)  # `from ..shapes`
     assert ("composer.__main__", "composer.cli") in g.edges
     assert ("composer.builder", "composer.layers") in g.edges  # `from .layers.core import ...` runs the package
@@ -110,3 +110,5 @@ def test_nothing_imports_the_cli():
     g = import_graph()
     users = sorted(a for a, b in g.edges if b == "composer.cli" and a != "composer.__main__")
     assert not users, f"the CLI is the top of the package; imported by {users}"
+    users = sorted(a for a, b in g.edges if b == "composer.commands" and a != "composer.cli")
+    assert not users, f"the CLI's commands are imported by {users}"
