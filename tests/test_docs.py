@@ -141,6 +141,7 @@ def test_arch_error_block_fails(block, tmp_path):
 def test_python_blocks_run(doc, tmp_path, monkeypatch):
     _write_named(doc, tmp_path)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))  # as `python` run in that folder: files written there import
     namespace: dict = {"__name__": "__doc_example__"}
     for b in ALL[doc]:
         if b.lang != "python":
