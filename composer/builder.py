@@ -407,6 +407,11 @@ class ComposedModel(TimmApi, nn.Module):
             stage.grad_checkpointing = enable
 
 
+def shared_module(seq: Sequence, path: str):
+    """The module a `reuse` instruction of `seq` runs (ComposedModel links it at build time)."""
+    return seq._shared[path]
+
+
 def _op_instructions(s: OpStep, module) -> list:
     """The instructions that run op step `s`'s module and keep the grid its output tokens lie on:
     a module with `takes_grid` gets the grid (and one with `out_grid(grid)` tells the new one);

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import keyword
 
-from .builder import Sequence
+from .builder import Sequence, shared_module
 from .program import (GRID, Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
                       TensorCall, ToMap, ToTokens, TrainCall)
 
@@ -202,7 +202,7 @@ class Body:
         return x
 
     def on_Shared(self, ins, x, env):
-        target = self.seq._shared[ins.name]
+        target = shared_module(self.seq, ins.name)
         ref = f"self.shared[{ins.name!r}]"
         if hasattr(target, "forward") and (isinstance(target, Sequence) or hasattr(target, "blocks")):
             return self.call_child(ref, target, x, env)
