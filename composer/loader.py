@@ -61,6 +61,8 @@ class Unit:
     models: dict = field(default_factory=dict, repr=False, compare=False)  # name -> ast.ModelDef
     # id of each model in `models` -> the models its own file sees (where its base is looked up)
     homes: dict = field(default_factory=dict, repr=False, compare=False)
+    # id of each composite in `names` -> the names its own file sees (what its body calls)
+    scopes: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass
@@ -132,10 +134,12 @@ def _unit(file: ast.File, imported: list) -> Unit:
     names = Namespace(ops=dict(OPS))
     models: dict = {}
     homes: dict = {}
+    scopes: dict = {}
     for unit in imported:
         names.composites.update(unit.names.composites)
         models.update(unit.models)
         homes.update(unit.homes)
+        scopes.update(unit.scopes)
     local: set[str] = set()  # names seen so far in this file: one pass, linear in the definitions
     for comp in file.composites:
         if comp.name in names.ops:
@@ -145,6 +149,7 @@ def _unit(file: ast.File, imported: list) -> Unit:
             raise error("redefinition", f"'{comp.name}' is defined twice in this file", comp.span)
         local.add(comp.name)
         names.composites[comp.name] = comp
+        scopes[id(comp)] = names
     own: set[str] = set()
     for m in file.models:
         if m.name in own:
@@ -152,7 +157,7 @@ def _unit(file: ast.File, imported: list) -> Unit:
         own.add(m.name)
         models[m.name] = m
         homes[id(m)] = models
-    return Unit(file, names, models=models, homes=homes)
+    return Unit(file, names, models=models, homes=homes, scopes=scopes)
 
 
 def make_unit(file: ast.File, imported: list) -> Unit:

@@ -457,7 +457,9 @@ class _Resolver(ast.NodeVisitor):
 
     def _expand(self, ref: Ref, comp: ast.CompositeDef, ctx: "Ctx", depth: int) -> list:
         given = dict(ref.args)
-        scope = Scope(self.unit.names)
+        # the body calls what its own file sees: a definition of the importing file never changes an
+        # imported composite (the unit's names: a composite the loader did not see, e.g. built in a test)
+        scope = Scope(self.unit.scopes.get(id(comp), self.unit.names))
         for p in comp.params:
             if p.name in given:
                 scope.values[p.name] = given[p.name]

@@ -64,6 +64,18 @@ def test_bases_chain_through_several_files_and_local_names_win(tmp_path):
     assert composer.load(f"{c}:base").input.channels == 1
 
 
+def test_an_imported_composite_calls_what_its_own_file_sees(tmp_path):
+    """A block of the importing file does not reach into an imported composite that calls a block of
+    the same name: lib.arch's `pair` keeps calling lib.arch's `unit` (a 3x3 conv with bias), while
+    the importing file's own statements get its `unit` (a 1x1 conv without bias)."""
+    write(tmp_path, "block unit(c) { conv(c, 3) }\nblock pair(c) { unit(c); unit(c) }\n", "lib.arch")
+    m = write(tmp_path, 'import "lib"\nblock unit(c) { conv(c, 1, bias = false) }\n'
+              "model a { input image(4, 8)\n  stem pair(4)\n  head { global_pool() } }\n"
+              "model b { input image(4, 8)\n  stem unit(4)\n  head { global_pool() } }\n")
+    assert composer.load(f"{m}:a").params == 2 * (4 * 4 * 3 * 3 + 4)  # lib's unit, twice: 296
+    assert composer.load(f"{m}:b").params == 4 * 4  # this file's unit: 16
+
+
 def test_an_unknown_base_names_the_zoo_file_to_import(tmp_path, capsys):
     path = write(tmp_path, "model mine : swin_t { win = 8 }\n")
     assert main(["check", path]) == 2
