@@ -69,7 +69,10 @@ def test_create_model_keywords():
         assert torch.equal(plain(x[:, :1].expand(-1, 3, -1, -1)), plain(x[:, :1].expand(-1, 3, -1, -1)))
         m.train()
         m.head.head_drop.p = 0.0
-        assert not torch.equal(m(x), m(x))
+        # every block of both samples is kept in a call with probability prod(1 - p_i)^2, about 0.3 for
+        # linspace(0, 0.1) over 12 blocks: eight calls that all agree, about 1 in 20,000
+        first = m(x)
+        assert any(not torch.equal(first, m(x)) for _ in range(7))
 
 
 def test_refusals_are_clear():
