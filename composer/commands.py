@@ -334,29 +334,28 @@ def cmd_convert(args) -> int:
 
 def cmd_show(args) -> int:
     """`composer show NAME [-o FILE]`: the zoo's blueprint file of model NAME (or the zoo file NAME)."""
-    from .files import read_source, write_atomic
+    from .files import read_source
     from .loader import zoo_source
     from .locate import BLUEPRINTS_DIR
 
     path = zoo_source(args.name)
-    text = read_source(path)
-    if args.output:
-        write_atomic(Path(args.output), text)
-        print(f"wrote {args.output} (the zoo's {path.relative_to(BLUEPRINTS_DIR)})")
-    else:
-        sys.stdout.write(text)
-    return EXIT_OK
+    return _emit(read_source(path), args.output, f" (the zoo's {path.relative_to(BLUEPRINTS_DIR)})")
 
 
 def cmd_schema(args) -> int:
     """`composer schema [-o FILE]`: the JSON Schema of the YAML form (no torch)."""
-    from .files import write_atomic
     from .schema import render
 
-    text = render()
-    if args.output:
-        write_atomic(Path(args.output), text)
-        print(f"wrote {args.output}")
+    return _emit(render(), args.output)
+
+
+def _emit(text: str, output, what: str = "") -> int:
+    """A text command's result: written to `output` (atomically), or printed."""
+    if output:
+        from .files import write_atomic
+
+        write_atomic(Path(output), text)
+        print(f"wrote {output}{what}")
     else:
         sys.stdout.write(text)
     return EXIT_OK

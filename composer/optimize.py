@@ -181,21 +181,16 @@ def _fold_container(box: nn.Module, keep: set) -> None:
 def _last(seq, ins, keep: set):
     """The module whose output instruction `ins` returns: a called op, or the last op of a called
     composite (followed by nothing but its `Forget`); None otherwise or when it must stay."""
-    if ins.__class__ is not Call:
-        return None
-    mod = seq._modules[ins.name]
-    if id(mod) in keep:
-        return None
-    prog = _program(mod)
-    if prog is None:
-        return mod
-    body = prog[:-1] if prog and prog[-1].__class__ is Forget else prog
-    return _last(mod, body[-1], keep) if body else None
+    return _end(seq, ins, keep, last=True)
 
 
 def _first(seq, ins, keep: set):
     """The module that instruction `ins` runs first on its input: a called op, or the first op of a
     called composite; None otherwise or when it must stay."""
+    return _end(seq, ins, keep, last=False)
+
+
+def _end(seq, ins, keep: set, last: bool):
     if ins.__class__ is not Call:
         return None
     mod = seq._modules[ins.name]
@@ -204,7 +199,9 @@ def _first(seq, ins, keep: set):
     prog = _program(mod)
     if prog is None:
         return mod
-    return _first(mod, prog[0], keep) if prog else None
+    if last and prog and prog[-1].__class__ is Forget:
+        prog = prog[:-1]
+    return _end(mod, prog[-1 if last else 0], keep, last) if prog else None
 
 
 def _program(module: nn.Module) -> list | None:

@@ -11,6 +11,21 @@ def write(tmp_path: Path, text: str, name: str = "m.arch") -> str:
     return str(path)
 
 
+def small_kwargs(name: str) -> dict:
+    """img_size=64 where the zoo model has the parameter and is valid there, and 2 blocks for a plain
+    transformer with a `depth` parameter (a base-size model at dense-prediction sizes is slow on CPU)."""
+    import composer
+
+    out: dict = {}
+    for extra in ({"img_size": 64}, {"depth": 2}):
+        try:
+            composer.load(name, **out, **extra)
+            out.update(extra)
+        except composer.ComposerError:
+            pass
+    return out
+
+
 def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 

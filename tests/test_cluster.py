@@ -83,6 +83,20 @@ def _glmix_reference(feats, source, mha, tau, pool):
     return out.transpose(1, 2).reshape(b, c, h, w)
 
 
+def _randomised_with_mha(mod, c: int, heads: int):
+    """Random weights for the cluster module and torch's MultiheadAttention holding its mixer's
+    weights (qkv -> in_proj, proj -> out_proj)."""
+    mha = nn.MultiheadAttention(c, heads, batch_first=True).double().eval()
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.3)
+        mha.in_proj_weight.copy_(mod.mixer.qkv.weight)
+        mha.in_proj_bias.copy_(mod.mixer.qkv.bias)
+        mha.out_proj.weight.copy_(mod.mixer.proj.weight)
+        mha.out_proj.bias.copy_(mod.mixer.proj.bias)
+    return mha
+
+
 @pytest.mark.parametrize("layout", ["map", "tokens"])
 def test_cluster_matches_glmix_formula(layout):
     c, heads, grid = 16, 2, (6, 5)
@@ -90,15 +104,7 @@ def test_cluster_matches_glmix_formula(layout):
     x = Shape(2 * c, grid, layout)
     torch.manual_seed(0)
     mod = op.build(x, op.infer(x)).double()
-    with torch.no_grad():
-        for p in mod.parameters():
-            p.normal_(0, 0.3)
-    mha = nn.MultiheadAttention(c, heads, batch_first=True).double().eval()
-    with torch.no_grad():  # the same weights: qkv -> in_proj, proj -> out_proj
-        mha.in_proj_weight.copy_(mod.mixer.qkv.weight)
-        mha.in_proj_bias.copy_(mod.mixer.qkv.bias)
-        mha.out_proj.weight.copy_(mod.mixer.proj.weight)
-        mha.out_proj.bias.copy_(mod.mixer.proj.bias)
+    mha = _randomised_with_mha(mod, c, heads)
     feats = torch.randn(2, c, *grid, dtype=torch.float64)
     source = torch.randn(2, c, *grid, dtype=torch.float64)
     ref = _glmix_reference(feats, source, mha, mod.slot_scale, 3)
@@ -146,14 +152,7 @@ def test_cluster_source_by_name_matches_glmix_formula(layout, source_layout):
     assert op.infer(x) == x and op.params(x, x) == plain.params(x, x) and op.macs(x, x) == plain.macs(x, x)
     torch.manual_seed(0)
     mod = op.build(x, x).double()
-    mha = nn.MultiheadAttention(c, heads, batch_first=True).double().eval()
-    with torch.no_grad():
-        for p in mod.parameters():
-            p.normal_(0, 0.3)
-        mha.in_proj_weight.copy_(mod.mixer.qkv.weight)
-        mha.in_proj_bias.copy_(mod.mixer.qkv.bias)
-        mha.out_proj.weight.copy_(mod.mixer.proj.weight)
-        mha.out_proj.bias.copy_(mod.mixer.proj.bias)
+    mha = _randomised_with_mha(mod, c, heads)
     feats = torch.randn(2, c, *grid, dtype=torch.float64)
     source = torch.randn(2, c, *grid, dtype=torch.float64)
     ref = _glmix_reference(feats, source, mha, mod.slot_scale, 3)

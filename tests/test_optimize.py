@@ -12,7 +12,7 @@ from torch import nn
 
 import composer
 from composer.cli import main
-from helpers import perturb, write
+from helpers import perturb, small_kwargs, write
 
 # the smallest variant of every row of shared/MODELS.md 1-19 (tests/test_parity_rows.py, and
 # benchmarks/vs_timm_optimize.py's PARITY_ROWS)
@@ -118,18 +118,7 @@ SMALL = {"swin_t": {"img_size": 64, "win": 2}, "crossvit_tiny": {"img_size": 120
 
 
 def _small(name) -> dict:
-    """img_size=64 where the model has the parameter and is valid there, 2 blocks for a plain
-    transformer with a `depth` parameter."""
-    if name in SMALL:
-        return SMALL[name]
-    out = {}
-    for extra in ({"img_size": 64}, {"depth": 2}):
-        try:
-            composer.load(name, **out, **extra)
-            out.update(extra)
-        except composer.ComposerError:
-            pass
-    return out
+    return SMALL.get(name) or small_kwargs(name)
 
 
 @pytest.mark.parametrize("name", ROWS)

@@ -16,7 +16,7 @@ import composer
 from composer.api import zoo_index
 from composer.port import from_timm
 from composer.sizes import admits, axis_rule, replan, rule_text
-from helpers import perturb, write
+from helpers import perturb, small_kwargs, write
 
 timm = pytest.importorskip("timm")
 
@@ -85,24 +85,10 @@ def test_every_model_admits_its_build_size(name):
 
 # ---- one model per family: smallest admitted size, just outside, dense prediction
 
-def _small_kwargs(name) -> dict:
-    """img_size=64 where the model has the parameter and is valid there (as tests/test_zoo.py), and
-    2 blocks for a plain transformer with a `depth` parameter (its rule and features are per block
-    alike; a base-size model at 800x608 is slow on CPU)."""
-    out = {}
-    for extra in ({"img_size": 64}, {"depth": 2}):
-        try:
-            composer.load(name, **out, **extra)
-            out.update(extra)
-        except composer.ComposerError:
-            pass
-    return out
-
-
 @functools.cache
 def _rules(name):
     """(build kwargs, plan, rule of the first axis probed up to the build size)."""
-    kwargs = _small_kwargs(name)
+    kwargs = small_kwargs(name)
     plan = composer.load(name, **kwargs)
     return kwargs, plan, axis_rule(plan, 0, limit=plan.input.spatial[0])
 
