@@ -340,10 +340,9 @@ class _Lowering:
             if y.layout != first.layout:
                 back, outs[i] = self._convert(path, y, first.layout, item.span)
                 branches[i] += back
-        if item.merge == "mul":  # a pooled gate (C, 1x1) broadcasts over a map (squeeze-excite style)
-            full = next((o for o in outs if not _is_gate(o)), first)
-            outs = [full if _is_gate(o) and o.channels == full.channels and o.ndim == full.ndim
-                    and o.layout == full.layout == "map" else o for o in outs]
+        if item.merge == "mul":  # a pooled gate broadcasts over a map along its axes of size 1: (C, 1x1)
+            full = max(outs, key=lambda o: o.tokens if o.layout == "map" else 0)  # as squeeze-excite, (C, Hx1)
+            outs = [full if _broadcasts(o, full) else o for o in outs]
             first = outs[0]
         for i, y in enumerate(outs[1:], 1):
             same = (y.spatial, y.extra) == (first.spatial, first.extra) if item.merge == "concat" else y == first
@@ -457,8 +456,11 @@ def _closer_of(op) -> str:
     return _fold_call(op, closer)
 
 
-def _is_gate(s: Shape) -> bool:
-    return s.layout == "map" and all(g == 1 for g in s.spatial)
+def _broadcasts(gate: Shape, full: Shape) -> bool:
+    """Whether map `gate` multiplies map `full` by broadcasting: same channels, every axis as long
+    or of size 1."""
+    return (gate.layout == full.layout == "map" and gate.channels == full.channels and gate.ndim == full.ndim
+            and all(g in (1, f) for g, f in zip(gate.spatial, full.spatial)))
 
 
 def _first_need(items) -> str:

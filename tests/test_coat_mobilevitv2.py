@@ -263,3 +263,33 @@ model m {
 """)
     with pytest.raises(composer.ComposerError, match="prefix_tokens: the tokens .* have no prefix"):
         composer.check(str(path))
+
+
+def test_separable_attention_along_rows_equals_timm_on_its_layout(tmp_path):
+    """`axis = "last"`: one sequence per row of a (C, P, N) map, as timm's LinearSelfAttention runs
+    on (B, C, P, N); checked against it and against the equation per row, at the build grid and at
+    another (the gate (C, P x 1) broadcasts over the columns)."""
+    from timm.models.mobilevit import LinearSelfAttention
+
+    path = write(tmp_path, f"""
+import "lib/factorized_mixers"
+model m {{
+    input image({DIM}, [4, 6])
+    stage {{ block {{ separable_attention({DIM}, axis = "last") as attn }} }}
+}}
+""")
+    plan = composer.load(f"{path}:m")
+    assert str(plan.stages[0].y) == f"({DIM}, 4x6)"
+    ours = composer.build(f"{path}:m").eval()
+    ref = LinearSelfAttention(DIM).eval()
+    ref.load_state_dict({k.split("attn.")[-1]: v for k, v in ours.state_dict().items()})
+    for p, n in [(4, 6), (4, 9), (1, 5)]:
+        x = torch.randn(2, DIM, p, n, generator=GEN)
+        with torch.no_grad():
+            got = ours(x)
+            qkv = ref.qkv_proj(x)
+            q, k, v = qkv[:, :1], qkv[:, 1:1 + DIM], qkv[:, 1 + DIM:]
+            context = torch.stack([(k[:, :, r] * q[:, :, r].softmax(-1)).sum(-1) for r in range(p)], 2)
+            expected = ref.out_proj(F.relu(v) * context[..., None])
+            assert (got - expected).abs().max() < 1e-5
+            assert (got - ref(x)).abs().max() < 1e-5

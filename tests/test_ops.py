@@ -462,7 +462,20 @@ def _weighted_pool_case(draw):
     x = draw(st.one_of(map_shape(dims=(1, 2, 3)), token_shape(dims=(1, 2))))
     layout = "tokens" if x.extra else draw(st.sampled_from(["map", "tokens"]))  # weights: a map or tokens
     w = Shape(1, x.spatial, layout, x.extra)
+    if layout == "map" and x.layout == "map" and draw(st.booleans()):  # along the last axis: one vector per row
+        return OPS["weighted_pool"](weights=TensorRef("w", "w", None, w), axis="last"), x
     return OPS["weighted_pool"](weights=TensorRef("w", "w", None, w)), x
+
+
+@st.composite
+def _split_channels_case(draw):
+    widths = draw(st.lists(st.integers(1, 5), min_size=1, max_size=4))
+    x = draw(st.one_of(map_shape(st.just(sum(widths)), dims=(1, 2, 3)), token_shape(channels=st.just(sum(widths)))))
+    part = draw(st.integers(0, len(widths) - 1))
+    if draw(st.booleans()):
+        return OPS["split_channels"](widths=widths, parts=len(widths), part=part), x
+    n = len(widths)  # equal parts
+    return OPS["split_channels"](parts=n, part=part), x.with_(channels=n * widths[0])
 
 
 STRATEGIES.update({
@@ -476,7 +489,9 @@ STRATEGIES.update({
     "weighted_sum": _weighted_sum_case(),
     "weighted_pool": _weighted_pool_case(),
     "softmax": st.one_of(kw("softmax", _attention_shape()),
-                         kw("softmax", token_shape(), axis=st.just("tokens"))),
+                         kw("softmax", st.one_of(token_shape(), map_shape(dims=(1, 2, 3))), axis=st.just("tokens")),
+                         kw("softmax", map_shape(dims=(1, 2, 3)), axis=st.just("last"))),
+    "split_channels": _split_channels_case(),
     "normalize_sum": kw("normalize_sum", _attention_shape(), eps=st.floats(0.0, 1.0)),
     "l2norm": st.one_of(kw("l2norm", _attention_shape()),
                         kw("l2norm", st.builds(_heads, st.integers(1, 4), st.integers(1, 6), st.integers(1, 7)),

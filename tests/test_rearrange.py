@@ -8,7 +8,7 @@ import torch
 
 import composer
 from composer.ops import OPS
-from composer.shapes import Shape, ShapeError
+from composer.shapes import Shape, ShapeError, TensorRef
 from helpers import write
 
 
@@ -136,3 +136,84 @@ def test_located_error_in_a_blueprint(tmp_path):
         composer.load(f"{path}:bad")
     text = info.value.render()
     assert "bad.arch:3:10" in text and "has 3 axes but the input map has 2" in text
+
+
+# ----------------------------------------------------------------------------- back onto a grid: `like`
+
+PATCHES = "c (h ph) (w pw) -> c (ph pw) (h w)"
+BACK = "c (ph pw) (h w) -> c (h ph) (w pw)"
+ROUND_TRIP = f"""
+model m(img_size = 8) {{
+    input image(3, img_size)
+    stem conv(4, 3) as conv
+    stage {{
+        block {{
+            grid = identity
+            rearrange("{PATCHES}", sizes = [["ph", 2], ["pw", 2]])
+            save rows
+            rearrange("{BACK}", sizes = [["ph", 2], ["pw", 2]], like = grid)
+        }}
+    }}
+    outputs = ["rows"]
+}}
+"""
+
+
+def test_like_puts_the_map_back_on_its_grid_at_every_size(tmp_path):
+    """A (4, 8x12) map laid out as (4, 4x24) (rows: the offsets inside 2x2 patches; columns: the
+    patches) comes back on its grid; h and w, which the rows alone do not tell, come from `grid`,
+    at the build size and at others (by hand: reshape/permute, as timm's MobileViTv2 block)."""
+    path = write(tmp_path, ROUND_TRIP)
+    plan = composer.load(f"{path}:m", img_size=[8, 12])
+    assert str(plan.stages[0].y) == "(4, 8x12)"
+    model = composer.build(f"{path}:m", img_size=[8, 12]).eval()
+    features = composer.build(f"{path}:m", img_size=[8, 12], features_only=True).eval()
+    features.load_state_dict(model.state_dict())
+    for h, w in [(8, 12), (6, 10), (16, 4)]:
+        t = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            x = model.stem.conv(t)
+            rows = x.reshape(2, 4, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(2, 4, 4, h * w // 4)
+            assert torch.equal(features(t)[0], rows)
+            assert torch.equal(model(t), x)
+
+
+def test_like_shape_rule_and_errors():
+    t = TensorRef("g", "g", None, Shape(4, (6, 10)))
+    back = OPS["rearrange"](pattern=BACK, sizes=[["ph", 2], ["pw", 2]], like=t)
+    assert back.infer(Shape(4, (4, 15))) == Shape(4, (6, 10))
+    with pytest.raises(ShapeError, match="cannot tell the sizes of h, w"):
+        OPS["rearrange"](pattern=BACK, sizes=[["ph", 2], ["pw", 2]]).infer(Shape(4, (4, 15)))
+    with pytest.raises(ShapeError, match="has size 16, but"):  # 4x16 does not come from a 6x10 grid
+        back.infer(Shape(4, (4, 16)))
+    flat = TensorRef("f", "f", None, Shape(4, (60,)))
+    with pytest.raises(ShapeError, match="2 spatial axes, but like = f has a 1-D grid"):
+        OPS["rearrange"](pattern=BACK, sizes=[["ph", 2], ["pw", 2]], like=flat).infer(Shape(4, (4, 15)))
+
+
+# ----------------------------------------------------------------------------- split_channels
+
+def test_split_channels_are_views_of_the_parts(tmp_path):
+    path = write(tmp_path, """
+model m {
+    input image(3, 6)
+    stem conv(7, 1) as conv
+    stage {
+        block {
+            a, b, c = split_channels(widths = [1, 2, 4])
+            from c
+            parallel concat { identity; from a; from b }
+        }
+    }
+}
+""")
+    model = composer.build(f"{path}:m").eval()
+    t = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        x = model.stem.conv(t)
+        assert torch.equal(model(t), torch.cat([x[:, 3:], x[:, :1], x[:, 1:3]], 1))
+    with pytest.raises(ShapeError, match="add up to 6 channels, but the input has 7"):
+        OPS["split_channels"](widths=[1, 2, 3], parts=3).infer(Shape(7, (6, 6)))
+    with pytest.raises(ShapeError, match="needs a map or tokens, got heads") as info:
+        OPS["split_channels"](parts=2).infer(Shape(8, (6,), "heads", heads=2))
+    assert "split_heads" in info.value.hint

@@ -95,6 +95,8 @@ class Softmax(nn.Module):
 
     def forward(self, x):
         d = self.dim
+        if d == "positions":  # every position of a map (B, C, *grid)
+            return x.flatten(2).softmax(-1).view_as(x)
         if d != -1 and d != x.dim() - 1 and x.numel() >= 1024 and all(n == 1 for n in x.shape[d + 1:]):
             # over the tokens of one-channel tokens (B, N, 1): as rows, the CPU's fast last-axis kernel
             # (below 1024 values the two transposes cost more than they save)
@@ -105,11 +107,13 @@ class Softmax(nn.Module):
 class WeightedPool(nn.Module):
     """Σ_n w_n x_n over the tokens, as a (B, C, 1, ..., 1) map."""
 
-    def __init__(self, tokens: bool, weight_tokens: bool, ndim: int):
+    def __init__(self, tokens: bool, weight_tokens: bool, ndim: int, rows: bool = False):
         super().__init__()
-        self.tokens, self.weight_tokens, self.ndim = tokens, weight_tokens, ndim
+        self.tokens, self.weight_tokens, self.ndim, self.rows = tokens, weight_tokens, ndim, rows
 
     def forward(self, x, w):
+        if self.rows:  # maps, along the last axis: (B, C, ..., N) -> (B, C, ..., 1)
+            return (x * w).sum(-1, keepdim=True)
         # a product and a sum over the tokens: a batched matrix-vector product (bmm) is several
         # times slower on the CPU for these shapes (C x N by N x 1)
         if self.tokens:  # x (B, N, C), w as (B, N, 1)

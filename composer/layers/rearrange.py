@@ -19,7 +19,7 @@ class Rearrange(nn.Module):
     the build input (`dims`) the sizes computed once are used."""
 
     def __init__(self, split: tuple[int, ...], order: tuple[int, ...], out: tuple[int, ...],
-                 dims: tuple[int, ...] = (), left=(), right=(), given=None):
+                 dims: tuple[int, ...] = (), left=(), right=(), given=None, onto: bool = False):
         super().__init__()
         self.split, self.order, self.out = tuple(split), tuple(order), tuple(out)
         self.permute = self.order != tuple(range(len(self.order)))
@@ -27,12 +27,20 @@ class Rearrange(nn.Module):
         self.input = tuple(dims)
         self.left, self.right = tuple(map(tuple, left)), tuple(map(tuple, right))
         self.given = dict(given or {})
+        self.onto = onto  # forward gets a second map whose grid the output takes (`like`)
 
-    def sizes(self, dims) -> tuple[tuple, tuple]:
-        """(split, out) for input dims `dims` (channels first)."""
-        if not self.input or tuple(dims) == self.input:
+    def sizes(self, dims, grid=None) -> tuple[tuple, tuple]:
+        """(split, out) for input dims `dims` (channels first) and, with `like`, the grid of the
+        output."""
+        if not self.input or (tuple(dims) == self.input and (grid is None or tuple(grid) == self.out[1:])):
             return self.split, self.out
         known = dict(self.given)
+        if grid is not None:  # an output axis with one open elementary axis: its size over the others
+            for _ in range(len(self.split)):
+                for axes, dim in zip(self.right[1:], grid):
+                    free = [a for a in axes if a not in known]
+                    if len(free) == 1:
+                        known[free[0]] = dim // math.prod(known[a] for a in axes if a in known)
         for axes, dim in zip(self.left, dims):
             free = [a for a in axes if a not in known]
             if free:
@@ -40,9 +48,12 @@ class Rearrange(nn.Module):
         split = tuple(known[a] for a in range(len(known)))
         return split, tuple(math.prod(known[a] for a in axes) for axes in self.right)
 
-    def forward(self, x):
+    def forward(self, x, like=None):
         b = x.shape[0]
-        split, out = self.sizes(x.shape[1:])
+        split, out = self.sizes(x.shape[1:], None if like is None else like.shape[2:])
+        if like is not None and math.prod(split) != math.prod(x.shape[1:]):
+            raise ValueError(f"rearrange: a ({', '.join(map(str, x.shape[1:]))}) input does not split into "
+                             f"({', '.join(map(str, split))}) for the grid {tuple(like.shape[2:])} it goes back onto")
         if self.permute:
             if tuple(x.shape[1:]) != split:
                 x = x.reshape(b, *split)
@@ -53,3 +64,17 @@ class Rearrange(nn.Module):
 
     def extra_repr(self) -> str:
         return f"split={self.split}, order={self.order}, out={self.out}"
+
+
+class SplitChannels(nn.Module):
+    """Channels [start, start + width) of a map (B, C, ...) or of tokens (B, N, C): a view."""
+
+    def __init__(self, start: int, width: int, tokens: bool):
+        super().__init__()
+        self.start, self.width, self.tokens = start, width, tokens
+
+    def forward(self, x):
+        return x.narrow(-1 if self.tokens else 1, self.start, self.width)
+
+    def extra_repr(self) -> str:
+        return f"start={self.start}, width={self.width}"

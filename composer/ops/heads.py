@@ -171,20 +171,25 @@ class WeightedSum(Op):
 
 @op("softmax", category="attention")
 class Softmax(Op):
-    """Softmax over the last axis (the keys of scores; the channels of tokens), or over the tokens
-    (`axis = "tokens"`)."""
+    """Softmax over the last axis (the keys of scores; the channels of tokens; the last spatial
+    axis of a map: one distribution per row), or over the tokens (`axis = "tokens"`: of tokens
+    or heads, or every position of a map)."""
 
     axis: Literal["last", "tokens"] = "last"
 
     def infer(self, x: Shape) -> Shape:
-        if self.axis == "tokens" and x.layout not in ("tokens", "heads"):
-            raise ShapeError(f"softmax over tokens needs tokens or heads, got {x.layout} {x}")
+        if self.axis == "tokens" and x.layout not in ("tokens", "heads", "map"):
+            raise ShapeError(f"softmax over tokens needs tokens, heads or a map, got {x.layout} {x}")
+        if self.axis == "last" and x.layout == "map" and not x.spatial:
+            raise ShapeError(f"softmax over the last axis of a map needs a spatial axis, got {x}")
         return x
 
     def build(self, x, y):
         from ..layers.heads import Softmax as Module
 
-        return Module(-1 if self.axis == "last" else (1 if x.layout == "tokens" else 2))
+        if self.axis == "last":
+            return Module(-1)
+        return Module({"tokens": 1, "heads": 2}.get(x.layout, "positions"))
 
 
 @op("weighted_pool", category="attention")
@@ -194,9 +199,12 @@ class WeightedPool(Op):
     weights soft-maxed over the tokens (`softmax(axis = "tokens")`) it is attention with a single
     query that scores each token by its own projection (separable self-attention's context
     vector). The output is a map of size 1 along every spatial axis, (B, C, 1, ..., 1), which
-    `parallel mul` broadcasts over a map as a gate. MACs: one per channel and token."""
+    `parallel mul` broadcasts over a map as a gate. `axis = "last"` pools a map along its last
+    spatial axis only, one vector per row, (B, C, ..., 1) (with weights soft-maxed the same way,
+    `softmax(axis = "last")`: one sequence per row). MACs: one per channel and token."""
 
     weights: Tensor
+    axis: Literal["tokens", "last"] = "tokens"
 
     def infer(self, x: Shape) -> Shape:
         w = self.weights.shape
@@ -209,6 +217,11 @@ class WeightedPool(Op):
         if (w.spatial, w.extra) != (x.spatial, x.extra) or not x.spatial:
             raise ShapeError(f"weighted_pool: weights {w} do not lie on the tokens of {x}",
                              "both must have the same grid and prefix tokens")
+        if self.axis == "last":
+            if "tokens" in (x.layout, w.layout):
+                raise ShapeError(f"weighted_pool along the last axis needs a map and weights on a map, got "
+                                 f"{x.layout} {x} and {w.layout} {w}", "fold tokens into a map first: to_map")
+            return Shape(x.channels, (*x.spatial[:-1], 1), "map")
         return Shape(x.channels, (1,) * x.ndim, "map")
 
     def macs(self, x, y):
@@ -217,6 +230,8 @@ class WeightedPool(Op):
     def build(self, x, y):
         from ..layers.heads import WeightedPool as Module
 
+        if self.axis == "last":
+            return Module(False, False, x.ndim, rows=True)
         return Module(x.layout == "tokens", self.weights.shape.layout == "tokens", x.ndim)
 
 

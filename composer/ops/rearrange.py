@@ -9,10 +9,10 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
+from typing import Optional, Union
 
 from ..shapes import Shape, ShapeError
-from .registry import Op, op
+from .registry import NonNeg, Op, Pos, Tensor, op
 
 MAX_SPATIAL = 3  # the conv/pool/norm ops of the library work on 1-, 2- and 3-D grids
 
@@ -103,8 +103,11 @@ def _show(group: tuple[str, ...]) -> str:
     return group[0] if len(group) == 1 else "(" + " ".join(group) + ")"
 
 
-def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int]) -> tuple[dict[str, int], tuple[int, ...]]:
-    """The size of every elementary axis and the output dims (channels first), for input dims `dims`."""
+def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int],
+          onto: dict[int, int] | None = None) -> tuple[dict[str, int], tuple[int, ...]]:
+    """The size of every elementary axis and the output dims (channels first), for input dims `dims`;
+    `onto` fixes output axes (index on the right side -> size), which solves a split the sizes
+    leave open (`like = t`: back onto t's grid)."""
     if len(pattern.left) != len(dims):
         names = " ".join(_show(g) for g in pattern.left)
         raise ShapeError(f"rearrange: the left side '{names}' has {len(pattern.left)} axes but the input map has "
@@ -117,6 +120,14 @@ def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int]) -> tup
             raise ShapeError(f"rearrange: sizes names axis '{name}', which the pattern does not have",
                              f"the pattern's axes: {', '.join(pattern.names)}")
     known = dict(sizes)
+    if onto:  # an output group with one axis left open takes what its fixed size leaves
+        for _ in range(len(pattern.names)):
+            for index, dim in onto.items():
+                group = pattern.right[index]
+                unknown = [a for a in group if a != "1" and a not in known]
+                fixed = math.prod(known[a] for a in group if a != "1" and a in known)
+                if len(unknown) == 1 and fixed and dim % fixed == 0:
+                    known[unknown[0]] = dim // fixed
     for group, dim in zip(pattern.left, dims):
         unknown = [a for a in group if a != "1" and a not in known]
         fixed = math.prod(known[a] for a in group if a != "1" and a in known)
@@ -132,6 +143,11 @@ def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int]) -> tup
             raise ShapeError(f"rearrange: the input axis {_show(group)} has size {dim}, but {what} = {fixed}",
                              "the sizes of a group must multiply to the size of its input axis")
     out = tuple(math.prod(known[a] for a in group if a != "1") for group in pattern.right)
+    for index, dim in (onto or {}).items():
+        if out[index] != dim:
+            raise ShapeError(f"rearrange: the output axis {_show(pattern.right[index])} would have size "
+                             f"{out[index]}, but the grid it goes back onto has {dim}",
+                             "`like` names a map whose grid the output must have")
     return known, out
 
 
@@ -153,10 +169,15 @@ class Rearrange(Op):
     order allows, otherwise one copy). No parameters, no MACs. Errors (unknown or repeated axis, a
     group whose sizes do not multiply to its input axis, the wrong number of axes) point at the op.
     The module solves the sizes for the input it gets at run time, as the shape rule does (the
-    axes of `sizes` keep theirs), so a model runs at other input sizes where the ops after it do."""
+    axes of `sizes` keep theirs), so a model runs at other input sizes where the ops after it do.
+    `like = t` puts the output on the grid of map `t` (its spatial sizes): the way back of an
+    earlier rearrange, `rearrange("c (ph pw) (h w) -> c (h ph) (w pw)", sizes = [["ph", 2],
+    ["pw", 2]], like = t)` with `t = identity` saved before it, whose h and w only the grid tells;
+    at run time they come from t's shape."""
 
     pattern: str
     sizes: list[list[Union[str, int]]] = []
+    like: Optional[Tensor] = None
 
     def _sizes(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -177,8 +198,22 @@ class Rearrange(Op):
                              "a pooled vector has no axes to move" if x.layout == "vector" else
                              "fold the tokens into a map first (to_map): the first axis of a pattern is the channels")
         pattern = parse_pattern(self.pattern)
-        known, out = solve(pattern, (x.channels, *x.spatial), self._sizes())
+        known, out = solve(pattern, (x.channels, *x.spatial), self._sizes(), self._onto(pattern))
         return pattern, known, out
+
+    def _onto(self, pattern: Pattern) -> dict[int, int] | None:
+        """The output axes `like` fixes: its spatial sizes, right-side index 1 on."""
+        if self.like is None:
+            return None
+        t = self.like.shape
+        if t.layout not in ("map", "tokens") or not t.spatial or t.extra:
+            raise ShapeError(f"rearrange: like = {self.like.name} must be a map (or tokens on a grid, without "
+                             f"class tokens), got {t.layout} {t}")
+        if len(t.spatial) != len(pattern.right) - 1:
+            raise ShapeError(f"rearrange: the right side has {len(pattern.right) - 1} spatial axes, but like = "
+                             f"{self.like.name} has a {len(t.spatial)}-D grid ({t})",
+                             "the output goes onto like's grid: one right-side axis per grid axis")
+        return {i + 1: n for i, n in enumerate(t.spatial)}
 
     def infer(self, x: Shape) -> Shape:
         pattern, _, out = self.plan(x)
@@ -198,4 +233,49 @@ class Rearrange(Op):
         left = [[names.index(a) for a in group if a != "1"] for group in pattern.left]
         right = [[names.index(a) for a in group if a != "1"] for group in pattern.right]
         given = {names.index(a): n for a, n in self._sizes().items()}
-        return Module(split, order, out, (x.channels, *x.spatial), left, right, given)
+        onto = self.like is not None
+        return Module(split, order, out, (x.channels, *x.spatial), left, right, given, onto)
+
+
+@op("split_channels", category="layout")
+class SplitChannels(Op):
+    """Split the channels of a map or of tokens into parts of `widths` channels, in order, and keep
+    part `part`: `query, key, value = split_channels(widths = [1, 64, 64])` binds all three (the
+    names give `parts` and `part`), each a map (or tokens) on the input's grid. Views of the
+    input: no copy, no parameters, no MACs. Without `widths`, the channels split into `parts`
+    equal parts. The split of a fused projection when the parts stay maps or tokens
+    (`split_heads` splits into heads)."""
+
+    widths: Optional[list[Pos]] = None
+    part: NonNeg = 0
+    parts: Optional[Pos] = None
+
+    def split(self, channels: int) -> list[int]:
+        n = self.parts or (len(self.widths) if self.widths else 1)
+        if self.widths is not None:
+            if len(self.widths) != n:
+                raise ShapeError(f"split_channels: widths {self.widths} give {len(self.widths)} parts, "
+                                 f"but {n} are taken")
+            if sum(self.widths) != channels:
+                raise ShapeError(f"split_channels: widths {self.widths} add up to {sum(self.widths)} channels, "
+                                 f"but the input has {channels}")
+            return list(self.widths)
+        if channels % n:
+            raise ShapeError(f"split_channels: {n} equal parts do not divide {channels} channels",
+                             "give each part's width: widths = [...]")
+        return [channels // n] * n
+
+    def infer(self, x: Shape) -> Shape:
+        if x.layout not in ("map", "tokens"):
+            raise ShapeError(f"split_channels needs a map or tokens, got {x.layout} {x}",
+                             "heads are split with split_heads")
+        widths = self.split(x.channels)
+        if not 0 <= self.part < len(widths):
+            raise ShapeError(f"split_channels: part {self.part} of {len(widths)} parts does not exist")
+        return x.with_(channels=widths[self.part])
+
+    def build(self, x, y):
+        from ..layers.rearrange import SplitChannels as Module
+
+        widths = self.split(x.channels)
+        return Module(sum(widths[:self.part]), widths[self.part], x.layout == "tokens")
