@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import resolve as _resolve
+from .budget import MAX_SEED
 from .diagnostics import did_you_mean, error
 from .expr import Schedule, from_python
+from .files import blueprint_files
 from .head_edits import with_head_edits
 from .lower import plan
 from .plan import Plan
@@ -14,23 +16,6 @@ from .loader import zoo_file_of
 from .locate import BLUEPRINTS_DIR
 
 BUILD_KEYS = ("num_classes", "img_size", "in_chans")
-
-
-def blueprint_files(folder: Path, recursive: bool = False) -> list[Path]:
-    """The .arch and YAML blueprints of a folder; `*.port.yaml` files are weight maps, not blueprints.
-    A link that leads out of the folder is left out (checking a folder reads nothing outside it);
-    a FIFO or device with a blueprint's name is listed, and refused when read."""
-    find = folder.rglob if recursive else folder.glob
-    root = folder.resolve()
-
-    def inside(p: Path) -> bool:
-        real = p.resolve()
-        return real == root or root in real.parents
-
-    arch = sorted(p for p in find("*.arch") if inside(p))
-    yaml = sorted(p for pattern in ("*.yaml", "*.yml") for p in find(pattern)
-                  if not p.name.endswith(".port.yaml") and inside(p))
-    return arch + yaml
 
 
 def zoo_files() -> list[Path]:
@@ -158,7 +143,6 @@ def diff(a: Plan, b: Plan):
     return compare(a, b)
 
 
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit int
 
 
 def build(target: str, *, features_only: bool = False, out_indices=None, seed: int | None = 0, device=None,

@@ -20,6 +20,7 @@ from .diagnostics import error
 from .source import Span
 
 LIMIT = 2_500_000  # units a model's check may use: about half a second; the zoo's largest model uses a tenth
+MAX_SEED = 2**63 - 1  # a build's seed: torch.manual_seed takes a signed 64-bit int
 MAX_BITS = 1024  # ints up to 2**1024 (about 1.8e308, like floats)
 MAX_NUMBER = 2.0 ** 1023 * (2 - 2 ** -52)  # the largest float
 MAX_DIGITS = 400  # an integer literal longer is refused before Python converts it (2**1024 has 309 digits)

@@ -7,7 +7,7 @@ import sys
 import traceback
 import warnings
 
-from .api import MAX_SEED
+from .budget import MAX_SEED
 from .commands import (EXIT_INTERNAL, EXIT_OK, EXIT_USER, cmd_build, cmd_check, cmd_convert, cmd_diff,
                        cmd_export, cmd_fmt, cmd_graph, cmd_info, cmd_list, cmd_lsp, cmd_port, cmd_schema, cmd_show)
 from .diagnostics import ComposerError, ComposerWarning

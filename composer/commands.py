@@ -47,27 +47,42 @@ SAVED = object()  # a check target that is a saved model's folder
 
 
 def cmd_check(args) -> int:
-    from . import api
-    from .saved import is_saved
+    # what a cached check needs is imported here; the op library only when a file is checked
+    from .files import blueprint_files, is_saved_folder
 
     targets = []
     for t in args.targets:
         p = Path(t)
-        if is_saved(p):  # a folder composer.save wrote: its blueprint with the saved overrides
+        if is_saved_folder(p):  # a folder composer.save wrote: its blueprint with the saved overrides
             targets.append((p, SAVED))
         elif p.is_dir():
-            found = api.blueprint_files(p, recursive=True)
+            found = blueprint_files(p, recursive=True)
             if not found:
                 raise error("io", f"no blueprint in {t}", None, "blueprints are .arch, .yaml or .yml files")
             targets += [(f, None) for f in found]
+        elif p.suffix in (".arch", ".yaml", ".yml") and p.is_file():
+            targets.append((p, None))  # as api.resolve_target gives it
         else:
+            from . import api
+
             targets.append(api.resolve_target(t))
     if any(name is SAVED for _, name in targets):
         failures = sum(_check_target(args, t) for t in targets)
-    else:  # a folder's files: on several cores (composer/check_jobs.py), the output in the same order
+    else:  # a folder's files: on several cores (composer/check_jobs.py), the output in the same order;
+        # an unchanged file's output comes from the check-result cache (composer/check_cache.py)
+        from .check_cache import CheckCache
         from .check_jobs import run
 
-        failures = run(targets, lambda t: _check_target(args, t), [_size(path) for path, _ in targets])
+        cache = CheckCache(repr((args.quiet, args.set, args.num_classes, args.img_size, args.in_chans)))
+        items = [(t, cache.lookup(t)) for t in targets]
+
+        def check(item) -> int:
+            target, kept = item
+            if kept is not None:
+                return cache.replay(kept)
+            return cache.record(target, lambda: _check_target(args, target))
+
+        failures = run(items, check, [0 if kept is not None else _size(t[0]) for t, kept in items])
     return EXIT_USER if failures else EXIT_OK
 
 

@@ -4,6 +4,7 @@ rename), so a reader or an interrupted run never sees a partial file."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -11,7 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from .diagnostics import error
+from .diagnostics import ComposerError, error
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024  # a blueprint of the zoo is under 10 KB; a 4 MB one is an accident
 
@@ -117,3 +118,32 @@ def _write(path: Path, data, writer) -> None:
         except OSError:
             pass
         raise
+
+
+def blueprint_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The .arch and YAML blueprints of a folder; `*.port.yaml` files are weight maps, not blueprints.
+    A link that leads out of the folder is left out (checking a folder reads nothing outside it);
+    a FIFO or device with a blueprint's name is listed, and refused when read."""
+    find = folder.rglob if recursive else folder.glob
+    root = folder.resolve()
+
+    def inside(p: Path) -> bool:
+        real = p.resolve()
+        return real == root or root in real.parents
+
+    arch = sorted(p for p in find("*.arch") if inside(p))
+    yaml = sorted(p for pattern in ("*.yaml", "*.yml") for p in find(pattern)
+                  if not p.name.endswith(".port.yaml") and inside(p))
+    return arch + yaml
+
+
+def is_saved_folder(folder) -> bool:
+    """Whether `folder` is a folder `composer.save` wrote: its config.json has a "composer" section
+    (composer/saved.py)."""
+    config = Path(folder) / "config.json"
+    if not Path(folder).is_dir() or not config.is_file():
+        return False
+    try:
+        return isinstance(json.loads(read_source(config)).get("composer"), dict)
+    except (ValueError, AttributeError, ComposerError):
+        return False

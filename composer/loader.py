@@ -200,6 +200,32 @@ def find_import(imp: ast.Import, here: Path) -> Path:
                 did_you_mean(imp.path, lib) or "standard library files: " + ", ".join(sorted(lib)))
 
 
+def import_closure(path: str | Path) -> tuple[list[Path], list[Path]]:
+    """The files a check of `path` reads, through the paths its imports name (it first, then its
+    imports depth first, each once), and the paths an import looked in before the file it found
+    (empty then; a file put there later would be imported instead). The files are loaded."""
+    files: list[Path] = []
+    absent: list[Path] = []
+    seen: set[str] = set()
+
+    def visit(p: Path) -> None:
+        real = str(p.resolve())
+        if real in seen:
+            return
+        seen.add(real)
+        files.append(p)
+        for imp in load(p).file.imports:
+            rel = import_file_name(imp)
+            for base in (p.parent, BLUEPRINTS_DIR):
+                if (base / rel).is_file():
+                    visit(base / rel)
+                    break
+                absent.append(base / rel)
+
+    visit(Path(path))
+    return files, absent
+
+
 def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[:width] + "..."
 

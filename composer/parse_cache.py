@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import sys
 from pathlib import Path
 
 from . import ast
+from .disk_cache import folder, real_path, write_entry
 from .locate import GRAMMAR_DIR
 from .source import Span, register
 
 FORMAT = b"composer-parse-1\n"
 MAX_ENTRY_BYTES = 64 * 1024 * 1024  # a 4 MB blueprint (files.MAX_SOURCE_BYTES) pickles to far less
-MAX_ENTRIES = 4096  # above this many entries, the oldest half are removed (once per process, on a write)
 # Composer's modules whose code decides the AST of a file (tests/test_parse_cache.py: every module
 # composer/parse.py imports, directly or not).
 FRONT_END = ("parse", "lalr", "ast", "comments", "source", "budget", "diagnostics", "locate", "parse_errors")
@@ -37,19 +36,7 @@ _CLASSES = {("composer.source", "Span"): Span} | {
     ("composer.ast", name): cls for name, cls in vars(ast).items()
     if isinstance(cls, type) and cls.__module__ == "composer.ast" and "__dataclass_fields__" in vars(cls)
 }
-_state: dict = {}  # "front": the front end's hash; "pruned": the folder was pruned in this process
-
-
-def folder() -> Path | None:
-    """The cache's folder, or None when switched off (`COMPOSER_NO_CACHE` set to anything but 0)."""
-    if os.environ.get("COMPOSER_NO_CACHE", "") not in ("", "0"):
-        return None
-    base = os.environ.get("COMPOSER_CACHE_DIR")
-    if base:
-        return Path(base) / "parse"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    root = Path(xdg) if xdg and os.path.isabs(xdg) else Path.home() / ".cache"
-    return root / "composer" / "parse"
+_state: dict = {}  # "front": the front end's hash
 
 
 def _front_end() -> bytes:
@@ -87,11 +74,7 @@ def _key(text: str, name: str) -> bytes:
 
 
 def _entry(where: Path, path: str | Path) -> Path:
-    try:
-        real = str(Path(path).resolve())
-    except (OSError, RuntimeError):
-        real = os.path.abspath(str(path))
-    return where / (hashlib.sha256(real.encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".pickle")
+    return where / (hashlib.sha256(real_path(path).encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".pickle")
 
 
 class _Unpickler(pickle.Unpickler):
@@ -138,49 +121,9 @@ def _read(entry: Path, key: bytes) -> ast.File | None:
 
 
 def _write(where: Path, entry: Path, key: bytes, file: ast.File) -> None:
-    """Write the entry atomically (a temporary file, then a rename), with the mode the umask gives;
-    any failure (read-only or full disk, a file in the folder's place) leaves no entry behind."""
-    tmp = None
     try:
         data = pickle.dumps(file, protocol=pickle.HIGHEST_PROTOCOL)
-        if len(data) > MAX_ENTRY_BYTES:
-            return
-        where.mkdir(parents=True, exist_ok=True)
-        if not _state.get("pruned"):
-            _state["pruned"] = True
-            _prune(where)
-        tmp = where / f".{entry.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(FORMAT + key)
-            fh.write(data)
-        os.replace(tmp, entry)
-        tmp = None
-    except Exception:  # noqa: BLE001 - the cache is an optimisation: a failed write costs nothing else
-        pass
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-
-
-def _prune(where: Path) -> None:
-    """Keep the folder bounded: over MAX_ENTRIES entries, remove the least recently written half."""
-    with os.scandir(where) as it:
-        entries = [e for e in it if e.name.endswith(".pickle") or e.name.endswith(".tmp")]
-    if len(entries) <= MAX_ENTRIES:
+    except Exception:  # noqa: BLE001 - the cache is an optimisation
         return
-    dated = []
-    for e in entries:
-        try:
-            dated.append((e.stat().st_mtime_ns, e.path))
-        except OSError:
-            pass
-    dated.sort()
-    for _, p in dated[: len(dated) - MAX_ENTRIES // 2]:
-        try:
-            os.unlink(p)
-        except OSError:
-            pass
+    if len(data) <= MAX_ENTRY_BYTES:
+        write_entry(where, entry, FORMAT + key + data)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .diagnostics import ComposerError, ComposerWarning, error
 from .expr import Cycle, Ref, Schedule
-from .files import read_source, write_atomic
+from .files import is_saved_folder, read_source, write_atomic
 
 CONFIG, WEIGHTS, CARD, BLUEPRINT_DIR = "config.json", "model.safetensors", "README.md", "blueprint"
 FORMAT = 1
@@ -41,13 +41,7 @@ FORMAT = 1
 
 def is_saved(folder) -> bool:
     """Whether `folder` is a folder `save` wrote (its config.json has a "composer" section)."""
-    config = Path(folder) / CONFIG
-    if not Path(folder).is_dir() or not config.is_file():
-        return False
-    try:
-        return isinstance(json.loads(read_source(config)).get("composer"), dict)
-    except (ValueError, AttributeError, ComposerError):
-        return False
+    return is_saved_folder(folder)
 
 
 # -- saving

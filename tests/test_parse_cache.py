@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from composer import parse_cache
+from composer import disk_cache, parse_cache
 from composer.loader import read_blueprint
 from composer.parse import parse_text
 from composer.source import SOURCES
@@ -110,7 +110,7 @@ def test_unwritable_cache_costs_only_the_parse(cache, tmp_path, monkeypatch, how
         def full(*a, **k):
             raise OSError(28, "No space left on device")
 
-        monkeypatch.setattr(parse_cache.os, "replace", full)
+        monkeypatch.setattr(disk_cache.os, "replace", full)
     parse, calls = counting()
     for _ in range(2):
         assert parse_cache.parse_file(TEXT, src, parse) == parse_text(TEXT, str(src))

@@ -1,0 +1,175 @@
+"""The check-result cache: what `composer check` printed for a blueprint file, kept on disk and
+printed again while neither the file nor anything its check depends on has changed (as ruff and
+mypy keep their results per file).
+
+An entry is found by a hash of the file's path (as written and resolved), the check's options and
+composer itself: the text of every module of the package, the grammar, Lark's and pydantic's
+versions and Python's. It holds what the check printed (stdout and stderr, in order) and what it
+read: the text hash of the file and of every file it imports (depth first, through the paths the
+imports named), and the paths an import looked in first and found nothing (a file put there later
+would be imported instead). An entry is used only when every file still has its hash and every
+such path is still empty; otherwise the file is checked again and the entry replaced.
+
+Only a check that succeeded without a Python warning is kept (a deprecation note is printed once
+per process, so it cannot be replayed faithfully): an error is found by checking each time. Only
+.arch files are cached. `COMPOSER_NO_CACHE=1` switches it off, with the parsed-file cache, whose
+folder it shares (`check/` beside `parse/`; composer/parse_cache.py). Entries are JSON, never
+code; a missing, stale, unreadable or corrupt entry is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .locate import GRAMMAR_DIR
+from .disk_cache import folder, real_path, write_entry
+
+FORMAT = b"composer-check-1\n"
+MAX_ENTRY_BYTES = 4 * 1024 * 1024
+_PACKAGE = Path(__file__).parent
+_state: dict = {}  # "composer": the hash of composer's code and its front end's libraries
+
+
+def _composer() -> bytes:
+    """The hash of everything besides the blueprints that decides a check (once per process)."""
+    known = _state.get("composer")
+    if known is None:
+        import importlib.util
+
+        from . import __version__
+
+        h = hashlib.sha256(FORMAT)
+        h.update(f"{__version__}\0{sys.version}\0".encode())
+        files = sorted(_PACKAGE.rglob("*.py")) + sorted(GRAMMAR_DIR.glob("*.lark"))
+        for lib in ("lark", "pydantic", "pydantic_core", "yaml", "networkx"):
+            try:
+                spec = importlib.util.find_spec(lib)  # the version is in its __init__
+                files.append(Path(spec.origin))
+            except (ImportError, AttributeError, TypeError, ValueError):
+                h.update(f"\0no {lib}\0".encode())
+        for f in files:
+            h.update(str(f.relative_to(_PACKAGE) if f.is_relative_to(_PACKAGE) else f.name).encode() + b"\0")
+            try:
+                h.update(f.read_bytes())
+            except OSError:
+                h.update(b"\0missing\0")
+        known = _state["composer"] = h.digest()
+    return known
+
+
+class CheckCache:
+    """Entries for one `composer check` run with the options `options` (a string)."""
+
+    def __init__(self, options: str):
+        self.where = folder("check")
+        self.options = options
+        self._hashes: dict[str, str | None] = {}
+
+    def _entry(self, path: str, name) -> tuple[Path, bytes]:
+        h = hashlib.sha256(_composer())
+        h.update(f"{path}\0{real_path(path)}\0{name}\0{self.options}".encode("utf-8", "surrogatepass"))
+        key = h.digest()
+        return self.where / (key.hex()[:40] + ".json"), key
+
+    def _hash(self, path: str) -> str | None:
+        if path not in self._hashes:
+            try:
+                with open(path, "rb") as fh:
+                    self._hashes[path] = hashlib.sha256(fh.read()).hexdigest()
+            except OSError:
+                self._hashes[path] = None
+        return self._hashes[path]
+
+    def usable(self, target) -> bool:
+        path, name = target
+        return self.where is not None and str(path).endswith(".arch") and (name is None or isinstance(name, str))
+
+    def lookup(self, target) -> list | None:
+        """What the check of `target` (path, model name or None) printed, if nothing changed since."""
+        if not self.usable(target):
+            return None
+        entry, key = self._entry(str(target[0]), target[1])
+        try:
+            with open(entry, "rb") as fh:
+                data = fh.read(MAX_ENTRY_BYTES + 1)
+            if len(data) > MAX_ENTRY_BYTES or not data.startswith(FORMAT + key):
+                return None
+            found = json.loads(data[len(FORMAT) + len(key):].decode("utf-8"))
+            deps, absent, events = found["deps"], found["absent"], found["events"]
+            if any(self._hash(p) != h for p, h in deps) or any(os.path.lexists(p) for p in absent):
+                return None
+            if all(s in (1, 2) and isinstance(t, str) for s, t in events):
+                return events
+        except Exception:  # noqa: BLE001 - missing, unreadable or corrupt: checked again
+            return None
+        return None
+
+    @staticmethod
+    def replay(events: list) -> int:
+        for stream, text in events:
+            (sys.stdout if stream == 1 else sys.stderr).write(text)
+        return 0
+
+    def record(self, target, check) -> int:
+        """`check()` (it prints its output and returns its failures), its output kept when it
+        succeeded without a warning."""
+        if not self.usable(target):
+            return check()
+        events: list = []
+        shown: list = []
+        out, err, show = sys.stdout, sys.stderr, warnings.showwarning
+        sys.stdout, sys.stderr = _Tee(1, out, events), _Tee(2, err, events)
+        warnings.showwarning = lambda *a, **k: (shown.append(True), show(*a, **k))
+        start = time.time_ns()
+        try:
+            failed = check()
+        finally:
+            sys.stdout, sys.stderr, warnings.showwarning = out, err, show
+        if not failed and not shown:
+            self._store(target, events, start)
+        return failed
+
+    def _store(self, target, events: list, start: int) -> None:
+        from .loader import RACY_NS, import_closure
+
+        path, name = str(target[0]), target[1]
+        try:
+            files, absent = import_closure(path)
+            # a file changed since shortly before the check began may not be what the check read (an
+            # edit during it, or within the file system clock's tick): not kept, as git's racy rule
+            if any(max(st.st_mtime_ns, st.st_ctime_ns) >= start - RACY_NS for st in map(os.stat, files)):
+                return
+        except Exception:  # noqa: BLE001 - nothing kept
+            return
+        self._hashes.clear()
+        deps = [(str(f), self._hash(str(f))) for f in files]
+        if any(h is None for _, h in deps):
+            return
+        entry, key = self._entry(path, name)
+        body = json.dumps({"deps": deps, "absent": [str(a) for a in absent], "events": events})
+        data = FORMAT + key + body.encode("utf-8", "surrogatepass")
+        if len(data) <= MAX_ENTRY_BYTES:
+            write_entry(self.where, entry, data)
+
+
+class _Tee:
+    """Writes through to a stream and keeps what is written, in order, in `events`."""
+
+    def __init__(self, stream: int, real, events: list):
+        self.stream, self.real, self.events = stream, real, events
+
+    def write(self, text: str) -> int:
+        self.events.append((self.stream, text))
+        return self.real.write(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name):  # encoding, errors, fileno, isatty ...: the real stream's
+        return getattr(self.real, name)
