@@ -15,9 +15,13 @@ checkout (e.g. the main branch's) in turns with it, run for run: the fair before
 them); `--no-bytecode-cache` keeps PYTHONDONTWRITEBYTECODE as the environment sets it, so that a
 checkout without caches compiles every module at every start.
 
-The parsed-file cache (composer/parse_cache.py) is timed three ways for the zoo's check: warm (the
-entries the warm-up run wrote), cold (an empty cache folder for every run: parse and write every
-file) and off (COMPOSER_NO_CACHE=1); the other commands run warm. `check blueprints` checks its
+The parsed-file cache (composer/parse_cache.py) and the check-result cache (composer/check_cache.py)
+are timed several ways for the zoo's check: warm (the entries the warm-up run wrote: every result
+printed again), one file edited (a copy of blueprints/ whose swin.arch changes before every run:
+that file checked, the others printed again), no kept results (the warm parsed-file cache, an
+empty result cache: every file checked, as before the result cache), cold (both empty: parse and
+write every file) and off (COMPOSER_NO_CACHE=1); the other commands run warm, and `info swin_t`
+is compared with a check of swin.arch that checks it (no kept results). `check blueprints` checks its
 files on the machine's cores (composer/check_jobs.py); the `one process` row sets COMPOSER_JOBS=1.
 Every run gets a cache folder of its own under a temporary folder, never the user's.
 """
@@ -56,15 +60,20 @@ CODE = textwrap.dedent("""
     print(f"total in process: {t2 - t0:.3f} s")
 """)
 
-# (label, argv, extra environment, a cold parsed-file cache at every run)
+# (label, argv, extra environment, the caches at every run: "warm" as the warm-up run left them;
+# "cold" empty; "results" the warm parsed-file cache but no kept results: every file checked;
+# "edited" warm, in a copy of blueprints/ whose swin.arch gets a new comment line before each run)
 COMMANDS = [
-    ("check blueprints", ["check", "blueprints"], {}, False),
-    ("check blueprints (cold cache)", ["check", "blueprints"], {}, True),
-    ("check blueprints (no cache)", ["check", "blueprints"], {"COMPOSER_NO_CACHE": "1"}, False),
-    ("check blueprints (one process)", ["check", "blueprints"], {"COMPOSER_JOBS": "1"}, False),
-    ("check blueprints/swin.arch", ["check", "blueprints/swin.arch"], {}, False),
-    ("info swin_t", ["info", "swin_t"], {}, False),
-    ("list ops", ["list", "ops"], {}, False),
+    ("check blueprints", ["check", "blueprints"], {}, "warm"),
+    ("check blueprints (one file edited)", ["check", "{copy}"], {}, "edited"),
+    ("check blueprints (no kept results)", ["check", "blueprints"], {}, "results"),
+    ("check blueprints (cold caches)", ["check", "blueprints"], {}, "cold"),
+    ("check blueprints (caches off)", ["check", "blueprints"], {"COMPOSER_NO_CACHE": "1"}, "warm"),
+    ("check blueprints (no kept results, one process)", ["check", "blueprints"], {"COMPOSER_JOBS": "1"}, "results"),
+    ("check blueprints/swin.arch", ["check", "blueprints/swin.arch"], {}, "warm"),
+    ("check blueprints/swin.arch (no kept results)", ["check", "blueprints/swin.arch"], {}, "results"),
+    ("info swin_t", ["info", "swin_t"], {}, "warm"),
+    ("list ops", ["list", "ops"], {}, "warm"),
 ]
 
 
@@ -80,20 +89,32 @@ def in_process(repo: Path, env: dict) -> None:
     print(f"best of 3: {best[0]:.3f} s")
 
 
-def whole_process(repos: list[Path], envs: list[dict], argv: list[str], runs: int, cold: bool,
+def whole_process(repos: list[Path], envs: list[dict], argv: list[str], runs: int, mode: str,
                   scratch: Path) -> list[tuple[float, float, float, float]]:
     """(median wall, min wall, median cpu, min cpu) of `python -m composer ARGV` run `runs` times in
     each checkout of `repos`, their runs taking turns (so that a change of the machine's load
     falls on all of them alike)."""
-    cmd = [sys.executable, "-m", "composer", *argv]
-    for repo, env in zip(repos, envs):  # warm-up: bytecode caches, the warm parsed-file cache
+    copies = []
+    for i, repo in enumerate(repos):  # "edited": a copy of the checkout's blueprints
+        copy = scratch / f"blueprints-{i}"
+        if mode == "edited" and not copy.exists():
+            shutil.copytree(repo / "blueprints", copy)
+        copies.append(copy)
+    cmds = [[sys.executable, "-m", "composer", *(str(c) if a == "{copy}" else a for a in argv)] for c in copies]
+    for cmd, repo, env in zip(cmds, repos, envs):  # warm-up: bytecode caches, the warm caches
         subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = [[] for _ in repos]
     cpu = [[] for _ in repos]
     for k in range(runs):
-        for i, (repo, env) in enumerate(zip(repos, envs)):
-            if cold:
-                env = dict(env, COMPOSER_CACHE_DIR=str(scratch / f"cold-{i}-{' '.join(argv)}-{k}"))
+        for i, (cmd, repo, env) in enumerate(zip(cmds, repos, envs)):
+            if mode in ("cold", "results"):
+                run_dir = Path(tempfile.mkdtemp(prefix=f"{mode}-{i}-", dir=scratch))
+                if mode == "results" and (Path(env["COMPOSER_CACHE_DIR"]) / "parse").is_dir():
+                    shutil.copytree(Path(env["COMPOSER_CACHE_DIR"]) / "parse", run_dir / "parse")
+                env = dict(env, COMPOSER_CACHE_DIR=str(run_dir))
+            if mode == "edited":
+                with open(copies[i] / "swin.arch", "a") as fh:
+                    fh.write(f"# run {k}\n")
             before, t = os.times(), time.perf_counter()
             done = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                   text=True)
@@ -132,21 +153,21 @@ def main() -> None:
     print(f"\nwhole processes, {args.runs} runs each: wall median / min, cpu median / min (s)")
     results = {}
     try:
-        for label, argv, extra, cold in COMMANDS:
-            rows = whole_process(repos, [dict(env, **extra) for env in envs], argv, args.runs, cold, scratch)
+        for label, argv, extra, mode in COMMANDS:
+            rows = whole_process(repos, [dict(env, **extra) for env in envs], argv, args.runs, mode, scratch)
             results[label] = rows[0]
             for repo, r in zip(repos, rows):
                 where = f"  [{repo.name}]" if len(repos) > 1 else ""
-                print(f"  composer {label:<36} wall {r[0]:.3f} / {r[1]:.3f}   cpu {r[2]:.3f} / {r[3]:.3f}{where}")
+                print(f"  composer {label:<48} wall {r[0]:.3f} / {r[1]:.3f}   cpu {r[2]:.3f} / {r[3]:.3f}{where}")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
-    info, check = results["info swin_t"], results["check blueprints/swin.arch"]
-    print(f"{repos[0].name}: info swin_t / check swin.arch: cpu median {info[2] / check[2]:.2f}, wall median "
-          f"{info[0] / check[0]:.2f} (target <= 1.5)")
-    zoo = results["check blueprints"]
-    print(f"{repos[0].name}: check blueprints: wall median {zoo[0]:.3f} s, cpu median {zoo[2]:.3f} s "
-          f"(target <= 0.6 s)")
+    info, check = results["info swin_t"], results["check blueprints/swin.arch (no kept results)"]
+    print(f"{repos[0].name}: info swin_t / check swin.arch (each checked, no kept results): cpu median "
+          f"{info[2] / check[2]:.2f}, wall median {info[0] / check[0]:.2f} (target <= 1.5)")
+    for label in ("check blueprints", "check blueprints (one file edited)", "check blueprints (no kept results)"):
+        zoo = results[label]
+        print(f"{repos[0].name}: {label}: wall median {zoo[0]:.3f} s, cpu median {zoo[2]:.3f} s (target <= 0.6 s)")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,9 @@ class CheckCache:
     def __init__(self, options: str):
         self.where = folder("check")
         self.options = options
-        self._hashes: dict[str, str | None] = {}
+        self._hashes: dict[str, str | None] = {}  # a file's text hash (unchanged while the command runs:
+        # a file changed since shortly before a check began is not kept, `_store`)
+        self._closures: dict = {}  # import_closure's, per imported file
 
     def _entry(self, path: str, name) -> tuple[Path, bytes]:
         h = hashlib.sha256(_composer())
@@ -140,14 +142,13 @@ class CheckCache:
 
         path, name = str(target[0]), target[1]
         try:
-            files, absent = import_closure(path)
+            files, absent = import_closure(path, self._closures)
             # a file changed since shortly before the check began may not be what the check read (an
             # edit during it, or within the file system clock's tick): not kept, as git's racy rule
             if any(max(st.st_mtime_ns, st.st_ctime_ns) >= start - RACY_NS for st in map(os.stat, files)):
                 return
         except Exception:  # noqa: BLE001 - nothing kept
             return
-        self._hashes.clear()
         deps = [(str(f), self._hash(str(f))) for f in files]
         if any(h is None for _, h in deps):
             return

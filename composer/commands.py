@@ -75,6 +75,8 @@ def cmd_check(args) -> int:
 
         cache = CheckCache(repr((args.quiet, args.set, args.num_classes, args.img_size, args.in_chans)))
         items = [(t, cache.lookup(t)) for t in targets]
+        if any(kept is None for _, kept in items):
+            from . import api  # noqa: F401 - the op library, imported once before run() forks, not per process
 
         def check(item) -> int:
             target, kept = item

@@ -200,30 +200,40 @@ def find_import(imp: ast.Import, here: Path) -> Path:
                 did_you_mean(imp.path, lib) or "standard library files: " + ", ".join(sorted(lib)))
 
 
-def import_closure(path: str | Path) -> tuple[list[Path], list[Path]]:
+def import_closure(path: str | Path, memo: dict | None = None) -> tuple[list[Path], list[Path]]:
     """The files a check of `path` reads, through the paths its imports name (it first, then its
     imports depth first, each once), and the paths an import looked in before the file it found
-    (empty then; a file put there later would be imported instead). The files are loaded."""
+    (empty then; a file put there later would be imported instead). The files are loaded. `memo`
+    keeps each file's own answer for later calls (a library file imported by many)."""
+    memo = {} if memo is None else memo
     files: list[Path] = []
-    absent: list[Path] = []
     seen: set[str] = set()
+    for p, real in _closure(Path(path), memo, ()):
+        if real not in seen:
+            seen.add(real)
+            files.append(p)
+    return files, list(memo[str(Path(path).resolve())][1])
 
-    def visit(p: Path) -> None:
-        real = str(p.resolve())
-        if real in seen:
-            return
-        seen.add(real)
-        files.append(p)
-        for imp in load(p).file.imports:
-            rel = import_file_name(imp)
-            for base in (p.parent, BLUEPRINTS_DIR):
-                if (base / rel).is_file():
-                    visit(base / rel)
-                    break
-                absent.append(base / rel)
 
-    visit(Path(path))
-    return files, absent
+def _closure(p: Path, memo: dict, stack: tuple) -> list[tuple[Path, str]]:
+    """(path, resolved path) of `p` and of every file it imports, depth first (repeats left in);
+    memo[resolved] = (that list, the absent paths of the whole subtree)."""
+    real = str(p.resolve())
+    if real in memo:
+        return memo[real][0]
+    if real in stack:  # a cycle: load() reports it
+        return [(p, real)]
+    found, absent = [(p, real)], []
+    for imp in _load(p, ()).file.imports:  # loaded already: the check read it (no GC pause needed)
+        rel = import_file_name(imp)
+        for base in (p.parent, BLUEPRINTS_DIR):
+            if (base / rel).is_file():
+                found += _closure(base / rel, memo, stack + (real,))
+                absent += memo.get(str((base / rel).resolve()), ((), []))[1]
+                break
+            absent.append(base / rel)
+    memo[real] = (found, absent)
+    return found
 
 
 def _short(text: str, width: int = 60) -> str:
