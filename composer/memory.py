@@ -96,12 +96,13 @@ def default_limit() -> int:
     return int(available_bytes() * DEFAULT_FRACTION)
 
 
-def _steps(steps):
+def _steps(steps, reused: bool = False):
+    """(step, whether it runs a module that an earlier step made: `reuse`) of every step."""
     for s in steps:
         for t in s.walk():
-            yield t
+            yield t, reused
             if t.__class__ is ReuseStep:
-                yield from _steps(t.reused)
+                yield from _steps(t.reused, True)
 
 
 def _folded(step: OpStep) -> int:
@@ -116,11 +117,11 @@ def estimate(plan: Plan, batch: int = 1) -> Estimate:
     buffers, top_buffer, top_step = 0, 0, None
     activation, act_step = plan.input.numel, None
     for sec in plan.sections:
-        for s in _steps(sec.steps):
+        for s, reused in _steps(sec.steps):
             n = s.y.numel * (_folded(s) if s.__class__ is OpStep else 1)
             if n > activation:
                 activation, act_step = n, s
-            if s.__class__ is OpStep:  # one module, whatever the batch it runs on
+            if s.__class__ is OpStep and not reused:  # one module, whatever the batch it runs on, however often
                 b = s.op.buffer_elements(s.x, s.y)
                 buffers += b
                 if b > top_buffer:

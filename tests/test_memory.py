@@ -132,6 +132,19 @@ def test_the_estimate_counts_what_the_built_model_holds(tmp_path):
     assert est.buffers == 0 and est.params == sum(p.numel() for p in model.parameters())
 
 
+def test_a_reused_module_s_buffers_count_once(tmp_path):
+    """`reuse` runs the module again: its buffers (the window attention's relative-position index)
+    are held once, as the built model's own buffers show."""
+    path = tmp_path / "reuse.arch"
+    path.write_text("model r {\n    input image(3, 16)\n    stem patch_embed(16, 2)\n    stage {\n"
+                    "        block { attention(2, partition = window(4), position = relative_bias) as attn }\n"
+                    "        block { reuse stages.0.blocks.0.attn }\n    }\n"
+                    "    head { global_pool; classifier(5) }\n}\n")
+    est = estimate(api.load(str(path)))
+    held = sum(b.numel() for b in api.build(str(path)).buffers())
+    assert est.buffers == held > 0
+
+
 def test_info_prints_the_estimate(tmp_path, capsys):
     path = tmp_path / "m.arch"
     path.write_text(HUGE["buffer"].replace("512", "32"))  # a (32^2)^2 index: 1,048,576 int64 entries
