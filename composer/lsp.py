@@ -72,9 +72,9 @@ def make_server():
             T.Diagnostic(range=to_range(lines, (p.line, p.character, p.end_line, p.end_character)), message=p.message,
                          severity=severity[p.severity], code=p.code or None, source="composer")
             for p in a.problems]))
-        if dependents:
+        if dependents:  # every open document that imports it, directly or through other files
             for other, b in list(last.items()):
-                if other != uri and path in b.imports:
+                if other != uri and path in b.reaches:
                     analyse(other, dependents=False)
 
     def position(uri: str, pos) -> tuple[Analysis | None, int, int]:

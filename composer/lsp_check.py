@@ -17,7 +17,8 @@ from pathlib import Path
 
 from . import ast
 from .diagnostics import ComposerError, ComposerWarning, Diagnostic
-from .loader import Unit, find_import, load, make_unit, parse_blueprint
+from .files import read_source
+from .loader import Unit, find_import, import_closure, load, make_unit, parse_blueprint
 from .lower import plan
 from .resolve import resolve_model
 from .source import Span
@@ -52,6 +53,7 @@ class Analysis:
     problems: list = field(default_factory=list)
     plans: dict = field(default_factory=dict)  # model name -> Plan, in the file's order
     imports: list = field(default_factory=list)  # the resolved paths of the files it imports
+    reaches: set = field(default_factory=set)  # the resolved paths of every file it imports, at any depth
 
 
 def span_range(span: Span) -> tuple[int, int, int, int]:
@@ -120,7 +122,7 @@ class Checker:
             try:
                 with contextlib.suppress(ComposerError):
                     out.imports.append(str(find_import(imp, Path(out.path).parent).resolve()))
-                imported.append(self._import(imp, Path(out.path).parent, (key,)))
+                imported.append(self._import(imp, Path(out.path).parent, (key,), out.reaches))
             except ComposerError as exc:
                 failed = True
                 out.problems += self._place(exc.diagnostics, out, imp.span)
@@ -151,22 +153,30 @@ class Checker:
                 out.plans[m.name] = found
         self._models[key] = (tuple(imported), list(out.file.composites), done)
 
-    def _import(self, imp: ast.Import, here: Path, stack: tuple) -> Unit:
-        """The unit an import gives: an open buffer's (its text), else the file's on disk."""
+    def _import(self, imp: ast.Import, here: Path, stack: tuple, reaches: set) -> Unit:
+        """The unit an import gives: an open buffer's (its text), else the file's on disk, whose own
+        imports again come from the open buffers (an edit two imports away is seen). `reaches`
+        gets every file read."""
         target = find_import(imp, here)
         key = str(target.resolve())
         if key in stack:
             raise ComposerError(Diagnostic("cyclic-import", f"import cycle: '{imp.path}' imports this file again",
                                            imp.span, "move the shared definitions into a third file"))
-        if key not in self.buffers:
-            return load(target)
-        text = self.buffers[key]
+        reaches.add(key)
+        if key in self.buffers:
+            text = self.buffers[key]
+        else:
+            below = [str(f.resolve()) for f in import_closure(target)[0][1:]]
+            if not any(b in self.buffers for b in below):
+                reaches.update(below)
+                return load(target)
+            text = read_source(target)
         file = None
         cached = self._units.get(key)
         if cached is not None and cached[0] == text:
             file = cached[2].file
         file = file or parse_blueprint(text, str(target))
-        imported = tuple(self._import(i, target.parent, stack + (key,)) for i in file.imports)
+        imported = tuple(self._import(i, target.parent, stack + (key,), reaches) for i in file.imports)
         if cached is not None and cached[2].file is file and len(imported) == len(cached[1]) \
                 and all(a is b for a, b in zip(imported, cached[1])):
             return cached[2]

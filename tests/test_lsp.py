@@ -165,6 +165,22 @@ def test_imports_come_from_open_buffers(tmp_path):
     assert a.problems == [] and a.plans["u"].stem.y.channels == 6
 
 
+def test_an_open_buffer_two_imports_away_is_used(tmp_path):
+    """top.arch imports mid.arch (on disk, not open), which imports leaf.arch (open, edited): the
+    check of top sees the buffer's text, and top reaches leaf (the server re-checks it on an edit)."""
+    (tmp_path / "leaf.arch").write_text("block widen(n) { conv(n, 1) }\n")
+    (tmp_path / "mid.arch").write_text('import "leaf"\nblock twice(n) { widen(n); widen(n) }\n')
+    top = tmp_path / "top.arch"
+    text = 'import "mid"\nmodel t {\n    input image(3, 8)\n    stem twice(4)\n}\n'
+    checker = Checker()
+    a = checker.check(str(top), text)
+    assert a.problems == [] and a.plans["t"].params == (3 * 4 + 4) + (4 * 4 + 4)
+    assert {str(tmp_path / "mid.arch"), str(tmp_path / "leaf.arch")} <= a.reaches
+    checker.open(str(tmp_path / "leaf.arch"), "block widen(n) { conv(n, 3) }\n")  # unsaved: 3x3 convs
+    a = checker.check(str(top), text)
+    assert a.problems == [] and a.plans["t"].params == (3 * 4 * 9 + 4) + (4 * 4 * 9 + 4)
+
+
 def test_error_in_an_import_is_placed_at_the_import(tmp_path):
     (tmp_path / "bad.arch").write_text("block oops( { }\n")
     text = 'import "bad"\nmodel m { input image(3, 8) }\n'
