@@ -21,7 +21,7 @@ from .files import read_source
 from .loader import Unit, find_import, import_closure, load, make_unit, parse_blueprint
 from .lower import plan
 from .resolve import resolve_model
-from .source import Span
+from .source import Span, register
 
 ERROR, WARNING = "error", "warning"
 _USED_AT = re.compile(r" used at (.+):(\d+):(\d+)$")  # resolve's note on an error inside a composite
@@ -93,6 +93,8 @@ class Checker:
                 self._check(out, caught)
             except ComposerError as exc:
                 out.problems += self._place(exc.diagnostics, out, None)
+                if out.file is None and exc.diagnostics and exc.diagnostics[0].code == "syntax":
+                    out.problems += self._place(later_syntax_errors(out.text, out.path, exc.diagnostics[0]), out, None)
             except RecursionError:  # hostile nesting the parser's limits missed: one problem, never a crash
                 out.problems.append(Problem(0, 0, 0, 0, "the file nests too deeply to check"))
             out.problems += self._warnings(caught, out)
@@ -215,6 +217,43 @@ class Checker:
                 line, col = int(m.group(2)), int(m.group(3))
                 return Span(path, line, col, line, col)
         return None
+
+
+TOP_LEVEL = re.compile(r"(model|block|mixer|import)\b")
+
+
+def later_syntax_errors(text: str, path: str, first: Diagnostic) -> list[Diagnostic]:
+    """The syntax errors after `first`, one per top-level definition at most: the parser does not
+    recover, so the text is parsed again from the line that starts the next definition (`model`,
+    `block`, `mixer`, `import` at the start of a line) at or after the error, the lines before it
+    blanked (so that lines and columns stay those of the file), until a parse gets to the end.
+    .arch only."""
+    if Path(path).suffix in (".yaml", ".yml") or first.span is None:
+        return []
+    lines = text.split("\n")
+    tops = [i for i, line in enumerate(lines) if TOP_LEVEL.match(line)]
+    found, start, at = [], 0, first.span
+    try:
+        for _ in range(len(tops)):
+            # from the definition the error is in, or the next: an error on a definition's first line
+            # may be its predecessor's (a missing '}'), so that line is parsed again on its own
+            nxt = next((i for i in tops if i > start and i >= at.line - 1), None)
+            if nxt is None:
+                break
+            start = nxt
+            try:
+                parse_blueprint("\n" * start + "\n".join(lines[start:]), path)
+                break
+            except ComposerError as exc:
+                d = exc.diagnostics[0] if exc.diagnostics else None
+                if d is None or d.code != "syntax" or d.span is None or d.span.line - 1 < start:
+                    break
+                if (d.span.line, d.span.column) != (at.line, at.column):  # the same error again: not twice
+                    found.append(d)
+                    at = d.span
+    finally:
+        register(path, text)  # the file's text, not the last part parsed, for the quoted lines
+    return found
 
 
 def _chain(unit: Unit, model: ast.ModelDef) -> tuple | None:

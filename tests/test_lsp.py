@@ -165,6 +165,25 @@ def test_imports_come_from_open_buffers(tmp_path):
     assert a.problems == [] and a.plans["u"].stem.y.channels == 6
 
 
+def test_a_syntax_error_per_definition(tmp_path):
+    """The parser stops at the first syntax error; the checker parses again from the next
+    definition, so each broken definition has its error (a missing '}' is found on the next
+    definition's first line, which is then parsed again on its own), and a good one gives none."""
+    text = ("model a {\n    input image(3, 8)\n    stem conv(4,, 3)\n}\n"  # line 2: `,,`
+            "block fine(n) { conv(n, 1) }\n"
+            "block open(n) { conv(n, 1)\n"                                   # line 5: no '}'
+            "model c {\n    input image(3, 8)\n    stem conv(4 3)\n}\n")  # line 8: no ','
+    a = Checker().check(str(tmp_path / "s.arch"), text)
+    rows = text.split("\n")
+    assert [(p.line, p.character) for p in a.problems] == [
+        (2, rows[2].index(",,") + 1), (6, rows[6].index("{")), (8, rows[8].index("3)"))]
+    assert all(p.severity == "error" for p in a.problems)
+    # an error on a definition's own first line: reported once, then the next definition's
+    text = "model a {\n    stem conv(4,, 3)\n}\nmodel b( {\n}\nmodel c {\n    stem conv(4 3)\n}\n"
+    a = Checker().check(str(tmp_path / "t.arch"), text)
+    assert [(p.line, p.character) for p in a.problems] == [(1, 16), (3, 9), (6, 16)]
+
+
 def test_an_open_buffer_two_imports_away_is_used(tmp_path):
     """top.arch imports mid.arch (on disk, not open), which imports leaf.arch (open, edited): the
     check of top sees the buffer's text, and top reaches leaf (the server re-checks it on an edit)."""
