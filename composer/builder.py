@@ -359,11 +359,12 @@ class ComposedModel(TimmApi, nn.Module):
         self._link_shared()
         return self
 
-    def optimize(self, channels_last: bool = False) -> "ComposedModel":
+    def optimize(self, channels_last: bool = False, kernels: bool = True) -> "ComposedModel":
         """The inference form, in place (composer/optimize.py: the same eval-mode logits, other
-        state_dict keys, `train()` refused); `channels_last`: conv weights (and so the maps) too."""
+        state_dict keys, `train()` refused); `channels_last`: conv weights (and so the maps) too;
+        `kernels`: oneDNN's CPU kernels on packed weights (composer/layers/onednn.py)."""
         if not self.inference_only:
-            optimize_model(self)
+            optimize_model(self, kernels)
             self._link_shared()
             self.inference_only = True
         return self.to(memory_format=torch.channels_last) if channels_last else self
