@@ -5,13 +5,18 @@ mypy keep their results per file).
 An entry is found by a hash of the file's path (as written and resolved), the check's options and
 composer itself: the text of every module of the package, the grammar, Lark's and pydantic's
 versions and Python's. It holds what the check printed (stdout and stderr, in order) and what it
-read: the text hash of the file and of every file it imports (depth first, through the paths the
-imports named), and the paths an import looked in first and found nothing (a file put there later
-would be imported instead). An entry is used only when every file still has its hash and every
-such path is still empty; otherwise the file is checked again and the entry replaced.
+read: the text hash and the resolved path of the file and of every file it imports (depth first,
+under every path the imports named: a file reached through two symlinked folders is listed under
+both), and the paths an import looked in first and found nothing (a file put there later would be
+imported instead). An entry is used only when every file still has its hash and resolves to the
+same file and every such path is still empty; otherwise the file is checked again and the entry
+replaced. The hashes kept are taken after the check, of files not changed since shortly before it
+began (the racy rule below), so they are of the text the check read.
 
-Only a check that succeeded without a Python warning is kept (a deprecation note is printed once
-per process, so it cannot be replayed faithfully): an error is found by checking each time. Only
+Only a check that succeeded without a warning is kept, a warning counted whether Python showed it
+or not (a deprecation note is shown once per process and place, so it cannot be replayed
+faithfully, and a check whose note was not shown this time would print it in another process):
+an error is found by checking each time. Only
 .arch files are cached. `COMPOSER_NO_CACHE=1` switches it off, with the parsed-file cache, whose
 folder it shares (`check/` beside `parse/`; composer/parse_cache.py). Entries are JSON, never
 code; a missing, stale, unreadable or corrupt entry is ignored.
@@ -30,29 +35,41 @@ from pathlib import Path
 from .locate import GRAMMAR_DIR
 from .disk_cache import folder, real_path, write_entry
 
-FORMAT = b"composer-check-1\n"
+FORMAT = b"composer-check-2\n"
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
 _PACKAGE = Path(__file__).parent
 _state: dict = {}  # "composer": the hash of composer's code and its front end's libraries
+
+
+def composer_files() -> tuple[list[Path], list[str]]:
+    """The files of composer's code, and of the front end's libraries those that hold their version
+    (its __init__; pydantic's version.py, which also names the pydantic_core it needs), and the
+    libraries not found."""
+    import importlib.util
+
+    files = sorted(_PACKAGE.rglob("*.py")) + sorted(GRAMMAR_DIR.glob("*.lark"))
+    missing = []
+    for lib in ("lark", "pydantic", "pydantic_core", "yaml", "networkx"):
+        try:
+            init = Path(importlib.util.find_spec(lib).origin)
+        except (ImportError, AttributeError, TypeError, ValueError):
+            missing.append(lib)
+            continue
+        files += [init] + [f for f in (init.parent / "version.py",) if f.is_file()]
+    return files, missing
 
 
 def _composer() -> bytes:
     """The hash of everything besides the blueprints that decides a check (once per process)."""
     known = _state.get("composer")
     if known is None:
-        import importlib.util
-
         from . import __version__
 
         h = hashlib.sha256(FORMAT)
         h.update(f"{__version__}\0{sys.version}\0".encode())
-        files = sorted(_PACKAGE.rglob("*.py")) + sorted(GRAMMAR_DIR.glob("*.lark"))
-        for lib in ("lark", "pydantic", "pydantic_core", "yaml", "networkx"):
-            try:
-                spec = importlib.util.find_spec(lib)  # the version is in its __init__
-                files.append(Path(spec.origin))
-            except (ImportError, AttributeError, TypeError, ValueError):
-                h.update(f"\0no {lib}\0".encode())
+        files, missing = composer_files()
+        for lib in missing:
+            h.update(f"\0no {lib}\0".encode())
         for f in files:
             h.update(str(f.relative_to(_PACKAGE) if f.is_relative_to(_PACKAGE) else f.name).encode() + b"\0")
             try:
@@ -69,8 +86,7 @@ class CheckCache:
     def __init__(self, options: str):
         self.where = folder("check")
         self.options = options
-        self._hashes: dict[str, str | None] = {}  # a file's text hash (unchanged while the command runs:
-        # a file changed since shortly before a check began is not kept, `_store`)
+        self._hashes: dict[str, str | None] = {}  # a file's text hash when the entries were looked up
         self._closures: dict = {}  # import_closure's, per imported file
 
     def _entry(self, path: str, name) -> tuple[Path, bytes]:
@@ -80,12 +96,9 @@ class CheckCache:
         return self.where / (key.hex()[:40] + ".json"), key
 
     def _hash(self, path: str) -> str | None:
+        """The text hash of `path` at look-up (once per run: the entries are all looked up first)."""
         if path not in self._hashes:
-            try:
-                with open(path, "rb") as fh:
-                    self._hashes[path] = hashlib.sha256(fh.read()).hexdigest()
-            except OSError:
-                self._hashes[path] = None
+            self._hashes[path] = _text_hash(path)
         return self._hashes[path]
 
     def usable(self, target) -> bool:
@@ -104,7 +117,8 @@ class CheckCache:
                 return None
             found = json.loads(data[len(FORMAT) + len(key):].decode("utf-8"))
             deps, absent, events = found["deps"], found["absent"], found["events"]
-            if any(self._hash(p) != h for p, h in deps) or any(os.path.lexists(p) for p in absent):
+            if any(self._hash(p) != h or real_path(p) != real for p, real, h in deps) \
+                    or any(os.path.lexists(p) for p in absent):
                 return None
             if all(s in (1, 2) and isinstance(t, str) for s, t in events):
                 return events
@@ -123,8 +137,11 @@ class CheckCache:
         succeeded without a warning."""
         if not self.usable(target):
             return check()
+        from .diagnostics import warnings_issued
+
         events: list = []
         shown: list = []
+        issued = warnings_issued()
         out, err, show = sys.stdout, sys.stderr, warnings.showwarning
         sys.stdout, sys.stderr = _Tee(1, out, events), _Tee(2, err, events)
         warnings.showwarning = lambda *a, **k: (shown.append(True), show(*a, **k))
@@ -133,7 +150,7 @@ class CheckCache:
             failed = check()
         finally:
             sys.stdout, sys.stderr, warnings.showwarning = out, err, show
-        if not failed and not shown:
+        if not failed and not shown and warnings_issued() == issued:
             self._store(target, events, start)
         return failed
 
@@ -143,20 +160,30 @@ class CheckCache:
         path, name = str(target[0]), target[1]
         try:
             files, absent = import_closure(path, self._closures)
-            # a file changed since shortly before the check began may not be what the check read (an
-            # edit during it, or within the file system clock's tick): not kept, as git's racy rule
+            # hashed now, not at look-up (a file edited between its look-up and its check, in a long
+            # folder's check, was read by the check as it is now), then the racy rule: a file
+            # changed since shortly before the check began may not be what the check read (an edit
+            # during it, or within the file system clock's tick): not kept, as git's racy rule
+            deps = [(str(f), real_path(f), _text_hash(f)) for f in files]
+            if any(h is None for _, _, h in deps):
+                return
             if any(max(st.st_mtime_ns, st.st_ctime_ns) >= start - RACY_NS for st in map(os.stat, files)):
                 return
         except Exception:  # noqa: BLE001 - nothing kept
-            return
-        deps = [(str(f), self._hash(str(f))) for f in files]
-        if any(h is None for _, h in deps):
             return
         entry, key = self._entry(path, name)
         body = json.dumps({"deps": deps, "absent": [str(a) for a in absent], "events": events})
         data = FORMAT + key + body.encode("utf-8", "surrogatepass")
         if len(data) <= MAX_ENTRY_BYTES:
             write_entry(self.where, entry, data)
+
+
+def _text_hash(path) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
 
 
 class _Tee:

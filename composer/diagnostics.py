@@ -101,9 +101,21 @@ class ComposerWarning(UserWarning):
     the rendered diagnostic, `file:line:col: warning: ...` with the source line and the new spelling."""
 
 
+_issued = [0]  # warnings `deprecated` issued in this process
+
+
+def warnings_issued() -> int:
+    """How many warnings `deprecated` has issued in this process, shown or not: Python shows one
+    once per place and text (and none under `-W ignore`), so a check that issued one prints what
+    it printed only in this process (the check-result cache keeps no such check)."""
+    return _issued[0]
+
+
 def deprecated(message: str, span: Span | None, hint: str) -> None:
     """Warn that a spelling is deprecated (it keeps working); `hint` gives the new one."""
     import warnings
+
+    _issued[0] += 1
 
     text = Diagnostic("deprecated", message, span, hint).render().replace(": error: ", ": warning: ", 1)
     if span is None:

@@ -202,37 +202,41 @@ def find_import(imp: ast.Import, here: Path) -> Path:
 
 def import_closure(path: str | Path, memo: dict | None = None) -> tuple[list[Path], list[Path]]:
     """The files a check of `path` reads, through the paths its imports name (it first, then its
-    imports depth first, each once), and the paths an import looked in before the file it found
+    imports depth first, each path once: a file reached under two names, through a symlinked
+    folder, is listed under both), and the paths an import looked in before the file it found
     (empty then; a file put there later would be imported instead). The files are loaded. `memo`
-    keeps each file's own answer for later calls (a library file imported by many)."""
+    keeps each file's own answer for later calls (a library file imported by many), used while
+    the file and its imports load as the same unit."""
     memo = {} if memo is None else memo
     files: list[Path] = []
     seen: set[str] = set()
-    for p, real in _closure(Path(path), memo, ()):
-        if real not in seen:
-            seen.add(real)
+    for p, _ in _closure(Path(path), memo, ()):
+        if str(p) not in seen:
+            seen.add(str(p))
             files.append(p)
-    return files, list(memo[str(Path(path).resolve())][1])
+    return files, list(memo[str(Path(path).resolve())][2])
 
 
 def _closure(p: Path, memo: dict, stack: tuple) -> list[tuple[Path, str]]:
     """(path, resolved path) of `p` and of every file it imports, depth first (repeats left in);
-    memo[resolved] = (that list, the absent paths of the whole subtree)."""
+    memo[resolved] = (its unit, that list, the absent paths of the whole subtree)."""
     real = str(p.resolve())
-    if real in memo:
-        return memo[real][0]
     if real in stack:  # a cycle: load() reports it
         return [(p, real)]
+    unit = _load(p, ())  # loaded already: the check read it (no GC pause needed)
+    known = memo.get(real)
+    if known is not None and known[0] is unit:  # neither it nor an import changed since
+        return [(p, real)] + known[1][1:]
     found, absent = [(p, real)], []
-    for imp in _load(p, ()).file.imports:  # loaded already: the check read it (no GC pause needed)
+    for imp in unit.file.imports:
         rel = import_file_name(imp)
         for base in (p.parent, BLUEPRINTS_DIR):
             if (base / rel).is_file():
                 found += _closure(base / rel, memo, stack + (real,))
-                absent += memo.get(str((base / rel).resolve()), ((), []))[1]
+                absent += memo.get(str((base / rel).resolve()), ((), (), []))[2]
                 break
             absent.append(base / rel)
-    memo[real] = (found, absent)
+    memo[real] = (unit, found, absent)
     return found
 
 

@@ -149,3 +149,88 @@ def test_an_unchanged_zoo_file_is_replayed_without_the_op_library(tmp_path):
     first, second = (r.stdout.rpartition("loaded:") for r in runs)
     assert first[0] == second[0] and first[0].count("ok  ") >= 2
     assert "composer.ops" in first[2] and second[2].strip() == "[]"
+
+
+def test_a_warning_python_did_not_show_is_not_kept(cache, tmp_path, capsys):
+    """Python shows a deprecation note once per place: checking a.arch and b.arch, which both use
+    lib.arch's deprecated spelling, shows it for a.arch only. b.arch's check issued it all the
+    same, so it is not kept (a process that checks b.arch alone prints the note)."""
+    (tmp_path / "lib.arch").write_text(
+        "block old(d) { parallel tokens { learned_tokens(d, 2); identity }; dynamic_relu(2) }\n")
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.arch").write_text(
+            'import "lib"\nmodel m {\n    input image(3, 8)\n    stem conv(6, 1)\n    stage { block old(6) }\n}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")  # once per place and text, as in a fresh process
+        code, out, err = _check(capsys, tmp_path / "a.arch", tmp_path / "b.arch")
+    assert code == 0 and out.count(":m  36 params") == 2  # conv 3*6 + 6, dynamic_relu 6*2
+    assert err.count("lib.arch:1:68: warning: dynamic_relu reading") == 1
+    assert not cache.exists() or not list(cache.glob("*.json"))
+
+
+def test_a_file_edited_between_its_lookup_and_its_check(cache, tmp_path, capsys, monkeypatch):
+    """In a long folder's check the entries are looked up first and the files checked later: a
+    file edited in between is kept with the text the check read, not the one looked up."""
+    model = 'model m {{\n    input image(3, 8)\n    stem conv({w}, 1)\n    head {{ global_pool("avg"); classifier(2) }}\n}}\n'
+    params = {w: 3 * w + w + 2 * w + 2 for w in (4, 5, 6)}  # stem conv and classifier, by hand
+    f = tmp_path / "m.arch"
+    f.write_text(model.format(w=4))
+    assert f"{params[4]} params" in _check(capsys, f)[1]  # an entry for width 4
+    f.write_text(model.format(w=5))  # looked up as width 5 (the entry is stale) ...
+    record = check_cache.CheckCache.record
+
+    def edited_before_the_check(self, target, check):
+        f.write_text(model.format(w=6))  # ... and checked as width 6
+        return record(self, target, check)
+
+    monkeypatch.setattr(check_cache.CheckCache, "record", edited_before_the_check)
+    assert f"{params[6]} params" in _check(capsys, f)[1]
+    monkeypatch.setattr(check_cache.CheckCache, "record", record)
+    f.write_text(model.format(w=5))
+    assert f"{params[5]} params" in _check(capsys, f)[1]
+
+
+def test_a_file_imported_under_two_names(cache, tmp_path, capsys):
+    """main.arch imports a/blocks and b/blocks, b a link to folder a: one file under two names.
+    Pointing b at another folder changes what the check reads."""
+    folder = tmp_path / "p"
+    for sub, k in (("a", 1), ("c", 3)):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "blocks.arch").write_text(BLOCKS.format(k=k))
+    try:
+        os.symlink("a", folder / "b")
+    except (OSError, NotImplementedError):
+        pytest.skip("no symlinks here")
+    (folder / "main.arch").write_text(MAIN.replace('import "blocks"', 'import "a/blocks"\nimport "b/blocks"'))
+    assert f"{PARAMS[1]} params" in _check(capsys, folder / "main.arch")[1]
+    assert f"{PARAMS[1]} params" in _check(capsys, folder / "main.arch")[1]
+    os.unlink(folder / "b")
+    os.symlink("c", folder / "b")  # b/blocks (k = 3) is imported last: its `unit` is the one used
+    assert f"{PARAMS[3]} params" in _check(capsys, folder / "main.arch")[1]
+
+
+def test_an_import_closure_follows_an_edited_import(tmp_path, monkeypatch):
+    """import_closure's memo is for unchanged files: lib.arch edited to import extra.arch between
+    two calls lists extra.arch in the second."""
+    monkeypatch.setattr(loader, "RACY_NS", -10**12)
+    for name in ("x", "y"):
+        (tmp_path / f"{name}.arch").write_text('import "lib"\n')
+    (tmp_path / "lib.arch").write_text("block unit(dim) { conv(dim, 1) }\n")
+    (tmp_path / "extra.arch").write_text("block more(dim) { conv(dim, 1) }\n")
+    memo: dict = {}
+    files, _ = loader.import_closure(tmp_path / "x.arch", memo)
+    assert [f.name for f in files] == ["x.arch", "lib.arch"]
+    (tmp_path / "lib.arch").write_text('import "extra"\nblock unit(dim) { conv(dim, 1) }\n')
+    files, absent = loader.import_closure(tmp_path / "y.arch", memo)
+    assert [f.name for f in files] == ["y.arch", "lib.arch", "extra.arch"]
+    assert tmp_path / "extra.arch" not in absent
+
+
+def test_the_front_end_libraries_versions_are_in_the_key():
+    """pydantic's version is not in its __init__ but in version.py: that file is hashed too."""
+    import pydantic
+
+    files, missing = check_cache.composer_files()
+    texts = [f.read_text(errors="replace") for f in files if f.name in ("__init__.py", "version.py")]
+    assert "pydantic" not in missing and any(repr(pydantic.VERSION) in t or f'"{pydantic.VERSION}"' in t
+                                            for t in texts)

@@ -184,11 +184,15 @@ def test_like_shape_rule_and_errors():
     assert back.infer(Shape(4, (4, 15))) == Shape(4, (6, 10))
     with pytest.raises(ShapeError, match="cannot tell the sizes of h, w"):
         OPS["rearrange"](pattern=BACK, sizes=[["ph", 2], ["pw", 2]]).infer(Shape(4, (4, 15)))
-    with pytest.raises(ShapeError, match="has size 16, but"):  # 4x16 does not come from a 6x10 grid
+    with pytest.raises(ShapeError, match="has size 16, but") as info:  # 4x16 does not come from a 6x10 grid
         back.infer(Shape(4, (4, 16)))
+    assert "h, w from the grid of `like`, 6x10" in str(info.value)  # h = 6 / 2, w = 10 / 2: 15, not 16
     flat = TensorRef("f", "f", None, Shape(4, (60,)))
     with pytest.raises(ShapeError, match="2 spatial axes, but like = f has a 1-D grid"):
         OPS["rearrange"](pattern=BACK, sizes=[["ph", 2], ["pw", 2]], like=flat).infer(Shape(4, (4, 15)))
+    tokens = TensorRef("k", "k", None, Shape(4, (6, 10), "tokens"))  # (B, 60, 4) at run time: no grid to read
+    with pytest.raises(ShapeError, match="like = k must be a map, got tokens"):
+        OPS["rearrange"](pattern=BACK, sizes=[["ph", 2], ["pw", 2]], like=tokens).infer(Shape(4, (4, 15)))
 
 
 # ----------------------------------------------------------------------------- split_channels

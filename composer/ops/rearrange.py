@@ -103,6 +103,11 @@ def _show(group: tuple[str, ...]) -> str:
     return group[0] if len(group) == 1 else "(" + " ".join(group) + ")"
 
 
+def _solved_from(pattern: Pattern, onto: dict[int, int] | None) -> set[str]:
+    """The axes of the output groups that `onto` fixes."""
+    return {a for index in (onto or {}) for a in pattern.right[index]}
+
+
 def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int],
           onto: dict[int, int] | None = None) -> tuple[dict[str, int], tuple[int, ...]]:
     """The size of every elementary axis and the output dims (channels first), for input dims `dims`;
@@ -120,6 +125,7 @@ def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int],
             raise ShapeError(f"rearrange: sizes names axis '{name}', which the pattern does not have",
                              f"the pattern's axes: {', '.join(pattern.names)}")
     known = dict(sizes)
+    given = set(known)  # the rest are solved from `onto` (like's grid) or from the input
     if onto:  # an output group with one axis left open takes what its fixed size leaves
         for _ in range(len(pattern.names)):
             for index, dim in onto.items():
@@ -140,8 +146,12 @@ def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int],
             known[unknown[0]] = dim // fixed
         elif fixed != dim:
             what = " * ".join(f"{a}={known[a] if a != '1' else 1}" for a in group)
-            raise ShapeError(f"rearrange: the input axis {_show(group)} has size {dim}, but {what} = {fixed}",
-                             "the sizes of a group must multiply to the size of its input axis")
+            grid = [a for a in group if a in known and a not in given and a in _solved_from(pattern, onto)]
+            raise ShapeError(f"rearrange: the input axis {_show(group)} has size {dim}, but {what} = {fixed}"
+                             + (f" ({', '.join(grid)} from the grid of `like`, {'x'.join(map(str, onto.values()))})"
+                                if grid else ""),
+                             "`like` names the map this one was laid out from: its grid must give back this "
+                             "input" if grid else "the sizes of a group must multiply to the size of its input axis")
     out = tuple(math.prod(known[a] for a in group if a != "1") for group in pattern.right)
     for index, dim in (onto or {}).items():
         if out[index] != dim:
@@ -206,9 +216,10 @@ class Rearrange(Op):
         if self.like is None:
             return None
         t = self.like.shape
-        if t.layout not in ("map", "tokens") or not t.spatial or t.extra:
-            raise ShapeError(f"rearrange: like = {self.like.name} must be a map (or tokens on a grid, without "
-                             f"class tokens), got {t.layout} {t}")
+        if t.layout != "map" or not t.spatial:  # tokens (B, N, C) do not tell their grid at run time
+            raise ShapeError(f"rearrange: like = {self.like.name} must be a map, got {t.layout} {t}",
+                             "bind the map before it becomes tokens (or fold them back: to_map)"
+                             if t.layout == "tokens" else None)
         if len(t.spatial) != len(pattern.right) - 1:
             raise ShapeError(f"rearrange: the right side has {len(pattern.right) - 1} spatial axes, but like = "
                              f"{self.like.name} has a {len(t.spatial)}-D grid ({t})",
