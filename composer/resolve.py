@@ -2,68 +2,42 @@
 per-block cycles and schedules, composites expanded, every op validated (pydantic). Nothing
 symbolic is left in the result.
 
-Over 500 lines: expansion is one recursive walk (bodies, residuals, parallels, composites, stages)
-whose statement visitors and value helpers read best beside it. Loading files is
+This module is the one recursive walk of expansion (bodies, residuals, parallels, composites,
+stages). Beside it: inheritance and the model's settings (composer/resolve_inherit.py), the values
+of statements (composer/resolve_values.py: per-block values, named list elements, reuse paths,
+a parallel's split), ops validated (composer/resolve_ops.py). Loading files is
 composer/loader.py's, module names composer/naming.py's, the instance cache composer/speed.py's."""
 
 from __future__ import annotations
 
-import re
 import typing
-from dataclasses import dataclass
-
-from pydantic import ValidationError
 
 from . import ast, budget
-from .diagnostics import ComposerError, deprecated, did_you_mean, error
-from .expr import Cycle, InputSpec, Ref, Schedule, Scope, evaluate, type_name
-from .loader import Unit, base_hint, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
+from .diagnostics import ComposerError, did_you_mean, error
+from .expr import InputSpec, Ref, Schedule, Scope, evaluate, type_name
+from .loader import Unit, load  # noqa: F401  (`resolve.load`: the files it resolves are loaded so)
 from .naming import Names, Numbered
-from .preprocess import SETTINGS as PREPROCESS, preprocess_settings
+from .preprocess import preprocess_settings
+from .resolve_inherit import SETTINGS, flatten, model_chain, user_setting
+from .resolve_ops import model_loss, to_op
+from .resolve_values import (MERGES, Aliased, Ctx, concretize, layer_name, layer_value,  # noqa: F401  (MERGES: `resolve.MERGES`)
+                             parallel_split, reuse_path, twice)
 from .tensors import bind_tensor, find_tensor, split_parts
-from .ops import OPS, Op
-from .ops.registry import plain_annotation, range_problem
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
-from .shapes import ShapeError, TensorRef
+from .shapes import TensorRef
 from .source import Span
 from .speed import PER_BLOCK, gc_paused, instance_key, item_count, keep_instance, reused_instance
 
 STATEMENT_UNITS = 100  # work units per statement expanded or layer copied (as much work as about 100 expression nodes)
-SETTINGS = ("drop_path", "reference", "paper", "outputs", "feature_points", "loss", *PREPROCESS)
-MERGES = ("concat", "add", "mean", "mul", "sub", "tokens")  # tokens: concatenate along the token axis
 
 # ---- models ----------------------------------------------------------------------
 
 
-def user_setting(key: str, value) -> ast.Assign:
-    """A setting given from outside (`--set drop_path=linspace(0, 0.1)`: an expression; `build(...,
-    drop_path=0.1)`: a Python value) as the statement `key = value` of the model."""
-    if not isinstance(value, typing.get_args(ast.Expr)):
-        value = ast.Literal(value, None)
-    return ast.Assign(key, value, value.span)
-
-
 def resolve_model(unit: Unit, name: str, overrides: dict | None = None) -> Model:
     """Resolve model `name` of `unit`; `overrides` maps parameter names to values or expression text."""
-    own = {m.name: m for m in unit.file.models}
-    if name not in own:
-        raise error("unknown-model", f"no model '{name}' in {unit.file.path}", None,
-                    did_you_mean(name, own) or f"models in this file: {', '.join(own) or '(none)'}")
-    defs = unit.models or own  # a base may be defined in an imported file (the zoo's included)
-    chain, cur = [], own[name]
-    while True:
-        if cur in chain:
-            cycle = " : ".join(m.name for m in chain[chain.index(cur):] + [cur])
-            raise error("cyclic-inheritance", f"model '{cur.name}' inherits from itself ({cycle})", cur.span)
-        chain.append(cur)
-        if cur.base is None:
-            break
-        seen = unit.homes.get(id(cur), defs)  # the models the file defining `cur` sees
-        if cur.base not in seen:
-            raise error("unknown-model", f"unknown base model '{cur.base}'", cur.span, base_hint(cur.base, seen))
-        cur = seen[cur.base]
+    chain = model_chain(unit, name)
     with gc_paused(), budget.opened():  # one work budget per model checked (composer/budget.py)
-        return _Resolver(unit, list(reversed(chain)), overrides or {}).run()
+        return _Resolver(unit, chain, overrides or {}).run()
 
 
 class _Resolver(ast.NodeVisitor):
@@ -74,23 +48,8 @@ class _Resolver(ast.NodeVisitor):
         self.model = chain[-1]
         self.binding = 0  # bindings open around the statement being resolved (`q = { k = {...} }`)
 
-    # -- flatten inheritance: base first, each variant overriding by name
-    def _flatten(self):
-        flat = _Inherited()
-        for depth, m in enumerate(self.chain):
-            flat.model, flat.depth = m, depth
-            for p in m.params:
-                flat.params[p.name] = p
-            stage_items = [s for s in m.body if isinstance(s, ast.Stage)]
-            if stage_items:
-                flat.stages = stage_items
-            for stmt in m.body:
-                flat.visit(stmt)
-        return (flat.params, flat.lets, flat.settings, {k: v[1] for k, v in flat.sections.items()}, flat.stages,
-                flat.overrides)
-
     def run(self) -> Model:
-        params, lets, settings, sections, stages, overrides = self._flatten()
+        params, lets, settings, sections, stages, overrides = flatten(self.chain)  # base first, variants overriding by name
         for key, value in self.user.items():
             if key in SETTINGS and key not in params:  # a model-level setting, overridden like a parameter
                 settings[key] = user_setting(key, value)
@@ -149,7 +108,7 @@ class _Resolver(ast.NodeVisitor):
         if features not in ("stages", "blocks"):
             raise error("value", f'feature_points must be "stages" or "blocks", got {features!r}',
                         settings["feature_points"].value.span)
-        loss = self._loss(settings["loss"].value, scope) if "loss" in settings else None
+        loss = model_loss(settings["loss"].value, scope) if "loss" in settings else None
         preprocess = preprocess_settings(settings, scope, inp.channels)
 
         expanded = [it for s in stages for it in self._expand_stages(s)]
@@ -164,20 +123,6 @@ class _Resolver(ast.NodeVisitor):
             overrides, meta.get("reference"), meta.get("paper"), self.unit.file.doc, self.model.span, outputs,
             features, loss, [m.name for m in reversed(self.chain)], outputs_spans, preprocess,
         )
-
-    def _loss(self, expr, scope) -> Op:
-        """`loss = focal(alpha = 0.25)`: a registered loss, validated like an op."""
-        value = evaluate(expr, scope)
-        if not (isinstance(value, Ref) and value.kind == "loss"):
-            losses = sorted(n for n, c in OPS.items() if c.kind == "loss")
-            raise error("type", f"loss must be a loss, got {type_name(value)}", expr.span,
-                        f"the losses are: {', '.join(losses)}")
-        loss = to_op(value)
-        try:
-            loss.check()
-        except ShapeError as exc:
-            raise error("value", str(exc), expr.span) from None
-        return loss
 
     def _expand_stages(self, stage: ast.Stage):
         """Yield (scope, items, block expressions) per stage; repeat counts are evaluated here."""
@@ -355,28 +300,11 @@ class _Resolver(ast.NodeVisitor):
         return [ResidualNode(body, shortcut, ctx.drop_path, stmt.span)]
 
     def _parallel(self, stmt: ast.Parallel, scope, ctx, names) -> ParallelNode:
-        split = self._split(stmt, scope, len(stmt.branches), "branches")
+        split = parallel_split(stmt, scope, len(stmt.branches), "branches")
         if len(stmt.branches) < 1:
             raise error("value", "parallel needs at least one branch", stmt.span)
         branches = [self._items(b, scope, ctx, names, finish=False) for b in stmt.branches]
         return ParallelNode(stmt.merge, branches, split, stmt.span)
-
-    def _split(self, stmt, scope, n: int, what: str) -> list | None:
-        """A parallel's merge checked and its `split` evaluated: one part per branch."""
-        if stmt.merge not in MERGES:
-            raise error("unknown-merge", f"unknown merge '{stmt.merge}'", stmt.span,
-                        did_you_mean(stmt.merge, MERGES) or f"merges: {', '.join(MERGES)}")
-        split = None
-        for k, v, s in stmt.kwargs:
-            if k != "split":
-                raise error("unknown-parameter", f"parallel has no parameter '{k}'", s, "its parameter is: split")
-            split = evaluate(v, scope)
-            if not isinstance(split, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in split):
-                raise error("type", f"split must be a list of positive ints, got {split!r}", v.span)
-            if len(split) != n:
-                raise error("value", f"split has {len(split)} parts but there are {n} {what}", v.span,
-                            "give one part per branch" if what == "branches" else "give one part per value of the loop")
-        return split
 
     def _parallel_for(self, stmt: ast.ParallelFor, scope, ctx, names) -> ParallelNode:
         """One branch per value of the loop, each `stmt.body` with the variable bound. The branches
@@ -400,7 +328,7 @@ class _Resolver(ast.NodeVisitor):
         if not 1 <= len(values) <= 256:
             raise error("value", f"parallel ... for needs 1 to 256 values, got {len(values)}", where,
                         "a parallel needs at least one branch")
-        split = self._split(stmt, scope, len(values), "values of the loop")
+        split = parallel_split(stmt, scope, len(values), "values of the loop")
         shared = Numbered(names)
         branches = [self._items(stmt.body, scope.child({stmt.var: v}), ctx, shared, finish=False) for v in values]
         return ParallelNode(stmt.merge, branches, split, stmt.span)
@@ -414,7 +342,7 @@ class _Resolver(ast.NodeVisitor):
             for v in value:
                 out += self._apply(v, None, ctx, names, span, None)
             return out
-        if value.__class__ is _Aliased:  # `[conv(8, 3) as proj, relu]`
+        if value.__class__ is Aliased:  # `[conv(8, 3) as proj, relu]`
             inner = concretize(value.value, ctx, value.span)
             if isinstance(inner, list) and len(inner) != 1:
                 raise error("type", f"`as {value.alias}` names one layer, but this is a list of {len(inner)}",
@@ -422,7 +350,7 @@ class _Resolver(ast.NodeVisitor):
             return self._apply(inner, value.alias, ctx, names, value.span, None)
         if not isinstance(value, Ref):
             raise error("type", f"a statement must be an op or a block, got {type_name(value)}", span)
-        base = alias or fallback or _name_of(expr) or value.name
+        base = alias or fallback or layer_name(expr) or value.name
         if value.kind == "part":
             raise error("type", f"'{value.name}' configures another op (e.g. attention's partition) and cannot be "
                         "applied to a tensor", span)
@@ -479,62 +407,6 @@ class _Resolver(ast.NodeVisitor):
             raise
 
 
-class _Inherited(ast.NodeVisitor):
-    """The statements of a chain of models, base first, merged by name (`_Resolver._flatten`):
-    a variant's `name = value` overrides a parameter or a let of its base."""
-
-    def __init__(self):
-        self.params: dict[str, ast.Param] = {}
-        self.lets: dict[str, ast.Expr] = {}
-        self.let_depth: dict[str, int] = {}  # name -> the depth in the chain of the model that defines it
-        self.settings: dict[str, ast.Assign] = {}
-        self.sections: dict[str, tuple] = {}  # key -> (depth, statement)
-        self.stages: list = []
-        self.overrides: list = []
-        self.model, self.depth = None, 0
-
-    def visit_Let(self, stmt: ast.Let) -> None:
-        if stmt.name in self.lets:
-            if self.let_depth[stmt.name] == self.depth:
-                raise twice(stmt)
-            raise error("redefinition", f"'{stmt.name}' is already defined by the base model", stmt.span,
-                        f"write `{stmt.name} = ...` to override it")
-        self.lets[stmt.name] = stmt.value
-        self.let_depth[stmt.name] = self.depth
-
-    def visit_Assign(self, stmt: ast.Assign) -> None:
-        depth, params, lets = self.depth, self.params, self.lets
-        if stmt.name in SETTINGS:
-            self.settings[stmt.name] = stmt
-        elif depth and stmt.name in params:
-            params[stmt.name] = ast.Param(stmt.name, stmt.value, stmt.span)
-        elif depth and stmt.name in lets:
-            lets[stmt.name] = stmt.value
-        else:
-            known = list(SETTINGS) + (list(params) + list(lets) if depth else [])
-            hint = did_you_mean(stmt.name, known) or (
-                f"write `let {stmt.name} = ...` to define a value" if not depth
-                else f"a variant can set: {', '.join(known)}")
-            raise error("unknown-setting", f"'{stmt.name}' is not a setting, parameter or let of '{self.model.name}'",
-                        stmt.span, hint)
-        if depth:
-            self.overrides.append((stmt.name, stmt.span))
-
-    def visit_Section(self, stmt: ast.Section) -> None:
-        self._section(stmt.kind, stmt)
-
-    def visit_Input(self, stmt: ast.Input) -> None:
-        self._section("input", stmt)
-
-    def _section(self, key: str, stmt) -> None:
-        if key in self.sections and self.sections[key][0] == self.depth:
-            raise error("redefinition", f"'{key}' is given twice", stmt.span)
-        self.sections[key] = (self.depth, stmt)
-
-    def visit_Stage(self, stmt: ast.Stage) -> None:
-        pass  # a variant's stages replace its base's as a whole (`_flatten`)
-
-
 class _StageBlocks(ast.NodeVisitor):
     """A stage's items in one iteration of its loop (`_Resolver._expand_stages`): lets bound in
     the stage's scope, and its blocks, (item, index in its repeat), repeat counts evaluated."""
@@ -586,202 +458,3 @@ class _StageSections(ast.NodeVisitor):
 
     def visit_Let(self, item: ast.Let) -> None:
         pass  # bound by `_StageBlocks`
-
-
-@dataclass(frozen=True)
-class _Aliased:
-    """The value of a list element `x as name` of a statement's value: the layer and its name."""
-
-    value: object
-    alias: str
-    span: Span
-
-
-class _LayerValue(ast.NodeVisitor):
-    """`layer_value(expr, scope)`: the value of a statement's (or block's) expression, whose list
-    elements may name their layers: `[conv(8, 3) as proj, relu]`, `c ? [patch_merging(d) as merge]
-    : none`. Only a list or a conditional can hold such names (`ast.has_layer_names`)."""
-
-    def visit_Named(self, expr: ast.Named, scope: Scope):
-        return _Aliased(self.visit(expr.expr, scope), expr.alias, expr.span)
-
-    def visit_ListExpr(self, expr: ast.ListExpr, scope: Scope):
-        if not ast.has_layer_names(expr):
-            return evaluate(expr, scope)
-        return [self.visit(x, scope) for x in expr.items]
-
-    def visit_Conditional(self, expr: ast.Conditional, scope: Scope):
-        if not ast.has_layer_names(expr):
-            return evaluate(expr, scope)
-        return self.visit(expr.then if evaluate(expr.test, scope) else expr.orelse, scope)  # tested as evaluate does
-
-    def _value(self, expr, scope: Scope):
-        return evaluate(expr, scope)
-
-    visit_Literal = visit_Name = visit_ListComp = visit_Index = visit_Call = visit_BinOp = visit_UnaryOp = _value
-
-
-_LAYER_VALUE, _LAYER_VALUE_METHODS = _LayerValue(), _LayerValue._methods
-
-
-def layer_value(expr, scope: Scope):
-    """`_LayerValue().visit(expr, scope)`, its dispatch inlined (every statement's value is one)."""
-    return (_LAYER_VALUE_METHODS.get(expr.__class__) or _LayerValue._method_for(expr.__class__))(
-        _LAYER_VALUE, expr, scope)
-
-
-def _name_of(expr) -> str | None:
-    if isinstance(expr, ast.Name):
-        return expr.id
-    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Name):
-        return expr.func.id
-    return None
-
-
-@dataclass
-class Ctx:
-    """Where a value is being used: the block's index in its stage and in the model."""
-
-    stage_block: int | None = None
-    block: int | None = None
-    total: int = 0
-    drop_path: float = 0.0
-    depth: int = 0
-    scope: str = ""  # inside a composite: the prefix that keys its own tensors apart from its caller's
-
-
-def concretize(value, ctx: Ctx, span: Span):
-    """Replace per-block values (cycles, schedules) by this block's value, recursively."""
-    cls = value.__class__
-    if cls in _PLAIN:
-        return value
-    if cls is Ref:
-        if not value.args:
-            return value
-        args = tuple((k, concretize(v, ctx, span)) for k, v in value.args)  # `span` is only passed along
-        if all(a[1] is b[1] for a, b in zip(args, value.args)):
-            return value  # nothing per-block inside: the same (frozen) reference
-        return Ref(value.name, value.kind, value.target, args, value.spans, value.span)
-    if isinstance(value, (Cycle, Schedule)):
-        PER_BLOCK.n += 1
-    if isinstance(value, Cycle):
-        if ctx.stage_block is None:
-            raise error("per-block", "alternate(...) varies per block, but is used outside a stage's blocks",
-                        value.span, "use it inside a `repeat` of a stage")
-        return concretize(value.values[ctx.stage_block % len(value.values)], ctx, span)
-    if isinstance(value, Schedule):
-        if ctx.block is None:
-            raise error("per-block", "linspace(...) varies per block, but is used outside a stage's blocks",
-                        value.span, "use it for `drop_path = linspace(a, b)` or inside a `repeat` of a stage")
-        return value.at(ctx.block, ctx.total)
-    if isinstance(value, list):
-        return [concretize(v, ctx, span) for v in value]
-    return value
-
-
-_PLAIN = frozenset({int, float, str, bool, type(None)})
-
-
-def to_op(ref: Ref) -> Op:
-    """Validate a reference to an op or part against its pydantic class."""
-    cls = ref.target
-    args = {}
-    for k, v in ref.args:
-        if isinstance(v, Ref):
-            if v.kind == "composite":
-                raise error("type", f"'{ref.name}' argument '{k}' needs an op, but '{v.name}' is a {v.target.kind}",
-                            ref.arg_span(k), "only library ops can be arguments of ops")
-            v = to_op(v)
-        args[k] = v
-    try:
-        op = cls.model_validate(args)
-    except ValidationError as exc:
-        raise _validation_error(ref, exc) from None
-    old = op.deprecation()
-    if old is not None:
-        deprecated(old[0], ref.span, old[1])
-    return op
-
-
-def twice(stmt: ast.Let) -> ComposerError:
-    """A second `let` of one name in one scope: the first would be silently lost."""
-    return error("redefinition", f"'{stmt.name}' is already defined here", stmt.span,
-                 "a name holds one value in a block or model: give the second value another name")
-
-
-def _validation_error(ref: Ref, exc: ValidationError) -> ComposerError:
-    first = exc.errors()[0]
-    loc = str(first["loc"][0]) if first["loc"] else ""
-    out_of_range = range_problem(ref.target, loc, exc.errors(), dict(ref.args).get(loc))
-    if out_of_range is not None:  # a value of the right type out of its range: `conv(-1, 3)`
-        return error(out_of_range[0], f"'{ref.name}' argument '{loc}' {out_of_range[1]}", ref.arg_span(loc),
-                     out_of_range[2])
-    span = ref.arg_span(loc) if loc else ref.span
-    given = dict(ref.args).get(loc)
-    kind = first["type"]
-    if kind == "missing":
-        required = [n for n, f in ref.target.model_fields.items() if f.is_required()]
-        return error("missing-argument", f"'{ref.name}' needs argument '{loc}'", ref.span,
-                     f"required arguments: {', '.join(required)}")
-    field = ref.target.model_fields.get(loc)
-    want = _type_words(plain_annotation(field.annotation)) if field is not None else "another value"
-    return error("type", f"'{ref.name}' argument '{loc}' must be {want}, got {type_name(given)} {_short(given)}"
-                 .rstrip(), span)
-
-
-def _short(value) -> str:
-    if isinstance(value, Ref):
-        return ""
-    text = repr(value)
-    return f"({text})" if len(text) < 30 else ""
-
-
-def _type_words(annotation) -> str:
-    parts = _part_words(annotation)
-    if parts:
-        return parts
-    text = str(annotation).replace("typing.", "").replace("composer.ops.registry.", "").replace("composer.shapes.", "").replace("<class '", "").replace("'>", "")
-    text = text.replace("Optional[", "").replace("Literal[", "one of ")
-    text = re.sub(r"list\[(\w+)\]", lambda m: f"a list of {m.group(1)}s", text).replace("]", "")
-    words = {"int": "an int", "float": "a number", "bool": "true or false", "str": "a string", "Op": "an op",
-             "TensorRef": "a tensor (a name bound by `name = ...` or `save name`)"}
-    return words.get(text, text)
-
-
-def _part_words(annotation) -> str | None:
-    """For a field that takes ops or parts (`position`, `partition`, `kv`): the names users write,
-    `relative_bias(...) or ... or none`; None for another annotation."""
-    def flat(a):
-        args = typing.get_args(a)
-        return [t for x in args for t in flat(x)] if args else [a]
-
-    kinds = flat(annotation)
-    classes = [c for c in kinds if isinstance(c, type) and issubclass(c, Op)]
-    if not classes or len(classes) + (type(None) in kinds) != len(kinds):
-        return None
-    names = []
-    for cls in classes:  # a registered class by its name, a base class by the registered ones under it
-        found = [c.name for c in OPS.values() if issubclass(c, cls)]
-        names += [n for n in found if n not in names]
-    if not names:
-        return None
-    words = [f"{n}(...)" for n in names] + (["none"] if type(None) in kinds else [])
-    return ", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]
-
-
-def reuse_path(stmt: ast.Reuse, scope: Scope) -> str:
-    """The module path of `reuse`, each part `{NAME}` replaced by the value of that int variable
-    (`reuse stages.{i}.blocks.0.cpe` in a composite that takes `i`)."""
-    def value(part: str) -> str:
-        if not part.startswith("{"):
-            return part
-        name = part[1:-1]
-        try:
-            v = scope.lookup(name)
-        except KeyError:
-            raise error("undefined", f"`reuse {stmt.path}`: no variable '{name}' here", stmt.span,
-                        "a part {NAME} of a reuse path names an int parameter or let") from None
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise error("type", f"`reuse {stmt.path}`: '{name}' is {v!r}, not an index (an int >= 0)", stmt.span)
-        return str(v)
-    return ".".join(value(p) for p in stmt.path.split("."))
