@@ -13,10 +13,11 @@ from .head_edits import with_global_pool
 from .memory import check_memory
 from .layers.core import ChannelScale, Scale, tie_scope
 from .layers.reparam import RepConv
+from .build_steps import (classifier_out, classifier_steps, op_instructions, own_tensors, program_without,
+                          reuse_targets)
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
                    Step)
 from .sizes import check_input
-from .shapes import TensorRef
 from .timm_api import TimmApi
 from .program import (GRID, Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
                       TensorCall, ToMap, ToTokens, TrainCall)
@@ -41,7 +42,7 @@ class Sequence(nn.Module):
         super().__init__()
         self.call = call
         self.program = self._compile(steps)
-        local = _own_tensors(steps)
+        local = own_tensors(steps)
         if local:
             self.program.append(Forget(local))
         self._unmarked = list(self.program)
@@ -60,7 +61,7 @@ class Sequence(nn.Module):
             if cls is OpStep:
                 module = s.op.build(s.x, s.y)
                 self._add(s, module)
-                prog += _op_instructions(s, module)
+                prog += op_instructions(s, module)
             elif cls is SeqStep:
                 self._add(s, Sequence(s.body, s.call))
                 prog.append(Call(s.name))
@@ -218,7 +219,7 @@ class Sequence(nn.Module):
                 if ins.drop_path and self.training:
                     body = _drop_path(body, ins.drop_path, True)
                 # `body += short`: the same sums as `short + body` (addition commutes), into the
-                # body's fresh output when `_mark` found one (`add_into`; `_without`'s copy, never),
+                # body's fresh output when `_mark` found one (`add_into`; `program_without`'s copy, never),
                 # if that gives the tensor `short + body` would: same shape, dtype and memory layout
                 if ins.add_into and body is not x and body.dtype == short.dtype \
                         and body.shape == short.shape and body.stride() == short.stride():
@@ -295,9 +296,9 @@ class ComposedModel(TimmApi, nn.Module):
         self.features_only = features_only
         self.init_feature_points(plan, out_indices)  # timm_api: feature_info, out_indices
         head_steps = plan.head.steps
-        self.num_classes = _classifier_out(head_steps)
+        self.num_classes = classifier_out(head_steps)
         self.num_features = plan.head.x.channels
-        if not features_only or any(t.startswith("head.") for t in _reuse_targets(plan)):
+        if not features_only or any(t.startswith("head.") for t in reuse_targets(plan)):
             self.head = Sequence(head_steps)
         self._link_shared()
 
@@ -336,8 +337,8 @@ class ComposedModel(TimmApi, nn.Module):
         env = {} if env is None else env
         if not pre_logits:
             return self.head(x, env)
-        names = {s.name for s in _classifier_steps(self.plan.head.steps)}
-        return self.head._run(_without(self.head.program, names), x, env)
+        names = {s.name for s in classifier_steps(self.plan.head.steps)}
+        return self.head._run(program_without(self.head.program, names), x, env)
 
     def forward(self, x):
         if self.features_only:
@@ -348,7 +349,7 @@ class ComposedModel(TimmApi, nn.Module):
 
     def get_classifier(self):
         """The classifier module (a tuple when the head has several, as DeiT's distilled head)."""
-        mods = tuple(getattr(self.head, s.name) for s in _classifier_steps(self.plan.head.steps))
+        mods = tuple(getattr(self.head, s.name) for s in classifier_steps(self.plan.head.steps))
         return mods[0] if len(mods) == 1 else mods
 
     def fuse(self) -> "ComposedModel":
@@ -388,7 +389,7 @@ class ComposedModel(TimmApi, nn.Module):
                 if step.__class__ is OpStep and step.op.name == "global_pool":
                     parent, _, name = step.path.rpartition(".")
                     setattr(self.get_submodule(parent), name, step.op.build(step.x, step.y))
-        steps = list(_classifier_steps(self.plan.head.steps))
+        steps = list(classifier_steps(self.plan.head.steps))
         if not steps:
             raise error("value", "this model's head has no classifier op to reset")
         device = next((p.device for p in self.parameters()), None)
@@ -411,83 +412,6 @@ class ComposedModel(TimmApi, nn.Module):
 def shared_module(seq: Sequence, path: str):
     """The module a `reuse` instruction of `seq` runs (ComposedModel links it at build time)."""
     return seq._shared[path]
-
-
-def _op_instructions(s: OpStep, module) -> list:
-    """The instructions that run op step `s`'s module and keep the grid its output tokens lie on:
-    a module with `takes_grid` gets the grid (and one with `out_grid(grid)` tells the new one);
-    tokens made from a map on the same grid take the map's; tokens put on another grid by a module
-    that does not tell it take the grid inferred at the build size (`StaticGrid`: the size check
-    refuses input sizes that would change it)."""
-    # a module tied to its build grid keeps it (one that resamples its table gets the grid: the size
-    # check admits other grids for it only with dynamic_img_size)
-    takes = getattr(module, "takes_grid", False) and (s.op.runtime_grid(s.x) or getattr(s.op, "resamples", False))
-    regrid = takes and hasattr(module, "out_grid")
-    x, y = s.x, s.y
-    if s.op.takes_tensors():  # named tensors in: the input one is loaded before (lowering), the others passed
-        given = [getattr(s.op, a) for a in s.op.tensor_args if a != s.op.input_arg]
-        keys = tuple(t.key for t in given if isinstance(t, TensorRef))  # a field may also take a mode
-        out = [TensorCall(s.name, keys, takes, regrid)]
-        # tokens put on a grid of the op's own (topk_tokens' kept tokens): the grid inferred here
-        if not (regrid or s.op.regrids) and y.layout == "tokens" and y.spatial and x.layout == "tokens" \
-                and x.spatial != y.spatial:
-            out.append(StaticGrid(tuple(y.spatial)))
-        return out
-    on_grid = y.layout == "tokens" and bool(y.spatial) and not regrid
-    from_map = on_grid and x.layout == "map" and y.spatial == x.spatial
-    # a module that takes the grid and gets a map gets the map's own grid
-    out = [MapGrid()] if from_map or (takes and x.layout == "map") else []
-    out.append(GridCall(s.name, regrid) if takes else Call(s.name))
-    if on_grid and not from_map and (x.layout not in ("tokens", "heads") or x.spatial != y.spatial):
-        out.append(StaticGrid(tuple(y.spatial)))
-    return out
-
-
-def _own_tensors(steps) -> tuple:
-    """The keys of the tensors a body keeps for itself: a binding's (`q = ...` in a composite,
-    keyed `NAME@DEPTH.q`) and the running tensor a binding holds (`~...`); not nested composites'."""
-    keys, todo = [], list(steps)
-    while todo:
-        s = todo.pop()
-        if s.__class__ is SaveStep and (s.tensor.startswith("~") or "@" in s.tensor) and s.tensor not in keys:
-            keys.append(s.tensor)
-        elif s.__class__ is not SeqStep:
-            for child in s.children():
-                todo += child
-    return tuple(keys)
-
-
-def _reuse_targets(plan: Plan) -> set:
-    return {s.target for sec in plan.sections for st in sec.steps for s in st.walk() if s.__class__ is ReuseStep}
-
-
-def _classifier_steps(steps):
-    """The classifier ops of a section, inside its residuals and parallel branches too."""
-    for s in steps:
-        cls = s.__class__
-        if cls is OpStep and s.op.classifier:
-            yield s
-        elif cls is ResidualStep or cls is ParallelStep:
-            yield from _classifier_steps([x for sub in s.children() for x in sub])
-
-
-def _without(prog, names) -> list:
-    """A program with the named modules left out (the head without its classifiers: pre-logits)."""
-    out = []
-    for ins in prog:
-        cls = ins.__class__
-        if cls is Call and ins.name in names:
-            continue
-        if cls is Residual:  # never adds into the body: it may end with a module left out
-            ins = Residual(_without(ins.body, names), _without(ins.shortcut, names), ins.drop_path)
-        elif cls is Parallel:
-            ins = ins._replace(branches=[_without(b, names) for b in ins.branches])
-        out.append(ins)
-    return out
-
-
-def _classifier_out(steps) -> int:
-    return next((s.op.num_classes for s in _classifier_steps(steps)), 0)
 
 
 def build_module(plan: Plan, *, seed: int | None = 0, device=None, features_only=False, out_indices=None,
