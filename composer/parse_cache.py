@@ -31,7 +31,7 @@ FORMAT = b"composer-parse-1\n"
 MAX_ENTRY_BYTES = 64 * 1024 * 1024  # a 4 MB blueprint (files.MAX_SOURCE_BYTES) pickles to far less
 # Composer's modules whose code decides the AST of a file (tests/test_parse_cache.py: every module
 # composer/parse.py imports, directly or not).
-FRONT_END = ("parse", "lalr", "ast", "comments", "source", "budget", "diagnostics", "locate", "parse_errors")
+FRONT_END = ("parse", "parse_callbacks", "lalr", "ast", "comments", "source", "budget", "diagnostics", "locate", "parse_errors")
 _CLASSES = {("composer.source", "Span"): Span} | {
     ("composer.ast", name): cls for name, cls in vars(ast).items()
     if isinstance(cls, type) and cls.__module__ == "composer.ast" and "__dataclass_fields__" in vars(cls)
