@@ -1,223 +1,29 @@
 """Weight porting: load a reference implementation's state_dict (timm's) into a composed model.
 
 The mapping is data, declared next to each family blueprint as `<family>.port.yaml` (the format
-is in docs/porting.md). Rename rules map OUR key to the REFERENCE key (`{ours: REGEX, ref: REPL}`,
-applied in order, each with `re.sub`), so every key of our model names the one tensor that
-feeds it. Split rules cut a fused reference tensor into named parts first; tensors whose numel
-matches are reshaped (a 1x1 conv <-> a linear); join rules (the inverse of a split)
-concatenate several reference tensors into the one tensor of ours they feed; the classifier is skipped when `num_classes`
-differs (timm's rule) and the input conv is adapted to `in_chans` (timm's `adapt_input_conv`).
+is in docs/porting.md; read by composer/port_mapping.py). Rename rules map OUR key to the
+REFERENCE key (`{ours: REGEX, ref: REPL}`, applied in order, each with `re.sub`), so every key of
+our model names the one tensor that feeds it. Split rules cut a fused reference tensor into named
+parts first; tensors whose numel matches are reshaped (a 1x1 conv <-> a linear); join rules (the
+inverse of a split) concatenate several reference tensors into the one tensor of ours they feed;
+the classifier is skipped when `num_classes` differs (timm's rule) and the input conv is adapted
+to `in_chans` (timm's `adapt_input_conv`).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from .diagnostics import error
 from .plan import OpStep
+from .port_mapping import (SOURCES, Join, Mapping, Reorder, Rule, Split, mapping_error,  # noqa: F401
+                           mapping_path, read_mapping)  # SOURCES, Reorder, Rule: `composer.port`'s names too
 from .port_order import keeps_axis_order, refuse_reorders, rule_to_write
 from .port_report import PortReport
 from .port_verify import DEFAULT_TOLERANCE, compare_outputs, refuse_disagreement, timm_reference
-
-SOURCES = ("timm", "torchvision")
-_TOP_KEYS = {"source", "rules", "split", "join", "ignore", "reshape", "models", "permute", "transpose", "view"}
-_SECTION_KEYS = {"match", "rules", "split", "join", "ignore", "permute", "transpose", "view"}
-
-
-# ----------------------------------------------------------------------------------------------- the mapping
-@dataclass
-class Rule:
-    ours: re.Pattern
-    ref: str
-
-
-@dataclass
-class Split:
-    """A fused reference tensor (`from`, a regex searched in reference keys) cut along `dim` into
-    parts in proportion `sizes`; part i is named by substituting the match with `into[i]`."""
-    pattern: re.Pattern
-    into: list[str]
-    sizes: list[int]
-    dim: int = 0
-
-
-@dataclass
-class Join:
-    """The inverse of a Split: reference tensors whose keys match `parts` (regexes) and agree on the
-    text around the match are concatenated along `dim`, in the order of `parts`; the joined tensor
-    is named by substituting the first part's match with `into` (reference namespace)."""
-    parts: list[re.Pattern]
-    into: str
-    dim: int = 0
-
-
-@dataclass
-class Reorder:
-    """An explicit change of element order for the reference tensors whose key matches `pattern`:
-    `permute` (dims: the new order of the axes), `transpose` (dims: the two axes swapped), or
-    `view` (a row-major reshape into our shape, whatever it does to the axes). A reshape into
-    our shape follows a permute or transpose."""
-    pattern: re.Pattern
-    kind: str
-    dims: list[int]
-
-    def describe(self) -> str:
-        return f"{self.kind} {self.dims}" if self.kind != "view" else "view"
-
-
-@dataclass
-class Mapping:
-    source: str = "timm"
-    rules: list[Rule] = field(default_factory=list)
-    splits: list[Split] = field(default_factory=list)
-    ignore: list[re.Pattern] = field(default_factory=list)
-    reshape: bool = True
-    path: str = "<mapping>"
-    joins: list[Join] = field(default_factory=list)
-    reorders: list[Reorder] = field(default_factory=list)
-
-    def reorder(self, ref_key: str) -> Reorder | None:
-        return next((r for r in self.reorders if r.pattern.search(ref_key)), None)
-
-    def our_to_ref(self, key: str) -> str:
-        for r in self.rules:
-            try:
-                key = r.ours.sub(r.ref, key)
-            except (re.error, IndexError) as exc:
-                raise _bad(self.path, f"rule '{r.ours.pattern}' -> '{r.ref}': {exc}") from None
-        return key
-
-
-def _bad(path, message, hint=None):
-    return error("port-mapping", f"{path}: {message}", None, hint)
-
-
-def _regex(path, text, what):
-    if not isinstance(text, str):
-        raise _bad(path, f"{what} must be a string (a regular expression), got {text!r}")
-    try:
-        return re.compile(text)
-    except re.error as exc:
-        raise _bad(path, f"{what} '{text}' is not a valid regular expression: {exc}") from None
-
-
-def _rules(path, items, where):
-    out = []
-    for i, item in enumerate(items or []):
-        if not isinstance(item, dict) or set(item) != {"ours", "ref"}:
-            raise _bad(path, f"{where} rule {i + 1} must be {{ours: REGEX, ref: REPLACEMENT}}, got {item!r}")
-        out.append(Rule(_regex(path, item["ours"], f"{where} rule {i + 1}"), str(item["ref"])))
-    return out
-
-
-def _splits(path, items, where):
-    out = []
-    for i, item in enumerate(items or []):
-        keys = set(item) if isinstance(item, dict) else set()
-        if not {"from", "into"} <= keys or keys - {"from", "into", "sizes", "dim"}:
-            raise _bad(path, f"{where} split {i + 1} must be {{from: REGEX, into: [names], sizes: [..], dim: D}}, "
-                       f"got {item!r}")
-        into = item["into"]
-        sizes = item.get("sizes") or [1] * len(into)
-        if not isinstance(into, list) or len(into) < 2 or len(sizes) != len(into) \
-                or not all(isinstance(s, int) and s > 0 for s in sizes):
-            raise _bad(path, f"{where} split {i + 1}: `into` needs two or more names and `sizes` one positive "
-                       "integer per name")
-        out.append(Split(_regex(path, item["from"], f"{where} split {i + 1}"), [str(n) for n in into],
-                         list(sizes), int(item.get("dim", 0))))
-    return out
-
-
-def _joins(path, items, where):
-    out = []
-    for i, item in enumerate(items or []):
-        keys = set(item) if isinstance(item, dict) else set()
-        if not {"from", "into"} <= keys or keys - {"from", "into", "dim"} or not isinstance(item["from"], list) \
-                or len(item["from"]) < 2 or not isinstance(item["into"], str):
-            raise _bad(path, f"{where} join {i + 1} must be {{from: [two or more REGEXES], into: NAME, dim: D}}, "
-                       f"got {item!r}")
-        parts = [_regex(path, t, f"{where} join {i + 1}") for t in item["from"]]
-        out.append(Join(parts, item["into"], int(item.get("dim", 0))))
-    return out
-
-
-def _reorders(path, sec, where):
-    out = []
-    for kind, size in (("permute", None), ("transpose", 2)):
-        items = sec.get(kind) or {}
-        if not isinstance(items, dict):
-            raise _bad(path, f"{where} {kind} must be a mapping {{REGEX: [axes]}}, got {items!r}")
-        for pattern, dims in items.items():
-            ok = isinstance(dims, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
-            if kind == "permute":
-                ok = ok and sorted(dims) == list(range(len(dims))) and len(dims) >= 2
-            else:
-                ok = ok and len(dims) == 2 and dims[0] != dims[1]
-            if not ok:
-                want = "a permutation of 0 .. n-1 (e.g. [0, 2, 3, 1])" if kind == "permute" else "two axes, e.g. [0, 1]"
-                raise _bad(path, f"{where} {kind} '{pattern}': the axes must be {want}, got {dims!r}")
-            out.append(Reorder(_regex(path, pattern, f"{where} {kind}"), kind, list(dims)))
-    out += [Reorder(_regex(path, t, f"{where} view"), "view", []) for t in _names(sec.get("view"))]
-    return out
-
-
-def _names(value) -> list[str]:
-    return [value] if isinstance(value, str) else list(value or [])
-
-
-def read_mapping(source, model_names=()) -> Mapping:
-    """A mapping from a `.port.yaml` path or an already loaded dict; sections of `models` whose
-    `match` (fnmatch patterns) fits one of `model_names` put their rules, splits and ignores first."""
-    path = str(source) if not isinstance(source, dict) else "<mapping>"
-    if isinstance(source, dict):
-        data = source
-    else:
-        try:
-            data = yaml.safe_load(Path(source).read_text())
-        except OSError as exc:
-            raise error("io", f"cannot read the port mapping {source}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise _bad(path, f"not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise _bad(path, "a port mapping is a YAML mapping with `source` and `rules`")
-    unknown = set(data) - _TOP_KEYS
-    if unknown:
-        raise _bad(path, f"unknown key(s) {', '.join(sorted(unknown))}", f"keys: {', '.join(sorted(_TOP_KEYS))}")
-    src = data.get("source", "timm")
-    if src not in SOURCES:
-        raise _bad(path, f"unsupported source '{src}'", f"supported: {', '.join(SOURCES)}")
-    rules, splits, ignore, joins, reorders = [], [], [], [], []
-    for j, sec in enumerate(data.get("models") or []):
-        if not isinstance(sec, dict) or "match" not in sec or set(sec) - _SECTION_KEYS:
-            raise _bad(path, f"models section {j + 1} must be {{match: PATTERN(S), rules: [...], split: [...], "
-                       f"join: [...], ignore: [...], permute: {{...}}, transpose: {{...}}, view: [...]}}, got {sec!r}")
-        pats = _names(sec["match"])
-        if any(fnmatch.fnmatchcase(n, p) for n in model_names if n for p in pats):
-            where = f"models[{j + 1}]"
-            rules += _rules(path, sec.get("rules"), where)
-            splits += _splits(path, sec.get("split"), where)
-            joins += _joins(path, sec.get("join"), where)
-            ignore += [_regex(path, t, f"{where} ignore") for t in _names(sec.get("ignore"))]
-            reorders += _reorders(path, sec, where)
-    rules += _rules(path, data.get("rules"), "top-level")
-    splits += _splits(path, data.get("split"), "top-level")
-    joins += _joins(path, data.get("join"), "top-level")
-    ignore += [_regex(path, t, "ignore") for t in _names(data.get("ignore"))]
-    reorders += _reorders(path, data, "top-level")
-    return Mapping(src, rules, splits, ignore, bool(data.get("reshape", True)), path, joins, reorders)
-
-
-def mapping_path(model) -> Path:
-    """The `.port.yaml` declared next to the model's blueprint file."""
-    file = Path(model.plan.file)
-    return file.with_name(file.name.rsplit(".", 1)[0] + ".port.yaml")
 
 
 # ------------------------------------------------------------------------------------------------ the port
@@ -237,7 +43,7 @@ def adapt_input_conv(in_chans: int, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _collision(path, what: str, made: str, key: str, other: str):
-    return _bad(path, f"{what} makes '{made}' from '{key}', but '{made}' is already {other}",
+    return mapping_error(path, f"{what} makes '{made}' from '{key}', but '{made}' is already {other}",
                 "anchor the pattern so that it matches only the fused tensors (e.g. '\\.qkv\\.weight$'), "
                 "or name the parts apart")
 
@@ -299,7 +105,7 @@ def _join_source(state: dict, joins: list[Join], path: str = "<mapping>") -> tup
                 raise _collision(path, f"join {[p.pattern for p in j.parts]}", joined, " + ".join(keys),
                                  "a checkpoint tensor" if joined not in parts_of else "another join's result")
             if len(set(keys)) < len(keys):
-                raise _bad(path, f"join {[p.pattern for p in j.parts]}: two of its patterns match the same tensor "
+                raise mapping_error(path, f"join {[p.pattern for p in j.parts]}: two of its patterns match the same tensor "
                            f"'{keys[0]}'", "make each pattern match one part")
             for k in keys:
                 del out[k]
