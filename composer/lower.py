@@ -2,6 +2,7 @@
 
 Layouts (map, tokens, vector) are tracked per step; where an op needs another layout a conversion
 step is inserted, before a residual when its body needs it so the shortcut follows along.
+The module a `reuse` runs is found, and checked, by composer/lower_reuse.py.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from .budget import MAX_NUMBER
 from .diagnostics import ComposerError, Diagnostic, did_you_mean, error
 from .ops import OPS
+from .lower_reuse import check_reuses, find_module
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep,
                    Section, SeqStep, StagePlan)
 from .resolved import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
@@ -78,7 +80,7 @@ class _Lowering:
                    doc=m.doc, span=m.span, saved=dict(self.saved), source=m,
                    preprocess=dict(m.preprocess))
         if self.reuses:
-            _check_reuses(out, self.reuses)
+            check_reuses(out, self.reuses)
         for what, count in zip(("parameters", "MACs"), out.cost()):  # a summary prints them as floats
             if count > MAX_NUMBER:
                 size = f"10**{int(count.bit_length() * 0.30103)}" if isinstance(count, int) else f"{count:.3g}"
@@ -289,7 +291,7 @@ class _Lowering:
         if target in self.reusing or path == target or path.startswith(target + "."):
             raise error("reuse", f"`reuse {target}` would apply {target} inside itself", item.span,
                         "reuse a module that does not contain this statement")
-        found = _find_module(self.model, target)
+        found = find_module(self.model, target)
         if isinstance(found, str):
             raise error("unknown-module", f"no module '{target}' in this model: {found}", item.span,
                         "name a state_dict path such as stem.NAME, stages.0, stages.1.blocks.2, head.NAME")
@@ -372,73 +374,6 @@ class _Lowering:
         last = outs[-1]
         y = last.with_(extra=last.extra + sum(o.tokens for o in outs[:-1]))
         return [ParallelStep(path, x, y, item.span, "tokens", branches, item.split)], y
-
-
-def _check_reuses(plan: Plan, reuses: list) -> None:
-    """A reused module runs with the weights built for its first input: every op in it must get the
-    same channels, and the same parameter count (grid-sized tables), where it is reused."""
-    built = {s.path: s for sec in plan.sections for st in sec.steps for s in st.walk() if s.__class__ is OpStep}
-    for r in reuses:
-        for s in (t for st in r.reused for t in st.walk()):
-            orig = built.get(s.path) if s.__class__ is OpStep else None
-            if orig is None:
-                continue
-            if (s.x.channels, s.y.channels) != (orig.x.channels, orig.y.channels) \
-                    or s.op.params(s.x, s.y) != orig.op.params(orig.x, orig.y):
-                raise error("shape", f"`reuse {r.target}`: {s.path} was built for input {orig.x} but gets {s.x} here",
-                            r.span, "a reused module must get inputs its weights fit: the same channels, and the "
-                            "same grid where its parameters are sized by it")
-
-
-def _find_module(model: Model, path: str):
-    """The resolved part of `model` at a state_dict module path: a Stage, a list of items (a section
-    or block), or one item; a string saying what is missing when there is none."""
-    parts = path.split(".")
-    head, rest = parts[0], parts[1:]
-    if head in ("stem", "head"):
-        items = model.stem if head == "stem" else model.head
-        where = head
-    elif head == "stages":
-        if not rest or not rest[0].isdigit() or int(rest[0]) >= len(model.stages):
-            return f"it has {len(model.stages)} stages (stages.0 .. stages.{len(model.stages) - 1})"
-        stage = model.stages[int(rest[0])]
-        where, rest = f"stages.{rest[0]}", rest[1:]
-        if not rest:
-            return stage
-        if rest[0] == "blocks":
-            if len(rest) < 2 or not rest[1].isdigit() or int(rest[1]) >= len(stage.blocks):
-                return f"{where} has {len(stage.blocks)} blocks"
-            items, where, rest = stage.blocks[int(rest[1])].items, f"{where}.blocks.{rest[1]}", rest[2:]
-        elif rest[0] in ("downsample", "norm") and getattr(stage, rest[0]):
-            items, where, rest = getattr(stage, rest[0]), f"{where}.{rest[0]}", rest[1:]
-        else:
-            return f"{where} has no '{rest[0]}'"
-    else:
-        return f"a path starts with stem, stages or head, not '{head}'"
-    if not rest:
-        return items
-    for name in rest:
-        item = _named(items, name)
-        if item is None:
-            return f"{where} has no layer '{name}'"
-        where = f"{where}.{name}"
-        items = item.items if isinstance(item, SubSeq) else None
-        if items is None and name != rest[-1]:
-            return f"{where} is an op, with no layers inside"
-    return item
-
-
-def _named(items: list, name: str):
-    """The item called `name` in one naming scope (residual bodies and branches share their scope)."""
-    for it in items:
-        if isinstance(it, (OpNode, SubSeq)) and it.name == name:
-            return it
-        inner = [*it.body, *it.shortcut] if isinstance(it, ResidualNode) else \
-            [s for b in it.branches for s in b] if isinstance(it, ParallelNode) else []
-        found = _named(inner, name) if inner else None
-        if found is not None:
-            return found
-    return None
 
 
 _ATTENTION_LAYOUTS = ("heads", "scores")
