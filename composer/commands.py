@@ -317,7 +317,7 @@ def cmd_fmt(args) -> int:
     import difflib
 
     from .files import write_atomic
-    from .format import format_paths
+    from .format_files import format_paths
 
     files, changed = format_paths(args.paths)
     if getattr(args, "check", False):

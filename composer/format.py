@@ -36,13 +36,11 @@ No torch here.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from . import ast
 from .ast import shape
 from .comments import END, Layout, end_of, scan_comments, start_of
 from .diagnostics import error
-from .files import read_source
 from .pretty import BREAK, HARD, LINE, SOFT, group, ifbreak, join, nest, render, suffix
 
 # ---- the printer --------------------------------------------------------------------------------
@@ -468,33 +466,3 @@ def _verify(tree, text: str, out: str, name: str) -> None:
 def print_expr(e) -> str:
     """One expression as canonical text (on one line if it fits in 100 columns)."""
     return render(Printer().expr(e))
-
-
-# ---- files ----------------------------------------------------------------------------------
-
-def arch_files(paths) -> list[Path]:
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(q for q in p.rglob("*.arch") if q.is_file())
-        elif p.is_file():
-            if p.suffix != ".arch":
-                raise error("io", f"{p} is not a .arch file", None,
-                            "fmt formats .arch files; `composer convert FILE --to arch` turns YAML into .arch")
-            out.append(p)
-        else:
-            raise error("io", f"no such file or directory: {p}")
-    return list(dict.fromkeys(out))
-
-
-def format_paths(paths) -> tuple[list[Path], list[tuple[Path, str, str]]]:
-    """The .arch files under `paths` and, for each one whose canonical text differs, (path, text,
-    canonical text). Writes nothing: the caller shows the change or writes it."""
-    files = arch_files(paths)
-    changed = []
-    for path in files:
-        text = read_source(path)
-        new = format_text(text, str(path))
-        if new != text:
-            changed.append((path, text, new))
-    return files, changed
