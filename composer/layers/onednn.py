@@ -52,7 +52,7 @@ def _fast(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not torch.jit.is_tracing())
 
 
-class PackedLayer(nn.Module):
+class _Packed(nn.Module):
     """The parameters of the layer it replaces, its post-op, and the packed weight as a cache."""
 
     def __init__(self, layer: nn.Module, act):
@@ -78,7 +78,7 @@ class PackedLayer(nn.Module):
         return state
 
 
-class PackedLinear(PackedLayer):
+class PackedLinear(_Packed):
     """`act(linear(x))` for tokens (B, ..., C): one oneDNN kernel on a packed weight."""
 
     def __init__(self, linear: nn.Module, act):
@@ -95,7 +95,7 @@ class PackedLinear(PackedLayer):
         return f"in={self.weight.shape[1]}, out={self.weight.shape[0]}, post={self.post}"
 
 
-class PackedConv(PackedLayer):
+class PackedConv(_Packed):
     """`act(conv(x))` for a 1-D or 2-D map, zero padding: one oneDNN kernel on a packed weight. The
     output keeps the input's memory format (oneDNN writes channels-last)."""
 
@@ -123,7 +123,7 @@ class PackedConv(PackedLayer):
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, groups={self.groups}, post={self.post}")
 
 
-class PackedChannelLinear(PackedLayer):
+class PackedChannelLinear(_Packed):
     """`act(linear over the channels of a map (B, C, *grid))` (a channel-first `ChannelLinear`): on a
     2-D map one oneDNN 1x1 convolution on a packed weight, keeping the input's memory format."""
 
