@@ -360,12 +360,11 @@ class ComposedModel(TimmApi, nn.Module):
         self._link_shared()
         return self
 
-    def optimize(self, channels_last: bool = False, kernels: bool = True) -> "ComposedModel":
+    def optimize(self, channels_last: bool = False) -> "ComposedModel":
         """The inference form, in place (composer/optimize.py: the same eval-mode logits, other
-        state_dict keys, `train()` refused); `channels_last`: conv weights (and so the maps) too;
-        `kernels`: oneDNN's CPU kernels on packed weights (composer/layers/onednn.py)."""
+        state_dict keys, `train()` refused); `channels_last`: conv weights (and so the maps) too."""
         if not self.inference_only:
-            optimize_model(self, kernels)
+            optimize_model(self)
             self._link_shared()
             self.inference_only = True
         return self.to(memory_format=torch.channels_last) if channels_last else self

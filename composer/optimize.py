@@ -35,8 +35,6 @@ import torch
 from torch import nn
 
 from .fuse import fuse_model
-from .layers import onednn
-from .layers.conv import PointwiseConv2d
 from .layers.core import ChannelLinear, ChannelScale, Scale, Stack
 from .program import Attend, Call, Forget, Parallel, Residual, Shared, TrainCall
 
@@ -44,16 +42,12 @@ _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @torch.no_grad()
-def optimize_model(model: nn.Module, kernels: bool = True) -> nn.Module:
-    """Switch `model` (a built `ComposedModel`) to its inference form in place; returns it.
-    `kernels`: linears and convs become oneDNN kernels on packed weights, with the activation after
-    them inside (composer/layers/onednn.py; plain ops where those kernels do not apply)."""
+def optimize_model(model: nn.Module) -> nn.Module:
+    """Switch `model` (a built `ComposedModel`) to its inference form in place; returns it."""
     model.eval()
     fuse_model(model)
     keep = _protected(model)
     _visit(model, keep)
-    if kernels and onednn.AVAILABLE:
-        _pack(model, keep)
     return model
 
 
@@ -214,73 +208,6 @@ def _program(module: nn.Module) -> list | None:
     """The program of a built `Sequence` (composer/builder.py), None for any other module."""
     prog = module.__dict__.get("program")
     return prog if isinstance(prog, list) else None
-
-
-# ----------------------------------------------------------------------------- oneDNN kernels
-def _packable(m, keep: set) -> bool:
-    if id(m) in keep:
-        return False
-    if type(m) in (nn.Linear, ChannelLinear):
-        return True
-    return (type(m) in (nn.Conv1d, nn.Conv2d, PointwiseConv2d) and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str))
-
-
-def _pack(model: nn.Module, keep: set) -> None:
-    """Every linear and conv (a plain one, not shared) becomes a `PackedLinear` / `PackedConv`; an
-    activation that a program or a container runs right after it goes inside and its call away."""
-    for module in list(model.modules()):
-        prog = _program(module)
-        if prog is not None:
-            module.program = _pack_program(module, prog, keep)
-        elif type(module) in (Stack, nn.Sequential):
-            names = list(module._modules)
-            for a, b in zip(names, names[1:] + [None]):
-                if a in module._modules and _packable(module._modules[a], keep):
-                    act = onednn.activation(module._modules[b]) if b is not None and id(module._modules[b]) not in keep \
-                        else None
-                    _replace(module, a, act or onednn.NONE)
-                    if act is not None:
-                        delattr(module, b)
-        for name, child in list(module._modules.items()):  # layers a module calls itself (attention's)
-            if _packable(child, keep) and _program(module) is None and type(module) not in (Stack, nn.Sequential):
-                _replace(module, name, onednn.NONE)
-
-
-def _pack_program(seq, prog: list, keep: set) -> list:
-    out, i = [], 0
-    while i < len(prog):
-        ins = prog[i]
-        cls = ins.__class__
-        if cls is Residual:
-            ins = ins._replace(body=_pack_program(seq, ins.body, keep), shortcut=_pack_program(seq, ins.shortcut, keep))
-        elif cls is Parallel:
-            ins = ins._replace(branches=[_pack_program(seq, b, keep) for b in ins.branches])
-        elif cls is Call and _packable(seq._modules.get(ins.name), keep):
-            nxt = prog[i + 1] if i + 1 < len(prog) else None
-            act = None
-            if nxt is not None and nxt.__class__ is Call and id(seq._modules[nxt.name]) not in keep:
-                act = onednn.activation(seq._modules[nxt.name])
-            _replace(seq, ins.name, act or onednn.NONE)
-            out.append(ins)
-            if act is not None:
-                delattr(seq, nxt.name)
-                i += 1
-            i += 1
-            continue
-        out.append(ins)
-        i += 1
-    return out
-
-
-def _replace(parent: nn.Module, name: str, act) -> None:
-    layer = parent._modules[name]
-    if isinstance(layer, nn.Linear):
-        kind = onednn.PackedChannelLinear if getattr(layer, "channel_first", False) else onednn.PackedLinear
-    else:
-        kind = onednn.PackedConv
-    packed = kind(layer, act)
-    setattr(parent, name, packed)
 
 
 # ----------------------------------------------------------------------------- the folds
