@@ -30,6 +30,14 @@ def test_built_at_another_size_counts_its_tokens():
     assert composer.load("gmlp_ti16", img_size=256).params == n_params(ref) == 5_867_328 + 30 * (256 * 257 - 196 * 197)
 
 
+def test_non_square_size_counts_its_tokens():
+    """`token_linear` reads N from the grid: 224x160 gives 14 x 10 = 140 tokens, as timm's."""
+    with torch.device("meta"):
+        ref = timm.create_model("gmlp_ti16_224", pretrained=False, img_size=(224, 160))
+    assert composer.load("gmlp_ti16", img_size=[224, 160]).params == n_params(ref) \
+        == 5_867_328 + 30 * (140 * 141 - 196 * 197)
+
+
 @pytest.fixture(scope="module")
 def ported():
     torch.manual_seed(0)

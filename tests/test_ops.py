@@ -200,6 +200,8 @@ STRATEGIES = {
                       mode=st.sampled_from(["avg", "max", "token"])),
     "classifier": kw("classifier", any_shape().map(lambda x: Shape(x.channels, (), "vector")),
                      num_classes=st.integers(0, 10), bias=st.booleans()),
+    "token_linear": kw("token_linear", token_shape(extra=st.just(0)), bias=st.booleans(),
+                       bias_init=st.floats(-1, 1)),
     "token_mlp": kw("token_mlp", token_shape(extra=st.just(0)), hidden=st.integers(1, 16),
                     act=st.sampled_from([None, OPS["gelu"](), OPS["relu"]()]), bias=st.booleans()),
     # tokens.py
@@ -774,3 +776,17 @@ def test_new_ops_load_from_a_blueprint(tmp_path):
     model = composer.build(f"{path}:m")
     assert plan.params == sum(p.numel() for p in model.parameters())
     assert model(torch.randn(1, 3, 16, 16)).shape == (1, 5)
+
+
+def test_token_linear_equation():
+    """y[:, n] = Σ_m W[n, m] x[:, m] + b[n] over the tokens of a 3x4 grid, written out; its init."""
+    x = Shape(5, (3, 4), "tokens")
+    op = OPS["token_linear"](init_std=0.5, bias_init=1.0)
+    mod = op.build(x, op.infer(x))
+    assert op.params(x, x) == 12 * 12 + 12 == sum(p.numel() for p in mod.parameters())
+    assert torch.equal(mod.bias, torch.ones(12))
+    t = torch.randn(2, 12, 5)
+    want = torch.einsum("nm,bmc->bnc", mod.weight, t) + mod.bias[None, :, None]
+    assert torch.allclose(mod(t), want, atol=1e-5)
+    with pytest.raises(ShapeError, match="class tokens"):
+        op.infer(Shape(5, (3, 4), "tokens", 1))

@@ -253,6 +253,19 @@ class Stack(nn.Module):
         return x
 
 
+class TokenLinear(nn.Module):
+    """A linear along the token axis of (B, N, C): (B, C, N) -> linear over N -> back."""
+
+    def __init__(self, tokens: int, bias: bool, init_std: float, bias_init: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(tokens, tokens))
+        self.bias = nn.Parameter(torch.full((tokens,), float(bias_init))) if bias else None
+        trunc_normal_(self.weight, init_std)
+
+    def forward(self, x):
+        return F.linear(x.transpose(1, 2), self.weight, self.bias).transpose(1, 2)
+
+
 class TokenMixing(nn.Module):
     """An MLP applied along the token axis: (B, N, C) -> transpose -> fc1, act, fc2 -> back."""
 

@@ -105,6 +105,41 @@ class Classifier(Op):
         return ChannelLinear(x.channels, self.num_classes, self.bias, channel_first=False, init_std=self.init_std)
 
 
+@op("token_linear", category="linear", layout="tokens")
+class TokenLinear(Op):
+    """A linear map along the token axis, shared by all channels: every output token is a learned
+    sum of the N grid tokens, `y[:, n] = Σ_m W[n, m] x[:, m] + b[n]` (gMLP's spatial gating, ResMLP's
+    token mixing; `token_mlp` is the two-layer form). Parameters `weight` (N, N), drawn from
+    trunc-normal(`init_std`), and `bias` (N), filled with `bias_init` (gMLP: weight near 0 and
+    bias 1, so that the gate starts as the identity). Sized by the grid it is built at."""
+
+    grid_bound = True  # its module is built for one grid (composer.sizes refuses others)
+
+    bias: bool = True
+    init_std: NonNegFloat = 0.02
+    bias_init: float = 0.0
+
+    def infer(self, x: Shape) -> Shape:
+        if x.extra:
+            raise ShapeError("token_linear mixes grid tokens only; the input has class tokens",
+                             "split them off first: grid_tokens")
+        if not x.spatial:
+            raise ShapeError(f"token_linear needs tokens on a grid, got {x}")
+        return x
+
+    def params(self, x, y):
+        n = prod(x.spatial)
+        return n * n + (n if self.bias else 0)
+
+    def macs(self, x, y):
+        return prod(x.spatial) ** 2 * x.channels
+
+    def build(self, x, y):
+        from ..layers.core import TokenLinear as Module
+
+        return Module(prod(x.spatial), self.bias, self.init_std, self.bias_init)
+
+
 @op("token_mlp", category="linear", layout="tokens")
 class TokenMLP(Op):
     """An MLP along the token axis, shared by all channels (MLP-Mixer's token mixing): fc1 maps the
