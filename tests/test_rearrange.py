@@ -216,6 +216,8 @@ model m {
     with torch.no_grad():
         x = model.stem.conv(t)
         assert torch.equal(model(t), torch.cat([x[:, 3:], x[:, :1], x[:, 1:3]], 1))
+    with pytest.raises(ShapeError, match="widths is empty"):
+        OPS["split_channels"](widths=[]).infer(Shape(7, (6, 6)))
     with pytest.raises(ShapeError, match="add up to 6 channels, but the input has 7"):
         OPS["split_channels"](widths=[1, 2, 3], parts=3).infer(Shape(7, (6, 6)))
     with pytest.raises(ShapeError, match="needs a map or tokens, got heads") as info:

@@ -262,6 +262,8 @@ class SplitChannels(Op):
     parts: Optional[Pos] = None
 
     def split(self, channels: int) -> list[int]:
+        if self.widths is not None and not self.widths:
+            raise ShapeError("split_channels: widths is empty", "give one width per part, e.g. widths = [1, 64, 64]")
         n = self.parts or (len(self.widths) if self.widths else 1)
         if self.widths is not None:
             if len(self.widths) != n:
