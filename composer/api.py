@@ -8,11 +8,10 @@ from . import resolve as _resolve
 from .budget import MAX_SEED
 from .diagnostics import did_you_mean, error
 from .expr import Schedule, from_python
-from .files import blueprint_files
+from .files import blueprint_files, zoo_file_of
 from .head_edits import with_head_edits
 from .lower import plan
 from .plan import Plan
-from .loader import zoo_file_of
 from .locate import BLUEPRINTS_DIR
 
 BUILD_KEYS = ("num_classes", "img_size", "in_chans")
@@ -33,7 +32,7 @@ def zoo_index() -> dict[str, Path]:
 
 def zoo_home(name: str) -> Path | None:
     """The zoo file defining model `name`, without parsing the whole zoo as `zoo_index` does: the
-    file whose text declares it (`loader.zoo_file_of`), confirmed by parsing that file alone; None
+    file whose text declares it (`files.zoo_file_of`), confirmed by parsing that file alone; None
     when not found so (then `zoo_index` decides). tests/test_api.py: the same file as `zoo_index`
     gives, for every zoo model."""
     if not name.isidentifier():

@@ -48,8 +48,10 @@ SAVED = object()  # a check target that is a saved model's folder
 
 def cmd_check(args) -> int:
     # what a cached check needs is imported here; the op library only when a file is checked
-    from .files import blueprint_files, is_saved_folder
+    from .check_cache import CheckCache
+    from .files import blueprint_files, is_saved_folder, zoo_file_of
 
+    cache = CheckCache(repr((args.quiet, args.set, args.num_classes, args.img_size, args.in_chans)))
     targets = []
     for t in args.targets:
         p = Path(t)
@@ -63,17 +65,19 @@ def cmd_check(args) -> int:
         elif p.suffix in (".arch", ".yaml", ".yml") and p.is_file():
             targets.append((p, None))  # as api.resolve_target gives it
         else:
-            from . import api
+            home = zoo_file_of(t) if t.isidentifier() and not p.exists() else None
+            if home is not None and cache.lookup((home, t)) is not None:
+                targets.append((home, t))  # a zoo model whose kept result still holds: no need to parse
+            else:
+                from . import api
 
-            targets.append(api.resolve_target(t))
+                targets.append(api.resolve_target(t))
     if any(name is SAVED for _, name in targets):
         failures = sum(_check_target(args, t) for t in targets)
     else:  # a folder's files: on several cores (composer/check_jobs.py), the output in the same order;
         # an unchanged file's output comes from the check-result cache (composer/check_cache.py)
-        from .check_cache import CheckCache
         from .check_jobs import run
 
-        cache = CheckCache(repr((args.quiet, args.set, args.num_classes, args.img_size, args.in_chans)))
         items = [(t, cache.lookup(t)) for t in targets]
         if any(kept is None for _, kept in items):
             from . import api  # noqa: F401 - the op library, imported once before run() forks, not per process

@@ -147,3 +147,17 @@ def is_saved_folder(folder) -> bool:
         return isinstance(json.loads(read_source(config)).get("composer"), dict)
     except (ValueError, AttributeError, ComposerError):
         return False
+
+
+def zoo_file_of(model: str) -> Path | None:
+    """The zoo's family file that defines `model` (a textual search of the zoo's .arch files: no
+    parsing, for hints, `composer show` and a cached `composer check NAME`), or None."""
+    import re
+
+    from .locate import BLUEPRINTS_DIR
+
+    pattern = re.compile(rf"^[ \t]*model[ \t]+{re.escape(model)}\b", re.M)
+    for path in sorted(BLUEPRINTS_DIR.glob("*.arch")):
+        if pattern.search(read_source(path)):
+            return path
+    return None

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import ast
 from .diagnostics import did_you_mean, error
 from .expr import Namespace
-from .files import read_source
+from .files import read_source, zoo_file_of
 from .locate import BLUEPRINTS_DIR
 from .ops import OPS
 from .parse_cache import parse_file
@@ -242,16 +242,6 @@ def _closure(p: Path, memo: dict, stack: tuple) -> list[tuple[Path, str]]:
 
 def _short(text: str, width: int = 60) -> str:
     return text if len(text) <= width else text[:width] + "..."
-
-
-def zoo_file_of(model: str) -> Path | None:
-    """The zoo's family file that defines `model` (a textual search of the zoo's .arch files: no
-    parsing, for hints and `composer show`), or None."""
-    pattern = re.compile(rf"^[ \t]*model[ \t]+{re.escape(model)}\b", re.M)
-    for path in sorted(BLUEPRINTS_DIR.glob("*.arch")):
-        if pattern.search(read_source(path)):
-            return path
-    return None
 
 
 def base_hint(base: str, visible) -> str:

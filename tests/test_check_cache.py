@@ -143,12 +143,13 @@ def test_an_unchanged_zoo_file_is_replayed_without_the_op_library(tmp_path):
     probe = ("import sys\nfrom composer.cli import main\ncode = main(['check', sys.argv[1]])\n"
              "print('loaded:', sorted(m for m in ('composer.ops', 'composer.resolve', 'torch', 'pydantic', 'lark')"
              " if m in sys.modules))\nsys.exit(code)\n")
-    runs = [subprocess.run([sys.executable, "-c", probe, str(ROOT / "blueprints" / "mlp_mixer.arch")], env=env,
-                           cwd=tmp_path, capture_output=True, text=True, timeout=120) for _ in range(2)]
-    assert [r.returncode for r in runs] == [0, 0]
-    first, second = (r.stdout.rpartition("loaded:") for r in runs)
-    assert first[0] == second[0] and first[0].count("ok  ") >= 2
-    assert "composer.ops" in first[2] and second[2].strip() == "[]"
+    for target, models in [(str(ROOT / "blueprints" / "mlp_mixer.arch"), 3), ("mixer_s16", 1)]:  # a file, a zoo name
+        runs = [subprocess.run([sys.executable, "-c", probe, target], env=env, cwd=tmp_path, capture_output=True,
+                               text=True, timeout=120) for _ in range(2)]
+        assert [r.returncode for r in runs] == [0, 0]
+        first, second = (r.stdout.rpartition("loaded:") for r in runs)
+        assert first[0] == second[0] and first[0].count("ok  ") == models
+        assert "composer.ops" in first[2] and second[2].strip() == "[]"
 
 
 def test_a_warning_python_did_not_show_is_not_kept(cache, tmp_path, capsys):
