@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 
 from .locate import GRAMMAR_DIR
-from .disk_cache import folder, real_path, write_entry
+from .disk_cache import folder, hash_files, real_path, write_entry
 
 FORMAT = b"composer-check-2\n"
 MAX_ENTRY_BYTES = 4 * 1024 * 1024
@@ -70,12 +70,7 @@ def _composer() -> bytes:
         files, missing = composer_files()
         for lib in missing:
             h.update(f"\0no {lib}\0".encode())
-        for f in files:
-            h.update(str(f.relative_to(_PACKAGE) if f.is_relative_to(_PACKAGE) else f.name).encode() + b"\0")
-            try:
-                h.update(f.read_bytes())
-            except OSError:
-                h.update(b"\0missing\0")
+        hash_files(h, files, lambda f: str(f.relative_to(_PACKAGE) if f.is_relative_to(_PACKAGE) else f.name))
         known = _state["composer"] = h.digest()
     return known
 

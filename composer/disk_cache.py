@@ -75,3 +75,14 @@ def _prune(where: Path) -> None:
             os.unlink(p)
         except OSError:
             pass
+
+
+def hash_files(h, files, label) -> None:
+    """Feed hash `h` each file's `label(file)` and its bytes (a mark for a file that cannot be read):
+    the code and data a cached result depends on."""
+    for f in files:
+        h.update(label(f).encode() + b"\0")
+        try:
+            h.update(f.read_bytes())
+        except OSError:
+            h.update(b"\0missing\0")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from . import ast
-from .disk_cache import folder, real_path, write_entry
+from .disk_cache import folder, hash_files, real_path, write_entry
 from .locate import GRAMMAR_DIR
 from .source import Span, register
 
@@ -56,12 +56,7 @@ def _front_end() -> bytes:
             files.append(Path(spec.origin))
         except (ImportError, AttributeError, TypeError, ValueError):
             pass
-        for f in files:
-            h.update(f.name.encode() + b"\0")
-            try:
-                h.update(f.read_bytes())
-            except OSError:
-                h.update(b"\0missing\0")
+        hash_files(h, files, lambda f: f.name)
         known = _state["front"] = h.digest()
     return known
 
