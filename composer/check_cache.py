@@ -32,8 +32,8 @@ import time
 import warnings
 from pathlib import Path
 
-from .locate import GRAMMAR_DIR
 from .disk_cache import folder, hash_files, real_path, write_entry
+from .locate import GRAMMAR_DIR
 
 FORMAT = b"composer-check-2\n"
 MAX_ENTRY_BYTES = 4 * 1024 * 1024

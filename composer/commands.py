@@ -52,7 +52,7 @@ def cmd_check(args) -> int:
     from .files import blueprint_files, is_saved_folder, zoo_file_of
 
     cache = CheckCache(repr((args.quiet, args.set, args.num_classes, args.img_size, args.in_chans)))
-    targets = []
+    targets, kept = [], {}  # kept: the results looked up already (a zoo name's)
     for t in args.targets:
         p = Path(t)
         if is_saved_folder(p):  # a folder composer.save wrote: its blueprint with the saved overrides
@@ -66,8 +66,10 @@ def cmd_check(args) -> int:
             targets.append((p, None))  # as api.resolve_target gives it
         else:
             home = zoo_file_of(t) if t.isidentifier() and not p.exists() else None
-            if home is not None and cache.lookup((home, t)) is not None:
-                targets.append((home, t))  # a zoo model whose kept result still holds: no need to parse
+            result = cache.lookup((home, t)) if home is not None else None
+            if result is not None:  # a zoo model whose kept result still holds: no need to parse
+                targets.append((home, t))
+                kept[(home, t)] = result
             else:
                 from . import api
 
@@ -78,7 +80,7 @@ def cmd_check(args) -> int:
         # an unchanged file's output comes from the check-result cache (composer/check_cache.py)
         from .check_jobs import run
 
-        items = [(t, cache.lookup(t)) for t in targets]
+        items = [(t, kept[t] if t in kept else cache.lookup(t)) for t in targets]
         if any(kept is None for _, kept in items):
             from . import api  # noqa: F401 - the op library, imported once before run() forks, not per process
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import tempfile
@@ -13,6 +14,7 @@ import threading
 from pathlib import Path
 
 from .diagnostics import ComposerError, error
+from .locate import BLUEPRINTS_DIR
 
 MAX_SOURCE_BYTES = 4 * 1024 * 1024  # a blueprint of the zoo is under 10 KB; a 4 MB one is an accident
 
@@ -152,10 +154,6 @@ def is_saved_folder(folder) -> bool:
 def zoo_file_of(model: str) -> Path | None:
     """The zoo's family file that defines `model` (a textual search of the zoo's .arch files: no
     parsing, for hints, `composer show` and a cached `composer check NAME`), or None."""
-    import re
-
-    from .locate import BLUEPRINTS_DIR
-
     pattern = re.compile(rf"^[ \t]*model[ \t]+{re.escape(model)}\b", re.M)
     for path in sorted(BLUEPRINTS_DIR.glob("*.arch")):
         if pattern.search(read_source(path)):

@@ -142,7 +142,9 @@ def solve(pattern: Pattern, dims: tuple[int, ...], sizes: dict[str, int],
                              f"give all but one of them in sizes, e.g. sizes = [[\"{unknown[-1]}\", N]]")
         if unknown:
             if fixed == 0 or dim % fixed:
-                raise ShapeError(f"rearrange: {_show(group)} = {dim} is not divisible by the given sizes ({fixed})")
+                raise ShapeError(f"rearrange: {_show(group)} = {dim} is not divisible by the given sizes ({fixed})",
+                                 f"the input's axis here must be a multiple of {fixed}: choose an input size "
+                                 "that gives one")
             known[unknown[0]] = dim // fixed
         elif fixed != dim:
             what = " * ".join(f"{a}={known[a] if a != '1' else 1}" for a in group)
