@@ -76,7 +76,13 @@ def load(target: str, **overrides) -> Plan:
         target, saved, edits = saved_target(target)
         return with_head_edits(load(target, **{**saved, **overrides}), edits)
     path, name = resolve_target(target)
-    unit = _resolve.load(path)
+    return plan_model(_resolve.load(path), path, name, overrides)
+
+
+def plan_model(unit, path: Path, name: str | None, overrides: dict) -> Plan:
+    """`load` of model `name` (None: the file's only model) once its file is found: `unit` is the
+    file at `path` loaded (`resolve.load`), `overrides` the language's values (`from_python`'s).
+    `composer check` calls it with the unit it loaded already, for each model of the file."""
     if name is None:
         names = _models_of(path)
         if len(names) != 1:

@@ -105,6 +105,7 @@ def _check_target(args, target) -> int:
     """Check one target of `composer check`, printing its models' summaries; 1 if it failed."""
     path, name = target
     from . import api
+    from .expr import from_python
     from .resolve import load
 
     try:
@@ -117,7 +118,8 @@ def _check_target(args, target) -> int:
         unit = load(path)
         names = [name] if name else [m.name for m in unit.file.models]
         for n in names:
-            plan = api.load(f"{path}:{n}", **_overrides(args))
+            # api.load(f"{path}:{n}", ...) without finding and loading the file again for every model
+            plan = api.plan_model(unit, path, n, {k: from_python(v) for k, v in _overrides(args).items()})
             if not args.quiet:
                 params, macs = plan.cost()
                 print(f"ok  {path}:{n}  {params:,} params  {macs / 1e9:.2f} GMACs")

@@ -62,13 +62,33 @@ class Step:
 
 def steps_cost(steps: list) -> tuple[int, int]:
     """(parameters, MACs) of `steps` and everything nested in them (`own_params`, `own_macs`): per
-    step the sum over `walk()` in its order, then the sum of those, as `sum(s.params for s in steps)`."""
+    step the sum over `walk()` in its order, then the sum of those, as `sum(s.params for s in steps)`.
+    The hot path of a check, which counts every plan twice: an op step's kept counts are read here
+    directly (`OpStep.op_counts`, inlined) and the plain steps' classes are dispatched on, which
+    has neither counts nor children of their own (saves, loads, conversions) or only children."""
     params = macs = 0
     for top in steps:
         p = m = 0
         todo = [top]
         while todo:
             s = todo.pop()
+            cls = s.__class__
+            if cls is OpStep:
+                d = s.__dict__
+                kept = d.get("_counts")
+                if kept is not None and kept[0] is d["op"] and kept[1] is d["x"] and kept[2] is d["y"]:
+                    p += kept[3] - d["tied"]
+                    m += kept[4] * d["batch"]
+                    continue
+            elif cls is SeqStep:
+                todo += reversed(s.body)
+                continue
+            elif cls is ResidualStep:  # children (shortcut, body): the shortcut popped first
+                todo += reversed(s.body)
+                todo += reversed(s.shortcut)
+                continue
+            elif cls in _NO_COUNTS:
+                continue
             sp, sm = s.own_cost()
             p += sp
             m += sm
@@ -350,6 +370,10 @@ class _Flow:
                 # the target's steps form a graph of their own, left out; their saves still count
                 _Flow(type(self.g)(), self.saved).steps(s.reused)
                 self.node(merge_node(s, "reuse"), [self.last], kind="reuse", op=f"reuse {s.target}", x=s.x, y=s.y)
+
+
+# steps with no parameters, MACs or children of their own (`steps_cost` skips them)
+_NO_COUNTS = frozenset({SaveStep, LoadStep, ConvertStep})
 
 
 def merge_node(step: Step, what: str) -> str:
