@@ -33,7 +33,15 @@ class Shape:
         return self.channels * (self.tokens if self.layout != "vector" else 1) * (self.heads or 1)
 
     def with_(self, **changes) -> "Shape":
-        return replace(self, **changes)
+        """`dataclasses.replace(self, **changes)`, without its per-field work (shape rules call it
+        thousands of times in a check); an unknown field still raises replace's TypeError."""
+        if not changes.keys() <= _SHAPE_FIELDS:
+            return replace(self, **changes)
+        new = object.__new__(Shape)
+        fields = self.__dict__.copy()
+        fields.update(changes)
+        object.__setattr__(new, "__dict__", fields)
+        return new
 
     def __str__(self) -> str:
         if self.layout == "vector":
@@ -49,6 +57,9 @@ class Shape:
             keys = (f"{kextra}+" if kextra else "") + ("x".join(str(s) for s in kgrid) or "")
             return f"({self.heads} heads, {extra}{grid} queries, {keys or self.channels} keys)"
         return f"({extra}{grid} tokens, {self.channels})"
+
+
+_SHAPE_FIELDS = frozenset(Shape.__dataclass_fields__)
 
 
 class ShapeError(Exception):
