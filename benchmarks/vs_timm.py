@@ -330,8 +330,11 @@ def main(argv=None) -> None:
                     "over the parity rows; prints a table (benchmarks/vs_timm_optimize.py)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="with --optimize: time calls by the thread's CPU time (a loaded machine), not the wall clock")
-    ap.add_argument("--channels-last", action="store_true",
-                    help="with --optimize: model.optimize(channels_last=True)")
+    ap.add_argument("--layout", default="channels_first",
+                    choices=["channels_first", "channels_last", "blocked", "fastest"],
+                    help="with --optimize: model.optimize(layout=...) (fastest: chosen per batch size)")
+    ap.add_argument("--channels-last", action="store_const", const="channels_last", dest="layout",
+                    help="with --optimize: --layout channels_last")
     args = ap.parse_args(argv)
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.build_rounds = args.build_rounds or (1 if args.quick else 3)

@@ -14,9 +14,11 @@ On a loaded machine, `--cpu-time` times each call by the CPU time of the calling
 (`time.thread_time`; with `--threads 1`, torch runs every op on it) instead of the wall clock:
 time spent waiting for a core other processes hold is then left out.
 
-`--channels-last` times `model.optimize(channels_last=True)` (timm's models as they are).
+`--layout L` times `model.optimize(layout=L)` (timm's models as they are): channels_first (the
+default), channels_last, blocked, or fastest (chosen per batch size, on that batch: the layout is
+printed); `--channels-last` is `--layout channels_last`.
 
-Run:  python benchmarks/vs_timm.py --optimize [--models resnet50 ...] [--rounds 7] [--cpu-time] [--channels-last]
+Run:  python benchmarks/vs_timm.py --optimize [--models resnet50 ...] [--rounds 7] [--cpu-time] [--layout L]
 Prints the per-model lines, the summary and a markdown table (for docs/benchmarks.md).
 """
 
@@ -64,7 +66,7 @@ def bench(name: str, ref: str, args, create, port) -> dict:
     theirs = create().eval()
     ours = composer.build(name).eval()
     port(ours, theirs.state_dict())
-    opt = copy.deepcopy(ours).optimize(channels_last=args.channels_last)
+    opt = copy.deepcopy(ours).optimize(layout=args.layout)
     rep = _timm_reparameterized(theirs)
     variants = {"built": ours, "optimized": opt, "timm": theirs}
     if rep is not None:
@@ -74,6 +76,9 @@ def bench(name: str, ref: str, args, create, port) -> dict:
     for batch in (1, 8):
         x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
+            if args.layout == "fastest":
+                opt.optimize(layout="fastest", example=x)
+            row[f"layout{batch}"] = opt.layout
             if batch == 1:
                 want = theirs(x)
                 row["diff"] = ((opt(x) - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
@@ -102,7 +107,7 @@ def line(r: dict) -> str:
     parts = [f"{r['name']:20s}"]
     for b in (1, 8):
         rep = f" rep {_ms(r[f'timm_rep{b}'])}" if r["rep"] else ""
-        parts.append(f"b{b}: opt {_ms(r[f'optimized{b}'])} built {_ms(r[f'built{b}'])} timm {_ms(r[f'timm{b}'])}{rep}"
+        parts.append(f"b{b}: opt ({r[f'layout{b}']}) {_ms(r[f'optimized{b}'])} built {_ms(r[f'built{b}'])} timm {_ms(r[f'timm{b}'])}{rep}"
                      f" ms (vs best {r[f'best{b}']:.3f})")
     return "  ".join(parts) + f"  rel diff {r['diff']:.1e}"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -9,6 +11,7 @@ from .chains import attend, fuse_attention
 from .diagnostics import error
 from .fuse import fuse_model
 from .optimize import optimize_model
+from .optimize_layout import LAYOUTS, use_layout
 from .head_edits import with_global_pool
 from .memory import check_memory
 from .layers.core import ChannelScale, Scale, tie_scope
@@ -256,6 +259,8 @@ class Sequence(nn.Module):
 
 
 class StageModule(nn.Module):
+    joined = None  # after optimize(layout="blocked"): its sections as one run (composer/optimize_layout.py)
+
     def __init__(self, stage):
         super().__init__()
         self.downsample_last = stage.downsample_last
@@ -264,7 +269,14 @@ class StageModule(nn.Module):
         self.norm = Sequence(stage.norm.steps) if stage.norm is not None else None
         self.grad_checkpointing = False
 
+    def sections(self) -> list:
+        """Its Sequences in the order it runs them."""
+        first, last = (self.downsample, None) if not self.downsample_last else (None, self.downsample)
+        return [s for s in (first, *self.blocks, last, self.norm) if s is not None]
+
     def forward(self, x, env: dict | None = None):
+        if self.joined is not None:
+            return self.joined(x)
         env = {} if env is None else env
         if self.downsample is not None and not self.downsample_last:
             x = self.downsample(x, env)
@@ -284,6 +296,8 @@ class ComposedModel(TimmApi, nn.Module):
     """A model built from a blueprint, with timm's backbone API (composer/timm_api.py)."""
 
     inference_only = False  # True after `optimize()`
+    layout = "channels_first"  # of its maps: `optimize(layout=...)`
+    joined = None  # after optimize(layout="blocked"): stem and stages as one run
 
     def __init__(self, plan: Plan, features_only: bool = False, out_indices=None, dynamic_img_size: bool = False):
         super().__init__()
@@ -328,6 +342,8 @@ class ComposedModel(TimmApi, nn.Module):
         if env is None:
             self.check_input(x)
             env = {"input": x}
+        if self.joined is not None:
+            return self.joined(x)
         x = self.stem(x, env)
         for stage in self.stages:
             x = stage(x, env)
@@ -360,14 +376,25 @@ class ComposedModel(TimmApi, nn.Module):
         self._link_shared()
         return self
 
-    def optimize(self, channels_last: bool = False) -> "ComposedModel":
+    def optimize(self, layout: str | None = None, example=None, channels_last: bool = False) -> "ComposedModel":
         """The inference form, in place (composer/optimize.py: the same eval-mode logits, other
-        state_dict keys, `train()` refused); `channels_last`: conv weights (and so the maps) too."""
+        state_dict keys, `train()` refused), its maps in `layout` (composer/optimize_layout.py:
+        channels_first, channels_last, blocked, or fastest: whichever runs `example` fastest; None:
+        the one it is in). `channels_last=True` is the old spelling of layout="channels_last"."""
+        if channels_last:
+            warnings.warn('optimize(channels_last=True) is now optimize(layout="channels_last")',
+                          DeprecationWarning, stacklevel=2)
+            layout = layout or "channels_last"
+        if layout is not None and layout not in LAYOUTS:
+            raise error("value", f"unknown layout '{layout}'", None, f"one of: {', '.join(LAYOUTS)}")
         if not self.inference_only:
             optimize_model(self)
             self._link_shared()
             self.inference_only = True
-        return self.to(memory_format=torch.channels_last) if channels_last else self
+        if layout is not None:
+            sections = (self.stem, [(stage, stage.sections()) for stage in self.stages])
+            self.layout = use_layout(self, layout, sections, example)
+        return self
 
     def train(self, mode: bool = True) -> "ComposedModel":
         if mode and self.inference_only:

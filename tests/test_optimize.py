@@ -131,11 +131,13 @@ def test_optimized_row_equals_built(name):
     with torch.no_grad():
         want = model(x)
         got = model.optimize()(x)
-        last = model.optimize(channels_last=True)(x)  # conv weights channels-last: maps flow that way
+        last = model.optimize(layout="channels_last")(x)  # conv weights channels-last: maps flow that way
+        blocked = model.optimize(layout="blocked")(x)  # runs of convs on oneDNN's blocked layout
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.stages.modules()), \
         "a batch norm of the stages was not folded"
     assert (got - want).abs().max().item() <= 1e-4 * want.abs().max().item()
     assert (last - want).abs().max().item() <= 1e-4 * want.abs().max().item()
+    assert (blocked - want).abs().max().item() <= 1e-4 * want.abs().max().item()
 
 
 def test_build_option_and_cli(tmp_path, capsys):

@@ -1,0 +1,110 @@
+"""A run of a built model's instructions on oneDNN's blocked memory layout (`BlockedRun`, made by
+composer/optimize_blocked.py for `model.optimize()`).
+
+A CPU convolution called on an ordinary (strided) map copies it into oneDNN's blocked layout,
+its weight into the kernel's own layout, and its output back, on every call. A run of convs,
+ReLUs, pools and residual sums kept in the blocked layout (`Tensor.to_mkldnn()`) does those
+copies once per run, and each weight's once per weight: ResNet-50 on one thread runs at about
+0.8x. The run holds its steps' modules by reference: the model's parameters, state_dict and
+`.to()` are as they were. It takes the blocked path only where that path exists and gives the
+same numbers: a float32 CPU map, autograd off, not traced or compiled; otherwise (a GPU, half
+precision, training, torch.compile, export) it runs the same steps on the map as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+CONV, MODULE, RESIDUAL, SUM = range(4)
+
+
+class BlockedRun(nn.Module):
+    """`steps`: (CONV, conv), (MODULE, module), (RESIDUAL, body steps, shortcut steps) or
+    (SUM, [branch steps, ...]); modules that are kept outside this one's registry."""
+
+    def __init__(self, steps: tuple):
+        super().__init__()
+        self.__dict__["steps"] = steps  # not submodules: their parameters stay where they are
+        self.__dict__["packed"] = {}  # id(conv) -> (weight's version and address, packed weight)
+
+    def __getstate__(self):  # a copy or a pickle packs its weights again (blocked tensors do not copy)
+        return {**self.__dict__, "packed": {}}
+
+    def forward(self, x):
+        if x.dim() == 4 and x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+                and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            y = self._blocked(self.steps, x.to_mkldnn())
+            return y.to_dense() if y.is_mkldnn else y
+        return self._plain(self.steps, x)
+
+    def _plain(self, steps, x):
+        for step in steps:
+            kind = step[0]
+            if kind <= MODULE:
+                x = step[1](x)
+            elif kind == RESIDUAL:
+                short = self._plain(step[2], x) if step[2] else x
+                x = short + self._plain(step[1], x)
+            else:
+                outs = [self._plain(b, x) for b in step[1]]
+                x = outs[0]
+                for o in outs[1:]:
+                    x = x + o
+        return x
+
+    def _blocked(self, steps, x):
+        for step in steps:
+            kind = step[0]
+            if kind == CONV:
+                conv = step[1]
+                if not x.is_mkldnn:
+                    x = x.to_mkldnn()
+                x = torch.mkldnn_convolution(x, self._weight(conv), conv.bias, conv.padding, conv.stride,
+                                             conv.dilation, conv.groups)
+            elif kind == MODULE:
+                x = step[1](x)
+            elif kind == RESIDUAL:
+                short = self._blocked(step[2], x) if step[2] else x
+                x = _add(short, self._blocked(step[1], x))
+            else:
+                outs = [self._blocked(b, x) for b in step[1]]
+                x = outs[0]
+                for o in outs[1:]:
+                    x = _add(x, o)
+        return x
+
+    def _weight(self, conv):
+        """`conv`'s weight in the kernel's layout, made again when the weight changed (a
+        load_state_dict, a move) since it was made."""
+        w = conv.weight
+        key = (w._version, w.data_ptr())
+        kept = self.packed.get(id(conv))
+        if kept is None or kept[0] != key:
+            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().to_mkldnn(), conv.padding, conv.stride,
+                                                               conv.dilation, conv.groups)
+            kept = self.packed[id(conv)] = (key, packed)
+        return kept[1]
+
+    def extra_repr(self) -> str:
+        return f"{_count(self.steps)} steps on the blocked layout"
+
+
+def _add(a, b):
+    """a + b; on the blocked layout where both are blocked maps of one shape (oneDNN's sum does
+    not broadcast), else on ordinary maps."""
+    if a.is_mkldnn and b.is_mkldnn and a.shape == b.shape:
+        return a + b
+    return (a.to_dense() if a.is_mkldnn else a) + (b.to_dense() if b.is_mkldnn else b)
+
+
+def _count(steps) -> int:
+    n = 0
+    for step in steps:
+        if step[0] <= MODULE:
+            n += 1
+        elif step[0] == RESIDUAL:
+            n += _count(step[1]) + _count(step[2])
+        else:
+            n += sum(_count(b) for b in step[1])
+    return n
