@@ -41,19 +41,20 @@ def use_layout(model: nn.Module, layout: str, sections: tuple, example=None) -> 
         return _fastest(model, sections, example)
     if layout == "channels_last":
         model.to(memory_format=torch.channels_last)
-    elif layout == "blocked":
-        blocked_runs(model, *sections)
+    elif layout == "blocked" and not blocked_runs(model, *sections):
+        return "channels_first"  # no stage the blocked layout carries: the model is as it was
     return layout
 
 
 @torch.no_grad()
 def _fastest(model, sections, example) -> str:
     if example is None:
-        p = next(model.parameters(), None)
-        example = torch.randn(1, *model._input, device=p.device if p is not None else None)
+        p, shape = next(model.parameters(), None), model.plan.input
+        example = torch.randn(1, shape.channels, *shape.spatial, device=p.device if p is not None else None)
     times = {}
     for layout in LAYOUTS[:-1]:
-        use_layout(model, layout, sections)
+        if use_layout(model, layout, sections) != layout:
+            continue  # blocked, where no stage is: the same model as channels_first
         model(example)  # the first call packs weights and warms caches
         best = float("inf")
         for _ in range(3):
@@ -65,12 +66,12 @@ def _fastest(model, sections, example) -> str:
 
 
 # ----------------------------------------------------------------------------- the blocked runs
-def blocked_runs(model: nn.Module, stem, stages: list) -> None:
+def blocked_runs(model: nn.Module, stem, stages: list) -> int:
     """A stage whose sections (`stages`: (stage, its Sequences in the order it runs them) each)
     the blocked layout carries whole gets one run of them all (`stage.joined`, which its forward
     runs instead: one conversion in and one out per stage), and a model whose stem and stages all
     are, one run for its features (`model.joined`). Nothing else changes: the sections' own
-    programs (which a block's features run) stay as they are."""
+    programs (which a block's features run) stay as they are. Returns how many stages run so."""
     runs = []
     for stage, seqs in stages:
         stage.__dict__["joined"] = run = _run(seqs)
@@ -78,6 +79,7 @@ def blocked_runs(model: nn.Module, stem, stages: list) -> None:
     stem_run = _run([stem])
     whole = stem_run is not None and all(r is not None for r in runs)
     model.__dict__["joined"] = BlockedRun(stem_run.steps + sum((r.steps for r in runs), ())) if whole else None
+    return sum(r is not None for r in runs)
 
 
 def _unblock(model) -> None:

@@ -105,6 +105,7 @@ def test_no_run_where_a_step_is_not_carried():
         want = model.optimize()(x)
         assert _close(model.optimize(layout="blocked")(x), want)
     assert model.joined is None and all(stage.joined is None for stage in model.stages)
+    assert model.layout == "channels_first"  # what it is in, not what was asked
 
 
 def test_fastest_and_the_old_spelling():
