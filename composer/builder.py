@@ -12,6 +12,7 @@ from .diagnostics import error
 from .fuse import fuse_model
 from .optimize import optimize_model
 from .optimize_layout import LAYOUTS, use_layout
+from .layers.blocked import on_blocked_path
 from .head_edits import with_global_pool
 from .memory import check_memory
 from .layers.core import ChannelScale, Scale, tie_scope
@@ -275,7 +276,7 @@ class StageModule(nn.Module):
         return [s for s in (first, *self.blocks, last, self.norm) if s is not None]
 
     def forward(self, x, env: dict | None = None):
-        if self.joined is not None:
+        if self.joined is not None and on_blocked_path(x):
             return self.joined(x)
         env = {} if env is None else env
         if self.downsample is not None and not self.downsample_last:
@@ -342,7 +343,7 @@ class ComposedModel(TimmApi, nn.Module):
         if env is None:
             self.check_input(x)
             env = {"input": x}
-        if self.joined is not None:
+        if self.joined is not None and on_blocked_path(x):
             return self.joined(x)
         x = self.stem(x, env)
         for stage in self.stages:
@@ -384,7 +385,10 @@ class ComposedModel(TimmApi, nn.Module):
         if channels_last:
             warnings.warn('optimize(channels_last=True) is now optimize(layout="channels_last")',
                           DeprecationWarning, stacklevel=2)
-            layout = layout or "channels_last"
+            if layout not in (None, "channels_last"):
+                raise error("value", f"optimize(channels_last=True, layout='{layout}'): two layouts", None,
+                            "give layout alone")
+            layout = "channels_last"
         if layout is not None and layout not in LAYOUTS:
             raise error("value", f"unknown layout '{layout}'", None, f"one of: {', '.join(LAYOUTS)}")
         if not self.inference_only:
@@ -395,6 +399,14 @@ class ComposedModel(TimmApi, nn.Module):
             sections = (self.stem, [(stage, stage.sections()) for stage in self.stages])
             self.layout = use_layout(self, layout, sections, example)
         return self
+
+    def prune_intermediate_layers(self, indices=1, prune_norm: bool = False, prune_head: bool = True):
+        """timm's (composer/timm_api.py); an optimised model's layout is made again for what is left
+        (the blocked runs held the stages pruned)."""
+        take = super().prune_intermediate_layers(indices, prune_norm, prune_head)
+        if self.layout == "blocked":
+            self.optimize(layout="blocked")
+        return take
 
     def train(self, mode: bool = True) -> "ComposedModel":
         if mode and self.inference_only:

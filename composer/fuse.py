@@ -19,7 +19,7 @@ from torch import nn
 from .layers.core import ChannelScale
 from .layers.gating import GRN
 from .layers.reparam import conv_class, fold_bn
-from .program import Call, Parallel, Residual
+from .program import Call, Parallel, Residual, program_of
 
 
 class _Affine:
@@ -140,7 +140,7 @@ def _as_affine(module: nn.Module):
         return _Affine(w.detach(), b.detach(), 1, n)
     if isinstance(module, ChannelScale) and module.channel_first:
         return None  # needs the spatial rank: handled by the caller with a neighbour
-    prog = _program(module)
+    prog = program_of(module)
     if prog is not None and len(prog) == 1 and prog[0].__class__ is Call:
         return _as_affine(module._modules[prog[0].name])
     return None
@@ -274,7 +274,7 @@ def _was_fused(module: nn.Module) -> bool:
     """Made by fusion: a fused re-parameterizable module, a folded run, or a composite of one such."""
     if getattr(module, "_reparam_fused", False):
         return True
-    prog = _program(module)
+    prog = program_of(module)
     return prog is not None and len(prog) == 1 and prog[0].__class__ is Call and _was_fused(module._modules[prog[0].name])
 
 
@@ -289,11 +289,6 @@ def _names(ins) -> list[str]:
         return [n for b in ins.branches for sub in b for n in _names(sub)]
     return []
 
-
-def _program(module: nn.Module) -> list | None:
-    """The program of a built `Sequence` (composer/builder.py), None for any other module."""
-    prog = module.__dict__.get("program")
-    return prog if isinstance(prog, list) else None
 
 
 @torch.no_grad()
@@ -318,7 +313,7 @@ def fuse_model(model: nn.Module) -> nn.Module:
         if fused is not child:
             fused._reparam_fused = True  # a run holding it may fold further (see `_fold_sequence`)
             setattr(model, name, fused)
-    if _program(model) is not None and not model.training:
+    if program_of(model) is not None and not model.training:
         _fold_sequence(model)
         _fold_shifts(model)
     return model

@@ -36,7 +36,7 @@ from torch import nn
 
 from .fuse import fuse_model
 from .layers.core import ChannelLinear, ChannelScale, Scale, Stack
-from .program import Attend, Call, Forget, Parallel, Residual, Shared, TrainCall
+from .program import Attend, Call, Forget, Parallel, Residual, Shared, TrainCall, program_of
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -57,7 +57,7 @@ def _protected(model: nn.Module) -> set:
     own a tied parameter, and the classifier."""
     keep = set()
     for m in model.modules():
-        prog = _program(m)
+        prog = program_of(m)
         for ins in _walk(prog) if prog is not None else ():
             if ins.__class__ is Shared:
                 keep.update(id(sub) for sub in model.get_submodule(ins.name).modules())
@@ -94,7 +94,7 @@ def _visit(module: nn.Module, keep: set) -> None:
     the producer a following scale or batch norm folds into)."""
     for child in list(module.children()):
         _visit(child, keep)
-    prog = _program(module)
+    prog = program_of(module)
     if prog is not None:
         module.program = _backward(module, prog, keep)
         module.program = _forward(module, module.program, keep)
@@ -196,18 +196,13 @@ def _end(seq, ins, keep: set, last: bool):
     mod = seq._modules[ins.name]
     if id(mod) in keep:
         return None
-    prog = _program(mod)
+    prog = program_of(mod)
     if prog is None:
         return mod
     if last and prog and prog[-1].__class__ is Forget:
         prog = prog[:-1]
     return _end(mod, prog[-1 if last else 0], keep, last) if prog else None
 
-
-def _program(module: nn.Module) -> list | None:
-    """The program of a built `Sequence` (composer/builder.py), None for any other module."""
-    prog = module.__dict__.get("program")
-    return prog if isinstance(prog, list) else None
 
 
 # ----------------------------------------------------------------------------- the folds

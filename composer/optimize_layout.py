@@ -23,9 +23,9 @@ import time
 import torch
 from torch import nn
 
-from .layers.blocked import CONV, MODULE, RESIDUAL, SUM, BlockedRun
+from .layers.blocked import CONV, MODULE, RESIDUAL, SUM, BlockedRun, on_blocked_path
 from .layers.conv import PointwiseConv2d
-from .program import Call, Parallel, Residual
+from .program import Call, Parallel, Residual, program_of
 
 LAYOUTS = ("channels_first", "channels_last", "blocked", "fastest")
 _CARRIED = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.Identity)  # modules whose kernels take a blocked map as they are
@@ -50,16 +50,22 @@ def use_layout(model: nn.Module, layout: str, sections: tuple, example=None) -> 
 def _fastest(model, sections, example) -> str:
     if example is None:
         p, shape = next(model.parameters(), None), model.plan.input
-        example = torch.randn(1, shape.channels, *shape.spatial, device=p.device if p is not None else None)
+        example = torch.randn(1, shape.channels, *shape.spatial, device=p.device if p is not None else None,
+                              dtype=p.dtype if p is not None else None)
+    wait = torch.cuda.synchronize if example.is_cuda else (lambda: None)
     times = {}
     for layout in LAYOUTS[:-1]:
+        if layout == "blocked" and not on_blocked_path(example):
+            continue  # the blocked runs would not be taken: the model would run channels-first
         if use_layout(model, layout, sections) != layout:
             continue  # blocked, where no stage is: the same model as channels_first
         model(example)  # the first call packs weights and warms caches
         best = float("inf")
         for _ in range(3):
+            wait()
             start = time.perf_counter()
             model(example)
+            wait()
             best = min(best, time.perf_counter() - start)
         times[layout] = best
     return use_layout(model, min(times, key=times.get), sections)
@@ -72,13 +78,13 @@ def blocked_runs(model: nn.Module, stem, stages: list) -> int:
     runs instead: one conversion in and one out per stage), and a model whose stem and stages all
     are, one run for its features (`model.joined`). Nothing else changes: the sections' own
     programs (which a block's features run) stay as they are. Returns how many stages run so."""
-    runs = []
+    runs, packed = [], {}
     for stage, seqs in stages:
-        stage.__dict__["joined"] = run = _run(seqs)
+        stage.__dict__["joined"] = run = _run(seqs, packed)
         runs.append(run)
-    stem_run = _run([stem])
+    stem_run = _run([stem], packed)
     whole = stem_run is not None and all(r is not None for r in runs)
-    model.__dict__["joined"] = BlockedRun(stem_run.steps + sum((r.steps for r in runs), ())) if whole else None
+    model.__dict__["joined"] = BlockedRun(stem_run.steps + sum((r.steps for r in runs), ()), packed) if whole else None
     return sum(r is not None for r in runs)
 
 
@@ -87,7 +93,7 @@ def _unblock(model) -> None:
         m.__dict__.pop("joined", None)
 
 
-def _run(seqs: list):
+def _run(seqs: list, packed: dict):
     """One run of the Sequences `seqs` one after the other, or None where a step is not carried or
     no conv is (then the conversions cost more than they save)."""
     steps = ()
@@ -96,7 +102,7 @@ def _run(seqs: list):
         if more is None:
             return None
         steps += more
-    return BlockedRun(steps) if sum(_convs(s) for s in steps) else None
+    return BlockedRun(steps, packed) if sum(_convs(s) for s in steps) else None
 
 
 # ----------------------------------------------------------------------------- what a run carries
@@ -124,7 +130,7 @@ def _module_step(m):
     cls = type(m)
     if cls in (nn.Conv2d, PointwiseConv2d):
         return (CONV, m) if m.padding_mode == "zeros" and not isinstance(m.padding, str) else None
-    prog = _program(m)
+    prog = program_of(m)
     if prog is not None:  # a composite: carried whole or not at all
         steps = _steps(m, prog)
         return None if steps is None else (SUM, [steps])  # a sum of one branch: the branch
@@ -139,8 +145,8 @@ def _carried(m) -> bool:
         return m.approximate == "none"  # oneDNN's GELU is the erf one only
     if cls is nn.MaxPool2d:
         return not m.return_indices and all(d == 1 for d in _pair(m.dilation))
-    if cls is nn.AvgPool2d:
-        return m.divisor_override is None
+    if cls is nn.AvgPool2d:  # oneDNN counts the padding differently in a window the ceil mode adds
+        return m.divisor_override is None and not (m.ceil_mode and m.count_include_pad)
     if cls is nn.AdaptiveAvgPool2d:
         return all(s == 1 for s in _pair(m.output_size))
     if cls is nn.BatchNorm2d:
@@ -162,7 +168,3 @@ def _convs(step) -> int:
         return sum(_convs(s) for b in step[1] for s in b)
     return 0
 
-
-def _program(module) -> list | None:
-    prog = module.__dict__.get("program")
-    return prog if isinstance(prog, list) else None

@@ -121,3 +121,11 @@ class Parallel(NamedTuple):
     branches: list
     split: tuple | list | None
     axes: tuple
+
+
+def program_of(module) -> list | None:
+    """The program of a built `Sequence` (composer/builder.py), None for any other module: how the
+    passes that rewrite programs (fuse.py, optimize.py, optimize_layout.py) find them without
+    importing the builder."""
+    prog = module.__dict__.get("program")
+    return prog if isinstance(prog, list) else None

@@ -12,7 +12,7 @@ from torch import nn
 
 import composer
 from composer.layers.blocked import CONV, MODULE, RESIDUAL, SUM, BlockedRun
-from helpers import perturb
+from helpers import perturb, write
 
 
 def _close(a, b, tol=1e-5):
@@ -29,7 +29,8 @@ def test_each_carried_step_matches_the_plain_kernels():
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.uniform_(0.5, 2)
     mods = dict(relu=nn.ReLU(), gelu=nn.GELU(), sig=nn.Sigmoid(), tanh=nn.Tanh(),
-                maxp=nn.MaxPool2d(3, 2, 1, ceil_mode=True), avgp=nn.AvgPool2d(3, 1, 1, count_include_pad=False),
+                maxp=nn.MaxPool2d(3, 2, 1, ceil_mode=True), avgp=nn.AvgPool2d(3, 2, 1, ceil_mode=True,
+                                                                            count_include_pad=False),
                 gap=nn.AdaptiveAvgPool2d(1))
     steps = ((CONV, conv_a), (MODULE, mods["relu"]), (MODULE, bn),
              (RESIDUAL, ((CONV, conv_b), (MODULE, mods["gelu"]), (CONV, conv_c)), ((MODULE, mods["maxp"]),)),
@@ -46,17 +47,38 @@ def test_each_carried_step_matches_the_plain_kernels():
     assert _close(got, want)
 
 
-def test_the_plain_path_where_the_blocked_one_does_not_apply():
-    conv = nn.Conv2d(3, 4, 3, padding=1)
-    run = BlockedRun(((CONV, conv), (MODULE, nn.ReLU())))
-    x = torch.randn(1, 3, 8, 8)
-    y = run(x)  # autograd on: the ordinary kernels, whose output can be differentiated
-    assert y.requires_grad and torch.allclose(y, torch.relu(conv(x)))
+def test_the_ordinary_path_where_the_blocked_one_does_not_apply():
+    model = composer.build("resnet18", img_size=64).eval().optimize(layout="blocked")
+    seen = []
+    model.stages[3].register_forward_hook(lambda *_: seen.append("stage"))
+    x = torch.randn(1, 3, 64, 64)
+    y = model(x)  # autograd on: the stages run as usual (their hooks too), the output has a gradient
+    assert y.requires_grad and seen == ["stage"]
     with torch.no_grad():
-        double = copy.deepcopy(run)
-        double_conv = double.steps[0][1].double()
-        assert double_conv is not conv
-        assert torch.allclose(double(x.double()), torch.relu(double_conv(x.double())))
+        assert _close(model(x), y.detach()) and seen == ["stage"]  # the blocked run: no stage called
+        double = copy.deepcopy(model).double()  # float64: not the blocked path
+        assert _close(double(x.double()).float(), y.detach())
+
+
+def test_a_pool_the_blocked_kernel_counts_differently_is_not_carried(tmp_path):
+    text = """
+model pools {
+    input image(3, 16)
+    stem { conv(8, 3, padding = 1); relu }
+    stage { block { conv(8, 3, padding = 1); relu; pool(3, stride = 2, padding = 1) as pool } }
+    head { global_pool("avg"); classifier(4) }
+}
+"""
+    model = composer.build(write(tmp_path, text)).eval().optimize()
+    x = torch.randn(1, 3, 17, 17)  # 17: the ceil mode adds a window over the padding
+    pool = model.stages[0].blocks[0].pool
+    with torch.no_grad():
+        pool.ceil_mode = True  # counting the padding: oneDNN's average differs there
+        want = model(x)
+        assert model.optimize(layout="blocked").layout == "channels_first" and _close(model(x), want)
+        pool.count_include_pad = False  # the real pixels only: the same numbers, carried
+        want = model.optimize(layout="channels_first")(x)
+        assert model.optimize(layout="blocked").layout == "blocked" and _close(model(x), want)
 
 
 def test_resnet_runs_joined_and_equal_to_channels_first():
@@ -123,6 +145,18 @@ def test_fastest_and_the_old_spelling():
         assert _close(model(x), want)
     with pytest.raises(composer.ComposerError, match="unknown layout 'nhwc'"):
         model.optimize(layout="nhwc")
+    with pytest.raises(composer.ComposerError, match="two layouts"), pytest.warns(DeprecationWarning):
+        model.optimize(layout="blocked", channels_last=True)
+
+
+def test_pruned_features_of_a_blocked_model():
+    model = composer.build("resnet18", img_size=64).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = model.optimize().forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+        model.optimize(layout="blocked").prune_intermediate_layers([1])
+        got = model(x)  # the head pruned: the features of the last stage kept
+    assert got.shape == want.shape and _close(got, want)
 
 
 def test_a_refused_size_is_refused_before_the_run():

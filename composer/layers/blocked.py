@@ -1,14 +1,14 @@
 """A run of a built model's instructions on oneDNN's blocked memory layout (`BlockedRun`, made by
-composer/optimize_blocked.py for `model.optimize()`).
+composer/optimize_layout.py for `model.optimize(layout="blocked")`).
 
 A CPU convolution called on an ordinary (strided) map copies it into oneDNN's blocked layout,
 its weight into the kernel's own layout, and its output back, on every call. A run of convs,
 ReLUs, pools and residual sums kept in the blocked layout (`Tensor.to_mkldnn()`) does those
 copies once per run, and each weight's once per weight: ResNet-50 on one thread runs at about
-0.8x. The run holds its steps' modules by reference: the model's parameters, state_dict and
-`.to()` are as they were. It takes the blocked path only where that path exists and gives the
-same numbers: a float32 CPU map, autograd off, not traced or compiled; otherwise (a GPU, half
-precision, training, torch.compile, export) it runs the same steps on the map as it is.
+0.8-0.9x. The run holds its steps' modules by reference: the model's parameters, state_dict and
+`.to()` are as they were. Its callers take it only where the blocked path exists and gives the
+same numbers (`on_blocked_path`: a float32 CPU map, autograd off, not traced or compiled), and
+run their ordinary code otherwise (a GPU, half precision, autograd, torch.compile, export).
 """
 
 from __future__ import annotations
@@ -19,39 +19,29 @@ from torch import nn
 CONV, MODULE, RESIDUAL, SUM = range(4)
 
 
+def on_blocked_path(x) -> bool:
+    """Whether a run may take map `x`: float32 on the CPU, autograd off, not traced or compiled."""
+    return x.dim() == 4 and x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+        and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+
+
 class BlockedRun(nn.Module):
     """`steps`: (CONV, conv), (MODULE, module), (RESIDUAL, body steps, shortcut steps) or
-    (SUM, [branch steps, ...]); modules that are kept outside this one's registry."""
+    (SUM, [branch steps, ...]); modules that are kept outside this one's registry. `packed`: the
+    packed weights, shared by the runs of one model (id(conv) -> (weight's version and address,
+    packed weight)). Called only where `on_blocked_path` holds."""
 
-    def __init__(self, steps: tuple):
+    def __init__(self, steps: tuple, packed: dict | None = None):
         super().__init__()
         self.__dict__["steps"] = steps  # not submodules: their parameters stay where they are
-        self.__dict__["packed"] = {}  # id(conv) -> (weight's version and address, packed weight)
+        self.__dict__["packed"] = {} if packed is None else packed
 
-    def __getstate__(self):  # a copy or a pickle packs its weights again (blocked tensors do not copy)
+    def __getstate__(self):  # a copy packs its weights again (blocked tensors do not copy)
         return {**self.__dict__, "packed": {}}
 
     def forward(self, x):
-        if x.dim() == 4 and x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
-                and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            y = self._blocked(self.steps, x.to_mkldnn())
-            return y.to_dense() if y.is_mkldnn else y
-        return self._plain(self.steps, x)
-
-    def _plain(self, steps, x):
-        for step in steps:
-            kind = step[0]
-            if kind <= MODULE:
-                x = step[1](x)
-            elif kind == RESIDUAL:
-                short = self._plain(step[2], x) if step[2] else x
-                x = short + self._plain(step[1], x)
-            else:
-                outs = [self._plain(b, x) for b in step[1]]
-                x = outs[0]
-                for o in outs[1:]:
-                    x = x + o
-        return x
+        y = self._blocked(self.steps, x.to_mkldnn())
+        return y.to_dense() if y.is_mkldnn else y
 
     def _blocked(self, steps, x):
         for step in steps:
