@@ -77,7 +77,7 @@ class BlockedRun(nn.Module):
         return kept[1]
 
     def extra_repr(self) -> str:
-        return f"{_count(self.steps)} steps on the blocked layout"
+        return f"{len(self.steps)} steps on the blocked layout"
 
 
 def _add(a, b):
@@ -87,14 +87,3 @@ def _add(a, b):
         return a + b
     return (a.to_dense() if a.is_mkldnn else a) + (b.to_dense() if b.is_mkldnn else b)
 
-
-def _count(steps) -> int:
-    n = 0
-    for step in steps:
-        if step[0] <= MODULE:
-            n += 1
-        elif step[0] == RESIDUAL:
-            n += _count(step[1]) + _count(step[2])
-        else:
-            n += sum(_count(b) for b in step[1])
-    return n
