@@ -60,10 +60,6 @@ def resolve_target(target: str) -> tuple[Path, str | None]:
     return index[target], target
 
 
-def _models_of(path: Path) -> list[str]:
-    return [m.name for m in _resolve.load(path).file.models]
-
-
 def load(target: str, **overrides) -> Plan:
     """Resolve and shape-check one model (pure Python). `overrides`: model parameters and
     model-level settings (`drop_path`, `crop_pct`, ...), plus `num_classes`, `img_size` and
@@ -84,7 +80,7 @@ def plan_model(unit, path: Path, name: str | None, overrides: dict) -> Plan:
     file at `path` loaded (`resolve.load`), `overrides` the language's values (`from_python`'s).
     `composer check` calls it with the unit it loaded already, for each model of the file."""
     if name is None:
-        names = _models_of(path)
+        names = [m.name for m in unit.file.models]  # the file's own, as the unit was loaded
         if len(names) != 1:
             raise error("ambiguous", f"{path} defines {len(names)} models; name one as {path}:MODEL", None,
                         f"models: {', '.join(names)}" if names else None)

@@ -290,7 +290,6 @@ def _names(ins) -> list[str]:
     return []
 
 
-
 @torch.no_grad()
 def fuse_model(model: nn.Module) -> nn.Module:
     """Fuse a model for inference, in place; returns it (the fused module itself when the model is

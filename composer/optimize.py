@@ -204,7 +204,6 @@ def _end(seq, ins, keep: set, last: bool):
     return _end(mod, prog[-1 if last else 0], keep, last) if prog else None
 
 
-
 # ----------------------------------------------------------------------------- the folds
 def _is_bn(m) -> bool:
     return type(m) in _BN and m.track_running_stats and m.running_var is not None and not m.training
