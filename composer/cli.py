@@ -75,7 +75,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="fuse re-parameterizable ops into single convs first (inference form; params counted fused)")
     b.add_argument("--optimize", action="store_true",
                    help="the inference form (model.optimize()): --fuse, and batch norms and layer scales folded into "
-                   "their convs and linears, dropout removed; -o then writes its (other) state dict")
+                   "their convs and linears, activations into the linears before them (one oneDNN kernel on the CPU), "
+                   "dropout removed; -o then writes its (other) state dict")
     b.set_defaults(func=cmd_build)
 
     i = sub.add_parser("info", help="the per-stage summary, memory estimate and input sizes (no torch)",

@@ -164,7 +164,8 @@ def cmd_build(args) -> int:
         print("fused: re-parameterized into the inference form (parameters counted fused, MACs as trained)")
     if args.optimize:
         print("optimized: the inference form, batch norms and layer scales folded into their convs and linears, "
-              "dropout removed (parameters counted optimized, MACs as trained; the state dict has other keys)")
+              "activations into the linears before them, dropout removed (parameters counted optimized, MACs as "
+              "trained; the state dict has other keys)")
     if args.output:
         _save(model, Path(args.output))
         print(f"wrote {args.output}")
