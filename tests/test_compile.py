@@ -1,14 +1,12 @@
 """torch.compile (issue 18, item 4): built models trace into one graph, with no graph break.
 
-`torch._dynamo.explain` runs dynamo alone (no backend compiles anything) on a sample of zoo
-models made small through their own blueprint parameters (img_size 64, one block per stage), in
-eval mode at batch 1. Tracing costs about 10 ms of CPU per module, so the sample is chosen to
-cover every instruction of the builder's interpreter (composer/program.py, checked below), every
-merge of parallel branches and the layers whose forward has logic of its own (windows and their
-masks and tables, cached grids, token selection, clustering, deformable sampling, the time-series
-ops) for about 15 s of CPU. COMPOSER_ALL_COMPILE=1 adds the models that complete the coverage of
-every composer layer class in the zoo (rotary and Fourier positions, cached position scores, ...;
-about 70 s in all).
+`torch._dynamo.explain` runs dynamo alone (no backend compiles anything) on one model of every zoo
+family (tests/helpers.py's FAMILY_SAMPLE: the smallest variant, made small through its own
+blueprint parameters: img_size 64, one block per stage), in eval mode at batch 1. The sample also
+covers every instruction of the builder's interpreter and every merge of parallel branches
+(checked below). Tracing costs about 10 ms of CPU per module: about 100 s for the 64 families.
+COMPOSER_ALL_COMPILE=1 adds the models that complete the coverage of every composer layer class
+in the zoo (rotary and Fourier positions, cached position scores, ...).
 `python benchmarks/compile_check.py` traces every zoo model (its figures: docs/benchmarks.md).
 """
 
@@ -23,26 +21,19 @@ import torch._dynamo
 
 import composer
 from composer import program
+from composer.api import zoo_index
 from composer.builder import Sequence
 from composer.program import Parallel, Residual
+from helpers import FAMILY_SAMPLE
 
 ONE = [1, 1, 1, 1]
-# model -> blueprint arguments that make it small; the comment: what it adds to the coverage
-SAMPLE = {
-    "cf_vit_deit_s": {"depth": 1},  # most instructions; top-k token selection, early exit, resize
-    "beit_b": {"img_size": 64, "depth": 1},  # Attend (the SDPA chain), TrainCall, relative bias
-    "glnet_4g": {"img_size": 64, "depths": ONE},  # MapGrid, soft clustering, conv positions
-    "swinv2_cr_tiny": {"img_size": 64, "depths": ONE},  # windows, shifted mask, MLP position bias
-    "mvitv2_base": {"img_size": 64, "depths": ONE},  # pooled heads, axis relative logits
-    "pathformer_etth1": {"patches": [[16, 12, 8, 32]]},  # series ops, routing, indexed linear
-    "conformer_speech_l": {"img_size": 64, "depth": 1},  # 1-D maps, GLU, rearrange
-    "deit_s_distilled": {"img_size": 64, "depth": 1},  # merge mean
-    "smt_b": {"img_size": 64, "depths": ONE},  # merge mul, channel shuffle
-    "poolformer_s12": {"img_size": 64, "depths": ONE},  # merge sub
-}
+SAMPLE = dict(FAMILY_SAMPLE.values())  # model -> its small arguments
 # with SAMPLE: every composer layer class found in the zoo's models at these small settings (a greedy
 # cover by module count, computed when this test was written)
 REST = {
+    "mvitv2_base": {"img_size": 64, "depths": ONE},
+    "conformer_speech_l": {"img_size": 64, "depth": 1},
+    "smt_b": {"img_size": 64, "depths": ONE},
     "rope_vit_b": {"img_size": 64, "depth": 1},  # rotary positions
     "xcit_nano_12_p16": {"img_size": 64, "depth": 1},  # Fourier features (cached per grid)
     "convit_ti": {"img_size": 64, "depth": 2, "local": 1},  # position scores (cached), blend
@@ -63,7 +54,15 @@ REST = {
     "mobilevitv2_050": {"img_size": 64},
     "mobile_former_52m": {"img_size": 64},
 }
-MODELS = {**SAMPLE, **(REST if os.environ.get("COMPOSER_ALL_COMPILE") else {})}
+MODELS = {**(REST if os.environ.get("COMPOSER_ALL_COMPILE") else {}), **SAMPLE}
+
+
+def test_sample_has_one_model_of_every_family():
+    families = {path.stem for path in zoo_index().values()}
+    assert set(FAMILY_SAMPLE) == families
+    index = zoo_index()
+    for family, (name, _) in FAMILY_SAMPLE.items():
+        assert index[name].stem == family, name
 
 
 @functools.cache

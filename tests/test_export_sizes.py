@@ -23,7 +23,7 @@ CASES = {
     # the sizes to check (the first is the example))
     "resnet18": ({}, False, 32, 2, [(96, 128), (160, 96)]),
     "vit_ti": ({"depth": 2}, True, 16, 2, [(224, 224), (160, 256)]),
-    "pvt_v2_b0": ({}, False, 32, 2, [(128, 128), (96, 160)]),
+    "pvt_v2_b0": ({"depths": [1, 1, 1, 1]}, False, 32, 2, [(128, 128), (96, 160)]),
     # padded at every stage (64x80 -> 70x84, ..., 8x10 -> 14x14), none padded, other pads; shifted
     # windows (and their mask) in the first and last stage, plain windows in the others
     "swin_t": ({"depths": [2, 1, 1, 2]}, True, 32, 8, [(256, 320), (448, 448), (352, 288)]),

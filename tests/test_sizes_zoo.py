@@ -16,15 +16,13 @@ import composer
 from composer.api import zoo_index
 from composer.port import from_timm
 from composer.sizes import admits, axis_rule, replan, rule_text
-from helpers import perturb, small_kwargs, write
+from helpers import FAMILY_SAMPLE, perturb, write
 
 timm = pytest.importorskip("timm")
 
 ZOO = zoo_index()
-FAMILIES: dict = {}  # blueprint file -> its first model
-for _name, _path in ZOO.items():
-    FAMILIES.setdefault(_path.stem, _name)
-SAMPLE = sorted(FAMILIES.values())
+SMALL = dict(FAMILY_SAMPLE.values())  # one small model per family (tests/helpers.py): model -> arguments
+SAMPLE = sorted(SMALL)
 
 
 # ---- MobileViT: timm's logits at 224 (its reference's own size: 7x7 in the last stage, not a
@@ -88,7 +86,7 @@ def test_every_model_admits_its_build_size(name):
 @functools.cache
 def _rules(name):
     """(build kwargs, plan, rule of the first axis probed up to the build size)."""
-    kwargs = small_kwargs(name)
+    kwargs = SMALL[name]
     plan = composer.load(name, **kwargs)
     return kwargs, plan, axis_rule(plan, 0, limit=plan.input.spatial[0])
 
