@@ -16,13 +16,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .packed import on_onednn_path
+
 CONV, MODULE, RESIDUAL, SUM = range(4)
 
 
 def on_blocked_path(x) -> bool:
-    """Whether a run may take map `x`: float32 on the CPU, autograd off, not traced or compiled."""
-    return x.dim() == 4 and x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
-        and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+    """Whether a run may take map `x`: a 2-d map where oneDNN's kernels may (float32 on the CPU,
+    autograd off, not traced or compiled)."""
+    return x.dim() == 4 and on_onednn_path(x)
 
 
 class BlockedRun(nn.Module):

@@ -68,14 +68,14 @@ class PackedLinear(ChannelLinear):
         m.channel_first = getattr(linear, "channel_first", False)
         m.init_std = getattr(linear, "init_std", 0.02)
         m.weight, m.bias = linear.weight, linear.bias
-        m.act = None
+        m.act, m.epilogue = None, ("none", [], "")
         m.training = linear.training
         m.__dict__["packed"] = None
         return m
 
     def take(self, act: nn.Module) -> None:
         """Run activation `act` (one `epilogue_of` knows) after the linear, in the same kernel."""
-        self.act = act
+        self.act, self.epilogue = act, epilogue_of(act)
 
     def __getstate__(self):  # a copy packs its weight again (oneDNN's tensors do not copy)
         return {**self.__dict__, "packed": None}
@@ -85,7 +85,7 @@ class PackedLinear(ChannelLinear):
         # (one map, or a channels-last one); a batch of contiguous maps stays a 1x1 conv there
         if on_onednn_path(x) and not (self.channel_first and x.shape[0] > 1 and x.is_contiguous()) \
                 and x.numel() * self.out_features >= (MIN_MACS if self.act is None else MIN_MACS_FUSED):
-            attr, scalars, algorithm = ("none", [], "") if self.act is None else epilogue_of(self.act)
+            attr, scalars, algorithm = self.epilogue
             if self.channel_first:
                 return torch.ops.mkldnn._linear_pointwise(x.movedim(1, -1), self._packed(), self.bias, attr, scalars,
                                                           algorithm).movedim(-1, 1)
