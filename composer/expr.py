@@ -35,6 +35,17 @@ class Ref:
         return dict(self.spans).get(name, self.span)
 
 
+def make_ref(name: str, kind: str, target, args: tuple, spans: tuple, span) -> Ref:
+    """`Ref(name, kind, target, args, spans, span)` without the frozen dataclass constructor's
+    per-field `object.__setattr__` (evaluation makes tens of thousands in a check of the zoo)."""
+    ref = _new(Ref)
+    _set(ref, "__dict__", {"name": name, "kind": kind, "target": target, "args": args, "spans": spans, "span": span})
+    return ref
+
+
+_new, _set = object.__new__, object.__setattr__
+
+
 @dataclass(frozen=True)
 class Cycle:
     """`alternate(a, b, ...)`: the value for block k of a stage is values[k % len(values)]."""
@@ -189,10 +200,10 @@ def _global_name(node: ast.Name, scope: Scope):
     """A name no scope binds: a definition or an op, else the located error."""
     names = scope.names
     if node.id in names.composites:
-        return Ref(node.id, "composite", names.composites[node.id], (), (), node.span)
+        return make_ref(node.id, "composite", names.composites[node.id], (), (), node.span)
     if node.id in names.ops:
         cls = names.ops[node.id]
-        return Ref(node.id, cls.kind, cls, (), (), node.span)
+        return make_ref(node.id, cls.kind, cls, (), (), node.span)
     if node.id in BUILTINS:
         raise error("type", f"'{node.id}' is a function: call it with arguments", node.span)
     hint = did_you_mean(node.id, scope.visible() | names.all_names())
@@ -311,7 +322,7 @@ def _eval_call(node: ast.Call, scope: Scope):
             raise error("arguments", f"argument '{name}' of '{callee.name}' given twice", span,
                         f"the positional arguments already give: {', '.join(names[:len(args)])}")
         bound[name], spans[name] = value, span
-    return Ref(callee.name, callee.kind, callee.target, tuple(bound.items()), tuple(spans.items()), node.span)
+    return make_ref(callee.name, callee.kind, callee.target, tuple(bound.items()), tuple(spans.items()), node.span)
 
 
 def _short_value(value) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from . import ast
 from .diagnostics import ComposerError, did_you_mean, error
-from .expr import Cycle, Ref, Schedule, Scope, evaluate
+from .expr import Cycle, Ref, Schedule, Scope, evaluate, make_ref
 from .source import Span
 from .speed import PER_BLOCK
 
@@ -85,12 +85,17 @@ def concretize(value, ctx: Ctx, span: Span):
     if cls in _PLAIN:
         return value
     if cls is Ref:
-        if not value.args:
-            return value
-        args = tuple((k, concretize(v, ctx, span)) for k, v in value.args)  # `span` is only passed along
-        if all(a[1] is b[1] for a, b in zip(args, value.args)):
-            return value  # nothing per-block inside: the same (frozen) reference
-        return Ref(value.name, value.kind, value.target, args, value.spans, value.span)
+        args = value.args
+        for i, (key, v) in enumerate(args):  # `span` is only passed along
+            if v.__class__ in _PLAIN:
+                continue
+            c = concretize(v, ctx, span)
+            if c is not v:  # something per-block inside: a new reference, the other arguments in order
+                out = list(args[:i])
+                out.append((key, c))
+                out += [(k, concretize(w, ctx, span)) for k, w in args[i + 1:]]
+                return make_ref(value.name, value.kind, value.target, tuple(out), value.spans, value.span)
+        return value  # nothing per-block inside: the same (frozen) reference
     if isinstance(value, (Cycle, Schedule)):
         PER_BLOCK.n += 1
     if isinstance(value, Cycle):
