@@ -79,7 +79,11 @@ def steps_cost(steps: list) -> tuple[int, int]:
                 if kept is not None and kept[0] is d["op"] and kept[1] is d["x"] and kept[2] is d["y"]:
                     p += kept[3] - d["tied"]
                     m += kept[4] * d["batch"]
-                    continue
+                else:  # `own_cost`, inlined
+                    sp, sm = s.op_counts()
+                    p += sp - d["tied"]
+                    m += sm * d["batch"]
+                continue
             elif cls is SeqStep:
                 todo += reversed(s.body)
                 continue

@@ -26,7 +26,7 @@ from .tensors import bind_tensor, find_tensor, split_parts
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import TensorRef
 from .source import Span
-from .speed import PER_BLOCK, gc_paused, instance_key, item_count, keep_instance, reused_instance
+from .speed import PER_BLOCK, gc_paused, instance_key, keep_instance, reused_instance
 
 STATEMENT_UNITS = 100  # work units per statement expanded or layer copied (as much work as about 100 expression nodes)
 
@@ -374,9 +374,10 @@ class _Resolver(ast.NodeVisitor):
             raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span,
                         "give the recursion an end: a condition on an argument that stops it")
         key = instance_key(comp, ref.args, depth)
-        items = reused_instance(self.unit.instances, key, comp, ctx.drop_path)
-        if items is not None:  # a copy: as much work as the items copied
-            budget.charge(STATEMENT_UNITS * item_count(items), ref.span, f"expanding '{comp.name}'")
+        found = reused_instance(self.unit.instances, key, comp, ctx.drop_path)
+        if found is not None:  # a copy: as much work as the items copied
+            items, count = found
+            budget.charge(STATEMENT_UNITS * count, ref.span, f"expanding '{comp.name}'")
             return items
         mark = PER_BLOCK.n
         items = self._expand(ref, comp, ctx, depth)

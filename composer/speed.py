@@ -77,20 +77,22 @@ def instance_key(comp, args: tuple, depth: int) -> tuple | None:
         return None
 
 
-def reused_instance(instances: dict, key, comp, drop_path: float) -> list | None:
-    """A copy of the items kept under `key`, its residuals at `drop_path`; None when none is kept."""
+def reused_instance(instances: dict, key, comp, drop_path: float) -> tuple[list, int] | None:
+    """A copy of the items kept under `key`, its residuals at `drop_path`, and how many items it
+    holds (`item_count` of the copy, counted once when kept); None when none is kept."""
     if key is None:
         return None
     known = instances.get(key)
     if known is not None and known[0] is comp:  # `comp`: ids of definitions may be reused
-        return _copy_items(known[1], drop_path)
+        return _copy_items(known[1], drop_path), known[2]
     return None
 
 
 def keep_instance(instances: dict, key, comp, items: list, mark: int) -> None:
     """Keep a copy of freshly expanded `items`, unless a per-block value was used since `mark`."""
     if key is not None and PER_BLOCK.n == mark:
-        instances[key] = (comp, _copy_items(items, 0.0))
+        kept = _copy_items(items, 0.0)
+        instances[key] = (comp, kept, item_count(kept))
 
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})
