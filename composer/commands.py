@@ -106,7 +106,6 @@ def _check_target(args, target) -> int:
     path, name = target
     from . import api
     from .expr import from_python
-    from .lower import fresh_cost
     from .resolve import load
 
     try:
@@ -122,7 +121,7 @@ def _check_target(args, target) -> int:
             # api.load(f"{path}:{n}", ...) without finding and loading the file again for every model
             plan = api.plan_model(unit, path, n, {k: from_python(v) for k, v in _overrides(args).items()})
             if not args.quiet:
-                params, macs = fresh_cost(plan)  # plan.cost(), as its lowering counted it
+                params, macs = plan.cost()
                 print(f"ok  {path}:{n}  {params:,} params  {macs / 1e9:.2f} GMACs")
         if not names and not args.quiet:
             print(f"ok  {path}  ({len(unit.file.composites)} definitions)")

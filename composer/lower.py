@@ -7,8 +7,6 @@ The module a `reuse` runs is found, and checked, by composer/lower_reuse.py.
 
 from __future__ import annotations
 
-import threading
-
 from .budget import MAX_NUMBER
 from .diagnostics import ComposerError, Diagnostic, did_you_mean, error
 from .ops import OPS
@@ -24,23 +22,6 @@ def plan(model: Model) -> Plan:
     """Infer shapes for `model` and lower it to build steps; raise a located error on a mismatch."""
     with gc_paused():
         return _Lowering(model).run()
-
-
-def fresh_cost(plan: Plan) -> tuple[int, int]:
-    """`plan.cost()`; for the plan this thread lowered last, the counts of its lowering's size
-    check. Only for a caller that has not changed the plan since it was lowered (`composer check`
-    prints the counts of each plan as it gets it), which saves a walk of every step."""
-    if _LAST.plan is plan:
-        return _LAST.counts
-    return plan.cost()
-
-
-class _Last(threading.local):
-    plan = None  # the plan this thread lowered last, and its (parameters, MACs)
-    counts = None
-
-
-_LAST = _Last()
 
 
 class _Lowering:
@@ -100,13 +81,11 @@ class _Lowering:
                    preprocess=dict(m.preprocess))
         if self.reuses:
             check_reuses(out, self.reuses)
-        counts = out.cost()
-        for what, count in zip(("parameters", "MACs"), counts):  # a summary prints them as floats
+        for what, count in zip(("parameters", "MACs"), out.cost()):  # a summary prints them as floats
             if count > MAX_NUMBER:
                 size = f"10**{int(count.bit_length() * 0.30103)}" if isinstance(count, int) else f"{count:.3g}"
                 raise error("too-large", f"too large: the model has about {size} {what}",
                             m.span, f"counts must stay below {MAX_NUMBER:.3g}: make the layers smaller")
-        _LAST.plan, _LAST.counts = out, counts
         return out
 
     def _section(self, path, items, x, drop_path=0.0, call="", span=None) -> Section:
