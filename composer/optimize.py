@@ -173,6 +173,8 @@ def _pack(model: nn.Module, keep: set) -> None:
         for name, child in m._modules.items():
             if type(child) in (nn.Linear, ChannelLinear) and id(child) not in keep:
                 m._modules[name] = made.setdefault(id(child), PackedLinear.of(child))
+            elif type(child) is PackedLinear:  # optimised before: packed again (a `.data` edit is not seen)
+                child.repack()
     for m in model.modules():
         prog = program_of(m)
         if prog is not None:

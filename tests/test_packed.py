@@ -97,6 +97,9 @@ def test_weight_changes_repack_and_copies():
         first = m.packed
         m.load_state_dict({"weight": lin.weight * 2, "bias": lin.bias})  # keys as nn.Linear's
         assert _close(m(x), F.linear(x, lin.weight, lin.bias)) and m.packed is not first
+        m.weight.data.mul_(3)  # torch does not record a `.data` edit: the packed copy is stale
+        m.repack()  # what optimize() does again for every packed linear
+        assert _close(m(x), F.linear(x, lin.weight, lin.bias))
         twin = copy.deepcopy(m)
         assert twin.packed is None and _close(twin(x), m(x))
         assert twin.weight is not m.weight

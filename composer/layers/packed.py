@@ -93,6 +93,10 @@ class PackedLinear(ChannelLinear):
         y = super().forward(x)
         return y if self.act is None else self.act(y)
 
+    def repack(self) -> None:
+        """Pack the weight again at the next call (after an edit torch does not record: `.data`)."""
+        self.__dict__["packed"] = None
+
     def _packed(self):
         """The weight in oneDNN's layout, made again when the weight changed (a load_state_dict, a
         move) since it was made."""
