@@ -16,7 +16,7 @@ from typing import Any, Callable
 from . import ast
 from .budget import MAX_BITS, STATE as _BUDGET, charge, exhausted, product_bits, too_big
 from .diagnostics import did_you_mean, error
-from .shapes import TensorRef
+from .shapes import TensorRef, frozen_instance
 from .source import Span
 
 
@@ -38,12 +38,8 @@ class Ref:
 def make_ref(name: str, kind: str, target, args: tuple, spans: tuple, span) -> Ref:
     """`Ref(name, kind, target, args, spans, span)` without the frozen dataclass constructor's
     per-field `object.__setattr__` (evaluation makes tens of thousands in a check of the zoo)."""
-    ref = _new(Ref)
-    _set(ref, "__dict__", {"name": name, "kind": kind, "target": target, "args": args, "spans": spans, "span": span})
-    return ref
-
-
-_new, _set = object.__new__, object.__setattr__
+    return frozen_instance(Ref, {"name": name, "kind": kind, "target": target, "args": args, "spans": spans,
+                                 "span": span})
 
 
 @dataclass(frozen=True)

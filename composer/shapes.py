@@ -37,11 +37,9 @@ class Shape:
         thousands of times in a check); an unknown field still raises replace's TypeError."""
         if not changes.keys() <= _SHAPE_FIELDS:
             return replace(self, **changes)
-        new = object.__new__(Shape)
         fields = self.__dict__.copy()
         fields.update(changes)
-        object.__setattr__(new, "__dict__", fields)
-        return new
+        return frozen_instance(Shape, fields)
 
     def __str__(self) -> str:
         if self.layout == "vector":
@@ -60,6 +58,15 @@ class Shape:
 
 
 _SHAPE_FIELDS = frozenset(Shape.__dataclass_fields__)
+
+
+def frozen_instance(cls, fields: dict):
+    """An instance of the frozen dataclass `cls` holding `fields` (every field, valid already),
+    made without the constructor's per-field `object.__setattr__`: for the values a check makes
+    tens of thousands of (`Shape.with_`, `expr.make_ref`)."""
+    new = object.__new__(cls)
+    object.__setattr__(new, "__dict__", fields)
+    return new
 
 
 class ShapeError(Exception):

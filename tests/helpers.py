@@ -26,6 +26,11 @@ def small_kwargs(name: str) -> dict:
     return out
 
 
+def rel_close(a, b, tol=1e-5) -> bool:
+    """max |a - b| within `tol` of max |b|."""
+    return (a - b).abs().max().item() <= tol * b.abs().max().item()
+
+
 def n_params(module) -> int:
     return sum(p.numel() for p in module.parameters())
 

@@ -12,11 +12,8 @@ from torch import nn
 
 import composer
 from composer.layers.blocked import CONV, MODULE, RESIDUAL, SUM, BlockedRun
-from helpers import perturb, write
+from helpers import perturb, rel_close, write
 
-
-def _close(a, b, tol=1e-5):
-    return (a - b).abs().max().item() <= tol * b.abs().max().item()
 
 
 def test_each_carried_step_matches_the_plain_kernels():
@@ -44,7 +41,7 @@ def test_each_carried_step_matches_the_plain_kernels():
         want = mods["gap"](mods["avgp"](h))
         got = BlockedRun(steps)(x)
     assert got.shape == want.shape and not got.is_mkldnn
-    assert _close(got, want)
+    assert rel_close(got, want)
 
 
 def test_the_ordinary_path_where_the_blocked_one_does_not_apply():
@@ -55,9 +52,9 @@ def test_the_ordinary_path_where_the_blocked_one_does_not_apply():
     y = model(x)  # autograd on: the stages run as usual (their hooks too), the output has a gradient
     assert y.requires_grad and seen == ["stage"]
     with torch.no_grad():
-        assert _close(model(x), y.detach()) and seen == ["stage"]  # the blocked run: no stage called
+        assert rel_close(model(x), y.detach()) and seen == ["stage"]  # the blocked run: no stage called
         double = copy.deepcopy(model).double()  # float64: not the blocked path
-        assert _close(double(x.double()).float(), y.detach())
+        assert rel_close(double(x.double()).float(), y.detach())
 
 
 def test_a_pool_the_blocked_kernel_counts_differently_is_not_carried(tmp_path):
@@ -75,10 +72,10 @@ model pools {
     with torch.no_grad():
         pool.ceil_mode = True  # counting the padding: oneDNN's average differs there
         want = model(x)
-        assert model.optimize(layout="blocked").layout == "channels_first" and _close(model(x), want)
+        assert model.optimize(layout="blocked").layout == "channels_first" and rel_close(model(x), want)
         pool.count_include_pad = False  # the real pixels only: the same numbers, carried
         want = model.optimize(layout="channels_first")(x)
-        assert model.optimize(layout="blocked").layout == "blocked" and _close(model(x), want)
+        assert model.optimize(layout="blocked").layout == "blocked" and rel_close(model(x), want)
 
 
 def test_resnet_runs_joined_and_equal_to_channels_first():
@@ -92,14 +89,14 @@ def test_resnet_runs_joined_and_equal_to_channels_first():
         assert model.layout == "blocked" and model.joined is not None
         assert all(stage.joined is not None for stage in model.stages)
         assert sum(step[0] == RESIDUAL for step in model.joined.steps) == 8  # resnet18: 8 blocks
-        assert _close(model(x), want)
+        assert rel_close(model(x), want)
         assert set(model.state_dict()) == keys
         # features: every stage's output, ordinary maps equal to the channels-first model's
         feats = model.forward_intermediates(x, intermediates_only=True)
         model.optimize(layout="channels_first")
         assert model.joined is None and all(stage.joined is None for stage in model.stages)
         for f, g in zip(feats, model.forward_intermediates(x, intermediates_only=True)):
-            assert not f.is_mkldnn and _close(f, g)
+            assert not f.is_mkldnn and rel_close(f, g)
 
 
 def test_copies_and_new_weights():
@@ -110,12 +107,12 @@ def test_copies_and_new_weights():
     with torch.no_grad():
         y = model(x)  # packs the weights
         twin = copy.deepcopy(model)  # the packed weights are not copied: the copy packs its own
-        assert _close(twin(x), y)
+        assert rel_close(twin(x), y)
         # new weights through load_state_dict: the packed copies are made again
         other = composer.build("resnet18", img_size=64, seed=3).eval().optimize()
         want = other(x)
         model.load_state_dict(other.state_dict())
-        assert _close(model(x), want) and not _close(want, y)
+        assert rel_close(model(x), want) and not rel_close(want, y)
 
 
 def test_no_run_where_a_step_is_not_carried():
@@ -125,7 +122,7 @@ def test_no_run_where_a_step_is_not_carried():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         want = model.optimize()(x)
-        assert _close(model.optimize(layout="blocked")(x), want)
+        assert rel_close(model.optimize(layout="blocked")(x), want)
     assert model.joined is None and all(stage.joined is None for stage in model.stages)
     assert model.layout == "channels_first"  # what it is in, not what was asked
 
@@ -137,12 +134,12 @@ def test_fastest_and_the_old_spelling():
         want = model.optimize()(x)
         model.optimize(layout="fastest", example=x)
         assert model.layout in ("channels_first", "channels_last", "blocked")
-        assert _close(model(x), want)
+        assert rel_close(model(x), want)
         with pytest.warns(DeprecationWarning, match='layout="channels_last"'):
             model.optimize(channels_last=True)
         assert model.layout == "channels_last" and model.stem.conv.weight.is_contiguous(
             memory_format=torch.channels_last)
-        assert _close(model(x), want)
+        assert rel_close(model(x), want)
     with pytest.raises(composer.ComposerError, match="unknown layout 'nhwc'"):
         model.optimize(layout="nhwc")
     with pytest.raises(composer.ComposerError, match="two layouts"), pytest.warns(DeprecationWarning):
@@ -156,7 +153,7 @@ def test_pruned_features_of_a_blocked_model():
         want = model.optimize().forward_intermediates(x, indices=[1], intermediates_only=True)[0]
         model.optimize(layout="blocked").prune_intermediate_layers([1])
         got = model(x)  # the head pruned: the features of the last stage kept
-    assert got.shape == want.shape and _close(got, want)
+    assert got.shape == want.shape and rel_close(got, want)
 
 
 def test_a_refused_size_is_refused_before_the_run():

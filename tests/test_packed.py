@@ -15,7 +15,7 @@ import composer
 from composer.layers import packed
 from composer.layers.core import ChannelLinear
 from composer.layers.packed import PackedLinear
-from helpers import perturb, write
+from helpers import perturb, rel_close, write
 
 # each activation module with the functional form a reader can check against torch's docs
 ACTIVATIONS = [
@@ -32,9 +32,6 @@ ACTIVATIONS = [
     (nn.Hardtanh(-1.0, 2.0), lambda t: t.clamp(-1, 2)),
 ]
 
-
-def _close(a, b, tol=1e-5):
-    return (a - b).abs().max().item() <= tol * b.abs().max().item()
 
 
 def _packed(cin=64, cout=256, act=None, channel_first=False):
@@ -56,7 +53,7 @@ def test_each_activation_in_the_kernel_equals_torch(act, fn):
         got = m(x)
         want = fn(F.linear(x, lin.weight, lin.bias))
     assert m.packed is not None, "oneDNN's path was not taken"
-    assert got.shape == want.shape and _close(got, want)
+    assert got.shape == want.shape and rel_close(got, want)
 
 
 def test_the_ordinary_path_where_onednn_does_not_apply_or_loses():
@@ -69,10 +66,10 @@ def test_the_ordinary_path_where_onednn_does_not_apply_or_loses():
     assert lin.weight.grad is not None  # the same parameter object
     with torch.no_grad():
         small = torch.randn(1, 4, 64)  # 4 x 64 x 256 multiply-adds: oneDNN's fixed cost would lose
-        assert _close(m(small), F.gelu(F.linear(small, lin.weight, lin.bias)))
+        assert rel_close(m(small), F.gelu(F.linear(small, lin.weight, lin.bias)))
         assert m.packed is None
         double = copy.deepcopy(m).double()  # float64: not oneDNN's path
-        assert _close(double(big.double()).float(), want.detach())
+        assert rel_close(double(big.double()).float(), want.detach())
         assert double.packed is None
 
 
@@ -85,7 +82,7 @@ def test_channel_first_maps():
             want = F.relu(F.conv2d(x, lin.weight[:, :, None, None], lin.bias))
             m.__dict__["packed"] = None
             got = m(x)
-            assert got.shape == want.shape and _close(got, want)
+            assert got.shape == want.shape and rel_close(got, want)
             assert (m.packed is None) == (x.shape[0] > 1 and x.is_contiguous())
 
 
@@ -96,12 +93,12 @@ def test_weight_changes_repack_and_copies():
         m(x)
         first = m.packed
         m.load_state_dict({"weight": lin.weight * 2, "bias": lin.bias})  # keys as nn.Linear's
-        assert _close(m(x), F.linear(x, lin.weight, lin.bias)) and m.packed is not first
+        assert rel_close(m(x), F.linear(x, lin.weight, lin.bias)) and m.packed is not first
         m.weight.data.mul_(3)  # torch does not record a `.data` edit: the packed copy is stale
         m.repack()  # what optimize() does again for every packed linear
-        assert _close(m(x), F.linear(x, lin.weight, lin.bias))
+        assert rel_close(m(x), F.linear(x, lin.weight, lin.bias))
         twin = copy.deepcopy(m)
-        assert twin.packed is None and _close(twin(x), m(x))
+        assert twin.packed is None and rel_close(twin(x), m(x))
         assert twin.weight is not m.weight
 
 
@@ -137,7 +134,7 @@ def test_optimize_takes_activations_into_linears(tmp_path, monkeypatch):
     assert all(m.packed is not None for m in model.modules() if type(m) is PackedLinear)
     assert type(model.head.classifier) is not PackedLinear  # the classifier stays as it is
     assert set(model.state_dict()) == keys  # no batch norm or scale folded here: the same keys
-    assert _close(got, want, 1e-4) and _close(again, want, 1e-4)
+    assert rel_close(got, want, 1e-4) and rel_close(again, want, 1e-4)
 
 
 def test_exported_models_take_the_ordinary_path(tmp_path, monkeypatch):
@@ -151,4 +148,4 @@ def test_exported_models_take_the_ordinary_path(tmp_path, monkeypatch):
     ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
     assert not any("mkldnn" in op for op in ops) and any("gelu" in op for op in ops)
     with torch.no_grad():
-        assert _close(graph.module()(x), want)
+        assert rel_close(graph.module()(x), want)

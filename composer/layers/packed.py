@@ -49,7 +49,8 @@ _PLAIN = {nn.ReLU: "relu", nn.SiLU: "swish", nn.Sigmoid: "sigmoid", nn.Tanh: "ta
 
 
 def on_onednn_path(x) -> bool:
-    """Whether oneDNN's linear may take `x`: float32 on the CPU, autograd off, not traced or compiled."""
+    """Whether oneDNN's kernels may take `x` (here and in blocked.py): float32 on the CPU, autograd
+    off, not traced or compiled."""
     return x.dtype is torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
         and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
 
