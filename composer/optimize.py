@@ -172,7 +172,9 @@ def _pack(model: nn.Module, keep: set) -> None:
     for m in list(model.modules()):
         for name, child in m._modules.items():
             if type(child) in (nn.Linear, ChannelLinear) and id(child) not in keep:
-                m._modules[name] = made.setdefault(id(child), PackedLinear.of(child))
+                if id(child) not in made:
+                    made[id(child)] = PackedLinear.of(child)
+                m._modules[name] = made[id(child)]
             elif type(child) is PackedLinear:  # optimised before: packed again (a `.data` edit is not seen)
                 child.repack()
     for m in model.modules():
