@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import traceback
 import warnings
@@ -241,5 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERNAL
 
 
+def run() -> None:
+    """The `composer` program: `main()`, then exit without the collector's last walks.
+
+    Python's exit runs full cyclic collections over every live object: for a check of the zoo, the
+    parsed files, plans and caches it keeps (about 220,000 objects), 0.3-0.4 s with nothing to
+    find. Frozen first, they are left to reference counting and the process's end."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

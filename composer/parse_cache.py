@@ -1,7 +1,9 @@
 """The parsed-file cache: a blueprint file's AST kept on disk between processes, as Python keeps a
 module's bytecode in a .pyc, so a `composer check` does not parse an unchanged file again.
 
-One entry per file (named by the hash of its resolved path) under the user's cache folder
+One entry per file and name (named by the hash of its resolved path and of the name its spans
+carry: a library file checked as `blueprints/lib/x.arch` and imported as its absolute path has an
+entry for each, instead of the two overwriting each other at every check) under the user's cache folder
 (`$COMPOSER_CACHE_DIR`, else `$XDG_CACHE_HOME/composer`, else `~/.cache/composer`; folder
 `parse/`). An entry holds a key and the pickled `ast.File`; the key is a hash of the file's text,
 the name its spans carry, the front end (grammar, composer's parsing modules, Lark's version) and
@@ -69,7 +71,8 @@ def _key(text: str, name: str) -> bytes:
 
 
 def _entry(where: Path, path: str | Path) -> Path:
-    return where / (hashlib.sha256(real_path(path).encode("utf-8", "surrogatepass")).hexdigest()[:40] + ".pickle")
+    named = f"{real_path(path)}\0{path}".encode("utf-8", "surrogatepass")
+    return where / (hashlib.sha256(named).hexdigest()[:40] + ".pickle")
 
 
 class _Unpickler(pickle.Unpickler):

@@ -61,6 +61,20 @@ def test_spans_name_the_file_read(cache, tmp_path):
     assert b.models[0].span.file == str(tmp_path / "b" / "net.arch")
 
 
+def test_a_file_read_under_two_names_keeps_an_entry_for_each(cache, tmp_path, monkeypatch):
+    # `composer check blueprints` reads blueprints/lib/x.arch by its relative name, and every file
+    # importing it reads it by its absolute path: the two entries must not overwrite each other
+    src = tmp_path / "net.arch"
+    src.write_text(TEXT)
+    monkeypatch.chdir(tmp_path)
+    parse, calls = counting()
+    for _ in range(2):
+        for name in (Path("net.arch"), src):
+            parse_cache.parse_file(TEXT, name, parse)
+    assert calls == ["net.arch", str(src)]  # each name parsed once, then read from its own entry
+    assert len(list(cache.glob("*.pickle"))) == 2
+
+
 def test_stale_entry_is_parsed_again(cache, tmp_path):
     src = tmp_path / "net.arch"
     parse, calls = counting()
