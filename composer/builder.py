@@ -21,6 +21,7 @@ from .build_steps import (classifier_out, classifier_steps, op_instructions, own
                           reuse_targets)
 from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualStep, ReuseStep, SaveStep, SeqStep,
                    Step)
+from .size_guard import check_before_forward
 from .sizes import check_input
 from .timm_api import TimmApi
 from .program import (GRID, Attend, Call, Forget, GridCall, Load, MapGrid, Parallel, Residual, Save, Shared, StaticGrid,
@@ -316,6 +317,7 @@ class ComposedModel(TimmApi, nn.Module):
         if not features_only or any(t.startswith("head.") for t in reuse_targets(plan)):
             self.head = Sequence(head_steps)
         self._link_shared()
+        self.register_forward_pre_hook(check_before_forward)  # the size check also under torch.compile
 
     def _link_shared(self) -> None:
         """Point every `reuse` at its module. The reference is a plain attribute, so the weights
@@ -330,7 +332,9 @@ class ComposedModel(TimmApi, nn.Module):
     def check_input(self, x) -> None:
         """Refuse, before anything runs, an input whose size the architecture does not admit
         (`composer.sizes.InputSizeError`, naming the model, the size and the admitted sizes). A size
-        is checked once (pure-Python shape inference), then remembered; tracing skips the check."""
+        is checked once (pure-Python shape inference), then remembered. Traced by torch's compiler
+        it is skipped; `model(x)` checks first in a hook that compiling leaves as Python
+        (composer/size_guard.py)."""
         size = tuple(x.shape[1:])
         if not all(type(d) is int for d in size) or torch.compiler.is_compiling():
             return  # traced with symbolic sizes (torch.export's dynamic shapes): no concrete size

@@ -107,3 +107,62 @@ def test_traces_without_graph_breaks(name):
     reasons = [f"{r.reason} at {r.user_stack[-1] if r.user_stack else '?'}" for r in out.break_reasons]
     assert out.graph_break_count == 0, "\n".join(reasons[:3])
     assert out.graph_count == 1
+
+
+# ---- the input size check under compile (composer/size_guard.py) -----------------------------------
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "model.compile", "fullgraph"])
+def test_a_compiled_model_refuses_the_sizes_eager_refuses(how):
+    """Compiled, the model checks the input's real size at every call, the first (static) one and
+    those after a recompile with dynamic sizes: vit_ti built at 64 runs at 64 and refuses 65 (its
+    patch size 16 does not divide it) and 48 (its position table is built for a 4x4 grid), as the
+    uncompiled model does; at 64 the logits are the uncompiled model's."""
+    torch._dynamo.reset()
+    model = composer.build("vit_ti", img_size=64, depth=1).eval()
+    if how == "model.compile":
+        compiled = model
+        compiled.compile(backend="eager")
+    else:
+        compiled = torch.compile(model, backend="eager", fullgraph=how == "fullgraph")
+    eager = composer.build("vit_ti", img_size=64, depth=1).eval()
+    eager.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        for size in (65, 48):
+            with pytest.raises(composer.InputSizeError, match=f"cannot run at {size}x{size}"):
+                eager(torch.randn(2, 3, size, size))
+        for size in (65, 64, 48, 64, 65):  # the first call traces at 65; 48 after a recompile at 64
+            if size == 64:
+                assert torch.equal(compiled(x), eager(x))
+            else:
+                with pytest.raises(composer.InputSizeError, match=f"cannot run at {size}x{size}"):
+                    compiled(torch.randn(2, 3, size, size))
+
+
+def test_the_size_check_adds_no_graph_and_no_break():
+    """The hook runs outside the compiled graph, and skipped inline inside a larger compiled
+    function (as under torch.export): one graph either way, no break."""
+    torch._dynamo.reset()
+    model = composer.build("vit_ti", img_size=64, depth=1).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for fn in (model, lambda t: model(t) * 2):
+            out = torch._dynamo.explain(fn)(x)
+            assert (out.graph_count, out.graph_break_count) == (1, 0)
+
+
+def test_building_and_running_a_model_leaves_the_compiler_unimported():
+    """The hook is marked through torch's C extension: a program that never compiles does not pay
+    for importing torch's compiler (about 1 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, composer\n"
+            "m = composer.build('resnet18', img_size=64).eval()\n"
+            "m(torch.randn(1, 3, 64, 64))\n"
+            "from composer.size_guard import check_before_forward\n"
+            "print(check_before_forward.runs_uncompiled, 'torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
