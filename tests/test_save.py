@@ -185,3 +185,30 @@ def test_a_damaged_config_is_a_user_error(tmp_path, capsys, section):
     (tmp_path / "config.json").write_text(json.dumps({"composer": section}))
     assert main(["check", str(tmp_path)]) == 2
     assert "not a composer config" in capsys.readouterr().err
+
+
+def test_every_op_class_pickles_by_its_name():
+    """pickle finds a class by module and name: the activations made in a loop (ops/act.py) are
+    module attributes too, or `torch.save(model)` fails on the model's plan."""
+    import pickle
+
+    from composer.ops import OPS
+
+    for name, cls in OPS.items():
+        assert pickle.loads(pickle.dumps(cls)) is cls, name
+
+
+@pytest.mark.parametrize("optimized", [False, True])
+def test_torch_save_of_the_whole_model_loads_back_equal(tmp_path, optimized):
+    """`torch.save(model)` (the module itself, not its state_dict) and `torch.load(...,
+    weights_only=False)` give a model with the same logits, also in its optimised form."""
+    model = composer.build("vit_ti", img_size=64, depth=1).eval()
+    if optimized:
+        model.optimize()
+    torch.save(model, tmp_path / "m.pt")
+    again = torch.load(tmp_path / "m.pt", weights_only=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    with pytest.raises(composer.InputSizeError):  # the plan came along: it still checks sizes
+        again(torch.randn(1, 3, 65, 65))

@@ -14,7 +14,7 @@ def _simple(name: str, torch_name: str, doc: str) -> None:
         return getattr(nn, torch_name, None)() if hasattr(nn, torch_name) else getattr(modules, torch_name)()
 
     cls = type(name.title().replace("_", ""), (Op,), {"__doc__": doc, "build": build, "__module__": __name__})
-    op(name, category="activation")(cls)
+    globals()[cls.__name__] = op(name, category="activation")(cls)  # found by its name: pickle (torch.save)
 
 
 for _name, _torch, _doc in [
