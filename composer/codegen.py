@@ -152,6 +152,7 @@ class Writer:
         env = {"input": x}
         plan = model.plan
         size = "x".join(map(str, plan.input.spatial))
+        body.emit([], "self.check_input(", x, ")")  # the file's own size check (codegen_file.size_check)
         y = body.call_child("self.stem", model.stem, x, env)
         body.stmts[-1].pieces.append(f"  # {torch_shape(plan.stem.y)} at {size}")
         for i, st in enumerate(model.stages):

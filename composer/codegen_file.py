@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 
 from . import __version__ as VERSION
+from .sizes import axis_rules, rule_text
 
 HELPERS = {
     "drop_path": '''
@@ -112,7 +113,54 @@ def _model(writer, plan, name) -> str:
     del paths
     top = writer.infos[id(model)]
     forward = "".join(x if isinstance(x, str) else "" for x in top.pieces)
-    return "\n".join(lines) + "\n\n" + forward
+    return "\n".join(lines) + "\n\n" + size_check(plan, model.dynamic_img_size) + "\n" + forward
+
+
+def size_check(plan, dynamic: bool) -> str:
+    """The model's `check_input` method: the input sizes it admits, each axis by its rule
+    (`composer.sizes.axis_rules`, probed as `composer info` states them), refused with the built
+    model's words. Skipped under torch.export, whose dynamic dimensions are its own contract; under
+    torch.compile its comparisons become the compiled graph's guards."""
+    admitted: dict = {}  # axis -> every admitted size up to the probed limit
+    rules = axis_rules(plan, dynamic, admitted)
+    text = rule_text(plan, dynamic, rules)
+    built = "x".join(map(str, plan.input.spatial))
+    tests = [f"len(size) == {len(rules)}"]  # then a line per axis
+    tests += [_axis_test(rule, f"size[{a}]", admitted[a]) for a, rule in enumerate(rules)]
+    got = "'x'.join(map(str, size))"
+    lines = ["    def check_input(self, x):",
+             f'        """Refuse an input size the blueprint does not admit ({text})."""',
+             "        if torch.compiler.is_exporting():",
+             "            return",
+             "        channels, *size = x.shape[1:]",
+             f"        if channels != {plan.input.channels}:",
+             f'            raise ValueError(f"{plan.name} takes {plan.input.channels} input channels, got {{channels}}")',
+             "        if not (" + "\n                and ".join(tests) + "):",
+             f'            raise ValueError(f"{plan.name} (built for {built}) cannot run at {{{got}}}. "',
+             f'                             "Admitted sizes: {text}")']
+    return "\n".join(lines) + "\n"
+
+
+def _axis_test(rule, n: str, admitted: list) -> str:
+    """A Python condition on the size `n` that holds for the sizes `rule` admits; sizes without a
+    pattern by their runs up to the probed limit (`admitted`), and every size beyond it."""
+    if rule.fixed:
+        return f"{n} == {rule.build}"
+    if rule.irregular and rule.period:
+        return f"{n} >= {rule.low} and ({n} - {rule.low}) % {rule.period} in {set(s - rule.low for s in rule.irregular)}"
+    if rule.irregular:
+        runs = []
+        for k in admitted:
+            if runs and runs[-1][1] == k - 1:
+                runs[-1][1] = k
+            else:
+                runs.append([k, k])
+        spans = ", ".join(f"({a}, {b})" for a, b in runs)
+        return f"({n} > {rule.limit} or any(a <= {n} <= b for a, b in ({spans},)))"
+    step = f" and ({n} - {rule.low}) % {rule.step} == 0" if rule.step > 1 else ""
+    if rule.high:
+        return f"{rule.low} <= {n} <= {rule.high}{step}"
+    return f"{n} >= {rule.low}{step}"
 
 
 def _camel_model(name: str, taken: set) -> str:

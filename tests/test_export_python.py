@@ -91,6 +91,44 @@ def test_exported_file_equals_built_model(name):
             want, got = model(x), exported(x)
             assert got.shape == want.shape == (2, 5)
             assert (want - got).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()), (name, size)
+    refused = _refused_size(plan)
+    if refused is not None:  # the file refuses it as the built model does, before anything runs
+        x = torch.randn(1, plan.input.channels, *refused)
+        with pytest.raises(composer.InputSizeError):
+            model(x)
+        with pytest.raises(ValueError, match=f"cannot run at {'x'.join(map(str, refused))}. Admitted sizes: "):
+            exported(x)
+    with pytest.raises(ValueError, match=f"takes {plan.input.channels} input channels, got {plan.input.channels + 1}"):
+        exported(torch.randn(1, plan.input.channels + 1, *plan.input.spatial))
+
+
+def _refused_size(plan):
+    """A size near the built one that the built model refuses (its check re-plans the model)."""
+    build = tuple(plan.input.spatial)
+    for d in (1, -1, 3, 2):
+        other = (build[0] + d,) + build[1:]
+        if other[0] > 0 and admits(plan, other) is not None:
+            return other
+    return None
+
+
+@pytest.mark.parametrize("name, size", [("convnext_atto", 32), ("mobilevitv2_050", 64)])  # a step; runs
+def test_the_file_admits_exactly_the_sizes_the_built_model_admits(name, size):
+    """Along each axis (the other at the build size), every size from 1 to twice the build size:
+    the file's check and the built model's (which plans the model again at that size) agree."""
+    plan = composer.load(name, **({"img_size": size} if size else {}), num_classes=5)
+    exported = load_source(generate(plan), name)()
+    for axis in range(2):
+        for n in range(1, 2 * plan.input.spatial[axis] + 1):
+            grid = list(plan.input.spatial)
+            grid[axis] = n
+            x = torch.empty(1, plan.input.channels, *grid, device="meta")
+            try:
+                exported.check_input(x)
+                said = None
+            except ValueError as exc:
+                said = str(exc)
+            assert (said is None) == (admits(plan, tuple(grid)) is None), (name, grid, said)
 
 
 def test_blocks_of_one_structure_share_a_class_with_their_differences_as_parameters():
