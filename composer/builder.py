@@ -276,17 +276,24 @@ class StageModule(nn.Module):
         first, last = (self.downsample, None) if not self.downsample_last else (None, self.downsample)
         return [s for s in (first, *self.blocks, last, self.norm) if s is not None]
 
-    def forward(self, x, env: dict | None = None):
-        if self.joined is not None and on_blocked_path(x):
+    def forward(self, x, env: dict | None = None, after_block=None, last_block: int | None = None):
+        """The stage on `x`. For features (timm_api's forward_intermediates): `after_block(k, y)` is
+        called with each block's output; `last_block`: stop before the block after it (the rest of
+        the stage, its downsample after the blocks and its norm, not run)."""
+        if self.joined is not None and after_block is None and on_blocked_path(x):
             return self.joined(x)
         env = {} if env is None else env
         if self.downsample is not None and not self.downsample_last:
             x = self.downsample(x, env)
-        for block in self.blocks:
+        for k, block in enumerate(self.blocks):
+            if last_block is not None and k > last_block:
+                return x
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, env, use_reentrant=False)
             else:
                 x = block(x, env)
+            if after_block is not None:
+                after_block(k, x)
         if self.downsample is not None and self.downsample_last:
             x = self.downsample(x, env)
         if self.norm is not None:

@@ -151,24 +151,18 @@ class TimmApi:
         for i, stage in enumerate(self.stages):
             if stop_early and i > last_stage:
                 break
-            if any(k is not None for (s, k) in wanted if s == i):  # block features: the stage by hand
-                if stage.downsample is not None and not stage.downsample_last:
-                    x = stage.downsample(x, env)
-                last_block = max(k for (s, k) in wanted if s == i)
-                for k, block in enumerate(stage.blocks):
-                    if stop_early and i == last_stage and k > last_block:
-                        return x
-                    x = block(x, env)
+            blocks = [k for (s, k) in wanted if s == i and k is not None]
+            if blocks:  # block features: each block's output as it comes
+
+                def keep(k, y, i=i):
                     if (i, k) in wanted:
-                        feats[i, k] = (x, env.get(GRID))
-                if stage.downsample is not None and stage.downsample_last:
-                    x = stage.downsample(x, env)
-                if stage.norm is not None:
-                    x = stage.norm(x, env)
+                        feats[i, k] = (y, env.get(GRID))
+
+                x = stage(x, env, keep, max(blocks) if stop_early and i == last_stage else None)
             else:
                 x = stage(x, env)
-                if (i, None) in wanted:
-                    feats[i, None] = (x, env.get(GRID))
+            if (i, None) in wanted:
+                feats[i, None] = (x, env.get(GRID))
         return x
 
     def _head_norms(self) -> list:

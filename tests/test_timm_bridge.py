@@ -221,6 +221,15 @@ def test_forward_intermediates_vit_blocks_and_norm():
         # norm: the head's layernorm on the last block's tokens, class token left out
         assert torch.allclose(inter[1].flatten(2).transpose(1, 2), m.head.norm(final)[:, 1:], atol=1e-6)
         assert len(m.forward_intermediates(x, intermediates_only=True)) == 12
+        every = m.forward_intermediates(x, intermediates_only=True)
+        early = m.forward_intermediates(x, indices=[2, 5], stop_early=True)  # blocks 6 to 11 not run
+        theirs = ref.forward_intermediates(x, indices=[2, 5], stop_early=True)
+        assert torch.equal(early[1][0], every[2]) and torch.equal(early[1][1], every[5])
+        env = {"input": x}
+        y = m.stem(x, env)
+        for block in m.stages[0].blocks[:6]:
+            y = block(y, env)
+        assert torch.equal(early[0], y) and early[0].shape == theirs[0].shape  # the tokens after block 5
 
 
 def test_register_a_blueprint_of_ones_own(tmp_path):
