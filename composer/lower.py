@@ -18,15 +18,18 @@ from .shapes import Shape, ShapeError, TensorRef
 from .speed import fold_kind, gc_paused, lowered_block
 
 
-def plan(model: Model) -> Plan:
-    """Infer shapes for `model` and lower it to build steps; raise a located error on a mismatch."""
+def plan(model: Model, counted: bool = True) -> Plan:
+    """Infer shapes for `model` and lower it to build steps; raise a located error on a mismatch.
+    `counted=False`: the plan's parameters and MACs are neither counted nor kept while lowering
+    (composer.sizes plans a model again at hundreds of sizes only to learn which it admits)."""
     with gc_paused():
-        return _Lowering(model).run()
+        return _Lowering(model, counted).run()
 
 
 class _Lowering:
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, counted: bool = True):
         self.model = model
+        self.counted = counted
         self.saved: dict = {}  # tensor key -> Shape
         # tensor key -> (how many folds were open where it was saved, the innermost one's opener)
         self.fold_of: dict = {"input": (0, None)}
@@ -81,7 +84,7 @@ class _Lowering:
                    preprocess=dict(m.preprocess))
         if self.reuses:
             check_reuses(out, self.reuses)
-        for what, count in zip(("parameters", "MACs"), out.cost()):  # a summary prints them as floats
+        for what, count in zip(("parameters", "MACs"), out.cost() if self.counted else ()):  # printed as floats
             if count > MAX_NUMBER:
                 size = f"10**{int(count.bit_length() * 0.30103)}" if isinstance(count, int) else f"{count:.3g}"
                 raise error("too-large", f"too large: the model has about {size} {what}",
@@ -96,7 +99,7 @@ class _Lowering:
     def _block(self, path: str, block, x: Shape) -> Section:
         """A stage's block; an equal block may be replayed instead of lowered (`speed.lowered_block`)."""
         return lowered_block(lambda: self._section(path, block.items, x, block.drop_path, block.call, block.span),
-                             path, block, x)
+                             path, block, x, self.counted)
 
     def _folds_closed(self, path, depth: int) -> None:
         """A patches_to_batch opened in a section, residual body or parallel branch closes there."""

@@ -35,7 +35,7 @@ def replan(plan: Plan, spatial: tuple, channels: int | None = None, dynamic: boo
     if dynamic:
         model = _dynamic_of(model)
     model = dataclasses.replace(model, input=type(inp)(inp.kind, channels or inp.channels, tuple(spatial), inp.span))
-    return lower_plan(model)
+    return lower_plan(model, counted=False)
 
 
 class _Probing(threading.local):

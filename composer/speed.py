@@ -187,9 +187,10 @@ def blocks_forgotten():
             del _LOWERED[key]
 
 
-def lowered_block(lower, path: str, block, x):
+def lowered_block(lower, path: str, block, x, counted: bool = True):
     """The Section of stage block `block` at `path` with input shape `x`: `lower()` lowers it, or
-    an equal block lowered before is replayed."""
+    an equal block lowered before is replayed (`counted`: its op steps' counts kept first, for
+    the replays to copy)."""
     sig = _signature(block.items)
     if sig is None:
         return lower()
@@ -199,7 +200,8 @@ def lowered_block(lower, path: str, block, x):
         old, sec = done
         return Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path, block.call, block.span)
     sec = lower()
-    sec.cost()  # its op steps keep their counts (plan.COUNTS_KEPT): the replays copy them
+    if counted:
+        sec.cost()  # its op steps keep their counts (plan.COUNTS_KEPT): the replays copy them
     if len(_LOWERED) >= _LOWERED_MAX:
         _LOWERED.clear()
     _LOWERED[key] = (path, sec)

@@ -231,7 +231,9 @@ class Attention(Op):
     def _tied_part(self):
         """The part whose table is shared with other attentions (a part with `tie` set and a
         `tie_key(g)`: `learned_bias(tie = ...)`), else None."""
-        return next((p for _, p in self.parts() if getattr(p, "tie", None) is not None and hasattr(p, "tie_key")), None)
+        # a field's value is in the instance's __dict__ (pydantic): a part without `tie` is not
+        # asked through pydantic's slow path for a missing attribute
+        return next((p for _, p in self.parts() if p.__dict__.get("tie") is not None and hasattr(p, "tie_key")), None)
 
     def ties(self) -> bool:
         return self._tied_part() is not None
