@@ -43,6 +43,7 @@ class _Probing(threading.local):
 
     dynamic: dict | None = None  # id(resolved model) -> (it, its dynamic form)
     answers: dict | None = None  # (id(plan), spatial, dynamic) -> (plan, `admits`'s answer)
+    steps: dict | None = None  # id(plan) -> (plan, its op steps): the built plan, compared at every size
 
 
 _PROBING = _Probing()
@@ -56,12 +57,12 @@ def probing():
     if _PROBING.answers is not None:
         yield
         return
-    _PROBING.dynamic, _PROBING.answers = {}, {}
+    _PROBING.dynamic, _PROBING.answers, _PROBING.steps = {}, {}, {}
     try:
         with blocks_forgotten():
             yield
     finally:
-        _PROBING.dynamic = _PROBING.answers = None
+        _PROBING.dynamic = _PROBING.answers = _PROBING.steps = None
 
 
 def _dynamic_of(model):
@@ -137,20 +138,31 @@ def _admits(plan: Plan, spatial: tuple, dynamic: bool) -> str | None:
         if not dynamic and admits(plan, spatial, dynamic=True) is None:
             why += " (build it with dynamic_img_size=True to pad its windows and resample its position embeddings)"
         return why
-    for a, b in zip(_op_steps(plan), _op_steps(other)):
+    for a, b in zip(_built_steps(plan), _op_steps(other)):
         if a.x == b.x:
             continue
         if a.op.takes_tensors():  # bound to the named tensors of each size: compare the two steps
             same = a.op.runtime_grid(a.x) and a.op.params(a.x, a.y) == b.op.params(b.x, b.y)
             why = None if same else f"is built for input {a.x} and would get {b.x}"
         else:
-            why = a.op.admits_grid(a.x, b.x, dynamic)
+            why = a.op.admits_grid(a.x, b.x, dynamic, (a.y, b.y))
         if why is not None:
             return f"{a.path} ({a.op.name}) {why}"
         new_grid = a.y.layout == "tokens" and a.y.spatial and a.y.spatial != a.x.spatial
         if new_grid and a.y.spatial != b.y.spatial and not a.op.regrids:  # the builder's StaticGrid
             return f"{a.path} ({a.op.name}) puts tokens on a grid of its own that cannot follow the input size"
     return None
+
+
+def _built_steps(plan: Plan):
+    """`plan`'s op steps, listed once while probing."""
+    known = _PROBING.steps
+    if known is None:
+        return _op_steps(plan)
+    entry = known.get(id(plan))
+    if entry is None or entry[0] is not plan:
+        entry = known[id(plan)] = (plan, list(_op_steps(plan)))
+    return entry[1]
 
 
 def _op_steps(plan: Plan):

@@ -80,17 +80,19 @@ class Op(BaseModel):
         does not."""
         return not self.grid_bound
 
-    def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
+    def admits_grid(self, built: Shape, got: Shape, dynamic: bool, outputs: tuple | None = None) -> str | None:
         """None when the module built for input `built` runs on input `got` (another grid, at
         another input size; `dynamic`: the model resamples its position tables); else why not.
         The default: a module that takes the runtime grid (`runtime_grid`) and whose parameter
-        count does not depend on the grid, or a table it resamples under `dynamic`."""
+        count does not depend on the grid, or a table it resamples under `dynamic`. `outputs`:
+        the op's outputs for `built` and `got` where the caller has them (else inferred here)."""
         if dynamic and self.resamples:
             return None
         if not self.runtime_grid(built):
             hint = " (build it with dynamic_img_size=True to resample it)" if self.resamples else ""
             return f"is built for input {built} and would get {got}{hint}"
-        if self.params(built, self.infer(built)) != self.params(got, self.infer(got)):
+        built_y, got_y = outputs or (self.infer(built), self.infer(got))
+        if self.params(built, built_y) != self.params(got, got_y):
             return f"has parameters sized for input {built}, and would get {got}"
         return None
 

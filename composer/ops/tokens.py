@@ -82,8 +82,8 @@ class PosEmbed(Op):
     def runtime_grid(self, x: Shape) -> bool:
         return self.resample
 
-    def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
-        return None if self.resample else super().admits_grid(built, got, dynamic)
+    def admits_grid(self, built: Shape, got: Shape, dynamic: bool, outputs: tuple | None = None) -> str | None:
+        return None if self.resample else super().admits_grid(built, got, dynamic, outputs)
 
     def params(self, x, y):
         return (x.tokens if self.cover_extra else prod(x.spatial)) * x.channels

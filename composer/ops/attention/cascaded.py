@@ -47,9 +47,9 @@ class CascadedAttention(Op):
     def runtime_grid(self, x: Shape) -> bool:
         return self.partition is not None
 
-    def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
+    def admits_grid(self, built: Shape, got: Shape, dynamic: bool, outputs: tuple | None = None) -> str | None:
         if not self.runtime_grid(built):
-            return super().admits_grid(built, got, dynamic)
+            return super().admits_grid(built, got, dynamic, outputs)
         size, _ = self.partition.effective(built.spatial)
         if not (self.partition.pad or dynamic) and any(g % size for g in got.spatial):
             return (f"keeps its window of {size} from the build grid {built}, which does not divide the grid "

@@ -165,10 +165,10 @@ class Attention(Op):
             return self.model_copy(update={"partition": part()})
         return self
 
-    def admits_grid(self, built: Shape, got: Shape, dynamic: bool) -> str | None:
+    def admits_grid(self, built: Shape, got: Shape, dynamic: bool, outputs: tuple | None = None) -> str | None:
         """A partition that keeps its groups from the build grid says which grids it admits."""
         if self.partition is None or not self.runtime_grid(built) or not hasattr(self.partition, "admits"):
-            return super().admits_grid(built, got, dynamic)
+            return super().admits_grid(built, got, dynamic, outputs)
         return self.partition.admits(built, got, dynamic)
 
     def runtime_grid(self, x: Shape) -> bool:
