@@ -8,7 +8,7 @@ from __future__ import annotations
 import ast
 
 from . import __version__ as VERSION
-from .sizes import axis_rules, rule_text
+from .sizes import axis_rules, rule_text, runs
 
 HELPERS = {
     "drop_path": '''
@@ -121,12 +121,11 @@ def size_check(plan, dynamic: bool) -> str:
     (`composer.sizes.axis_rules`, probed as `composer info` states them), refused with the built
     model's words. Skipped under torch.export, whose dynamic dimensions are its own contract; under
     torch.compile its comparisons become the compiled graph's guards."""
-    admitted: dict = {}  # axis -> every admitted size up to the probed limit
-    rules = axis_rules(plan, dynamic, admitted)
+    rules = axis_rules(plan, dynamic)
     text = rule_text(plan, dynamic, rules)
     built = "x".join(map(str, plan.input.spatial))
     tests = [f"len(size) == {len(rules)}"]  # then a line per axis
-    tests += [_axis_test(rule, f"size[{a}]", admitted[a]) for a, rule in enumerate(rules)]
+    tests += [_axis_test(rule, f"size[{a}]") for a, rule in enumerate(rules)]
     got = "'x'.join(map(str, size))"
     lines = ["    def check_input(self, x):",
              f'        """Refuse an input size the blueprint does not admit ({text})."""',
@@ -134,28 +133,24 @@ def size_check(plan, dynamic: bool) -> str:
              "            return",
              "        channels, *size = x.shape[1:]",
              f"        if channels != {plan.input.channels}:",
-             f'            raise ValueError(f"{plan.name} takes {plan.input.channels} input channels, got {{channels}}")',
+             f'            raise ValueError(f"{plan.name} takes {plan.input.channels} input channels, "',
+             '                             f"got {channels}")',
              "        if not (" + "\n                and ".join(tests) + "):",
              f'            raise ValueError(f"{plan.name} (built for {built}) cannot run at {{{got}}}. "',
              f'                             "Admitted sizes: {text}")']
     return "\n".join(lines) + "\n"
 
 
-def _axis_test(rule, n: str, admitted: list) -> str:
+def _axis_test(rule, n: str) -> str:
     """A Python condition on the size `n` that holds for the sizes `rule` admits; sizes without a
-    pattern by their runs up to the probed limit (`admitted`), and every size beyond it."""
+    pattern by their runs up to the probed limit, and every size beyond it."""
     if rule.fixed:
         return f"{n} == {rule.build}"
     if rule.irregular and rule.period:
-        return f"{n} >= {rule.low} and ({n} - {rule.low}) % {rule.period} in {set(s - rule.low for s in rule.irregular)}"
+        window = {s - rule.low for s in rule.irregular}  # the admitted offsets in each period
+        return f"{n} >= {rule.low} and ({n} - {rule.low}) % {rule.period} in {window}"
     if rule.irregular:
-        runs = []
-        for k in admitted:
-            if runs and runs[-1][1] == k - 1:
-                runs[-1][1] = k
-            else:
-                runs.append([k, k])
-        spans = ", ".join(f"({a}, {b})" for a, b in runs)
+        spans = ", ".join(f"({a}, {b})" for a, b in runs(rule.irregular))
         return f"({n} > {rule.limit} or any(a <= {n} <= b for a, b in ({spans},)))"
     step = f" and ({n} - {rule.low}) % {rule.step} == 0" if rule.step > 1 else ""
     if rule.high:

@@ -84,8 +84,8 @@ class _Lowering:
                    preprocess=dict(m.preprocess))
         if self.reuses:
             check_reuses(out, self.reuses)
-        for what, count in zip(("parameters", "MACs"), out.cost() if self.counted else ()):  # printed as floats
-            if count > MAX_NUMBER:
+        for what, count in zip(("parameters", "MACs"), out.cost() if self.counted else ()):
+            if count > MAX_NUMBER:  # a summary prints the counts as floats
                 size = f"10**{int(count.bit_length() * 0.30103)}" if isinstance(count, int) else f"{count:.3g}"
                 raise error("too-large", f"too large: the model has about {size} {what}",
                             m.span, f"counts must stay below {MAX_NUMBER:.3g}: make the layers smaller")

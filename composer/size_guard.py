@@ -29,11 +29,10 @@ def check_before_forward(model, args) -> None:
 
 def _run_uncompiled(fn):
     """Mark `fn`'s frames, and those of every function they call, to run as plain Python whenever
-    torch's compiler meets one as a frame of its own (what `torch.compiler.disable` does), through
-    the switch in torch's C extension, so that
-    importing torch's compiler (about 1 s) is left to the programs that compile. A torch without
-    that switch keeps the old behaviour (no check under compile); tests/test_compile.py proves
-    the installed one has it."""
+    torch's compiler meets one as a frame of its own (what `torch.compiler.disable` does). Set
+    through the switch in torch's C extension, so that importing torch's compiler (about 1 s) is
+    left to the programs that compile. A torch without that switch keeps the old behaviour (no
+    check under compile); tests/test_compile.py proves the installed one has it."""
     try:
         from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy, set_code_exec_strategy
 

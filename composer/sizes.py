@@ -177,7 +177,8 @@ def _op_steps(plan: Plan):
 class AxisRule:
     """The sizes admitted along one spatial axis (the others at the build size), up to `limit`:
     `fixed` (only the build size); every size from `low` that is `low` plus a multiple of `step`
-    (to `high`, when the sizes stop before the probed limit); else `irregular`, the first few."""
+    (to `high`, when the sizes stop before the probed limit); else `irregular`: every admitted
+    size up to the limit, or with `period` those of its first period."""
 
     build: int
     fixed: bool
@@ -192,12 +193,9 @@ class AxisRule:
         if self.fixed:
             return f"fixed at {self.build}"
         if self.irregular and self.period:
-            first = self.irregular
-            run = f"{first[0]} to {first[-1]}" if list(first) == list(range(first[0], first[-1] + 1)) \
-                else ", ".join(map(str, first))
-            return f"{run} plus multiples of {self.period}"
+            return f"{_runs_text(self.irregular)} plus multiples of {self.period}"
         if self.irregular:
-            return "only " + ", ".join(map(str, self.irregular)) + " (up to " + str(self.limit) + ")"
+            return f"only {_runs_text(self.irregular)} (up to {self.limit})"
         if self.high:
             return f"{self.low} to {self.high}" if self.step == 1 else \
                 f"{self.low} to {self.high} in steps of {self.step}"
@@ -248,7 +246,24 @@ def _rule(build: int, ok: list[int], limit: int) -> AxisRule:
     period = _period(ok, limit)
     if period:  # sizes in a window that repeats (patch sizes that must divide every stage's grid)
         return AxisRule(build, False, low, 1, limit, tuple(s for s in ok if s < low + period), period=period)
-    return AxisRule(build, False, low, 1, limit, tuple(ok[:8]))
+    return AxisRule(build, False, low, 1, limit, tuple(ok))
+
+
+def runs(sizes) -> list[tuple[int, int]]:
+    """The sorted `sizes` as runs of consecutive sizes: [(first, last), ...]."""
+    out: list[list[int]] = []
+    for k in sizes:
+        if out and out[-1][1] == k - 1:
+            out[-1][1] = k
+        else:
+            out.append([k, k])
+    return [(a, b) for a, b in out]
+
+
+def _runs_text(sizes, most: int = 8) -> str:
+    """"57 to 64, 121 to 128": a run of three or more as its ends, the first `most` runs."""
+    parts = [f"{a} to {b}" if b - a >= 2 else ", ".join(map(str, range(a, b + 1))) for a, b in runs(sizes)]
+    return ", ".join(parts[:most]) + (", ..." if len(parts) > most else "")
 
 
 def _period(ok: list[int], limit: int) -> int:

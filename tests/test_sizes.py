@@ -235,3 +235,14 @@ def test_fastvit_at_other_sizes_and_mixer_refused_as_timm():
         ref(x)
     with pytest.raises(composer.InputSizeError, match="token_mlp"):
         ours(x)
+
+
+def test_sizes_without_a_pattern_are_stated_as_every_run():
+    """An axis whose admitted sizes have no step or period is stated as all its runs, not the
+    first few (halonet26t's read "only 241, ..., 248" while 249 to 256 and 497 to 512 run too)."""
+    from composer.sizes import AxisRule
+
+    rule = AxisRule(8, False, 3, 1, 16, irregular=(3, 4, 5, 6, 9, 10, 12, 13, 14, 15, 16))
+    assert rule.text() == "only 3 to 6, 9, 10, 12 to 16 (up to 16)"
+    periodic = AxisRule(8, False, 1, 1, 64, irregular=(1, 2, 5, 6, 7), period=16)
+    assert periodic.text() == "1, 2, 5 to 7 plus multiples of 16"
