@@ -52,8 +52,8 @@ def optimize_model(model: nn.Module) -> nn.Module:
     model.eval()
     fuse_model(model)
     keep = _protected(model)
+    _pack(model, keep)  # first: the folds below then fold into the packed linears, and take activations
     _visit(model, keep)
-    _pack(model, keep)
     return model
 
 
@@ -132,13 +132,21 @@ def _backward(seq, prog: list, keep: set) -> list:
             ins = ins._replace(dropout=None)
         elif cls is Call and out:
             mod = seq._modules[ins.name]
-            if id(mod) not in keep and _foldable(mod):
+            if id(mod) not in keep and (_foldable(mod) or epilogue_of(mod) is not None):
                 producer = _last(seq, out[-1], keep)
-                if producer is not None and fold_after(producer, mod):
+                if producer is not None and (fold_after(producer, mod) or _take(producer, mod)):
                     delattr(seq, ins.name)
                     continue
         out.append(ins)
     return out
+
+
+def _take(producer: nn.Module, act: nn.Module) -> bool:
+    """Step 5's second half: activation `act` runs inside the packed linear before it."""
+    if type(producer) is PackedLinear and producer.act is None and epilogue_of(act) is not None:
+        producer.take(act)
+        return True
+    return False
 
 
 def _forward(seq, prog: list, keep: set) -> list:
@@ -166,8 +174,8 @@ def _forward(seq, prog: list, keep: set) -> list:
 
 def _pack(model: nn.Module, keep: set) -> None:
     """Step 5: every linear (exactly nn.Linear or ChannelLinear: a subclass may compute otherwise)
-    a PackedLinear; then each activation called right after one (its producer as `_last` finds it)
-    taken into it."""
+    a PackedLinear with the same parameters; `_backward` then takes each activation called right
+    after one (its producer as `_last` finds it) into it (`_take`)."""
     made: dict[int, PackedLinear] = {}  # one per linear, where a module is registered twice
     for m in list(model.modules()):
         for name, child in m._modules.items():
@@ -177,30 +185,6 @@ def _pack(model: nn.Module, keep: set) -> None:
                 m._modules[name] = made[id(child)]
             elif type(child) is PackedLinear:  # optimised before: packed again (a `.data` edit is not seen)
                 child.repack()
-    for m in model.modules():
-        prog = program_of(m)
-        if prog is not None:
-            m.program = _epilogues(m, prog, keep)
-
-
-def _epilogues(seq, prog: list, keep: set) -> list:
-    out = []
-    for ins in prog:
-        cls = ins.__class__
-        if cls is Residual:
-            ins = ins._replace(body=_epilogues(seq, ins.body, keep), shortcut=_epilogues(seq, ins.shortcut, keep))
-        elif cls is Parallel:
-            ins = ins._replace(branches=[_epilogues(seq, b, keep) for b in ins.branches])
-        elif cls is Call and out:
-            act = seq._modules[ins.name]
-            if id(act) not in keep and epilogue_of(act) is not None:
-                producer = _last(seq, out[-1], keep)
-                if type(producer) is PackedLinear and producer.act is None:
-                    producer.take(act)
-                    delattr(seq, ins.name)
-                    continue
-        out.append(ins)
-    return out
 
 
 def _fold_container(box: nn.Module, keep: set) -> None:
