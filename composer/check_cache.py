@@ -82,7 +82,7 @@ class CheckCache:
         self.where = folder("check")
         self.options = options
         self._hashes: dict[str, str | None] = {}  # a file's text hash when the entries were looked up
-        self._closures: dict = {}  # import_closure's, per imported file
+        self._kept: dict = {}  # resolved path -> (its stamp, its text hash) as a stored entry took it
 
     def _entry(self, path: str, name) -> tuple[Path, bytes]:
         h = hashlib.sha256(_composer())
@@ -154,15 +154,18 @@ class CheckCache:
 
         path, name = str(target[0]), target[1]
         try:
-            files, absent = import_closure(path, self._closures)
+            files, absent = import_closure(path)
             # hashed now, not at look-up (a file edited between its look-up and its check, in a long
             # folder's check, was read by the check as it is now), then the racy rule: a file
             # changed since shortly before the check began may not be what the check read (an edit
             # during it, or within the file system clock's tick): not kept, as git's racy rule
-            deps = [(str(f), real_path(f), _text_hash(f)) for f in files]
+            deps = []
+            for f, real in files:
+                st = os.stat(real)
+                if max(st.st_mtime_ns, st.st_ctime_ns) >= start - RACY_NS:
+                    return
+                deps.append((str(f), real, self._text_hash(real, st)))
             if any(h is None for _, _, h in deps):
-                return
-            if any(max(st.st_mtime_ns, st.st_ctime_ns) >= start - RACY_NS for st in map(os.stat, files)):
                 return
         except Exception:  # noqa: BLE001 - nothing kept
             return
@@ -171,6 +174,21 @@ class CheckCache:
         data = FORMAT + key + body.encode("utf-8", "surrogatepass")
         if len(data) <= MAX_ENTRY_BYTES:
             write_entry(self.where, entry, data)
+
+    def _text_hash(self, real: str, st) -> str | None:
+        """The text hash of a file the check read, stamped `st` (not changed within RACY_NS before
+        the check began), read once per run while its stamp stays (a library file imported by
+        many): read, then its stamp taken again, so a file edited meanwhile is not kept."""
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
+        kept = self._kept.get(real)
+        if kept is not None and kept[0] == stamp:
+            return kept[1]
+        text = _text_hash(real)
+        after = os.stat(real)
+        if (after.st_mtime_ns, after.st_size, after.st_ino, after.st_ctime_ns) != stamp:
+            return None
+        self._kept[real] = (stamp, text)
+        return text
 
 
 def _text_hash(path) -> str | None:

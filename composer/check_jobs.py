@@ -1,18 +1,26 @@
-"""Checking many blueprint files on several cores: `composer check FOLDER` splits its files into
-consecutive runs, forks a process per run after the first (which it checks itself), then prints
-the others' output in order, exactly as one process would have printed it.
+"""Checking many blueprint files on several cores: `composer check FOLDER` forks processes that
+check its files, then prints their output in order, exactly as one process would have printed it.
 
-A forked process writes nothing itself: it records what its checks write to stdout and stderr
-and sends it back. It stops at the first file whose check does anything a record cannot repeat
+The files are split into consecutive segments of about equal weight, each worked on by two
+processes, one from its first file forward and one from its last file backward, until they meet:
+whichever finishes its files sooner takes more of them, so both end at about the same time. The
+calling process works forward through the first segment, printing as it goes. Each process
+publishes the next file it takes in a shared board; two that reach for the same file at the same
+moment may both check it (one result is used) or both leave it (the calling process checks it).
+
+A forked process writes nothing itself: it records what its checks write to stdout and stderr and
+sends it back. It stops at the first file whose check does anything a record cannot repeat
 faithfully (a Python warning, whose once-only bookkeeping is per process; any exception other
-than a located user error) and the calling process checks that file and those after it itself,
-so such a file behaves as without forking. A process that dies or sends nothing is redone the
-same way. Used only where `os.fork` exists, with more than one core, in a process without other
-threads; `COMPOSER_JOBS=N` sets the number of processes (1: never fork).
+than a located user error). The calling process then checks, in order, every file no process
+checked faithfully, so such a file behaves as without forking; a process that dies or sends
+nothing leaves its files to it the same way. Used only where `os.fork` exists, with more than one
+core, in a process without other threads; `COMPOSER_JOBS=N` sets the number of processes (1:
+never fork).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import signal
@@ -44,35 +52,77 @@ def jobs(count: int) -> int:
 
 
 def run(items: list, check, weights: list[int]) -> int:
-    """`sum(check(item) for item in items)`, in item order, the runs after the first in forked
-    processes. `check(item)` prints its output and returns how many failures it had; `weights`
-    (e.g. file sizes) balance the runs."""
+    """`sum(check(item) for item in items)`, printed in item order, on `jobs()` processes.
+    `check(item)` prints its output and returns how many failures it had; `weights` (e.g. file
+    sizes) balance the segments."""
     n = jobs(len(items))
     if n == 1:
         return sum(check(it) for it in items)
-    runs = _split(weights, n)
+    runs = _split(weights, n)  # paired into segments: a forward and a backward worker each
+    segments = [(runs[k][0], runs[min(k + 1, len(runs) - 1)][1]) for k in range(0, len(runs), 2)]
+    workers = [(seg, backward) for seg in range(len(segments)) for backward in (False, True)][:len(runs)]
+    board = _Board(segments)
     sys.stdout.flush()
     sys.stderr.flush()
-    children = []  # (first item, end, pid, pipe) of each forked run not yet collected
+    children = []  # (pid, pipe) of each forked worker not yet collected
     try:
-        for lo, hi in runs[1:]:
-            children.append((lo, hi, *_fork(items[lo:hi], check)))
-        lo, hi = runs[0]
-        failures = sum(check(it) for it in items[lo:hi])
+        for seg, backward in workers[1:]:
+            children.append(_fork(items, check, board.claims(seg, backward)))
+        failures, here = 0, 0  # the first segment, forward, printed as it goes
+        for i in board.claims(0, False):
+            failures += check(items[i])
+            here = i + 1
+        found: dict = {}  # item index -> (events, failures) a forked worker recorded
         while children:
-            lo, hi, pid, fd = children[0]
-            done = _receive(fd)
+            pid, fd = children[0]
+            for i, events, failed in _receive(fd):
+                found.setdefault(i, (events, failed))
             _reap(pid, fd, kill=False)
             children.pop(0)
-            for events, failed in done:
+        for i in range(here, len(items)):  # the rest in order: recorded, or checked here
+            if i in found:
+                events, failed = found[i]
                 for stream, text in events:
                     (sys.stdout if stream == 1 else sys.stderr).write(text)
                 failures += failed
-            failures += sum(check(it) for it in items[lo + len(done):hi])  # what it left: here
+            else:
+                failures += check(items[i])
         return failures
     finally:
-        for _, _, pid, fd in children:  # an error or Ctrl-C here: the others are stopped
+        for pid, fd in children:  # an error or Ctrl-C here: the others are stopped
             _reap(pid, fd, kill=True)
+
+
+class _Board:
+    """The progress of every segment's two workers, in memory shared with the forked processes:
+    the next index the forward worker takes (one past what it has taken) and the last index the
+    backward worker has taken. Each number has one writer; a worker takes an index, then stops if
+    the other has taken it too (both may, at the same moment: a file checked twice or by neither,
+    which `run` handles)."""
+
+    def __init__(self, segments: list[tuple[int, int]]):
+        self.segments = segments
+        self._mem = mmap.mmap(-1, 16 * len(segments))  # anonymous and shared: seen after fork
+        self.marks = memoryview(self._mem).cast("q")
+        for k, (lo, hi) in enumerate(segments):
+            self.marks[2 * k], self.marks[2 * k + 1] = lo, hi
+
+    def claims(self, seg: int, backward: bool):
+        """The indices a worker of segment `seg` checks, taken one at a time."""
+        lo, hi = self.segments[seg]
+        marks, mine, theirs = self.marks, 2 * seg + backward, 2 * seg + (not backward)
+        if backward:
+            for j in range(hi - 1, lo - 1, -1):
+                marks[mine] = j
+                if j < marks[theirs]:
+                    return
+                yield j
+        else:
+            for i in range(lo, hi):
+                marks[mine] = i + 1
+                if i >= marks[theirs]:
+                    return
+                yield i
 
 
 def _split(weights: list[int], n: int) -> list[tuple[int, int]]:
@@ -88,10 +138,6 @@ def _split(weights: list[int], n: int) -> list[tuple[int, int]]:
         bounds.append(bounds[-1])
     bounds.append(len(weights))
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-
-
-class _Unfaithful(Exception):
-    """The check did something the record cannot repeat: it is done again by the caller."""
 
 
 class _Recorder:
@@ -114,7 +160,7 @@ class _Recorder:
         return getattr(self.real, name)
 
 
-def _fork(items: list, check) -> tuple[int, int]:
+def _fork(items: list, check, claims) -> tuple[int, int]:
     read, write = os.pipe()
     pid = os.fork()
     if pid:
@@ -130,14 +176,14 @@ def _fork(items: list, check) -> tuple[int, int]:
         sys.stdout = _Recorder(1, sys.stdout, events)
         sys.stderr = _Recorder(2, sys.stderr, events)
         warnings.showwarning = lambda *a, **k: tainted.append(True)
-        for it in items:
+        for i in claims:
             try:
-                failed = check(it)
+                failed = check(items[i])
             except BaseException:  # noqa: BLE001 - the caller checks this item again and sees it
                 break
             if tainted:
                 break
-            done.append((list(events), failed))
+            done.append((i, list(events), failed))
             events.clear()
         with os.fdopen(write, "wb") as fh:
             pickle.dump(done, fh, protocol=pickle.HIGHEST_PROTOCOL)
@@ -147,7 +193,7 @@ def _fork(items: list, check) -> tuple[int, int]:
 
 
 def _receive(fd: int) -> list:
-    """What a forked run sent: (events, failures) for its first files; [] if nothing came."""
+    """What a forked worker sent: (index, events, failures) for the files it checked; [] if nothing came."""
     chunks = []
     try:
         while True:

@@ -74,6 +74,12 @@ class _Entry:
     imports: tuple  # the units of its imports it was made from
     unit: Unit
     text: str | None = None  # kept for a file changed lately, whose stamp is not trusted
+    # the path it was last loaded under, where its imports were found then ((the path as the
+    # import names it, its resolved path) each) and the paths looked in first, found empty
+    # (`import_closure`)
+    name: str = ""
+    found: tuple = ()
+    absent: tuple = ()
 
 
 _CACHE: dict[str, _Entry] = {}
@@ -93,11 +99,11 @@ def load(path: str | Path, _stack: tuple = ()) -> Unit:
         return _load(path, _stack)
 
 
-def _load(path: str | Path, _stack: tuple) -> Unit:
+def _load(path: str | Path, _stack: tuple, key: str | None = None) -> Unit:
     """A file's stamp (modification time, size, inode, change time) tells an edit; a file changed in
     the last RACY_NS is compared by its text instead (an edit of the same size within one tick of
-    the file system's clock keeps the stamp)."""
-    key = str(Path(path).resolve())
+    the file system's clock keeps the stamp). `key`: its resolved path, when known."""
+    key = key or str(Path(path).resolve())
     try:
         st = os.stat(key)
     except OSError:
@@ -111,21 +117,24 @@ def _load(path: str | Path, _stack: tuple) -> Unit:
         file = entry.unit.file
     else:
         file = parse_read(text, path) if racy else read_blueprint(path)
-    imported = []
+    imported, found, absent = [], [], []
+    here = _Folder(Path(path).parent)
     for imp in file.imports:
-        target = find_import(imp, Path(path).parent)
-        tkey = str(target.resolve())
+        target, tkey = _find(imp, here, absent)
         if tkey in _stack or tkey == key:
             raise error("cyclic-import", f"import cycle: '{imp.path}' imports this file again", imp.span,
                         "move the shared definitions into a third file")
-        imported.append(_load(target, _stack + (key,)))
+        imported.append(_load(target, _stack + (key,), tkey))
+        found.append((target, tkey))
+    found, absent = tuple(found), tuple(absent)
     if entry is not None and file is entry.unit.file and len(imported) == len(entry.imports) \
             and all(a is b for a, b in zip(imported, entry.imports)):
-        if entry.stamp != stamp or entry.text != text:
-            _CACHE[key] = _Entry(stamp, entry.imports, entry.unit, text)
+        if entry.stamp != stamp or entry.text != text or entry.name != str(path) or entry.found != found \
+                or entry.absent != absent:
+            _CACHE[key] = _Entry(stamp, entry.imports, entry.unit, text, str(path), found, absent)
         return entry.unit
     unit = _unit(file, imported)
-    _CACHE[key] = _Entry(stamp, tuple(imported), unit, text)
+    _CACHE[key] = _Entry(stamp, tuple(imported), unit, text, str(path), found, absent)
     return unit
 
 
@@ -180,6 +189,27 @@ def find_import(imp: ast.Import, here: Path) -> Path:
     library (the zoo's folder). It must stay inside that folder's tree (no absolute path, no `..`
     out of it, no symlink leading out) and be a regular file: a blueprint never reads a file its
     user did not name or put beside it."""
+    return _find(imp, _Folder(here), [])[0]
+
+
+class _Folder:
+    """A folder imports are looked up in, resolved when first needed (once for all of a file's imports)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._real = None
+
+    def real(self) -> Path:
+        if self._real is None:
+            self._real = self.path.resolve()
+        return self._real
+
+
+_LIBRARY = _Folder(BLUEPRINTS_DIR)  # composer's own folder: resolved once per process
+
+
+def _find(imp: ast.Import, here: _Folder, absent: list) -> tuple[Path, str]:
+    """`find_import`, and the file's resolved path; the paths looked in first are added to `absent`."""
     rel = import_file_name(imp)
     parts = Path(rel).parts
     if len(imp.path) > MAX_IMPORT_PATH or not parts or Path(rel).is_absolute() or ".." in parts \
@@ -187,57 +217,50 @@ def find_import(imp: ast.Import, here: Path) -> Path:
         raise error("bad-import", f"cannot import '{_short(imp.path)}': an import names a file relative to "
                     "the importing file's folder, inside it", imp.span,
                     'e.g. import "blocks" (blocks.arch beside this file) or import "lib/metaformer"')
-    for base in (here, BLUEPRINTS_DIR):
-        target = base / rel
+    for base in (here, _LIBRARY):
+        target = base.path / rel
         if target.is_file():
-            root, real = base.resolve(), target.resolve()
+            root, real = base.real(), target.resolve()
             if root != real and root not in real.parents:
-                raise error("bad-import", f"cannot import '{imp.path}': it leads out of {base} (a symlink)",
+                raise error("bad-import", f"cannot import '{imp.path}': it leads out of {base.path} (a symlink)",
                             imp.span, "copy the file beside the blueprint instead of linking to it")
-            return target
+            return target, str(real)
+        absent.append(target)
     lib = [f"lib/{p.stem}" for p in (BLUEPRINTS_DIR / "lib").glob("*.arch")]
-    raise error("bad-import", f"cannot find '{imp.path}' (looked in {here} and the standard library)", imp.span,
+    raise error("bad-import", f"cannot find '{imp.path}' (looked in {here.path} and the standard library)", imp.span,
                 did_you_mean(imp.path, lib) or "standard library files: " + ", ".join(sorted(lib)))
 
 
-def import_closure(path: str | Path, memo: dict | None = None) -> tuple[list[Path], list[Path]]:
-    """The files a check of `path` reads, through the paths its imports name (it first, then its
-    imports depth first, each path once: a file reached under two names, through a symlinked
-    folder, is listed under both), and the paths an import looked in before the file it found
-    (empty then; a file put there later would be imported instead). The files are loaded. `memo`
-    keeps each file's own answer for later calls (a library file imported by many), used while
-    the file and its imports load as the same unit."""
-    memo = {} if memo is None else memo
-    files: list[Path] = []
+def import_closure(path: str | Path) -> tuple[list[tuple[Path, str]], list[Path]]:
+    """The files a check of `path` reads, with their resolved paths, through the paths its imports
+    name (it first, then its imports depth first, each path once: a file reached under two names,
+    through a symlinked folder, is listed under both), and the paths an import looked in before
+    the file it found (empty then; a file put there later would be imported instead). The files
+    are loaded (read again where changed): each file's own imports are then read from its entry."""
+    path = Path(path)
+    key = str(path.resolve())
+    _load(path, (), key)
+    files: list[tuple[Path, str]] = []
+    absent: list[Path] = []
     seen: set[str] = set()
-    for p, _ in _closure(Path(path), memo, ()):
-        if str(p) not in seen:
-            seen.add(str(p))
-            files.append(p)
-    return files, list(memo[str(Path(path).resolve())][2])
 
+    def visit(p: Path, real: str) -> None:
+        if str(p) in seen:  # listed already, with everything below it
+            return
+        seen.add(str(p))
+        files.append((p, real))
+        entry = _CACHE.get(real)
+        if entry is not None and entry.name == str(p):
+            found, missed = entry.found, entry.absent
+        else:  # loaded under another name (a symlink): its imports looked up from this one's folder
+            unit, missed = _load(p, (), real), []
+            found = [_find(imp, _Folder(p.parent), missed) for imp in unit.file.imports]
+        absent.extend(missed)
+        for target, tkey in found:
+            visit(target, tkey)
 
-def _closure(p: Path, memo: dict, stack: tuple) -> list[tuple[Path, str]]:
-    """(path, resolved path) of `p` and of every file it imports, depth first (repeats left in);
-    memo[resolved] = (its unit, that list, the absent paths of the whole subtree)."""
-    real = str(p.resolve())
-    if real in stack:  # a cycle: load() reports it
-        return [(p, real)]
-    unit = _load(p, ())  # loaded already: the check read it (no GC pause needed)
-    known = memo.get(real)
-    if known is not None and known[0] is unit:  # neither it nor an import changed since
-        return [(p, real)] + known[1][1:]
-    found, absent = [(p, real)], []
-    for imp in unit.file.imports:
-        rel = import_file_name(imp)
-        for base in (p.parent, BLUEPRINTS_DIR):
-            if (base / rel).is_file():
-                found += _closure(base / rel, memo, stack + (real,))
-                absent += memo.get(str((base / rel).resolve()), ((), (), []))[2]
-                break
-            absent.append(base / rel)
-    memo[real] = (unit, found, absent)
-    return found
+    visit(path, key)
+    return files, absent
 
 
 def _short(text: str, width: int = 60) -> str:

@@ -74,7 +74,6 @@ class Checker:
         # resolved path -> (imported units, composites, {model: (its chain, plan or None, problems)}) of
         # the last check: a model whose definitions are all equal (spans included) is not planned again
         self._models: dict[str, tuple] = {}
-        self._closures: dict = {}  # loader.import_closure's memo: a disk file's imports, while they load the same
 
     def open(self, path: str, text: str) -> None:
         self.buffers[str(Path(path).resolve())] = _newlines(text)
@@ -169,7 +168,7 @@ class Checker:
         if key in self.buffers:
             text = self.buffers[key]
         else:
-            below = [str(f.resolve()) for f in import_closure(target, self._closures)[0][1:]]
+            below = [real for _, real in import_closure(target)[0][1:]]
             if not any(b in self.buffers for b in below):
                 reaches.update(below)
                 return load(target)

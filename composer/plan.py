@@ -229,8 +229,19 @@ class Section:
     span: Span | None = None  # a stage block's: where it is written (its `repeat` or `block`)
 
     def cost(self) -> tuple[int, int]:
-        """(parameters, MACs) of the section, in one pass."""
-        return steps_cost(self.steps)
+        """(parameters, MACs) of the section, in one pass. Kept beside it while `steps` is the
+        same list (lowering makes a section whole, and head edits make new ones): a plan is counted
+        by its lowering's size check and again by its caller."""
+        kept = self.__dict__.get("_cost")
+        if kept is not None and kept[0] is self.steps:
+            return kept[1]
+        return self.keep_cost(steps_cost(self.steps))
+
+    def keep_cost(self, counts: tuple[int, int]) -> tuple[int, int]:
+        """Keep `counts` as this section's (a replayed block's are its original's)."""
+        if COUNTS_KEPT:
+            self.__dict__["_cost"] = (self.steps, counts)
+        return counts
 
     @property
     def params(self) -> int:
@@ -318,7 +329,7 @@ class Plan:
         """(parameters, MACs) of the whole model, in one pass."""
         params = macs = 0
         for sec in self.sections:
-            p, m = steps_cost(sec.steps)
+            p, m = sec.cost()
             params += p
             macs += m
         return params, macs

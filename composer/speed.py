@@ -198,10 +198,14 @@ def lowered_block(lower, path: str, block, x, counted: bool = True):
     done = _LOWERED.get(key)
     if done is not None:
         old, sec = done
-        return Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path, block.call, block.span)
+        replay = Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path, block.call,
+                         block.span)
+        if counted:
+            replay.keep_cost(sec.cost())
+        return replay
     sec = lower()
     if counted:
-        sec.cost()  # its op steps keep their counts (plan.COUNTS_KEPT): the replays copy them
+        sec.cost()  # its counts kept (plan.COUNTS_KEPT), with its op steps': the replays copy them
     if len(_LOWERED) >= _LOWERED_MAX:
         _LOWERED.clear()
     _LOWERED[key] = (path, sec)

@@ -211,19 +211,19 @@ def test_a_file_imported_under_two_names(cache, tmp_path, capsys):
 
 
 def test_an_import_closure_follows_an_edited_import(tmp_path, monkeypatch):
-    """import_closure's memo is for unchanged files: lib.arch edited to import extra.arch between
-    two calls lists extra.arch in the second."""
+    """import_closure reads each file's imports from where its last load found them: lib.arch
+    edited to import extra.arch between two calls lists extra.arch in the second."""
     monkeypatch.setattr(loader, "RACY_NS", -10**12)
     for name in ("x", "y"):
         (tmp_path / f"{name}.arch").write_text('import "lib"\n')
     (tmp_path / "lib.arch").write_text("block unit(dim) { conv(dim, 1) }\n")
     (tmp_path / "extra.arch").write_text("block more(dim) { conv(dim, 1) }\n")
-    memo: dict = {}
-    files, _ = loader.import_closure(tmp_path / "x.arch", memo)
-    assert [f.name for f in files] == ["x.arch", "lib.arch"]
+    files, _ = loader.import_closure(tmp_path / "x.arch")
+    assert [f.name for f, _ in files] == ["x.arch", "lib.arch"]
     (tmp_path / "lib.arch").write_text('import "extra"\nblock unit(dim) { conv(dim, 1) }\n')
-    files, absent = loader.import_closure(tmp_path / "y.arch", memo)
-    assert [f.name for f in files] == ["y.arch", "lib.arch", "extra.arch"]
+    files, absent = loader.import_closure(tmp_path / "y.arch")
+    assert [f.name for f, _ in files] == ["y.arch", "lib.arch", "extra.arch"]
+    assert [real for _, real in files] == [str((tmp_path / n).resolve()) for n in ("y.arch", "lib.arch", "extra.arch")]
     assert tmp_path / "extra.arch" not in absent
 
 

@@ -48,7 +48,8 @@ def record(items, jobs, monkeypatch, capsys, check):
     return failures, *capsys.readouterr()
 
 
-def test_warning_and_unexpected_error_are_redone_here(monkeypatch, capsys):
+@pytest.mark.parametrize("jobs", [2, 3, 4])
+def test_warning_and_unexpected_error_are_redone_here(jobs, monkeypatch, capsys):
     parent = os.getpid()
     redone = []
 
@@ -68,7 +69,7 @@ def test_warning_and_unexpected_error_are_redone_here(monkeypatch, capsys):
     items = list(range(12))
     one = record(items, 1, monkeypatch, capsys, check)
     redone.clear()
-    several = record(items, 3, monkeypatch, capsys, check)
+    several = record(items, jobs, monkeypatch, capsys, check)
     assert several == one
     assert one[0] == 4 and one[2].count("deprecated") == 1
     assert redone == [7]
@@ -81,3 +82,61 @@ def test_warning_and_unexpected_error_are_redone_here(monkeypatch, capsys):
 ])
 def test_split(weights, n, runs):
     assert check_jobs._split(weights, n) == runs
+
+
+def test_board_hands_out_each_index_once():
+    """The forward and backward workers of a segment, taking turns: every index once, in the
+    forward worker's order from the start and the backward one's from the end."""
+    board = check_jobs._Board([(0, 7), (7, 10)])
+    for seg, (lo, hi) in enumerate(board.segments):
+        fwd, back = board.claims(seg, False), board.claims(seg, True)
+        took = {False: [], True: []}
+        for turn in range(20):
+            backward = turn % 3 == 2  # the forward worker twice as fast
+            nxt = next(back if backward else fwd, None)
+            if nxt is not None:
+                took[backward].append(nxt)
+        assert took[False] == list(range(lo, lo + len(took[False])))
+        assert took[True] == list(range(hi - 1, hi - 1 - len(took[True]), -1))
+        assert sorted(took[False] + took[True]) == list(range(lo, hi))
+
+
+def test_slow_worker_takes_fewer_files(monkeypatch, capsys):
+    """The calling process checks slowly: the forked one, working from the other end, takes most
+    files, and the output is still in order, each file once."""
+    parent = os.getpid()
+
+    def check(i):
+        if os.getpid() == parent:
+            import time
+            time.sleep(0.2)
+        print(f"item {i} {'here' if os.getpid() == parent else 'forked'}")
+        return 0
+
+    failures, out, _ = record(list(range(12)), 2, monkeypatch, capsys, check)
+    lines = out.splitlines()
+    assert failures == 0 and [ln.split()[1] for ln in lines] == [str(i) for i in range(12)]
+    assert sum(ln.endswith("here") for ln in lines) <= 4  # 6 each with a fixed split
+
+
+def test_files_no_worker_took_are_checked_here(monkeypatch, capsys):
+    """Two workers that reach for the same file at once may both leave it: the calling process
+    checks it, in its place."""
+    claims = check_jobs._Board.claims
+
+    def leaving_five(self, seg, backward):  # each worker stops where it meets file 5
+        for i in claims(self, seg, backward):
+            if i == 5:
+                return
+            yield i
+
+    monkeypatch.setattr(check_jobs._Board, "claims", leaving_five)
+
+    def check(i):
+        print(f"item {i}")
+        return int(i == 5)
+
+    items = list(range(10))
+    one = record(items, 1, monkeypatch, capsys, check)
+    assert record(items, 2, monkeypatch, capsys, check) == one
+    assert one[0] == 1 and one[1].splitlines() == [f"item {i}" for i in range(10)]
