@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
+import os
 import sys
 import traceback
 import warnings
@@ -243,13 +245,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `composer` program: `main()`, then exit without the collector's last walks.
+    """The `composer` program: `main()`, then exit without the interpreter's last work on memory.
 
-    Python's exit runs full cyclic collections over every live object: for a check of the zoo, the
-    parsed files, plans and caches it keeps (about 220,000 objects), 0.3-0.4 s with nothing to
-    find. Frozen first, they are left to reference counting and the process's end."""
+    Python's exit runs full cyclic collections over every live object, then frees the modules and
+    what they hold: for a check of the zoo, the parsed files, plans and caches it keeps (about
+    220,000 objects), 0.3-0.4 s for the collections and 0.04 s for the freeing, with nothing to
+    gain. Frozen first, the objects are left out of the collections; a command that never imported
+    torch (the check path) then ends the process at once, its exit functions run and its output
+    flushed, leaving the memory to the operating system. One that did exits as Python does,
+    for torch's own clean-up."""
     code = main()
     gc.freeze()
+    if "torch" not in sys.modules and hasattr(atexit, "_run_exitfuncs"):
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a reader that went away (`| head`), or a closed stream
+                pass
+        os._exit(code)
     sys.exit(code)
 
 

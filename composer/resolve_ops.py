@@ -14,10 +14,53 @@ from .expr import Ref, evaluate, type_name
 from .ops import OPS, Op
 from .ops.registry import plain_annotation, range_problem
 from .shapes import ShapeError
+from .speed import Unfrozen, freeze_args
 
 
 def to_op(ref: Ref) -> Op:
-    """Validate a reference to an op or part against its pydantic class."""
+    """Validate a reference to an op or part against its pydantic class; a deprecated spelling in
+    it, or in an op it is given, warns at its call."""
+    op = _op_of(ref)
+    _warn_deprecated(ref, op)
+    return op
+
+
+VALIDATED: dict = {}  # (op class, frozen arguments) -> the op; cleared when full
+VALIDATED_MAX = 8192
+OPS_KEPT = True  # False: every op validated afresh (tests/test_speed_invariants.py: the same results)
+
+
+def _op_of(ref: Ref) -> Op:
+    """The op `ref` validates to. Ops are frozen: the same class and arguments (told apart as the
+    language tells them: 1, 1.0 and true differ) give the instance validated before, as a check
+    of the zoo writes the same ops thousands of times; arguments holding a named tensor are
+    validated each time."""
+    try:
+        key = (ref.target, freeze_args(ref.args)) if OPS_KEPT else None
+    except Unfrozen:
+        key = None
+    op = VALIDATED.get(key) if key is not None else None
+    if op is None:
+        op = _validated(ref)
+        if key is not None:
+            if len(VALIDATED) >= VALIDATED_MAX:
+                VALIDATED.clear()
+            VALIDATED[key] = op
+    return op
+
+
+def _warn_deprecated(ref: Ref, op: Op) -> None:
+    old = op.deprecation()
+    if old is not None:
+        deprecated(old[0], ref.span, old[1])
+    for k, v in ref.args:
+        if isinstance(v, Ref):
+            given = getattr(op, k, None)
+            if isinstance(given, Op):
+                _warn_deprecated(v, given)
+
+
+def _validated(ref: Ref) -> Op:
     cls = ref.target
     args = {}
     for k, v in ref.args:
@@ -25,16 +68,12 @@ def to_op(ref: Ref) -> Op:
             if v.kind == "composite":
                 raise error("type", f"'{ref.name}' argument '{k}' needs an op, but '{v.name}' is a {v.target.kind}",
                             ref.arg_span(k), "only library ops can be arguments of ops")
-            v = to_op(v)
+            v = _op_of(v)
         args[k] = v
     try:
-        op = cls.model_validate(args)
+        return cls.model_validate(args)
     except ValidationError as exc:
         raise _validation_error(ref, exc) from None
-    old = op.deprecation()
-    if old is not None:
-        deprecated(old[0], ref.span, old[1])
-    return op
 
 
 def model_loss(expr, scope) -> Op:

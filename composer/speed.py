@@ -3,7 +3,7 @@ switched off, and tests/test_speed_invariants.py proves the results equal with a
 
 - `gc_paused`: no cyclic garbage collection while a model is parsed, resolved or planned.
 - composite instances: a composite expanded with equal arguments is expanded once per file and
-  copied (`instance_key`, `reused_instance`, `keep_instance`); `_freeze_args` switches it off.
+  copied (`instance_key`, `reused_instance`, `keep_instance`); `freeze_args` switches it off.
 - block replay: an equal block with the same input is lowered once per input shape and replayed
   under its own path (`lowered_block`); `_signature` switches it off.
 """
@@ -72,8 +72,8 @@ PER_BLOCK = _Count()  # per-block values concretized so far in this thread (inst
 def instance_key(comp, args: tuple, depth: int) -> tuple | None:
     """The key of an instance of `comp` with these arguments, or None when one cannot be keyed."""
     try:
-        return (id(comp), _freeze_args(args), depth)
-    except _Unfrozen:
+        return (id(comp), freeze_args(args), depth)
+    except Unfrozen:
         return None
 
 
@@ -98,7 +98,7 @@ def keep_instance(instances: dict, key, comp, items: list, mark: int) -> None:
 _PLAIN = frozenset({int, float, str, bool, type(None)})
 
 
-class _Unfrozen(Exception):
+class Unfrozen(Exception):
     """A value that cannot be part of an instance key."""
 
 
@@ -112,11 +112,11 @@ def _freeze(value):
     if cls is list:
         return (list, tuple(_freeze(v) for v in value))
     if cls is Ref:
-        return (Ref, value.name, value.kind, id(value.target), _freeze_args(value.args), value.spans, value.span)
-    raise _Unfrozen
+        return (Ref, value.name, value.kind, id(value.target), freeze_args(value.args), value.spans, value.span)
+    raise Unfrozen
 
 
-def _freeze_args(args: tuple) -> tuple:
+def freeze_args(args: tuple) -> tuple:
     return tuple((k, _freeze(v)) for k, v in args)
 
 

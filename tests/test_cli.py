@@ -162,3 +162,30 @@ def test_the_program_exits_with_mains_status_its_objects_left_out_of_the_last_co
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_a_torch_free_command_ends_at_once_its_output_and_exit_functions_kept(tmp_path):
+    """Without torch imported, `cli.run` ends the process itself after main (os._exit: no freeing of
+    what the check kept): exit functions still run, output buffered for a pipe still arrives, the
+    status is main's."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    bad = tmp_path / "bad.arch"
+    bad.write_text("model m {\n    stem { conv(8,, }\n}\n")
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('exit functions ran'))\n"
+
+            "from composer import cli\n"
+            "sys.argv = ['composer', 'check', sys.argv[1], sys.argv[2]]\n"
+            "cli.run()\n")
+    swin = str(REPO / "blueprints" / "swin.arch")
+    out = subprocess.run([sys.executable, "-c", code, swin, str(bad)], capture_output=True, text=True,
+                         env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+                              "COMPOSER_NO_CACHE": "1"}, timeout=120)  # stdout buffered, as for a pipe
+    assert out.returncode == 2, out.stderr
+    assert out.stdout.count("ok  ") == 3 and out.stdout.rstrip().endswith("exit functions ran")
+    assert "bad.arch:2:" in out.stderr and "Traceback" not in out.stderr

@@ -4,9 +4,11 @@
 tables, fed by a one-loop copy of Lark's contextual lexer (composer/lalr.py: `FAST` switches
 both off), equal composite instances are expanded once per file and copied
 (composer/speed.py), equal blocks are lowered once per model and replayed under their own path
-(composer/speed.py), an op step keeps its op's counts (composer/plan.py: `COUNTS_KEPT`) and an
-attention its geometry per input (composer/ops/attention/op.py: `GEOMETRY_KEPT`). Each shortcut can be switched off; with and without it, every zoo blueprint
-must give the same AST, model and plan, and the hand-made cases below pin what the shortcuts
+(composer/speed.py), an op step keeps its op's counts (composer/plan.py: `COUNTS_KEPT`), an op
+written again is the one validated before (composer/resolve_ops.py: `OPS_KEPT`) and an attention
+its geometry per input (composer/ops/attention/op.py: `GEOMETRY_KEPT`). Each shortcut can be
+switched off; with and without it, every zoo blueprint must give the same AST, model and plan,
+and the hand-made cases below pin what the shortcuts
 must not merge (per-block values, drop-path rates, 1 and 1.0).
 """
 
@@ -27,6 +29,7 @@ import composer.parse as P
 import composer.ops.attention.op as Attention
 import composer.plan as Plan
 import composer.resolve as R
+import composer.resolve_ops as RO
 import composer.speed as S
 from composer.diagnostics import ComposerError
 from helpers import REPO
@@ -90,12 +93,13 @@ def test_zoo_same_with_and_without_shortcuts(monkeypatch):
     fast = _zoo_facts()
 
     def no_key(args):
-        raise S._Unfrozen
+        raise S.Unfrozen
 
     monkeypatch.setattr(LALR, "FAST", False)  # Lark's own LALR loop
-    monkeypatch.setattr(S, "_freeze_args", no_key)  # every composite instance expanded afresh
+    monkeypatch.setattr(S, "freeze_args", no_key)  # every composite instance expanded afresh
     monkeypatch.setattr(S, "_signature", lambda items: None)  # every block lowered afresh
     monkeypatch.setattr(Plan, "COUNTS_KEPT", False)  # every op's parameters and MACs counted afresh
+    monkeypatch.setattr(RO, "OPS_KEPT", False)  # every op validated afresh
     monkeypatch.setattr(Attention, "GEOMETRY_KEPT", False)  # every attention's geometry computed afresh
     plain = _zoo_facts()
     Loader._CACHE.clear()
@@ -227,3 +231,39 @@ def test_gc_pause_leaves_the_collector_as_it_was():
     seconds."""
     out = subprocess.run([sys.executable, "-c", _GC_CHECK], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_an_op_validated_before_still_warns_at_each_call(tmp_path):
+    """The same deprecated op written twice is validated once, and warns at both places."""
+    import warnings
+
+    from helpers import write
+
+    text = GLMIX_TWICE
+    path = write(tmp_path, text)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        composer.load(path + ":m")
+    where = sorted(int(str(w.message).split(": warning:")[0].rsplit(":", 2)[1]) for w in caught
+                   if "paired = true" in str(w.message))
+    assert where == [5, 10]
+
+
+GLMIX_TWICE = """
+mixer one(dim) {
+    x = identity
+    parallel concat { identity; from x }
+    cluster(2, attention(2), paired = true) as mix
+}
+mixer two(dim) {
+    x = identity
+    parallel concat { identity; from x }
+    cluster(2, attention(2), paired = true) as mix
+}
+model m {
+    input image(3, 32)
+    stem patch_embed(16, 4)
+    stage { block { one(16) as a; two(16) as b } }
+    head { global_pool("avg"); classifier(4) }
+}
+"""
