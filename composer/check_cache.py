@@ -4,7 +4,8 @@ mypy keep their results per file).
 
 An entry is found by a hash of the file's path (as written and resolved), the check's options and
 composer itself: the text of every module of the package, the grammar, Lark's and pydantic's
-versions and Python's. It holds what the check printed (stdout and stderr, in order) and what it
+versions and Python's (that hash is kept beside the entries with the stamps of the files it
+read, `composer.stamps`, and used again while they stay: a check reads none of them). It holds what the check printed (stdout and stderr, in order) and what it
 read: the text hash and the resolved path of the file and of every file it imports (depth first,
 under every path the imports named: a file reached through two symlinked folders is listed under
 both), and the paths an import looked in first and found nothing (a file put there later would be
@@ -32,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .disk_cache import folder, hash_files, real_path, write_entry
+from .disk_cache import RACY_NS, folder, hash_files, real_path, write_entry
 from .locate import GRAMMAR_DIR
 
 FORMAT = b"composer-check-2\n"
@@ -59,19 +60,45 @@ def composer_files() -> tuple[list[Path], list[str]]:
     return files, missing
 
 
-def _composer() -> bytes:
-    """The hash of everything besides the blueprints that decides a check (once per process)."""
+def _composer(where: Path | None = None) -> bytes:
+    """The hash of everything besides the blueprints that decides a check (once per process). With
+    a cache folder `where`, the hash its files had is kept there with their stamps (modification
+    and change times, size, inode) and used again while every stamp is the same and none changed
+    lately (the racy rule below): a check then reads no file of composer's code."""
     known = _state.get("composer")
-    if known is None:
-        from . import __version__
+    if known is not None:
+        return known
+    from . import __version__
 
-        h = hashlib.sha256(FORMAT)
-        h.update(f"{__version__}\0{sys.version}\0".encode())
-        files, missing = composer_files()
-        for lib in missing:
-            h.update(f"\0no {lib}\0".encode())
-        hash_files(h, files, lambda f: str(f.relative_to(_PACKAGE) if f.is_relative_to(_PACKAGE) else f.name))
-        known = _state["composer"] = h.digest()
+    files, missing = composer_files()
+    stamps = hashlib.sha256(FORMAT)
+    stamps.update(f"{__version__}\0{sys.version}\0{missing}\0".encode())
+    newest = 0
+    try:
+        for f in files:
+            st = os.stat(f)
+            stamps.update(f"{f}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_size}\0{st.st_ino}\0".encode())
+            newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        where = None  # a file gone: hashed as missing below, nothing kept
+    settled = time.time_ns() - newest >= RACY_NS
+    record = where / "composer.stamps" if where is not None else None
+    if record is not None and settled:
+        try:
+            data = record.read_bytes()
+            if len(data) == 64 and data[:32] == stamps.digest():
+                known = _state["composer"] = data[32:]
+                return known
+        except OSError:
+            pass
+    h = hashlib.sha256(FORMAT)
+    h.update(f"{__version__}\0{sys.version}\0".encode())
+    for lib in missing:
+        h.update(f"\0no {lib}\0".encode())
+    hash_files(h, files, lambda f: str(f.relative_to(_PACKAGE) if f.is_relative_to(_PACKAGE) else f.name))
+    known = _state["composer"] = h.digest()
+    if record is not None and settled:
+        write_entry(where, record, stamps.digest() + known)
     return known
 
 
@@ -85,7 +112,7 @@ class CheckCache:
         self._kept: dict = {}  # resolved path -> (its stamp, its text hash) as a stored entry took it
 
     def _entry(self, path: str, name) -> tuple[Path, bytes]:
-        h = hashlib.sha256(_composer())
+        h = hashlib.sha256(_composer(self.where))
         h.update(f"{path}\0{real_path(path)}\0{name}\0{self.options}".encode("utf-8", "surrogatepass"))
         key = h.digest()
         return self.where / (key.hex()[:40] + ".json"), key

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+RACY_NS = 2_000_000_000  # a file changed this recently may change again within its clock's tick
 MAX_ENTRIES = 4096  # above this many entries, the oldest half are removed (once per process, on a write)
 _pruned: set = set()  # the folders pruned in this process
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import ast
 from .diagnostics import did_you_mean, error
+from .disk_cache import RACY_NS
 from .expr import Namespace
 from .files import read_source, zoo_file_of
 from .locate import BLUEPRINTS_DIR
@@ -83,7 +84,6 @@ class _Entry:
 
 
 _CACHE: dict[str, _Entry] = {}
-RACY_NS = 2_000_000_000  # a file changed this recently may change again within its clock's tick
 
 
 def forget(prefix: str) -> None:

@@ -235,3 +235,36 @@ def test_the_front_end_libraries_versions_are_in_the_key():
     texts = [f.read_text(errors="replace") for f in files if f.name in ("__init__.py", "version.py")]
     assert "pydantic" not in missing and any(repr(pydantic.VERSION) in t or f'"{pydantic.VERSION}"' in t
                                             for t in texts)
+
+
+def test_composers_hash_is_kept_with_its_files_stamps(tmp_path, monkeypatch):
+    """The hash of composer's code is kept in the cache folder with its files' stamps: used again
+    while every stamp is the same (the files not read), taken afresh when one changes, and never
+    kept while a file changed lately (the racy rule)."""
+    code = tmp_path / "code"
+    code.mkdir()
+    files = [code / f"m{i}.py" for i in range(3)]
+    for i, f in enumerate(files):
+        f.write_text(f"x = {i}\n")
+    monkeypatch.setattr(check_cache, "composer_files", lambda: (list(files), []))
+    monkeypatch.setattr(check_cache, "RACY_NS", -10**12)  # every file settled
+    where = tmp_path / "cache"
+    hashed = []
+    real_hash_files = check_cache.hash_files
+    monkeypatch.setattr(check_cache, "hash_files", lambda *a: (hashed.append(True), real_hash_files(*a)))
+
+    def digest(folder=where):
+        monkeypatch.setattr(check_cache, "_state", {})  # a new process
+        hashed.clear()
+        return check_cache._composer(folder), bool(hashed)
+
+    first, read = digest()
+    assert read and (where / "composer.stamps").is_file()
+    assert digest() == (first, False)  # the kept hash: no file read
+    files[1].write_text("x = 10\n")  # one file changed: its stamp too
+    changed, read = digest()
+    assert read and changed != first
+    assert digest() == (changed, False)
+    assert digest(None) == (changed, True)  # no cache folder: hashed, the same
+    monkeypatch.setattr(check_cache, "RACY_NS", 10**20)  # every file changed lately: nothing trusted
+    assert digest() == (changed, True)

@@ -30,7 +30,7 @@ NonNegFloat = Annotated[float, Field(ge=0.0)]  # an epsilon, a standard deviatio
 class Op(BaseModel):
     # allow_inf_nan=False: `1e309` (inf) or nan is never a parameter value
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True,
-                              allow_inf_nan=False, defer_build=True)
+                              allow_inf_nan=False)
 
     name: ClassVar[str] = ""
     kind: ClassVar[str] = "op"  # "op" applies to a tensor; "part" only configures another op
