@@ -5,14 +5,15 @@ mypy keep their results per file).
 An entry is found by a hash of the file's path (as written and resolved), the check's options and
 composer itself: the text of every module of the package, the grammar, Lark's and pydantic's
 versions and Python's (that hash is kept beside the entries with the stamps of the files it
-read, `composer.stamps`, and used again while they stay: a check reads none of them). It holds what the check printed (stdout and stderr, in order) and what it
-read: the text hash and the resolved path of the file and of every file it imports (depth first,
-under every path the imports named: a file reached through two symlinked folders is listed under
-both), and the paths an import looked in first and found nothing (a file put there later would be
-imported instead). An entry is used only when every file still has its hash and resolves to the
-same file and every such path is still empty; otherwise the file is checked again and the entry
-replaced. The hashes kept are taken after the check, of files not changed since shortly before it
-began (the racy rule below), so they are of the text the check read.
+read, `composer.stamps`, and used again while they stay: a check reads none of them). It holds
+what the check printed (stdout and stderr, in order) and what it read: the text hash and the
+resolved path of the file and of every file it imports (depth first, under every path the
+imports named: a file reached through two symlinked folders is listed under both), and the paths
+an import looked in first and found nothing (a file put there later would be imported instead).
+An entry is used only when every file still has its hash and resolves to the same file and
+every such path is still empty; otherwise the file is checked again and the entry replaced. The
+hashes kept are taken after the check, of files not changed since shortly before it began (the
+racy rule below), so they are of the text the check read.
 
 Only a check that succeeded without a warning is kept, a warning counted whether Python showed it
 or not (a deprecation note is shown once per process and place, so it cannot be replayed
