@@ -39,6 +39,7 @@ class _Lowering:
         self.reusing: list = []  # the `reuse` targets being lowered, innermost last (to refuse cycles)
         self.reuses: list = []  # every `reuse` step lowered
         self.ties: dict = {}  # tie key -> the path of the op that owns the shared parameter
+        self.tape = None  # while a block is lowered to be replayed: its named tensors (speed.TensorTape)
 
     def run(self) -> Plan:
         inp = self.model.input
@@ -99,7 +100,7 @@ class _Lowering:
     def _block(self, path: str, block, x: Shape) -> Section:
         """A stage's block; an equal block may be replayed instead of lowered (`speed.lowered_block`)."""
         return lowered_block(lambda: self._section(path, block.items, x, block.drop_path, block.call, block.span),
-                             path, block, x, self.counted)
+                             path, block, x, self.counted, self)
 
     def _folds_closed(self, path, depth: int) -> None:
         """A patches_to_batch opened in a section, residual body or parallel branch closes there."""
@@ -243,6 +244,8 @@ class _Lowering:
             if item.action == "save":
                 self.saved[item.tensor] = x
                 self.fold_of[item.tensor] = (len(self.folds), self.folds[-1][0].name if self.folds else None)
+                if self.tape is not None:
+                    self.tape.write(item.tensor, x, self.fold_of[item.tensor])
                 return [SaveStep(path, x, x, item.span, item.tensor)], x
             y = self._saved(item.tensor, item.span)
             return [LoadStep(path, x, y, item.span, item.tensor)], y
@@ -260,6 +263,8 @@ class _Lowering:
             raise error("shape", f"tensor '{key.rpartition('.')[2]}' is used across {fold} and its closing op: "
                         "the batch is multiplied on one side only", span,
                         "use named tensors on one side of the unfolded part")
+        if self.tape is not None:
+            self.tape.read(key, self.saved[key], self.fold_of[key])
         return self.saved[key]
 
     def _tensor_args(self, node: str, op):

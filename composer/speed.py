@@ -187,35 +187,67 @@ def blocks_forgotten():
             del _LOWERED[key]
 
 
-def lowered_block(lower, path: str, block, x, counted: bool = True):
+def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None):
     """The Section of stage block `block` at `path` with input shape `x`: `lower()` lowers it, or
     an equal block lowered before is replayed (`counted`: its op steps' counts kept first, for
-    the replays to copy)."""
+    the replays to copy). `tensors`: the lowering's named tensors (`saved` and `fold_of`, by key,
+    `folds` open, `tape`): a block that reads named tensors saved before it is replayed only
+    where they have the shapes they had when it was lowered, and its own saves are made again."""
     sig = _signature(block.items)
-    if sig is None:
+    if sig is None or tensors is None or tensors.folds:
         return lower()
     key = (sig[0], x)
     done = _LOWERED.get(key)
     if done is not None:
-        old, sec = done
-        replay = Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path, block.call,
-                         block.span)
-        if counted:
-            replay.keep_cost(sec.cost())
-        return replay
-    sec = lower()
+        old, sec, reads, writes = done
+        saved, fold_of = tensors.saved, tensors.fold_of
+        if all(saved.get(k) == shape and fold_of.get(k) == fold for k, shape, fold in reads):
+            for k, shape, fold in writes:
+                saved[k], fold_of[k] = shape, fold
+            replay = Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path,
+                             block.call, block.span)
+            if counted:
+                replay.keep_cost(sec.cost())
+            return replay
+    tape = tensors.tape = TensorTape()
+    try:
+        sec = lower()
+    finally:
+        tensors.tape = None
     if counted:
         sec.cost()  # its counts kept (plan.COUNTS_KEPT), with its op steps': the replays copy them
     if len(_LOWERED) >= _LOWERED_MAX:
         _LOWERED.clear()
-    _LOWERED[key] = (path, sec)
+    _LOWERED[key] = (path, sec, tape.reads(), tape.writes())
     return sec
+
+
+class TensorTape:
+    """The named tensors a block's lowering reads that were saved before it, and those it saves:
+    (key, shape, (fold depth, opener)) each, the first read and the last save of a key."""
+
+    def __init__(self):
+        self._reads: dict = {}
+        self._writes: dict = {}
+
+    def read(self, key: str, shape, fold) -> None:
+        if key not in self._writes and key not in self._reads:
+            self._reads[key] = (shape, fold)
+
+    def write(self, key: str, shape, fold) -> None:
+        self._writes[key] = (shape, fold)
+
+    def reads(self) -> tuple:
+        return tuple((k, s, f) for k, (s, f) in self._reads.items())
+
+    def writes(self) -> tuple:
+        return tuple((k, s, f) for k, (s, f) in self._writes.items())
 
 
 def _signature(items):
     """What lowering reads from a block's items, ops and spans by identity (equal blocks share
     them; an op's name comes with it), and the residuals' one drop-path rate; None where a block
-    is lowered afresh (named tensors, patches_to_batch, residuals at different rates)."""
+    is lowered afresh (patches_to_batch, tied ops, a reuse, residuals at different rates)."""
     out, rates = [], set()
     try:
         _sig(items, out, rates)
@@ -231,7 +263,7 @@ class _Fresh(Exception):
 
 
 def _sig(items, out: list, rates: set) -> None:
-    """Flat: an op's id, or a marker (0 to 4, never an id) and the node's fields, its children, 0."""
+    """Flat: an op's id, or a marker (0 to 5, never an id) and the node's fields, its children, 0."""
     for it in items:
         cls = it.__class__
         if cls is OpNode:
@@ -256,7 +288,9 @@ def _sig(items, out: list, rates: set) -> None:
                 _sig(b, out, rates)
                 out.append(3)
             out.append(0)
-        else:  # named tensors refer outside the block
+        elif cls is NamedTensor:  # what it reads from outside the block is checked at a replay
+            out += (5, it.action, it.tensor, id(it.span))
+        else:  # a reuse lowers another module of the model again
             raise _Fresh
 
 

@@ -161,6 +161,34 @@ def _load(tmp_path, text, name="m"):
     return composer.load(f"{path}:{name}")
 
 
+CONTEXT = """
+block reads(n) { residual { from ctx; conv(n, 1) } }
+model m {
+    input image(3, 16)
+    stem { conv(8, 3, padding = 1); save ctx }
+    stage { repeat 2 reads(8) }
+    stage {
+        downsample { conv(24, 1); save ctx; conv(8, 1) }
+        repeat 2 reads(8)
+    }
+    head { global_pool(); classifier(10) }
+}
+"""
+
+
+def test_a_block_reading_a_named_tensor_is_replayed_only_where_it_has_the_same_shape(tmp_path):
+    """The four blocks are equal and get the same input, but `ctx` has 8 channels before the second
+    stage and 24 in it: its blocks are lowered at 24 (replayed from each other), not replayed from
+    the first stage's. Parameters by hand: each block's conv(8, 1) on ctx, 8 * c + 8."""
+    plan = _load(tmp_path, CONTEXT)
+    convs = [s.steps[0].body[1] for st in plan.stages for s in st.blocks]
+    assert [c.x.channels for c in convs] == [8, 8, 24, 24]
+    assert [c.path for c in convs] == [f"stages.{i}.blocks.{k}.conv" for i in (0, 1) for k in (0, 1)]
+    stem, down, head = 3 * 8 * 9 + 8, (8 * 24 + 24) + (24 * 8 + 8), 8 * 10 + 10
+    assert plan.params == stem + 2 * (8 * 8 + 8) + down + 2 * (8 * 24 + 8) + head
+    assert plan.saved["ctx"].channels == 24
+
+
 @pytest.mark.parametrize("block", ["alt", "plain"])
 def test_reused_blocks_keep_their_drop_path(tmp_path, block):
     plan = _load(tmp_path, BLOCKS.replace("BLOCK", block))
