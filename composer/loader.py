@@ -57,8 +57,6 @@ class Unit:
 
     file: ast.File
     names: Namespace
-    # composite instances by (definition, typed arguments, depth): see `_Resolver._instantiate`
-    instances: dict = field(default_factory=dict, repr=False, compare=False)
     models: dict = field(default_factory=dict, repr=False, compare=False)  # name -> ast.ModelDef
     # id of each model in `models` -> the models its own file sees (where its base is looked up)
     homes: dict = field(default_factory=dict, repr=False, compare=False)

@@ -26,7 +26,7 @@ from .tensors import bind_tensor, find_tensor, split_parts
 from .resolved import Block, Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import TensorRef
 from .source import Span
-from .speed import PER_BLOCK, gc_paused, instance_key, keep_instance, reused_instance
+from .speed import gc_paused, instance_key, instance_mark, keep_instance, reused_instance
 
 STATEMENT_UNITS = 100  # work units per statement expanded or layer copied (as much work as about 100 expression nodes)
 
@@ -367,28 +367,30 @@ class _Resolver(ast.NodeVisitor):
     def _instantiate(self, ref: Ref, ctx: "Ctx") -> list:
         """A composite's items for these arguments. An instance depends on the block it is in only
         through its residuals' drop-path rate, unless a per-block value (alternate, linspace) was
-        concretized while expanding it: other instances are kept per file and copied on reuse."""
+        concretized while expanding it: other instances are kept (`speed.INSTANCES`) and copied on reuse."""
         comp: ast.CompositeDef = ref.target
         depth = ctx.depth + 1
         if depth > 32:
             raise error("recursion", f"'{comp.name}' expands into itself (more than 32 levels deep)", ref.span,
                         "give the recursion an end: a condition on an argument that stops it")
-        key = instance_key(comp, ref.args, depth)
-        found = reused_instance(self.unit.instances, key, comp, ctx.drop_path)
+        names = self.unit.scopes.get(id(comp), self.unit.names)  # what its body sees (`_expand`)
+        key = instance_key(comp, names, ref.args, depth)
+        found = reused_instance(key, comp, names, ctx.drop_path)
         if found is not None:  # a copy: as much work as the items copied
             items, count = found
             budget.charge(STATEMENT_UNITS * count, ref.span, f"expanding '{comp.name}'")
             return items
-        mark = PER_BLOCK.n
-        items = self._expand(ref, comp, ctx, depth)
-        keep_instance(self.unit.instances, key, comp, items, mark)
+        mark = instance_mark()
+        items = self._expand(ref, comp, ctx, depth, names)
+        keep_instance(key, comp, names, items, mark)
         return items
 
-    def _expand(self, ref: Ref, comp: ast.CompositeDef, ctx: "Ctx", depth: int) -> list:
+    def _expand(self, ref: Ref, comp: ast.CompositeDef, ctx: "Ctx", depth: int, names) -> list:
         given = dict(ref.args)
-        # the body calls what its own file sees: a definition of the importing file never changes an
-        # imported composite (the unit's names: a composite the loader did not see, e.g. built in a test)
-        scope = Scope(self.unit.scopes.get(id(comp), self.unit.names))
+        # the body calls what its own file sees (`names`): a definition of the importing file never
+        # changes an imported composite (the unit's names: a composite the loader did not see, e.g.
+        # built in a test)
+        scope = Scope(names)
         for p in comp.params:
             if p.name in given:
                 scope.values[p.name] = given[p.name]

@@ -2,8 +2,9 @@
 switched off, and tests/test_speed_invariants.py proves the results equal with and without it.
 
 - `gc_paused`: no cyclic garbage collection while a model is parsed, resolved or planned.
-- composite instances: a composite expanded with equal arguments is expanded once per file and
-  copied (`instance_key`, `reused_instance`, `keep_instance`); `freeze_args` switches it off.
+- composite instances: a composite used with equal arguments (its body seeing the same names) is
+  expanded once and copied, across files too (`instance_key`, `reused_instance`,
+  `keep_instance`); `freeze_args` switches it off.
 - block replay: an equal block with the same input is lowered once per input shape and replayed
   under its own path (`lowered_block`); `_signature` switches it off.
 """
@@ -14,6 +15,7 @@ import contextlib
 import gc
 import threading
 
+from .diagnostics import warnings_issued
 from .expr import Ref
 from .plan import ParallelStep, ResidualStep, Section, SeqStep
 from .resolved import NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, SubSeq
@@ -59,7 +61,8 @@ def _promote_young() -> None:
 # ---- composite instances ---------------------------------------------------------------------
 # An instance depends on the block it is in only through its residuals' drop-path rate, unless a
 # per-block value (alternate, linspace) was concretized while expanding it. Other instances are
-# kept per file (`Unit.instances`) by (definition, typed arguments, depth) and copied on reuse.
+# kept (`INSTANCES`) by (definition, the names its body sees, typed arguments, depth) and copied on
+# reuse: a library composite expanded for one file is copied for the next that uses it alike.
 
 
 class _Count(threading.local):
@@ -67,32 +70,43 @@ class _Count(threading.local):
 
 
 PER_BLOCK = _Count()  # per-block values concretized so far in this thread (instances using one are not kept)
+INSTANCES: dict = {}  # instance key -> (definition, names, items, item count); cleared when full
+_INSTANCES_MAX = 4096
 
 
-def instance_key(comp, args: tuple, depth: int) -> tuple | None:
-    """The key of an instance of `comp` with these arguments, or None when one cannot be keyed."""
+def instance_key(comp, names, args: tuple, depth: int) -> tuple | None:
+    """The key of an instance of `comp`, whose body sees `names`, with these arguments, or None
+    when one cannot be keyed."""
     try:
-        return (id(comp), freeze_args(args), depth)
+        return (id(comp), id(names), freeze_args(args), depth)
     except Unfrozen:
         return None
 
 
-def reused_instance(instances: dict, key, comp, drop_path: float) -> tuple[list, int] | None:
+def reused_instance(key, comp, names, drop_path: float) -> tuple[list, int] | None:
     """A copy of the items kept under `key`, its residuals at `drop_path`, and how many items it
     holds (`item_count` of the copy, counted once when kept); None when none is kept."""
     if key is None:
         return None
-    known = instances.get(key)
-    if known is not None and known[0] is comp:  # `comp`: ids of definitions may be reused
-        return _copy_items(known[1], drop_path), known[2]
+    known = INSTANCES.get(key)
+    if known is not None and known[0] is comp and known[1] is names:  # ids may be reused
+        return _copy_items(known[2], drop_path), known[3]
     return None
 
 
-def keep_instance(instances: dict, key, comp, items: list, mark: int) -> None:
-    """Keep a copy of freshly expanded `items`, unless a per-block value was used since `mark`."""
-    if key is not None and PER_BLOCK.n == mark:
+def instance_mark() -> tuple[int, int]:
+    """What `keep_instance` compares: per-block values concretized, deprecation warnings issued."""
+    return PER_BLOCK.n, warnings_issued()
+
+
+def keep_instance(key, comp, names, items: list, mark: tuple[int, int]) -> None:
+    """Keep a copy of freshly expanded `items`, unless a per-block value was used since `mark`, or
+    a deprecation warned (a copy would not warn again: each check must, where it is written)."""
+    if key is not None and instance_mark() == mark:
         kept = _copy_items(items, 0.0)
-        instances[key] = (comp, kept, item_count(kept))
+        if len(INSTANCES) >= _INSTANCES_MAX:
+            INSTANCES.clear()
+        INSTANCES[key] = (comp, names, kept, item_count(kept))
 
 
 _PLAIN = frozenset({int, float, str, bool, type(None)})

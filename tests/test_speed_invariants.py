@@ -2,7 +2,7 @@
 
 `composer check` reuses work: the parser builds the AST during Lark's LALR loop over flattened
 tables, fed by a one-loop copy of Lark's contextual lexer (composer/lalr.py: `FAST` switches
-both off), equal composite instances are expanded once per file and copied
+both off), equal composite instances are expanded once and copied
 (composer/speed.py), equal blocks are lowered once per model and replayed under their own path
 (composer/speed.py), an op step keeps its op's counts (composer/plan.py: `COUNTS_KEPT`), an op
 written again is the one validated before (composer/resolve_ops.py: `OPS_KEPT`) and an attention
@@ -294,4 +294,39 @@ model m {
     stage { block { one(16) as a; two(16) as b } }
     head { global_pool("avg"); classifier(4) }
 }
+"""
+
+
+def test_an_instance_that_warned_is_expanded_again(tmp_path):
+    """A composite whose expansion warns (a deprecated spelling inside) is not kept for copying:
+    each model that uses it warns again, so a check of either one alone is not kept as clean."""
+    import warnings
+
+    from composer.diagnostics import warnings_issued
+    from helpers import write
+
+    path = write(tmp_path, WARNS_IN_A_COMPOSITE)
+    counts = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in ("m", "n"):
+            before = warnings_issued()
+            composer.load(f"{path}:{name}")
+            counts.append(warnings_issued() - before)
+    assert counts == [1, 1]
+
+
+WARNS_IN_A_COMPOSITE = """
+mixer packed(dim) {
+    x = identity
+    parallel concat { identity; from x }
+    cluster(2, attention(2), paired = true) as mix
+}
+model m(classes = 4) {
+    input image(3, 32)
+    stem patch_embed(16, 4)
+    stage { block { packed(16) as a } }
+    head { global_pool("avg"); classifier(classes) }
+}
+model n : m { classes = 5 }
 """
