@@ -261,7 +261,7 @@ class TensorTape:
 def _signature(items):
     """What lowering reads from a block's items, ops and spans by identity (equal blocks share
     them; an op's name comes with it), and the residuals' one drop-path rate; None where a block
-    is lowered afresh (patches_to_batch, tied ops, a reuse, residuals at different rates)."""
+    is lowered afresh (tied ops, a reuse, residuals at different rates)."""
     out, rates = [], set()
     try:
         _sig(items, out, rates)
@@ -281,7 +281,7 @@ def _sig(items, out: list, rates: set) -> None:
     for it in items:
         cls = it.__class__
         if cls is OpNode:
-            if fold_kind(it.op) is not None or it.op.tied and it.op.ties():
+            if it.op.tied and it.op.ties():  # who owns a tied parameter depends on the blocks before
                 raise _Fresh
             out.append(id(it.op))
             out.append(id(it.span))
