@@ -178,7 +178,7 @@ class CheckCache:
         return failed
 
     def _store(self, target, events: list, start: int) -> None:
-        from .loader import RACY_NS, import_closure
+        from .loader import RACY_NS, import_closure  # the loader's rule, read as the loader reads it
 
         path, name = str(target[0]), target[1]
         try:

@@ -277,17 +277,15 @@ def test_an_op_validated_before_still_warns_at_each_call(tmp_path):
     assert where == [5, 10]
 
 
-GLMIX_TWICE = """
-mixer one(dim) {
+# a mixer written in a deprecated spelling (cluster's slot source packed in the channels)
+PACKED_MIXER = """
+mixer NAME(dim) {
     x = identity
     parallel concat { identity; from x }
     cluster(2, attention(2), paired = true) as mix
-}
-mixer two(dim) {
-    x = identity
-    parallel concat { identity; from x }
-    cluster(2, attention(2), paired = true) as mix
-}
+}"""
+
+GLMIX_TWICE = PACKED_MIXER.replace("NAME", "one") + PACKED_MIXER.replace("NAME", "two") + """
 model m {
     input image(3, 32)
     stem patch_embed(16, 4)
@@ -316,12 +314,7 @@ def test_an_instance_that_warned_is_expanded_again(tmp_path):
     assert counts == [1, 1]
 
 
-WARNS_IN_A_COMPOSITE = """
-mixer packed(dim) {
-    x = identity
-    parallel concat { identity; from x }
-    cluster(2, attention(2), paired = true) as mix
-}
+WARNS_IN_A_COMPOSITE = PACKED_MIXER.replace("NAME", "packed") + """
 model m(classes = 4) {
     input image(3, 32)
     stem patch_embed(16, 4)
