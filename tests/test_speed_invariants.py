@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import re
 import subprocess
 import sys
 
@@ -323,3 +324,37 @@ model m(classes = 4) {
 }
 model n : m { classes = 5 }
 """
+
+
+def test_op_traits_are_class_attributes_and_never_parameters():
+    """The traits every op class has (`grid_bound`, `tied`, ...) live on a plain base of `Op`,
+    not as ClassVars pydantic would evaluate again for every op class. An op class still sets one
+    in its body, with or without a ClassVar annotation, and it never becomes a parameter."""
+    from typing import ClassVar
+
+    from composer.ops import OPS
+    from composer.ops.registry import Op, OpTraits
+
+    class Bound(Op):
+        grid_bound = True
+        width: int = 1
+
+    class Tied(Op):
+        tied: ClassVar[bool] = True
+
+    assert Bound.grid_bound and Bound().grid_bound and not Op.grid_bound and Tied.tied
+    assert list(Bound.model_fields) == ["width"] and not Tied.model_fields
+    traits = {k for k in vars(OpTraits) if not k.startswith("_")}
+    assert {"name", "layout", "grid_bound", "tied", "tensor_args", "per_fold"} <= traits
+    assert not any(traits & set(cls.model_fields) for cls in OPS.values())
+    assert not Op.__dict__.get("__annotations__")  # nothing for pydantic to evaluate per op class
+
+
+def test_op_modules_keep_annotations_evaluated():
+    """Pydantic evaluates an op class's field annotations when it builds the class: a string
+    annotation (`from __future__ import annotations`) costs a compile() each time, about 3% of the
+    check's start-up over the op library."""
+    ops = REPO / "composer" / "ops"
+    late = [p.relative_to(ops) for p in sorted(ops.rglob("*.py"))
+            if re.search(r"^from __future__ import annotations", p.read_text(), re.M)]
+    assert not late, f"op modules with string annotations: {late}"

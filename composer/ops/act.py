@@ -1,6 +1,5 @@
 """Activations and dropout: parameter-free (but StarReLU), shape-preserving, any layout."""
 
-from __future__ import annotations
 
 from .registry import Op, Probability, op
 

@@ -2,7 +2,6 @@
 is dispatched back to the tokens (GLMix, Zhu et al. NeurIPS 2024, "Revisiting the Integration of
 Convolution and Attention for Vision Backbone")."""
 
-from __future__ import annotations
 
 from typing import Literal, Optional
 

@@ -1,6 +1,5 @@
 """Convolution, pooling and patch embedding: ops on feature maps, in 1-D, 2-D and 3-D."""
 
-from __future__ import annotations
 
 from typing import Literal, Optional, Union
 

@@ -12,7 +12,6 @@ run time (the levels are that grid times the scales), so a model runs at every i
 levels are whole.
 """
 
-from __future__ import annotations
 
 from fractions import Fraction
 

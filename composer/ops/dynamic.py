@@ -11,7 +11,6 @@ projection is an ordinary `linear` in the blueprint, so the ops themselves have 
 `blueprints/mobile_former.arch`.
 """
 
-from __future__ import annotations
 
 from typing import Literal, Optional, Union
 

@@ -1,7 +1,6 @@
 """Position encodings that do not depend on a fixed learned table: a fixed sin-cos embedding and a
 conditional (convolutional) one."""
 
-from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
 from .registry import NonNegFloat, Op, Pos, PosFloat, op, prod

@@ -1,7 +1,6 @@
 """Gating: squeeze-and-excitation, global response normalisation, gated linear units and the hard
 sigmoid. Shape-preserving except `glu`, which halves the channels."""
 
-from __future__ import annotations
 
 from typing import Optional
 

@@ -9,7 +9,6 @@ heads: it multiplies the MACs of the ops inside). The closer puts the heads back
 its input map has, which may be another grid than the opener's (a strided conv pools).
 """
 
-from __future__ import annotations
 
 from typing import ClassVar
 

@@ -7,7 +7,6 @@ a `scores` tensor (B, heads, N queries, M keys). Nothing here depends on the inp
 grids of queries and keys are the ones seen at run time.
 """
 
-from __future__ import annotations
 
 from typing import Literal, Optional
 

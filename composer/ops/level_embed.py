@@ -1,7 +1,6 @@
 """`level_embed`: a learned vector per level of a multi-level token sequence (see deform_attn.py for
 how such a sequence is laid out). The module is in composer/layers/level_embed.py."""
 
-from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
 from .deform_attn import level_grids, level_ratios

@@ -1,6 +1,5 @@
 """Per-token linear maps, scales, pooling to a vector and the classifier head."""
 
-from __future__ import annotations
 
 from typing import Literal, Optional
 

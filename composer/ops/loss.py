@@ -4,7 +4,6 @@ A loss is a registration like any op (parameters, docs, a lazy builder) of kind 
 applied to a tensor of the model but built by `composer.build_loss(target)`. Every loss module is
 called as `loss(logits, target, ...)` and returns the mean over the batch (a scalar)."""
 
-from __future__ import annotations
 
 from typing import Optional
 

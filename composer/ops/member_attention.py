@@ -1,7 +1,6 @@
 """`member_attention`: parameter-free multi-head attention inside small sets stored along the
 channels, one set per position (a learned query attending to the steps of its patch)."""
 
-from __future__ import annotations
 
 from typing import Optional
 

@@ -11,7 +11,6 @@ bias for the ring, a relative table between the window and the pooled grid); (3)
 mask from the source (-100 on padded pooled positions).
 """
 
-from __future__ import annotations
 
 from typing import Literal
 

@@ -1,7 +1,6 @@
 """Normalisation layers. Layer norm works on tokens and on maps (over channels), like timm's
 `LayerNorm` and `LayerNorm2d`; batch, group and instance norm work on maps."""
 
-from __future__ import annotations
 
 from ..shapes import Shape
 from .registry import NonNegFloat, Op, Pos, Probability, check_divides, op

@@ -12,7 +12,6 @@ close in the same block (`batch_to_patches` with the same `size`), with no `save
 that a tensor with a multiplied batch never leaks out.
 """
 
-from __future__ import annotations
 
 from typing import ClassVar, Literal
 

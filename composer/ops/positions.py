@@ -10,7 +10,6 @@ composer/ops/heads.py and is written as a statement in a token mixer's body:
     distance_bias                             # + a learned bias per head and |offset| (a score term)
 """
 
-from __future__ import annotations
 
 from typing import Optional
 

@@ -3,7 +3,6 @@
 The pattern is parsed and checked in pure Python (`parse_pattern`, `solve`); the module is a
 reshape, a permute and a reshape (views where the memory order allows)."""
 
-from __future__ import annotations
 
 import math
 import re

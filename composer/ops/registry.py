@@ -5,12 +5,12 @@ its rules: `infer(x) -> Shape` (pure Python), `macs(x, y)`, `params(x, y)` and `
 only method that imports torch). Ops are registered by name with `@op("name")`.
 """
 
-# no `from __future__ import annotations` here: pydantic evaluates the annotations of this base
-# class again for every op class (about 130), and a string annotation costs a compile() each time
+# no `from __future__ import annotations` in the op modules: pydantic evaluates every op class's
+# annotations when it builds the class, and a string annotation costs a compile() each time
 
 import math
 import typing
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,34 +27,41 @@ PosFloat = Annotated[float, Field(gt=0.0)]  # a scale, a temperature, a base
 NonNegFloat = Annotated[float, Field(ge=0.0)]  # an epsilon, a standard deviation
 
 
-class Op(BaseModel):
-    # allow_inf_nan=False: `1e309` (inf) or nan is never a parameter value
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True,
-                              allow_inf_nan=False)
+class OpTraits:
+    """What an op class is, beside its parameters: the class attributes of every op, which an op
+    class sets in its body (`grid_bound = True`) or `@op` sets. A base of `Op` and not ClassVars
+    of it: pydantic evaluates a model's annotations again for every subclass, which cost about 5%
+    of the check's start-up over the ~150 op classes."""
 
-    name: ClassVar[str] = ""
-    kind: ClassVar[str] = "op"  # "op" applies to a tensor; "part" only configures another op
-    category: ClassVar[str] = "misc"
-    layout: ClassVar[str] = "any"  # the input layout the op needs: map, tokens, vector or any
-    classifier: ClassVar[bool] = False
-    tied: ClassVar[bool] = False  # True on an op class whose instances may share a parameter (see `tie_key`)
+    name = ""
+    kind = "op"  # "op" applies to a tensor; "part" only configures another op
+    category = "misc"
+    layout = "any"  # the input layout the op needs: map, tokens, vector or any
+    classifier = False
+    tied = False  # True on an op class whose instances may share a parameter (see `tie_key`)
     # True on an op class whose built module works only at the grid it was built for (a table or a
     # buffer sized by it); a model refuses other input sizes that change such an op's grid
-    grid_bound: ClassVar[bool] = False
-    resamples: ClassVar[bool] = False  # a grid-bound table the module resamples under dynamic_img_size
-    regrids: ClassVar[bool] = False  # tokens in, tokens on a new grid out, the module telling it at run time
+    grid_bound = False
+    resamples = False  # a grid-bound table the module resamples under dynamic_img_size
+    regrids = False  # tokens in, tokens on a new grid out, the module telling it at run time
     # the fields that take named tensors (typed `Tensor`), set by `@op`: lowering fills in their
     # shapes (`TensorRef.shape`) and the built module gets the tensors after the running one
-    tensor_args: ClassVar[tuple] = ()
+    tensor_args = ()
     # a tensor field that, when given, is the op's input instead of the running tensor (`scores(q, k)`)
-    input_arg: ClassVar[str] = ""
+    input_arg = ""
     # an op of any layout given heads or scores runs on every head alike: its MACs count once per
     # head; False where `macs` counts the heads itself
-    per_head: ClassVar[bool] = True
+    per_head = True
     # an op inside windows_to_batch (or another fold) runs on every piece of the batch: its MACs
     # count once per piece; False where its work is done once per forward (a table made from the
     # geometry alone and added to every window's scores)
-    per_fold: ClassVar[bool] = True
+    per_fold = True
+
+
+class Op(OpTraits, BaseModel):
+    # allow_inf_nan=False: `1e309` (inf) or nan is never a parameter value
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True,
+                              allow_inf_nan=False)
 
     def ties(self) -> bool:
         """Whether this instance shares a parameter (`tie_key` then gives its key)."""
@@ -129,6 +136,10 @@ class Op(BaseModel):
             if field.is_required() or value != field.default:
                 parts.append(f"{key}={show_value(value)}")
         return f"{self.name}({', '.join(parts)})"
+
+
+# as a ClassVar would be: an op class may set a trait in its body without an annotation
+Op.__class_vars__.update(k for k in vars(OpTraits) if not k.startswith("_"))
 
 
 def show_value(value: Any) -> str:

@@ -1,7 +1,6 @@
 """Re-parameterizable convolutions: several parallel conv+BN branches while training, one conv after
 `fuse()` (RepVGG, MobileOne, the small-kernel branch of large-kernel nets)."""
 
-from __future__ import annotations
 
 from typing import Optional
 

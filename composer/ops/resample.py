@@ -1,7 +1,6 @@
 """Resampling and channel reordering on feature maps: adaptive pooling, up-sampling, pixel
 (un)shuffle and channel shuffle, in 1-D, 2-D and 3-D. None of them has parameters or MACs."""
 
-from __future__ import annotations
 
 from typing import Literal, Union
 

@@ -6,7 +6,6 @@ https://arxiv.org/abs/2403.13298). Nothing here depends on the input size: the a
 computed for the grid the tokens lie on at run time.
 """
 
-from __future__ import annotations
 
 from typing import Literal, Optional
 

@@ -3,7 +3,6 @@ Large Neural Networks: The Sparsely-Gated Mixture-of-Experts Layer"; Pathformer'
 pathways). The experts and the router are ordinary branches of a `parallel concat`; this op reads
 the router's logits and the experts' outputs from the concatenated channels and mixes them."""
 
-from __future__ import annotations
 
 from typing import Literal
 

@@ -7,7 +7,6 @@ sampled as a 2-D map of height 1). Sampling has no multiply-accumulates of its o
 rules (as `torch.utils.flop_counter`, which does not see `grid_sample` either).
 """
 
-from __future__ import annotations
 
 from typing import ClassVar, Optional
 

@@ -8,7 +8,6 @@ decided per sample at run time. Nothing is skipped: a sample that exits early ha
 computed to the end (the dense form of an early exit).
 """
 
-from __future__ import annotations
 
 import math
 from typing import Annotated, Literal, Optional, Union

@@ -3,7 +3,6 @@
 normalisation: `moments` computes the statistics as an ordinary tensor, `destandardize` undoes
 a normalisation with them."""
 
-from __future__ import annotations
 
 from typing import Literal
 

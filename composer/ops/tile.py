@@ -1,6 +1,5 @@
 """Tiling a feature map: repeat the whole map side by side. No parameters, no MACs."""
 
-from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
 from .registry import Op, Pos, op

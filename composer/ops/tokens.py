@@ -1,6 +1,5 @@
 """Token-sequence ops: layout changes, class tokens, position embeddings and patch merging."""
 
-from __future__ import annotations
 
 from typing import Literal, Optional
 

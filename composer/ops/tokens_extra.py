@@ -7,7 +7,6 @@ grid. A slice that runs to the end and starts within the prefix keeps the grid (
 tokens it covers); any other slice is a plain sequence: a 1-D grid of `count` tokens.
 """
 
-from __future__ import annotations
 
 from typing import Optional
 

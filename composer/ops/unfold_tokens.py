@@ -1,6 +1,5 @@
 """Unfold a map into overlapping patches, one token per patch (im2col as a tokenizer)."""
 
-from __future__ import annotations
 
 from typing import Optional
 

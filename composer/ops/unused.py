@@ -1,6 +1,5 @@
 """`unused`: an op built for its parameters only, the input passed through unchanged."""
 
-from __future__ import annotations
 
 from typing import Optional
 

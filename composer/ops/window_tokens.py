@@ -3,7 +3,6 @@ per window ahead of the grid, `attention(partition = window(w, messengers = true
 its window, and `shuffle_window_tokens` exchanges channel groups between the tokens of the windows
 of a region. The modules are in composer/layers/window_tokens.py."""
 
-from __future__ import annotations
 
 from ..shapes import Shape, ShapeError
 from .registry import NonNeg, NonNegFloat, Op, Pos, op, prod

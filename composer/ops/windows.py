@@ -17,7 +17,6 @@ terms into the mask of one `scaled_dot_product_attention` call. A term with one 
 of an image along its first axis is repeated over the images of the batch.
 """
 
-from __future__ import annotations
 
 from typing import ClassVar, Literal, Optional
 

@@ -1,6 +1,5 @@
 """Cascaded group attention (EfficientViT-M) and its offset bias part."""
 
-from __future__ import annotations
 
 from typing import Optional, Union
 

@@ -4,7 +4,6 @@ The op holds one part per role and evaluates generically: the requirement table 
 rows, then the op's own), the geometry (every part's `sizes`), the parts' own checks, and the sum
 of their parameters and MACs. No rule here names a part class."""
 
-from __future__ import annotations
 
 from typing import ClassVar, Optional, Union
 

@@ -1,7 +1,6 @@
 """The partition parts of `attention`: which keys a query sees (windows, grid groups, a
 neighbourhood around every query, routed regions). See protocol.py for what a part owns."""
 
-from __future__ import annotations
 
 from typing import ClassVar
 

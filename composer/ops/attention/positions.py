@@ -1,7 +1,6 @@
 """The position parts of `attention` (additive score biases and tables, Transformer-XL relative
 positions, LePE, the continuous bias MLP). See protocol.py for what a part owns."""
 
-from __future__ import annotations
 
 import functools
 from typing import Literal, Optional, Union

@@ -32,7 +32,6 @@ softmax) or `agents`. It owns, besides its settings (pure Python, no torch at mo
   `layer`, and neither the op nor the module is edited.
 """
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Optional

@@ -1,7 +1,6 @@
 """The score parts of `attention` (dot, cosine, random-feature linear attention) and agent
 attention. See protocol.py for what a part owns."""
 
-from __future__ import annotations
 
 from ...shapes import ShapeError
 from ..registry import NonNegFloat, Pos, PosFloat, op, prod

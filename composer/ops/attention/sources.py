@@ -2,7 +2,6 @@
 (`kv`, `extra_kv`), the convolutional projection, learned key/value tokens, given queries and
 the first tokens as queries. See protocol.py for what a part owns."""
 
-from __future__ import annotations
 
 from typing import ClassVar, Literal, Optional
 
