@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import functools
 import gc
 import os
+import shutil
 import sys
-import traceback
 import warnings
 
 from .budget import MAX_SEED
@@ -17,6 +18,13 @@ from .diagnostics import ComposerError, ComposerWarning
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # argparse makes a formatter at every add_argument, and each asks the terminal its width
+        # (a failed ioctl and environment lookups when output is piped): ask once per parser
+        kwargs.setdefault("formatter_class", functools.partial(
+            argparse.HelpFormatter, width=shutil.get_terminal_size().columns - 2))
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse's own usage errors: exit 2 like every user error
         self.print_usage(sys.stderr)
         print(f"composer: error: {message}", file=sys.stderr)
@@ -238,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except Exception as exc:  # an internal bug: one line, the traceback only on request
         if args.debug:
+            import traceback  # only here: its imports are 1% of a check's start-up
+
             traceback.print_exc()
         print(f"composer: internal error: {type(exc).__name__}: {exc} (please report; --debug shows the traceback)",
               file=sys.stderr)

@@ -5,7 +5,6 @@ Every stage raises ``ComposerError``; the CLI renders it and exits with status 2
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -89,6 +88,8 @@ def _edits(a: str, b: str) -> int:
 
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    import difflib  # only on an error: not among every command's imports
+
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=3, cutoff=0.6)
     if not close:
         return None
