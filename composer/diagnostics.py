@@ -62,7 +62,12 @@ class ComposerError(Exception):
 
     def __init__(self, diagnostics: Diagnostic | list[Diagnostic]):
         self.diagnostics = diagnostics if isinstance(diagnostics, list) else [diagnostics]
-        super().__init__(self.render())
+        # rendered when shown, not here: composer.sizes learns from hundreds of errors per model
+        # whether a size is admitted, and a later note (`applied by reuse ...`) is shown too
+        super().__init__(self.diagnostics)
+
+    def __str__(self) -> str:
+        return self.render()
 
     def render(self) -> str:
         return "\n".join(d.render() for d in self.diagnostics)

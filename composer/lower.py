@@ -15,7 +15,7 @@ from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualSt
                    Section, SeqStep, StagePlan)
 from .resolved import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import Shape, ShapeError, TensorRef
-from .speed import fold_kind, gc_paused, lowered_block
+from .speed import fold_kind, gc_paused, kept_section, lowered_block
 
 
 def plan(model: Model, counted: bool = True) -> Plan:
@@ -39,13 +39,14 @@ class _Lowering:
         self.reusing: list = []  # the `reuse` targets being lowered, innermost last (to refuse cycles)
         self.reuses: list = []  # every `reuse` step lowered
         self.ties: dict = {}  # tie key -> the path of the op that owns the shared parameter
+        self.tie_calls = 0  # ops lowered that own or share a tied parameter (`_tie`)
         self.tape = None  # while a block is lowered to be replayed: its named tensors (speed.TensorTape)
 
     def run(self) -> Plan:
         inp = self.model.input
         x = Shape(inp.channels, tuple(inp.size), "map")
         self.saved["input"] = x
-        stem = self._section("stem", self.model.stem, x)
+        stem = self._lowered("stem", self.model.stem, x)  # its input is the model's: never kept (kept_section)
         x = stem.y
         stages = []
         for st in self.model.stages:
@@ -92,15 +93,21 @@ class _Lowering:
                             m.span, f"counts must stay below {MAX_NUMBER:.3g}: make the layers smaller")
         return out
 
-    def _section(self, path, items, x, drop_path=0.0, call="", span=None) -> Section:
+    def _section(self, path, items, x) -> Section:
+        """A downsample, norm or head (composer.sizes probing sizes may take it from an earlier
+        plan: `speed.kept_section`)."""
+        return kept_section(self, items, path, x, lambda: self._lowered(path, items, x))
+
+    def _lowered(self, path, items, x, drop_path=0.0, call="", span=None) -> Section:
         steps, y = self._seq(path, items, x)
         self._folds_closed(path, 0)
         return Section(path, steps, x, y, drop_path, call, span)
 
     def _block(self, path: str, block, x: Shape) -> Section:
         """A stage's block; an equal block may be replayed instead of lowered (`speed.lowered_block`)."""
-        return lowered_block(lambda: self._section(path, block.items, x, block.drop_path, block.call, block.span),
-                             path, block, x, self.counted, self)
+        return kept_section(self, block, path, x, lambda: lowered_block(
+            lambda: self._lowered(path, block.items, x, block.drop_path, block.call, block.span),
+            path, block, x, self.counted, self))
 
     def _folds_closed(self, path, depth: int) -> None:
         """A patches_to_batch opened in a section, residual body or parallel branch closes there."""
@@ -288,6 +295,7 @@ class _Lowering:
     def _tie(self, step: OpStep) -> None:
         tie = step.op.tie_key(step.x)
         if tie is not None and not self.reusing:  # a reused op is its own owner, counted where it is built
+            self.tie_calls += 1
             key, n = tie
             if self.ties.setdefault(key, step.path) != step.path:
                 step.tied = n
@@ -323,11 +331,11 @@ class _Lowering:
             parts += [("downsample", found.downsample)] if found.downsample and found.downsample_last else []
             parts += [("norm", found.norm)] if found.norm else []
             for name, items in parts:
-                sec = self._section(f"{target}.{name}", items, x)
+                sec = self._lowered(f"{target}.{name}", items, x)
                 steps += sec.steps
                 x = sec.y
             return steps, x
-        sec = self._section(target if isinstance(found, list) else target.rpartition(".")[0],
+        sec = self._lowered(target if isinstance(found, list) else target.rpartition(".")[0],
                             found if isinstance(found, list) else [found], x)
         return sec.steps, sec.y
 

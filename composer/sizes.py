@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from .diagnostics import ComposerError
 from .lower import plan as lower_plan
-from .plan import OpStep, Plan
+from .plan import OpStep, Plan, Section
 from .resolved import OpNode, ParallelNode, ResidualNode, SubSeq
-from .speed import blocks_forgotten
+from .speed import blocks_forgotten, sections_kept, sections_taken
 
 
 class InputSizeError(ValueError):
@@ -43,7 +43,9 @@ class _Probing(threading.local):
 
     dynamic: dict | None = None  # id(resolved model) -> (it, its dynamic form)
     answers: dict | None = None  # (id(plan), spatial, dynamic) -> (plan, `admits`'s answer)
-    steps: dict | None = None  # id(plan) -> (plan, its op steps): the built plan, compared at every size
+    # (id(built section), id(section at another size), dynamic) -> (both, `_section_admits`'s answer)
+    verdicts: dict | None = None
+    steps: dict | None = None  # id(built section) -> (it, its op steps): compared at every size
 
 
 _PROBING = _Probing()
@@ -51,18 +53,19 @@ _PROBING = _Probing()
 
 @contextlib.contextmanager
 def probing():
-    """Inside, each resolved model's dynamic form is made once and each `admits` question answered
-    once (a refused size asks the dynamic question too, which the dynamic rules ask again). Nested
+    """Inside, each resolved model's dynamic form is made once, each `admits` question answered
+    once (a refused size asks the dynamic question too, which the dynamic rules ask again), and
+    a section that gets the input it got at an earlier size is not lowered again. Nested
     uses share the outermost's; the plans probed must not change meanwhile."""
     if _PROBING.answers is not None:
         yield
         return
-    _PROBING.dynamic, _PROBING.answers, _PROBING.steps = {}, {}, {}
+    _PROBING.dynamic, _PROBING.answers, _PROBING.verdicts, _PROBING.steps = {}, {}, {}, {}
     try:
-        with blocks_forgotten():
+        with blocks_forgotten(), sections_kept():
             yield
     finally:
-        _PROBING.dynamic = _PROBING.answers = _PROBING.steps = None
+        _PROBING.dynamic = _PROBING.answers = _PROBING.verdicts = _PROBING.steps = None
 
 
 def _dynamic_of(model):
@@ -138,7 +141,42 @@ def _admits(plan: Plan, spatial: tuple, dynamic: bool) -> str | None:
         if not dynamic and admits(plan, spatial, dynamic=True) is None:
             why += " (build it with dynamic_img_size=True to pad its windows and resample its position embeddings)"
         return why
-    for a, b in zip(_built_steps(plan), _op_steps(other)):
+    if _PROBING.verdicts is None or not sections_taken():
+        return _compare(_built_steps(plan), _walk_ops(other), dynamic)
+    for built, got in zip(plan.sections, other.sections):  # sections taken again are answered once
+        why = _section_admits(built, got, dynamic)
+        if why is not None:
+            return why
+    return None
+
+
+def _section_admits(built: Section, got: Section, dynamic: bool) -> str | None:
+    """`_compare` for one section of the built plan and the same section planned at another
+    input size, answered once per pair while probing: a section taken again from an earlier size
+    (`speed.kept_section`) is the same object."""
+    known = _PROBING.verdicts
+    key = (id(built), id(got), dynamic)
+    entry = known.get(key)
+    if entry is None or entry[0] is not built or entry[1] is not got:
+        entry = known[key] = (built, got, _compare(_built_steps(built), _walk_ops(got), dynamic))
+    return entry[2]
+
+
+def _built_steps(built):
+    """The op steps of the built plan or of one of its sections, listed once while probing."""
+    known = _PROBING.steps
+    if known is None:
+        return _walk_ops(built)
+    entry = known.get(id(built))
+    if entry is None or entry[0] is not built:
+        entry = known[id(built)] = (built, list(_walk_ops(built)))
+    return entry[1]
+
+
+def _compare(built_steps, got_steps, dynamic: bool) -> str | None:
+    """None when each op step of `built_steps` (a plan or section as built) runs on what its
+    counterpart of `got_steps` (the same, planned at another input size) gives it; else why not."""
+    for a, b in zip(built_steps, got_steps):
         if a.x == b.x:
             continue
         if a.op.takes_tensors():  # bound to the named tensors of each size: compare the two steps
@@ -154,19 +192,9 @@ def _admits(plan: Plan, spatial: tuple, dynamic: bool) -> str | None:
     return None
 
 
-def _built_steps(plan: Plan):
-    """`plan`'s op steps, listed once while probing."""
-    known = _PROBING.steps
-    if known is None:
-        return _op_steps(plan)
-    entry = known.get(id(plan))
-    if entry is None or entry[0] is not plan:
-        entry = known[id(plan)] = (plan, list(_op_steps(plan)))
-    return entry[1]
-
-
-def _op_steps(plan: Plan):
-    for sec in plan.sections:
+def _walk_ops(what):
+    """The op steps of a plan or a section, in order."""
+    for sec in (what.sections if isinstance(what, Plan) else (what,)):
         for step in sec.steps:
             for s in step.walk():
                 if s.__class__ is OpStep:

@@ -7,6 +7,9 @@ switched off, and tests/test_speed_invariants.py proves the results equal with a
   `keep_instance`); `freeze_args` switches it off.
 - block replay: an equal block with the same input is lowered once per input shape and replayed
   under its own path (`lowered_block`); `_signature` switches it off.
+- sections kept while sizes are probed: a model planned again at another input size takes the
+  sections of an earlier size that get the same input (`kept_section`, inside `sections_kept`);
+  `SECTIONS_KEPT` switches it off.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import contextlib
 import gc
 import threading
 
-from .diagnostics import warnings_issued
+from .diagnostics import ComposerError, warnings_issued
 from .expr import Ref
 from .plan import ParallelStep, ResidualStep, Section, SeqStep
 from .resolved import NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, SubSeq
@@ -207,7 +210,7 @@ def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None
     the replays to copy). `tensors`: the lowering's named tensors (`saved` and `fold_of`, by key,
     `folds` open, `tape`): a block that reads named tensors saved before it is replayed only
     where they have the shapes they had when it was lowered, and its own saves are made again."""
-    sig = _signature(block.items)
+    sig = _kept_signature(block.items)
     if sig is None or tensors is None or tensors.folds:
         return lower()
     key = (sig[0], x)
@@ -216,18 +219,17 @@ def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None
         old, sec, reads, writes = done
         saved, fold_of = tensors.saved, tensors.fold_of
         if all(saved.get(k) == shape and fold_of.get(k) == fold for k, shape, fold in reads):
-            for k, shape, fold in writes:
-                saved[k], fold_of[k] = shape, fold
+            _replayed(tensors, reads, writes)
             replay = Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path,
                              block.call, block.span)
             if counted:
                 replay.keep_cost(sec.cost())
             return replay
-    tape = tensors.tape = TensorTape()
+    tape = tensors.tape = TensorTape(tensors.tape)
     try:
         sec = lower()
     finally:
-        tensors.tape = None
+        tensors.tape = tape.outer
     if counted:
         sec.cost()  # its counts kept (plan.COUNTS_KEPT), with its op steps': the replays copy them
     if len(_LOWERED) >= _LOWERED_MAX:
@@ -236,26 +238,139 @@ def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None
     return sec
 
 
+def _replayed(tensors, reads, writes) -> None:
+    """A replayed block or section's named tensors: its saves made again, and both told to the
+    tape of the section around it, if one records."""
+    saved, fold_of, tape = tensors.saved, tensors.fold_of, tensors.tape
+    if tape is not None:
+        for k, shape, fold in reads:
+            tape.read(k, shape, fold)
+    for k, shape, fold in writes:
+        saved[k], fold_of[k] = shape, fold
+        if tape is not None:
+            tape.write(k, shape, fold)
+
+
 class TensorTape:
     """The named tensors a block's lowering reads that were saved before it, and those it saves:
-    (key, shape, (fold depth, opener)) each, the first read and the last save of a key."""
+    (key, shape, (fold depth, opener)) each, the first read and the last save of a key. `outer`:
+    the tape of the section around the block, told the same."""
 
-    def __init__(self):
+    def __init__(self, outer: "TensorTape | None" = None):
+        self.outer = outer
         self._reads: dict = {}
         self._writes: dict = {}
 
     def read(self, key: str, shape, fold) -> None:
         if key not in self._writes and key not in self._reads:
             self._reads[key] = (shape, fold)
+        if self.outer is not None:
+            self.outer.read(key, shape, fold)
 
     def write(self, key: str, shape, fold) -> None:
         self._writes[key] = (shape, fold)
+        if self.outer is not None:
+            self.outer.write(key, shape, fold)
 
     def reads(self) -> tuple:
         return tuple((k, s, f) for k, (s, f) in self._reads.items())
 
     def writes(self) -> tuple:
         return tuple((k, s, f) for k, (s, f) in self._writes.items())
+
+
+# ---- sections kept while sizes are probed -----------------------------------------------------
+#
+# composer.sizes plans one model again at hundreds of input sizes. Sizes that give a section the
+# same input (a stride-4 stem maps four sizes to one grid) lower it alike: its Section, or the error
+# it raised, is taken from the first such size, at the same path, with no renaming. A section that
+# owns or shares a tied parameter, or applies a `reuse`, depends on more than its input and is
+# lowered afresh.
+
+SECTIONS_KEPT = True
+# Where no size gives a section the input of another (a strict patch embedding: every size its own
+# grid), keeping sections only costs (about 6% of probing Swin): after this many sections lowered
+# with none taken again, the rest of the probing lowers every section.
+SECTIONS_TRIED = 128
+
+
+class _Sections(threading.local):
+    memo: dict | None = None  # (id(items), path, input shape) -> [(items, reads, writes, Section or error)]
+    signatures: dict | None = None  # id(block items) -> (them, `_signature`): each block is lowered at every size
+    lowered = 0  # sections lowered inside `sections_kept`
+    taken = 0  # sections taken again
+
+
+_SECTIONS = _Sections()
+
+
+@contextlib.contextmanager
+def sections_kept():
+    """Inside, the top-level sections lowered are kept for later plans of the same models at other
+    input sizes (`kept_section`); nested uses share the outermost's."""
+    if _SECTIONS.memo is not None or not SECTIONS_KEPT:
+        yield
+        return
+    _SECTIONS.memo, _SECTIONS.signatures, _SECTIONS.lowered, _SECTIONS.taken = {}, {}, 0, 0
+    try:
+        yield
+    finally:
+        _SECTIONS.memo = _SECTIONS.signatures = None
+
+
+def _kept_signature(items):
+    """`_signature(items)`, made once per block inside `sections_kept`."""
+    known = _SECTIONS.signatures
+    if known is None:
+        return _signature(items)
+    entry = known.get(id(items))
+    if entry is None or entry[0] is not items:
+        entry = known[id(items)] = (items, _signature(items))
+    return entry[1]
+
+
+def sections_taken() -> bool:
+    """Whether a section was taken again in this thread's `sections_kept` so far."""
+    return _SECTIONS.taken > 0
+
+
+def kept_section(lowering, items, path: str, x, lower):
+    """The top-level section `path` of `items` (a block, or a stem's, head's, ... item list) with
+    input shape `x`: `lower()` lowers it, unless inside `sections_kept` the same items were lowered
+    at this path and input before, reading the same named tensors (then that Section is returned
+    again, or that error raised again, and its saves made again). `lowering` holds the named
+    tensors (`saved`, `fold_of`, `tape`) and counts what makes a section depend on more than these
+    (`tie_calls`, `reuses`)."""
+    state = _SECTIONS
+    memo = state.memo
+    if memo is None or (not state.taken and state.lowered >= SECTIONS_TRIED):
+        return lower()
+    key = (id(items), path, x)
+    saved, fold_of = lowering.saved, lowering.fold_of
+    for its, reads, writes, outcome in memo.get(key, ()):
+        if its is items and all(saved.get(k) == shape and fold_of.get(k) == fold for k, shape, fold in reads):
+            state.taken += 1
+            _replayed(lowering, reads, writes)
+            if isinstance(outcome, ComposerError):
+                raise outcome.with_traceback(None)
+            return outcome
+    state.lowered += 1
+    if not state.taken and state.lowered == SECTIONS_TRIED:
+        memo.clear()  # none taken again: the rest is lowered as outside probing
+        return lower()
+    tape = lowering.tape = TensorTape(lowering.tape)
+    ties, reuses = lowering.tie_calls, len(lowering.reuses)
+    outcome = None
+    try:
+        outcome = lower()
+        return outcome
+    except ComposerError as exc:
+        outcome = exc
+        raise
+    finally:
+        lowering.tape = tape.outer
+        if outcome is not None and ties == lowering.tie_calls and reuses == len(lowering.reuses):
+            memo.setdefault(key, []).append((items, tape.reads(), tape.writes(), outcome))
 
 
 def _signature(items):

@@ -358,3 +358,48 @@ def test_op_modules_keep_annotations_evaluated():
     late = [p.relative_to(ops) for p in sorted(ops.rglob("*.py"))
             if re.search(r"^from __future__ import annotations", p.read_text(), re.M)]
     assert not late, f"op modules with string annotations: {late}"
+
+
+# ---- sizes probed: sections taken again from an earlier size (speed.kept_section) -------------
+
+FULL = """
+block reads_full(n) { residual { from full; conv(n, 2, stride = 2) } }
+model m {
+    input image(3, 16)
+    stem { save full; conv(8, 3, stride = 2, padding = 1) }
+    stage { block reads_full(8) }
+    head { global_pool(); classifier(10) }
+}
+"""
+
+
+def test_a_section_is_taken_again_only_where_the_tensors_it_reads_are_alike(tmp_path):
+    """Sizes 9 and 10 give the block the same input (the stem's 3x3 conv at stride 2: 5 from both),
+    but the tensor `full` it reads is the input itself: its 2x2 conv at stride 2 gives n // 2, which
+    the shortcut's ceil(n / 2) matches for even n only (by hand). Probing 9 first, 10 must not take
+    the block's error from 9; probing 10 first, 9 must not take its section."""
+    import composer.sizes as Z
+
+    plan = _load(tmp_path, FULL)
+    for order in ((9, 10), (10, 9)):
+        with Z.probing():
+            answers = {n: Z.admits(plan, (n, 16)) for n in order}
+        assert answers[10] is None and answers[9] is not None and "residual" in answers[9]
+    with Z.probing():
+        assert Z.axis_rule(plan, 0).text() == "multiples of 2 from 2"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "cmt_ti", "coat_lite_mini"])
+def test_probed_sizes_same_with_and_without_kept_sections(monkeypatch, name):
+    """A convnet whose stride-2 stem maps two sizes to one grid (sections taken again), a model
+    whose blocks share a tied parameter and one with `reuse` (their sections lowered afresh):
+    the admitted sizes, plain and dynamic, are those found with every section lowered."""
+    import composer.sizes as Z
+
+    plan = composer.load(name)
+    monkeypatch.setattr(S, "SECTIONS_KEPT", False)
+    expected = Z.rule_texts(plan)
+    monkeypatch.setattr(S, "SECTIONS_KEPT", True)
+    with Z.probing():
+        assert Z.rule_texts(plan) == expected
+        assert S.sections_taken() or name != "resnet18"
