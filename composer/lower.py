@@ -15,7 +15,7 @@ from .plan import (ConvertStep, LoadStep, OpStep, ParallelStep, Plan, ResidualSt
                    Section, SeqStep, StagePlan)
 from .resolved import Model, NamedTensor, OpNode, ParallelNode, ResidualNode, ReuseNode, Stage, SubSeq
 from .shapes import Shape, ShapeError, TensorRef
-from .speed import fold_kind, gc_paused, kept_section, lowered_block
+from .speed import fold_kind, gc_paused, kept_section, lowered_block, sections_kept_here
 
 
 def plan(model: Model, counted: bool = True) -> Plan:
@@ -41,6 +41,7 @@ class _Lowering:
         self.ties: dict = {}  # tie key -> the path of the op that owns the shared parameter
         self.tie_calls = 0  # ops lowered that own or share a tied parameter (`_tie`)
         self.tape = None  # while a block is lowered to be replayed: its named tensors (speed.TensorTape)
+        self.kept = sections_kept_here()  # composer.sizes probing: sections may be taken again
 
     def run(self) -> Plan:
         inp = self.model.input
@@ -96,7 +97,9 @@ class _Lowering:
     def _section(self, path, items, x) -> Section:
         """A downsample, norm or head (composer.sizes probing sizes may take it from an earlier
         plan: `speed.kept_section`)."""
-        return kept_section(self, items, path, x, lambda: self._lowered(path, items, x))
+        if self.kept:
+            return kept_section(self, items, path, x, lambda: self._lowered(path, items, x))
+        return self._lowered(path, items, x)
 
     def _lowered(self, path, items, x, drop_path=0.0, call="", span=None) -> Section:
         steps, y = self._seq(path, items, x)
@@ -105,9 +108,10 @@ class _Lowering:
 
     def _block(self, path: str, block, x: Shape) -> Section:
         """A stage's block; an equal block may be replayed instead of lowered (`speed.lowered_block`)."""
-        return kept_section(self, block, path, x, lambda: lowered_block(
+        lower = lambda: lowered_block(  # noqa: E731
             lambda: self._lowered(path, block.items, x, block.drop_path, block.call, block.span),
-            path, block, x, self.counted, self))
+            path, block, x, self.counted, self)
+        return kept_section(self, block, path, x, lower) if self.kept else lower()
 
     def _folds_closed(self, path, depth: int) -> None:
         """A patches_to_batch opened in a section, residual body or parallel branch closes there."""

@@ -210,7 +210,7 @@ def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None
     the replays to copy). `tensors`: the lowering's named tensors (`saved` and `fold_of`, by key,
     `folds` open, `tape`): a block that reads named tensors saved before it is replayed only
     where they have the shapes they had when it was lowered, and its own saves are made again."""
-    sig = _kept_signature(block.items)
+    sig = _kept_signature(block.items) if getattr(tensors, "kept", False) else _signature(block.items)
     if sig is None or tensors is None or tensors.folds:
         return lower()
     key = (sig[0], x)
@@ -327,6 +327,11 @@ def _kept_signature(items):
     if entry is None or entry[0] is not items:
         entry = known[id(items)] = (items, _signature(items))
     return entry[1]
+
+
+def sections_kept_here() -> bool:
+    """Whether this thread is inside `sections_kept` (a lowering then goes through `kept_section`)."""
+    return _SECTIONS.memo is not None
 
 
 def sections_taken() -> bool:
