@@ -216,3 +216,19 @@ def test_internal_error_traceback_with_debug(capsys, monkeypatch):
     assert status == 3
     assert "Traceback" in err
     assert err.strip().splitlines()[-1].startswith("composer: internal error")
+
+
+def test_an_error_is_rendered_when_shown_with_its_later_notes():
+    """An error renders its text when shown, not when raised (composer.sizes raises and drops
+    hundreds per model): a note added after it was raised is in its text, and a copy sent between
+    processes (pickled) shows the same."""
+    import pickle
+
+    from composer.diagnostics import error
+
+    exc = error("shape", "the body gives (8, 4x4)", None, "keep the shape")
+    exc.diagnostics[0].notes.append("applied by `reuse stem` at t.arch:3:5")
+    assert str(exc) == ("error: the body gives (8, 4x4)\n  note: applied by `reuse stem` at t.arch:3:5\n"
+                        "  hint: keep the shape")
+    again = pickle.loads(pickle.dumps(exc))
+    assert str(again) == str(exc) and again.code == "shape"
