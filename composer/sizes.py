@@ -19,7 +19,7 @@ from .diagnostics import ComposerError
 from .lower import plan as lower_plan
 from .plan import OpStep, Plan, Section
 from .resolved import OpNode, ParallelNode, ResidualNode, SubSeq
-from .speed import blocks_forgotten, sections_kept, sections_taken
+from .speed import blocks_forgotten, once_per, sections_kept, sections_taken
 
 
 class InputSizeError(ValueError):
@@ -45,7 +45,7 @@ class _Probing(threading.local):
     answers: dict | None = None  # (id(plan), spatial, dynamic) -> (plan, `admits`'s answer)
     # (id(built section), id(section at another size), dynamic) -> (both, `_section_admits`'s answer)
     verdicts: dict | None = None
-    steps: dict | None = None  # id(built section) -> (it, its op steps): compared at every size
+    steps: dict | None = None  # id(built plan or section) -> (it, its op steps): compared at every size
 
 
 _PROBING = _Probing()
@@ -70,13 +70,7 @@ def probing():
 
 def _dynamic_of(model):
     """`_dynamic(model)`, made once per model while `axis_rules` probes sizes (hundreds of replans)."""
-    known = _PROBING.dynamic
-    if known is None:
-        return _dynamic(model)
-    entry = known.get(id(model))
-    if entry is None or entry[0] is not model:
-        entry = known[id(model)] = (model, _dynamic(model))
-    return entry[1]
+    return once_per(_PROBING.dynamic, model, _dynamic)
 
 
 def _dynamic(model):
@@ -162,15 +156,9 @@ def _section_admits(built: Section, got: Section, dynamic: bool) -> str | None:
     return entry[2]
 
 
-def _built_steps(built):
+def _built_steps(built) -> list:
     """The op steps of the built plan or of one of its sections, listed once while probing."""
-    known = _PROBING.steps
-    if known is None:
-        return _walk_ops(built)
-    entry = known.get(id(built))
-    if entry is None or entry[0] is not built:
-        entry = known[id(built)] = (built, list(_walk_ops(built)))
-    return entry[1]
+    return once_per(_PROBING.steps, built, lambda b: list(_walk_ops(b)))
 
 
 def _compare(built_steps, got_steps, dynamic: bool) -> str | None:

@@ -210,7 +210,8 @@ def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None
     the replays to copy). `tensors`: the lowering's named tensors (`saved` and `fold_of`, by key,
     `folds` open, `tape`): a block that reads named tensors saved before it is replayed only
     where they have the shapes they had when it was lowered, and its own saves are made again."""
-    sig = _kept_signature(block.items) if getattr(tensors, "kept", False) else _signature(block.items)
+    # made once per block while sizes are probed (the same blocks, planned at hundreds of sizes)
+    sig = once_per(_SECTIONS.signatures if getattr(tensors, "kept", False) else None, block.items, _signature)
     if sig is None or tensors is None or tensors.folds:
         return lower()
     key = (sig[0], x)
@@ -318,14 +319,14 @@ def sections_kept():
         _SECTIONS.memo = _SECTIONS.signatures = None
 
 
-def _kept_signature(items):
-    """`_signature(items)`, made once per block inside `sections_kept`."""
-    known = _SECTIONS.signatures
+def once_per(known: dict | None, obj, make):
+    """`make(obj)`, kept in `known` by the identity of `obj` (which the entry keeps alive, so that
+    its id is not reused meanwhile); `known` None: made every time."""
     if known is None:
-        return _signature(items)
-    entry = known.get(id(items))
-    if entry is None or entry[0] is not items:
-        entry = known[id(items)] = (items, _signature(items))
+        return make(obj)
+    entry = known.get(id(obj))
+    if entry is None or entry[0] is not obj:
+        entry = known[id(obj)] = (obj, make(obj))
     return entry[1]
 
 
@@ -340,7 +341,7 @@ def sections_taken() -> bool:
 
 
 def kept_section(lowering, items, path: str, x, lower):
-    """The top-level section `path` of `items` (a block, or a stem's, head's, ... item list) with
+    """The stage section `path` of `items` (a block, or a downsample's, norm's or head's items) with
     input shape `x`: `lower()` lowers it, unless inside `sections_kept` the same items were lowered
     at this path and input before, reading the same named tensors (then that Section is returned
     again, or that error raised again, and its saves made again). `lowering` holds the named
