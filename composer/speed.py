@@ -218,8 +218,7 @@ def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None
     done = _LOWERED.get(key)
     if done is not None:
         old, sec, reads, writes = done
-        saved, fold_of = tensors.saved, tensors.fold_of
-        if all(saved.get(k) == shape and fold_of.get(k) == fold for k, shape, fold in reads):
+        if _reads_hold(tensors, reads):
             _replayed(tensors, reads, writes)
             replay = Section(path, _renamed(sec.steps, path, len(old), sig[1]), x, sec.y, block.drop_path,
                              block.call, block.span)
@@ -237,6 +236,13 @@ def lowered_block(lower, path: str, block, x, counted: bool = True, tensors=None
         _LOWERED.clear()
     _LOWERED[key] = (path, sec, tape.reads(), tape.writes())
     return sec
+
+
+def _reads_hold(tensors, reads) -> bool:
+    """Whether the named tensors a block or section read when it was lowered have the same shapes
+    and folds in `tensors` (the lowering's `saved` and `fold_of`) now."""
+    saved, fold_of = tensors.saved, tensors.fold_of
+    return all(saved.get(k) == shape and fold_of.get(k) == fold for k, shape, fold in reads)
 
 
 def _replayed(tensors, reads, writes) -> None:
@@ -352,9 +358,8 @@ def kept_section(lowering, items, path: str, x, lower):
     if memo is None or (not state.taken and state.lowered >= SECTIONS_TRIED):
         return lower()
     key = (id(items), path, x)
-    saved, fold_of = lowering.saved, lowering.fold_of
     for its, reads, writes, outcome in memo.get(key, ()):
-        if its is items and all(saved.get(k) == shape and fold_of.get(k) == fold for k, shape, fold in reads):
+        if its is items and _reads_hold(lowering, reads):
             state.taken += 1
             _replayed(lowering, reads, writes)
             if isinstance(outcome, ComposerError):
